@@ -1,0 +1,168 @@
+//! Tandem's internal request and the stream of events every backend returns.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One generation request, already validated, independent of the wire format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub model: String,
+    pub input: Input,
+    pub sampling: Sampling,
+    /// `None`: until the end of the context or an end-of-generation token.
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub logprobs: Option<LogprobRequest>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Fields Tandem does not interpret, passed on to OpenAI-compatible upstreams.
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Chat {
+        messages: Vec<Message>,
+        /// Text the assistant has already said: generation continues it
+        /// (used when an answer moves from one backend to another mid-stream).
+        continue_from: Option<String>,
+    },
+    Text(String),
+}
+
+impl Input {
+    /// All user-visible text of the input, for detectors and length estimates.
+    pub fn text_parts(&self) -> Vec<&str> {
+        match self {
+            Input::Chat {
+                messages,
+                continue_from,
+            } => messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .chain(continue_from.as_deref())
+                .collect(),
+            Input::Text(t) => vec![t.as_str()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.into(),
+            name: None,
+            extra: Map::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sampling {
+    /// `None` means the API default of 1.0; 0 means greedy.
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u32>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Keep generating past end-of-generation tokens (benchmarks; vLLM and
+    /// llama.cpp accept the same field).
+    pub ignore_eos: bool,
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: Some(0.0),
+            ..Self::default()
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == Some(0.0) || self.top_k == Some(1)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogprobRequest {
+    /// How many alternatives to report per token (0 = only the chosen one).
+    pub top: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ContentFilter,
+    ToolCalls,
+    FunctionCall,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    #[serde(default)]
+    pub bytes: Option<Vec<u8>>,
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    #[serde(default)]
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// A piece of the answer. `tokens` is filled only when logprobs were asked
+/// for; their texts concatenate to `text`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    pub text: String,
+    pub tokens: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Delta(Delta),
+    /// Always the last event of a successful stream.
+    Finish(Finish),
+}

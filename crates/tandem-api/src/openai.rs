@@ -1,0 +1,730 @@
+//! OpenAI's wire format: what clients send and what they get back.
+//!
+//! Both directions derive `Serialize` and `Deserialize`: the server reads
+//! requests and writes responses, the cloud backends do the reverse.
+//! Unknown request fields are kept in `extra` so that they reach an upstream
+//! unchanged.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::generate::{
+    FinishReason, GenerateRequest, Input, LogprobRequest, Message, Sampling, TokenLogprob, Usage,
+};
+
+/// Upper bound on `top_logprobs`, as in OpenAI's API.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Not in OpenAI's API, but llama.cpp, vLLM and Ollama accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `tool_calls`, `tool_call_id` and whatever else a client sends.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Option<PromptInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// In the legacy API this is the number of top alternatives (0..=5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+// ---------------------------------------------------------------- responses
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    #[serde(default)]
+    pub logprobs: Option<ChoiceLogprobs>,
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AssistantMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceLogprobs {
+    #[serde(default)]
+    pub content: Option<Vec<TokenLogprob>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: ChunkDelta,
+    #[serde(default)]
+    pub logprobs: Option<ChoiceLogprobs>,
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChunkDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// `/v1/completions` answer; streaming sends the same object per chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    #[serde(default)]
+    pub logprobs: Option<LegacyLogprobs>,
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// The legacy completions API's column-wise logprobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LegacyLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<Map<String, Value>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl LegacyLogprobs {
+    /// Appends `tokens`, whose text starts at byte `offset` of the answer.
+    pub fn extend(&mut self, tokens: &[TokenLogprob], mut offset: usize) {
+        for t in tokens {
+            self.tokens.push(t.token.clone());
+            self.token_logprobs.push(t.logprob);
+            let mut top = Map::new();
+            for alt in &t.top_logprobs {
+                top.insert(alt.token.clone(), Value::from(alt.logprob));
+            }
+            self.top_logprobs.push(top);
+            self.text_offset.push(offset);
+            offset += t.token.len();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+// ------------------------------------------------------------- validation
+
+fn check_range(param: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(Some(x as f32)),
+        Some(x) => Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+        )),
+    }
+}
+
+fn check_max_tokens(param: &str, v: Option<i64>) -> Result<Option<u32>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x >= 1 => Ok(Some(u32::try_from(x).unwrap_or(u32::MAX))),
+        Some(x) => Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be at least 1, got {x}"),
+        )),
+    }
+}
+
+fn check_n(n: Option<i64>) -> Result<(), ApiError> {
+    match n {
+        None | Some(1) => Ok(()),
+        Some(x) => Err(ApiError::invalid_param(
+            "n",
+            format!("only n=1 is supported, got {x}"),
+        )),
+    }
+}
+
+fn check_stop(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
+    let stop = stop.map(Stop::into_vec).unwrap_or_default();
+    if stop.len() > 4 {
+        return Err(ApiError::invalid_param(
+            "stop",
+            "at most 4 stop sequences are allowed",
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            "stop sequences must not be empty",
+        ));
+    }
+    Ok(stop)
+}
+
+fn required_model(model: Option<String>) -> Result<String, ApiError> {
+    match model {
+        Some(m) if !m.trim().is_empty() => Ok(m),
+        _ => Err(ApiError::invalid_param(
+            "model",
+            "you must provide a model parameter",
+        )),
+    }
+}
+
+struct SamplingFields {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    seed: Option<i64>,
+    presence: Option<f64>,
+    frequency: Option<f64>,
+    ignore_eos: Option<bool>,
+}
+
+fn sampling(f: SamplingFields) -> Result<Sampling, ApiError> {
+    let SamplingFields {
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        presence,
+        frequency,
+        ignore_eos,
+    } = f;
+    let top_k = match top_k {
+        None => None,
+        Some(k) if k >= 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("top_k must be 0 or more, got {k}"),
+            ));
+        }
+    };
+    let top_p = check_range("top_p", top_p, 0.0, 1.0)?;
+    if top_p == Some(0.0) {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            "top_p must be greater than 0",
+        ));
+    }
+    Ok(Sampling {
+        temperature: check_range("temperature", temperature, 0.0, 2.0)?,
+        top_p,
+        top_k,
+        // Seeds wider than 32 bits are folded rather than refused: clients
+        // often pass random 64-bit values.
+        seed: seed.map(|s| (s as u64 ^ ((s as u64) >> 32)) as u32),
+        presence_penalty: check_range("presence_penalty", presence, -2.0, 2.0)?.unwrap_or(0.0),
+        frequency_penalty: check_range("frequency_penalty", frequency, -2.0, 2.0)?.unwrap_or(0.0),
+        ignore_eos: ignore_eos.unwrap_or(false),
+    })
+}
+
+impl ChatMessage {
+    /// Flattens the content to text; non-text parts are refused.
+    fn into_message(self, index: usize) -> Result<Message, ApiError> {
+        let param = format!("messages[{index}]");
+        let role = match self.role.as_str() {
+            "system" | "user" | "assistant" | "tool" => self.role,
+            // OpenAI's newer name for system instructions.
+            "developer" => "system".to_owned(),
+            other => {
+                return Err(ApiError::invalid_param(
+                    &param,
+                    format!(
+                        "unknown role `{other}`: expected system, developer, user, assistant or tool"
+                    ),
+                ));
+            }
+        };
+        let content = match self.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid_param(
+                                &param,
+                                format!("content parts of type `{kind}` are not supported"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        if content.is_empty() && role != "assistant" {
+            return Err(ApiError::invalid_param(
+                &param,
+                format!("{param} has empty content"),
+            ));
+        }
+        Ok(Message {
+            role,
+            content,
+            name: self.name,
+            extra: self.extra,
+        })
+    }
+}
+
+impl ChatCompletionRequest {
+    /// Checks every field and builds the internal request.
+    pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
+        let model = required_model(self.model)?;
+        let messages = self.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "messages must contain at least one message",
+            ));
+        }
+        let messages = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| m.into_message(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_n(self.n)?;
+        let max_tokens = match self.max_completion_tokens {
+            Some(_) => check_max_tokens("max_completion_tokens", self.max_completion_tokens)?,
+            None => check_max_tokens("max_tokens", self.max_tokens)?,
+        };
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    "top_logprobs requires logprobs to be true",
+                ));
+            }
+            (true, top) => {
+                let top = top.unwrap_or(0);
+                if !(0..=i64::from(MAX_TOP_LOGPROBS)).contains(&top) {
+                    return Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+                    ));
+                }
+                Some(LogprobRequest { top: top as u8 })
+            }
+        };
+        let stream = self.stream.unwrap_or(false);
+        Ok(GenerateRequest {
+            model,
+            input: Input::Chat {
+                messages,
+                continue_from: None,
+            },
+            sampling: sampling(SamplingFields {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+                presence: self.presence_penalty,
+                frequency: self.frequency_penalty,
+                ignore_eos: self.ignore_eos,
+            })?,
+            max_tokens,
+            stop: check_stop(self.stop)?,
+            logprobs,
+            stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            extra: self.extra,
+        })
+    }
+}
+
+impl CompletionRequest {
+    pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
+        let model = required_model(self.model)?;
+        let prompt = match self.prompt {
+            Some(PromptInput::One(p)) => p,
+            Some(PromptInput::Many(mut v)) if v.len() == 1 => v.remove(0),
+            Some(PromptInput::Many(_)) => {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    "exactly one prompt string is supported",
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid_param("prompt", "prompt is required"));
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "prompt must not be empty",
+            ));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::invalid_param("echo", "echo is not supported"));
+        }
+        check_n(self.n)?;
+        let logprobs = match self.logprobs {
+            None => None,
+            Some(n) if (0..=5).contains(&n) => Some(LogprobRequest { top: n as u8 }),
+            Some(n) => {
+                return Err(ApiError::invalid_param(
+                    "logprobs",
+                    format!("logprobs must be between 0 and 5, got {n}"),
+                ));
+            }
+        };
+        Ok(GenerateRequest {
+            model,
+            input: Input::Text(prompt),
+            sampling: sampling(SamplingFields {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                seed: self.seed,
+                presence: self.presence_penalty,
+                frequency: self.frequency_penalty,
+                ignore_eos: self.ignore_eos,
+            })?,
+            // The legacy API defaults to 16 tokens.
+            max_tokens: check_max_tokens("max_tokens", self.max_tokens)?.or(Some(16)),
+            stop: check_stop(self.stop)?,
+            logprobs,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            extra: self.extra,
+        })
+    }
+}
+
+impl GenerateRequest {
+    /// The OpenAI chat request that asks an upstream for the same answer.
+    /// Text prompts become a single user message only if the caller wants
+    /// that; completions go through [`GenerateRequest::to_completion_request`].
+    pub fn to_chat_request(&self, upstream_model: &str) -> ChatCompletionRequest {
+        let messages = match &self.input {
+            Input::Chat { messages, .. } => messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: Some(MessageContent::Text(m.content.clone())),
+                    name: m.name.clone(),
+                    extra: m.extra.clone(),
+                })
+                .collect(),
+            Input::Text(t) => vec![ChatMessage {
+                role: "user".into(),
+                content: Some(MessageContent::Text(t.clone())),
+                name: None,
+                extra: Map::new(),
+            }],
+        };
+        ChatCompletionRequest {
+            model: Some(upstream_model.to_owned()),
+            messages: Some(messages),
+            stream: Some(self.stream),
+            stream_options: self.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+            max_tokens: self.max_tokens.map(i64::from),
+            max_completion_tokens: None,
+            temperature: self.sampling.temperature.map(f64::from),
+            top_p: self.sampling.top_p.map(f64::from),
+            top_k: self.sampling.top_k.map(i64::from),
+            seed: self.sampling.seed.map(i64::from),
+            stop: (!self.stop.is_empty()).then(|| Stop::Many(self.stop.clone())),
+            presence_penalty: nonzero(self.sampling.presence_penalty),
+            frequency_penalty: nonzero(self.sampling.frequency_penalty),
+            logprobs: self.logprobs.map(|_| true),
+            top_logprobs: self
+                .logprobs
+                .and_then(|l| (l.top > 0).then_some(i64::from(l.top))),
+            n: None,
+            ignore_eos: self.sampling.ignore_eos.then_some(true),
+            extra: self.extra.clone(),
+        }
+    }
+
+    pub fn to_completion_request(&self, upstream_model: &str, prompt: String) -> CompletionRequest {
+        CompletionRequest {
+            model: Some(upstream_model.to_owned()),
+            prompt: Some(PromptInput::One(prompt)),
+            stream: Some(self.stream),
+            stream_options: self.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+            max_tokens: self.max_tokens.map(i64::from),
+            temperature: self.sampling.temperature.map(f64::from),
+            top_p: self.sampling.top_p.map(f64::from),
+            top_k: self.sampling.top_k.map(i64::from),
+            seed: self.sampling.seed.map(i64::from),
+            stop: (!self.stop.is_empty()).then(|| Stop::Many(self.stop.clone())),
+            presence_penalty: nonzero(self.sampling.presence_penalty),
+            frequency_penalty: nonzero(self.sampling.frequency_penalty),
+            logprobs: self.logprobs.map(|l| i64::from(l.top.min(5))),
+            n: None,
+            echo: None,
+            ignore_eos: self.sampling.ignore_eos.then_some(true),
+            extra: self.extra.clone(),
+        }
+    }
+}
+
+fn nonzero(x: f32) -> Option<f64> {
+    (x != 0.0).then_some(f64::from(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(json: &str) -> Result<GenerateRequest, ApiError> {
+        serde_json::from_str::<ChatCompletionRequest>(json)
+            .unwrap()
+            .into_generate()
+    }
+
+    #[test]
+    fn minimal_chat_request() {
+        let g = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(g.model, "m");
+        assert!(!g.stream);
+        assert_eq!(g.max_tokens, None);
+    }
+
+    #[test]
+    fn content_parts_are_joined() {
+        let g = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+        )
+        .unwrap();
+        let Input::Chat { messages, .. } = g.input else {
+            panic!()
+        };
+        assert_eq!(messages[0].content, "ab");
+    }
+
+    #[test]
+    fn bad_values_name_their_param() {
+        let cases = [
+            (r#"{"model":"m","messages":[]}"#, "messages"),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                "top_p",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+                "messages[0]",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":""}]}"#,
+                "messages[0]",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "n",
+            ),
+        ];
+        for (json, param) in cases {
+            let e = chat(json).unwrap_err();
+            assert_eq!(e.status, 400, "{json}");
+            assert_eq!(e.param.as_deref(), Some(param), "{json}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_kept_for_upstreams() {
+        let g = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"user":"u1"}"#)
+            .unwrap();
+        assert_eq!(g.extra["user"], "u1");
+        let back = serde_json::to_value(g.to_chat_request("up")).unwrap();
+        assert_eq!(back["user"], "u1");
+        assert_eq!(back["model"], "up");
+    }
+
+    #[test]
+    fn completion_defaults_to_16_tokens() {
+        let c: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":"x"}"#).unwrap();
+        assert_eq!(c.into_generate().unwrap().max_tokens, Some(16));
+    }
+}

@@ -1,0 +1,81 @@
+//! `tandem`: a thin binary wiring Tandem's libraries together.
+
+mod bench;
+mod chat;
+mod models;
+mod serve;
+
+use clap::{Args, Parser, Subcommand};
+use tandem_engine::Threads;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Hybrid AI runtime: local models on this device, the cloud as backup",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API (pulls the model if missing).
+    Serve(serve::ServeArgs),
+    /// Chat with a model in the terminal, answers streamed.
+    Chat(chat::ChatArgs),
+    /// Answer one prompt and exit.
+    Run(chat::RunArgs),
+    /// Fetch a model into the cache: a catalog name, hf:owner/repo/file.gguf,
+    /// an HTTPS URL or a local path.
+    Pull(models::PullArgs),
+    /// List the catalog and what is installed.
+    Models(models::ModelsArgs),
+    /// Measure the engine against a plain llama.cpp loop.
+    Bench(bench::BenchArgs),
+}
+
+/// Engine settings shared by every command that loads a model.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Inference threads: `auto` follows the machine's load.
+    #[arg(long, default_value = "auto", env = "TANDEM_THREADS")]
+    pub threads: Threads,
+    /// Tokens per request (prompt + answer); default: model's, at most 4096.
+    #[arg(long = "ctx")]
+    pub context: Option<u32>,
+    /// Requests decoded together in one batch.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: u32,
+    /// Layers to offload to a GPU (needs a build with a GPU feature).
+    #[arg(long, default_value_t = 0)]
+    pub gpu_layers: u32,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,tower_http=warn")
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(a) => rt.block_on(serve::run(a)),
+        Command::Chat(a) => rt.block_on(chat::chat(a)),
+        Command::Run(a) => rt.block_on(chat::run(a)),
+        Command::Pull(a) => rt.block_on(models::pull(a)),
+        Command::Models(a) => models::list(a),
+        Command::Bench(a) => rt.block_on(bench::run(a)),
+    }
+}

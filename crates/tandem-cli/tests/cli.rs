@@ -1,0 +1,170 @@
+//! The `tandem` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tandem_testkit::{SMOLLM2, model_path};
+
+fn tandem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+}
+
+#[test]
+fn run_answers_a_prompt() {
+    model_path(SMOLLM2);
+    let out = tandem()
+        .args([
+            "run",
+            SMOLLM2,
+            "What is the capital of France? Answer in one word.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "{text}");
+}
+
+#[test]
+fn chat_reads_turns_from_stdin() {
+    model_path(SMOLLM2);
+    let mut child = tandem()
+        .args(["chat", "--temperature", "0", "--max-tokens", "20"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, "What is the capital of France? Answer in one word.").unwrap();
+        writeln!(stdin, "/exit").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+}
+
+#[test]
+fn models_lists_the_catalog() {
+    let out = tandem().args(["models", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    for expected in [
+        SMOLLM2,
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+        "gemma-3-270m",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+}
+
+#[test]
+fn pull_of_a_local_file_checks_its_hash() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("tiny.gguf");
+    std::fs::write(&file, b"not really a model").unwrap();
+    let bad = tandem()
+        .env("TANDEM_HOME", home.path())
+        .args(["pull", file.to_str().unwrap(), "--sha256", &"ab".repeat(32)])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sha256 mismatch"));
+    assert!(!home.path().join("models/tiny/tiny.gguf").exists());
+
+    let good = tandem()
+        .env("TANDEM_HOME", home.path())
+        .args(["pull", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(home.path().join("models/tiny/tiny.gguf").is_file());
+    let listed = tandem()
+        .env("TANDEM_HOME", home.path())
+        .args(["models"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("tiny"));
+}
+
+#[test]
+fn serve_prints_how_to_call_it_and_answers() {
+    model_path(SMOLLM2);
+    let mut child = tandem()
+        .args(["serve", "--port", "0", "--parallel", "1", "--ctx", "512"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let banner = lines.next().unwrap().unwrap();
+    let base = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {banner:?}"))
+        .to_owned();
+    let rest: Vec<String> = lines.by_ref().take(4).map(Result::unwrap).collect();
+    assert!(rest.join("\n").contains("curl"), "{rest:?}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let v: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{base}/chat/completions"))
+            .json(&serde_json::json!({
+                "model": SMOLLM2,
+                "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                "temperature": 0
+            }))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{v}"
+    );
+    // SIGTERM shuts it down cleanly.
+    send_sigterm(child.id());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+fn send_sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}

@@ -1,0 +1,464 @@
+//! Tandem's local engine: runs a GGUF model on this device through
+//! llama.cpp and serves it as a [`tandem_api::Backend`].
+//!
+//! One engine owns one model and one inference thread. Requests are
+//! rendered with the model's own chat template and tokenized on the caller's
+//! thread, then handed to the inference thread, which decodes every active
+//! request together in one batch per step (continuous batching). Each
+//! request's events come back on its own channel; dropping the stream stops
+//! the request at the next step.
+//!
+//! Not here: deciding *whether* a request should run locally (that is the
+//! router's job) or anything about HTTP.
+
+pub mod bench;
+pub mod load;
+mod runtime;
+pub mod sampling;
+mod scheduler;
+pub mod template;
+pub mod text;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use futures::future::BoxFuture;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tandem_api::{
+    ApiError, Backend, EventStream, GenerateRequest, Input, Load, Locality, ModelInfo,
+};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::scheduler::{Job, SchedulerConfig};
+use crate::template::ChatTemplate;
+
+pub use runtime::backend as llama_backend;
+
+/// How many threads llama.cpp may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// The cores other processes leave free, re-read whenever the engine
+    /// goes from idle to busy.
+    Auto,
+    Fixed(usize),
+}
+
+impl std::str::FromStr for Threads {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Threads::Auto),
+            n => n
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Threads::Fixed)
+                .ok_or_else(|| format!("threads must be `auto` or a positive number, got `{s}`")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The name clients use in `model`.
+    pub model_id: String,
+    pub path: PathBuf,
+    /// Tokens per request (prompt and answer); default: the model's training
+    /// context, at most 4096.
+    pub context: Option<u32>,
+    /// Requests decoded together; each has its own `context` worth of KV cache.
+    pub parallel: u32,
+    /// Most prompt tokens read per step.
+    pub batch: u32,
+    pub threads: Threads,
+    /// Layers offloaded to a GPU (needs a GPU feature at build time).
+    pub gpu_layers: u32,
+    /// Requests waiting for a slot before new ones are refused with 503.
+    pub max_queue: usize,
+}
+
+impl EngineConfig {
+    pub fn new(model_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_id: model_id.into(),
+            path: path.into(),
+            context: None,
+            parallel: 4,
+            batch: 512,
+            threads: Threads::Auto,
+            gpu_layers: 0,
+            max_queue: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {0} not found")]
+    NotFound(PathBuf),
+    #[error("cannot load model {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Context(String),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+/// Live counters, read by health checks, metrics and the router.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub active: AtomicUsize,
+    pub queued: AtomicUsize,
+    pub threads: AtomicUsize,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub completed: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub active: usize,
+    pub queued: usize,
+    pub parallel: usize,
+    pub threads: usize,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub completed: u64,
+}
+
+enum Templater {
+    Jinja(Box<ChatTemplate>),
+    /// llama.cpp's built-in renderer, for templates Jinja could not compile.
+    Builtin(LlamaChatTemplate),
+    None,
+}
+
+struct Inner {
+    id: String,
+    model: Arc<LlamaModel>,
+    templater: Templater,
+    bos_text: Option<String>,
+    add_bos: bool,
+    ctx_per_seq: u32,
+    parallel: usize,
+    max_queue: usize,
+    tx: std::sync::mpsc::Sender<Job>,
+    stats: Arc<Stats>,
+}
+
+/// A loaded model with its inference thread. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalEngine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LocalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEngine")
+            .field("model", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalEngine {
+    /// Loads the model and starts its inference thread. Blocking: call it
+    /// from `spawn_blocking` inside async code.
+    pub fn load(cfg: EngineConfig) -> Result<LocalEngine, EngineError> {
+        if !cfg.path.is_file() {
+            return Err(EngineError::NotFound(cfg.path));
+        }
+        if cfg.parallel == 0 || cfg.batch == 0 {
+            return Err(EngineError::Config(
+                "parallel and batch must be at least 1".into(),
+            ));
+        }
+        let backend = runtime::backend().map_err(EngineError::Context)?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(cfg.gpu_layers);
+        let model = LlamaModel::load_from_file(backend, &cfg.path, &params).map_err(|e| {
+            EngineError::Load {
+                path: cfg.path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let model = Arc::new(model);
+
+        let train = model.n_ctx_train().max(1);
+        let ctx_per_seq = cfg.context.unwrap_or(train.min(4096)).min(train).max(16);
+
+        let vocab = model.vocab();
+        let token_text = |t: LlamaToken| {
+            vocab
+                .text(t)
+                .and_then(|c| c.to_str().ok())
+                .map(str::to_owned)
+        };
+        let bos_text = token_text(vocab.bos());
+        let eos_text = token_text(vocab.eos()).unwrap_or_default();
+        let add_bos = vocab.should_add_bos();
+        let templater = match model.chat_template(None) {
+            Err(_) => Templater::None,
+            Ok(t) => {
+                let compiled = t.to_str().map_err(|e| e.to_string()).and_then(|src| {
+                    ChatTemplate::new(src, bos_text.as_deref().unwrap_or(""), &eos_text)
+                });
+                match compiled {
+                    Ok(jinja) => Templater::Jinja(Box::new(jinja)),
+                    Err(e) => {
+                        tracing::warn!("{e}; using llama.cpp's built-in template support");
+                        Templater::Builtin(t)
+                    }
+                }
+            }
+        };
+
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sched = SchedulerConfig {
+            ctx_per_seq,
+            parallel: cfg.parallel,
+            batch: cfg.batch,
+            threads: cfg.threads,
+        };
+        let thread_model = model.clone();
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name(format!("tandem-engine-{}", cfg.model_id))
+            .spawn(move || scheduler::run(thread_model, sched, rx, thread_stats, ready_tx))
+            .map_err(|e| EngineError::Context(format!("cannot start engine thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(EngineError::Context(e)),
+            Err(_) => return Err(EngineError::Context("engine thread died".into())),
+        }
+        tracing::info!(
+            model = %cfg.model_id,
+            context = ctx_per_seq,
+            parallel = cfg.parallel,
+            "model loaded"
+        );
+        Ok(LocalEngine {
+            inner: Arc::new(Inner {
+                id: cfg.model_id,
+                model,
+                templater,
+                bos_text,
+                add_bos,
+                ctx_per_seq,
+                parallel: cfg.parallel as usize,
+                max_queue: cfg.max_queue,
+                tx,
+                stats,
+            }),
+        })
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Tokens one request may hold, prompt and answer together.
+    pub fn context_length(&self) -> u32 {
+        self.inner.ctx_per_seq
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        !matches!(self.inner.templater, Templater::None)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        StatsSnapshot {
+            active: s.active.load(Ordering::Relaxed),
+            queued: s.queued.load(Ordering::Relaxed),
+            parallel: self.inner.parallel,
+            threads: s.threads.load(Ordering::Relaxed),
+            prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
+            completed: s.completed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The exact text the model reads for this input.
+    pub fn render(&self, input: &Input) -> Result<String, ApiError> {
+        self.inner.render(input)
+    }
+
+    /// Token count of `text` as the model would read it.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.inner.tokenize(text, false).len()
+    }
+
+    /// Starts a generation; events arrive on the returned stream.
+    pub fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
+        self.inner.submit(req)
+    }
+}
+
+/// Request fields a local model cannot honour; refusing them beats
+/// answering something other than what was asked.
+fn check_features(extra: &Map<String, Value>) -> Result<(), ApiError> {
+    let present = |k: &str| extra.get(k).is_some_and(|v| !v.is_null());
+    if extra
+        .get("tools")
+        .is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+        || present("functions")
+    {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "tool calling is not supported by the local engine",
+        ));
+    }
+    if let Some(fmt) = extra.get("response_format").filter(|v| !v.is_null()) {
+        let kind = fmt.get("type").and_then(Value::as_str).unwrap_or("");
+        if kind != "text" {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                format!("response_format `{kind}` is not supported by the local engine"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn render(&self, input: &Input) -> Result<String, ApiError> {
+        match input {
+            Input::Text(t) => Ok(t.clone()),
+            Input::Chat {
+                messages,
+                continue_from,
+            } => {
+                let mut text = match &self.templater {
+                    Templater::Jinja(t) => t.render(messages)?,
+                    Templater::Builtin(t) => {
+                        let chat = messages
+                            .iter()
+                            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|_| {
+                                ApiError::invalid_param("messages", "messages contain NUL bytes")
+                            })?;
+                        self.model
+                            .apply_chat_template(t, &chat, true)
+                            .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?
+                    }
+                    Templater::None => {
+                        return Err(ApiError::invalid_param(
+                            "model",
+                            format!(
+                                "model `{}` has no chat template (it is a base model): use /v1/completions",
+                                self.id
+                            ),
+                        ));
+                    }
+                };
+                if let Some(prefix) = continue_from {
+                    text.push_str(prefix);
+                }
+                Ok(text)
+            }
+        }
+    }
+
+    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<LlamaToken> {
+        self.model.vocab().tokenize(text.as_bytes(), add_bos, true)
+    }
+
+    fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
+        if req.model != self.id {
+            return Err(ApiError::model_not_found(&req.model));
+        }
+        check_features(&req.extra)?;
+        let text = self.render(&req.input)?;
+        // Templates that write the BOS token themselves must not get a second one.
+        let add_bos = self.add_bos
+            && !self
+                .bos_text
+                .as_deref()
+                .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        let tokens = self.tokenize(&text, add_bos);
+        if tokens.is_empty() {
+            return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+        }
+        let ctx = self.ctx_per_seq;
+        let n = tokens.len() as u32;
+        if n >= ctx {
+            return Err(ApiError::context_length_exceeded(format!(
+                "This model's maximum context length is {ctx} tokens. However, your prompt is {n} tokens long, leaving no room for an answer. Please shorten the prompt."
+            )));
+        }
+        if let Some(max) = req.max_tokens
+            && max > ctx
+        {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                format!(
+                    "max_tokens is too large: {max}. This model supports at most {ctx} tokens of context (prompt and answer)."
+                ),
+            ));
+        }
+        let room = ctx - n;
+        let max_new = req.max_tokens.map_or(room, |m| m.min(room));
+
+        let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let active = self.stats.active.load(Ordering::Relaxed);
+        if queued >= self.max_queue && active >= self.parallel {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::unavailable(format!(
+                "the local engine is busy: {queued} requests are waiting"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = Job {
+            tokens,
+            sampling: req.sampling,
+            max_new,
+            stop: req.stop,
+            top_logprobs: req.logprobs.map(|l| l.top),
+            tx,
+        };
+        if self.tx.send(job).is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::internal("the inference thread has stopped"));
+        }
+        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+impl Backend for LocalEngine {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    fn locality(&self) -> Locality {
+        Locality::Device
+    }
+
+    fn models(&self) -> Vec<ModelInfo> {
+        vec![ModelInfo {
+            id: self.inner.id.clone(),
+            context_length: Some(self.inner.ctx_per_seq),
+            owned_by: "tandem-local".into(),
+        }]
+    }
+
+    fn load(&self) -> Load {
+        let s = self.stats();
+        Load {
+            active: s.active,
+            queued: s.queued,
+            capacity: Some(s.parallel),
+        }
+    }
+
+    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>> {
+        let result = self.submit(req);
+        Box::pin(async move { result })
+    }
+}

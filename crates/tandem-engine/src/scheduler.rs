@@ -1,0 +1,376 @@
+//! The engine thread: owns the llama.cpp context and runs continuous
+//! batching. Every step gathers one token from each decoding sequence plus a
+//! chunk of any prompt being read, decodes them in one batch, and samples
+//! each sequence from its row of logits — the shape of llama.cpp's server
+//! slots. New requests join between steps; requests whose client went away
+//! are dropped between steps and their KV cells freed.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tandem_api::{
+    ApiError, Delta, Event, Finish, FinishReason, Sampling, TokenLogprob, TopLogprob, Usage,
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::load::LoadMonitor;
+use crate::runtime;
+use crate::sampling::{logprobs, sampler_chain};
+use crate::text::TextAssembler;
+use crate::{Stats, Threads};
+
+/// A request ready for the engine: tokenized and checked against the context.
+pub(crate) struct Job {
+    pub tokens: Vec<LlamaToken>,
+    pub sampling: Sampling,
+    /// Already limited to what fits in the sequence's context.
+    pub max_new: u32,
+    pub stop: Vec<String>,
+    pub top_logprobs: Option<u8>,
+    pub tx: UnboundedSender<Result<Event, ApiError>>,
+}
+
+pub(crate) struct SchedulerConfig {
+    pub ctx_per_seq: u32,
+    pub parallel: u32,
+    pub batch: u32,
+    pub threads: Threads,
+}
+
+struct Slot {
+    seq: i32,
+    prompt: Vec<LlamaToken>,
+    /// Prompt tokens already in the KV cache.
+    prefilled: usize,
+    /// Next token to feed (the last sampled one) once the prompt is in.
+    pending: Option<LlamaToken>,
+    /// Tokens of this sequence in the KV cache.
+    n_past: u32,
+    generated: u32,
+    max_new: u32,
+    ignore_eos: bool,
+    top_logprobs: Option<u8>,
+    sampler: LlamaSampler,
+    text: TextAssembler,
+    tx: UnboundedSender<Result<Event, ApiError>>,
+    /// Row of this step's batch whose logits belong to this sequence.
+    logits_row: Option<i32>,
+    /// Tokens this step's batch holds for the sequence.
+    in_batch: usize,
+}
+
+impl Slot {
+    fn usage(&self) -> Usage {
+        Usage::new(self.prompt.len() as u32, self.generated)
+    }
+}
+
+enum Outcome {
+    Continue,
+    Done,
+}
+
+fn context_params(cfg: &SchedulerConfig, threads: usize) -> LlamaContextParams {
+    let threads = i32::try_from(threads).unwrap_or(1);
+    let n_batch = cfg.batch + cfg.parallel;
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(cfg.ctx_per_seq * cfg.parallel))
+        .with_n_seq_max(cfg.parallel)
+        // A KV stream per sequence: attention then reads only the
+        // sequence's own cells. A shared pool makes every token attend over
+        // (and mask out) every other sequence's cells, which on a CPU costs
+        // more than the batching gains.
+        .with_kv_unified(false)
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch.min(512))
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+}
+
+fn desired_threads(t: Threads, monitor: &LoadMonitor) -> usize {
+    match t {
+        Threads::Fixed(n) => n.max(1),
+        Threads::Auto => monitor.suggested_threads(),
+    }
+}
+
+/// Runs until every sender of `rx` is gone. `ready` receives the outcome
+/// of context creation so that load errors reach the caller.
+pub(crate) fn run(
+    model: Arc<LlamaModel>,
+    cfg: SchedulerConfig,
+    rx: Receiver<Job>,
+    stats: Arc<Stats>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let monitor = LoadMonitor::global();
+    let mut threads = desired_threads(cfg.threads, &monitor);
+    let mut ctx = match runtime::new_context(&model, context_params(&cfg, threads)) {
+        Ok(c) => {
+            let _ = ready.send(Ok(()));
+            c
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    stats.threads.store(threads, Ordering::Relaxed);
+    let vocab = model.vocab();
+    let n_vocab = model.n_vocab();
+    let mut batch = LlamaBatch::new((cfg.batch + cfg.parallel) as usize, 1);
+    let mut slots: Vec<Option<Slot>> = (0..cfg.parallel).map(|_| None).collect();
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut piece = Vec::with_capacity(32);
+
+    loop {
+        // ---- intake
+        let idle = slots.iter().all(Option::is_none) && queue.is_empty();
+        if idle {
+            match rx.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => return,
+            }
+            // Between busy periods no sequence holds KV state, so this is
+            // the moment to follow the machine's load.
+            let want = desired_threads(cfg.threads, &monitor);
+            if want != threads {
+                match runtime::new_context(&model, context_params(&cfg, want)) {
+                    Ok(c) => {
+                        tracing::debug!(from = threads, to = want, "inference threads follow load");
+                        ctx = c;
+                        threads = want;
+                        stats.threads.store(threads, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!("keeping {threads} threads: {e}"),
+                }
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(job) => queue.push_back(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if slots.iter().all(Option::is_none) && queue.is_empty() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+
+        // ---- admit queued jobs into free slots
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            while let Some(job) = queue.pop_front() {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+                if job.tx.is_closed() {
+                    continue;
+                }
+                let seq = i as i32;
+                let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                stats.active.fetch_add(1, Ordering::Relaxed);
+                *slot = Some(Slot {
+                    seq,
+                    sampler: sampler_chain(&job.sampling, n_vocab, job.max_new),
+                    text: TextAssembler::new(job.stop),
+                    prompt: job.tokens,
+                    prefilled: 0,
+                    pending: None,
+                    n_past: 0,
+                    generated: 0,
+                    max_new: job.max_new,
+                    ignore_eos: job.sampling.ignore_eos,
+                    top_logprobs: job.top_logprobs,
+                    tx: job.tx,
+                    logits_row: None,
+                    in_batch: 0,
+                });
+                break;
+            }
+        }
+
+        // ---- drop sequences whose client has gone
+        for slot in slots.iter_mut() {
+            if slot.as_ref().is_some_and(|s| s.tx.is_closed()) {
+                release(&mut ctx, slot, &stats);
+            }
+        }
+
+        // ---- build the batch: decode tokens first, then prompt chunks
+        batch.clear();
+        let mut budget = cfg.batch as usize;
+        for s in slots.iter_mut().flatten() {
+            s.logits_row = None;
+            s.in_batch = 0;
+            if let Some(tok) = s.pending
+                && batch.add(tok, s.n_past as i32, &[s.seq], true).is_ok()
+            {
+                s.logits_row = Some(batch.n_tokens() - 1);
+                s.in_batch = 1;
+            }
+        }
+        for s in slots.iter_mut().flatten() {
+            if s.pending.is_some() || budget == 0 {
+                continue;
+            }
+            let remaining = s.prompt.len() - s.prefilled;
+            let take = remaining.min(budget);
+            for k in 0..take {
+                let pos = s.prefilled + k;
+                let wants_logits = pos + 1 == s.prompt.len();
+                if batch
+                    .add(s.prompt[pos], pos as i32, &[s.seq], wants_logits)
+                    .is_err()
+                {
+                    break;
+                }
+                s.in_batch += 1;
+                if wants_logits {
+                    s.logits_row = Some(batch.n_tokens() - 1);
+                }
+            }
+            budget -= s.in_batch;
+        }
+        if batch.n_tokens() == 0 {
+            continue;
+        }
+
+        // ---- decode
+        if let Err(e) = ctx.decode(&mut batch) {
+            tracing::error!("decode failed: {e}");
+            for slot in slots.iter_mut() {
+                if let Some(s) = slot.as_ref() {
+                    let _ =
+                        s.tx.send(Err(ApiError::internal(format!("inference failed: {e}"))));
+                    release(&mut ctx, slot, &stats);
+                }
+            }
+            continue;
+        }
+
+        // ---- advance every sequence that was in the batch
+        for slot in slots.iter_mut() {
+            let Some(s) = slot.as_mut() else { continue };
+            if s.in_batch == 0 {
+                continue;
+            }
+            if s.pending.take().is_none() {
+                s.prefilled += s.in_batch;
+                stats
+                    .prompt_tokens
+                    .fetch_add(s.in_batch as u64, Ordering::Relaxed);
+            }
+            s.n_past += s.in_batch as u32;
+            let Some(row) = s.logits_row else { continue };
+            let outcome = sample_step(s, &ctx, row, &vocab, &mut piece, &cfg, &stats);
+            if let Outcome::Done = outcome {
+                release(&mut ctx, slot, &stats);
+            }
+        }
+    }
+}
+
+fn sample_step(
+    s: &mut Slot,
+    ctx: &LlamaContext<'_>,
+    row: i32,
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    piece: &mut Vec<u8>,
+    cfg: &SchedulerConfig,
+    stats: &Stats,
+) -> Outcome {
+    let tok = s.sampler.sample(ctx, row);
+    s.generated += 1;
+    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+
+    if !s.ignore_eos && vocab.is_eog(tok) {
+        // The end-of-turn token is not part of the answer.
+        s.generated -= 1;
+        return finish(s, FinishReason::Stop);
+    }
+
+    piece.clear();
+    vocab.token_to_piece_into(tok, piece, false, None);
+    let entry = s.top_logprobs.map(|top| {
+        let logits = ctx.get_logits_ith(row);
+        let (lp, alts) = logprobs(logits, tok.0 as usize, usize::from(top));
+        token_entry(vocab, piece, lp, &alts)
+    });
+    let step = s.text.push(piece, entry);
+    send_delta(s, step.delta);
+    if step.stopped {
+        return finish_now(s, FinishReason::Stop);
+    }
+    if s.generated >= s.max_new || s.n_past + 1 >= cfg.ctx_per_seq {
+        return finish(s, FinishReason::Length);
+    }
+    s.pending = Some(tok);
+    Outcome::Continue
+}
+
+fn token_entry(
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    bytes: &[u8],
+    logprob: f32,
+    alts: &[(usize, f32)],
+) -> TokenLogprob {
+    let mut buf = Vec::with_capacity(16);
+    TokenLogprob {
+        token: String::from_utf8_lossy(bytes).into_owned(),
+        logprob,
+        bytes: Some(bytes.to_vec()),
+        top_logprobs: alts
+            .iter()
+            .map(|&(id, lp)| {
+                buf.clear();
+                vocab.token_to_piece_into(LlamaToken(id as i32), &mut buf, false, None);
+                TopLogprob {
+                    token: String::from_utf8_lossy(&buf).into_owned(),
+                    logprob: lp,
+                    bytes: Some(buf.clone()),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn send_delta(s: &Slot, delta: Delta) {
+    if !delta.text.is_empty() || !delta.tokens.is_empty() {
+        let _ = s.tx.send(Ok(Event::Delta(delta)));
+    }
+}
+
+/// Ends the answer, releasing any text held back for stop matching.
+fn finish(s: &mut Slot, reason: FinishReason) -> Outcome {
+    let rest = s.text.finish();
+    send_delta(s, rest.delta);
+    finish_now(s, reason)
+}
+
+fn finish_now(s: &mut Slot, reason: FinishReason) -> Outcome {
+    let _ = s.tx.send(Ok(Event::Finish(Finish {
+        reason,
+        usage: s.usage(),
+    })));
+    Outcome::Done
+}
+
+fn release(ctx: &mut LlamaContext<'_>, slot: &mut Option<Slot>, stats: &Stats) {
+    if let Some(s) = slot.take() {
+        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), None, None);
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        stats.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,305 @@
+//! The engine on real models: generation, sampling controls, limits,
+//! cancellation, continuous batching.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tandem_api::{
+    Answer, Event, FinishReason, GenerateRequest, Input, LogprobRequest, Message, Sampling,
+};
+use tandem_engine::{EngineConfig, LocalEngine, Threads};
+use tandem_testkit::{GEMMA_270M, QWEN_05B, SMOLLM2, model_path};
+
+/// One engine shared by the tests that only need answers.
+fn shared() -> &'static LocalEngine {
+    static E: OnceLock<LocalEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        LocalEngine::load(EngineConfig::new(SMOLLM2, model_path(SMOLLM2))).expect("load")
+    })
+}
+
+/// An engine of its own, for tests that read the engine's counters.
+fn private(parallel: u32, max_queue: usize) -> LocalEngine {
+    let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+    cfg.parallel = parallel;
+    cfg.max_queue = max_queue;
+    cfg.context = Some(1024);
+    cfg.threads = Threads::Fixed(1);
+    LocalEngine::load(cfg).expect("load")
+}
+
+fn chat(model: &str, user: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        input: Input::Chat {
+            messages: vec![Message::new("user", user)],
+            continue_from: None,
+        },
+        sampling: Sampling::greedy(),
+        max_tokens: Some(48),
+        stop: vec![],
+        logprobs: None,
+        stream: false,
+        include_usage: false,
+        extra: Default::default(),
+    }
+}
+
+async fn answer(engine: &LocalEngine, req: GenerateRequest) -> Answer {
+    Answer::collect(engine.submit(req).expect("submit"))
+        .await
+        .expect("answer")
+}
+
+async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn greedy_answer_names_paris_and_is_deterministic() {
+    let e = shared();
+    let req = chat(
+        SMOLLM2,
+        "What is the capital of France? Answer in one word.",
+    );
+    let a = answer(e, req.clone()).await;
+    assert!(a.text.contains("Paris"), "answer: {:?}", a.text);
+    assert_eq!(a.finish.reason, FinishReason::Stop);
+    let b = answer(e, req).await;
+    assert_eq!(a.text, b.text);
+}
+
+#[tokio::test]
+async fn max_tokens_and_usage_hold() {
+    let e = shared();
+    let mut req = chat(SMOLLM2, "Write a long story about a dragon.");
+    req.max_tokens = Some(7);
+    let a = answer(e, req).await;
+    assert_eq!(a.finish.reason, FinishReason::Length);
+    assert_eq!(a.finish.usage.completion_tokens, 7);
+    assert_eq!(
+        a.finish.usage.total_tokens,
+        a.finish.usage.prompt_tokens + a.finish.usage.completion_tokens
+    );
+    let rendered = e
+        .render(&Input::Chat {
+            messages: vec![Message::new("user", "Write a long story about a dragon.")],
+            continue_from: None,
+        })
+        .unwrap();
+    assert_eq!(
+        a.finish.usage.prompt_tokens as usize,
+        e.count_tokens(&rendered)
+    );
+}
+
+#[tokio::test]
+async fn stop_sequence_cuts_the_answer() {
+    let e = shared();
+    let free = answer(e, chat(SMOLLM2, "Count from 1 to 10, separated by commas.")).await;
+    assert!(free.text.contains('5'), "{:?}", free.text);
+    let cut_at = free.text.find('5').unwrap();
+    let mut req = chat(SMOLLM2, "Count from 1 to 10, separated by commas.");
+    req.stop = vec!["5".into()];
+    let a = answer(e, req).await;
+    assert_eq!(a.finish.reason, FinishReason::Stop);
+    assert_eq!(a.text, free.text[..cut_at]);
+}
+
+#[tokio::test]
+async fn seeded_sampling_repeats_and_temperature_varies() {
+    let e = shared();
+    let mut req = chat(SMOLLM2, "Name a random animal and describe it.");
+    req.sampling = Sampling {
+        temperature: Some(1.2),
+        top_p: Some(0.95),
+        top_k: Some(50),
+        seed: Some(42),
+        presence_penalty: 0.5,
+        frequency_penalty: 0.5,
+        ignore_eos: false,
+    };
+    let a = answer(e, req.clone()).await;
+    let b = answer(e, req.clone()).await;
+    assert_eq!(a.text, b.text, "same seed, same answer");
+    let mut texts = std::collections::HashSet::new();
+    for seed in 1..=4 {
+        req.sampling.seed = Some(seed);
+        texts.insert(answer(e, req.clone()).await.text);
+    }
+    assert!(texts.len() > 1, "different seeds should differ: {texts:?}");
+}
+
+#[tokio::test]
+async fn logprobs_are_consistent() {
+    let e = shared();
+    let mut req = chat(SMOLLM2, "Say hello.");
+    req.max_tokens = Some(5);
+    req.logprobs = Some(LogprobRequest { top: 3 });
+    let a = answer(e, req).await;
+    assert_eq!(a.tokens.len(), a.finish.usage.completion_tokens as usize);
+    let joined: Vec<u8> = a
+        .tokens
+        .iter()
+        .flat_map(|t| t.bytes.clone().unwrap())
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&joined), a.text);
+    for t in &a.tokens {
+        assert!(t.logprob <= 0.0);
+        assert_eq!(t.top_logprobs.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(t.top_logprobs[0].token, t.token);
+        assert!((t.top_logprobs[0].logprob - t.logprob).abs() < 1e-4);
+        let mass: f32 = t.top_logprobs.iter().map(|x| x.logprob.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4);
+        assert!(
+            t.top_logprobs
+                .windows(2)
+                .all(|w| w[0].logprob >= w[1].logprob)
+        );
+    }
+}
+
+#[tokio::test]
+async fn too_long_prompt_and_too_many_tokens_are_refused() {
+    let e = private(1, 4);
+    let long = "word ".repeat(3000);
+    let err = e.submit(chat(SMOLLM2, &long)).err().expect("refused");
+    assert_eq!(err.status, 400);
+    assert_eq!(err.code.as_deref(), Some("context_length_exceeded"));
+    let mut req = chat(SMOLLM2, "hi");
+    req.max_tokens = Some(1_000_000);
+    let err = e.submit(req).err().expect("refused");
+    assert_eq!(err.param.as_deref(), Some("max_tokens"));
+    let mut req = chat(SMOLLM2, "hi");
+    req.model = "other".into();
+    assert_eq!(e.submit(req).err().expect("refused").status, 404);
+}
+
+#[tokio::test]
+async fn dropping_the_stream_frees_the_engine() {
+    let e = private(2, 8);
+    let mut req = chat(SMOLLM2, "Tell me a very long story.");
+    req.max_tokens = Some(900);
+    req.sampling.ignore_eos = true;
+    let mut s = e.submit(req).unwrap();
+    // Read a few tokens, then walk away.
+    let mut got = 0;
+    while got < 3 {
+        if let Some(Ok(Event::Delta(_))) = s.next().await {
+            got += 1;
+        }
+    }
+    assert_eq!(e.stats().active, 1);
+    let before = e.stats().generated_tokens;
+    drop(s);
+    assert!(wait_until(|| e.stats().active == 0).await, "slot not freed");
+    let after = e.stats().generated_tokens;
+    assert!(after - before < 50, "kept generating after the client left");
+    // And it serves the next request.
+    let a = answer(&e, chat(SMOLLM2, "Say hi.")).await;
+    assert!(!a.text.is_empty());
+}
+
+#[tokio::test]
+async fn requests_decode_together_and_excess_waits_or_is_refused() {
+    let e = private(3, 1);
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        let mut req = chat(SMOLLM2, &format!("Write story number {i}."));
+        req.max_tokens = Some(60);
+        req.sampling.ignore_eos = true;
+        streams.push(e.submit(req).unwrap());
+    }
+    // All three are admitted at once (continuous batching), not queued.
+    assert!(
+        wait_until(|| e.stats().active == 3).await,
+        "{:?}",
+        e.stats()
+    );
+    // A fourth waits in the queue; a fifth finds the queue full.
+    let mut queued_req = chat(SMOLLM2, "Queued.");
+    queued_req.max_tokens = Some(4);
+    let queued = e.submit(queued_req).unwrap();
+    let err = e.submit(chat(SMOLLM2, "One too many.")).err().expect("503");
+    assert_eq!(err.status, 503);
+    let answers = futures::future::join_all(streams.into_iter().map(Answer::collect)).await;
+    for a in answers {
+        assert_eq!(a.unwrap().finish.usage.completion_tokens, 60);
+    }
+    let q = Answer::collect(queued).await.unwrap();
+    assert_eq!(q.finish.usage.completion_tokens, 4);
+}
+
+#[tokio::test]
+async fn continuation_picks_up_where_text_left_off() {
+    let e = shared();
+    let full = answer(
+        e,
+        chat(
+            SMOLLM2,
+            "What is the capital of France? Answer in one word.",
+        ),
+    )
+    .await;
+    let split = full.text.len() / 2;
+    let split = (0..=split)
+        .rev()
+        .find(|&i| full.text.is_char_boundary(i))
+        .unwrap();
+    let mut req = chat(
+        SMOLLM2,
+        "What is the capital of France? Answer in one word.",
+    );
+    if let Input::Chat { continue_from, .. } = &mut req.input {
+        *continue_from = Some(full.text[..split].to_owned());
+    }
+    let rest = answer(e, req).await;
+    assert!(
+        format!("{}{}", &full.text[..split], rest.text).contains("Paris"),
+        "{:?} + {:?}",
+        &full.text[..split],
+        rest.text
+    );
+}
+
+#[tokio::test]
+async fn qwen2_and_gemma3_load_and_generate() {
+    let qwen = LocalEngine::load(EngineConfig::new(QWEN_05B, model_path(QWEN_05B))).unwrap();
+    let a = answer(
+        &qwen,
+        chat(
+            QWEN_05B,
+            "What is the capital of France? Answer in one word.",
+        ),
+    )
+    .await;
+    assert!(a.text.contains("Paris"), "{:?}", a.text);
+    drop(qwen);
+
+    let gemma = LocalEngine::load(EngineConfig::new(GEMMA_270M, model_path(GEMMA_270M))).unwrap();
+    // A base model: no chat template, so chat is refused with a pointer to
+    // completions, and completions work.
+    assert!(!gemma.has_chat_template());
+    let err = gemma
+        .submit(chat(GEMMA_270M, "hi"))
+        .err()
+        .expect("no template");
+    assert_eq!(err.status, 400);
+    assert!(err.message.contains("/v1/completions"), "{}", err.message);
+    let mut req = chat(GEMMA_270M, "unused");
+    req.input = Input::Text(
+        "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of Spain?\nA: Madrid\nQ: What is the capital of France?\nA:".into(),
+    );
+    req.max_tokens = Some(4);
+    let a = answer(&gemma, req).await;
+    assert!(a.text.contains("Paris"), "{:?}", a.text);
+}

@@ -1,0 +1,484 @@
+//! The OpenAI-compatible server on loopback, driven by a real HTTP client,
+//! in front of a real model.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tandem_api::Backend;
+use tandem_engine::{EngineConfig, LocalEngine, Threads};
+use tandem_server::ServerConfig;
+use tandem_testkit::{SMOLLM2, TestServer, model_path};
+
+const CAPITAL: &str = "What is the capital of France? Answer in one word.";
+
+fn engine() -> LocalEngine {
+    static E: OnceLock<LocalEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+        cfg.context = Some(2048);
+        LocalEngine::load(cfg).expect("load")
+    })
+    .clone()
+}
+
+async fn server() -> TestServer {
+    TestServer::start(vec![Arc::new(engine()) as Arc<dyn Backend>]).await
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": SMOLLM2,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 40,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+async fn post(s: &TestServer, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(s.url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json body"))
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_answers_paris_and_reports_usage() {
+    let s = server().await;
+    let (status, v) = post(&s, "/v1/chat/completions", &chat_body(CAPITAL, json!({}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], SMOLLM2);
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(u["completion_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn stream_reassembles_to_the_non_streamed_answer() {
+    let s = server().await;
+    let prompt = "Describe the sea in two sentences.";
+    let (_, whole) = post(&s, "/v1/chat/completions", &chat_body(prompt, json!({}))).await;
+    let body = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body(
+            prompt,
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.status(), 200);
+    assert!(
+        body.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let data = sse_data(&body.text().await.unwrap());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(chunks.len() > 3, "streamed in pieces");
+    // Finish reason, then a usage-only chunk matching the non-streamed usage.
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(
+        finish["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"], whole["usage"]);
+}
+
+#[tokio::test]
+async fn stop_sequences_and_max_tokens_hold() {
+    let s = server().await;
+    let prompt = "Count from 1 to 10, separated by commas.";
+    let (_, free) = post(&s, "/v1/chat/completions", &chat_body(prompt, json!({}))).await;
+    let free = free["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cut = free.find('4').expect("counts to 4");
+    let (_, stopped) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(prompt, json!({"stop": ["4", "never"]})),
+    )
+    .await;
+    assert_eq!(stopped["choices"][0]["message"]["content"], free[..cut]);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    let (_, short) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(prompt, json!({"max_tokens": 3})),
+    )
+    .await;
+    assert_eq!(short["choices"][0]["finish_reason"], "length");
+    assert_eq!(short["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test]
+async fn logprobs_on_chat_and_completions() {
+    let s = server().await;
+    let (status, v) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(
+            "Say hi.",
+            json!({"logprobs": true, "top_logprobs": 2, "max_tokens": 4}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for t in content {
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
+    }
+
+    let (status, v) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": SMOLLM2, "prompt": "The sky is", "max_tokens": 5, "temperature": 0, "logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["text_offset"][0], 0);
+    let joined: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(joined, v["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn completions_stream_matches_non_stream() {
+    let s = server().await;
+    let body =
+        json!({"model": SMOLLM2, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
+    let (_, whole) = post(&s, "/v1/completions", &body).await;
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let text = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&sbody)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let joined: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(joined, whole["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn models_and_health() {
+    let s = server().await;
+    let v: Value = reqwest::get(s.url("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], SMOLLM2);
+    let one = reqwest::get(s.url(&format!("/v1/models/{SMOLLM2}")))
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    let missing = reqwest::get(s.url("/v1/models/nope")).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let h: Value = reqwest::get(s.url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["backends"][0]["locality"], "device");
+    assert_eq!(h["backends"][0]["load"]["capacity"], 4);
+}
+
+/// Every malformed request gets a 4xx with OpenAI's error JSON, and the
+/// server answers a good request right after each one.
+#[tokio::test]
+async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
+    let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+    cfg.context = Some(512);
+    cfg.parallel = 2;
+    let engine = LocalEngine::load(cfg).unwrap();
+    let s = TestServer::start_with(
+        vec![Arc::new(engine) as Arc<dyn Backend>],
+        ServerConfig {
+            max_body_bytes: 64 * 1024,
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let long_prompt = "lorem ipsum dolor ".repeat(400);
+    let good = chat_body("Say hi.", json!({"max_tokens": 3}));
+    let raw = |s: &str| s.as_bytes().to_vec();
+    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        (
+            "invalid JSON",
+            raw(r#"{"model": "x", "messages": ["#),
+            400,
+            None,
+        ),
+        ("empty body", vec![], 400, None),
+        ("not an object", raw("[1,2,3]"), 400, None),
+        (
+            "messages wrong type",
+            raw(&format!(r#"{{"model":"{SMOLLM2}","messages":"hi"}}"#)),
+            400,
+            Some("messages"),
+        ),
+        (
+            "temperature wrong type",
+            serde_json::to_vec(&chat_body("x", json!({"temperature": "hot"}))).unwrap(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "empty messages",
+            raw(&format!(r#"{{"model":"{SMOLLM2}","messages":[]}}"#)),
+            400,
+            Some("messages"),
+        ),
+        (
+            "missing model",
+            raw(r#"{"messages":[{"role":"user","content":"x"}]}"#),
+            400,
+            Some("model"),
+        ),
+        (
+            "unknown model",
+            serde_json::to_vec(
+                &json!({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .unwrap(),
+            404,
+            Some("model"),
+        ),
+        (
+            "negative max_tokens",
+            serde_json::to_vec(&chat_body("x", json!({"max_tokens": -1}))).unwrap(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "huge max_tokens",
+            serde_json::to_vec(&chat_body("x", json!({"max_tokens": 10_000_000_000u64}))).unwrap(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "temperature out of range",
+            serde_json::to_vec(&chat_body("x", json!({"temperature": 7.5}))).unwrap(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "top_p out of range",
+            serde_json::to_vec(&chat_body("x", json!({"top_p": 1.5}))).unwrap(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "unknown role",
+            serde_json::to_vec(
+                &json!({"model": SMOLLM2, "messages": [{"role": "robot", "content": "x"}]}),
+            )
+            .unwrap(),
+            400,
+            Some("messages[0]"),
+        ),
+        (
+            "n > 1",
+            serde_json::to_vec(&chat_body("x", json!({"n": 3}))).unwrap(),
+            400,
+            Some("n"),
+        ),
+        (
+            "tools on a local model",
+            serde_json::to_vec(&chat_body(
+                "x",
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            ))
+            .unwrap(),
+            400,
+            Some("tools"),
+        ),
+        (
+            "invalid UTF-8",
+            {
+                let mut b = raw(&format!(
+                    r#"{{"model":"{SMOLLM2}","messages":[{{"role":"user","content":"ab"#
+                ));
+                b.extend_from_slice(&[0xff, 0xfe, 0xfd]);
+                b.extend_from_slice(br#""}]}"#);
+                b
+            },
+            400,
+            None,
+        ),
+        (
+            "oversized body",
+            serde_json::to_vec(&chat_body(&"x".repeat(100 * 1024), json!({}))).unwrap(),
+            413,
+            None,
+        ),
+        (
+            "prompt longer than the context",
+            serde_json::to_vec(&chat_body(&long_prompt, json!({}))).unwrap(),
+            400,
+            Some("messages"),
+        ),
+    ];
+    for (name, body, status, param) in cases {
+        let r = client
+            .post(s.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.status().as_u16(), status, "{name}");
+        let v: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: body not JSON: {e}"));
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty(), "{name}: {v}");
+        assert!(v["error"]["type"].is_string(), "{name}: {v}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{name}: {v}");
+        }
+        let (ok, answer) = post(&s, "/v1/chat/completions", &good).await;
+        assert_eq!(ok, 200, "after {name}: {answer}");
+    }
+    // Context overflow is reported with OpenAI's code for it.
+    let (_, v) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(&long_prompt, json!({})),
+    )
+    .await;
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Wrong routes and methods are JSON too.
+    let r = client
+        .get(s.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    let r = client.post(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+}
+
+#[tokio::test]
+async fn client_leaving_mid_stream_frees_the_engine() {
+    let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+    cfg.parallel = 1;
+    cfg.context = Some(1024);
+    cfg.threads = Threads::Fixed(1);
+    let engine = LocalEngine::load(cfg).unwrap();
+    let s = TestServer::start(vec![Arc::new(engine.clone()) as Arc<dyn Backend>]).await;
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body(
+            "Write a very long essay.",
+            json!({"stream": true, "max_tokens": 900, "ignore_eos": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 5 {
+        body.next().await.expect("chunk").expect("bytes");
+        seen += 1;
+    }
+    assert_eq!(engine.stats().active, 1);
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().active != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "engine still busy: {:?}",
+            engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let generated = engine.stats().generated_tokens;
+    assert!(
+        generated < 300,
+        "generation went on after the client left: {generated}"
+    );
+    // The only slot is free again: the next request is answered at once.
+    let (status, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("Say hi.", json!({"max_tokens": 3})),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -1,0 +1,136 @@
+//! Test support shared by Tandem's crates: real model files pulled through
+//! the real catalog (once per machine; parallel test binaries wait on the
+//! catalog's lock), and Tandem servers on loopback ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tandem_api::Backend;
+use tandem_catalog::{Catalog, PullOptions};
+use tandem_server::{AppState, ServerConfig};
+
+pub const SMOLLM2: &str = "smollm2-135m-instruct";
+pub const QWEN_05B: &str = "qwen2.5-coder-0.5b-instruct";
+pub const QWEN_15B: &str = "qwen2.5-coder-1.5b-instruct";
+pub const GEMMA_270M: &str = "gemma-3-270m";
+
+/// Path of a catalog model, pulling it into `$TANDEM_HOME` if needed.
+/// Panics with the reason if it cannot be had: a test without its model
+/// must fail, not pass vacuously.
+pub fn model_path(name: &str) -> PathBuf {
+    let name = name.to_owned();
+    // A private runtime: callers may be sync tests or inside a runtime.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let catalog = Catalog::load(None).expect("catalog");
+            catalog
+                .pull(&name, &PullOptions::quiet())
+                .await
+                .unwrap_or_else(|e| panic!("cannot get test model {name}: {e}"))
+        })
+    })
+    .join()
+    .expect("pull thread")
+}
+
+/// A running Tandem server on an ephemeral loopback port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(backends: Vec<Arc<dyn Backend>>) -> TestServer {
+        Self::start_with(backends, ServerConfig::default()).await
+    }
+
+    pub async fn start_with(backends: Vec<Arc<dyn Backend>>, config: ServerConfig) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let state = AppState::new(backends, config);
+        let task = tokio::spawn(async move {
+            tandem_server::serve(listener, state, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server");
+        });
+        TestServer {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A Python interpreter with `packages` installed, in a virtual environment
+/// under `target/` (made once, reused by later runs and other binaries).
+pub fn python_with(packages: &[&str]) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-python");
+    std::fs::create_dir_all(&root).expect("venv folder");
+    let lock = std::fs::File::create(root.join(".lock")).expect("venv lock");
+    lock.lock().expect("lock venv");
+    let venv = root.join("venv");
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join(format!(
+        "installed-{}",
+        packages.join("+").replace(['=', '<', '>'], "_")
+    ));
+    if !stamp.is_file() {
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().expect("run python tooling");
+            assert!(
+                out.status.success(),
+                "{:?} failed: {}",
+                cmd,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        if !python.is_file() {
+            run(std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv));
+        }
+        run(std::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages));
+        std::fs::write(&stamp, b"").expect("stamp");
+    }
+    python
+}
