@@ -19,7 +19,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
     /// Runs per measurement; medians are reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     pub runs: usize,
     /// Concurrent streams compared with a single one.
     #[arg(long, default_value_t = 4)]
@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print every run's figures.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         gen_tokens: args.gen_tokens.max(2),
         runs: args.runs.max(1),
         streams: args.streams.max(2),
+        verbose: args.verbose,
     };
     eprintln!(
         "benchmarking {} ({} runs each; keep the machine otherwise idle)...",
@@ -59,7 +63,7 @@ fn verdict(ok: bool) -> &'static str {
 
 fn print_report(r: &BenchReport) {
     println!(
-        "model {} | {} threads | prompt {} tokens | {} generated tokens | median of {} runs",
+        "model {} | {} threads | prompt {} tokens | {} generated tokens | medians of {} runs (ratios: median of per-run ratios)",
         r.model, r.threads, r.prompt_tokens, r.gen_tokens, r.runs
     );
     println!();

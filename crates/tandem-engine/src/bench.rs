@@ -1,11 +1,11 @@
 //! `tandem bench`: the engine measured against a plain llama.cpp decode loop
 //! through the same library, on the same GGUF and thread count, in one run.
 //!
-//! Both sides are timed the same way, from submission to the last token:
-//! prefill is the time to read the prompt and pick the first token; decode
-//! speed comes from the time the remaining tokens take. Runs alternate
-//! between the two sides so that a change in machine load hits both, and
-//! medians are reported.
+//! Both sides are timed the same way within one answer: prefill is the
+//! time from submission to the first token, decode speed is the remaining
+//! tokens over the time from the first token to the last. Runs alternate
+//! between the two sides so that a change in machine load hits both; the
+//! ratios reported are medians of per-run ratios.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub runs: usize,
     /// Concurrent streams compared with one stream.
     pub streams: usize,
+    /// Print every run's figures to stderr.
+    pub verbose: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -206,16 +208,31 @@ fn request(model: &str, prompt: &str, max_tokens: usize) -> GenerateRequest {
     }
 }
 
-/// Time from submission to the end of the answer; returns generated tokens.
-async fn engine_run(
-    engine: &LocalEngine,
-    req: GenerateRequest,
-) -> Result<(Duration, u32), ApiError> {
+/// One timed answer: when its first token arrived, when it ended, and
+/// how many tokens it had.
+struct Timed {
+    first: Duration,
+    total: Duration,
+    tokens: u32,
+}
+
+async fn engine_run(engine: &LocalEngine, req: GenerateRequest) -> Result<Timed, ApiError> {
     let t0 = Instant::now();
+    let mut first = None;
     let mut s = engine.submit(req)?;
     while let Some(ev) = s.next().await {
-        if let Event::Finish(f) = ev? {
-            return Ok((t0.elapsed(), f.usage.completion_tokens));
+        match ev? {
+            Event::Delta(_) => {
+                first.get_or_insert_with(|| t0.elapsed());
+            }
+            Event::Finish(f) => {
+                let total = t0.elapsed();
+                return Ok(Timed {
+                    first: first.unwrap_or(total),
+                    total,
+                    tokens: f.usage.completion_tokens,
+                });
+            }
         }
     }
     Err(ApiError::internal("stream ended early"))
@@ -232,7 +249,7 @@ async fn streams_tps(
     let results = futures::future::join_all(runs).await;
     let mut tokens = 0u64;
     for r in results {
-        tokens += u64::from(r?.1);
+        tokens += u64::from(r?.tokens);
     }
     Ok(tokens as f64 / t0.elapsed().as_secs_f64())
 }
@@ -276,17 +293,21 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, EngineError> {
         rp.push(tokens.len() as f64 / prefill.as_secs_f64());
         rd.push(decode_steps / decode.as_secs_f64());
 
-        let (first, _) = rt
-            .block_on(engine_run(&engine, request(&cfg.model_id, &prompt, 1)))
-            .map_err(api)?;
-        let (all, _) = rt
+        let run = rt
             .block_on(engine_run(
                 &engine,
                 request(&cfg.model_id, &prompt, cfg.gen_tokens),
             ))
             .map_err(api)?;
-        ep.push(tokens.len() as f64 / first.as_secs_f64());
-        ed.push(decode_steps / all.saturating_sub(first).as_secs_f64().max(1e-9));
+        ep.push(tokens.len() as f64 / run.first.as_secs_f64());
+        ed.push(f64::from(run.tokens.max(2) - 1) / (run.total - run.first).as_secs_f64());
+        if cfg.verbose {
+            let i = rp.len() - 1;
+            eprintln!(
+                "run {i}: prefill tok/s reference {:.1} engine {:.1} | decode tok/s reference {:.1} engine {:.1}",
+                rp[i], ep[i], rd[i], ed[i]
+            );
+        }
     }
 
     let (mut one, mut many, mut raw) = (vec![], vec![], vec![]);
@@ -309,6 +330,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, EngineError> {
         );
     }
 
+    // Ratios are taken per run, between measurements made moments apart,
+    // then their median: slow drifts in the machine's speed cancel out.
+    let paired = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    let prefill_ratio = paired(&ep, &rp);
+    let decode_ratio = paired(&ed, &rd);
+    let concurrency_ratio = paired(&many, &one);
     let reference = Throughput {
         prefill_tps: median(rp),
         decode_tps: median(rd),
@@ -324,14 +351,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, EngineError> {
         prompt_tokens: tokens.len(),
         gen_tokens: cfg.gen_tokens,
         runs: cfg.runs,
-        prefill_ratio: engine_tp.prefill_tps / reference.prefill_tps,
-        decode_ratio: engine_tp.decode_tps / reference.decode_tps,
+        prefill_ratio,
+        decode_ratio,
         reference,
         engine: engine_tp,
         streams: cfg.streams,
         one_stream_tps: one,
         many_streams_tps: many,
-        concurrency_ratio: many / one,
+        concurrency_ratio,
         llama_batch_ratio: median(raw),
     })
 }
