@@ -450,11 +450,29 @@ impl ChatCompletionRequest {
                 "messages must contain at least one message",
             ));
         }
-        let messages = messages
+        let mut messages = messages
             .into_iter()
             .enumerate()
             .map(|(i, m)| m.into_message(i))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut extra = self.extra;
+        // vLLM's convention for continuing an assistant message: the last
+        // message is the partial answer and generation carries on from it.
+        let continue_from = match extra.remove("continue_final_message") {
+            Some(Value::Bool(true)) => {
+                extra.remove("add_generation_prompt");
+                match messages.pop() {
+                    Some(m) if m.role == "assistant" && !messages.is_empty() => Some(m.content),
+                    _ => {
+                        return Err(ApiError::invalid_param(
+                            "continue_final_message",
+                            "continue_final_message needs a final assistant message after at least one other message",
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
         check_n(self.n)?;
         let max_tokens = match self.max_completion_tokens {
             Some(_) => check_max_tokens("max_completion_tokens", self.max_completion_tokens)?,
@@ -484,7 +502,7 @@ impl ChatCompletionRequest {
             model,
             input: Input::Chat {
                 messages,
-                continue_from: None,
+                continue_from,
             },
             sampling: sampling(SamplingFields {
                 temperature: self.temperature,
@@ -500,7 +518,7 @@ impl ChatCompletionRequest {
             logprobs,
             stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-            extra: self.extra,
+            extra,
         })
     }
 }
@@ -720,6 +738,25 @@ mod tests {
         let back = serde_json::to_value(g.to_chat_request("up")).unwrap();
         assert_eq!(back["user"], "u1");
         assert_eq!(back["model"], "up");
+    }
+
+    #[test]
+    fn continue_final_message_becomes_a_continuation() {
+        let g = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"The ans"}],"continue_final_message":true,"add_generation_prompt":false}"#,
+        )
+        .unwrap();
+        let Input::Chat {
+            messages,
+            continue_from,
+        } = g.input
+        else {
+            panic!()
+        };
+        assert_eq!(messages.len(), 1);
+        assert_eq!(continue_from.as_deref(), Some("The ans"));
+        assert!(g.extra.is_empty());
+        // And back out to an upstream, the same convention.
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 mod bench;
 mod chat;
+mod config;
+mod demo;
 mod models;
+mod ops;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -35,23 +38,38 @@ enum Command {
     Models(models::ModelsArgs),
     /// Measure the engine against a plain llama.cpp loop.
     Bench(bench::BenchArgs),
+    /// Explain routing decisions of a running Tandem.
+    #[command(subcommand)]
+    Route(ops::RouteCommand),
+    /// Show or override the signals a running Tandem routes on.
+    #[command(subcommand)]
+    Signals(ops::SignalsCommand),
+    /// List or verify the egress ledger.
+    #[command(subcommand)]
+    Ledger(ops::LedgerCommand),
+    /// Make gateway API keys.
+    #[command(subcommand)]
+    Keys(ops::KeysCommand),
+    /// Start a device and a cloud Tandem on this machine and show requests
+    /// being placed on each.
+    Demo(demo::DemoArgs),
 }
 
 /// Engine settings shared by every command that loads a model.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct EngineArgs {
-    /// Inference threads: `auto` follows the machine's load.
-    #[arg(long, default_value = "auto", env = "TANDEM_THREADS")]
-    pub threads: Threads,
+    /// Inference threads: `auto` (default) follows the machine's load.
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<Threads>,
     /// Tokens per request (prompt + answer); default: model's, at most 4096.
     #[arg(long = "ctx")]
     pub context: Option<u32>,
-    /// Requests decoded together in one batch.
-    #[arg(long, default_value_t = 4)]
-    pub parallel: u32,
+    /// Requests decoded together in one batch (default 4).
+    #[arg(long)]
+    pub parallel: Option<u32>,
     /// Layers to offload to a GPU (needs a build with a GPU feature).
-    #[arg(long, default_value_t = 0)]
-    pub gpu_layers: u32,
+    #[arg(long)]
+    pub gpu_layers: Option<u32>,
 }
 
 fn init_tracing() {
@@ -77,5 +95,10 @@ fn main() -> anyhow::Result<()> {
         Command::Pull(a) => rt.block_on(models::pull(a)),
         Command::Models(a) => models::list(a),
         Command::Bench(a) => rt.block_on(bench::run(a)),
+        Command::Route(c) => rt.block_on(ops::route(c)),
+        Command::Signals(c) => rt.block_on(ops::signals(c)),
+        Command::Ledger(c) => ops::ledger(c),
+        Command::Keys(c) => ops::keys(c),
+        Command::Demo(a) => rt.block_on(demo::run(a)),
     }
 }

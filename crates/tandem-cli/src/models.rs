@@ -59,10 +59,10 @@ pub async fn resolve(model: &str) -> anyhow::Result<Resolved> {
 pub async fn load_engine(model: &str, args: &EngineArgs) -> anyhow::Result<LocalEngine> {
     let r = resolve(model).await?;
     let mut cfg = EngineConfig::new(r.id, r.path);
-    cfg.threads = args.threads;
+    cfg.threads = args.threads.unwrap_or(tandem_engine::Threads::Auto);
     cfg.context = args.context;
-    cfg.parallel = args.parallel;
-    cfg.gpu_layers = args.gpu_layers;
+    cfg.parallel = args.parallel.unwrap_or(cfg.parallel);
+    cfg.gpu_layers = args.gpu_layers.unwrap_or(0);
     let engine = tokio::task::spawn_blocking(move || LocalEngine::load(cfg)).await??;
     Ok(engine)
 }

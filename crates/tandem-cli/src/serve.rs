@@ -1,30 +1,55 @@
-//! `tandem serve`: load the model(s) and serve the OpenAI-compatible API.
+//! `tandem serve`: load the local model(s), connect the upstreams, and
+//! serve the OpenAI-compatible API with the router in front.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::Args;
-use tandem_api::Backend;
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use tandem_backends::CloudBackend;
 use tandem_catalog::DEFAULT_MODEL;
+use tandem_router::Dispatcher;
 use tandem_server::{AppState, ServerConfig};
 
 use crate::EngineArgs;
+use crate::config::{self, Config};
 use crate::models::load_engine;
+
+/// The model a cloud-role Tandem serves by default.
+pub const CLOUD_MODEL: &str = "qwen2.5-coder-1.5b-instruct";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// On the device: a small local model, cloud upstreams behind the router.
+    Device,
+    /// In the cloud: a bigger model that device-side Tandems use as upstream.
+    Cloud,
+}
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Configuration file (default: $TANDEM_CONFIG, or $TANDEM_HOME/tandem.toml).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "device")]
+    pub role: Role,
     /// Model to serve: a catalog name or a GGUF path. Repeat to serve several.
-    #[arg(long = "model", short = 'm', default_value = DEFAULT_MODEL)]
+    #[arg(long = "model", short = 'm')]
     pub models: Vec<String>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1", env = "TANDEM_HOST")]
-    pub host: IpAddr,
-    #[arg(long, short = 'p', default_value_t = 8080, env = "TANDEM_PORT")]
-    pub port: u16,
+    /// Address to listen on (default 127.0.0.1).
+    #[arg(long, env = "TANDEM_HOST")]
+    pub host: Option<IpAddr>,
+    /// Default 8080 (device) or 8081 (cloud).
+    #[arg(long, short = 'p', env = "TANDEM_PORT")]
+    pub port: Option<u16>,
+    /// Listen on a non-loopback address without API keys configured.
+    #[arg(long)]
+    pub allow_remote: bool,
     /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 8 * 1024 * 1024)]
-    pub max_body_bytes: usize,
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -51,44 +76,165 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
-    let mut names = Vec::new();
-    for m in &args.models {
-        let engine = load_engine(m, &args.engine)
+/// Command-line flags win over the file.
+fn merge(args: &ServeArgs, cfg: &mut Config) -> anyhow::Result<()> {
+    if !args.models.is_empty() {
+        cfg.local.models = args.models.clone();
+    }
+    if cfg.local.models.is_empty() {
+        cfg.local.models = vec![
+            match args.role {
+                Role::Device => DEFAULT_MODEL,
+                Role::Cloud => CLOUD_MODEL,
+            }
+            .to_owned(),
+        ];
+    }
+    if let Some(h) = args.host {
+        cfg.server.host = h;
+    }
+    if let Some(p) = args.port {
+        cfg.server.port = Some(p);
+    }
+    cfg.server.port.get_or_insert(match args.role {
+        Role::Device => 8080,
+        Role::Cloud => 8081,
+    });
+    cfg.server.allow_remote |= args.allow_remote;
+    if let Some(b) = args.max_body_bytes {
+        cfg.server.max_body_bytes = b;
+    }
+    if args.role == Role::Cloud && !cfg.upstreams.is_empty() {
+        bail!(
+            "a cloud-role Tandem serves its own models; remove [[upstreams]] from its configuration"
+        );
+    }
+    Ok(())
+}
+
+fn engine_args(args: &ServeArgs, cfg: &Config) -> anyhow::Result<EngineArgs> {
+    let mut e = args.engine.clone();
+    e.context = e.context.or(cfg.local.ctx);
+    e.parallel = e.parallel.or(cfg.local.parallel);
+    e.gpu_layers = e.gpu_layers.or(cfg.local.gpu_layers);
+    if e.threads.is_none()
+        && let Some(t) = &cfg.local.threads
+    {
+        e.threads = Some(t.parse().map_err(anyhow::Error::msg)?);
+    }
+    Ok(e)
+}
+
+pub async fn build_dispatcher(
+    cfg: &Config,
+    engine: &EngineArgs,
+) -> anyhow::Result<Arc<Dispatcher>> {
+    let mut b = Dispatcher::builder()
+        .policy(cfg.router.clone())
+        .privacy(cfg.privacy.clone())
+        .keys(cfg.keys.clone());
+    for m in &cfg.local.models {
+        let e = load_engine(m, engine)
             .await
             .with_context(|| format!("loading model `{m}`"))?;
-        names.push(engine.model_id().to_owned());
-        backends.push(Arc::new(engine));
+        b = b.local(e);
+    }
+    for u in &cfg.upstreams {
+        b = b.cloud(CloudBackend::new(u.clone()).map_err(anyhow::Error::msg)?);
+    }
+    if cfg.ledger.enabled && !cfg.upstreams.is_empty() {
+        let path = cfg
+            .ledger
+            .path
+            .clone()
+            .unwrap_or_else(|| tandem_catalog::default_home().join("ledger.jsonl"));
+        b = b.ledger(tandem_ledger::Ledger::open(&path)?);
+    }
+    let d = b.build().map_err(anyhow::Error::msg)?;
+    d.signals().set_metered(cfg.signals.metered);
+    d.start_signals(Duration::from_millis(cfg.signals.probe_interval_ms));
+    Ok(d)
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (mut cfg, path) = config::load(args.config.as_deref())?;
+    merge(&args, &mut cfg)?;
+    if let Some(p) = &path {
+        tracing::info!("configuration: {}", p.display());
+    }
+    let host = cfg.server.host;
+    if !host.is_loopback() && cfg.keys.is_empty() {
+        if !cfg.server.allow_remote {
+            bail!(
+                "refusing to listen on {host} with no API keys configured: anyone on the network could use it. \
+                 Add [[keys]] (see `tandem keys new`) or pass --allow-remote."
+            );
+        }
+        tracing::warn!("listening on {host} with no API keys: anyone who can reach it can use it");
+    }
+    let engine = engine_args(&args, &cfg)?;
+    let dispatcher = build_dispatcher(&cfg, &engine).await?;
+    if let Some(l) = dispatcher.ledger() {
+        tracing::info!("egress ledger: {}", l.path().display());
     }
     let state = AppState::new(
-        backends,
+        dispatcher.clone(),
         ServerConfig {
-            max_body_bytes: args.max_body_bytes,
+            max_body_bytes: cfg.server.max_body_bytes,
         },
     );
-    let addr = SocketAddr::new(args.host, args.port);
+    let addr = SocketAddr::new(host, cfg.server.port.unwrap_or(8080));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let addr = listener.local_addr()?;
-    print_banner(&addr, &names);
+    print_banner(&addr, &dispatcher, args.role);
     tandem_server::serve(listener, state, shutdown_signal()).await?;
+    if let Some(l) = dispatcher.ledger() {
+        l.flush();
+    }
     Ok(())
 }
 
-fn print_banner(addr: &SocketAddr, models: &[String]) {
+fn print_banner(addr: &SocketAddr, d: &Dispatcher, role: Role) {
     let base = format!("http://{addr}/v1");
-    let model = models.first().map(String::as_str).unwrap_or(DEFAULT_MODEL);
-    println!("Tandem is serving {} at {base}", models.join(", "));
+    let locals: Vec<&str> = d.locals().iter().map(|l| l.model_id()).collect();
+    let clouds: Vec<String> = d
+        .clouds()
+        .iter()
+        .map(|c| format!("{} ({})", c.config().name, c.config().models.join(", ")))
+        .collect();
+    println!(
+        "Tandem ({}) is serving {} at {base}",
+        match role {
+            Role::Device => "device",
+            Role::Cloud => "cloud",
+        },
+        locals.join(", ")
+    );
+    if !clouds.is_empty() {
+        println!(
+            "cloud upstreams: {}; `{}` lets Tandem choose per request",
+            clouds.join(", "),
+            d.policy().virtual_model
+        );
+    }
+    let model = if clouds.is_empty() {
+        locals.first().copied().unwrap_or(DEFAULT_MODEL)
+    } else {
+        d.policy().virtual_model.as_str()
+    };
     println!();
     println!("Call it with curl:");
     println!(
-        "  curl {base}/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
+        "  curl -i {base}/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
     );
     println!();
     println!("or point any OpenAI client at it:");
     println!("  OPENAI_BASE_URL={base} OPENAI_API_KEY=unused python your_app.py");
     println!();
+    println!(
+        "x-tandem-* response headers say where each request ran and why; metrics at http://{addr}/metrics."
+    );
     println!("Press Ctrl-C to stop.");
 }

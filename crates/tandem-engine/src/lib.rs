@@ -34,7 +34,7 @@ use tandem_api::{
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::scheduler::{Job, SchedulerConfig};
+use crate::scheduler::{Command, Job, SchedulerConfig};
 use crate::template::ChatTemplate;
 
 pub use runtime::backend as llama_backend;
@@ -147,7 +147,7 @@ struct Inner {
     ctx_per_seq: u32,
     parallel: usize,
     max_queue: usize,
-    tx: std::sync::mpsc::Sender<Job>,
+    tx: std::sync::mpsc::Sender<Command>,
     stats: Arc<Stats>,
 }
 
@@ -294,6 +294,13 @@ impl LocalEngine {
         self.inner.tokenize(text, false).len()
     }
 
+    /// Ends every running and waiting request with a 503 carrying `reason`
+    /// (for example to shed local work when the device overheats); the
+    /// router hands those answers to the cloud.
+    pub fn abort_all(&self, reason: &str) {
+        let _ = self.inner.tx.send(Command::AbortAll(reason.to_owned()));
+    }
+
     /// Starts a generation; events arrive on the returned stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
         self.inner.submit(req)
@@ -423,7 +430,7 @@ impl Inner {
             top_logprobs: req.logprobs.map(|l| l.top),
             tx,
         };
-        if self.tx.send(job).is_err() {
+        if self.tx.send(Command::Run(job)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::internal("the inference thread has stopped"));
         }

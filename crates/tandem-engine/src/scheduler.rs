@@ -39,6 +39,13 @@ pub(crate) struct Job {
     pub tx: UnboundedSender<Result<Event, ApiError>>,
 }
 
+/// What the engine thread is asked to do.
+pub(crate) enum Command {
+    Run(Job),
+    /// End every running and waiting request with this error.
+    AbortAll(String),
+}
+
 pub(crate) struct SchedulerConfig {
     pub ctx_per_seq: u32,
     pub parallel: u32,
@@ -108,7 +115,7 @@ fn desired_threads(t: Threads, monitor: &LoadMonitor) -> usize {
 pub(crate) fn run(
     model: Arc<LlamaModel>,
     cfg: SchedulerConfig,
-    rx: Receiver<Job>,
+    rx: Receiver<Command>,
     stats: Arc<Stats>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
@@ -135,9 +142,11 @@ pub(crate) fn run(
     loop {
         // ---- intake
         let idle = slots.iter().all(Option::is_none) && queue.is_empty();
+        let mut abort: Option<String> = None;
         if idle {
             match rx.recv() {
-                Ok(job) => queue.push_back(job),
+                Ok(Command::Run(job)) => queue.push_back(job),
+                Ok(Command::AbortAll(_)) => continue,
                 Err(_) => return,
             }
             // Between busy periods no sequence holds KV state, so this is
@@ -157,7 +166,8 @@ pub(crate) fn run(
         }
         loop {
             match rx.try_recv() {
-                Ok(job) => queue.push_back(job),
+                Ok(Command::Run(job)) => queue.push_back(job),
+                Ok(Command::AbortAll(reason)) => abort = Some(reason),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     if slots.iter().all(Option::is_none) && queue.is_empty() {
@@ -166,6 +176,21 @@ pub(crate) fn run(
                     break;
                 }
             }
+        }
+
+        if let Some(reason) = abort {
+            let err = ApiError::unavailable(reason);
+            for slot in slots.iter_mut() {
+                if let Some(s) = slot.as_ref() {
+                    let _ = s.tx.send(Err(err.clone()));
+                    release(&mut ctx, slot, &stats);
+                }
+            }
+            for job in queue.drain(..) {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+                let _ = job.tx.send(Err(err.clone()));
+            }
+            continue;
         }
 
         // ---- admit queued jobs into free slots

@@ -21,49 +21,18 @@ fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }
 
-/// Some templates print today's date in the system prompt.
+/// Some templates print today's date in the system prompt (Llama 3 does);
+/// `format` is a C strftime pattern, of which they use the date fields.
 fn strftime_now(format: String) -> String {
-    // Formatting a wall-clock date needs a calendar; templates only use it
-    // for a human-readable line, so a fixed ISO date in UTC is enough.
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let months = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
+    let now = time::OffsetDateTime::now_utc();
+    let month = now.month();
+    let name = month.to_string();
     format
-        .replace("%Y", &y.to_string())
-        .replace("%m", &format!("{m:02}"))
-        .replace("%d", &format!("{d:02}"))
-        .replace("%B", months[(m - 1) as usize])
-        .replace("%b", &months[(m - 1) as usize][..3])
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+        .replace("%Y", &now.year().to_string())
+        .replace("%m", &format!("{:02}", u8::from(month)))
+        .replace("%d", &format!("{:02}", now.day()))
+        .replace("%B", &name)
+        .replace("%b", name.get(..3).unwrap_or(&name))
 }
 
 impl ChatTemplate {
@@ -150,8 +119,12 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_786), (2026, 11, 29));
+    fn strftime_now_fills_the_date() {
+        let s = strftime_now("%d %B %Y".into());
+        assert!(
+            s.ends_with(&time::OffsetDateTime::now_utc().year().to_string()),
+            "{s}"
+        );
+        assert!(!s.contains('%'));
     }
 }

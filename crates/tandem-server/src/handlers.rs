@@ -1,14 +1,20 @@
-//! Route handlers: translate between the wire and the backends.
+//! Route handlers: translate between the wire and the dispatcher.
+
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Value, json};
 use tandem_api::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChoiceLogprobs,
     Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, ModelCard, ModelList,
 };
 use tandem_api::{Answer, ApiError, GenerateRequest};
+use tandem_router::access::Caller;
+use tandem_router::signals::Overrides;
+use tandem_router::{RequestContext, RouteInfo};
 
 use crate::error::{HttpError, OpenAiJson};
 use crate::sse::{self, StreamMeta};
@@ -18,81 +24,193 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// Tandem's request headers: privacy mode, latency goal, quality knob.
+fn context(
+    headers: &HeaderMap,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+) -> Result<RequestContext, ApiError> {
+    let bad = |name: &str, why: String| {
+        ApiError::invalid_request(format!("header {name}: {why}")).with_param(name)
+    };
+    let privacy = header(headers, "x-tandem-privacy")
+        .map(|v| v.parse().map_err(|e: String| bad("x-tandem-privacy", e)))
+        .transpose()?;
+    let latency_goal_ms = header(headers, "x-tandem-latency-goal-ms")
+        .map(|v| {
+            v.parse::<u32>().map_err(|_| {
+                bad(
+                    "x-tandem-latency-goal-ms",
+                    format!("`{v}` is not a number of milliseconds"),
+                )
+            })
+        })
+        .transpose()?;
+    let quality = header(headers, "x-tandem-quality")
+        .map(|v| {
+            v.parse::<f32>()
+                .ok()
+                .filter(|q| (0.0..=1.0).contains(q))
+                .ok_or_else(|| bad("x-tandem-quality", format!("`{v}` is not between 0 and 1")))
+        })
+        .transpose()?;
+    let request_id = header(headers, "x-request-id")
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    Ok(RequestContext {
+        request_id,
+        caller: caller.map(|axum::Extension(c)| c),
+        privacy,
+        latency_goal_ms,
+        quality,
+    })
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+    // Header values must be visible ASCII; anything else is dropped.
+    let clean: String = value
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&clean) {
+        h.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// The decision, in headers every response carries.
+fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    set(&mut h, "x-request-id", request_id);
+    set(&mut h, "x-tandem-backend", &route.backend);
+    set(&mut h, "x-tandem-model", &route.model);
+    set(&mut h, "x-tandem-decided-by", route.decision.decided_by);
+    let reasons: Vec<String> = route
+        .decision
+        .reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    set(&mut h, "x-tandem-reasons", &reasons.join("; "));
+    set(
+        &mut h,
+        "x-tandem-decision-us",
+        &route.decision_us.to_string(),
+    );
+    if !route.redacted.is_empty() {
+        let r: Vec<String> = route
+            .redacted
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        set(&mut h, "x-tandem-redacted", &r.join(","));
+    }
+    if let Some(f) = &route.failover {
+        set(&mut h, "x-tandem-failover", f);
+    }
+    h
+}
+
+struct Started {
+    events: tandem_api::EventStream,
+    headers: HeaderMap,
+    meta: StreamMeta,
+    streaming: bool,
+}
+
 async fn start(
     state: &AppState,
     req: GenerateRequest,
-) -> Result<tandem_api::EventStream, HttpError> {
-    let backend = state.backend_for(&req.model)?;
-    Ok(backend.generate(req).await?)
-}
-
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
-) -> Result<Response, HttpError> {
-    let req = body.into_generate()?;
+    headers: &HeaderMap,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+    id_prefix: &str,
+) -> Result<Started, HttpError> {
+    let ctx = context(headers, caller)?;
+    let request_id = ctx.request_id.clone();
     let meta = StreamMeta {
-        id: new_id("chatcmpl"),
+        id: new_id(id_prefix),
         created: unix_now(),
         model: req.model.clone(),
         logprobs: req.logprobs.is_some(),
         include_usage: req.include_usage,
     };
     let streaming = req.stream;
-    let events = start(&state, req).await?;
-    if streaming {
-        return Ok(sse::chat(events, meta).into_response());
+    let d = state.dispatcher.dispatch(req, ctx).await?;
+    Ok(Started {
+        events: d.stream,
+        headers: route_headers(&d.route, &request_id),
+        meta,
+        streaming,
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+    OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, HttpError> {
+    let req = body.into_generate()?;
+    let s = start(&state, req, &headers, caller, "chatcmpl").await?;
+    if s.streaming {
+        return Ok((s.headers, sse::chat(s.events, s.meta)).into_response());
     }
-    let answer = Answer::collect(events).await?;
-    Ok(Json(ChatCompletion {
-        id: meta.id,
+    let answer = Answer::collect(s.events).await?;
+    let body = ChatCompletion {
+        id: s.meta.id,
         object: "chat.completion".into(),
-        created: meta.created,
-        model: meta.model,
+        created: s.meta.created,
+        model: s.meta.model,
         choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage {
                 role: "assistant".into(),
                 content: Some(answer.text),
             },
-            logprobs: meta.logprobs.then_some(ChoiceLogprobs {
+            logprobs: s.meta.logprobs.then_some(ChoiceLogprobs {
                 content: Some(answer.tokens),
             }),
             finish_reason: Some(answer.finish.reason),
         }],
         usage: Some(answer.finish.usage),
-    })
-    .into_response())
+    };
+    Ok((s.headers, Json(body)).into_response())
 }
 
 pub async fn completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Option<axum::Extension<Arc<Caller>>>,
     OpenAiJson(body): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, HttpError> {
     let req = body.into_generate()?;
-    let meta = StreamMeta {
-        id: new_id("cmpl"),
-        created: unix_now(),
-        model: req.model.clone(),
-        logprobs: req.logprobs.is_some(),
-        include_usage: req.include_usage,
-    };
-    let streaming = req.stream;
-    let events = start(&state, req).await?;
-    if streaming {
-        return Ok(sse::completion(events, meta).into_response());
+    let s = start(&state, req, &headers, caller, "cmpl").await?;
+    if s.streaming {
+        return Ok((s.headers, sse::completion(s.events, s.meta)).into_response());
     }
-    let answer = Answer::collect(events).await?;
-    let logprobs = meta.logprobs.then(|| {
+    let answer = Answer::collect(s.events).await?;
+    let logprobs = s.meta.logprobs.then(|| {
         let mut l = LegacyLogprobs::default();
         l.extend(&answer.tokens, 0);
         l
     });
-    Ok(Json(Completion {
-        id: meta.id,
+    let body = Completion {
+        id: s.meta.id,
         object: "text_completion".into(),
-        created: meta.created,
-        model: meta.model,
+        created: s.meta.created,
+        model: s.meta.model,
         choices: vec![CompletionChoice {
             index: 0,
             text: answer.text,
@@ -100,25 +218,47 @@ pub async fn completions(
             finish_reason: Some(answer.finish.reason),
         }],
         usage: Some(answer.finish.usage),
-    })
-    .into_response())
+    };
+    Ok((s.headers, Json(body)).into_response())
+}
+
+/// The routing decision for a chat request, without generating.
+pub async fn explain_route(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+    OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Json<tandem_router::Explanation>, HttpError> {
+    let mut body = body;
+    if body.model.is_none() {
+        body.model = Some(state.dispatcher.policy().virtual_model.clone());
+    }
+    let req = body.into_generate()?;
+    let ctx = context(&headers, caller)?;
+    Ok(Json(state.dispatcher.explain(&req, &ctx)?))
 }
 
 fn cards(state: &AppState) -> Vec<ModelCard> {
-    let created = state.inner.started;
+    let created = state.started;
     let mut seen = std::collections::HashSet::new();
-    state
-        .backends()
-        .iter()
-        .flat_map(|b| b.models())
-        .filter(|m| seen.insert(m.id.clone()))
-        .map(|m| ModelCard {
-            id: m.id,
-            object: "model".into(),
-            created,
-            owned_by: m.owned_by,
-        })
-        .collect()
+    let card = |id: String, owned_by: String| ModelCard {
+        id,
+        object: "model".into(),
+        created,
+        owned_by,
+    };
+    let mut out = vec![card(
+        state.dispatcher.policy().virtual_model.clone(),
+        "tandem-router".into(),
+    )];
+    for b in state.dispatcher.backends() {
+        for m in b.models() {
+            if seen.insert(m.id.clone()) {
+                out.push(card(m.id, m.owned_by));
+            }
+        }
+    }
+    out
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
@@ -139,18 +279,95 @@ pub async fn get_model(
         .ok_or_else(|| HttpError(ApiError::model_not_found(&id)))
 }
 
-pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let backends: Vec<_> = state
-        .backends()
+pub async fn health(State(state): State<AppState>) -> Json<Value> {
+    let d = &state.dispatcher;
+    let network = d.signals().network();
+    let locals: Vec<Value> = d
+        .locals()
         .iter()
-        .map(|b| {
+        .map(|l| {
             json!({
-                "name": b.name(),
-                "locality": b.locality(),
-                "models": b.models(),
-                "load": b.load(),
+                "name": "local",
+                "locality": "device",
+                "model": l.model_id(),
+                "context_length": l.context_length(),
+                "load": tandem_api::Backend::load(l),
+                "stats": l.stats(),
             })
         })
         .collect();
-    Json(json!({ "status": "ok", "backends": backends }))
+    let clouds: Vec<Value> = d
+        .clouds()
+        .iter()
+        .map(|c| {
+            let name = &c.config().name;
+            json!({
+                "name": name,
+                "locality": "cloud",
+                "models": c.config().models,
+                "breaker": c.breaker().state(),
+                "reachable": d.signals().reachable(name),
+                "rtt_ms": network.upstreams.get(name).and_then(|u| u.rtt_ms),
+                "latency": c.latency(),
+            })
+        })
+        .collect();
+    Json(json!({
+        "status": "ok",
+        "backends": locals.into_iter().chain(clouds).collect::<Vec<_>>(),
+        "device": d.signals().device(),
+        "metered": network.metered,
+    }))
+}
+
+fn require_admin(
+    caller: &Option<axum::Extension<Arc<Caller>>>,
+    state: &AppState,
+) -> Result<(), ApiError> {
+    if state.dispatcher.access().is_open() || caller.as_ref().is_some_and(|c| c.config.admin) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("changing signals needs an admin key"))
+    }
+}
+
+pub async fn get_signals(State(state): State<AppState>) -> Json<Value> {
+    let s = state.dispatcher.signals();
+    Json(json!({
+        "device": s.device(),
+        "network": s.network(),
+        "overrides": s.overrides(),
+    }))
+}
+
+/// Sets signal overrides (merged with those already set).
+pub async fn put_signals(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+    OpenAiJson(o): OpenAiJson<Overrides>,
+) -> Result<Json<Value>, HttpError> {
+    require_admin(&caller, &state)?;
+    state.dispatcher.signals().set_overrides(o);
+    Ok(get_signals(State(state)).await)
+}
+
+pub async fn clear_signals(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+) -> Result<Json<Value>, HttpError> {
+    require_admin(&caller, &state)?;
+    state.dispatcher.signals().clear_overrides();
+    Ok(get_signals(State(state)).await)
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.dispatcher.render_metrics(),
+    )
+        .into_response()
 }

@@ -1,25 +1,28 @@
 //! Tandem's HTTP face: OpenAI's API (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/models`) and `/healthz`, over any set of
-//! [`Backend`]s.
+//! `/v1/completions`, `/v1/models`), Tandem's own routes (`/v1/tandem/route`
+//! for dry runs, `/v1/tandem/signals`), `/metrics` and `/healthz`.
 //!
 //! Handlers only translate: wire request → [`tandem_api::GenerateRequest`]
-//! → backend → wire response. Limits, tracing and panic safety are tower
-//! layers; every error leaves as OpenAI's error JSON.
+//! → [`Dispatcher`] → wire response, with the routing decision in
+//! `x-tandem-*` headers. Authentication, limits, tracing and panic safety
+//! are tower layers; every error leaves as OpenAI's error JSON.
 
 mod error;
 mod handlers;
 mod sse;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tandem_api::{ApiError, Backend};
+use tandem_api::ApiError;
+use tandem_router::Dispatcher;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
@@ -39,17 +42,12 @@ impl Default for ServerConfig {
     }
 }
 
-/// What handlers share: the backends and which model each serves.
+/// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    inner: Arc<StateInner>,
-}
-
-struct StateInner {
-    backends: Vec<Arc<dyn Backend>>,
-    by_model: HashMap<String, Arc<dyn Backend>>,
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    pub(crate) started: u64,
     config: ServerConfig,
-    started: u64,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -60,40 +58,22 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl AppState {
-    /// Backends earlier in the list win when two serve the same model name.
-    pub fn new(backends: Vec<Arc<dyn Backend>>, config: ServerConfig) -> Self {
-        let mut by_model = HashMap::new();
-        for b in &backends {
-            for m in b.models() {
-                by_model.entry(m.id).or_insert_with(|| b.clone());
-            }
-        }
+    pub fn new(dispatcher: Arc<Dispatcher>, config: ServerConfig) -> Self {
         Self {
-            inner: Arc::new(StateInner {
-                backends,
-                by_model,
-                config,
-                started: unix_now(),
-            }),
+            dispatcher,
+            started: unix_now(),
+            config,
         }
     }
 
-    pub fn backends(&self) -> &[Arc<dyn Backend>] {
-        &self.inner.backends
-    }
-
-    pub(crate) fn backend_for(&self, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
-        self.inner
-            .by_model
-            .get(model)
-            .cloned()
-            .ok_or_else(|| ApiError::model_not_found(model))
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
     }
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> HttpError {
     HttpError(ApiError::not_found(format!(
-        "Unknown request URL: {method} {}. Tandem serves /v1/chat/completions, /v1/completions, /v1/models and /healthz.",
+        "Unknown request URL: {method} {}. Tandem serves /v1/chat/completions, /v1/completions, /v1/models, /v1/tandem/route, /metrics and /healthz.",
         uri.path()
     )))
 }
@@ -106,22 +86,50 @@ async fn wrong_method(method: Method, uri: Uri) -> HttpError {
     ))
 }
 
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
-    use axum::response::IntoResponse;
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     HttpError(ApiError::internal(
         "internal error while handling the request",
     ))
     .into_response()
 }
 
+/// Checks the gateway key (when keys are configured) and passes the caller
+/// on to handlers.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.dispatcher.access().authenticate(header) {
+        Ok(caller) => {
+            if let Some(c) = caller {
+                req.extensions_mut().insert(c);
+            }
+            next.run(req).await
+        }
+        Err(e) => HttpError(e).into_response(),
+    }
+}
+
 /// The full application: routes plus layers.
 pub fn app(state: AppState) -> Router {
-    let limit = state.inner.config.max_body_bytes;
-    Router::new()
+    let limit = state.config.max_body_bytes;
+    let protected = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{id}", get(handlers::get_model))
+        .route("/v1/tandem/route", post(handlers::explain_route))
+        .route(
+            "/v1/tandem/signals",
+            get(handlers::get_signals)
+                .put(handlers::put_signals)
+                .delete(handlers::clear_signals),
+        )
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(protected)
         .route("/healthz", get(handlers::health))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tandem_api::Backend;
 use tandem_engine::{EngineConfig, LocalEngine, Threads};
+use tandem_router::Dispatcher;
 use tandem_server::ServerConfig;
 use tandem_testkit::{SMOLLM2, TestServer, model_path};
 
@@ -23,8 +23,15 @@ fn engine() -> LocalEngine {
     .clone()
 }
 
+fn local_only(engine: LocalEngine) -> Arc<Dispatcher> {
+    Dispatcher::builder()
+        .local(engine)
+        .build()
+        .expect("dispatcher")
+}
+
 async fn server() -> TestServer {
-    TestServer::start(vec![Arc::new(engine()) as Arc<dyn Backend>]).await
+    TestServer::start(local_only(engine())).await
 }
 
 fn chat_body(content: &str, extra: Value) -> Value {
@@ -237,7 +244,8 @@ async fn models_and_health() {
         .await
         .unwrap();
     assert_eq!(v["object"], "list");
-    assert_eq!(v["data"][0]["id"], SMOLLM2);
+    assert_eq!(v["data"][0]["id"], "tandem/auto");
+    assert_eq!(v["data"][1]["id"], SMOLLM2);
     let one = reqwest::get(s.url(&format!("/v1/models/{SMOLLM2}")))
         .await
         .unwrap();
@@ -252,6 +260,7 @@ async fn models_and_health() {
         .unwrap();
     assert_eq!(h["status"], "ok");
     assert_eq!(h["backends"][0]["locality"], "device");
+    assert_eq!(h["backends"][0]["model"], SMOLLM2);
     assert_eq!(h["backends"][0]["load"]["capacity"], 4);
 }
 
@@ -264,7 +273,7 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
     cfg.parallel = 2;
     let engine = LocalEngine::load(cfg).unwrap();
     let s = TestServer::start_with(
-        vec![Arc::new(engine) as Arc<dyn Backend>],
+        local_only(engine),
         ServerConfig {
             max_body_bytes: 64 * 1024,
         },
@@ -441,7 +450,7 @@ async fn client_leaving_mid_stream_frees_the_engine() {
     cfg.context = Some(1024);
     cfg.threads = Threads::Fixed(1);
     let engine = LocalEngine::load(cfg).unwrap();
-    let s = TestServer::start(vec![Arc::new(engine.clone()) as Arc<dyn Backend>]).await;
+    let s = TestServer::start(local_only(engine.clone())).await;
     let resp = reqwest::Client::new()
         .post(s.url("/v1/chat/completions"))
         .json(&chat_body(

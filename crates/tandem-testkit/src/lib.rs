@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tandem_api::Backend;
 use tandem_catalog::{Catalog, PullOptions};
+use tandem_router::Dispatcher;
 use tandem_server::{AppState, ServerConfig};
 
 pub const SMOLLM2: &str = "smollm2-135m-instruct";
@@ -46,17 +46,17 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(backends: Vec<Arc<dyn Backend>>) -> TestServer {
-        Self::start_with(backends, ServerConfig::default()).await
+    pub async fn start(dispatcher: Arc<Dispatcher>) -> TestServer {
+        Self::start_with(dispatcher, ServerConfig::default()).await
     }
 
-    pub async fn start_with(backends: Vec<Arc<dyn Backend>>, config: ServerConfig) -> TestServer {
+    pub async fn start_with(dispatcher: Arc<Dispatcher>, config: ServerConfig) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = AppState::new(backends, config);
+        let state = AppState::new(dispatcher, config);
         let task = tokio::spawn(async move {
             tandem_server::serve(listener, state, async {
                 let _ = rx.await;

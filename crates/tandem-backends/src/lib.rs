@@ -1,0 +1,677 @@
+//! Cloud backends: any OpenAI-compatible endpoint (OpenAI, vLLM, a
+//! llama.cpp server, Ollama, another Tandem) behind [`tandem_api::Backend`].
+//!
+//! Each upstream gets retries with jittered backoff for failures *before the
+//! first token* (connection errors, 429, 5xx, a stream that breaks before
+//! any content), a time-to-first-token timeout, an idle timeout between
+//! chunks, and a circuit breaker. Every exchange keeps a record of what was
+//! sent (a hash of the exact body, bytes, attempts) for the egress ledger.
+//! API keys are read from the environment and never printed.
+//!
+//! Not here: deciding which requests may go to the cloud (the router).
+
+mod breaker;
+mod wire;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tandem_api::openai::{ChatMessage, MessageContent};
+use tandem_api::{
+    ApiError, Backend, Event, EventStream, GenerateRequest, Input, Locality, ModelInfo,
+};
+
+pub use breaker::{BreakerState, CircuitBreaker};
+use wire::{Endpoint, StreamState};
+
+/// How an upstream can continue an assistant message it did not start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Continuation {
+    /// It cannot: an answer broken off elsewhere is not handed to it.
+    #[default]
+    None,
+    /// A final assistant message with `continue_final_message: true`
+    /// (vLLM, Tandem).
+    Prefill,
+}
+
+fn d_connect() -> u64 {
+    3_000
+}
+fn d_ttft() -> u64 {
+    15_000
+}
+fn d_idle() -> u64 {
+    30_000
+}
+fn d_request() -> u64 {
+    300_000
+}
+fn d_retries() -> u32 {
+    2
+}
+fn d_breaker_failures() -> u32 {
+    5
+}
+fn d_breaker_cooldown() -> u64 {
+    10_000
+}
+
+/// One upstream, as written in Tandem's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// The API root, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the API key (the key itself never
+    /// appears in configuration, logs, metrics or errors).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Model names served by this upstream; clients may name them directly.
+    pub models: Vec<String>,
+    /// The model used when the router sends a virtual-model request here;
+    /// default: the first of `models`.
+    #[serde(default)]
+    pub default_model: Option<String>,
+    /// USD per million prompt tokens.
+    #[serde(default)]
+    pub price_input_per_mtok: f64,
+    /// USD per million completion tokens.
+    #[serde(default)]
+    pub price_output_per_mtok: f64,
+    /// Tokens one request may hold, if known (used for capability routing).
+    #[serde(default)]
+    pub context_length: Option<u32>,
+    #[serde(default = "d_connect")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "d_ttft")]
+    pub ttft_timeout_ms: u64,
+    #[serde(default = "d_idle")]
+    pub idle_timeout_ms: u64,
+    #[serde(default = "d_request")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "d_retries")]
+    pub max_retries: u32,
+    #[serde(default = "d_breaker_failures")]
+    pub breaker_failures: u32,
+    #[serde(default = "d_breaker_cooldown")]
+    pub breaker_cooldown_ms: u64,
+    #[serde(default)]
+    pub continuation: Continuation,
+}
+
+impl UpstreamConfig {
+    pub fn new(name: &str, base_url: &str, models: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            base_url: base_url.into(),
+            api_key_env: None,
+            models: models.iter().map(|m| (*m).to_owned()).collect(),
+            default_model: None,
+            price_input_per_mtok: 0.0,
+            price_output_per_mtok: 0.0,
+            context_length: None,
+            connect_timeout_ms: d_connect(),
+            ttft_timeout_ms: d_ttft(),
+            idle_timeout_ms: d_idle(),
+            request_timeout_ms: d_request(),
+            max_retries: d_retries(),
+            breaker_failures: d_breaker_failures(),
+            breaker_cooldown_ms: d_breaker_cooldown(),
+            continuation: Continuation::None,
+        }
+    }
+
+    /// USD for a request of this size.
+    pub fn cost(&self, prompt_tokens: u32, completion_tokens: u32) -> f64 {
+        (f64::from(prompt_tokens) * self.price_input_per_mtok
+            + f64::from(completion_tokens) * self.price_output_per_mtok)
+            / 1e6
+    }
+}
+
+/// An API key: usable, but never shown.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// What one request to an upstream sent and received, for the ledger.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    pub upstream: String,
+    pub model: String,
+    /// sha256 of the body as sent.
+    pub payload_sha256: String,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub attempts: AtomicU32,
+}
+
+/// Moving averages of an upstream's speed, from answers that completed.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LatencyStats {
+    pub ttft_ms: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub samples: u64,
+}
+
+impl LatencyStats {
+    /// Folds one observation in (weight 0.2 for the new sample).
+    pub fn observe(&mut self, ttft: Duration, tokens: u32, decode: Duration) {
+        let ewma = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.8 * o + 0.2 * new));
+        self.ttft_ms = ewma(self.ttft_ms, ttft.as_secs_f64() * 1000.0);
+        if tokens > 1 && decode > Duration::ZERO {
+            self.tokens_per_s = ewma(
+                self.tokens_per_s,
+                f64::from(tokens - 1) / decode.as_secs_f64(),
+            );
+        }
+        self.samples += 1;
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: UpstreamConfig,
+    client: reqwest::Client,
+    key: Option<Secret>,
+    breaker: CircuitBreaker,
+    latency: Mutex<LatencyStats>,
+}
+
+/// An OpenAI-compatible upstream. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CloudBackend {
+    inner: Arc<Inner>,
+}
+
+enum Failure {
+    /// Worth another attempt (connection refused, 429, 5xx, early break).
+    Retry(ApiError, Option<Duration>),
+    /// Counts against the upstream, but retrying would not help.
+    Upstream(ApiError),
+    /// The upstream refused the request itself (4xx): not its fault.
+    Refused(ApiError),
+}
+
+fn backoff(attempt: u32, retry_after: Option<Duration>) -> Duration {
+    if let Some(after) = retry_after.filter(|d| *d <= Duration::from_secs(5)) {
+        return after;
+    }
+    let base = 100u64.saturating_mul(1 << attempt.min(5)).min(2_000);
+    // Full jitter in [base/2, base*3/2): retries from many clients spread out.
+    Duration::from_millis(base / 2 + fastrand::u64(0..base.max(1)))
+}
+
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// Describes a transport error without the request's URL or headers.
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else if e.is_body() || e.is_decode() {
+        "the response body broke off".into()
+    } else {
+        "request failed".into()
+    }
+}
+
+impl CloudBackend {
+    pub fn new(cfg: UpstreamConfig) -> Result<CloudBackend, String> {
+        if cfg.models.is_empty() {
+            return Err(format!("upstream `{}` lists no models", cfg.name));
+        }
+        let key = match &cfg.api_key_env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(k) if !k.is_empty() => Some(Secret(k)),
+                _ => {
+                    return Err(format!(
+                        "upstream `{}`: environment variable {var} (its API key) is not set",
+                        cfg.name
+                    ));
+                }
+            },
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("tandem/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("upstream `{}`: {e}", cfg.name))?;
+        Ok(CloudBackend {
+            inner: Arc::new(Inner {
+                breaker: CircuitBreaker::new(
+                    cfg.breaker_failures,
+                    Duration::from_millis(cfg.breaker_cooldown_ms),
+                ),
+                cfg,
+                client,
+                key,
+                latency: Mutex::new(LatencyStats::default()),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.inner.cfg
+    }
+
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.inner.breaker
+    }
+
+    pub fn latency(&self) -> LatencyStats {
+        *self.inner.latency.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The upstream's name for the model this request should get.
+    pub fn upstream_model(&self, requested: &str) -> String {
+        let cfg = &self.inner.cfg;
+        if cfg.models.iter().any(|m| m == requested) {
+            requested.to_owned()
+        } else {
+            cfg.default_model
+                .clone()
+                .unwrap_or_else(|| cfg.models[0].clone())
+        }
+    }
+
+    /// Is the upstream reachable, and how long does a round trip take?
+    /// Any HTTP answer counts as reachable.
+    pub async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
+        let url = format!("{}/models", self.inner.cfg.base_url.trim_end_matches('/'));
+        let t0 = Instant::now();
+        let mut req = self.inner.client.get(url).timeout(timeout);
+        if let Some(k) = &self.inner.key {
+            req = req.bearer_auth(&k.0);
+        }
+        match req.send().await {
+            Ok(_) => Ok(t0.elapsed()),
+            Err(e) => Err(describe(&e)),
+        }
+    }
+
+    fn body(&self, req: &GenerateRequest, model: &str) -> Result<(Endpoint, Vec<u8>), ApiError> {
+        let encode_err = |e: serde_json::Error| {
+            ApiError::internal(format!("cannot encode the upstream request: {e}"))
+        };
+        match &req.input {
+            Input::Text(t) => {
+                let mut r = req.to_completion_request(model, t.clone());
+                r.stream = Some(req.stream);
+                Ok((
+                    Endpoint::Completions,
+                    serde_json::to_vec(&r).map_err(encode_err)?,
+                ))
+            }
+            Input::Chat { continue_from, .. } => {
+                let mut r = req.to_chat_request(model);
+                r.stream = Some(req.stream);
+                if let Some(partial) = continue_from {
+                    if self.inner.cfg.continuation != Continuation::Prefill {
+                        return Err(ApiError::invalid_request(format!(
+                            "upstream `{}` cannot continue a partial answer",
+                            self.inner.cfg.name
+                        )));
+                    }
+                    if let Some(m) = r.messages.as_mut() {
+                        m.push(ChatMessage {
+                            role: "assistant".into(),
+                            content: Some(MessageContent::Text(partial.clone())),
+                            name: None,
+                            extra: Default::default(),
+                        });
+                    }
+                    r.extra.insert("continue_final_message".into(), true.into());
+                    r.extra.insert("add_generation_prompt".into(), false.into());
+                }
+                Ok((Endpoint::Chat, serde_json::to_vec(&r).map_err(encode_err)?))
+            }
+        }
+    }
+
+    /// Sends the request, retrying what is worth retrying, and returns the
+    /// answer's events once the first one has arrived — together with the
+    /// record of what was sent, whatever the outcome.
+    pub async fn start(
+        &self,
+        req: GenerateRequest,
+    ) -> (Result<EventStream, ApiError>, Arc<Exchange>) {
+        let model = self.upstream_model(&req.model);
+        let cfg = &self.inner.cfg;
+        let (endpoint, body) = match self.body(&req, &model) {
+            Ok(b) => b,
+            Err(e) => {
+                return (
+                    Err(e),
+                    Arc::new(Exchange {
+                        upstream: cfg.name.clone(),
+                        model,
+                        ..Exchange::default()
+                    }),
+                );
+            }
+        };
+        let exchange = Arc::new(Exchange {
+            upstream: cfg.name.clone(),
+            model,
+            payload_sha256: hex::encode(Sha256::digest(&body)),
+            ..Exchange::default()
+        });
+        if !self.inner.breaker.allow() {
+            return (
+                Err(ApiError::unavailable(format!(
+                    "upstream `{}` is failing; skipping it for now (circuit open)",
+                    cfg.name
+                ))),
+                exchange,
+            );
+        }
+        let body = Bytes::from(body);
+        let mut attempt = 0;
+        loop {
+            exchange.attempts.fetch_add(1, Ordering::Relaxed);
+            exchange
+                .bytes_out
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            let result = self
+                .attempt(endpoint, body.clone(), req.stream, &exchange)
+                .await;
+            match result {
+                Ok(stream) => return (Ok(stream), exchange),
+                Err(Failure::Retry(e, after)) if attempt < cfg.max_retries => {
+                    tracing::debug!(upstream = %cfg.name, attempt, "retrying: {}", e.message);
+                    tokio::time::sleep(backoff(attempt, after)).await;
+                    attempt += 1;
+                }
+                Err(Failure::Retry(e, _)) | Err(Failure::Upstream(e)) => {
+                    self.inner.breaker.failure();
+                    return (Err(e), exchange);
+                }
+                Err(Failure::Refused(e)) => {
+                    // The upstream answered; it is healthy.
+                    self.inner.breaker.success();
+                    return (Err(e), exchange);
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        stream: bool,
+        exchange: &Arc<Exchange>,
+    ) -> Result<EventStream, Failure> {
+        let cfg = &self.inner.cfg;
+        let url = format!("{}{}", cfg.base_url.trim_end_matches('/'), endpoint.path());
+        let mut http = self
+            .inner
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(k) = &self.inner.key {
+            http = http.bearer_auth(&k.0);
+        }
+        let t0 = Instant::now();
+        // A streamed answer must start within the TTFT budget; a whole
+        // answer within the request budget.
+        let budget = Duration::from_millis(if stream {
+            cfg.ttft_timeout_ms
+        } else {
+            cfg.request_timeout_ms
+        });
+        let deadline = t0 + budget;
+        let name = &cfg.name;
+        let timeout_err = || {
+            Failure::Upstream(ApiError::gateway_timeout(format!(
+                "upstream `{name}` gave no answer within {} ms",
+                budget.as_millis()
+            )))
+        };
+        let resp = match tokio::time::timeout_at(deadline.into(), http.send()).await {
+            Err(_) => return Err(timeout_err()),
+            Ok(Err(e)) => {
+                return Err(Failure::Retry(
+                    ApiError::bad_gateway(format!("upstream `{name}`: {}", describe(&e))),
+                    None,
+                ));
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let after = retry_after(&resp);
+            let body = tokio::time::timeout_at(deadline.into(), resp.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            exchange
+                .bytes_in
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            let mut e = ApiError::from_body(status.as_u16(), &body);
+            e.message = format!("upstream `{name}`: {}", e.message);
+            return Err(match status.as_u16() {
+                429 | 500..=599 => Failure::Retry(e, after),
+                _ => Failure::Refused(e),
+            });
+        }
+        if !stream {
+            let body = match tokio::time::timeout_at(deadline.into(), resp.bytes()).await {
+                Err(_) => return Err(timeout_err()),
+                Ok(Err(e)) => {
+                    return Err(Failure::Retry(
+                        ApiError::bad_gateway(format!("upstream `{name}`: {}", describe(&e))),
+                        None,
+                    ));
+                }
+                Ok(Ok(b)) => b,
+            };
+            exchange
+                .bytes_in
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            let events = wire::whole_answer(endpoint, &body).map_err(Failure::Upstream)?;
+            self.inner.breaker.success();
+            if let Some(tandem_api::Event::Finish(f)) = events.last() {
+                self.observe(t0.elapsed(), f.usage.completion_tokens, Duration::ZERO);
+            }
+            return Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed());
+        }
+
+        let counted = {
+            let ex = exchange.clone();
+            resp.bytes_stream().inspect(move |chunk| {
+                if let Ok(c) = chunk {
+                    ex.bytes_in.fetch_add(c.len() as u64, Ordering::Relaxed);
+                }
+            })
+        };
+        let mut sse = counted.eventsource().boxed();
+        let mut state = StreamState::default();
+        // Read until the first piece of content (or the end) so that every
+        // failure before the first token is still retryable here.
+        let first: Vec<Event> = loop {
+            let next = match tokio::time::timeout_at(deadline.into(), sse.next()).await {
+                Err(_) => return Err(timeout_err()),
+                Ok(n) => n,
+            };
+            match next {
+                None => {
+                    break match state.finish() {
+                        Ok(fin) => vec![fin],
+                        Err(e) => return Err(Failure::Retry(e, None)),
+                    };
+                }
+                Some(Err(_)) => {
+                    return Err(Failure::Retry(
+                        ApiError::bad_gateway(format!(
+                            "upstream `{name}`: the stream broke before the first token"
+                        )),
+                        None,
+                    ));
+                }
+                Some(Ok(ev)) if ev.data.trim() == "[DONE]" => {
+                    break match state.finish() {
+                        Ok(fin) => vec![fin],
+                        Err(e) => return Err(Failure::Retry(e, None)),
+                    };
+                }
+                Some(Ok(ev)) => match state.on_data(endpoint, &ev.data) {
+                    Ok(Some(delta)) => break vec![Event::Delta(delta)],
+                    Ok(None) => continue,
+                    Err(e) => return Err(Failure::Upstream(e)),
+                },
+            }
+        };
+        let ttft = t0.elapsed();
+        if matches!(first.last(), Some(Event::Finish(_))) {
+            self.inner.breaker.success();
+            self.observe(ttft, 0, Duration::ZERO);
+            return Ok(futures::stream::iter(first.into_iter().map(Ok)).boxed());
+        }
+        let this = self.clone();
+        let idle = Duration::from_millis(cfg.idle_timeout_ms);
+        Ok(Box::pin(rest_of_stream(
+            this, sse, state, first, endpoint, idle, ttft,
+        )))
+    }
+
+    fn observe(&self, ttft: Duration, tokens: u32, decode: Duration) {
+        self.inner
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(ttft, tokens, decode);
+    }
+}
+
+fn rest_of_stream<S, E>(
+    this: CloudBackend,
+    mut sse: S,
+    mut state: StreamState,
+    first: Vec<Event>,
+    endpoint: Endpoint,
+    idle: Duration,
+    ttft: Duration,
+) -> impl Stream<Item = Result<Event, ApiError>> + Send
+where
+    S: Stream<Item = Result<eventsource_stream::Event, E>> + Send + Unpin + 'static,
+    E: Send,
+{
+    async_stream::stream! {
+        for e in first {
+            yield Ok(e);
+        }
+        let started = Instant::now();
+        let name = this.inner.cfg.name.clone();
+        let broke = |why: &str| {
+            ApiError::bad_gateway(format!("upstream `{name}`: {why}"))
+        };
+        loop {
+            let next = match tokio::time::timeout(idle, sse.next()).await {
+                Err(_) => {
+                    this.inner.breaker.failure();
+                    yield Err(broke(&format!("no data for {} ms", idle.as_millis())));
+                    return;
+                }
+                Ok(n) => n,
+            };
+            let done = match next {
+                None => true,
+                Some(Ok(ev)) if ev.data.trim() == "[DONE]" => true,
+                Some(Ok(ev)) => match state.on_data(endpoint, &ev.data) {
+                    Ok(Some(delta)) => {
+                        yield Ok(Event::Delta(delta));
+                        false
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        this.inner.breaker.failure();
+                        yield Err(e);
+                        return;
+                    }
+                },
+                Some(Err(_)) => {
+                    this.inner.breaker.failure();
+                    yield Err(broke("the stream broke off"));
+                    return;
+                }
+            };
+            if done {
+                match state.finish() {
+                    Ok(fin) => {
+                        this.inner.breaker.success();
+                        if let Event::Finish(f) = &fin {
+                            this.observe(ttft, f.usage.completion_tokens, started.elapsed());
+                        }
+                        yield Ok(fin);
+                    }
+                    Err(e) => {
+                        this.inner.breaker.failure();
+                        yield Err(e);
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Backend for CloudBackend {
+    fn name(&self) -> &str {
+        &self.inner.cfg.name
+    }
+
+    fn locality(&self) -> Locality {
+        Locality::Cloud
+    }
+
+    fn models(&self) -> Vec<ModelInfo> {
+        self.inner
+            .cfg
+            .models
+            .iter()
+            .map(|m| ModelInfo {
+                id: m.clone(),
+                context_length: self.inner.cfg.context_length,
+                owned_by: self.inner.cfg.name.clone(),
+            })
+            .collect()
+    }
+
+    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>> {
+        let this = self.clone();
+        Box::pin(async move { this.start(req).await.0 })
+    }
+}

@@ -1,0 +1,177 @@
+//! Reading an upstream's answers back into Tandem's events.
+
+use serde_json::Value;
+use tandem_api::openai::{ChatCompletion, ChatCompletionChunk, Completion, LegacyLogprobs};
+use tandem_api::{ApiError, Delta, Event, Finish, FinishReason, TokenLogprob, TopLogprob, Usage};
+
+/// Which endpoint the upstream is answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Completions => "/completions",
+        }
+    }
+}
+
+/// State across the chunks of one streamed answer.
+#[derive(Debug, Default)]
+pub(crate) struct StreamState {
+    pub finish: Option<FinishReason>,
+    pub usage: Option<Usage>,
+    /// Chunks with content, a stand-in for tokens when no usage is sent.
+    pub content_chunks: u32,
+}
+
+fn legacy_to_tokens(l: LegacyLogprobs) -> Vec<TokenLogprob> {
+    l.tokens
+        .into_iter()
+        .zip(l.token_logprobs)
+        .zip(l.top_logprobs)
+        .map(|((token, logprob), top)| TokenLogprob {
+            bytes: Some(token.as_bytes().to_vec()),
+            token,
+            logprob,
+            top_logprobs: top
+                .into_iter()
+                .map(|(t, v)| TopLogprob {
+                    bytes: Some(t.as_bytes().to_vec()),
+                    token: t,
+                    logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn upstream_error(v: &Value) -> Option<ApiError> {
+    let e = v.get("error")?;
+    let message = e
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("upstream error")
+        .to_owned();
+    Some(ApiError::bad_gateway(format!("upstream error: {message}")))
+}
+
+impl StreamState {
+    /// One SSE `data:` payload. Returns the content it carried, if any.
+    pub(crate) fn on_data(
+        &mut self,
+        endpoint: Endpoint,
+        data: &str,
+    ) -> Result<Option<Delta>, ApiError> {
+        let v: Value = serde_json::from_str(data)
+            .map_err(|e| ApiError::bad_gateway(format!("upstream sent invalid JSON: {e}")))?;
+        if let Some(e) = upstream_error(&v) {
+            return Err(e);
+        }
+        let delta = match endpoint {
+            Endpoint::Chat => {
+                let c: ChatCompletionChunk = serde_json::from_value(v).map_err(|e| {
+                    ApiError::bad_gateway(format!("upstream sent an unexpected chunk: {e}"))
+                })?;
+                if let Some(u) = c.usage {
+                    self.usage = Some(u);
+                }
+                c.choices.into_iter().next().and_then(|ch| {
+                    if let Some(f) = ch.finish_reason {
+                        self.finish = Some(f);
+                    }
+                    let tokens = ch.logprobs.and_then(|l| l.content).unwrap_or_default();
+                    let text = ch.delta.content.unwrap_or_default();
+                    (!text.is_empty() || !tokens.is_empty()).then_some(Delta { text, tokens })
+                })
+            }
+            Endpoint::Completions => {
+                let c: Completion = serde_json::from_value(v).map_err(|e| {
+                    ApiError::bad_gateway(format!("upstream sent an unexpected chunk: {e}"))
+                })?;
+                if let Some(u) = c.usage {
+                    self.usage = Some(u);
+                }
+                c.choices.into_iter().next().and_then(|ch| {
+                    if let Some(f) = ch.finish_reason {
+                        self.finish = Some(f);
+                    }
+                    let tokens = ch.logprobs.map(legacy_to_tokens).unwrap_or_default();
+                    (!ch.text.is_empty() || !tokens.is_empty()).then_some(Delta {
+                        text: ch.text,
+                        tokens,
+                    })
+                })
+            }
+        };
+        if delta.is_some() {
+            self.content_chunks += 1;
+        }
+        Ok(delta)
+    }
+
+    /// The closing event, once the stream has ended normally.
+    pub(crate) fn finish(&self) -> Result<Event, ApiError> {
+        let reason = self.finish.ok_or_else(|| {
+            ApiError::bad_gateway("the upstream ended the stream before finishing the answer")
+        })?;
+        Ok(Event::Finish(Finish {
+            reason,
+            usage: self
+                .usage
+                .unwrap_or_else(|| Usage::new(0, self.content_chunks)),
+        }))
+    }
+}
+
+/// A whole (non-streamed) answer as events.
+pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_gateway(format!("upstream sent invalid JSON: {e}")))?;
+    if let Some(e) = upstream_error(&v) {
+        return Err(e);
+    }
+    let bad =
+        |e: serde_json::Error| ApiError::bad_gateway(format!("unexpected upstream answer: {e}"));
+    let (text, tokens, reason, usage) = match endpoint {
+        Endpoint::Chat => {
+            let c: ChatCompletion = serde_json::from_value(v).map_err(bad)?;
+            let ch = c
+                .choices
+                .into_iter()
+                .next()
+                .ok_or_else(|| ApiError::bad_gateway("upstream answer has no choices"))?;
+            (
+                ch.message.content.unwrap_or_default(),
+                ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
+                ch.finish_reason,
+                c.usage,
+            )
+        }
+        Endpoint::Completions => {
+            let c: Completion = serde_json::from_value(v).map_err(bad)?;
+            let ch = c
+                .choices
+                .into_iter()
+                .next()
+                .ok_or_else(|| ApiError::bad_gateway("upstream answer has no choices"))?;
+            (
+                ch.text,
+                ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
+                ch.finish_reason,
+                c.usage,
+            )
+        }
+    };
+    Ok(vec![
+        Event::Delta(Delta { text, tokens }),
+        Event::Finish(Finish {
+            reason: reason.unwrap_or(FinishReason::Stop),
+            usage: usage.unwrap_or_default(),
+        }),
+    ])
+}

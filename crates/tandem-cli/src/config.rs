@@ -1,0 +1,233 @@
+//! Tandem's configuration file (`tandem.toml`), with environment overrides:
+//! `TANDEM_<SECTION>__<KEY>=value`, e.g. `TANDEM_ROUTER__PRIVACY=strict`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+use tandem_backends::UpstreamConfig;
+use tandem_router::PolicyConfig;
+use tandem_router::PrivacyConfig;
+use tandem_router::access::KeyConfig;
+
+fn d_host() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn d_body() -> usize {
+    8 * 1024 * 1024
+}
+fn d_probe() -> u64 {
+    10_000
+}
+fn d_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "d_host")]
+    pub host: IpAddr,
+    /// Default: 8080 for a device, 8081 for the cloud role.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Listen beyond loopback even without API keys.
+    #[serde(default)]
+    pub allow_remote: bool,
+    #[serde(default = "d_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            host: d_host(),
+            port: None,
+            allow_remote: false,
+            max_body_bytes: d_body(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSection {
+    /// Catalog names or GGUF paths; the first is the one the router uses.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub ctx: Option<u32>,
+    #[serde(default)]
+    pub parallel: Option<u32>,
+    #[serde(default)]
+    pub threads: Option<String>,
+    #[serde(default)]
+    pub gpu_layers: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSection {
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// Default: `$TANDEM_HOME/ledger.jsonl`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalsSection {
+    /// How often each upstream is probed.
+    #[serde(default = "d_probe")]
+    pub probe_interval_ms: u64,
+    /// Treat the connection as metered (the OS rarely says so portably).
+    #[serde(default)]
+    pub metered: bool,
+}
+
+impl Default for SignalsSection {
+    fn default() -> Self {
+        Self {
+            probe_interval_ms: d_probe(),
+            metered: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub local: LocalSection,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub router: PolicyConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
+    pub signals: SignalsSection,
+}
+
+/// The file to read: `--config`, else `$TANDEM_CONFIG`, else
+/// `$TANDEM_HOME/tandem.toml` if it exists.
+pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("TANDEM_CONFIG").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let default = tandem_catalog::default_home().join("tandem.toml");
+    default.is_file().then_some(default)
+}
+
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    let path = locate(explicit);
+    let mut fig = Figment::new();
+    if let Some(p) = &path {
+        if !p.is_file() {
+            anyhow::bail!("configuration file {} does not exist", p.display());
+        }
+        fig = fig.merge(Toml::file(p));
+    }
+    // Only nested keys: TANDEM_HOME, TANDEM_LOG and friends are not config.
+    fig = fig.merge(
+        Env::prefixed("TANDEM_")
+            .filter(|k| k.as_str().contains("__"))
+            .split("__"),
+    );
+    let config: Config = fig.extract().with_context(|| match &path {
+        Some(p) => format!("reading configuration {}", p.display()),
+        None => "reading configuration from the environment".into(),
+    })?;
+    Ok((config, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn a_full_file_parses_and_env_overrides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tandem.toml");
+        std::fs::write(
+            &path,
+            r#"
+[server]
+port = 9000
+
+[local]
+models = ["smollm2-135m-instruct"]
+ctx = 2048
+
+[[upstreams]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+models = ["gpt-4o-mini"]
+price_input_per_mtok = 0.15
+price_output_per_mtok = 0.6
+
+[router]
+privacy = "strict"
+daily_budget_usd = 2.5
+rules = ["privacy", "capability", "network", "budget", "prefer_local"]
+
+[privacy]
+custom_patterns = [{ name = "employee_id", regex = "EMP-\\d{6}" }]
+
+[[keys]]
+name = "app"
+hash = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+privacy = "redact"
+"#,
+        )
+        .unwrap();
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TANDEM_ROUTER__DAILY_BUDGET_USD", "7.5");
+            jail.set_env("TANDEM_HOME", "/tmp/ignored");
+            loaded = Some(load(Some(&path)).unwrap().0);
+            Ok(())
+        });
+        let c = loaded.unwrap();
+        assert_eq!(c.server.port, Some(9000));
+        assert_eq!(c.upstreams[0].models, vec!["gpt-4o-mini"]);
+        assert_eq!(c.router.privacy, tandem_router::PrivacyMode::Strict);
+        assert_eq!(c.router.daily_budget_usd, Some(7.5));
+        assert_eq!(c.router.rules.len(), 5);
+        assert_eq!(c.keys[0].name, "app");
+        assert_eq!(c.privacy.custom_patterns[0].name, "employee_id");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tandem.toml");
+        std::fs::write(&path, "[router]\nprivacyy = \"strict\"\n").unwrap();
+        let e = format!("{:#}", load(Some(&path)).unwrap_err());
+        assert!(e.contains("privacyy"), "{e}");
+    }
+}

@@ -1,0 +1,261 @@
+//! Gateway API keys and daily spending.
+//!
+//! Keys are stored only as sha256 hashes; each may carry its own privacy
+//! mode, daily budget and rate limit. With no keys configured the gateway
+//! is open — which is why it then listens on loopback only unless told
+//! otherwise.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tandem_api::ApiError;
+
+use crate::policy::PrivacyMode;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub name: String,
+    /// `sha256:<hex>` of the key.
+    pub hash: String,
+    #[serde(default)]
+    pub privacy: Option<PrivacyMode>,
+    #[serde(default)]
+    pub daily_budget_usd: Option<f64>,
+    #[serde(default)]
+    pub rate_limit_per_minute: Option<u32>,
+    /// May change signal overrides.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// A fresh random key and its hash for the configuration.
+pub fn new_key() -> (String, String) {
+    let mut raw = String::from("tdm_");
+    for _ in 0..40 {
+        let c = fastrand::alphanumeric();
+        raw.push(c);
+    }
+    let hash = hash_key(&raw);
+    (raw, hash)
+}
+
+pub fn hash_key(key: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// An authenticated caller.
+#[derive(Debug)]
+pub struct Caller {
+    pub config: KeyConfig,
+    bucket: Mutex<Bucket>,
+}
+
+impl Caller {
+    fn take_token(&self) -> bool {
+        let Some(rpm) = self.config.rate_limit_per_minute else {
+            return true;
+        };
+        let cap = f64::from(rpm.max(1));
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * cap / 60.0).min(cap);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Access {
+    by_hash: HashMap<String, Arc<Caller>>,
+}
+
+impl Access {
+    pub fn new(keys: &[KeyConfig]) -> Result<Access, String> {
+        let mut by_hash = HashMap::new();
+        for k in keys {
+            let hex = k
+                .hash
+                .strip_prefix("sha256:")
+                .ok_or_else(|| format!("key `{}`: hash must start with sha256:", k.name))?;
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("key `{}`: hash must be 64 hex digits", k.name));
+            }
+            let cap = f64::from(k.rate_limit_per_minute.unwrap_or(0).max(1));
+            by_hash.insert(
+                format!("sha256:{}", hex.to_ascii_lowercase()),
+                Arc::new(Caller {
+                    config: k.clone(),
+                    bucket: Mutex::new(Bucket {
+                        tokens: cap,
+                        last: Instant::now(),
+                    }),
+                }),
+            );
+        }
+        Ok(Access { by_hash })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Checks the `Authorization` header. `Ok(None)`: no keys configured.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<Option<Arc<Caller>>, ApiError> {
+        if self.is_open() {
+            return Ok(None);
+        }
+        let key = authorization
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+            })?;
+        let caller = self
+            .by_hash
+            .get(&hash_key(key))
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+        if !caller.take_token() {
+            return Err(ApiError::rate_limited(format!(
+                "rate limit of {} requests per minute reached for key `{}`",
+                caller.config.rate_limit_per_minute.unwrap_or(0),
+                caller.config.name
+            )));
+        }
+        Ok(Some(caller))
+    }
+}
+
+fn today() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+struct SpendState {
+    day: u64,
+    total: f64,
+    by_key: HashMap<String, f64>,
+}
+
+/// Cloud spending of the current UTC day, overall and per key.
+#[derive(Debug, Default)]
+pub struct SpendTracker {
+    state: Mutex<SpendState>,
+}
+
+impl SpendTracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpendState> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let d = today();
+        if s.day != d {
+            *s = SpendState {
+                day: d,
+                ..SpendState::default()
+            };
+        }
+        s
+    }
+
+    pub fn add(&self, key: Option<&str>, usd: f64) {
+        if usd <= 0.0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.total += usd;
+        if let Some(k) = key {
+            *s.by_key.entry(k.to_owned()).or_insert(0.0) += usd;
+        }
+    }
+
+    /// (all keys, this key) spent today.
+    pub fn today(&self, key: Option<&str>) -> (f64, f64) {
+        let s = self.lock();
+        (
+            s.total,
+            key.and_then(|k| s.by_key.get(k)).copied().unwrap_or(0.0),
+        )
+    }
+
+    /// Seeds today's spending from ledger entries (so a restart does not
+    /// reset the budget).
+    pub fn seed_from_ledger(&self, entries: &[tandem_ledger::Entry]) {
+        let d = today();
+        for e in entries.iter().filter(|e| e.time_ms / 86_400_000 == d) {
+            self.add(e.egress.key.as_deref(), e.egress.cost_usd);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_authenticate_by_hash_and_rate_limit() {
+        let (raw, hash) = new_key();
+        let access = Access::new(&[KeyConfig {
+            name: "app".into(),
+            hash,
+            privacy: Some(PrivacyMode::Strict),
+            daily_budget_usd: None,
+            rate_limit_per_minute: Some(2),
+            admin: false,
+        }])
+        .unwrap();
+        assert_eq!(access.authenticate(None).unwrap_err().status, 401);
+        assert_eq!(
+            access.authenticate(Some("Bearer nope")).unwrap_err().status,
+            401
+        );
+        let bearer = format!("Bearer {raw}");
+        let c = access.authenticate(Some(&bearer)).unwrap().unwrap();
+        assert_eq!(c.config.privacy, Some(PrivacyMode::Strict));
+        access.authenticate(Some(&bearer)).unwrap();
+        assert_eq!(access.authenticate(Some(&bearer)).unwrap_err().status, 429);
+    }
+
+    #[test]
+    fn open_when_no_keys() {
+        assert!(
+            Access::new(&[])
+                .unwrap()
+                .authenticate(None)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn spend_accumulates_per_key() {
+        let s = SpendTracker::default();
+        s.add(Some("a"), 0.5);
+        s.add(None, 0.25);
+        assert_eq!(s.today(Some("a")), (0.75, 0.5));
+        assert_eq!(s.today(Some("b")), (0.75, 0.0));
+    }
+}

@@ -1,0 +1,331 @@
+//! The live state the router decides on: the device (battery, load,
+//! memory, temperature), the network (each upstream's reachability and
+//! round trip, metered or not) and spending. Each value comes from the OS
+//! or a probe, and each can be overridden — by tests, by a demo, or by an
+//! app that knows better (a phone's OS knows when the link is metered).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The device as it is now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Percent, if the device has a battery.
+    pub battery_pct: Option<f32>,
+    pub charging: Option<bool>,
+    /// Cores busy with work outside Tandem.
+    pub cpu_load: Option<f32>,
+    pub cores: Option<usize>,
+    pub free_memory_mb: Option<u64>,
+    /// The hottest thermal zone, °C.
+    pub temperature_c: Option<f32>,
+}
+
+/// One upstream as seen from here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamState {
+    pub reachable: bool,
+    pub rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkState {
+    pub metered: bool,
+    pub upstreams: HashMap<String, UpstreamState>,
+}
+
+/// Values set by hand; each replaces the measured one while set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    #[serde(default)]
+    pub battery_pct: Option<f32>,
+    #[serde(default)]
+    pub charging: Option<bool>,
+    #[serde(default)]
+    pub cpu_load: Option<f32>,
+    #[serde(default)]
+    pub free_memory_mb: Option<u64>,
+    #[serde(default)]
+    pub temperature_c: Option<f32>,
+    #[serde(default)]
+    pub metered: Option<bool>,
+    /// Forces every upstream to look reachable (true) or not (false).
+    #[serde(default)]
+    pub cloud_reachable: Option<bool>,
+}
+
+impl Overrides {
+    /// Applies the fields set in `other` (a JSON merge: absent fields keep
+    /// their value; to clear everything, use [`SignalHub::clear_overrides`]).
+    pub fn merge(&mut self, other: Overrides) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(
+            battery_pct,
+            charging,
+            cpu_load,
+            free_memory_mb,
+            temperature_c,
+            metered,
+            cloud_reachable
+        );
+    }
+}
+
+/// Reads the device from the operating system (Linux `/sys` and `/proc`).
+pub fn read_device() -> DeviceState {
+    let load = tandem_engine::load::LoadMonitor::global();
+    let mut d = DeviceState {
+        cpu_load: Some(load.other_load()),
+        cores: Some(load.cores()),
+        free_memory_mb: read_free_memory_mb(),
+        temperature_c: read_temperature(),
+        ..DeviceState::default()
+    };
+    if let Some((pct, charging)) = read_battery() {
+        d.battery_pct = Some(pct);
+        d.charging = Some(charging);
+    }
+    d
+}
+
+fn read_free_memory_mb() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb / 1024)
+}
+
+fn read_temperature() -> Option<f32> {
+    let zones = std::fs::read_dir("/sys/class/thermal").ok()?;
+    zones
+        .filter_map(Result::ok)
+        .filter(|z| z.file_name().to_string_lossy().starts_with("thermal_zone"))
+        .filter_map(|z| std::fs::read_to_string(z.path().join("temp")).ok())
+        .filter_map(|t| t.trim().parse::<f32>().ok())
+        .map(|milli| milli / 1000.0)
+        .fold(None, |m: Option<f32>, t| Some(m.map_or(t, |m| m.max(t))))
+}
+
+fn read_battery() -> Option<(f32, bool)> {
+    let supplies = std::fs::read_dir("/sys/class/power_supply").ok()?;
+    for s in supplies.filter_map(Result::ok) {
+        let p = s.path();
+        let kind = std::fs::read_to_string(p.join("type")).unwrap_or_default();
+        if kind.trim() != "Battery" {
+            continue;
+        }
+        let pct = std::fs::read_to_string(p.join("capacity"))
+            .ok()?
+            .trim()
+            .parse::<f32>()
+            .ok()?;
+        let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+        let charging = matches!(status.trim(), "Charging" | "Full");
+        return Some((pct, charging));
+    }
+    None
+}
+
+/// A probe of one upstream: `Ok(rtt)` when it answered.
+pub type Probe =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Duration, String>> + Send + Sync>;
+
+#[derive(Default)]
+struct HubState {
+    device: DeviceState,
+    network: NetworkState,
+    overrides: Overrides,
+}
+
+/// Holds the latest readings; a background task refreshes them.
+#[derive(Clone)]
+pub struct SignalHub {
+    state: Arc<Mutex<HubState>>,
+}
+
+impl std::fmt::Debug for SignalHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalHub").finish_non_exhaustive()
+    }
+}
+
+impl Default for SignalHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SignalHub {
+    /// A hub with the device read once; [`spawn_refresh`](Self::spawn_refresh)
+    /// keeps it current.
+    pub fn new() -> Self {
+        let hub = SignalHub {
+            state: Arc::new(Mutex::new(HubState::default())),
+        };
+        hub.lock().device = read_device();
+        hub
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device with overrides applied.
+    pub fn device(&self) -> DeviceState {
+        let s = self.lock();
+        let mut d = s.device.clone();
+        let o = &s.overrides;
+        if o.battery_pct.is_some() {
+            d.battery_pct = o.battery_pct;
+        }
+        if o.charging.is_some() {
+            d.charging = o.charging;
+        }
+        if o.cpu_load.is_some() {
+            d.cpu_load = o.cpu_load;
+        }
+        if o.free_memory_mb.is_some() {
+            d.free_memory_mb = o.free_memory_mb;
+        }
+        if o.temperature_c.is_some() {
+            d.temperature_c = o.temperature_c;
+        }
+        d
+    }
+
+    /// The network with overrides applied.
+    pub fn network(&self) -> NetworkState {
+        let s = self.lock();
+        let mut n = s.network.clone();
+        if let Some(m) = s.overrides.metered {
+            n.metered = m;
+        }
+        if let Some(r) = s.overrides.cloud_reachable {
+            for u in n.upstreams.values_mut() {
+                u.reachable = r;
+            }
+        }
+        n
+    }
+
+    /// Whether `upstream` is reachable; unknown upstreams (not probed yet)
+    /// count as reachable until a probe says otherwise.
+    pub fn reachable(&self, upstream: &str) -> bool {
+        let s = self.lock();
+        if let Some(r) = s.overrides.cloud_reachable {
+            return r;
+        }
+        s.network
+            .upstreams
+            .get(upstream)
+            .is_none_or(|u| u.reachable)
+    }
+
+    pub fn overrides(&self) -> Overrides {
+        self.lock().overrides.clone()
+    }
+
+    pub fn set_overrides(&self, o: Overrides) {
+        self.lock().overrides.merge(o);
+    }
+
+    pub fn clear_overrides(&self) {
+        self.lock().overrides = Overrides::default();
+    }
+
+    /// Records a probe result (also used when a request to the upstream
+    /// fails or succeeds, which is fresher than the last probe).
+    pub fn set_upstream(&self, name: &str, reachable: bool, rtt: Option<Duration>) {
+        let mut s = self.lock();
+        let u = s.network.upstreams.entry(name.to_owned()).or_default();
+        u.reachable = reachable;
+        if let Some(r) = rtt {
+            u.rtt_ms = Some(r.as_secs_f64() * 1000.0);
+        }
+    }
+
+    pub fn set_metered(&self, metered: bool) {
+        self.lock().network.metered = metered;
+    }
+
+    /// Refreshes the device every `device_every` and probes each upstream
+    /// every `probe_every`, until the hub is dropped everywhere else.
+    pub fn spawn_refresh(
+        &self,
+        probes: Vec<(String, Probe)>,
+        device_every: Duration,
+        probe_every: Duration,
+    ) {
+        let weak = Arc::downgrade(&self.state);
+        tokio::spawn(async move {
+            let mut next_probe = tokio::time::Instant::now();
+            loop {
+                let Some(state) = weak.upgrade() else { return };
+                let hub = SignalHub { state };
+                let device = tokio::task::spawn_blocking(read_device)
+                    .await
+                    .unwrap_or_default();
+                hub.lock().device = device;
+                if tokio::time::Instant::now() >= next_probe {
+                    for (name, probe) in &probes {
+                        match probe().await {
+                            Ok(rtt) => hub.set_upstream(name, true, Some(rtt)),
+                            Err(e) => {
+                                tracing::debug!(upstream = %name, "probe failed: {e}");
+                                hub.set_upstream(name, false, None);
+                            }
+                        }
+                    }
+                    next_probe = tokio::time::Instant::now() + probe_every;
+                }
+                drop(hub);
+                tokio::time::sleep(device_every.min(probe_every)).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_replace_readings_until_cleared() {
+        let hub = SignalHub::new();
+        hub.set_upstream("cloud", true, Some(Duration::from_millis(20)));
+        hub.set_overrides(Overrides {
+            battery_pct: Some(10.0),
+            charging: Some(false),
+            ..Overrides::default()
+        });
+        hub.set_overrides(Overrides {
+            cloud_reachable: Some(false),
+            ..Overrides::default()
+        });
+        assert_eq!(hub.device().battery_pct, Some(10.0));
+        assert!(!hub.reachable("cloud"));
+        assert!(!hub.network().upstreams["cloud"].reachable);
+        hub.clear_overrides();
+        assert!(hub.reachable("cloud"));
+        assert_eq!(hub.network().upstreams["cloud"].rtt_ms, Some(20.0));
+    }
+
+    #[test]
+    fn os_readings_do_not_fail() {
+        let d = read_device();
+        assert!(d.cores.unwrap_or(0) >= 1);
+        if cfg!(target_os = "linux") {
+            assert!(d.free_memory_mb.unwrap_or(0) > 0);
+        }
+    }
+}
