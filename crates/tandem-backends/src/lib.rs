@@ -243,10 +243,8 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 impl CloudBackend {
+    /// An upstream whose API key (if any) is read from `cfg.api_key_env`.
     pub fn new(cfg: UpstreamConfig) -> Result<CloudBackend, String> {
-        if cfg.models.is_empty() {
-            return Err(format!("upstream `{}` lists no models", cfg.name));
-        }
         let key = match &cfg.api_key_env {
             None => None,
             Some(var) => match std::env::var(var) {
@@ -259,6 +257,19 @@ impl CloudBackend {
                 }
             },
         };
+        Self::build(cfg, key)
+    }
+
+    /// An upstream with its API key given directly (from a secret store,
+    /// say) rather than through the environment.
+    pub fn with_api_key(cfg: UpstreamConfig, key: Option<String>) -> Result<CloudBackend, String> {
+        Self::build(cfg, key.filter(|k| !k.is_empty()).map(Secret))
+    }
+
+    fn build(cfg: UpstreamConfig, key: Option<Secret>) -> Result<CloudBackend, String> {
+        if cfg.models.is_empty() {
+            return Err(format!("upstream `{}` lists no models", cfg.name));
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .tcp_nodelay(true)

@@ -1,6 +1,5 @@
 //! The official `openai` Python package (from PyPI) against a real server.
 
-
 use serde_json::Value;
 use tandem_engine::{EngineConfig, LocalEngine};
 use tandem_router::Dispatcher;

@@ -2,6 +2,8 @@
 //! the real catalog (once per machine; parallel test binaries wait on the
 //! catalog's lock), and Tandem servers on loopback ports.
 
+pub mod capture;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

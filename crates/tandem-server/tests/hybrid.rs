@@ -1,0 +1,747 @@
+//! Hybrid serving with real servers on loopback: a device Tandem (SmolLM2),
+//! a cloud-role Tandem (Qwen2.5 0.5B), and between them a capturing
+//! upstream that records every byte leaving the device and injects faults.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tandem_backends::{CloudBackend, Continuation, UpstreamConfig};
+use tandem_engine::{EngineConfig, LocalEngine, Threads};
+use tandem_ledger::Ledger;
+use tandem_router::access::{KeyConfig, hash_key};
+use tandem_router::{Dispatcher, PolicyConfig, PrivacyMode, Rule};
+use tandem_testkit::capture::{CaptureUpstream, Mode};
+use tandem_testkit::{QWEN_05B, SMOLLM2, TestServer, model_path};
+
+fn device_engine() -> LocalEngine {
+    static E: OnceLock<LocalEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+        cfg.context = Some(1024);
+        LocalEngine::load(cfg).expect("device model")
+    })
+    .clone()
+}
+
+fn cloud_engine() -> LocalEngine {
+    static E: OnceLock<LocalEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        let mut cfg = EngineConfig::new(QWEN_05B, model_path(QWEN_05B));
+        cfg.context = Some(2048);
+        LocalEngine::load(cfg).expect("cloud model")
+    })
+    .clone()
+}
+
+/// Cloud first, so that only the rule under test keeps a request home.
+fn cloud_first() -> PolicyConfig {
+    let mut p = PolicyConfig::default();
+    p.rules.retain(|r| *r != Rule::PreferLocal);
+    p.rules.push(Rule::PreferCloud);
+    p
+}
+
+fn upstream(base_url: &str) -> UpstreamConfig {
+    let mut u = UpstreamConfig::new("cloud", base_url, &[QWEN_05B]);
+    u.price_input_per_mtok = 1.0;
+    u.price_output_per_mtok = 2.0;
+    u.continuation = Continuation::Prefill;
+    u.ttft_timeout_ms = 60_000;
+    u.breaker_cooldown_ms = 60_000;
+    u
+}
+
+struct Hybrid {
+    device: TestServer,
+    capture: CaptureUpstream,
+    dispatcher: Arc<Dispatcher>,
+    ledger: std::path::PathBuf,
+    _cloud: TestServer,
+    _dir: tempfile::TempDir,
+}
+
+struct Setup {
+    mode: Mode,
+    policy: PolicyConfig,
+    upstream: Box<dyn FnOnce(&mut UpstreamConfig)>,
+    keys: Vec<KeyConfig>,
+    local: LocalEngine,
+    api_key: Option<String>,
+}
+
+impl Setup {
+    fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            policy: cloud_first(),
+            upstream: Box::new(|_| {}),
+            keys: vec![],
+            local: device_engine(),
+            api_key: None,
+        }
+    }
+
+    async fn start(self) -> Hybrid {
+        let cloud =
+            TestServer::start(Dispatcher::builder().local(cloud_engine()).build().unwrap()).await;
+        let capture = CaptureUpstream::start(Some(cloud.url("/v1")), self.mode).await;
+        let mut u = upstream(&capture.base_url());
+        (self.upstream)(&mut u);
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger.jsonl");
+        let dispatcher = Dispatcher::builder()
+            .local(self.local)
+            .cloud(CloudBackend::with_api_key(u, self.api_key).unwrap())
+            .policy(self.policy)
+            .keys(self.keys)
+            .ledger(Ledger::open(&ledger).unwrap())
+            .build()
+            .unwrap();
+        let device = TestServer::start(dispatcher.clone()).await;
+        Hybrid {
+            device,
+            capture,
+            dispatcher,
+            ledger,
+            _cloud: cloud,
+            _dir: dir,
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    }
+    fn text(&self) -> String {
+        self.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+impl Hybrid {
+    async fn chat(&self, prompt: &str, headers: &[(&str, &str)], extra: Value) -> Reply {
+        let mut body = json!({
+            "model": "tandem/auto",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 12,
+            "temperature": 0,
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let mut r = reqwest::Client::new()
+            .post(self.device.url("/v1/chat/completions"))
+            .json(&body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A streamed answer: its text, and whether it ended properly.
+    async fn stream(
+        &self,
+        prompt: &str,
+        headers: &[(&str, &str)],
+        extra: Value,
+    ) -> (String, Vec<Value>, bool) {
+        let mut body = json!({
+            "model": "tandem/auto",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "stream": true,
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let mut r = reqwest::Client::new()
+            .post(self.device.url("/v1/chat/completions"))
+            .json(&body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let text = r.send().await.unwrap().text().await.unwrap();
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        let done = data.last() == Some(&"[DONE]");
+        let chunks: Vec<Value> = data
+            .iter()
+            .filter(|d| **d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let content = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        (content, chunks, done)
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(self.device.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    fn ledger(&self) -> Vec<tandem_ledger::Entry> {
+        self.dispatcher.ledger().unwrap().flush();
+        tandem_ledger::read(&self.ledger).unwrap()
+    }
+
+    fn set_signals(&self, o: Value) {
+        self.dispatcher
+            .signals()
+            .set_overrides(serde_json::from_value(o).unwrap());
+    }
+}
+
+/// Prompts carrying personal data or secrets, and the value that must not leave.
+fn pii_catalogue() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (
+            "Reply to jane.doe@example.com about the invoice.",
+            "jane.doe@example.com",
+        ),
+        (
+            "Call me on +44 20 7946 0958 after lunch.",
+            "+44 20 7946 0958",
+        ),
+        (
+            "My card is 4111 1111 1111 1111, is it valid?",
+            "4111 1111 1111 1111",
+        ),
+        (
+            "Pay to IBAN DE89 3704 0044 0532 0130 00 today.",
+            "DE89 3704 0044 0532 0130 00",
+        ),
+        ("My SSN is 123-45-6789, keep it safe.", "123-45-6789"),
+        ("The server 10.20.30.40 keeps rebooting.", "10.20.30.40"),
+        (
+            "Why does key sk-proj-AbCdEfGhIjKlMnOpQrStUvWx123 fail?",
+            "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx123",
+        ),
+        (
+            "Use password = Tr0ub4dor&3xyz for the demo.",
+            "Tr0ub4dor&3xyz",
+        ),
+        ("My NI number is AB 12 34 56 C.", "AB 12 34 56 C"),
+    ]
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn strict_mode_keeps_every_pii_prompt_on_the_device() {
+    let h = Setup::new(Mode::Forward).start().await;
+    for (prompt, secret) in pii_catalogue() {
+        let r = h
+            .chat(
+                prompt,
+                &[("x-tandem-privacy", "strict")],
+                json!({"max_tokens": 4}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{prompt}: {}", r.body);
+        assert_eq!(r.header("x-tandem-backend"), "local", "{prompt}");
+        assert!(
+            r.header("x-tandem-reasons")
+                .contains("privacy: strict mode"),
+            "{prompt}"
+        );
+        assert!(
+            !contains(&h.capture.all_bytes(), secret),
+            "{secret} left the device"
+        );
+    }
+    assert!(
+        h.capture.captured().is_empty(),
+        "nothing at all left in strict mode"
+    );
+    // The same path is live: a prompt without personal data goes out.
+    let r = h
+        .chat(
+            "Name a primary colour.",
+            &[("x-tandem-privacy", "strict")],
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(h.capture.captured().len(), 1);
+    assert_eq!(h.ledger().len(), 1);
+}
+
+#[tokio::test]
+async fn redact_mode_sends_placeholders_and_restores_the_answer() {
+    let h = Setup::new(Mode::Echo).start().await;
+    for (i, (prompt, secret)) in pii_catalogue().into_iter().enumerate() {
+        let r = h
+            .chat(prompt, &[("x-tandem-privacy", "redact")], json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{prompt}: {}", r.body);
+        assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+        assert!(!r.header("x-tandem-redacted").is_empty(), "{prompt}");
+        // The upstream echoed placeholders; the client sees the originals.
+        assert!(r.text().contains(secret), "{prompt} -> {}", r.text());
+        let (streamed, _, done) = h
+            .stream(prompt, &[("x-tandem-privacy", "redact")], json!({}))
+            .await;
+        assert!(done);
+        assert!(streamed.contains(secret), "streamed: {streamed}");
+        assert_eq!(streamed, r.text());
+        let sent = h.capture.all_bytes();
+        assert!(!contains(&sent, secret), "{secret} left the device");
+        let last = h.capture.captured().last().unwrap().json();
+        assert!(
+            last["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .contains('['),
+            "case {i}: {last}"
+        );
+    }
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 2 * pii_catalogue().len());
+    assert!(ledger.iter().all(|e| !e.egress.redacted.is_empty()));
+    assert!(
+        h.metrics()
+            .await
+            .contains("tandem_pii_redactions_total{class=\"email\"}")
+    );
+}
+
+#[tokio::test]
+async fn cloud_killed_mid_stream_is_continued_locally() {
+    let h = Setup::new(Mode::KillAfter(4)).start().await;
+    let (text, chunks, done) = h
+        .stream(
+            "Write a short poem about the sea.",
+            &[],
+            json!({"max_tokens": 40}),
+        )
+        .await;
+    assert!(done, "the client saw one complete stream: {chunks:?}");
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{chunks:?}"
+    );
+    // What the cloud sent before the cut (the last piece may have died with
+    // the connection): the client's answer begins with it, and goes on.
+    let before = h.capture.captured()[0].forwarded_text();
+    let common = text
+        .char_indices()
+        .zip(before.chars())
+        .take_while(|((_, a), b)| a == b)
+        .count();
+    assert!(
+        common >= 3,
+        "{text:?} does not start with the cloud's {before:?}"
+    );
+    assert!(
+        text.len() > before.len(),
+        "the local model went on: {text:?}"
+    );
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 1"),
+        "{m}"
+    );
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 1);
+    assert!(
+        ledger[0].egress.outcome.starts_with("handoff to local"),
+        "{:?}",
+        ledger[0].egress
+    );
+}
+
+#[tokio::test]
+async fn slow_cloud_past_its_ttft_timeout_is_answered_locally() {
+    let mut s = Setup::new(Mode::Delay(Duration::from_secs(3)));
+    s.upstream = Box::new(|u| {
+        u.ttft_timeout_ms = 400;
+        u.request_timeout_ms = 400;
+    });
+    let h = s.start().await;
+    for streaming in [false, true] {
+        if streaming {
+            let (text, _, done) = h.stream("Name a fruit.", &[], json!({})).await;
+            assert!(done && !text.is_empty());
+        } else {
+            let r = h.chat("Name a fruit.", &[], json!({})).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("x-tandem-backend"), "local");
+            assert!(
+                r.header("x-tandem-failover").starts_with("cloud -> local"),
+                "{:?}",
+                r.headers
+            );
+        }
+    }
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_failovers_total{from=\"cloud\",to=\"local\",cause=\"timeout\"} 2"),
+        "{m}"
+    );
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 2);
+    assert!(ledger.iter().all(|e| e.egress.outcome.starts_with("error")));
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_then_answered_locally() {
+    let h = Setup::new(Mode::Fail {
+        status: 500,
+        times: 1000,
+    })
+    .start()
+    .await;
+    let r = h.chat("Name a fruit.", &[], json!({})).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-tandem-backend"), "local");
+    assert_eq!(h.capture.captured().len(), 3, "one try and two retries");
+    let ledger = h.ledger();
+    assert_eq!(ledger[0].egress.attempts, 3);
+    assert_eq!(
+        ledger[0].egress.bytes_out,
+        3 * h.capture.captured()[0].body.len() as u64
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_cloud_is_retried_until_it_answers() {
+    let h = Setup::new(Mode::Fail {
+        status: 429,
+        times: 2,
+    })
+    .start()
+    .await;
+    let r = h.chat("Name a fruit.", &[], json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+    assert!(!r.text().is_empty());
+    let ledger = h.ledger();
+    assert_eq!(
+        (ledger[0].egress.attempts, ledger[0].egress.outcome.as_str()),
+        (3, "ok")
+    );
+    assert!(ledger[0].egress.cost_usd > 0.0);
+}
+
+#[tokio::test]
+async fn unreachable_cloud_fails_over_then_is_skipped() {
+    let mut s = Setup::new(Mode::Forward);
+    s.upstream = Box::new(|u| {
+        u.base_url = "http://127.0.0.1:9/v1".into();
+        u.breaker_failures = 2;
+        u.max_retries = 1;
+    });
+    let h = s.start().await;
+    for _ in 0..2 {
+        let r = h.chat("Name a fruit.", &[], json!({})).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-tandem-backend"), "local");
+        assert!(
+            r.header("x-tandem-failover").contains("connection failed"),
+            "{:?}",
+            r.headers
+        );
+    }
+    // The breaker is open: the cloud is no longer even tried.
+    let r = h.chat("Name a fruit.", &[], json!({})).await;
+    assert_eq!(r.header("x-tandem-backend"), "local");
+    assert!(
+        r.header("x-tandem-reasons").contains("circuit open"),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.header("x-tandem-failover").is_empty());
+    // And what only the cloud could do gets a clear error.
+    let long = "words and more words ".repeat(300);
+    let r = h.chat(&long, &[], json!({})).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("circuit open") && msg.contains("exceeds the local context"),
+        "{msg}"
+    );
+    let health: Value = reqwest::get(h.device.url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["backends"][1]["breaker"], "open");
+}
+
+#[tokio::test]
+async fn local_failure_mid_stream_is_continued_in_the_cloud() {
+    // A private engine: aborting it must not disturb other tests.
+    let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+    cfg.context = Some(1024);
+    cfg.threads = Threads::Fixed(1);
+    let local = LocalEngine::load(cfg).unwrap();
+    let mut s = Setup::new(Mode::Forward);
+    s.policy = PolicyConfig::default();
+    s.local = local.clone();
+    let h = s.start().await;
+    let resp = reqwest::Client::new()
+        .post(h.device.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "tandem/auto",
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+            "max_tokens": 60, "temperature": 0, "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-tandem-backend"], "local");
+    let mut body = resp.bytes_stream();
+    let mut raw = Vec::new();
+    while raw.windows(2).filter(|w| w == b"\n\n").count() < 6 {
+        raw.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    // The device sheds its work (say it overheats): the answer moves.
+    local.abort_all("device too hot");
+    while let Some(chunk) = body.next().await {
+        raw.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+    let sent = h.capture.captured();
+    assert_eq!(sent.len(), 1, "the cloud was asked to continue");
+    let req = sent[0].json();
+    assert_eq!(req["continue_final_message"], true);
+    let partial = req["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(partial["role"], "assistant");
+    assert!(!partial["content"].as_str().unwrap().is_empty());
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_handoffs_total{from=\"local\",to=\"cloud\""),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_explains_without_generating() {
+    let h = Setup::new(Mode::Forward).start().await;
+    let v: Value = reqwest::Client::new()
+        .post(h.device.url("/v1/tandem/route"))
+        .header("x-tandem-privacy", "strict")
+        .json(&json!({"messages": [{"role": "user", "content": "Email bob@corp.example.com the report"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["backend"], "local");
+    assert_eq!(v["features"]["pii"], json!(["email"]));
+    let reasons = v["decision"]["reasons"].as_array().unwrap();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r["rule"] == "privacy" && r["effect"] == "forbid")
+    );
+    assert!(h.capture.captured().is_empty());
+    assert!(!h.metrics().await.contains("tandem_requests_total{"));
+}
+
+#[tokio::test]
+async fn keys_carry_privacy_budgets_and_rate_limits() {
+    let (strict_key, careful_key) = (
+        "tdm_strict_test_key_0123456789",
+        "tdm_budget_test_key_0123456789",
+    );
+    let mut s = Setup::new(Mode::Forward);
+    s.keys = vec![
+        KeyConfig {
+            name: "strict-app".into(),
+            hash: hash_key(strict_key),
+            privacy: Some(PrivacyMode::Strict),
+            daily_budget_usd: None,
+            rate_limit_per_minute: None,
+            admin: false,
+        },
+        KeyConfig {
+            name: "careful-app".into(),
+            hash: hash_key(careful_key),
+            privacy: None,
+            daily_budget_usd: Some(1e-9),
+            rate_limit_per_minute: Some(2),
+            admin: false,
+        },
+    ];
+    let h = s.start().await;
+    let anon = h.chat("Name a fruit.", &[], json!({})).await;
+    assert_eq!(anon.status, 401);
+    let strict_auth = format!("Bearer {strict_key}");
+    // The key's strict mode holds even if the request asks for less.
+    let r = h
+        .chat(
+            "Mail jane.doe@example.com the notes.",
+            &[("authorization", &strict_auth), ("x-tandem-privacy", "off")],
+            json!({"max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.header("x-tandem-backend").as_str()),
+        (200, "local")
+    );
+    let careful_auth = format!("Bearer {careful_key}");
+    let first = h
+        .chat(
+            "Name a fruit.",
+            &[("authorization", &careful_auth)],
+            json!({}),
+        )
+        .await;
+    assert_eq!(first.header("x-tandem-backend"), "cloud:cloud");
+    let second = h
+        .chat(
+            "Name a fruit.",
+            &[("authorization", &careful_auth)],
+            json!({}),
+        )
+        .await;
+    assert_eq!(second.header("x-tandem-backend"), "local", "budget spent");
+    assert!(second.header("x-tandem-reasons").contains("budget"));
+    let third = h
+        .chat(
+            "Name a fruit.",
+            &[("authorization", &careful_auth)],
+            json!({}),
+        )
+        .await;
+    assert_eq!(third.status, 429);
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].egress.key.as_deref(), Some("careful-app"));
+}
+
+#[tokio::test]
+async fn metrics_and_ledger_say_what_happened() {
+    let h = Setup::new(Mode::Forward).start().await;
+    h.set_signals(json!({"cloud_reachable": false}));
+    let local = h.chat("Name a fruit.", &[], json!({})).await;
+    assert_eq!(local.header("x-tandem-backend"), "local");
+    h.dispatcher.signals().clear_overrides();
+    let cloud = h.chat("Name a fruit.", &[], json!({})).await;
+    assert_eq!(cloud.header("x-tandem-backend"), "cloud:cloud");
+    let m = h.metrics().await;
+    for needle in [
+        "tandem_requests_total{backend=\"local\",reason=\"only_option\"} 1",
+        "tandem_requests_total{backend=\"cloud:cloud\",reason=\"prefer_cloud\"} 1",
+        "tandem_tokens_total{side=\"local\",kind=\"completion\"}",
+        "tandem_tokens_total{side=\"cloud\",kind=\"prompt\"}",
+        "tandem_cost_usd_total",
+        "tandem_cost_saved_usd_total",
+        "tandem_ttft_seconds_count{backend=\"local\"} 1",
+        "tandem_request_duration_seconds_count{backend=\"cloud:cloud\"} 1",
+    ] {
+        assert!(m.contains(needle), "missing {needle}:\n{m}");
+    }
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 1);
+    let e = &ledger[0].egress;
+    assert_eq!(
+        (e.upstream.as_str(), e.model.as_str(), e.outcome.as_str()),
+        ("cloud", QWEN_05B, "ok")
+    );
+    let sent = &h.capture.captured()[0];
+    assert_eq!(e.payload_sha256, tandem_ledger::sha256_hex(&sent.body));
+    assert_eq!(e.bytes_out, sent.body.len() as u64);
+    assert!(e.bytes_in > 0 && e.completion_tokens > 0);
+    let spent: f64 = m
+        .lines()
+        .find(|l| l.starts_with("tandem_cost_usd_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!((spent - e.cost_usd).abs() < 1e-12);
+    assert_eq!(tandem_ledger::verify(&h.ledger).unwrap().entries, 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_api_key_never_appears_in_errors_metrics_or_logs() {
+    let secret = "sk-upstream-SECRET-0123456789abcdef";
+    let logs = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || LogSink(sink.clone()))
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut s = Setup::new(Mode::Fail {
+        status: 401,
+        times: 1000,
+    });
+    s.api_key = Some(secret.into());
+    let h = s.start().await;
+    // A request naming the cloud model has no fallback: the client sees the
+    // upstream's refusal.
+    let r = h
+        .chat("Name a fruit.", &[], json!({"model": QWEN_05B}))
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(!r.body.to_string().contains(secret));
+    let sent = &h.capture.captured()[0];
+    assert_eq!(
+        sent.headers["authorization"],
+        format!("Bearer {secret}"),
+        "the key is used"
+    );
+    assert!(!h.metrics().await.contains(secret));
+    assert!(!format!("{:?}", h.dispatcher.clouds()[0]).contains(secret));
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(!logged.is_empty());
+    assert!(!logged.contains(secret), "{logged}");
+    assert!(
+        h.ledger()
+            .iter()
+            .all(|e| !serde_json::to_string(e).unwrap().contains(secret))
+    );
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,285 @@
+//! A capturing upstream for tests: an OpenAI-compatible endpoint on
+//! loopback that records every byte it receives, and either forwards to a
+//! real server (a cloud-role Tandem) or misbehaves on purpose.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// How the upstream answers.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Pass the request to the target and the answer back.
+    Forward,
+    /// Forward, but cut the connection after this many SSE events of a
+    /// streamed answer.
+    KillAfter(usize),
+    /// Wait this long, then forward.
+    Delay(Duration),
+    /// Answer the next `times` requests with `status` (and `Retry-After:
+    /// 0`), then forward.
+    Fail { status: u16, times: usize },
+    /// Answer with "ECHO: " and the last user message, streamed three
+    /// characters a chunk (so placeholders arrive split).
+    Echo,
+}
+
+/// One request as received, and what was passed back for it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    forwarded: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Captured {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The response bytes sent back to the caller (before any cut).
+    pub fn forwarded(&self) -> Vec<u8> {
+        self.forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The content of the streamed answer passed back, joined.
+    pub fn forwarded_text(&self) -> String {
+        String::from_utf8_lossy(&self.forwarded())
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+}
+
+struct Shared {
+    target: Option<String>,
+    mode: Mutex<Mode>,
+    captured: Mutex<Vec<Captured>>,
+    client: reqwest::Client,
+}
+
+#[derive(Clone)]
+pub struct CaptureUpstream {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl CaptureUpstream {
+    /// `target`: base URL (with `/v1`) requests are forwarded to.
+    pub async fn start(target: Option<String>, mode: Mode) -> CaptureUpstream {
+        let shared = Arc::new(Shared {
+            target,
+            mode: Mutex::new(mode),
+            captured: Mutex::new(Vec::new()),
+            client: reqwest::Client::new(),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(handle))
+            .route("/v1/completions", post(handle))
+            .route(
+                "/v1/models",
+                get(|| async { axum::Json(json!({"object": "list", "data": []})) }),
+            )
+            .with_state(shared.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        CaptureUpstream { addr, shared }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+    }
+
+    pub fn captured(&self) -> Vec<Captured> {
+        self.shared
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Everything received, headers and bodies, as one byte string.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in self.captured() {
+            for (k, v) in &c.headers {
+                out.extend_from_slice(k.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(v.as_bytes());
+                out.push(b'\n');
+            }
+            out.extend_from_slice(&c.body);
+            out.push(b'\n');
+        }
+        out
+    }
+}
+
+async fn handle(
+    State(s): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let forwarded = Arc::new(Mutex::new(Vec::new()));
+    s.captured
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Captured {
+            path: uri.path().to_owned(),
+            headers: headers.clone(),
+            body: body.clone(),
+            forwarded: forwarded.clone(),
+        });
+    let mode = {
+        let mut m = s.mode.lock().unwrap_or_else(|p| p.into_inner());
+        let now = m.clone();
+        if let Mode::Fail { status, times } = &mut *m {
+            if *times <= 1 {
+                let _ = status;
+                *m = Mode::Forward;
+            } else {
+                *times -= 1;
+            }
+        }
+        now
+    };
+    match mode {
+        Mode::Fail { status, .. } => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [("retry-after", "0")],
+            axum::Json(json!({"error": {"message": "injected failure", "type": "server_error"}})),
+        )
+            .into_response(),
+        Mode::Echo => echo(&body),
+        Mode::Delay(d) => {
+            tokio::time::sleep(d).await;
+            forward(&s, uri.path(), body, None, forwarded).await
+        }
+        Mode::Forward => forward(&s, uri.path(), body, None, forwarded).await,
+        Mode::KillAfter(n) => forward(&s, uri.path(), body, Some(n), forwarded).await,
+    }
+}
+
+async fn forward(
+    s: &Shared,
+    path: &str,
+    body: Bytes,
+    kill_after: Option<usize>,
+    record: Arc<Mutex<Vec<u8>>>,
+) -> Response {
+    let Some(target) = &s.target else {
+        return (StatusCode::BAD_GATEWAY, "no target").into_response();
+    };
+    let url = format!("{}{}", target.trim_end_matches("/v1"), path);
+    let resp = match s
+        .client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let mut upstream = resp.bytes_stream();
+    let stream = async_stream::stream! {
+        let mut events = 0usize;
+        while let Some(chunk) = upstream.next().await {
+            match chunk {
+                Ok(c) => {
+                    events += c.windows(2).filter(|w| w == b"\n\n").count();
+                    record.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&c);
+                    yield Ok::<Bytes, std::io::Error>(c);
+                    if kill_after.is_some_and(|n| events >= n) {
+                        yield Err(std::io::Error::other("injected: connection killed"));
+                        return;
+                    }
+                }
+                Err(e) => {
+                    yield Err(std::io::Error::other(e.to_string()));
+                    return;
+                }
+            }
+        }
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn echo(body: &[u8]) -> Response {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let last_user = req["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    let text = format!("ECHO: {last_user}");
+    let model = req["model"].as_str().unwrap_or("echo").to_owned();
+    let usage = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
+    if req["stream"] != json!(true) {
+        return axum::Json(json!({
+            "id": "echo", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let mut sse = String::new();
+    let chars: Vec<char> = text.chars().collect();
+    for piece in chars.chunks(3) {
+        let chunk = json!({
+            "id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": {"content": piece.iter().collect::<String>()}, "finish_reason": null}],
+        });
+        sse.push_str(&format!("data: {chunk}\n\n"));
+    }
+    let fin = json!({
+        "id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    });
+    sse.push_str(&format!("data: {fin}\n\n"));
+    let use_chunk = json!({"id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
+    sse.push_str(&format!("data: {use_chunk}\n\ndata: [DONE]\n\n"));
+    ([("content-type", "text/event-stream")], sse).into_response()
+}
