@@ -187,6 +187,9 @@ impl LatencyStats {
 #[derive(Debug)]
 struct Inner {
     cfg: UpstreamConfig,
+    /// Endpoint URLs, parsed once: parsing per request shows up in profiles.
+    chat_url: reqwest::Url,
+    completions_url: reqwest::Url,
     client: reqwest::Client,
     key: Option<Secret>,
     breaker: CircuitBreaker,
@@ -277,8 +280,17 @@ impl CloudBackend {
             .user_agent(concat!("tandem/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("upstream `{}`: {e}", cfg.name))?;
+        let base = cfg.base_url.trim_end_matches('/');
+        let parse = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| format!("upstream `{}`: base_url: {e}", cfg.name))
+        };
+        let chat_url = parse(Endpoint::Chat.path())?;
+        let completions_url = parse(Endpoint::Completions.path())?;
         Ok(CloudBackend {
             inner: Arc::new(Inner {
+                chat_url,
+                completions_url,
                 breaker: CircuitBreaker::new(
                     cfg.breaker_failures,
                     Duration::from_millis(cfg.breaker_cooldown_ms),
@@ -444,7 +456,10 @@ impl CloudBackend {
         exchange: &Arc<Exchange>,
     ) -> Result<EventStream, Failure> {
         let cfg = &self.inner.cfg;
-        let url = format!("{}{}", cfg.base_url.trim_end_matches('/'), endpoint.path());
+        let url = match endpoint {
+            Endpoint::Chat => self.inner.chat_url.clone(),
+            Endpoint::Completions => self.inner.completions_url.clone(),
+        };
         let mut http = self
             .inner
             .client

@@ -130,41 +130,39 @@ impl StreamState {
 
 /// A whole (non-streamed) answer as events.
 pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_gateway(format!("upstream sent invalid JSON: {e}")))?;
-    if let Some(e) = upstream_error(&v) {
-        return Err(e);
-    }
     let bad =
         |e: serde_json::Error| ApiError::bad_gateway(format!("unexpected upstream answer: {e}"));
-    let (text, tokens, reason, usage) = match endpoint {
-        Endpoint::Chat => {
-            let c: ChatCompletion = serde_json::from_value(v).map_err(bad)?;
-            let ch = c
-                .choices
-                .into_iter()
-                .next()
-                .ok_or_else(|| ApiError::bad_gateway("upstream answer has no choices"))?;
-            (
-                ch.message.content.unwrap_or_default(),
-                ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
-                ch.finish_reason,
-                c.usage,
-            )
-        }
-        Endpoint::Completions => {
-            let c: Completion = serde_json::from_value(v).map_err(bad)?;
-            let ch = c
-                .choices
-                .into_iter()
-                .next()
-                .ok_or_else(|| ApiError::bad_gateway("upstream answer has no choices"))?;
-            (
-                ch.text,
-                ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
-                ch.finish_reason,
-                c.usage,
-            )
+    // The common case parses straight into the answer type; only a body
+    // that is not one is looked at for an error object.
+    let parsed = match endpoint {
+        Endpoint::Chat => serde_json::from_slice::<ChatCompletion>(body).map(|c| {
+            c.choices.into_iter().next().map(|ch| {
+                (
+                    ch.message.content.unwrap_or_default(),
+                    ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
+                    ch.finish_reason,
+                    c.usage,
+                )
+            })
+        }),
+        Endpoint::Completions => serde_json::from_slice::<Completion>(body).map(|c| {
+            c.choices.into_iter().next().map(|ch| {
+                (
+                    ch.text,
+                    ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
+                    ch.finish_reason,
+                    c.usage,
+                )
+            })
+        }),
+    };
+    let (text, tokens, reason, usage) = match parsed {
+        Ok(Some(answer)) => answer,
+        Ok(None) => return Err(ApiError::bad_gateway("upstream answer has no choices")),
+        Err(e) => {
+            let v: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_gateway(format!("upstream sent invalid JSON: {e}")))?;
+            return Err(upstream_error(&v).unwrap_or_else(|| bad(e)));
         }
     };
     Ok(vec![

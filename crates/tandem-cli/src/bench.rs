@@ -7,7 +7,24 @@ use tandem_engine::bench::{BenchConfig, BenchReport};
 use crate::models::resolve;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: Option<BenchKind>,
+    #[command(flatten)]
+    pub engine: EngineBench,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchKind {
+    /// The engine against a plain llama.cpp loop (the default).
+    Engine(EngineBench),
+    /// Latency Tandem adds to cloud requests, against LiteLLM.
+    Gateway(crate::bench_gateway::GatewayArgs),
+}
+
+#[derive(Args)]
+pub struct EngineBench {
     /// Catalog name or GGUF path.
     #[arg(long, short = 'm', default_value = DEFAULT_MODEL)]
     pub model: String,
@@ -33,6 +50,16 @@ pub struct BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        None => engine(args.engine).await,
+        Some(BenchKind::Engine(e)) => engine(e).await,
+        Some(BenchKind::Gateway(g)) => {
+            tokio::task::spawn_blocking(move || crate::bench_gateway::run(g)).await?
+        }
+    }
+}
+
+async fn engine(args: EngineBench) -> anyhow::Result<()> {
     let model = resolve(&args.model).await?;
     let cfg = BenchConfig {
         model_id: model.id,

@@ -52,9 +52,12 @@ impl Default for ServerSection {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalSection {
+    /// `false`: a pure gateway with no local model.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
     /// Catalog names or GGUF paths; the first is the one the router uses.
     #[serde(default)]
     pub models: Vec<String>,
@@ -66,6 +69,19 @@ pub struct LocalSection {
     pub threads: Option<String>,
     #[serde(default)]
     pub gpu_layers: Option<u32>,
+}
+
+impl Default for LocalSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            models: Vec::new(),
+            ctx: None,
+            parallel: None,
+            threads: None,
+            gpu_layers: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

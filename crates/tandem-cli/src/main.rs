@@ -1,6 +1,7 @@
 //! `tandem`: a thin binary wiring Tandem's libraries together.
 
 mod bench;
+mod bench_gateway;
 mod chat;
 mod config;
 mod demo;
@@ -87,7 +88,22 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let rt = tokio::runtime::Runtime::new()?;
+    // I/O only (inference has its own threads), so a few workers suffice;
+    // on a small machine fewer workers also means fewer cross-thread
+    // wake-ups per request. TANDEM_WORKERS overrides.
+    let workers = std::env::var("TANDEM_WORKERS")
+        .ok()
+        .and_then(|w| w.parse::<usize>().ok())
+        .filter(|&w| w > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(4)
+        });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(a) => rt.block_on(serve::run(a)),
         Command::Chat(a) => rt.block_on(chat::chat(a)),

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Listen on a non-loopback address without API keys configured.
     #[arg(long)]
     pub allow_remote: bool,
+    /// No local model: a pure gateway to the configured upstreams.
+    #[arg(long)]
+    pub no_local: bool,
     /// Largest request body accepted, in bytes.
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
@@ -81,7 +84,15 @@ fn merge(args: &ServeArgs, cfg: &mut Config) -> anyhow::Result<()> {
     if !args.models.is_empty() {
         cfg.local.models = args.models.clone();
     }
-    if cfg.local.models.is_empty() {
+    if args.no_local {
+        cfg.local.enabled = false;
+    }
+    if !cfg.local.enabled {
+        cfg.local.models.clear();
+        if cfg.upstreams.is_empty() {
+            bail!("with no local model there must be at least one [[upstreams]] entry");
+        }
+    } else if cfg.local.models.is_empty() {
         cfg.local.models = vec![
             match args.role {
                 Role::Device => DEFAULT_MODEL,
@@ -207,10 +218,15 @@ fn print_banner(addr: &SocketAddr, d: &Dispatcher, role: Role) {
     println!(
         "Tandem ({}) is serving {} at {base}",
         match role {
+            Role::Device if locals.is_empty() => "gateway",
             Role::Device => "device",
             Role::Cloud => "cloud",
         },
-        locals.join(", ")
+        if locals.is_empty() {
+            "no local model".to_owned()
+        } else {
+            locals.join(", ")
+        }
     );
     if !clouds.is_empty() {
         println!(

@@ -168,3 +168,100 @@ fn send_sigterm(pid: u32) {
         .args(["-TERM", &pid.to_string()])
         .status();
 }
+
+fn gateway_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("tandem.toml");
+    std::fs::write(
+        &path,
+        "[local]\nenabled = false\n\n[[upstreams]]\nname = \"up\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"m\"]\n",
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn serve_refuses_the_network_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path());
+    let out = tandem()
+        .env("TANDEM_HOME", dir.path())
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no API keys") && err.contains("--allow-remote"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_new_prints_a_key_and_its_hash_only() {
+    let out = tandem()
+        .args(["keys", "new", "app", "--privacy", "strict"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("tdm_") && key.len() > 30, "{key}");
+    let snippet = String::from_utf8_lossy(&out.stderr);
+    assert!(snippet.contains("sha256:") && snippet.contains("privacy = \"strict\""));
+    assert!(
+        !snippet.contains(&key),
+        "the key itself is not in the config snippet"
+    );
+    let bad = tandem()
+        .args(["keys", "new", "x", "--privacy", "loose"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn ledger_verify_fails_on_a_tampered_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let l = tandem_ledger::Ledger::open(&path).unwrap();
+    for i in 0..3 {
+        l.record(tandem_ledger::Egress {
+            request_id: format!("r{i}"),
+            upstream: "up".into(),
+            model: "m".into(),
+            outcome: "ok".into(),
+            bytes_out: 10,
+            ..Default::default()
+        });
+    }
+    l.flush();
+    let ok = tandem()
+        .args(["ledger", "verify", "--path", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("3 entries"));
+    let listed = tandem()
+        .args(["ledger", "list", "--path", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("3 requests left the device"));
+    let text =
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("\"bytes_out\":10", "\"bytes_out\":11", 1);
+    std::fs::write(&path, text).unwrap();
+    let bad = tandem()
+        .args(["ledger", "verify", "--path", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
+}

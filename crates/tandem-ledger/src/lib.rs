@@ -24,6 +24,10 @@ use sha2::{Digest, Sha256};
 /// Upper bound on how long an entry waits before reaching the disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
+/// After an entry arrives, the writer waits this long for more, so that at
+/// high request rates one write serves many entries.
+const GATHER: Duration = Duration::from_millis(5);
+
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Debug, thiserror::Error)]
@@ -226,8 +230,13 @@ fn writer(file: File, path: PathBuf, rx: mpsc::Receiver<Msg>, mut seq: u64, mut 
                 Err(_) => return,
             }
         };
-        // Drain what is queued so one write and one sync serve many entries.
+        // Let more entries arrive, then take them all: one write and one
+        // sync serve many. Sleeping (rather than waiting on the channel)
+        // matters: senders wake a parked receiver with a system call each.
         let mut batch: Vec<Msg> = first.into_iter().collect();
+        if !batch.iter().any(|m| matches!(m, Msg::Flush(_))) {
+            std::thread::sleep(GATHER);
+        }
         while let Ok(m) = rx.try_recv() {
             batch.push(m);
         }

@@ -20,8 +20,14 @@ use crate::error::{HttpError, OpenAiJson};
 use crate::sse::{self, StreamMeta};
 use crate::{AppState, unix_now};
 
+/// A random id. Not for secrets: ids only need to be unique, and a
+/// per-thread generator costs no system call.
+fn random_hex() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
 fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+    format!("{prefix}-{}", random_hex())
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -63,7 +69,7 @@ fn context(
     let request_id = header(headers, "x-request-id")
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        .unwrap_or_else(random_hex);
     Ok(RequestContext {
         request_id,
         caller: caller.map(|axum::Extension(c)| c),
