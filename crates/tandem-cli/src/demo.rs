@@ -25,7 +25,7 @@ pub struct DemoArgs {
 }
 
 /// Kills the child process when dropped.
-struct Server(Child);
+pub(crate) struct Server(pub(crate) Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -34,7 +34,7 @@ impl Drop for Server {
     }
 }
 
-async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result<()> {
+pub(crate) async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let client = reqwest::Client::new();
     while Instant::now() < deadline {
@@ -55,7 +55,7 @@ async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result<()> {
     bail!("{url} did not come up in time")
 }
 
-fn spawn(args: &[&str]) -> anyhow::Result<Server> {
+pub(crate) fn spawn(args: &[&str]) -> anyhow::Result<Server> {
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let child = Command::new(exe)
         .args(args)
@@ -104,6 +104,10 @@ ttft_timeout_ms = 60000
 
 [router]
 privacy = "redact"
+
+# Each step should show the router's placement, not an earlier answer.
+[cache]
+enabled = false
 
 [ledger]
 path = "{ledger}"

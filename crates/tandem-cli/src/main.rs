@@ -1,12 +1,15 @@
 //! `tandem`: a thin binary wiring Tandem's libraries together.
 
 mod bench;
+mod bench_cascade;
 mod bench_gateway;
+mod bench_router;
 mod chat;
 mod config;
 mod demo;
 mod models;
 mod ops;
+mod router_cmd;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -51,6 +54,12 @@ enum Command {
     /// Make gateway API keys.
     #[command(subcommand)]
     Keys(ops::KeysCommand),
+    /// Inspect or clear the semantic cache.
+    #[command(subcommand)]
+    Cache(ops::CacheCommand),
+    /// Train and evaluate the learned router.
+    #[command(subcommand)]
+    Router(router_cmd::RouterCommand),
     /// Start a device and a cloud Tandem on this machine and show requests
     /// being placed on each.
     Demo(demo::DemoArgs),
@@ -115,6 +124,8 @@ fn main() -> anyhow::Result<()> {
         Command::Signals(c) => rt.block_on(ops::signals(c)),
         Command::Ledger(c) => ops::ledger(c),
         Command::Keys(c) => ops::keys(c),
+        Command::Router(c) => rt.block_on(router_cmd::run(c)),
+        Command::Cache(c) => rt.block_on(ops::cache(c)),
         Command::Demo(a) => rt.block_on(demo::run(a)),
     }
 }

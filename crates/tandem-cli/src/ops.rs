@@ -1,4 +1,4 @@
-//! Operating a running Tandem: `route explain`, `signals`, `ledger`, `keys`.
+//! Operating a running Tandem: `route explain`, `signals`, `cache`, `ledger`, `keys`.
 
 use std::path::PathBuf;
 
@@ -203,6 +203,70 @@ pub async fn signals(cmd: SignalsCommand) -> anyhow::Result<()> {
         }
     };
     println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// How many answers the semantic cache holds.
+    Show(Remote),
+    /// Forget every cached answer. Asks the running server; with none
+    /// running, removes the cache file (`--file`, default
+    /// `$TANDEM_HOME/cache/answers.jsonl`).
+    Clear(ClearCache),
+}
+
+#[derive(Args)]
+pub struct ClearCache {
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
+    match cmd {
+        CacheCommand::Show(r) => {
+            let v = json_or_error(
+                r.request(reqwest::Method::GET, "/v1/tandem/cache")
+                    .send()
+                    .await?,
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        CacheCommand::Clear(c) => {
+            match c
+                .remote
+                .request(reqwest::Method::DELETE, "/v1/tandem/cache")
+                .send()
+                .await
+            {
+                Ok(resp) => {
+                    let v = json_or_error(resp).await?;
+                    println!("cleared {} cached answers", v["cleared"]);
+                }
+                // Nothing listening: the file is all there is.
+                Err(e) if e.is_connect() => {
+                    let path = c.file.unwrap_or_else(|| {
+                        tandem_catalog::default_home()
+                            .join("cache")
+                            .join("answers.jsonl")
+                    });
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => println!("removed {}", path.display()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            println!("no cache at {}", path.display());
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("removing {}", path.display()));
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     Ok(())
 }
 

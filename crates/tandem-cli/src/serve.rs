@@ -153,6 +153,43 @@ pub async fn build_dispatcher(
     for u in &cfg.upstreams {
         b = b.cloud(CloudBackend::new(u.clone()).map_err(anyhow::Error::msg)?);
     }
+    let mut scorer = None;
+    if cfg.embeddings.enabled {
+        let embedder = Arc::new(crate::router_cmd::load_embedder(&cfg.embeddings.model).await?);
+        let router = cfg.embeddings.router.clone().or_else(|| {
+            let p = crate::router_cmd::default_router_path();
+            p.is_file().then_some(p)
+        });
+        if let Some(path) = router {
+            let s = tandem_router::learned::LearnedScorer::load(&path, embedder.dim())
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                "learned router: {} (threshold {:.2}, {})",
+                path.display(),
+                s.model().threshold,
+                s.model().calibrated_for
+            );
+            scorer = Some(Arc::new(s));
+        }
+        // Answers worth keeping come from the cloud (or locally, if asked).
+        if cfg.cache.enabled && (!cfg.upstreams.is_empty() || cfg.cache.local_answers) {
+            let path = cfg.cache.path.clone().unwrap_or_else(|| {
+                tandem_catalog::default_home()
+                    .join("cache")
+                    .join("answers.jsonl")
+            });
+            let cache =
+                tandem_router::cache::SemanticCache::open(cfg.cache.clone(), Some(path.clone()))
+                    .with_context(|| format!("opening the cache {}", path.display()))?;
+            tracing::info!(
+                "semantic cache: {} ({} answers)",
+                path.display(),
+                cache.len()
+            );
+            b = b.cache(Arc::new(cache));
+        }
+        b = b.embedder(&cfg.embeddings.model, embedder);
+    }
     if cfg.ledger.enabled && !cfg.upstreams.is_empty() {
         let path = cfg
             .ledger
@@ -162,6 +199,9 @@ pub async fn build_dispatcher(
         b = b.ledger(tandem_ledger::Ledger::open(&path)?);
     }
     let d = b.build().map_err(anyhow::Error::msg)?;
+    if let Some(s) = scorer {
+        d.set_scorer(s);
+    }
     d.signals().set_metered(cfg.signals.metered);
     d.start_signals(Duration::from_millis(cfg.signals.probe_interval_ms));
     Ok(d)

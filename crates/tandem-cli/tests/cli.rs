@@ -265,3 +265,93 @@ fn ledger_verify_fails_on_a_tampered_file() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
 }
+
+/// Arithmetic only the strong model gets right; small talk both get right.
+fn routing_fixture(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut lines = Vec::new();
+    for i in 0..24 {
+        let (a, b) = (37 + i * 13, 19 + i * 7);
+        lines.push(serde_json::json!({
+            "id": format!("hard-{i}"), "source": if i % 2 == 0 { "a" } else { "b" },
+            "prompt": format!("Compute {a} * {b} - {} and show the steps.", i * 3),
+            "weak_correct": false, "strong_correct": true,
+        }));
+        let greetings = [
+            "Hello there!",
+            "Good morning, friend.",
+            "Thanks a lot!",
+            "Have a nice day.",
+        ];
+        lines.push(serde_json::json!({
+            "id": format!("easy-{i}"), "source": if i % 2 == 0 { "a" } else { "b" },
+            "prompt": format!("{} (note {i})", greetings[i % 4]),
+            "weak_correct": true, "strong_correct": true,
+        }));
+    }
+    let path = dir.join("routing.jsonl");
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&path, text.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn router_train_and_eval_report_on_unseen_prompts() {
+    tandem_testkit::model_path(tandem_testkit::MINILM);
+    let dir = tempfile::tempdir().unwrap();
+    let data = routing_fixture(dir.path());
+    let router = dir.path().join("router.json");
+    let out = tandem()
+        .args(["router", "train", "--k", "4", "--holdout", "0.25", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&router)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("APGR") && stdout.contains("local@95"),
+        "{stdout}"
+    );
+    assert!(router.is_file());
+
+    let out = tandem()
+        .args(["router", "eval", "--json", "--data"])
+        .arg(&data)
+        .arg("--router")
+        .arg(&router)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Only the 12 held-out prompts are scored, and the classes separate.
+    assert_eq!(v["overall"]["prompts"], 12, "{v}");
+    assert!(v["overall"]["apgr"].as_f64().unwrap() > 0.8, "{v}");
+    assert_eq!(v["per_source"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn cache_clear_without_a_server_removes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("answers.jsonl");
+    std::fs::write(&file, "{}\n").unwrap();
+    let out = tandem()
+        .args(["cache", "clear", "--url", "http://127.0.0.1:9", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!file.exists());
+}

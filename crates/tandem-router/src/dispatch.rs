@@ -11,12 +11,17 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
-use tandem_api::{ApiError, Backend, Event, EventStream, Finish, GenerateRequest, Input, Usage};
+use tandem_api::{
+    Answer, ApiError, Backend, Event, EventStream, Finish, GenerateRequest, Input, LogprobRequest,
+    Usage,
+};
 use tandem_backends::{CloudBackend, Continuation, Exchange};
+use tandem_embed::Embedder;
 use tandem_engine::LocalEngine;
 use tandem_ledger::{Egress, Ledger};
 
 use crate::access::{Access, Caller, KeyConfig, SpendTracker};
+use crate::cache::{CacheKey, Cached, SemanticCache};
 use crate::metrics::{BackendLabels, ClassLabels, Metrics, MoveLabels, OutcomeLabels, RouteLabels};
 use crate::pii::{CustomPattern, Detector, Redaction, Restorer};
 use crate::policy::{
@@ -26,7 +31,14 @@ use crate::signals::SignalHub;
 
 /// Scores how hard a request is for the local model, in [0, 1].
 pub trait Scorer: Send + Sync {
-    fn score(&self, req: &GenerateRequest) -> Option<f32>;
+    /// Difficulty in [0, 1] of what the user asked last (`text`, see
+    /// [`crate::learned::routed_text`]) from its embedding.
+    fn score(&self, embedding: &[f32], text: &str) -> f32;
+    /// The difficulty threshold for the request's quality knob (`None`: the
+    /// knob is absent); `None` leaves it to the policy's configured one.
+    fn threshold(&self, _quality: Option<f32>) -> Option<f32> {
+        None
+    }
 }
 
 /// Who is asking and what they asked for beyond the body (headers).
@@ -40,6 +52,10 @@ pub struct RequestContext {
     pub latency_goal_ms: Option<u32>,
     /// `x-tandem-quality`: 0..1.
     pub quality: Option<f32>,
+    /// `x-tandem-cache: skip`: neither read nor write the semantic cache.
+    pub cache_skip: bool,
+    /// `x-tandem-mode: cascade` or `route` (default: the policy's `cascade`).
+    pub cascade: Option<bool>,
 }
 
 /// Where a request went and why; the server turns it into headers.
@@ -55,6 +71,12 @@ pub struct RouteInfo {
     pub failover: Option<String>,
     /// Microseconds spent deciding.
     pub decision_us: u64,
+    /// The learned router's difficulty score and the threshold it was held to.
+    pub difficulty: Option<(f32, f32)>,
+    /// `hit`, `miss` or `skip`, when the semantic cache is on.
+    pub cache: Option<String>,
+    /// What the cascade did: kept the local answer or escalated it.
+    pub cascade: Option<String>,
 }
 
 /// The outcome of a dry run.
@@ -98,6 +120,9 @@ pub struct Dispatcher {
     access: Access,
     local_speed: Mutex<Speed>,
     scorer: Mutex<Option<Arc<dyn Scorer>>>,
+    embedder: Option<Arc<Embedder>>,
+    embedder_name: String,
+    cache: Option<Arc<SemanticCache>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -119,6 +144,8 @@ pub struct DispatcherBuilder {
     keys: Vec<KeyConfig>,
     ledger: Option<Ledger>,
     hub: Option<SignalHub>,
+    embedder: Option<(String, Arc<Embedder>)>,
+    cache: Option<Arc<SemanticCache>>,
 }
 
 impl DispatcherBuilder {
@@ -151,6 +178,17 @@ impl DispatcherBuilder {
         self.hub = Some(hub);
         self
     }
+    /// The sentence embedder: `/v1/embeddings`, the learned router and the
+    /// semantic cache use it.
+    pub fn embedder(mut self, name: &str, e: Arc<Embedder>) -> Self {
+        self.embedder = Some((name.to_owned(), e));
+        self
+    }
+    /// Needs an embedder too.
+    pub fn cache(mut self, c: Arc<SemanticCache>) -> Self {
+        self.cache = Some(c);
+        self
+    }
     pub fn build(self) -> Result<Arc<Dispatcher>, String> {
         let spend = SpendTracker::default();
         if let Some(l) = &self.ledger {
@@ -171,6 +209,13 @@ impl DispatcherBuilder {
             access: Access::new(&self.keys)?,
             local_speed: Mutex::new(Speed::default()),
             scorer: Mutex::new(None),
+            embedder_name: self
+                .embedder
+                .as_ref()
+                .map(|(n, _)| n.clone())
+                .unwrap_or_default(),
+            embedder: self.embedder.map(|(_, e)| e),
+            cache: self.cache,
         }))
     }
 }
@@ -289,6 +334,41 @@ impl Dispatcher {
 
     pub fn set_scorer(&self, scorer: Arc<dyn Scorer>) {
         *self.scorer.lock().unwrap_or_else(|p| p.into_inner()) = Some(scorer);
+    }
+
+    fn scorer(&self) -> Option<Arc<dyn Scorer>> {
+        self.scorer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn embedder(&self) -> Option<&Arc<Embedder>> {
+        self.embedder.as_ref()
+    }
+
+    /// The embedding model's name (empty without one).
+    pub fn embedder_name(&self) -> &str {
+        &self.embedder_name
+    }
+
+    pub fn cache(&self) -> Option<&Arc<SemanticCache>> {
+        self.cache.as_ref()
+    }
+
+    /// Embeds off the async workers (a forward pass takes milliseconds).
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ApiError> {
+        let e = self
+            .embedder
+            .clone()
+            .ok_or_else(|| ApiError::unavailable("no embedding model is loaded"))?;
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            e.embed(&refs)
+        })
+        .await
+        .map_err(|_| ApiError::internal("the embedding task failed"))?
+        .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     /// Every backend, for `/v1/models` and `/healthz`.
@@ -481,17 +561,6 @@ impl Dispatcher {
         } else {
             self.pii_classes(req)
         };
-        let virtual_request = named.is_none();
-        let difficulty = if virtual_request {
-            let scorer = self
-                .scorer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            scorer.and_then(|s| s.score(req))
-        } else {
-            None
-        };
         let features = Features {
             named: named.map(|(s, _)| s),
             privacy: Some(mode),
@@ -508,7 +577,8 @@ impl Dispatcher {
             max_tokens: req.max_tokens,
             needs: local_needs(req),
             latency_goal_ms: ctx.latency_goal_ms,
-            difficulty,
+            difficulty: None,
+            difficulty_threshold: None,
             quality: ctx.quality,
         };
         let view = self.view(local, cloud, ctx.caller.as_deref());
@@ -528,11 +598,24 @@ impl Dispatcher {
     ) -> Result<Explanation, ApiError> {
         let t0 = Instant::now();
         let Plan {
-            features,
+            mut features,
             view,
             named,
             cloud,
         } = self.plan(req, ctx)?;
+        if named.is_none()
+            && let Some(scorer) = self.scorer()
+            && let Some(e) = &self.embedder
+            && let Some(text) = crate::learned::routed_text(&req.input)
+        {
+            match e.embed_one(text) {
+                Ok(v) => {
+                    features.difficulty = Some(scorer.score(&v, text));
+                    features.difficulty_threshold = scorer.threshold(ctx.quality);
+                }
+                Err(err) => tracing::warn!("router embedding failed: {err}"),
+            }
+        }
         let result = decide(&features, &view, &self.policy);
         let decision_us = t0.elapsed().as_micros() as u64;
         Ok(match result {
@@ -597,11 +680,91 @@ impl Dispatcher {
     ) -> Result<Dispatched, ApiError> {
         let t0 = Instant::now();
         let Plan {
-            features,
+            mut features,
             view,
             named,
             cloud,
         } = self.plan(&req, &ctx)?;
+        let local_i = self.local_index(named);
+        let cloud_i = cloud.unwrap_or(0);
+        let cascade = named.is_none() && ctx.cascade.unwrap_or(self.policy.cascade);
+
+        // The router and the cache judge one embedding of the last user
+        // message; prompts with personal data are kept out of the cache.
+        let scorer = if named.is_none() { self.scorer() } else { None };
+        let mut cache_state = None;
+        let cache_key = match &self.cache {
+            Some(c) if c.config().enabled && self.embedder.is_some() => {
+                let key = (!ctx.cache_skip && features.pii.is_empty())
+                    .then(|| {
+                        let mode = features.privacy.unwrap_or(self.policy.privacy);
+                        let name = ctx.caller.as_ref().map(|c| c.config.name.as_str());
+                        CacheKey::new(&req, name, mode.as_str())
+                    })
+                    .flatten();
+                if key.is_none() {
+                    cache_state = Some("skip".to_owned());
+                    self.count_cache("skip");
+                }
+                key
+            }
+            _ => None,
+        };
+        let text = cache_key.as_ref().map(|k| k.text().to_owned()).or_else(|| {
+            scorer
+                .as_ref()
+                .and_then(|_| crate::learned::routed_text(&req.input).map(str::to_owned))
+        });
+        let mut early = None;
+        let embedding = match (text, self.embedder.clone()) {
+            (Some(text), Some(e)) => {
+                let job = tokio::task::spawn_blocking(move || e.embed_one(&text));
+                // Local generation starts while the router thinks when the
+                // rules so far keep the request here; a cloud decision or a
+                // cache hit drops it (and the engine frees its slot).
+                if scorer.is_some()
+                    && !cascade
+                    && matches!(decide(&features, &view, &self.policy), Ok(d) if d.side == Side::Local)
+                {
+                    early = self
+                        .start_leg(Side::Local, &req, &ctx, false, local_i, cloud_i)
+                        .await
+                        .ok();
+                }
+                match job.await {
+                    Ok(Ok(v)) => Some(v),
+                    Ok(Err(err)) => {
+                        tracing::warn!("embedding for routing failed: {err}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        if let (Some(cache), Some(key), Some(v)) = (&self.cache, &cache_key, &embedding) {
+            if let Some(hit) = cache.lookup(key, v) {
+                self.count_cache("hit");
+                return Ok(self.serve_cached(hit, req, ctx, t0));
+            }
+            cache_state = Some("miss".to_owned());
+            self.count_cache("miss");
+        }
+        if let (Some(s), Some(v), Some(text)) =
+            (&scorer, &embedding, crate::learned::routed_text(&req.input))
+        {
+            features.difficulty = Some(s.score(v, text));
+            features.difficulty_threshold = s.threshold(ctx.quality);
+        }
+        let difficulty = features.difficulty.map(|d| {
+            let t = features.difficulty_threshold.unwrap_or_else(|| {
+                crate::policy::threshold_for_quality(
+                    self.policy.difficulty_threshold,
+                    ctx.quality.unwrap_or(0.5),
+                )
+            });
+            (d, t)
+        });
         let decision = match decide(&features, &view, &self.policy) {
             Ok(d) => d,
             Err(r) => {
@@ -625,15 +788,40 @@ impl Dispatcher {
                 return Err(e);
             }
         };
+        let store = cache_key.zip(embedding);
+        if cascade && decision.side == Side::Local && decision.fallback == Some(Side::Cloud) {
+            let decision_us = t0.elapsed().as_micros() as u64;
+            let prompt_estimate = features.prompt_tokens;
+            return self
+                .cascade(
+                    req,
+                    ctx,
+                    decision,
+                    Placement {
+                        local_i,
+                        cloud_i,
+                        t0,
+                        decision_us,
+                        prompt_estimate,
+                        difficulty,
+                        cache_state,
+                        store,
+                    },
+                )
+                .await;
+        }
         let decision_us = t0.elapsed().as_micros() as u64;
-        let local_i = self.local_index(named);
-        let cloud_i = cloud.unwrap_or(0);
         let prompt_estimate = features.prompt_tokens;
 
         let mut failover = None;
-        let first = self
-            .start_leg(decision.side, &req, &ctx, decision.redact, local_i, cloud_i)
-            .await;
+        let first = match early.take() {
+            Some(leg) if decision.side == Side::Local => Ok(leg),
+            _ => {
+                self.start_leg(decision.side, &req, &ctx, decision.redact, local_i, cloud_i)
+                    .await
+            }
+        };
+        drop(early);
         let leg = match (first, decision.fallback) {
             (Ok(leg), _) => leg,
             (Err(e), Some(fb)) if !e.is_client_error() || e.status == 429 => {
@@ -688,12 +876,21 @@ impl Dispatcher {
             decision: decision.clone(),
             failover: failover.clone(),
             decision_us,
+            difficulty,
+            cache: cache_state,
+            cascade: None,
         };
         let reason = if failover.is_some() {
             "failover"
         } else {
             decision.decided_by
         };
+        let keep = leg.side == Side::Cloud
+            || self
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.config().local_answers);
+        let store = store.filter(|_| keep);
         let stream = self.supervise(
             leg,
             Supervision {
@@ -708,6 +905,243 @@ impl Dispatcher {
                 prompt_estimate,
             },
         );
+        let stream = self.keep_answer(stream, store, route.backend.clone(), route.model.clone());
+        Ok(Dispatched { stream, route })
+    }
+
+    fn count_cache(&self, outcome: &str) {
+        self.metrics
+            .cache
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// Answers from the cache: one piece of text, then the finish.
+    fn serve_cached(
+        &self,
+        hit: Cached,
+        req: GenerateRequest,
+        ctx: RequestContext,
+        t0: Instant,
+    ) -> Dispatched {
+        let detail = format!(
+            "a prompt this close (similarity {:.3}) was answered before by {}",
+            hit.similarity, hit.backend
+        );
+        let route = RouteInfo {
+            backend: "cache".into(),
+            model: hit.model.clone(),
+            decision: Decision {
+                side: Side::Local,
+                fallback: None,
+                redact: false,
+                reasons: vec![crate::policy::Reason {
+                    rule: "cache",
+                    effect: "decided",
+                    side: Side::Local,
+                    detail,
+                }],
+                decided_by: "cache",
+            },
+            redacted: BTreeMap::new(),
+            failover: None,
+            decision_us: t0.elapsed().as_micros() as u64,
+            difficulty: None,
+            cache: Some(format!("hit {:.3}", hit.similarity)),
+            cascade: None,
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RouteLabels {
+                backend: "cache".into(),
+                reason: "cache".into(),
+            })
+            .inc();
+        let _ = (req, ctx);
+        let events = vec![
+            Ok(Event::Delta(tandem_api::Delta {
+                text: hit.text,
+                tokens: Vec::new(),
+            })),
+            Ok(Event::Finish(Finish {
+                reason: hit.finish,
+                usage: hit.usage,
+            })),
+        ];
+        Dispatched {
+            stream: Box::pin(futures::stream::iter(events)),
+            route,
+        }
+    }
+
+    /// Passes the answer through and keeps it in the cache once it ends.
+    fn keep_answer(
+        self: &Arc<Self>,
+        stream: EventStream,
+        store: Option<(CacheKey, Vec<f32>)>,
+        backend: String,
+        model: String,
+    ) -> EventStream {
+        let (Some((key, embedding)), Some(cache)) = (store, self.cache.clone()) else {
+            return stream;
+        };
+        Box::pin(async_stream::stream! {
+            let mut stream = stream;
+            let mut text = String::new();
+            while let Some(event) = stream.next().await {
+                match &event {
+                    Ok(Event::Delta(d)) => text.push_str(&d.text),
+                    Ok(Event::Finish(f)) => {
+                        cache.insert(&key, embedding.clone(), Cached {
+                            text: std::mem::take(&mut text),
+                            finish: f.reason,
+                            usage: f.usage,
+                            backend: backend.clone(),
+                            model: model.clone(),
+                            similarity: 1.0,
+                        });
+                    }
+                    Err(_) => {}
+                }
+                yield event;
+            }
+        })
+    }
+
+    /// The local model answers first; the answer reaches the client only if
+    /// its confidence (mean token log-probability) passes the threshold,
+    /// otherwise the cloud answers.
+    async fn cascade(
+        self: &Arc<Self>,
+        req: GenerateRequest,
+        ctx: RequestContext,
+        decision: Decision,
+        p: Placement,
+    ) -> Result<Dispatched, ApiError> {
+        let mut local_req = req.clone();
+        let client_logprobs = req.logprobs.is_some();
+        local_req.logprobs.get_or_insert(LogprobRequest { top: 0 });
+        let threshold = self.policy.cascade_threshold;
+        let local = match self
+            .start_leg(Side::Local, &local_req, &ctx, false, p.local_i, p.cloud_i)
+            .await
+        {
+            Ok(leg) => Answer::collect(leg.stream).await,
+            Err(e) => Err(e),
+        };
+        let confidence = local.as_ref().ok().map(|a| confidence(&a.tokens));
+        let keep = confidence.is_some_and(|c| c >= threshold);
+        let mut outcome = match confidence {
+            Some(c) if keep => format!("kept: confidence {c:.3} >= {threshold:.3}"),
+            Some(c) => format!("escalated: confidence {c:.3} < {threshold:.3}"),
+            None => "escalated: the local model failed".to_owned(),
+        };
+        let mut failover = None;
+        let leg = if keep {
+            None
+        } else {
+            match self
+                .start_leg(
+                    Side::Cloud,
+                    &req,
+                    &ctx,
+                    decision.redact,
+                    p.local_i,
+                    p.cloud_i,
+                )
+                .await
+            {
+                Ok(leg) => Some(leg),
+                Err(e) if local.is_ok() => {
+                    failover = Some(format!("cloud -> local: {}", e.message));
+                    outcome = format!("{outcome}; the cloud failed, so the local answer stands");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.metrics
+            .cascade
+            .get_or_create(&OutcomeLabels {
+                outcome: if leg.is_some() { "escalated" } else { "kept" }.into(),
+            })
+            .inc();
+        let (leg, fallback) = match leg {
+            Some(leg) => (leg, Some(Side::Local)),
+            None => {
+                let a = local?;
+                let tokens = if client_logprobs {
+                    a.tokens
+                } else {
+                    Vec::new()
+                };
+                let events = vec![
+                    Ok(Event::Delta(tandem_api::Delta {
+                        text: a.text,
+                        tokens,
+                    })),
+                    Ok(Event::Finish(a.finish)),
+                ];
+                (
+                    Leg {
+                        side: Side::Local,
+                        label: "local".into(),
+                        stream: Box::pin(futures::stream::iter(events)),
+                        restorer: None,
+                        cloud: None,
+                    },
+                    None,
+                )
+            }
+        };
+        let (backend, model) = match leg.side {
+            Side::Local => (
+                "local".to_owned(),
+                self.locals[p.local_i].model_id().to_owned(),
+            ),
+            Side::Cloud => (
+                leg.label.clone(),
+                self.clouds[p.cloud_i].upstream_model(&req.model),
+            ),
+        };
+        let route = RouteInfo {
+            backend,
+            model,
+            redacted: leg
+                .cloud
+                .as_ref()
+                .map(|c| c.redacted.clone())
+                .unwrap_or_default(),
+            decision: decision.clone(),
+            failover,
+            decision_us: p.decision_us,
+            difficulty: p.difficulty,
+            cache: p.cache_state,
+            cascade: Some(outcome),
+        };
+        let keep_it = leg.side == Side::Cloud
+            || self
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.config().local_answers);
+        let store = p.store.filter(|_| keep_it);
+        let stream = self.supervise(
+            leg,
+            Supervision {
+                req,
+                ctx,
+                fallback,
+                redact: decision.redact,
+                local_i: p.local_i,
+                cloud_i: p.cloud_i,
+                reason: "cascade",
+                t0: p.t0,
+                prompt_estimate: p.prompt_estimate,
+            },
+        );
+        let stream = self.keep_answer(stream, store, route.backend.clone(), route.model.clone());
         Ok(Dispatched { stream, route })
     }
 
@@ -1030,6 +1464,26 @@ impl Dispatcher {
 }
 
 /// What [`Dispatcher::plan`] gathers for one request.
+/// Where a request was placed, carried into the cascade.
+struct Placement {
+    local_i: usize,
+    cloud_i: usize,
+    t0: Instant,
+    decision_us: u64,
+    prompt_estimate: u32,
+    difficulty: Option<(f32, f32)>,
+    cache_state: Option<String>,
+    store: Option<(CacheKey, Vec<f32>)>,
+}
+
+/// Mean log-probability of the answer's tokens: how sure the model was.
+pub fn confidence(tokens: &[tandem_api::TokenLogprob]) -> f32 {
+    if tokens.is_empty() {
+        return f32::NEG_INFINITY;
+    }
+    tokens.iter().map(|t| t.logprob).sum::<f32>() / tokens.len() as f32
+}
+
 struct Plan {
     features: Features,
     view: View,

@@ -6,6 +6,8 @@
 //! - [`pii`]: finding personal data and secrets; reversible placeholders.
 //! - [`signals`]: device, network and spending state, overridable.
 //! - [`policy`]: the decision itself, a pure function.
+//! - [`learned`]: the learned difficulty router (training and evaluation).
+//! - [`cache`]: the semantic answer cache.
 //! - [`access`]: gateway keys, rate limits, daily spending.
 //! - [`dispatch`]: executing decisions across backends; ledger and metrics.
 //! - [`metrics`]: the Prometheus registry of one gateway.
@@ -13,7 +15,9 @@
 //! Not here: HTTP (the server) or how tokens are produced (the backends).
 
 pub mod access;
+pub mod cache;
 pub mod dispatch;
+pub mod learned;
 pub mod metrics;
 pub mod pii;
 pub mod policy;

@@ -63,6 +63,7 @@ pub struct Metrics {
     pub handoffs: Family<MoveLabels, Counter>,
     pub redactions: Family<ClassLabels, Counter>,
     pub cache: Family<OutcomeLabels, Counter>,
+    pub cascade: Family<OutcomeLabels, Counter>,
     pub local_active: Gauge,
     pub local_queued: Gauge,
 }
@@ -148,6 +149,12 @@ impl Metrics {
             "Semantic cache lookups by outcome",
             cache.clone(),
         );
+        let cascade = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "cascade_answers",
+            "Cascade answers kept local or escalated to the cloud",
+            cascade.clone(),
+        );
         let local_active = Gauge::default();
         registry.register(
             "local_active",
@@ -173,6 +180,7 @@ impl Metrics {
             handoffs,
             redactions,
             cache,
+            cascade,
             local_active,
             local_queued,
         }

@@ -145,6 +145,9 @@ fn d_queue() -> usize {
 fn d_threshold() -> f32 {
     0.5
 }
+fn d_cascade() -> f32 {
+    -0.3
+}
 fn d_true() -> bool {
     true
 }
@@ -187,6 +190,14 @@ pub struct PolicyConfig {
     /// model's side fails.
     #[serde(default)]
     pub failover_named_models: bool,
+    /// Answer locally first and escalate unsure answers to the cloud (per
+    /// request: `x-tandem-mode: cascade`).
+    #[serde(default)]
+    pub cascade: bool,
+    /// Mean token log-probability below which a local answer is escalated
+    /// (see `tandem bench cascade`).
+    #[serde(default = "d_cascade")]
+    pub cascade_threshold: f32,
 }
 
 impl Default for PolicyConfig {
@@ -241,6 +252,8 @@ pub struct Features {
     pub latency_goal_ms: Option<u32>,
     /// Difficulty score in [0, 1] from the learned router, if any.
     pub difficulty: Option<f32>,
+    /// The learned router's threshold for this request's quality knob.
+    pub difficulty_threshold: Option<f32>,
     /// 0..1: higher asks for more quality (lowers the difficulty threshold).
     pub quality: Option<f32>,
 }
@@ -526,8 +539,12 @@ fn apply(rule: Rule, f: &Features, v: &View, cfg: &PolicyConfig) -> Vec<Effect> 
             if let Some(score) = f.difficulty {
                 // quality 0.5 keeps the configured threshold; 1 sends
                 // everything that is not trivially easy, 0 almost nothing.
-                let q = f.quality.unwrap_or(0.5).clamp(0.0, 1.0);
-                let threshold = threshold_for_quality(cfg.difficulty_threshold, q);
+                let threshold = f.difficulty_threshold.unwrap_or_else(|| {
+                    threshold_for_quality(
+                        cfg.difficulty_threshold,
+                        f.quality.unwrap_or(0.5).clamp(0.0, 1.0),
+                    )
+                });
                 if score >= threshold {
                     out.push(Effect::Prefer(
                         Side::Cloud,

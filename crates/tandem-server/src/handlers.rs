@@ -66,6 +66,27 @@ fn context(
                 .ok_or_else(|| bad("x-tandem-quality", format!("`{v}` is not between 0 and 1")))
         })
         .transpose()?;
+    let cache_skip = match header(headers, "x-tandem-cache") {
+        None | Some("use") => false,
+        Some("skip") => true,
+        Some(v) => {
+            return Err(bad(
+                "x-tandem-cache",
+                format!("`{v}` is not `use` or `skip`"),
+            ));
+        }
+    };
+    let cascade = match header(headers, "x-tandem-mode") {
+        None => None,
+        Some("cascade") => Some(true),
+        Some("route") => Some(false),
+        Some(v) => {
+            return Err(bad(
+                "x-tandem-mode",
+                format!("`{v}` is not `route` or `cascade`"),
+            ));
+        }
+    };
     let request_id = header(headers, "x-request-id")
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
@@ -76,6 +97,8 @@ fn context(
         privacy,
         latency_goal_ms,
         quality,
+        cache_skip,
+        cascade,
     })
 }
 
@@ -125,6 +148,19 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
     }
     if let Some(f) = &route.failover {
         set(&mut h, "x-tandem-failover", f);
+    }
+    if let Some((score, threshold)) = route.difficulty {
+        set(
+            &mut h,
+            "x-tandem-difficulty",
+            &format!("{score:.3}; threshold {threshold:.3}"),
+        );
+    }
+    if let Some(c) = &route.cache {
+        set(&mut h, "x-tandem-cache", c);
+    }
+    if let Some(c) = &route.cascade {
+        set(&mut h, "x-tandem-cascade", c);
     }
     h
 }
@@ -244,6 +280,133 @@ pub async fn explain_route(
     Ok(Json(state.dispatcher.explain(&req, &ctx)?))
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    /// Accepted for compatibility; Tandem does not track end users.
+    #[serde(default, rename = "user")]
+    pub _user: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// OpenAI's limit on inputs per request.
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    OpenAiJson(body): OpenAiJson<EmbeddingRequest>,
+) -> Result<Response, HttpError> {
+    let d = &state.dispatcher;
+    let Some(embedder) = d.embedder() else {
+        return Err(ApiError::model_not_found(&body.model).into());
+    };
+    if body.model != d.embedder_name() {
+        return Err(ApiError::model_not_found(&body.model).into());
+    }
+    let texts = match body.input {
+        EmbeddingInput::One(t) => vec![t],
+        EmbeddingInput::Many(v) => v,
+    };
+    let invalid = |m: String| HttpError(ApiError::invalid_request(m).with_param("input"));
+    if texts.is_empty() {
+        return Err(invalid("`input` must not be empty".into()));
+    }
+    if texts.len() > MAX_EMBEDDING_INPUTS {
+        return Err(invalid(format!(
+            "`input` has {} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
+            texts.len()
+        )));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(invalid(format!("`input[{i}]` is an empty string")));
+    }
+    let dim = embedder.dim();
+    if let Some(n) = body.dimensions
+        && n as usize != dim
+    {
+        return Err(HttpError(
+            ApiError::invalid_request(format!("this model only gives {dim} dimensions"))
+                .with_param("dimensions"),
+        ));
+    }
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(o) => {
+            return Err(HttpError(
+                ApiError::invalid_request(format!(
+                    "`encoding_format` must be float or base64, not `{o}`"
+                ))
+                .with_param("encoding_format"),
+            ));
+        }
+    };
+    let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
+    let vectors = d.embed(texts).await?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": d.embedder_name(),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+/// `GET /v1/tandem/cache`: how many answers the semantic cache holds.
+pub async fn cache_info(State(state): State<AppState>) -> Result<Json<Value>, HttpError> {
+    let Some(c) = state.dispatcher.cache() else {
+        return Err(ApiError::not_found("the semantic cache is off").into());
+    };
+    Ok(Json(json!({
+        "entries": c.len(),
+        "max_entries": c.config().max_entries,
+        "similarity": c.config().similarity,
+        "path": c.path(),
+    })))
+}
+
+/// `DELETE /v1/tandem/cache`: forgets every cached answer, on disk too.
+pub async fn clear_cache(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+) -> Result<Json<Value>, HttpError> {
+    require_admin(&caller, &state)?;
+    let Some(c) = state.dispatcher.cache() else {
+        return Err(ApiError::not_found("the semantic cache is off").into());
+    };
+    let n = c
+        .clear()
+        .map_err(|e| ApiError::internal(format!("clearing the cache: {e}")))?;
+    Ok(Json(json!({"cleared": n})))
+}
+
 fn cards(state: &AppState) -> Vec<ModelCard> {
     let created = state.started;
     let mut seen = std::collections::HashSet::new();
@@ -263,6 +426,12 @@ fn cards(state: &AppState) -> Vec<ModelCard> {
                 out.push(card(m.id, m.owned_by));
             }
         }
+    }
+    if state.dispatcher.embedder().is_some() {
+        out.push(card(
+            state.dispatcher.embedder_name().to_owned(),
+            "tandem".into(),
+        ));
     }
     out
 }
@@ -333,7 +502,7 @@ fn require_admin(
     if state.dispatcher.access().is_open() || caller.as_ref().is_some_and(|c| c.config.admin) {
         Ok(())
     } else {
-        Err(ApiError::forbidden("changing signals needs an admin key"))
+        Err(ApiError::forbidden("this needs an admin key"))
     }
 }
 

@@ -126,6 +126,11 @@ pub fn app(state: AppState) -> Router {
                 .put(handlers::put_signals)
                 .delete(handlers::clear_signals),
         )
+        .route("/v1/embeddings", post(handlers::embeddings))
+        .route(
+            "/v1/tandem/cache",
+            get(handlers::cache_info).delete(handlers::clear_cache),
+        )
         .route("/metrics", get(handlers::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()

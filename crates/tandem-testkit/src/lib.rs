@@ -16,6 +16,7 @@ pub const SMOLLM2: &str = "smollm2-135m-instruct";
 pub const QWEN_05B: &str = "qwen2.5-coder-0.5b-instruct";
 pub const QWEN_15B: &str = "qwen2.5-coder-1.5b-instruct";
 pub const GEMMA_270M: &str = "gemma-3-270m";
+pub const MINILM: &str = "all-minilm-l6-v2";
 
 /// Path of a catalog model, pulling it into `$TANDEM_HOME` if needed.
 /// Panics with the reason if it cannot be had: a test without its model

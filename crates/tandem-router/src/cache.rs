@@ -1,0 +1,501 @@
+//! The semantic cache: answers kept and served again for prompts that mean
+//! the same, without a backend — so also when the device is offline.
+//!
+//! An entry is found only within its partition (the API key and the privacy
+//! mode), only for the same conversation before the last user message, the
+//! same model name and the same length limits, and only when the last user
+//! message's embedding is at least `similarity` close (cosine). Prompts in
+//! which the privacy detector found anything are neither stored nor served.
+//! The cache keeps at most `max_entries`, evicting the least recently used,
+//! and appends every new entry to a JSON Lines file that is compacted when
+//! it grows to twice the bound.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tandem_api::{FinishReason, GenerateRequest, Input, Usage};
+
+fn d_true() -> bool {
+    true
+}
+fn d_similarity() -> f32 {
+    0.92
+}
+fn d_max() -> usize {
+    10_000
+}
+
+/// The `[cache]` section of the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// Cosine similarity of the last user message's embeddings needed for a hit.
+    #[serde(default = "d_similarity")]
+    pub similarity: f32,
+    #[serde(default = "d_max")]
+    pub max_entries: usize,
+    /// Keep local answers too (cloud answers are always kept).
+    #[serde(default)]
+    pub local_answers: bool,
+    /// Default: `$TANDEM_HOME/cache/answers.jsonl`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("defaults parse"))
+    }
+}
+
+/// What a lookup is keyed by, computed once per request.
+#[derive(Debug, Clone)]
+pub struct CacheKey {
+    partition: String,
+    context: String,
+    text: String,
+}
+
+impl CacheKey {
+    /// `None` when the request is not one to cache: logprobs, tools or
+    /// structured output asked for, several choices, or a continuation.
+    pub fn new(req: &GenerateRequest, key: Option<&str>, privacy: &str) -> Option<CacheKey> {
+        if req.logprobs.is_some()
+            || ["tools", "functions", "response_format"]
+                .iter()
+                .any(|f| req.extra.get(*f).is_some_and(|v| !v.is_null()))
+            || req
+                .extra
+                .get("n")
+                .and_then(|v| v.as_u64())
+                .is_some_and(|n| n > 1)
+        {
+            return None;
+        }
+        let mut h = Sha256::new();
+        let mut field = |s: &str| {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        field(&req.model);
+        field(&format!("{:?}", req.max_tokens));
+        for s in &req.stop {
+            field(s);
+        }
+        let text = match &req.input {
+            Input::Chat {
+                messages,
+                continue_from,
+            } => {
+                if continue_from.is_some() {
+                    return None;
+                }
+                let (last, before) = messages.split_last()?;
+                if last.role != "user" {
+                    return None;
+                }
+                field("chat");
+                for m in before {
+                    field(&m.role);
+                    field(&m.content);
+                }
+                last.content.clone()
+            }
+            Input::Text(t) => {
+                field("text");
+                t.clone()
+            }
+        };
+        Some(CacheKey {
+            partition: format!("{}|{privacy}", key.unwrap_or("-")),
+            context: hex::encode(h.finalize()),
+            text,
+        })
+    }
+
+    /// The text whose embedding is compared.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// A cached answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cached {
+    pub text: String,
+    pub finish: FinishReason,
+    pub usage: Usage,
+    /// Where the answer was first produced (`cloud:name` or `local`).
+    pub backend: String,
+    pub model: String,
+    pub similarity: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    partition: String,
+    context: String,
+    #[serde(with = "f32_b64")]
+    embedding: Vec<f32>,
+    text: String,
+    finish: FinishReason,
+    usage: Usage,
+    backend: String,
+    model: String,
+    created: u64,
+    #[serde(skip)]
+    used: u64,
+}
+
+mod f32_b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)?;
+        if bytes.len() % 4 != 0 {
+            return Err(serde::de::Error::custom("embedding length"));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+struct Inner {
+    entries: Vec<Entry>,
+    /// Lines in the file, for deciding when to compact it.
+    lines: usize,
+    clock: u64,
+}
+
+pub struct SemanticCache {
+    config: CacheConfig,
+    path: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for SemanticCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SemanticCache")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl SemanticCache {
+    /// Opens the cache, reading what an earlier run kept at `path`.
+    pub fn open(config: CacheConfig, path: Option<PathBuf>) -> std::io::Result<SemanticCache> {
+        let mut entries = Vec::new();
+        let mut lines = 0;
+        if let Some(p) = &path {
+            match std::fs::File::open(p) {
+                Ok(f) => {
+                    for line in std::io::BufReader::new(f).lines() {
+                        let line = line?;
+                        lines += 1;
+                        // A line cut short by a crash is skipped, not fatal.
+                        if let Ok(e) = serde_json::from_str::<Entry>(&line) {
+                            entries.push(e);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Later lines are newer: keep the newest within the bound, and let
+        // a newer entry for the same prompt replace an older one.
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: Vec<Entry> = Vec::new();
+        for e in entries.into_iter().rev() {
+            if kept.len() >= config.max_entries {
+                break;
+            }
+            if seen.insert((e.partition.clone(), e.context.clone(), e.text.clone())) {
+                kept.push(e);
+            }
+        }
+        kept.reverse();
+        for (i, e) in kept.iter_mut().enumerate() {
+            e.used = i as u64;
+        }
+        let clock = kept.len() as u64;
+        Ok(SemanticCache {
+            config,
+            path,
+            inner: Mutex::new(Inner {
+                entries: kept,
+                lines,
+                clock,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The closest answer at or above the similarity bound.
+    pub fn lookup(&self, key: &CacheKey, embedding: &[f32]) -> Option<Cached> {
+        let mut inner = self.lock();
+        let mut best: Option<(usize, f32)> = None;
+        for (i, e) in inner.entries.iter().enumerate() {
+            if e.partition != key.partition || e.context != key.context {
+                continue;
+            }
+            let sim = tandem_embed::cosine(&e.embedding, embedding);
+            if sim >= self.config.similarity && best.is_none_or(|(_, b)| sim > b) {
+                best = Some((i, sim));
+            }
+        }
+        let (i, similarity) = best?;
+        inner.clock += 1;
+        let clock = inner.clock;
+        let e = &mut inner.entries[i];
+        e.used = clock;
+        Some(Cached {
+            text: e.text.clone(),
+            finish: e.finish,
+            usage: e.usage,
+            backend: e.backend.clone(),
+            model: e.model.clone(),
+            similarity,
+        })
+    }
+
+    /// Keeps an answer, evicting the least recently used past the bound.
+    pub fn insert(&self, key: &CacheKey, embedding: Vec<f32>, answer: Cached) {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let entry = Entry {
+            partition: key.partition.clone(),
+            context: key.context.clone(),
+            embedding,
+            text: answer.text,
+            finish: answer.finish,
+            usage: answer.usage,
+            backend: answer.backend,
+            model: answer.model,
+            created: now(),
+            used: inner.clock,
+        };
+        inner.entries.retain(|e| {
+            !(e.partition == entry.partition && e.context == entry.context && e.text == entry.text)
+        });
+        let line = serde_json::to_string(&entry).ok();
+        inner.entries.push(entry);
+        while inner.entries.len() > self.config.max_entries.max(1) {
+            if let Some(oldest) = inner
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(i, _)| i)
+            {
+                inner.entries.swap_remove(oldest);
+            }
+        }
+        let Some(path) = &self.path else { return };
+        let result = if inner.lines + 1 > 2 * self.config.max_entries.max(1) {
+            Self::rewrite(path, &inner.entries).map(|n| inner.lines = n)
+        } else if let Some(line) = line {
+            Self::append(path, &line).map(|()| inner.lines += 1)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            tracing::warn!("writing the cache to {}: {e}", path.display());
+        }
+    }
+
+    fn append(path: &Path, line: &str) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(format!("{line}\n").as_bytes())
+    }
+
+    /// Writes the entries oldest-used first, so a reload keeps the most
+    /// recently used.
+    fn rewrite(path: &Path, entries: &[Entry]) -> std::io::Result<usize> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut sorted: Vec<&Entry> = entries.iter().collect();
+        sorted.sort_by_key(|e| e.used);
+        let tmp = path.with_extension("partial");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for e in &sorted {
+            serde_json::to_writer(&mut f, e)?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        Ok(sorted.len())
+    }
+
+    /// Forgets everything, on disk too. Returns how many entries there were.
+    pub fn clear(&self) -> std::io::Result<usize> {
+        let mut inner = self.lock();
+        let n = inner.entries.len();
+        inner.entries.clear();
+        inner.lines = 0;
+        if let Some(p) = &self.path {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_api::{Message, Sampling};
+
+    fn req(msgs: &[(&str, &str)]) -> GenerateRequest {
+        GenerateRequest {
+            model: "tandem/auto".into(),
+            input: Input::Chat {
+                messages: msgs.iter().map(|(r, c)| Message::new(r, *c)).collect(),
+                continue_from: None,
+            },
+            sampling: Sampling::default(),
+            max_tokens: Some(32),
+            stop: Vec::new(),
+            logprobs: None,
+            stream: false,
+            include_usage: false,
+            extra: Default::default(),
+        }
+    }
+
+    fn answer(text: &str) -> Cached {
+        Cached {
+            text: text.into(),
+            finish: FinishReason::Stop,
+            usage: Usage::new(5, 2),
+            backend: "cloud:test".into(),
+            model: "m".into(),
+            similarity: 1.0,
+        }
+    }
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn evicts_least_recently_used_and_persists() {
+        let dir = std::env::temp_dir().join(format!("tandem-cache-{}", fastrand::u64(..)));
+        let path = dir.join("answers.jsonl");
+        let cfg = CacheConfig {
+            max_entries: 2,
+            ..CacheConfig::default()
+        };
+        let c = SemanticCache::open(cfg.clone(), Some(path.clone())).unwrap();
+        let keys: Vec<CacheKey> = ["a", "b", "c"]
+            .iter()
+            .map(|t| CacheKey::new(&req(&[("user", t)]), None, "redact").unwrap())
+            .collect();
+        let vecs = [
+            unit(&[1.0, 0.0, 0.0]),
+            unit(&[0.0, 1.0, 0.0]),
+            unit(&[0.0, 0.0, 1.0]),
+        ];
+        c.insert(&keys[0], vecs[0].clone(), answer("A"));
+        c.insert(&keys[1], vecs[1].clone(), answer("B"));
+        // Using "a" makes "b" the least recently used.
+        assert_eq!(c.lookup(&keys[0], &vecs[0]).unwrap().text, "A");
+        c.insert(&keys[2], vecs[2].clone(), answer("C"));
+        assert!(c.lookup(&keys[1], &vecs[1]).is_none());
+        assert_eq!(c.len(), 2);
+        // Enough writes to compact the file; a reload keeps the bound.
+        for _ in 0..3 {
+            c.insert(&keys[2], vecs[2].clone(), answer("C"));
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= 4, "{lines} lines");
+        let again = SemanticCache::open(cfg, Some(path.clone())).unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again.lookup(&keys[2], &vecs[2]).unwrap().text, "C");
+        assert_eq!(again.clear().unwrap(), 2);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn keys_separate_partitions_and_contexts() {
+        let a = CacheKey::new(&req(&[("user", "hi")]), Some("k1"), "redact").unwrap();
+        let b = CacheKey::new(&req(&[("user", "hi")]), Some("k2"), "redact").unwrap();
+        let c = CacheKey::new(&req(&[("user", "hi")]), Some("k1"), "strict").unwrap();
+        let d = CacheKey::new(
+            &req(&[("system", "be brief"), ("user", "hi")]),
+            Some("k1"),
+            "redact",
+        )
+        .unwrap();
+        assert_ne!(a.partition, b.partition);
+        assert_ne!(a.partition, c.partition);
+        assert_eq!(a.partition, d.partition);
+        assert_ne!(a.context, d.context);
+        let cache = SemanticCache::open(CacheConfig::default(), None).unwrap();
+        let v = unit(&[1.0, 1.0]);
+        cache.insert(&a, v.clone(), answer("A"));
+        assert!(cache.lookup(&a, &v).is_some());
+        for other in [&b, &c, &d] {
+            assert!(cache.lookup(other, &v).is_none());
+        }
+        // Below the similarity bound is a miss.
+        assert!(cache.lookup(&a, &unit(&[1.0, -0.2])).is_none());
+        let mut with_logprobs = req(&[("user", "hi")]);
+        with_logprobs.logprobs = Some(tandem_api::LogprobRequest { top: 0 });
+        assert!(CacheKey::new(&with_logprobs, None, "off").is_none());
+    }
+}

@@ -1,0 +1,479 @@
+//! The learned side of routing, end to end on loopback: `/v1/embeddings`,
+//! the learned router as a policy signal, the cascade and the semantic
+//! cache. The device runs SmolLM2 and MiniLM; the "cloud" is a capturing
+//! upstream that echoes the question, so every byte that leaves is counted.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use serde_json::{Value, json};
+use tandem_backends::{CloudBackend, UpstreamConfig};
+use tandem_embed::{Embedder, cosine};
+use tandem_engine::{EngineConfig, LocalEngine};
+use tandem_router::cache::{CacheConfig, SemanticCache};
+use tandem_router::learned::{self, Calibration, Example, LearnedScorer, ModelKind, TrainConfig};
+use tandem_router::{Dispatcher, PolicyConfig, Rule};
+use tandem_testkit::capture::{CaptureUpstream, Mode};
+use tandem_testkit::{MINILM, SMOLLM2, TestServer, model_path};
+
+fn device_engine() -> LocalEngine {
+    static E: OnceLock<LocalEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+        cfg.context = Some(1024);
+        LocalEngine::load(cfg).expect("device model")
+    })
+    .clone()
+}
+
+fn embedder() -> Arc<Embedder> {
+    static E: OnceLock<Arc<Embedder>> = OnceLock::new();
+    E.get_or_init(|| {
+        let main = model_path(MINILM);
+        Arc::new(Embedder::load(main.parent().expect("folder")).expect("embedder"))
+    })
+    .clone()
+}
+
+/// Cloud first, so only the feature under test keeps a request home.
+fn cloud_first() -> PolicyConfig {
+    let mut p = PolicyConfig::default();
+    p.rules.retain(|r| *r != Rule::PreferLocal);
+    p.rules.push(Rule::PreferCloud);
+    p
+}
+
+struct Rig {
+    server: TestServer,
+    capture: CaptureUpstream,
+    dispatcher: Arc<Dispatcher>,
+}
+
+async fn rig(policy: PolicyConfig, cache: Option<&Path>, cloud_url: Option<String>) -> Rig {
+    let capture = CaptureUpstream::start(None, Mode::Echo).await;
+    let mut u = UpstreamConfig::new(
+        "cloud",
+        &cloud_url.unwrap_or_else(|| capture.base_url()),
+        &["big-model"],
+    );
+    u.max_retries = 0;
+    u.connect_timeout_ms = 500;
+    let mut b = Dispatcher::builder()
+        .local(device_engine())
+        .cloud(CloudBackend::new(u).unwrap())
+        .policy(policy)
+        .embedder(MINILM, embedder());
+    if let Some(path) = cache {
+        let c = SemanticCache::open(CacheConfig::default(), Some(path.to_path_buf())).unwrap();
+        b = b.cache(Arc::new(c));
+    }
+    let dispatcher = b.build().unwrap();
+    Rig {
+        server: TestServer::start(dispatcher.clone()).await,
+        capture,
+        dispatcher,
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    }
+    fn text(&self) -> String {
+        self.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+impl Rig {
+    async fn chat(&self, prompt: &str, headers: &[(&str, &str)]) -> Reply {
+        let body = json!({
+            "model": "tandem/auto",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 16,
+            "temperature": 0,
+        });
+        let mut r = reqwest::Client::new()
+            .post(self.server.url("/v1/chat/completions"))
+            .json(&body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let resp = r.send().await.unwrap();
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.json().await.unwrap_or(Value::Null),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(self.server.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(self.server.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn embeddings_endpoint_matches_the_embedder_and_rejects_bad_input() {
+    let r = rig(PolicyConfig::default(), None, None).await;
+    let texts = ["The cat sat on the mat.", "A feline rested on the rug."];
+    let (status, body) = r
+        .post("/v1/embeddings", json!({"model": MINILM, "input": texts}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let v: Vec<f32> = serde_json::from_value(body["data"][1]["embedding"].clone()).unwrap();
+    assert_eq!(v.len(), 384);
+    let direct = embedder().embed_one(texts[1]).unwrap();
+    assert!(cosine(&v, &direct) > 0.9999);
+
+    // base64: the same floats, little-endian.
+    let (_, b64) = r
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": texts[1], "encoding_format": "base64"}),
+        )
+        .await;
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let back: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert!(cosine(&back, &direct) > 0.9999);
+
+    for (bad, status) in [
+        (json!({"model": MINILM, "input": []}), 400),
+        (json!({"model": MINILM, "input": ["ok", ""]}), 400),
+        (json!({"model": MINILM, "input": [1, 2, 3]}), 400),
+        (
+            json!({"model": MINILM, "input": "x", "dimensions": 64}),
+            400,
+        ),
+        (
+            json!({"model": MINILM, "input": "x", "encoding_format": "int8"}),
+            400,
+        ),
+        (json!({"model": "no-such-model", "input": "x"}), 404),
+        (json!({"input": "x"}), 400),
+    ] {
+        let (s, body) = r.post("/v1/embeddings", bad.clone()).await;
+        assert_eq!(s, status, "{bad} -> {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Still serving.
+    let (s, _) = r
+        .post(
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": "still here"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let models = reqwest::get(r.server.url("/v1/models"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(models.contains(MINILM));
+}
+
+/// A router trained on real embeddings: arithmetic is hard for the local
+/// model, small talk is easy.
+fn toy_router() -> LearnedScorer {
+    let e = embedder();
+    let hard = [
+        "What is 347 times 29?",
+        "Compute 12.5% of 8,640 and add 391.",
+        "A train leaves at 3:40 pm and travels 287 km at 82 km/h. When does it arrive?",
+        "Solve for x: 7x - 19 = 4x + 38.",
+        "What is the remainder when 98,765 is divided by 37?",
+        "If 6 workers build a wall in 14 days, how long do 4 workers take?",
+    ];
+    let easy = [
+        "Hello! How are you today?",
+        "Say hi to my friend Anna.",
+        "Thanks, that was helpful.",
+        "Good morning!",
+        "Tell me a nice greeting for a birthday card.",
+        "What's up?",
+    ];
+    let mut data = Vec::new();
+    for (i, (text, is_hard)) in hard
+        .iter()
+        .map(|t| (t, true))
+        .chain(easy.iter().map(|t| (t, false)))
+        .enumerate()
+    {
+        data.push(Example {
+            id: format!("p{i}"),
+            source: if is_hard { "math" } else { "chat" }.into(),
+            topic: if is_hard { "math" } else { "chat" }.into(),
+            embedding: e.embed_one(text).unwrap(),
+            features: learned::text_features(text),
+            weak: !is_hard,
+            strong: true,
+        });
+    }
+    let cfg = TrainConfig {
+        kind: ModelKind::All,
+        k: 4,
+        ..TrainConfig::default()
+    };
+    let model = learned::train(&data, cfg, Calibration::CloudShare(0.5));
+    LearnedScorer::new(model, e.dim()).unwrap()
+}
+
+#[tokio::test]
+async fn the_router_score_places_requests_and_is_explained() {
+    // Local first: only the router's score sends anything out.
+    let r = rig(PolicyConfig::default(), None, None).await;
+    r.dispatcher.set_scorer(Arc::new(toy_router()));
+
+    let hard = r.chat("What is 481 times 67?", &[]).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(hard.header("x-tandem-decided-by"), "difficulty");
+    assert!(hard.header("x-tandem-difficulty").contains("threshold"));
+    assert!(hard.text().starts_with("ECHO: "));
+
+    let easy = r.chat("Hi there, nice to meet you!", &[]).await;
+    assert_eq!(easy.header("x-tandem-backend"), "local");
+    assert_eq!(easy.header("x-tandem-decided-by"), "difficulty");
+    assert!(!easy.text().is_empty());
+
+    // The quality knob: 0 asks for no cloud help at all.
+    let cheap = r
+        .chat("What is 481 times 67?", &[("x-tandem-quality", "0")])
+        .await;
+    assert_eq!(cheap.header("x-tandem-backend"), "local");
+
+    // The dry run shows the score.
+    let (s, explained) = r
+        .post(
+            "/v1/tandem/route",
+            json!({"messages": [{"role": "user", "content": "What is 481 times 67?"}]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let d = explained["features"]["difficulty"].as_f64().unwrap();
+    let t = explained["features"]["difficulty_threshold"].as_f64().unwrap();
+    assert!(d >= t, "{explained}");
+    assert_eq!(explained["backend"], "cloud:cloud");
+    // Only the hard request left the device.
+    assert_eq!(r.capture.captured().len(), 1);
+}
+
+#[tokio::test]
+async fn cascade_escalates_unsure_answers_and_keeps_sure_ones() {
+    // A threshold no answer can pass: every answer is escalated.
+    let mut strict = PolicyConfig {
+        cascade: true,
+        cascade_threshold: 0.0,
+        ..PolicyConfig::default()
+    };
+    let r = rig(strict.clone(), None, None).await;
+    let out = r.chat("Name a colour.", &[]).await;
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert!(
+        out.header("x-tandem-cascade").starts_with("escalated"),
+        "{:?}",
+        out.headers
+    );
+    assert_eq!(out.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(out.text(), "ECHO: Name a colour.");
+    assert_eq!(r.capture.captured().len(), 1);
+
+    // Streaming clients get only the answer that passed: the cloud's.
+    let body = json!({
+        "model": "tandem/auto", "stream": true, "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": "Name a fruit."}],
+    });
+    let sse = reqwest::Client::new()
+        .post(r.server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let text: String = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "ECHO: Name a fruit.");
+    assert!(sse.trim_end().ends_with("data: [DONE]"));
+    assert!(
+        r.metrics()
+            .await
+            .contains("cascade_answers_total{outcome=\"escalated\"} 2")
+    );
+
+    // A threshold every answer passes: the local answer stands, nothing leaves.
+    strict.cascade_threshold = -1000.0;
+    let r = rig(strict, None, None).await;
+    let out = r.chat("Name a colour.", &[]).await;
+    assert!(
+        out.header("x-tandem-cascade").starts_with("kept"),
+        "{:?}",
+        out.headers
+    );
+    assert_eq!(out.header("x-tandem-backend"), "local");
+    assert!(!out.text().starts_with("ECHO"));
+    assert!(r.capture.captured().is_empty());
+
+    // Per request, by header, with the policy's cascade off.
+    let r = rig(PolicyConfig::default(), None, None).await;
+    let plain = r.chat("Name a colour.", &[]).await;
+    assert!(plain.header("x-tandem-cascade").is_empty());
+    let cascaded = r
+        .chat("Name a colour.", &[("x-tandem-mode", "cascade")])
+        .await;
+    assert!(!cascaded.header("x-tandem-cascade").is_empty());
+    let bad = r
+        .chat("Name a colour.", &[("x-tandem-mode", "sideways")])
+        .await;
+    assert_eq!(bad.status, 400);
+}
+
+#[tokio::test]
+async fn cache_serves_paraphrases_within_a_partition_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("answers.jsonl");
+    let r = rig(cloud_first(), Some(&path), None).await;
+
+    let first = r.chat("What is the capital of France?", &[]).await;
+    assert_eq!(first.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(first.header("x-tandem-cache"), "miss");
+    let para = r.chat("What's the capital city of France?", &[]).await;
+    assert_eq!(para.status, 200);
+    assert_eq!(
+        para.header("x-tandem-backend"),
+        "cache",
+        "{:?}",
+        para.headers
+    );
+    assert!(para.header("x-tandem-cache").starts_with("hit"));
+    assert_eq!(para.text(), first.text());
+    assert_eq!(r.capture.captured().len(), 1);
+
+    // Another question is a miss; another privacy partition is a miss.
+    let other = r.chat("How tall is Mount Everest?", &[]).await;
+    assert_eq!(other.header("x-tandem-cache"), "miss");
+    let off = r
+        .chat(
+            "What is the capital of France?",
+            &[("x-tandem-privacy", "off")],
+        )
+        .await;
+    assert_eq!(off.header("x-tandem-backend"), "cloud:cloud");
+    // Asked not to, it neither reads nor writes.
+    let skip = r
+        .chat(
+            "What is the capital of France?",
+            &[("x-tandem-cache", "skip")],
+        )
+        .await;
+    assert_eq!(skip.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(skip.header("x-tandem-cache"), "skip");
+    // Personal data is never cached.
+    let pii = r
+        .chat("Write to jane.doe@example.com about France.", &[])
+        .await;
+    assert_eq!(pii.header("x-tandem-cache"), "skip");
+    let metrics = r.metrics().await;
+    assert!(
+        metrics.contains("cache_lookups_total{outcome=\"hit\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cache_lookups_total{outcome=\"miss\"} 3"),
+        "{metrics}"
+    );
+    let cached_before = r.dispatcher.cache().unwrap().len();
+    assert_eq!(cached_before, 3);
+    drop(r);
+
+    // A new process with the cloud unreachable: the answer comes from disk.
+    let r = rig(
+        cloud_first(),
+        Some(&path),
+        Some("http://127.0.0.1:9/v1".into()),
+    )
+    .await;
+    let offline = r.chat("Which city is the capital of France?", &[]).await;
+    assert_eq!(offline.status, 200, "{}", offline.body);
+    assert_eq!(
+        offline.header("x-tandem-backend"),
+        "cache",
+        "{:?}",
+        offline.headers
+    );
+    assert_eq!(offline.text(), first.text());
+    // The other partition's entry stayed in its partition.
+    let offline_off = r
+        .chat(
+            "What is the capital of France?",
+            &[("x-tandem-privacy", "off")],
+        )
+        .await;
+    assert_eq!(offline_off.header("x-tandem-backend"), "cache");
+
+    // Cleared from the API, it is gone in memory and on disk.
+    let resp = reqwest::Client::new()
+        .delete(r.server.url("/v1/tandem/cache"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["cleared"], 3);
+    assert!(!path.exists());
+    let after = r.chat("What is the capital of France?", &[]).await;
+    assert_ne!(after.header("x-tandem-backend"), "cache");
+}
