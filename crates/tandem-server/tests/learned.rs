@@ -294,7 +294,9 @@ async fn the_router_score_places_requests_and_is_explained() {
         .await;
     assert_eq!(s, 200);
     let d = explained["features"]["difficulty"].as_f64().unwrap();
-    let t = explained["features"]["difficulty_threshold"].as_f64().unwrap();
+    let t = explained["features"]["difficulty_threshold"]
+        .as_f64()
+        .unwrap();
     assert!(d >= t, "{explained}");
     assert_eq!(explained["backend"], "cloud:cloud");
     // Only the hard request left the device.
