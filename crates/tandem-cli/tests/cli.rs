@@ -332,9 +332,14 @@ fn router_train_and_eval_report_on_unseen_prompts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // Only the 12 held-out prompts are scored, and the classes separate.
-    assert_eq!(v["overall"]["prompts"], 12, "{v}");
-    assert!(v["overall"]["apgr"].as_f64().unwrap() > 0.8, "{v}");
+    // Only the 12 held-out prompts are scored, and the classes separate:
+    // every easy prompt stays local (with the strong model always right,
+    // the easy share is the weak model's accuracy), well above random.
+    let o = &v["overall"];
+    assert_eq!(o["prompts"], 12, "{v}");
+    let f = |k: &str| o[k].as_f64().unwrap();
+    assert!(f("local_share_at_95") >= f("weak_accuracy") - 1e-9, "{v}");
+    assert!(f("apgr") > f("random_apgr") + 0.05, "{v}");
     assert_eq!(v["per_source"].as_array().unwrap().len(), 2);
 }
 
