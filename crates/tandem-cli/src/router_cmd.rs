@@ -245,14 +245,21 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 train_set.len(),
                 test.len()
             );
+            if train_set.is_empty() {
+                bail!("nothing left to train on: lower --holdout");
+            }
             let model =
                 tokio::task::block_in_place(|| learned::train(&train_set, config, calibration));
-            let (overall, per) = learned::evaluate(&model, &test);
-            println!(
-                "held-out evaluation ({} prompts the training never saw):",
-                test.len()
-            );
-            print_metrics(&overall, &per);
+            if test.is_empty() {
+                println!("trained on every prompt; nothing held out to evaluate on");
+            } else {
+                let (overall, per) = learned::evaluate(&model, &test);
+                println!(
+                    "held-out evaluation ({} prompts the training never saw):",
+                    test.len()
+                );
+                print_metrics(&overall, &per);
+            }
             println!(
                 "threshold {:.3} (calibrated for {} on the training prompts)",
                 model.threshold, model.calibrated_for
@@ -266,11 +273,21 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
         }
         RouterCommand::Eval(a) => {
             let path = a.router.unwrap_or_else(default_router_path);
-            let model: RouterModel = serde_json::from_slice(
-                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-            )?;
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!(
+                    "reading {} (train a router first: tandem router train --data FILE)",
+                    path.display()
+                )
+            })?;
+            let model: RouterModel = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a router file", path.display()))?;
             let data = tokio::task::block_in_place(|| examples(&e, &a.data))?;
             let (overall, per) = tokio::task::block_in_place(|| learned::evaluate(&model, &data));
+            if overall.prompts == 0 {
+                bail!(
+                    "the router was trained on every prompt of this file: nothing unseen to evaluate"
+                );
+            }
             if a.json {
                 println!(
                     "{}",

@@ -695,7 +695,14 @@ impl Dispatcher {
         let mut cache_state = None;
         let cache_key = match &self.cache {
             Some(c) if c.config().enabled && self.embedder.is_some() => {
-                let key = (!ctx.cache_skip && features.pii.is_empty())
+                // With privacy off the policy skips the detector; the cache
+                // still must not keep personal data on disk.
+                let private = if features.privacy == Some(PrivacyMode::Off) {
+                    !self.pii_classes(&req).is_empty()
+                } else {
+                    !features.pii.is_empty()
+                };
+                let key = (!ctx.cache_skip && !private)
                     .then(|| {
                         let mode = features.privacy.unwrap_or(self.policy.privacy);
                         let name = ctx.caller.as_ref().map(|c| c.config.name.as_str());

@@ -277,7 +277,13 @@ pub async fn explain_route(
     }
     let req = body.into_generate()?;
     let ctx = context(&headers, caller)?;
-    Ok(Json(state.dispatcher.explain(&req, &ctx)?))
+    // The learned router embeds the prompt: milliseconds of CPU, kept off
+    // the async workers.
+    let d = state.dispatcher.clone();
+    let explained = tokio::task::spawn_blocking(move || d.explain(&req, &ctx))
+        .await
+        .map_err(|_| ApiError::internal("the routing task failed"))??;
+    Ok(Json(explained))
 }
 
 /// `POST /v1/embeddings`.

@@ -428,6 +428,13 @@ async fn cache_serves_paraphrases_within_a_partition_and_survives_a_restart() {
         .chat("Write to jane.doe@example.com about France.", &[])
         .await;
     assert_eq!(pii.header("x-tandem-cache"), "skip");
+    let pii_off = r
+        .chat(
+            "Write to jane.doe@example.com about Paris.",
+            &[("x-tandem-privacy", "off")],
+        )
+        .await;
+    assert_eq!(pii_off.header("x-tandem-cache"), "skip");
     let metrics = r.metrics().await;
     assert!(
         metrics.contains("cache_lookups_total{outcome=\"hit\"} 1"),
