@@ -722,7 +722,7 @@ impl Dispatcher {
                 .as_ref()
                 .and_then(|_| crate::learned::routed_text(&req.input).map(str::to_owned))
         });
-        let mut early = None;
+        let mut early: Option<Leg> = None;
         let embedding = match (text, self.embedder.clone()) {
             (Some(text), Some(e)) => {
                 let job = tokio::task::spawn_blocking(move || e.embed_one(&text));
@@ -821,14 +821,15 @@ impl Dispatcher {
         let prompt_estimate = features.prompt_tokens;
 
         let mut failover = None;
-        let first = match early.take() {
-            Some(leg) if decision.side == Side::Local => Ok(leg),
-            _ => {
+        // A local start the decision did not keep stops here, before the
+        // other side is contacted.
+        let first = match early.filter(|_| decision.side == Side::Local) {
+            Some(leg) => Ok(leg),
+            None => {
                 self.start_leg(decision.side, &req, &ctx, decision.redact, local_i, cloud_i)
                     .await
             }
         };
-        drop(early);
         let leg = match (first, decision.fallback) {
             (Ok(leg), _) => leg,
             (Err(e), Some(fb)) if !e.is_client_error() || e.status == 429 => {
