@@ -604,6 +604,7 @@ impl Dispatcher {
             cloud,
         } = self.plan(req, ctx)?;
         if named.is_none()
+            && !self.clouds.is_empty()
             && let Some(scorer) = self.scorer()
             && let Some(e) = &self.embedder
             && let Some(text) = crate::learned::routed_text(&req.input)
@@ -691,7 +692,12 @@ impl Dispatcher {
 
         // The router and the cache judge one embedding of the last user
         // message; prompts with personal data are kept out of the cache.
-        let scorer = if named.is_none() { self.scorer() } else { None };
+        // With no cloud to send it to, a difficulty score changes nothing.
+        let scorer = if named.is_none() && !self.clouds.is_empty() {
+            self.scorer()
+        } else {
+            None
+        };
         let mut cache_state = None;
         let cache_key = match &self.cache {
             Some(c) if c.config().enabled && self.embedder.is_some() => {
