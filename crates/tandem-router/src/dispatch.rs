@@ -899,28 +899,38 @@ impl Dispatcher {
         } else {
             decision.decided_by
         };
+        let sup = Supervision {
+            req,
+            ctx,
+            fallback: decision.fallback.filter(|_| failover.is_none()),
+            redact: decision.redact,
+            local_i,
+            cloud_i,
+            reason,
+            t0,
+            prompt_estimate,
+        };
+        Ok(self.run_leg(leg, sup, route, store))
+    }
+
+    /// Supervises the leg and, when the answer is one to keep, tees it
+    /// into the cache.
+    fn run_leg(
+        self: &Arc<Self>,
+        leg: Leg,
+        sup: Supervision,
+        route: RouteInfo,
+        store: Option<(CacheKey, Vec<f32>)>,
+    ) -> Dispatched {
         let keep = leg.side == Side::Cloud
             || self
                 .cache
                 .as_ref()
                 .is_some_and(|c| c.config().local_answers);
         let store = store.filter(|_| keep);
-        let stream = self.supervise(
-            leg,
-            Supervision {
-                req,
-                ctx,
-                fallback: decision.fallback.filter(|_| failover.is_none()),
-                redact: decision.redact,
-                local_i,
-                cloud_i,
-                reason,
-                t0,
-                prompt_estimate,
-            },
-        );
+        let stream = self.supervise(leg, sup);
         let stream = self.keep_answer(stream, store, route.backend.clone(), route.model.clone());
-        Ok(Dispatched { stream, route })
+        Dispatched { stream, route }
     }
 
     fn count_cache(&self, outcome: &str) {
@@ -1135,28 +1145,18 @@ impl Dispatcher {
             cache: p.cache_state,
             cascade: Some(outcome),
         };
-        let keep_it = leg.side == Side::Cloud
-            || self
-                .cache
-                .as_ref()
-                .is_some_and(|c| c.config().local_answers);
-        let store = p.store.filter(|_| keep_it);
-        let stream = self.supervise(
-            leg,
-            Supervision {
-                req,
-                ctx,
-                fallback,
-                redact: decision.redact,
-                local_i: p.local_i,
-                cloud_i: p.cloud_i,
-                reason: "cascade",
-                t0: p.t0,
-                prompt_estimate: p.prompt_estimate,
-            },
-        );
-        let stream = self.keep_answer(stream, store, route.backend.clone(), route.model.clone());
-        Ok(Dispatched { stream, route })
+        let sup = Supervision {
+            req,
+            ctx,
+            fallback,
+            redact: decision.redact,
+            local_i: p.local_i,
+            cloud_i: p.cloud_i,
+            reason: "cascade",
+            t0: p.t0,
+            prompt_estimate: p.prompt_estimate,
+        };
+        Ok(self.run_leg(leg, sup, route, p.store))
     }
 
     async fn start_leg(

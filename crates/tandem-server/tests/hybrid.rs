@@ -13,7 +13,7 @@ use tandem_ledger::Ledger;
 use tandem_router::access::{KeyConfig, hash_key};
 use tandem_router::{Dispatcher, PolicyConfig, PrivacyMode, Rule};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{QWEN_05B, SMOLLM2, TestServer, model_path};
+use tandem_testkit::{QWEN_05B, Reply, SMOLLM2, TestServer, model_path, post_json};
 
 fn device_engine() -> LocalEngine {
     static E: OnceLock<LocalEngine> = OnceLock::new();
@@ -111,28 +111,6 @@ impl Setup {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> String {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    }
-    fn text(&self) -> String {
-        self.body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned()
-    }
-}
-
 impl Hybrid {
     async fn chat(&self, prompt: &str, headers: &[(&str, &str)], extra: Value) -> Reply {
         let mut body = json!({
@@ -144,21 +122,7 @@ impl Hybrid {
         for (k, v) in extra.as_object().into_iter().flatten() {
             body[k] = v.clone();
         }
-        let mut r = reqwest::Client::new()
-            .post(self.device.url("/v1/chat/completions"))
-            .json(&body);
-        for (k, v) in headers {
-            r = r.header(*k, *v);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.json().await.unwrap_or(Value::Null);
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        post_json(&self.device.url("/v1/chat/completions"), &body, headers).await
     }
 
     /// A streamed answer: its text, and whether it ended properly.

@@ -14,7 +14,7 @@ use tandem_router::cache::{CacheConfig, SemanticCache};
 use tandem_router::learned::{self, Calibration, Example, LearnedScorer, ModelKind, TrainConfig};
 use tandem_router::{Dispatcher, PolicyConfig, Rule};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{MINILM, SMOLLM2, TestServer, model_path};
+use tandem_testkit::{MINILM, Reply, SMOLLM2, TestServer, model_path, post_json};
 
 fn device_engine() -> LocalEngine {
     static E: OnceLock<LocalEngine> = OnceLock::new();
@@ -75,28 +75,6 @@ async fn rig(policy: PolicyConfig, cache: Option<&Path>, cloud_url: Option<Strin
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> String {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    }
-    fn text(&self) -> String {
-        self.body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned()
-    }
-}
-
 impl Rig {
     async fn chat(&self, prompt: &str, headers: &[(&str, &str)]) -> Reply {
         let body = json!({
@@ -105,31 +83,12 @@ impl Rig {
             "max_tokens": 16,
             "temperature": 0,
         });
-        let mut r = reqwest::Client::new()
-            .post(self.server.url("/v1/chat/completions"))
-            .json(&body);
-        for (k, v) in headers {
-            r = r.header(*k, *v);
-        }
-        let resp = r.send().await.unwrap();
-        Reply {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            body: resp.json().await.unwrap_or(Value::Null),
-        }
+        post_json(&self.server.url("/v1/chat/completions"), &body, headers).await
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = reqwest::Client::new()
-            .post(self.server.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        let r = post_json(&self.server.url(path), &body, &[]).await;
+        (r.status, r.body)
     }
 
     async fn metrics(&self) -> String {
