@@ -8,6 +8,7 @@ pub mod backend;
 pub mod error;
 pub mod generate;
 pub mod openai;
+pub mod spec;
 
 pub use backend::{Answer, Backend, EventStream, Load, Locality, ModelInfo};
 pub use error::{ApiError, ErrorKind};

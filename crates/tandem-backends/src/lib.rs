@@ -11,6 +11,7 @@
 //! Not here: deciding which requests may go to the cloud (the router).
 
 mod breaker;
+mod spec;
 mod wire;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

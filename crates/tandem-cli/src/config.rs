@@ -176,6 +176,8 @@ pub struct Config {
     pub ledger: LedgerSection,
     #[serde(default)]
     pub signals: SignalsSection,
+    #[serde(default)]
+    pub speculative: tandem_router::SpeculativeConfig,
 }
 
 /// The file to read: `--config`, else `$TANDEM_CONFIG`, else

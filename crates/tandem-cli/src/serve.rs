@@ -142,6 +142,7 @@ pub async fn build_dispatcher(
 ) -> anyhow::Result<Arc<Dispatcher>> {
     let mut b = Dispatcher::builder()
         .policy(cfg.router.clone())
+        .speculative(cfg.speculative.clone())
         .privacy(cfg.privacy.clone())
         .keys(cfg.keys.clone());
     for m in &cfg.local.models {

@@ -16,6 +16,8 @@ pub mod load;
 mod runtime;
 pub mod sampling;
 mod scheduler;
+mod session;
+pub mod speculative;
 pub mod template;
 pub mod text;
 
@@ -35,9 +37,11 @@ use tandem_api::{
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::scheduler::{Command, Job, SchedulerConfig};
+use crate::session::{SessionCmd, SessionConfig};
 use crate::template::ChatTemplate;
 
 pub use runtime::backend as llama_backend;
+pub use session::{Rows, Session};
 
 /// How many threads llama.cpp may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,9 @@ pub struct EngineConfig {
     pub gpu_layers: u32,
     /// Requests waiting for a slot before new ones are refused with 503.
     pub max_queue: usize,
+    /// Speculative-decoding sessions held at once (each keeps `context`
+    /// worth of KV cache while open; none is allocated until the first).
+    pub sessions: u32,
 }
 
 impl EngineConfig {
@@ -93,6 +100,7 @@ impl EngineConfig {
             threads: Threads::Auto,
             gpu_layers: 0,
             max_queue: 64,
+            sessions: 4,
         }
     }
 }
@@ -149,6 +157,10 @@ struct Inner {
     max_queue: usize,
     tx: std::sync::mpsc::Sender<Command>,
     stats: Arc<Stats>,
+    session_cfg: SessionConfig,
+    /// The session thread, started by the first session.
+    sessions: std::sync::Mutex<Option<std::sync::mpsc::Sender<SessionCmd>>>,
+    vocab_hash: std::sync::OnceLock<String>,
 }
 
 /// A loaded model with its inference thread. Cheap to clone.
@@ -254,6 +266,14 @@ impl LocalEngine {
                 max_queue: cfg.max_queue,
                 tx,
                 stats,
+                session_cfg: SessionConfig {
+                    ctx_per_seq,
+                    slots: cfg.sessions.max(1),
+                    batch: cfg.batch,
+                    threads: cfg.threads,
+                },
+                sessions: std::sync::Mutex::new(None),
+                vocab_hash: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -305,6 +325,95 @@ impl LocalEngine {
     pub fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
         self.inner.submit(req)
     }
+
+    /// Renders, tokenizes and checks a request as [`submit`](Self::submit)
+    /// would, without running it.
+    pub fn prepare(&self, req: &GenerateRequest) -> Result<Prepared, ApiError> {
+        self.inner.prepare(req)
+    }
+
+    /// Opens a session: a sequence whose KV cache lives until the session
+    /// is dropped (see [`Session::eval`]).
+    pub async fn open_session(&self) -> Result<Session, ApiError> {
+        let tx = {
+            let mut guard = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                Some(tx) => tx.clone(),
+                None => {
+                    let tx = session::start(
+                        self.inner.model.clone(),
+                        self.inner.session_cfg,
+                        &self.inner.id,
+                    )
+                    .map_err(ApiError::unavailable)?;
+                    *guard = Some(tx.clone());
+                    tx
+                }
+            }
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send(SessionCmd::Open(reply))
+            .map_err(|_| ApiError::internal("the session thread has stopped"))?;
+        let seq = rx
+            .await
+            .map_err(|_| ApiError::internal("the session thread has stopped"))??;
+        Ok(Session {
+            seq,
+            tx,
+            context: self.inner.ctx_per_seq,
+        })
+    }
+
+    /// A fingerprint of the vocabulary (every token's text, the special
+    /// tokens, the size): two models with equal hashes mean the same thing
+    /// by every token id.
+    pub fn vocab_hash(&self) -> &str {
+        self.inner.vocab_hash.get_or_init(|| {
+            use sha2::{Digest, Sha256};
+            let vocab = self.inner.model.vocab();
+            let mut h = Sha256::new();
+            h.update(vocab.n_tokens().to_le_bytes());
+            for t in [vocab.bos(), vocab.eos(), vocab.eot()] {
+                h.update(t.0.to_le_bytes());
+            }
+            for t in vocab.tokens() {
+                let text = vocab.text(t).map_or(&[][..], |c| c.to_bytes());
+                h.update((text.len() as u32).to_le_bytes());
+                h.update(text);
+            }
+            format!("{:x}", h.finalize())
+        })
+    }
+
+    pub fn n_vocab(&self) -> i32 {
+        self.inner.model.n_vocab()
+    }
+
+    /// Whether the token ends a turn (end of sequence, end of turn).
+    pub fn is_eog(&self, token: i32) -> bool {
+        self.inner.model.vocab().is_eog(LlamaToken(token))
+    }
+
+    /// The bytes a token stands for in the answer.
+    pub fn token_bytes(&self, token: i32, out: &mut Vec<u8>) {
+        out.clear();
+        self.inner
+            .model
+            .vocab()
+            .token_to_piece_into(LlamaToken(token), out, false, None);
+    }
+}
+
+/// A request ready to run: its tokens and limits.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub tokens: Vec<i32>,
+    /// New tokens allowed (the request's `max_tokens` within the context).
+    pub max_new: u32,
 }
 
 /// Request fields a local model cannot honour; refusing them beats
@@ -377,7 +486,7 @@ impl Inner {
         self.model.vocab().tokenize(text.as_bytes(), add_bos, true)
     }
 
-    fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
+    fn prepare(&self, req: &GenerateRequest) -> Result<Prepared, ApiError> {
         if req.model != self.id {
             return Err(ApiError::model_not_found(&req.model));
         }
@@ -412,6 +521,15 @@ impl Inner {
         }
         let room = ctx - n;
         let max_new = req.max_tokens.map_or(room, |m| m.min(room));
+        Ok(Prepared {
+            tokens: tokens.into_iter().map(|t| t.0).collect(),
+            max_new,
+        })
+    }
+
+    fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
+        let Prepared { tokens, max_new } = self.prepare(&req)?;
+        let tokens: Vec<LlamaToken> = tokens.into_iter().map(LlamaToken).collect();
 
         let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let active = self.stats.active.load(Ordering::Relaxed);

@@ -28,6 +28,8 @@ use crate::policy::{
     CloudView, Decision, Features, LocalView, PolicyConfig, PrivacyMode, Side, Spend, View, decide,
 };
 use crate::signals::SignalHub;
+use crate::speculative::SpeculativeConfig;
+use crate::verifier::Verifier;
 
 /// Scores how hard a request is for the local model, in [0, 1].
 pub trait Scorer: Send + Sync {
@@ -56,6 +58,9 @@ pub struct RequestContext {
     pub cache_skip: bool,
     /// `x-tandem-mode: cascade` or `route` (default: the policy's `cascade`).
     pub cascade: Option<bool>,
+    /// `x-tandem-mode: speculative` (or `route`); default: `[speculative]
+    /// default`.
+    pub speculative: Option<bool>,
 }
 
 /// Where a request went and why; the server turns it into headers.
@@ -77,6 +82,8 @@ pub struct RouteInfo {
     pub cache: Option<String>,
     /// What the cascade did: kept the local answer or escalated it.
     pub cascade: Option<String>,
+    /// `on` when the answer is decoded speculatively, or why it is not.
+    pub speculative: Option<String>,
 }
 
 /// The outcome of a dry run.
@@ -123,6 +130,8 @@ pub struct Dispatcher {
     embedder: Option<Arc<Embedder>>,
     embedder_name: String,
     cache: Option<Arc<SemanticCache>>,
+    speculative: SpeculativeConfig,
+    verifier: Arc<Verifier>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -146,6 +155,7 @@ pub struct DispatcherBuilder {
     hub: Option<SignalHub>,
     embedder: Option<(String, Arc<Embedder>)>,
     cache: Option<Arc<SemanticCache>>,
+    speculative: SpeculativeConfig,
 }
 
 impl DispatcherBuilder {
@@ -189,6 +199,10 @@ impl DispatcherBuilder {
         self.cache = Some(c);
         self
     }
+    pub fn speculative(mut self, s: SpeculativeConfig) -> Self {
+        self.speculative = s;
+        self
+    }
     pub fn build(self) -> Result<Arc<Dispatcher>, String> {
         let spend = SpendTracker::default();
         if let Some(l) = &self.ledger {
@@ -216,6 +230,10 @@ impl DispatcherBuilder {
                 .unwrap_or_default(),
             embedder: self.embedder.map(|(_, e)| e),
             cache: self.cache,
+            verifier: Arc::new(Verifier::new(Duration::from_secs(
+                self.speculative.session_idle_s.max(1),
+            ))),
+            speculative: self.speculative,
         }))
     }
 }
@@ -258,11 +276,14 @@ struct Leg {
     stream: EventStream,
     restorer: Option<Restorer>,
     cloud: Option<CloudLeg>,
+    /// Drafted here and verified in the cloud; the drafting task does its
+    /// own accounting.
+    spec: bool,
 }
 
 /// The ledger duty of a cloud leg: recorded once, when the exchange ends —
 /// or when the leg is dropped because the client went away.
-struct CloudLeg {
+pub(crate) struct CloudLeg {
     disp: Arc<Dispatcher>,
     upstream: usize,
     exchange: Arc<Exchange>,
@@ -274,7 +295,29 @@ struct CloudLeg {
 }
 
 impl CloudLeg {
-    fn settle(&mut self, outcome: &str, usage: Option<Usage>) -> f64 {
+    /// The ledger record of a speculative session: what left is the
+    /// prompt's tokens and the drafts, all under one exchange.
+    pub(crate) fn speculative(
+        disp: &Arc<Dispatcher>,
+        upstream: usize,
+        exchange: Exchange,
+        redacted: BTreeMap<String, u32>,
+        request_id: String,
+        key: Option<String>,
+    ) -> Self {
+        Self {
+            disp: disp.clone(),
+            upstream,
+            exchange: Arc::new(exchange),
+            redacted,
+            request_id,
+            key,
+            deltas: 0,
+            recorded: false,
+        }
+    }
+
+    pub(crate) fn settle(&mut self, outcome: &str, usage: Option<Usage>) -> f64 {
         if self.recorded {
             return 0.0;
         }
@@ -350,6 +393,15 @@ impl Dispatcher {
     /// The embedding model's name (empty without one).
     pub fn embedder_name(&self) -> &str {
         &self.embedder_name
+    }
+
+    pub fn speculative(&self) -> &SpeculativeConfig {
+        &self.speculative
+    }
+
+    /// Verification sessions this gateway serves to devices (cloud role).
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
     }
 
     pub fn cache(&self) -> Option<&Arc<SemanticCache>> {
@@ -827,10 +879,26 @@ impl Dispatcher {
         let prompt_estimate = features.prompt_tokens;
 
         let mut failover = None;
+        let mut speculative = None;
+        if ctx.speculative.unwrap_or(self.speculative.default) {
+            let why_not = if decision.side != Side::Cloud {
+                Some("the request is placed on the device".to_owned())
+            } else if self.locals.get(local_i).is_none() {
+                Some("there is no local model to draft with".to_owned())
+            } else {
+                crate::speculative::ineligible(&req).map(|r| format!("{r} are not supported"))
+            };
+            speculative = Some(why_not.map_or_else(|| "on".to_owned(), |w| format!("off: {w}")));
+        }
+        let spec = speculative.as_deref() == Some("on");
         // A local start the decision did not keep stops here, before the
         // other side is contacted.
         let first = match early.filter(|_| decision.side == Side::Local) {
             Some(leg) => Ok(leg),
+            None if spec => {
+                self.start_spec(&req, &ctx, decision.redact, local_i, cloud_i)
+                    .await
+            }
             None => {
                 self.start_leg(decision.side, &req, &ctx, decision.redact, local_i, cloud_i)
                     .await
@@ -869,6 +937,9 @@ impl Dispatcher {
             }
             (Err(e), _) => return Err(e),
         };
+        if spec && !leg.spec {
+            speculative = Some("off: the cloud could not be reached".to_owned());
+        }
         let (backend, model) = match leg.side {
             Side::Local => (
                 "local".to_owned(),
@@ -893,16 +964,22 @@ impl Dispatcher {
             difficulty,
             cache: cache_state,
             cascade: None,
+            speculative,
         };
         let reason = if failover.is_some() {
             "failover"
+        } else if leg.spec {
+            "speculative"
         } else {
             decision.decided_by
         };
         let sup = Supervision {
             req,
             ctx,
-            fallback: decision.fallback.filter(|_| failover.is_none()),
+            // A speculative answer falls back to the device by itself.
+            fallback: decision
+                .fallback
+                .filter(|_| failover.is_none() && !leg.spec),
             redact: decision.redact,
             local_i,
             cloud_i,
@@ -975,6 +1052,7 @@ impl Dispatcher {
             difficulty: None,
             cache: Some(format!("hit {:.3}", hit.similarity)),
             cascade: None,
+            speculative: None,
         };
         self.metrics
             .requests
@@ -1115,6 +1193,7 @@ impl Dispatcher {
                         stream: Box::pin(futures::stream::iter(events)),
                         restorer: None,
                         cloud: None,
+                        spec: false,
                     },
                     None,
                 )
@@ -1144,6 +1223,7 @@ impl Dispatcher {
             difficulty: p.difficulty,
             cache: p.cache_state,
             cascade: Some(outcome),
+            speculative: None,
         };
         let sup = Supervision {
             req,
@@ -1157,6 +1237,65 @@ impl Dispatcher {
             prompt_estimate: p.prompt_estimate,
         };
         Ok(self.run_leg(leg, sup, route, p.store))
+    }
+
+    /// Drafts on the device and verifies in the cloud (see
+    /// [`crate::speculative`]).
+    async fn start_spec(
+        self: &Arc<Self>,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+        redact: bool,
+        local_i: usize,
+        cloud_i: usize,
+    ) -> Result<Leg, ApiError> {
+        let engine = self
+            .locals
+            .get(local_i)
+            .ok_or_else(|| ApiError::unavailable("no local model is loaded"))?
+            .clone();
+        let cloud = self
+            .clouds
+            .get(cloud_i)
+            .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
+        let label = format!("cloud:{}", cloud.config().name);
+        let (out, redaction) = self.outgoing(req, redact);
+        let stream = crate::speculative::start(crate::speculative::SpecJob {
+            disp: self.clone(),
+            engine,
+            cloud_i,
+            req: out,
+            redacted: redaction.classes.clone(),
+            request_id: ctx.request_id.clone(),
+            key: ctx.caller.as_ref().map(|c| c.config.name.clone()),
+        })
+        .await?;
+        Ok(Leg {
+            side: Side::Cloud,
+            label,
+            stream,
+            restorer: (!redaction.is_empty()).then(|| redaction.restorer()),
+            cloud: None,
+            spec: true,
+        })
+    }
+
+    /// The request as it may leave the device, and what was taken out.
+    fn outgoing(&self, req: &GenerateRequest, redact: bool) -> (GenerateRequest, Redaction) {
+        let mut out = req.clone();
+        let mut redaction = Redaction::default();
+        if redact {
+            self.redact(&mut out, &mut redaction);
+        }
+        for (class, n) in &redaction.classes {
+            self.metrics
+                .redactions
+                .get_or_create(&ClassLabels {
+                    class: class.clone(),
+                })
+                .inc_by(u64::from(*n));
+        }
+        (out, redaction)
     }
 
     async fn start_leg(
@@ -1183,6 +1322,7 @@ impl Dispatcher {
                     stream,
                     restorer: None,
                     cloud: None,
+                    spec: false,
                 })
             }
             Side::Cloud => {
@@ -1190,19 +1330,7 @@ impl Dispatcher {
                     .clouds
                     .get(cloud_i)
                     .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
-                let mut out = req.clone();
-                let mut redaction = Redaction::default();
-                if redact {
-                    self.redact(&mut out, &mut redaction);
-                }
-                for (class, n) in &redaction.classes {
-                    self.metrics
-                        .redactions
-                        .get_or_create(&ClassLabels {
-                            class: class.clone(),
-                        })
-                        .inc_by(u64::from(*n));
-                }
+                let (out, redaction) = self.outgoing(req, redact);
                 let (result, exchange) = cloud.start(out).await;
                 let mut leg = CloudLeg {
                     disp: self.clone(),
@@ -1221,6 +1349,7 @@ impl Dispatcher {
                         stream,
                         restorer: (!redaction.is_empty()).then(|| redaction.restorer()),
                         cloud: Some(leg),
+                        spec: false,
                     }),
                     Err(e) => {
                         // Nothing was sent if the request was refused locally
@@ -1456,6 +1585,8 @@ impl Dispatcher {
                     Some(usage),
                 );
             }
+            // The drafting task accounts for both sides itself.
+            None if leg.spec => {}
             None => {
                 self.metrics
                     .count_tokens("local", usage.prompt_tokens, usage.completion_tokens);
@@ -1520,7 +1651,7 @@ struct Supervision {
 }
 
 /// A short label for metrics (bounded cardinality).
-fn short_cause(e: &ApiError) -> String {
+pub(crate) fn short_cause(e: &ApiError) -> String {
     match (e.status, e.code.as_deref()) {
         (504, _) => "timeout".into(),
         (429, _) => "rate_limited".into(),

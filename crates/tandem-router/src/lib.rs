@@ -10,6 +10,8 @@
 //! - [`cache`]: the semantic answer cache.
 //! - [`access`]: gateway keys, rate limits, daily spending.
 //! - [`dispatch`]: executing decisions across backends; ledger and metrics.
+//! - [`speculative`]: drafting on the device for a cloud model to verify.
+//! - [`verifier`]: the cloud side of it, sessions on a local target model.
 //! - [`metrics`]: the Prometheus registry of one gateway.
 //!
 //! Not here: HTTP (the server) or how tokens are produced (the backends).
@@ -22,9 +24,12 @@ pub mod metrics;
 pub mod pii;
 pub mod policy;
 pub mod signals;
+pub mod speculative;
+pub mod verifier;
 
 pub use dispatch::{
     Dispatched, Dispatcher, DispatcherBuilder, Explanation, PrivacyConfig, RequestContext,
     RouteInfo, Scorer,
 };
 pub use policy::{Decision, PolicyConfig, PrivacyMode, Rule, Side};
+pub use speculative::SpeculativeConfig;

@@ -41,6 +41,11 @@ pub struct ClassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
 }
@@ -64,6 +69,11 @@ pub struct Metrics {
     pub redactions: Family<ClassLabels, Counter>,
     pub cache: Family<OutcomeLabels, Counter>,
     pub cascade: Family<OutcomeLabels, Counter>,
+    /// Speculative decoding on the device: rounds, drafted and accepted
+    /// tokens, and tokens of answer.
+    pub spec: Family<KindLabels, Counter>,
+    /// Verification rounds served to devices (the cloud role).
+    pub spec_verified: Counter,
     pub local_active: Gauge,
     pub local_queued: Gauge,
 }
@@ -155,6 +165,18 @@ impl Metrics {
             "Cascade answers kept local or escalated to the cloud",
             cascade.clone(),
         );
+        let spec = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "speculative",
+            "Speculative decoding on the device: rounds, drafted, accepted and answer tokens",
+            spec.clone(),
+        );
+        let spec_verified = Counter::default();
+        registry.register(
+            "speculative_verify_rounds",
+            "Verification rounds run for devices' speculative sessions",
+            spec_verified.clone(),
+        );
         let local_active = Gauge::default();
         registry.register(
             "local_active",
@@ -181,6 +203,8 @@ impl Metrics {
             redactions,
             cache,
             cascade,
+            spec,
+            spec_verified,
             local_active,
             local_queued,
         }
@@ -199,6 +223,12 @@ impl Metrics {
                 kind: "completion".into(),
             })
             .inc_by(u64::from(completion));
+    }
+
+    pub fn count_spec(&self, kind: &str, n: u64) {
+        self.spec
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc_by(n);
     }
 
     /// Prometheus text exposition.

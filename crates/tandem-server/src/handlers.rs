@@ -11,6 +11,7 @@ use tandem_api::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChoiceLogprobs,
     Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, ModelCard, ModelList,
 };
+use tandem_api::spec::{SpecOpen, SpecOpened, VerifyRequest, VerifyResponse};
 use tandem_api::{Answer, ApiError, GenerateRequest};
 use tandem_router::access::Caller;
 use tandem_router::signals::Overrides;
@@ -76,14 +77,15 @@ fn context(
             ));
         }
     };
-    let cascade = match header(headers, "x-tandem-mode") {
-        None => None,
-        Some("cascade") => Some(true),
-        Some("route") => Some(false),
+    let (cascade, speculative) = match header(headers, "x-tandem-mode") {
+        None => (None, None),
+        Some("cascade") => (Some(true), Some(false)),
+        Some("speculative") => (Some(false), Some(true)),
+        Some("route") => (Some(false), Some(false)),
         Some(v) => {
             return Err(bad(
                 "x-tandem-mode",
-                format!("`{v}` is not `route` or `cascade`"),
+                format!("`{v}` is not `route`, `cascade` or `speculative`"),
             ));
         }
     };
@@ -99,6 +101,7 @@ fn context(
         quality,
         cache_skip,
         cascade,
+        speculative,
     })
 }
 
@@ -161,6 +164,9 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
     }
     if let Some(c) = &route.cascade {
         set(&mut h, "x-tandem-cascade", c);
+    }
+    if let Some(s) = &route.speculative {
+        set(&mut h, "x-tandem-speculative", s);
     }
     h
 }
@@ -411,6 +417,35 @@ pub async fn clear_cache(
         .clear()
         .map_err(|e| ApiError::internal(format!("clearing the cache: {e}")))?;
     Ok(Json(json!({"cleared": n})))
+}
+
+/// `POST /v1/tandem/spec/sessions`: a session on a local target model
+/// that verifies a device's drafts.
+pub async fn spec_open(
+    State(state): State<AppState>,
+    OpenAiJson(body): OpenAiJson<SpecOpen>,
+) -> Result<Json<SpecOpened>, HttpError> {
+    let d = &state.dispatcher;
+    Ok(Json(d.verifier().open(d.locals(), body).await?))
+}
+
+/// `POST /v1/tandem/spec/sessions/{id}/verify`: one round.
+pub async fn spec_verify(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OpenAiJson(body): OpenAiJson<VerifyRequest>,
+) -> Result<Json<VerifyResponse>, HttpError> {
+    let d = &state.dispatcher;
+    Ok(Json(d.verifier().verify(&id, body, d.metrics()).await?))
+}
+
+/// `DELETE /v1/tandem/spec/sessions/{id}`.
+pub async fn spec_close(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    state.dispatcher.verifier().close(&id)?;
+    Ok(Json(json!({"session": id, "deleted": true})))
 }
 
 fn cards(state: &AppState) -> Vec<ModelCard> {

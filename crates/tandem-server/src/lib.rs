@@ -1,6 +1,7 @@
 //! Tandem's HTTP face: OpenAI's API (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/models`), Tandem's own routes (`/v1/tandem/route`
-//! for dry runs, `/v1/tandem/signals`), `/metrics` and `/healthz`.
+//! for dry runs, `/v1/tandem/signals`, `/v1/tandem/spec/sessions` for
+//! devices' speculative decoding), `/metrics` and `/healthz`.
 //!
 //! Handlers only translate: wire request → [`tandem_api::GenerateRequest`]
 //! → [`Dispatcher`] → wire response, with the routing decision in
@@ -130,6 +131,15 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/tandem/cache",
             get(handlers::cache_info).delete(handlers::clear_cache),
+        )
+        .route("/v1/tandem/spec/sessions", post(handlers::spec_open))
+        .route(
+            "/v1/tandem/spec/sessions/{id}/verify",
+            post(handlers::spec_verify),
+        )
+        .route(
+            "/v1/tandem/spec/sessions/{id}",
+            axum::routing::delete(handlers::spec_close),
         )
         .route("/metrics", get(handlers::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
@@ -31,6 +31,9 @@ pub enum Mode {
     /// Answer with "ECHO: " and the last user message, streamed three
     /// characters a chunk (so placeholders arrive split).
     Echo,
+    /// Forward the first `requests` requests (counting from the start),
+    /// then answer every later one with 503: a cloud that goes away.
+    GoneAfter { requests: usize },
 }
 
 /// One request as received, and what was passed back for it.
@@ -95,6 +98,11 @@ impl CaptureUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(handle))
             .route("/v1/completions", post(handle))
+            .route("/v1/tandem/spec/sessions", post(handle))
+            .route(
+                "/v1/tandem/spec/sessions/{*rest}",
+                post(handle).delete(handle),
+            )
             .route(
                 "/v1/models",
                 get(|| async { axum::Json(json!({"object": "list", "data": []})) }),
@@ -145,20 +153,22 @@ impl CaptureUpstream {
 
 async fn handle(
     State(s): State<Arc<Shared>>,
+    method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let forwarded = Arc::new(Mutex::new(Vec::new()));
-    s.captured
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(Captured {
+    let seen = {
+        let mut c = s.captured.lock().unwrap_or_else(|p| p.into_inner());
+        c.push(Captured {
             path: uri.path().to_owned(),
             headers: headers.clone(),
             body: body.clone(),
             forwarded: forwarded.clone(),
         });
+        c.len()
+    };
     let mode = {
         let mut m = s.mode.lock().unwrap_or_else(|p| p.into_inner());
         let now = m.clone();
@@ -172,26 +182,34 @@ async fn handle(
         }
         now
     };
+    let echoed = matches!(mode, Mode::Echo).then(|| echo(&body));
+    let fwd = |kill| forward(&s, method, uri.path().to_owned(), body, kill, forwarded);
     match mode {
+        Mode::GoneAfter { requests } if seen > requests => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": {"message": "injected: the cloud is gone", "type": "server_error"}})),
+        )
+            .into_response(),
         Mode::Fail { status, .. } => (
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             [("retry-after", "0")],
             axum::Json(json!({"error": {"message": "injected failure", "type": "server_error"}})),
         )
             .into_response(),
-        Mode::Echo => echo(&body),
+        Mode::Echo => echoed.unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
         Mode::Delay(d) => {
             tokio::time::sleep(d).await;
-            forward(&s, uri.path(), body, None, forwarded).await
+            fwd(None).await
         }
-        Mode::Forward => forward(&s, uri.path(), body, None, forwarded).await,
-        Mode::KillAfter(n) => forward(&s, uri.path(), body, Some(n), forwarded).await,
+        Mode::Forward | Mode::GoneAfter { .. } => fwd(None).await,
+        Mode::KillAfter(n) => fwd(Some(n)).await,
     }
 }
 
 async fn forward(
     s: &Shared,
-    path: &str,
+    method: Method,
+    path: String,
     body: Bytes,
     kill_after: Option<usize>,
     record: Arc<Mutex<Vec<u8>>>,
@@ -202,7 +220,7 @@ async fn forward(
     let url = format!("{}{}", target.trim_end_matches("/v1"), path);
     let resp = match s
         .client
-        .post(url)
+        .request(method, url)
         .header("content-type", "application/json")
         .body(body)
         .send()

@@ -1,0 +1,100 @@
+//! The wire protocol of edge–cloud speculative decoding, spoken between a
+//! device Tandem (drafting) and a cloud-role Tandem (verifying):
+//!
+//! - `POST /v1/tandem/spec/sessions` ([`SpecOpen`] → [`SpecOpened`]) opens
+//!   a session on the target model after checking that both sides mean the
+//!   same thing by every token id (a vocabulary hash);
+//! - `POST /v1/tandem/spec/sessions/{id}/verify` ([`VerifyRequest`] →
+//!   [`VerifyResponse`]) sends only what the target has not read yet — the
+//!   tokens committed since the last round and this round's draft — and gets
+//!   back how many drafted tokens the target accepts and its next token;
+//! - `DELETE /v1/tandem/spec/sessions/{id}` ends it (idle sessions expire).
+
+use serde::{Deserialize, Serialize};
+
+/// Sampling parameters the target applies; penalties are not part of it
+/// (speculative mode refuses them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpecSampling {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+}
+
+impl SpecSampling {
+    pub fn from_sampling(s: &crate::Sampling) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            seed: s.seed,
+        }
+    }
+
+    pub fn to_sampling(self) -> crate::Sampling {
+        crate::Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            ..crate::Sampling::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecOpen {
+    pub model: String,
+    /// The draft model's vocabulary hash; a different one is refused (409).
+    pub vocab_hash: String,
+    #[serde(default)]
+    pub sampling: SpecSampling,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpecOpened {
+    pub session: String,
+    pub model: String,
+    pub vocab_hash: String,
+    /// Tokens the session may hold.
+    pub context_length: u32,
+    /// Seconds of idleness after which the session is dropped.
+    pub idle_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Tokens the target already holds for this session (from earlier
+    /// rounds' responses); a mismatch is refused (409).
+    pub pos: u32,
+    /// Committed tokens the target has not read: the prompt in the first
+    /// round, then the previous round's `next` (and any tail the device
+    /// generated alone). At least one.
+    pub tokens: Vec<i32>,
+    /// Drafted continuation, possibly empty.
+    #[serde(default)]
+    pub draft: Vec<i32>,
+    /// For sampling: per drafted token, the sparse distribution it was drawn
+    /// from, as `[token, probability]` pairs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draft_probs: Vec<Vec<(i32, f32)>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    /// Drafted tokens accepted, a prefix of `draft`.
+    pub accepted: u32,
+    /// The target's token after the accepted prefix.
+    pub next: i32,
+    /// Tokens the target now holds (`pos` for the next round).
+    pub pos: u32,
+    /// The target's forward passes for this session so far.
+    pub forward_passes: u64,
+}

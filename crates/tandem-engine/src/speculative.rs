@@ -1,0 +1,337 @@
+//! The arithmetic of speculative decoding, apart from any transport: the
+//! sampling distribution a model's logits give under OpenAI's parameters,
+//! the acceptance rule that keeps the target model's distribution, and the
+//! draft length that gives the most tokens per second.
+//!
+//! Greedy decoding accepts a drafted token when it is the target's argmax,
+//! so the answer is exactly the target's. With sampling, a drafted token
+//! `x` drawn from the draft's distribution `q` is accepted with probability
+//! `min(1, p(x)/q(x))`; on rejection the replacement is drawn from
+//! `max(0, p - q)`, normalised — the rule of Leviathan et al. and Chen et
+//! al., under which every output token is distributed exactly as `p`.
+
+use tandem_api::Sampling;
+
+/// A sparse distribution over token ids, most likely first.
+pub type Dist = Vec<(i32, f32)>;
+
+/// Most candidates a draft distribution keeps. It only has to be the
+/// distribution the draft token was really drawn from; keeping it small
+/// keeps each round's request small.
+pub const DRAFT_CANDIDATES: usize = 32;
+
+pub fn argmax(logits: &[f32]) -> i32 {
+    let mut best = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as i32
+}
+
+/// The distribution sampling draws from: temperature, then top-k, then
+/// top-p, as the engine's sampler chain applies them. `cap` limits the
+/// candidates further (draft side only).
+pub fn distribution(logits: &[f32], s: &Sampling, cap: Option<usize>) -> Dist {
+    if s.is_greedy() || logits.is_empty() {
+        return vec![(argmax(logits), 1.0)];
+    }
+    let temp = s.temperature.unwrap_or(1.0).max(1e-4);
+    let k = [
+        s.top_k.filter(|&k| k > 0).map(|k| k as usize),
+        cap,
+        Some(logits.len()),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(logits.len());
+    let mut idx: Vec<i32> = (0..logits.len() as i32).collect();
+    let by_logit = |a: &i32, b: &i32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_logit);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by_logit);
+    let max = logits[idx[0] as usize];
+    let mut dist: Dist = idx
+        .iter()
+        .map(|&i| (i, ((logits[i as usize] - max) / temp).exp()))
+        .collect();
+    normalise(&mut dist);
+    if let Some(p) = s.top_p.filter(|&p| p < 1.0) {
+        let mut acc = 0.0;
+        let mut keep = 0;
+        for &(_, q) in &dist {
+            keep += 1;
+            acc += q;
+            if acc >= p {
+                break;
+            }
+        }
+        dist.truncate(keep.max(1));
+        normalise(&mut dist);
+    }
+    dist
+}
+
+fn normalise(d: &mut Dist) {
+    let total: f32 = d.iter().map(|e| e.1).sum();
+    if total > 0.0 {
+        for e in d.iter_mut() {
+            e.1 /= total;
+        }
+    }
+}
+
+fn prob(d: &[(i32, f32)], tok: i32) -> f32 {
+    d.iter().find(|e| e.0 == tok).map_or(0.0, |e| e.1)
+}
+
+pub fn sample(d: &[(i32, f32)], rng: &mut fastrand::Rng) -> i32 {
+    let mut u = rng.f32();
+    for &(t, p) in d {
+        if u < p {
+            return t;
+        }
+        u -= p;
+    }
+    d.last().map_or(0, |e| e.0)
+}
+
+/// How a round of drafts fared against the target's logits: the accepted
+/// prefix length and the target's own next token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub accepted: usize,
+    pub next: i32,
+}
+
+/// `rows[i]` are the target's logits before `draft[i]`; `rows[draft.len()]`
+/// those after the whole draft. `q[i]` is the distribution `draft[i]` was
+/// drawn from (ignored when greedy).
+pub fn verify(
+    rows: &[Vec<f32>],
+    draft: &[i32],
+    q: &[Dist],
+    s: &Sampling,
+    rng: &mut fastrand::Rng,
+) -> Verdict {
+    debug_assert_eq!(rows.len(), draft.len() + 1);
+    for (i, &d) in draft.iter().enumerate() {
+        if s.is_greedy() {
+            let best = argmax(&rows[i]);
+            if best != d {
+                return Verdict {
+                    accepted: i,
+                    next: best,
+                };
+            }
+            continue;
+        }
+        let p = distribution(&rows[i], s, None);
+        let (px, qx) = (prob(&p, d), q.get(i).map_or(0.0, |q| prob(q, d)));
+        // A token the draft could not have drawn is never accepted: qx = 0
+        // means the device sent something other than its own draw.
+        if qx > 0.0 && rng.f32() * qx < px {
+            continue;
+        }
+        let empty = Vec::new();
+        let qi = q.get(i).unwrap_or(&empty);
+        let mut residual: Dist = p
+            .iter()
+            .map(|&(t, pt)| (t, (pt - prob(qi, t)).max(0.0)))
+            .filter(|e| e.1 > 0.0)
+            .collect();
+        normalise(&mut residual);
+        let next = if residual.is_empty() {
+            sample(&p, rng)
+        } else {
+            sample(&residual, rng)
+        };
+        return Verdict { accepted: i, next };
+    }
+    let last = &rows[draft.len()];
+    let next = if s.is_greedy() {
+        argmax(last)
+    } else {
+        sample(&distribution(last, s, None), rng)
+    };
+    Verdict {
+        accepted: draft.len(),
+        next,
+    }
+}
+
+/// Picks the draft length from what the session has measured: the chance
+/// a drafted token is accepted, the time to draft one, and the time of a
+/// verification round (network round trip plus the target's pass).
+///
+/// With per-token acceptance `a`, a round with `k` drafts yields
+/// `(1 - a^(k+1)) / (1 - a)` tokens (the accepted prefix plus the
+/// target's own) and takes `k * draft + round`; the chosen `k` maximises
+/// their ratio. A slow network makes long drafts pay; a poor draft model
+/// makes them waste.
+#[derive(Debug, Clone)]
+pub struct DraftLength {
+    max: usize,
+    /// Discounted counts of accepted and rejected drafted tokens.
+    accepted: f64,
+    rejected: f64,
+    draft_s: Option<f64>,
+    round_s: Option<f64>,
+}
+
+impl DraftLength {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            // A prior worth a few rounds: acceptance 0.7.
+            accepted: 3.5,
+            rejected: 1.5,
+            draft_s: None,
+            round_s: None,
+        }
+    }
+
+    /// Per-token acceptance rate as measured so far.
+    pub fn acceptance(&self) -> f64 {
+        self.accepted / (self.accepted + self.rejected)
+    }
+
+    pub fn next(&self) -> usize {
+        let (Some(draft), Some(round)) = (self.draft_s, self.round_s) else {
+            return self.max.min(4);
+        };
+        let a = self.acceptance().clamp(0.0, 0.999);
+        let mut best = (1, 0.0);
+        let mut ak = a; // a^k
+        for k in 1..=self.max {
+            ak *= a; // a^(k+1)
+            let tokens = (1.0 - ak) / (1.0 - a);
+            let rate = tokens / (k as f64 * draft + round);
+            if rate > best.1 {
+                best = (k, rate);
+            }
+        }
+        best.0
+    }
+
+    /// Folds in one round: `drafted` tokens of which `accepted` were kept,
+    /// the drafting time, and the verification round's time.
+    pub fn observe(&mut self, drafted: usize, accepted: usize, draft_s: f64, round_s: f64) {
+        const KEEP: f64 = 0.9;
+        if drafted > 0 {
+            self.accepted = KEEP * self.accepted + accepted as f64;
+            self.rejected = KEEP * self.rejected + f64::from(u8::from(accepted < drafted));
+            let per = draft_s / drafted as f64;
+            self.draft_s = Some(self.draft_s.map_or(per, |o| 0.8 * o + 0.2 * per));
+        }
+        self.round_s = Some(self.round_s.map_or(round_s, |o| 0.8 * o + 0.2 * round_s));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(p: &[f32]) -> Vec<f32> {
+        p.iter().map(|x| x.ln()).collect()
+    }
+
+    #[test]
+    fn greedy_accepts_the_argmax_prefix() {
+        let rows = vec![
+            logits(&[0.1, 0.8, 0.1]),
+            logits(&[0.7, 0.2, 0.1]),
+            logits(&[0.1, 0.1, 0.8]),
+        ];
+        let mut rng = fastrand::Rng::with_seed(1);
+        let g = Sampling::greedy();
+        assert_eq!(
+            verify(&rows, &[1, 0], &[], &g, &mut rng),
+            Verdict {
+                accepted: 2,
+                next: 2
+            }
+        );
+        assert_eq!(
+            verify(&rows, &[1, 2], &[], &g, &mut rng),
+            Verdict {
+                accepted: 1,
+                next: 0
+            }
+        );
+        assert_eq!(
+            verify(&rows, &[0, 0], &[], &g, &mut rng),
+            Verdict {
+                accepted: 0,
+                next: 1
+            }
+        );
+    }
+
+    #[test]
+    fn top_k_and_top_p_cut_the_distribution() {
+        let l = logits(&[0.5, 0.3, 0.15, 0.05]);
+        let s = Sampling {
+            temperature: Some(1.0),
+            top_k: Some(3),
+            ..Sampling::default()
+        };
+        let d = distribution(&l, &s, None);
+        assert_eq!(d.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!((d.iter().map(|e| e.1).sum::<f32>() - 1.0).abs() < 1e-5);
+        let s = Sampling {
+            temperature: Some(1.0),
+            top_p: Some(0.7),
+            ..Sampling::default()
+        };
+        let d = distribution(&l, &s, None);
+        assert_eq!(d.len(), 2);
+        assert!((d[0].1 - 0.625).abs() < 1e-4);
+    }
+
+    /// The output of one round is distributed as the target's p, whatever
+    /// the draft's q: the property the acceptance rule exists for.
+    #[test]
+    fn sampled_rounds_keep_the_target_distribution() {
+        let p = [0.6f32, 0.3, 0.1];
+        let q = [0.2f32, 0.2, 0.6];
+        let s = Sampling {
+            temperature: Some(1.0),
+            ..Sampling::default()
+        };
+        let rows = vec![logits(&p), logits(&[0.5, 0.5, 1e-9])];
+        let qd: Dist = q.iter().enumerate().map(|(i, &x)| (i as i32, x)).collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let n = 200_000;
+        let mut counts = [0u32; 3];
+        for _ in 0..n {
+            let d = sample(&qd, &mut rng);
+            let v = verify(&rows, &[d], std::slice::from_ref(&qd), &s, &mut rng);
+            let first = if v.accepted == 1 { d } else { v.next };
+            counts[first as usize] += 1;
+        }
+        for (c, want) in counts.iter().zip(p) {
+            let got = f64::from(*c) / f64::from(n);
+            assert!((got - f64::from(want)).abs() < 0.01, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn draft_length_follows_acceptance_and_round_trip() {
+        let mut fast_net = DraftLength::new(12);
+        let mut slow_net = DraftLength::new(12);
+        let mut poor_draft = DraftLength::new(12);
+        for _ in 0..30 {
+            fast_net.observe(4, 3, 0.04, 0.05);
+            slow_net.observe(4, 3, 0.04, 0.50);
+            poor_draft.observe(4, 0, 0.04, 0.05);
+        }
+        assert!(slow_net.next() > fast_net.next());
+        assert_eq!(poor_draft.next(), 1);
+        assert!((poor_draft.acceptance()) < 0.1);
+    }
+}

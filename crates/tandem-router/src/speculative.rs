@@ -1,0 +1,489 @@
+//! The device role of speculative decoding: the local model drafts a few
+//! tokens, a cloud-role Tandem's bigger model checks them all in one
+//! forward pass ([`crate::verifier`] on the other side), and the device
+//! keeps the accepted prefix plus the target's own next token, streaming
+//! them as they are settled. The answer is the target model's: token for
+//! token under greedy decoding, in distribution under sampling.
+//!
+//! The draft length adapts to the measured acceptance rate, drafting speed
+//! and round time ([`DraftLength`]). If the cloud stops answering, the
+//! device finishes the answer alone from the same state (a handoff, counted
+//! and recorded like any other).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tandem_api::spec::{SpecOpen, SpecSampling, VerifyRequest};
+use tandem_api::{ApiError, Event, EventStream, Finish, FinishReason, GenerateRequest, Usage};
+use tandem_backends::Exchange;
+use tandem_engine::speculative::{DRAFT_CANDIDATES, DraftLength, argmax, distribution, sample};
+use tandem_engine::text::TextAssembler;
+use tandem_engine::{LocalEngine, Session};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::dispatch::{CloudLeg, Dispatcher};
+use crate::metrics::MoveLabels;
+
+fn d_max_draft() -> usize {
+    12
+}
+fn d_verify_timeout() -> u64 {
+    10_000
+}
+
+/// `[speculative]` in the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeConfig {
+    /// Requests placed in the cloud run speculatively unless they ask
+    /// otherwise (`x-tandem-mode`); default: only when asked.
+    #[serde(default)]
+    pub default: bool,
+    /// Longest draft the adaptive length may choose.
+    #[serde(default = "d_max_draft")]
+    pub max_draft: usize,
+    /// A round with no answer in this time ends the cloud's part; the
+    /// device finishes alone.
+    #[serde(default = "d_verify_timeout")]
+    pub verify_timeout_ms: u64,
+    /// Seconds an idle verification session is kept (cloud role).
+    #[serde(default = "d_idle")]
+    pub session_idle_s: u64,
+}
+
+fn d_idle() -> u64 {
+    60
+}
+
+impl Default for SpeculativeConfig {
+    fn default() -> Self {
+        Self {
+            default: false,
+            max_draft: d_max_draft(),
+            verify_timeout_ms: d_verify_timeout(),
+            session_idle_s: d_idle(),
+        }
+    }
+}
+
+/// Why a request cannot run speculatively (it then runs as routed).
+pub fn ineligible(req: &GenerateRequest) -> Option<&'static str> {
+    if req.sampling.presence_penalty != 0.0 || req.sampling.frequency_penalty != 0.0 {
+        return Some("presence and frequency penalties");
+    }
+    if req.logprobs.is_some() {
+        return Some("logprobs");
+    }
+    if req
+        .extra
+        .get("n")
+        .and_then(serde_json::Value::as_u64)
+        .is_some_and(|n| n > 1)
+    {
+        return Some("n > 1");
+    }
+    None
+}
+
+/// What one speculative answer needs.
+pub(crate) struct SpecJob {
+    pub disp: Arc<Dispatcher>,
+    pub engine: LocalEngine,
+    pub cloud_i: usize,
+    pub req: GenerateRequest,
+    pub redacted: std::collections::BTreeMap<String, u32>,
+    pub request_id: String,
+    pub key: Option<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    rounds: u64,
+    drafted: u64,
+    accepted: u64,
+    /// Tokens the target produced (accepted drafts and its own).
+    from_target: u32,
+}
+
+/// Opens both sessions and starts drafting. Errors here come before any
+/// generation: a request the engine refuses, a vocabulary mismatch, an
+/// unreachable cloud (which the dispatcher may fail over).
+pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
+    let SpecJob {
+        disp,
+        engine,
+        cloud_i,
+        req,
+        redacted,
+        request_id,
+        key,
+    } = job;
+    let cloud = disp
+        .clouds()
+        .get(cloud_i)
+        .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?
+        .clone();
+    let mut local_req = req.clone();
+    local_req.model = engine.model_id().to_owned();
+    let prepared = engine.prepare(&local_req)?;
+    let target_model = cloud.upstream_model(&req.model);
+    let mut exchange = Exchange {
+        upstream: cloud.config().name.clone(),
+        model: target_model.clone(),
+        ..Exchange::default()
+    };
+    let draft = engine.open_session().await?;
+    let opened = cloud
+        .spec_open(
+            &SpecOpen {
+                model: target_model,
+                vocab_hash: engine.vocab_hash().to_owned(),
+                sampling: SpecSampling::from_sampling(&req.sampling),
+            },
+            &mut exchange,
+        )
+        .await?;
+    let prompt_len = prepared.tokens.len() as u32;
+    let room = opened
+        .context_length
+        .min(draft.context_length())
+        .saturating_sub(prompt_len + 1);
+    if room == 0 {
+        cloud.spec_close(&opened.session).await;
+        return Err(ApiError::context_length_exceeded(format!(
+            "the prompt is {prompt_len} tokens; the target model's session holds {}",
+            opened.context_length
+        )));
+    }
+    let cfg = disp.speculative().clone();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = Run {
+        max_new: prepared.max_new.min(room),
+        committed: prepared.tokens,
+        prompt_len,
+        generated: 0,
+        text: TextAssembler::new(req.stop.clone()),
+        sampling: req.sampling,
+        rng: req.sampling.seed.map_or_else(fastrand::Rng::new, |s| {
+            fastrand::Rng::with_seed(u64::from(s))
+        }),
+        engine,
+        draft,
+        tx,
+        piece: Vec::with_capacity(32),
+    };
+    tokio::spawn(async move {
+        let mut run = run;
+        let mut exchange = exchange;
+        let mut tally = Tally::default();
+        let outcome = run
+            .drive(
+                &disp,
+                &cloud,
+                &opened.session,
+                &cfg,
+                &mut exchange,
+                &mut tally,
+            )
+            .await;
+        let mut leg = CloudLeg::speculative(&disp, cloud_i, exchange, redacted, request_id, key);
+        let m = disp.metrics();
+        m.count_spec("rounds", tally.rounds);
+        m.count_spec("drafted", tally.drafted);
+        m.count_spec("accepted", tally.accepted);
+        m.count_spec("tokens", u64::from(run.generated));
+        let usage = Usage::new(run.prompt_len, tally.from_target);
+        let summary = format!(
+            "{} rounds, {} of {} drafted tokens accepted",
+            tally.rounds, tally.accepted, tally.drafted
+        );
+        tracing::info!(
+            rounds = tally.rounds,
+            drafted = tally.drafted,
+            accepted = tally.accepted,
+            tokens = run.generated,
+            "speculative answer: {outcome}"
+        );
+        match outcome {
+            Outcome::Done => {
+                cloud.spec_close(&opened.session).await;
+                leg.settle(&format!("ok (speculative: {summary})"), Some(usage));
+            }
+            Outcome::Alone { cause } => {
+                leg.settle(
+                    &format!("handoff to local: {cause} (speculative: {summary})"),
+                    Some(usage),
+                );
+            }
+            Outcome::Gone => {
+                cloud.spec_close(&opened.session).await;
+                leg.settle(
+                    &format!("client went away (speculative: {summary})"),
+                    Some(usage),
+                );
+            }
+            Outcome::Failed(e) => {
+                cloud.spec_close(&opened.session).await;
+                leg.settle(&format!("error: {}", e.message), Some(usage));
+            }
+        }
+    });
+    Ok(Box::pin(UnboundedReceiverStream::new(rx)))
+}
+
+enum Outcome {
+    Done,
+    /// The cloud left mid-answer and the device finished it.
+    Alone {
+        cause: String,
+    },
+    Gone,
+    Failed(ApiError),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Done => f.write_str("done"),
+            Outcome::Alone { cause } => write!(f, "finished on the device after: {cause}"),
+            Outcome::Gone => f.write_str("client went away"),
+            Outcome::Failed(e) => write!(f, "failed: {}", e.message),
+        }
+    }
+}
+
+struct Run {
+    engine: LocalEngine,
+    draft: Session,
+    /// Prompt and answer so far.
+    committed: Vec<i32>,
+    prompt_len: u32,
+    generated: u32,
+    max_new: u32,
+    text: TextAssembler,
+    sampling: tandem_api::Sampling,
+    rng: fastrand::Rng,
+    tx: UnboundedSender<Result<Event, ApiError>>,
+    piece: Vec<u8>,
+}
+
+/// Whether the answer is complete after a token.
+enum Step {
+    More,
+    Finished,
+}
+
+impl Run {
+    async fn drive(
+        &mut self,
+        disp: &Arc<Dispatcher>,
+        cloud: &tandem_backends::CloudBackend,
+        session: &str,
+        cfg: &SpeculativeConfig,
+        exchange: &mut Exchange,
+        tally: &mut Tally,
+    ) -> Outcome {
+        let greedy = self.sampling.is_greedy();
+        let timeout = Duration::from_millis(cfg.verify_timeout_ms);
+        let mut length = DraftLength::new(cfg.max_draft.clamp(1, crate::verifier::MAX_DRAFT));
+        // Tokens of `committed` in the draft's and the target's KV caches.
+        let mut in_draft = 0u32;
+        let mut in_target = 0u32;
+        if self.max_new == 0 {
+            self.finish(FinishReason::Length, true);
+            return Outcome::Done;
+        }
+        let mut alone: Option<String> = None;
+        loop {
+            if self.tx.is_closed() {
+                return Outcome::Gone;
+            }
+            let left = (self.max_new - self.generated) as usize;
+            if let Some(cause) = &alone {
+                // The device on its own: one token per step.
+                let tok = match self.draft_token(&mut in_draft, None).await {
+                    Ok(t) => t,
+                    Err(e) => return self.fail(e),
+                };
+                self.committed.push(tok);
+                if let Step::Finished = self.emit(tok) {
+                    return Outcome::Alone {
+                        cause: cause.clone(),
+                    };
+                }
+                continue;
+            }
+            let k = length.next().min(left - 1);
+            let t_draft = Instant::now();
+            let mut draft = Vec::with_capacity(k);
+            let mut probs = Vec::new();
+            let mut pending = in_draft;
+            for _ in 0..k {
+                let mut q = Vec::new();
+                let tok = match self.draft_token(&mut pending, Some(&mut q)).await {
+                    Ok(t) => t,
+                    Err(e) => return self.fail(e),
+                };
+                draft.push(tok);
+                self.committed.push(tok);
+                if !greedy {
+                    probs.push(q);
+                }
+                if self.engine.is_eog(tok) && !self.sampling.ignore_eos {
+                    break;
+                }
+            }
+            // Drafts sit at the end of `committed` until the target rules.
+            let base = self.committed.len() - draft.len();
+            self.committed.truncate(base);
+            let draft_s = t_draft.elapsed().as_secs_f64();
+            let round = Instant::now();
+            let body = VerifyRequest {
+                pos: in_target,
+                tokens: self.committed[in_target as usize..].to_vec(),
+                draft: draft.clone(),
+                draft_probs: probs,
+            };
+            let verdict = cloud
+                .spec_verify(session, &body, timeout, exchange)
+                .await
+                .and_then(|v| {
+                    let want = in_target as usize + body.tokens.len() + v.accepted as usize;
+                    if v.accepted as usize > draft.len()
+                        || v.pos as usize != want
+                        || v.next < 0
+                        || v.next >= self.engine.n_vocab()
+                    {
+                        Err(ApiError::bad_gateway(
+                            "the verifier's answer does not fit the round it was sent",
+                        ))
+                    } else {
+                        Ok(v)
+                    }
+                });
+            let new: Vec<i32> = match verdict {
+                Ok(v) => {
+                    let accepted = v.accepted as usize;
+                    length.observe(
+                        draft.len(),
+                        accepted,
+                        draft_s,
+                        round.elapsed().as_secs_f64(),
+                    );
+                    tally.rounds += 1;
+                    tally.drafted += draft.len() as u64;
+                    tally.accepted += accepted as u64;
+                    tally.from_target += accepted as u32 + 1;
+                    in_target = v.pos;
+                    // Drafted cells past the accepted prefix are stale.
+                    in_draft = pending.min((base + accepted) as u32);
+                    draft.truncate(accepted);
+                    draft.push(v.next);
+                    draft
+                }
+                Err(e) => {
+                    // The cloud is gone: the draft is the device's own
+                    // continuation, so it stands, and the device goes on.
+                    tracing::info!(
+                        from = "cloud",
+                        to = "local",
+                        "speculative handoff: {}",
+                        e.message
+                    );
+                    disp.metrics()
+                        .handoffs
+                        .get_or_create(&MoveLabels {
+                            from: "cloud".into(),
+                            to: "local".into(),
+                            cause: crate::dispatch::short_cause(&e),
+                        })
+                        .inc();
+                    alone = Some(e.message);
+                    in_draft = pending;
+                    draft
+                }
+            };
+            for tok in new {
+                self.committed.push(tok);
+                if let Step::Finished = self.emit(tok) {
+                    return match alone {
+                        Some(cause) => Outcome::Alone { cause },
+                        None => Outcome::Done,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Reads what the draft cache lacks and picks the draft model's next
+    /// token; with sampling, `q` receives the distribution it was drawn from.
+    async fn draft_token(
+        &mut self,
+        in_draft: &mut u32,
+        q: Option<&mut Vec<(i32, f32)>>,
+    ) -> Result<i32, ApiError> {
+        let feed = self.committed[*in_draft as usize..].to_vec();
+        let n = feed.len() as u32;
+        let rows = self.draft.eval(*in_draft, feed, 1).await?;
+        *in_draft += n;
+        let logits = rows
+            .first()
+            .ok_or_else(|| ApiError::internal("the draft session returned no logits"))?;
+        if self.sampling.is_greedy() {
+            return Ok(argmax(logits));
+        }
+        // While verifying, the draft draws from a short list it can send;
+        // alone, it samples exactly as the local engine would.
+        let cap = q.is_some().then_some(DRAFT_CANDIDATES);
+        let d = distribution(logits, &self.sampling, cap);
+        let tok = sample(&d, &mut self.rng);
+        if let Some(q) = q {
+            *q = d;
+        }
+        Ok(tok)
+    }
+
+    fn emit(&mut self, tok: i32) -> Step {
+        if !self.sampling.ignore_eos && self.engine.is_eog(tok) {
+            self.finish(FinishReason::Stop, true);
+            return Step::Finished;
+        }
+        self.generated += 1;
+        self.engine.token_bytes(tok, &mut self.piece);
+        let step = self.text.push(&self.piece, None);
+        self.send(step.delta);
+        if step.stopped {
+            self.finish(FinishReason::Stop, false);
+            return Step::Finished;
+        }
+        if self.generated >= self.max_new {
+            self.finish(FinishReason::Length, true);
+            return Step::Finished;
+        }
+        Step::More
+    }
+
+    fn send(&self, delta: tandem_api::Delta) {
+        if !delta.text.is_empty() {
+            let _ = self.tx.send(Ok(Event::Delta(delta)));
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason, flush: bool) {
+        if flush {
+            let rest = self.text.finish();
+            self.send(rest.delta);
+        }
+        let _ = self.tx.send(Ok(Event::Finish(Finish {
+            reason,
+            usage: Usage::new(self.prompt_len, self.generated),
+        })));
+    }
+
+    fn fail(&mut self, e: ApiError) -> Outcome {
+        let _ = self.tx.send(Err(e.clone()));
+        Outcome::Failed(e)
+    }
+}
