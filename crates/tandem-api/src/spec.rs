@@ -97,4 +97,8 @@ pub struct VerifyResponse {
     pub pos: u32,
     /// The target's forward passes for this session so far.
     pub forward_passes: u64,
+    /// Milliseconds the target spent on this round's pass (the rest of the
+    /// round trip is network and queueing).
+    #[serde(default)]
+    pub compute_ms: f64,
 }

@@ -162,6 +162,23 @@ pub struct Exchange {
     pub attempts: AtomicU32,
 }
 
+impl Exchange {
+    /// Adds another exchange of the same session (one round's call).
+    pub fn absorb(&mut self, other: Exchange) {
+        if self.payload_sha256.is_empty() {
+            self.payload_sha256 = other.payload_sha256;
+        }
+        for (mine, theirs) in [
+            (&self.bytes_out, other.bytes_out),
+            (&self.bytes_in, other.bytes_in),
+        ] {
+            mine.fetch_add(theirs.into_inner(), Ordering::Relaxed);
+        }
+        self.attempts
+            .fetch_add(other.attempts.into_inner(), Ordering::Relaxed);
+    }
+}
+
 /// Moving averages of an upstream's speed, from answers that completed.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LatencyStats {

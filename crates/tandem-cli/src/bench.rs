@@ -25,6 +25,8 @@ pub enum BenchKind {
     Router(crate::bench_router::RouterBenchArgs),
     /// Accuracy and cloud share: local only, cloud only, router, cascade.
     Cascade(crate::bench_cascade::CascadeArgs),
+    /// Edge–cloud speculative decoding against cloud-only generation.
+    Spec(crate::bench_spec::SpecArgs),
 }
 
 #[derive(Args)]
@@ -62,6 +64,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Some(BenchKind::Router(r)) => crate::bench_router::run(r).await,
         Some(BenchKind::Cascade(c)) => crate::bench_cascade::run(c).await,
+        Some(BenchKind::Spec(s)) => crate::bench_spec::run(s).await,
     }
 }
 

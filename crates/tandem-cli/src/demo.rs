@@ -56,8 +56,22 @@ pub(crate) async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result
 }
 
 pub(crate) fn spawn(args: &[&str]) -> anyhow::Result<Server> {
+    spawn_on(None, args)
+}
+
+/// Starts this binary with `args`, pinned to one CPU core when asked
+/// (through `taskset`, so the pin holds for all of its threads).
+pub(crate) fn spawn_on(core: Option<usize>, args: &[&str]) -> anyhow::Result<Server> {
     let exe = std::env::current_exe().context("finding the tandem binary")?;
-    let child = Command::new(exe)
+    let mut cmd = match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c.to_string()).arg(exe);
+            cmd
+        }
+        None => Command::new(exe),
+    };
+    let child = cmd
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -4,6 +4,7 @@ mod bench;
 mod bench_cascade;
 mod bench_gateway;
 mod bench_router;
+mod bench_spec;
 mod chat;
 mod config;
 mod demo;

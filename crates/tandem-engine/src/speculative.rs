@@ -165,14 +165,18 @@ pub fn verify(
 }
 
 /// Picks the draft length from what the session has measured: the chance
-/// a drafted token is accepted, the time to draft one, and the time of a
-/// verification round (network round trip plus the target's pass).
+/// a drafted token is accepted, the time to draft one, the network's share
+/// of a round, and the target's pass time as a function of the tokens it
+/// reads.
 ///
 /// With per-token acceptance `a`, a round with `k` drafts yields
-/// `(1 - a^(k+1)) / (1 - a)` tokens (the accepted prefix plus the
-/// target's own) and takes `k * draft + round`; the chosen `k` maximises
-/// their ratio. A slow network makes long drafts pay; a poor draft model
-/// makes them waste.
+/// `(1 - a^(k+1)) / (1 - a)` tokens (the accepted prefix plus the target's
+/// own) and takes `k * draft + network + pass(k + 1)`. Where a pass costs
+/// about the same for one token as for ten (a GPU), long drafts pay; where
+/// it grows with every token (a CPU), short ones do, and the model learns
+/// which from the target's reported pass times (`pass ≈ a + b·n`, fitted
+/// by discounted least squares). Of the lengths within 3% of the best
+/// rate, the longest is chosen: nearly as fast, fewer cloud passes.
 #[derive(Debug, Clone)]
 pub struct DraftLength {
     max: usize,
@@ -180,8 +184,12 @@ pub struct DraftLength {
     accepted: f64,
     rejected: f64,
     draft_s: Option<f64>,
-    round_s: Option<f64>,
+    net_s: Option<f64>,
+    /// Discounted sums for the pass-time fit: weight, n, n², t, n·t.
+    fit: [f64; 5],
 }
+
+const KEEP: f64 = 0.9;
 
 impl DraftLength {
     pub fn new(max: usize) -> Self {
@@ -191,7 +199,8 @@ impl DraftLength {
             accepted: 3.5,
             rejected: 1.5,
             draft_s: None,
-            round_s: None,
+            net_s: None,
+            fit: [0.0; 5],
         }
     }
 
@@ -200,35 +209,76 @@ impl DraftLength {
         self.accepted / (self.accepted + self.rejected)
     }
 
-    pub fn next(&self) -> usize {
-        let (Some(draft), Some(round)) = (self.draft_s, self.round_s) else {
-            return self.max.min(4);
-        };
-        let a = self.acceptance().clamp(0.0, 0.999);
-        let mut best = (1, 0.0);
-        let mut ak = a; // a^k
-        for k in 1..=self.max {
-            ak *= a; // a^(k+1)
-            let tokens = (1.0 - ak) / (1.0 - a);
-            let rate = tokens / (k as f64 * draft + round);
-            if rate > best.1 {
-                best = (k, rate);
-            }
+    /// Seconds to draft one token, as measured.
+    pub fn draft_per_token(&self) -> Option<f64> {
+        self.draft_s
+    }
+
+    /// Predicted seconds of a target pass over `n` tokens.
+    pub fn pass_time(&self, n: usize) -> Option<f64> {
+        let [w, sn, snn, st, snt] = self.fit;
+        if w <= 0.0 {
+            return None;
         }
-        best.0
+        let (mn, mt) = (sn / w, st / w);
+        let var = snn / w - mn * mn;
+        if var < 1e-6 {
+            return Some(mt);
+        }
+        let b = ((snt / w - mn * mt) / var).max(0.0);
+        let a = (mt - b * mn).max(0.0);
+        Some(a + b * n as f64)
+    }
+
+    /// Predicted tokens per second with `k` drafted tokens per round.
+    pub fn rate(&self, k: usize) -> Option<f64> {
+        let (draft, net, pass) = (self.draft_s?, self.net_s?, self.pass_time(k + 1)?);
+        let a = self.acceptance().clamp(0.0, 0.999);
+        let tokens = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
+        Some(tokens / (k as f64 * draft + net + pass).max(1e-6))
+    }
+
+    pub fn next(&self) -> usize {
+        let rates: Vec<f64> = match (1..=self.max).map(|k| self.rate(k)).collect() {
+            Some(r) => r,
+            None => return self.max.min(4),
+        };
+        let best = rates.iter().copied().fold(0.0, f64::max);
+        rates
+            .iter()
+            .rposition(|&r| r >= 0.97 * best)
+            .map_or(1, |i| i + 1)
     }
 
     /// Folds in one round: `drafted` tokens of which `accepted` were kept,
-    /// the drafting time, and the verification round's time.
-    pub fn observe(&mut self, drafted: usize, accepted: usize, draft_s: f64, round_s: f64) {
-        const KEEP: f64 = 0.9;
+    /// the drafting time (for `drafted` tokens drafted while waiting), the
+    /// whole round's time, and the target's pass over `pass_tokens` tokens
+    /// (0 s when the target does not say). A round that also carried the
+    /// prompt passes `pass_tokens: 0`: long passes run other kernels, and
+    /// the fit is for draft-sized ones.
+    pub fn observe(
+        &mut self,
+        drafted: usize,
+        accepted: usize,
+        draft_s: f64,
+        round_s: f64,
+        pass_tokens: usize,
+        pass_s: f64,
+    ) {
+        let ewma = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.8 * o + 0.2 * new));
         if drafted > 0 {
             self.accepted = KEEP * self.accepted + accepted as f64;
             self.rejected = KEEP * self.rejected + f64::from(u8::from(accepted < drafted));
-            let per = draft_s / drafted as f64;
-            self.draft_s = Some(self.draft_s.map_or(per, |o| 0.8 * o + 0.2 * per));
+            self.draft_s = ewma(self.draft_s, draft_s / drafted as f64);
         }
-        self.round_s = Some(self.round_s.map_or(round_s, |o| 0.8 * o + 0.2 * round_s));
+        self.net_s = ewma(self.net_s, (round_s - pass_s).max(0.0));
+        if pass_tokens == 0 {
+            return;
+        }
+        let n = pass_tokens as f64;
+        for (sum, x) in self.fit.iter_mut().zip([1.0, n, n * n, pass_s, n * pass_s]) {
+            *sum = KEEP * *sum + x;
+        }
     }
 }
 
@@ -321,17 +371,32 @@ mod tests {
     }
 
     #[test]
-    fn draft_length_follows_acceptance_and_round_trip() {
-        let mut fast_net = DraftLength::new(12);
-        let mut slow_net = DraftLength::new(12);
-        let mut poor_draft = DraftLength::new(12);
-        for _ in 0..30 {
-            fast_net.observe(4, 3, 0.04, 0.05);
-            slow_net.observe(4, 3, 0.04, 0.50);
-            poor_draft.observe(4, 0, 0.04, 0.05);
+    fn draft_length_follows_acceptance_round_trip_and_pass_cost() {
+        // A pass that costs the same for 2 or 40 tokens (a GPU).
+        let flat = |rtt: f64, accepted: usize| {
+            let mut d = DraftLength::new(12);
+            d.observe(4, 4, 0.04, rtt + 0.05, 0, 0.05);
+            d.observe(8, 8, 0.08, rtt + 0.05, 9, 0.05);
+            for _ in 0..30 {
+                d.observe(4, accepted, 0.04, rtt + 0.05, 5, 0.05);
+            }
+            d
+        };
+        assert!(flat(0.5, 3).next() > flat(0.0, 3).next());
+        assert!(flat(0.05, 3).next() >= 4);
+        let poor = flat(0.05, 0);
+        assert_eq!(poor.next(), 1);
+        assert!(poor.acceptance() < 0.1);
+        // A pass that grows with every token (a CPU): drafts stay short.
+        let mut cpu = DraftLength::new(12);
+        cpu.observe(4, 4, 0.18, 2.8, 0, 2.8);
+        for i in 0..30 {
+            let k = 2 + i % 4;
+            let pass = 0.04 + 0.075 * (k + 1) as f64;
+            cpu.observe(k, k - 1, 0.045 * k as f64, pass + 0.02, k + 1, pass);
         }
-        assert!(slow_net.next() > fast_net.next());
-        assert_eq!(poor_draft.next(), 1);
-        assert!((poor_draft.acceptance()) < 0.1);
+        let pass = cpu.pass_time(13).unwrap();
+        assert!((pass - 1.0).abs() < 0.1, "{pass}");
+        assert!(cpu.next() <= 3, "{}", cpu.next());
     }
 }

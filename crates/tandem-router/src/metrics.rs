@@ -72,6 +72,9 @@ pub struct Metrics {
     /// Speculative decoding on the device: rounds, drafted and accepted
     /// tokens, and tokens of answer.
     pub spec: Family<KindLabels, Counter>,
+    /// Where a speculative answer's time goes: drafting, whole rounds, and
+    /// the target's passes within them.
+    pub spec_seconds: Family<KindLabels, Counter<f64, AtomicU64>>,
     /// Verification rounds served to devices (the cloud role).
     pub spec_verified: Counter,
     pub local_active: Gauge,
@@ -171,6 +174,12 @@ impl Metrics {
             "Speculative decoding on the device: rounds, drafted, accepted and answer tokens",
             spec.clone(),
         );
+        let spec_seconds = Family::<KindLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "speculative_seconds",
+            "Speculative decoding time on the device: drafting, verification rounds, and the target's passes within them",
+            spec_seconds.clone(),
+        );
         let spec_verified = Counter::default();
         registry.register(
             "speculative_verify_rounds",
@@ -204,6 +213,7 @@ impl Metrics {
             cache,
             cascade,
             spec,
+            spec_seconds,
             spec_verified,
             local_active,
             local_queued,

@@ -100,7 +100,12 @@ pub(crate) struct SpecJob {
 
 #[derive(Default)]
 struct Tally {
+    draft_s: f64,
+    round_s: f64,
+    target_s: f64,
     rounds: u64,
+    /// Rounds whose draft was ready when the round before ended.
+    ahead_used: u64,
     drafted: u64,
     accepted: u64,
     /// Tokens the target produced (accepted drafts and its own).
@@ -194,6 +199,16 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
         m.count_spec("drafted", tally.drafted);
         m.count_spec("accepted", tally.accepted);
         m.count_spec("tokens", u64::from(run.generated));
+        m.count_spec("drafted_ahead_used", tally.ahead_used);
+        for (kind, s) in [
+            ("draft", tally.draft_s),
+            ("round", tally.round_s),
+            ("target", tally.target_s),
+        ] {
+            m.spec_seconds
+                .get_or_create(&crate::metrics::KindLabels { kind: kind.into() })
+                .inc_by(s);
+        }
         let usage = Usage::new(run.prompt_len, tally.from_target);
         let summary = format!(
             "{} rounds, {} of {} drafted tokens accepted",
@@ -296,6 +311,7 @@ impl Run {
             return Outcome::Done;
         }
         let mut alone: Option<String> = None;
+        let mut ready: Vec<i32> = Vec::new();
         loop {
             if self.tx.is_closed() {
                 return Outcome::Gone;
@@ -317,12 +333,21 @@ impl Run {
             }
             let k = length.next().min(left - 1);
             let t_draft = Instant::now();
-            let mut draft = Vec::with_capacity(k);
+            // Tokens drafted ahead during the last round open this draft.
+            let base = self.committed.len();
+            let mut draft = std::mem::take(&mut ready);
+            draft.truncate(k);
+            let from_ahead = draft.len();
+            in_draft = in_draft.min((base + draft.len()) as u32);
+            self.committed.extend_from_slice(&draft);
             let mut probs = Vec::new();
-            let mut pending = in_draft;
-            for _ in 0..k {
+            while draft.len() < k
+                && !draft
+                    .last()
+                    .is_some_and(|&t| self.engine.is_eog(t) && !self.sampling.ignore_eos)
+            {
                 let mut q = Vec::new();
-                let tok = match self.draft_token(&mut pending, Some(&mut q)).await {
+                let tok = match self.draft_token(&mut in_draft, Some(&mut q)).await {
                     Ok(t) => t,
                     Err(e) => return self.fail(e),
                 };
@@ -331,12 +356,7 @@ impl Run {
                 if !greedy {
                     probs.push(q);
                 }
-                if self.engine.is_eog(tok) && !self.sampling.ignore_eos {
-                    break;
-                }
             }
-            // Drafts sit at the end of `committed` until the target rules.
-            let base = self.committed.len() - draft.len();
             self.committed.truncate(base);
             let draft_s = t_draft.elapsed().as_secs_f64();
             let round = Instant::now();
@@ -346,39 +366,95 @@ impl Run {
                 draft: draft.clone(),
                 draft_probs: probs,
             };
-            let verdict = cloud
-                .spec_verify(session, &body, timeout, exchange)
-                .await
-                .and_then(|v| {
-                    let want = in_target as usize + body.tokens.len() + v.accepted as usize;
-                    if v.accepted as usize > draft.len()
-                        || v.pos as usize != want
-                        || v.next < 0
-                        || v.next >= self.engine.n_vocab()
-                    {
-                        Err(ApiError::bad_gateway(
-                            "the verifier's answer does not fit the round it was sent",
-                        ))
-                    } else {
-                        Ok(v)
-                    }
-                });
+            let pass_tokens = body.tokens.len() + draft.len();
+            let sent = body.tokens.len();
+            let call = {
+                let (cloud, session) = (cloud.clone(), session.to_owned());
+                tokio::spawn(async move {
+                    let mut ex = Exchange::default();
+                    let r = cloud.spec_verify(&session, &body, timeout, &mut ex).await;
+                    (r, ex)
+                })
+            };
+            // While the target checks, the device (otherwise idle) drafts
+            // on as if everything were accepted; if the target's next token
+            // is the one the device drafted, the rest opens the next round.
+            // At most one round's worth: drafting that is thrown away costs
+            // the device energy.
+            let mut ahead = Vec::new();
+            if greedy {
+                self.committed.extend_from_slice(&draft);
+                while !call.is_finished()
+                    && ahead.len() <= k
+                    && !self
+                        .committed
+                        .last()
+                        .is_some_and(|&t| self.engine.is_eog(t) && !self.sampling.ignore_eos)
+                {
+                    let tok = match self.draft_token(&mut in_draft, None).await {
+                        Ok(t) => t,
+                        Err(e) => return self.fail(e),
+                    };
+                    ahead.push(tok);
+                    self.committed.push(tok);
+                }
+                self.committed.truncate(base);
+            }
+            let verdict = match call.await {
+                Ok((r, ex)) => {
+                    exchange.absorb(ex);
+                    r
+                }
+                Err(e) => Err(ApiError::internal(format!("verification task: {e}"))),
+            };
+            let verdict = verdict.and_then(|v| {
+                let want = in_target as usize + sent + v.accepted as usize;
+                if v.accepted as usize > draft.len()
+                    || v.pos as usize != want
+                    || v.next < 0
+                    || v.next >= self.engine.n_vocab()
+                {
+                    Err(ApiError::bad_gateway(
+                        "the verifier's answer does not fit the round it was sent",
+                    ))
+                } else {
+                    Ok(v)
+                }
+            });
             let new: Vec<i32> = match verdict {
                 Ok(v) => {
                     let accepted = v.accepted as usize;
+                    let round_s = round.elapsed().as_secs_f64();
+                    // Drafting time is per token drafted while waiting.
+                    let drafted_now = draft.len() - from_ahead;
+                    let per = if drafted_now > 0 {
+                        draft_s / drafted_now as f64
+                    } else {
+                        length.draft_per_token().unwrap_or(0.0)
+                    };
                     length.observe(
                         draft.len(),
                         accepted,
-                        draft_s,
-                        round.elapsed().as_secs_f64(),
+                        per * draft.len() as f64,
+                        round_s,
+                        if sent > 2 { 0 } else { pass_tokens },
+                        v.compute_ms / 1000.0,
                     );
+                    tally.draft_s += draft_s;
+                    tally.round_s += round_s;
+                    tally.target_s += v.compute_ms / 1000.0;
                     tally.rounds += 1;
                     tally.drafted += draft.len() as u64;
                     tally.accepted += accepted as u64;
                     tally.from_target += accepted as u32 + 1;
                     in_target = v.pos;
-                    // Drafted cells past the accepted prefix are stale.
-                    in_draft = pending.min((base + accepted) as u32);
+                    if accepted == draft.len() && ahead.first() == Some(&v.next) {
+                        tally.ahead_used += 1;
+                        ready = ahead.split_off(1);
+                    } else {
+                        // Drafted cells past the accepted prefix are stale.
+                        in_draft = in_draft.min((base + accepted) as u32);
+                    }
                     draft.truncate(accepted);
                     draft.push(v.next);
                     draft
@@ -401,7 +477,7 @@ impl Run {
                         })
                         .inc();
                     alone = Some(e.message);
-                    in_draft = pending;
+                    in_draft = in_draft.min((base + draft.len()) as u32);
                     draft
                 }
             };
@@ -424,6 +500,9 @@ impl Run {
         in_draft: &mut u32,
         q: Option<&mut Vec<(i32, f32)>>,
     ) -> Result<i32, ApiError> {
+        // The last token's logits are needed even when its cell is cached
+        // (a draft cut shorter than what was drafted ahead): read it again.
+        *in_draft = (*in_draft).min(self.committed.len().saturating_sub(1) as u32);
         let feed = self.committed[*in_draft as usize..].to_vec();
         let n = feed.len() as u32;
         let rows = self.draft.eval(*in_draft, feed, 1).await?;

@@ -220,7 +220,9 @@ impl Verifier {
         let n_new = req.tokens.len();
         let mut all = req.tokens;
         all.extend_from_slice(&req.draft);
+        let started = Instant::now();
         let rows = t.session.eval(t.pos, all, req.draft.len() + 1).await?;
+        let compute_ms = started.elapsed().as_secs_f64() * 1000.0;
         t.passes += 1;
         metrics.spec_verified.inc();
         let Target {
@@ -233,6 +235,7 @@ impl Verifier {
             next: verdict.next,
             pos: t.pos,
             forward_passes: t.passes,
+            compute_ms,
         })
     }
 }
