@@ -41,6 +41,9 @@ pub struct SpecArgs {
     /// Longest draft the adaptive length may choose.
     #[arg(long, default_value_t = 12)]
     pub max_draft: usize,
+    /// Shortest draft it may choose (`[speculative] min_draft`).
+    #[arg(long, default_value_t = 4)]
+    pub min_draft: usize,
     #[arg(long, default_value_t = 8094)]
     pub cloud_port: u16,
     #[arg(long, default_value_t = 8095)]
@@ -265,6 +268,7 @@ enabled = false
 
 [speculative]
 max_draft = {max_draft}
+min_draft = {min_draft}
 verify_timeout_ms = 60000
 
 [[upstreams]]
@@ -274,6 +278,7 @@ models = ["{target}"]
 ttft_timeout_ms = 120000
 "#,
             max_draft = args.max_draft,
+            min_draft = args.min_draft,
             target = args.target
         ),
     )?;

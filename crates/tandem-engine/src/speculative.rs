@@ -179,6 +179,7 @@ pub fn verify(
 /// rate, the longest is chosen: nearly as fast, fewer cloud passes.
 #[derive(Debug, Clone)]
 pub struct DraftLength {
+    min: usize,
     max: usize,
     /// Discounted counts of accepted and rejected drafted tokens.
     accepted: f64,
@@ -192,9 +193,11 @@ pub struct DraftLength {
 const KEEP: f64 = 0.9;
 
 impl DraftLength {
-    pub fn new(max: usize) -> Self {
+    pub fn new(min: usize, max: usize) -> Self {
+        let max = max.max(1);
         Self {
-            max: max.max(1),
+            min: min.clamp(1, max),
+            max,
             // A prior worth a few rounds: acceptance 0.7.
             accepted: 3.5,
             rejected: 1.5,
@@ -239,15 +242,15 @@ impl DraftLength {
     }
 
     pub fn next(&self) -> usize {
-        let rates: Vec<f64> = match (1..=self.max).map(|k| self.rate(k)).collect() {
+        let rates: Vec<f64> = match (self.min..=self.max).map(|k| self.rate(k)).collect() {
             Some(r) => r,
-            None => return self.max.min(4),
+            None => return self.max.min(4).max(self.min),
         };
         let best = rates.iter().copied().fold(0.0, f64::max);
         rates
             .iter()
             .rposition(|&r| r >= 0.97 * best)
-            .map_or(1, |i| i + 1)
+            .map_or(self.min, |i| i + self.min)
     }
 
     /// Folds in one round: `drafted` tokens of which `accepted` were kept,
@@ -374,7 +377,7 @@ mod tests {
     fn draft_length_follows_acceptance_round_trip_and_pass_cost() {
         // A pass that costs the same for 2 or 40 tokens (a GPU).
         let flat = |rtt: f64, accepted: usize| {
-            let mut d = DraftLength::new(12);
+            let mut d = DraftLength::new(1, 12);
             d.observe(4, 4, 0.04, rtt + 0.05, 0, 0.05);
             d.observe(8, 8, 0.08, rtt + 0.05, 9, 0.05);
             for _ in 0..30 {
@@ -388,7 +391,7 @@ mod tests {
         assert_eq!(poor.next(), 1);
         assert!(poor.acceptance() < 0.1);
         // A pass that grows with every token (a CPU): drafts stay short.
-        let mut cpu = DraftLength::new(12);
+        let mut cpu = DraftLength::new(1, 12);
         cpu.observe(4, 4, 0.18, 2.8, 0, 2.8);
         for i in 0..30 {
             let k = 2 + i % 4;
@@ -398,5 +401,8 @@ mod tests {
         let pass = cpu.pass_time(13).unwrap();
         assert!((pass - 1.0).abs() < 0.1, "{pass}");
         assert!(cpu.next() <= 3, "{}", cpu.next());
+        let mut floor = cpu.clone();
+        floor.min = 5;
+        assert_eq!(floor.next(), 5);
     }
 }

@@ -29,6 +29,9 @@ use crate::metrics::MoveLabels;
 fn d_max_draft() -> usize {
     12
 }
+fn d_min_draft() -> usize {
+    4
+}
 fn d_verify_timeout() -> u64 {
     10_000
 }
@@ -44,6 +47,10 @@ pub struct SpeculativeConfig {
     /// Longest draft the adaptive length may choose.
     #[serde(default = "d_max_draft")]
     pub max_draft: usize,
+    /// Shortest draft it may choose: above 1 trades the device's speed for
+    /// fewer cloud passes where a cloud pass costs more per token read.
+    #[serde(default = "d_min_draft")]
+    pub min_draft: usize,
     /// A round with no answer in this time ends the cloud's part; the
     /// device finishes alone.
     #[serde(default = "d_verify_timeout")]
@@ -62,6 +69,7 @@ impl Default for SpeculativeConfig {
         Self {
             default: false,
             max_draft: d_max_draft(),
+            min_draft: d_min_draft(),
             verify_timeout_ms: d_verify_timeout(),
             session_idle_s: d_idle(),
         }
@@ -302,7 +310,8 @@ impl Run {
     ) -> Outcome {
         let greedy = self.sampling.is_greedy();
         let timeout = Duration::from_millis(cfg.verify_timeout_ms);
-        let mut length = DraftLength::new(cfg.max_draft.clamp(1, crate::verifier::MAX_DRAFT));
+        let max = cfg.max_draft.clamp(1, crate::verifier::MAX_DRAFT);
+        let mut length = DraftLength::new(cfg.min_draft.clamp(1, max), max);
         // Tokens of `committed` in the draft's and the target's KV caches.
         let mut in_draft = 0u32;
         let mut in_target = 0u32;

@@ -4,7 +4,7 @@
 //! capturing upstream that records every round and can make the cloud go
 //! away mid-answer.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
