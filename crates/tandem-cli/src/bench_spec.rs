@@ -235,8 +235,9 @@ pub async fn run(args: SpecArgs) -> anyhow::Result<()> {
         args.target
     );
     let cloud_port = args.cloud_port.to_string();
-    let mut cloud: Server = spawn_on(
-        pin.then_some(1),
+    // Each side on one core with one thread, one request at a time.
+    let one_core = ["--threads", "1", "--parallel", "1", "--ctx", "2048"];
+    let cloud_args = [
         &[
             "serve",
             "--role",
@@ -245,14 +246,11 @@ pub async fn run(args: SpecArgs) -> anyhow::Result<()> {
             &cloud_port,
             "--model",
             &args.target,
-            "--threads",
-            "1",
-            "--parallel",
-            "1",
-            "--ctx",
-            "2048",
-        ],
-    )?;
+        ][..],
+        &one_core,
+    ]
+    .concat();
+    let mut cloud: Server = spawn_on(pin.then_some(1), &cloud_args)?;
     wait_healthy(&cloud_url, &mut cloud.0).await?;
 
     let dir = tempfile::tempdir()?;
@@ -288,8 +286,7 @@ ttft_timeout_ms = 120000
     );
     let device_port = args.device_port.to_string();
     let config_s = config.to_string_lossy().into_owned();
-    let mut device: Server = spawn_on(
-        pin.then_some(0),
+    let device_args = [
         &[
             "serve",
             "--config",
@@ -298,14 +295,11 @@ ttft_timeout_ms = 120000
             &device_port,
             "--model",
             &args.draft,
-            "--threads",
-            "1",
-            "--parallel",
-            "1",
-            "--ctx",
-            "2048",
-        ],
-    )?;
+        ][..],
+        &one_core,
+    ]
+    .concat();
+    let mut device: Server = spawn_on(pin.then_some(0), &device_args)?;
     wait_healthy(&device_url, &mut device.0).await?;
 
     let client = reqwest::Client::builder()

@@ -1,7 +1,7 @@
 //! The OpenAI-compatible server on loopback, driven by a real HTTP client,
 //! in front of a real model.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -9,18 +9,12 @@ use serde_json::{Value, json};
 use tandem_engine::{EngineConfig, LocalEngine, Threads};
 use tandem_router::Dispatcher;
 use tandem_server::ServerConfig;
-use tandem_testkit::{SMOLLM2, TestServer, model_path};
+use tandem_testkit::{SMOLLM2, TestServer, model_path, shared_engine};
 
 const CAPITAL: &str = "What is the capital of France? Answer in one word.";
 
 fn engine() -> LocalEngine {
-    static E: OnceLock<LocalEngine> = OnceLock::new();
-    E.get_or_init(|| {
-        let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
-        cfg.context = Some(2048);
-        LocalEngine::load(cfg).expect("load")
-    })
-    .clone()
+    shared_engine(SMOLLM2, 2048, 4)
 }
 
 fn local_only(engine: LocalEngine) -> Arc<Dispatcher> {

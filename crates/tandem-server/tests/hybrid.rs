@@ -2,7 +2,7 @@
 //! a cloud-role Tandem (Qwen2.5 0.5B), and between them a capturing
 //! upstream that records every byte leaving the device and injects faults.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,26 +13,14 @@ use tandem_ledger::Ledger;
 use tandem_router::access::{KeyConfig, hash_key};
 use tandem_router::{Dispatcher, PolicyConfig, PrivacyMode, Rule};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{QWEN_05B, Reply, SMOLLM2, TestServer, model_path, post_json};
+use tandem_testkit::{QWEN_05B, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine};
 
 fn device_engine() -> LocalEngine {
-    static E: OnceLock<LocalEngine> = OnceLock::new();
-    E.get_or_init(|| {
-        let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
-        cfg.context = Some(1024);
-        LocalEngine::load(cfg).expect("device model")
-    })
-    .clone()
+    shared_engine(SMOLLM2, 1024, 4)
 }
 
 fn cloud_engine() -> LocalEngine {
-    static E: OnceLock<LocalEngine> = OnceLock::new();
-    E.get_or_init(|| {
-        let mut cfg = EngineConfig::new(QWEN_05B, model_path(QWEN_05B));
-        cfg.context = Some(2048);
-        LocalEngine::load(cfg).expect("cloud model")
-    })
-    .clone()
+    shared_engine(QWEN_05B, 2048, 4)
 }
 
 /// Cloud first, so that only the rule under test keeps a request home.

@@ -9,21 +9,17 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_embed::{Embedder, cosine};
-use tandem_engine::{EngineConfig, LocalEngine};
+use tandem_engine::LocalEngine;
 use tandem_router::cache::{CacheConfig, SemanticCache};
 use tandem_router::learned::{self, Calibration, Example, LearnedScorer, ModelKind, TrainConfig};
 use tandem_router::{Dispatcher, PolicyConfig, Rule};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{MINILM, Reply, SMOLLM2, TestServer, model_path, post_json};
+use tandem_testkit::{
+    MINILM, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine, sse_text,
+};
 
 fn device_engine() -> LocalEngine {
-    static E: OnceLock<LocalEngine> = OnceLock::new();
-    E.get_or_init(|| {
-        let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
-        cfg.context = Some(1024);
-        LocalEngine::load(cfg).expect("device model")
-    })
-    .clone()
+    shared_engine(SMOLLM2, 1024, 4)
 }
 
 fn embedder() -> Arc<Embedder> {
@@ -296,17 +292,7 @@ async fn cascade_escalates_unsure_answers_and_keeps_sure_ones() {
         .text()
         .await
         .unwrap();
-    let text: String = sse
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let text = sse_text(&sse);
     assert_eq!(text, "ECHO: Name a fruit.");
     assert!(sse.trim_end().ends_with("data: [DONE]"));
     assert!(

@@ -4,34 +4,20 @@
 //! capturing upstream that records every round and can make the cloud go
 //! away mid-answer.
 
-use std::sync::OnceLock;
-
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
-use tandem_engine::{EngineConfig, LocalEngine};
+use tandem_engine::LocalEngine;
 use tandem_router::Dispatcher;
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{QWEN_05B, QWEN_15B, SMOLLM2, TestServer, model_path, post_json};
-
-fn engine(name: &'static str, slot: &'static OnceLock<LocalEngine>) -> LocalEngine {
-    slot.get_or_init(|| {
-        let mut cfg = EngineConfig::new(name, model_path(name));
-        cfg.context = Some(1024);
-        cfg.parallel = 1;
-        LocalEngine::load(cfg).expect("model")
-    })
-    .clone()
-}
+use tandem_testkit::{QWEN_05B, QWEN_15B, SMOLLM2, TestServer, post_json, shared_engine, sse_text};
 
 fn target() -> LocalEngine {
-    static E: OnceLock<LocalEngine> = OnceLock::new();
-    engine(QWEN_15B, &E)
+    shared_engine(QWEN_15B, 1024, 1)
 }
 
 fn drafter() -> LocalEngine {
-    static E: OnceLock<LocalEngine> = OnceLock::new();
-    engine(QWEN_05B, &E)
+    shared_engine(QWEN_05B, 1024, 1)
 }
 
 struct Pair {
@@ -137,24 +123,15 @@ async fn greedy_speculative_answers_are_the_cloud_models_token_for_token() {
         raw.extend_from_slice(&c.unwrap());
     }
     let raw = String::from_utf8(raw).unwrap();
-    let pieces: Vec<String> = raw
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert!(pieces.len() > 3, "{raw}");
+    let pieces = raw.matches("\"content\":").count();
+    assert!(pieces > 3, "{raw}");
     let reference = post_json(
         &p.cloud.url("/v1/chat/completions"),
         &chat(prompts[0], json!({})),
         &[],
     )
     .await;
-    assert_eq!(pieces.concat(), reference.text());
+    assert_eq!(sse_text(&raw), reference.text());
 
     // Drafts were accepted, so the target ran fewer passes than tokens.
     let rounds = metric(&p.device, "tandem_speculative_total{kind=\"rounds\"}").await;
@@ -180,8 +157,7 @@ async fn greedy_speculative_answers_are_the_cloud_models_token_for_token() {
 
 #[tokio::test]
 async fn a_draft_model_with_another_tokenizer_is_refused_before_generation() {
-    static SMOL: OnceLock<LocalEngine> = OnceLock::new();
-    let p = pair(engine(SMOLLM2, &SMOL), Mode::Forward).await;
+    let p = pair(shared_engine(SMOLLM2, 1024, 1), Mode::Forward).await;
     let r = post_json(
         &p.device.url("/v1/chat/completions"),
         &chat("Say hello.", json!({})),

@@ -60,16 +60,7 @@ impl Captured {
 
     /// The content of the streamed answer passed back, joined.
     pub fn forwarded_text(&self) -> String {
-        String::from_utf8_lossy(&self.forwarded())
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|c| {
-                c["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect()
+        crate::sse_text(&String::from_utf8_lossy(&self.forwarded()))
     }
 }
 

@@ -4,11 +4,13 @@
 
 pub mod capture;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tandem_catalog::{Catalog, PullOptions};
+use tandem_engine::{EngineConfig, LocalEngine};
 use tandem_router::Dispatcher;
 use tandem_server::{AppState, ServerConfig};
 
@@ -39,6 +41,35 @@ pub fn model_path(name: &str) -> PathBuf {
     })
     .join()
     .expect("pull thread")
+}
+
+/// A model loaded once per test binary and shared by its tests, one per
+/// (name, context, parallel): loading is the slow part of a test.
+pub fn shared_engine(name: &str, context: u32, parallel: u32) -> LocalEngine {
+    static ENGINES: Mutex<BTreeMap<(String, u32, u32), LocalEngine>> = Mutex::new(BTreeMap::new());
+    let mut engines = ENGINES.lock().unwrap_or_else(|p| p.into_inner());
+    engines
+        .entry((name.to_owned(), context, parallel))
+        .or_insert_with(|| {
+            let mut cfg = EngineConfig::new(name, model_path(name));
+            cfg.context = Some(context);
+            cfg.parallel = parallel;
+            LocalEngine::load(cfg).unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
+        })
+        .clone()
+}
+
+/// The text of a streamed chat completion: its SSE events' deltas, joined.
+pub fn sse_text(raw: &str) -> String {
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// A running Tandem server on an ephemeral loopback port.
