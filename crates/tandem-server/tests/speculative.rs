@@ -24,6 +24,23 @@ struct Pair {
     device: TestServer,
     cloud: TestServer,
     capture: CaptureUpstream,
+    ledger: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// The egress ledger once it has `n` entries (the drafting task writes
+    /// it just after the answer's last event).
+    async fn ledger(&self, n: usize) -> Vec<tandem_ledger::Entry> {
+        for _ in 0..100 {
+            let entries = tandem_ledger::read(&self.ledger).unwrap();
+            if entries.len() >= n {
+                return entries;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the ledger never reached {n} entries");
+    }
 }
 
 async fn pair(draft: LocalEngine, mode: Mode) -> Pair {
@@ -31,15 +48,20 @@ async fn pair(draft: LocalEngine, mode: Mode) -> Pair {
     let capture = CaptureUpstream::start(Some(cloud.url("/v1")), mode).await;
     let mut up = UpstreamConfig::new("cloud", &capture.base_url(), &[QWEN_15B]);
     up.ttft_timeout_ms = 120_000;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.jsonl");
     let device = Dispatcher::builder()
         .local(draft)
         .cloud(CloudBackend::new(up).unwrap())
+        .ledger(tandem_ledger::Ledger::open(&ledger).unwrap())
         .build()
         .unwrap();
     Pair {
         device: TestServer::start(device).await,
         cloud,
         capture,
+        ledger,
+        _dir: dir,
     }
 }
 
@@ -149,6 +171,17 @@ async fn greedy_speculative_answers_are_the_cloud_models_token_for_token() {
     let rounds = verify_rounds(&p.capture);
     let firsts = rounds.iter().filter(|r| r["pos"] == 0).count();
     assert_eq!(firsts, 4, "one session per answer");
+    let entries = p.ledger(4).await;
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.egress.outcome.starts_with("ok (speculative:")),
+        "{:?}",
+        entries
+            .iter()
+            .map(|e| &e.egress.outcome)
+            .collect::<Vec<_>>()
+    );
     for r in rounds.iter().filter(|r| r["pos"] != 0) {
         assert_eq!(r["tokens"].as_array().map(Vec::len), Some(1), "{r}");
         assert!(r["draft"].as_array().is_some_and(|d| d.len() <= 12));
@@ -195,6 +228,22 @@ async fn the_device_finishes_alone_when_the_cloud_goes_away_mid_answer() {
     )
     .await;
     assert_eq!(handoffs, 1.0);
+    // The ledger holds the session: what left, and how it ended.
+    let entries = p.ledger(1).await;
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0].egress;
+    assert!(e.outcome.starts_with("handoff to local:"), "{}", e.outcome);
+    let sent = p.capture.captured();
+    let first_round = sent.iter().find(|c| c.path.ends_with("/verify")).unwrap();
+    assert_eq!(
+        e.payload_sha256,
+        tandem_ledger::sha256_hex(&first_round.body)
+    );
+    assert_eq!(
+        e.bytes_out,
+        sent.iter().map(|c| c.body.len() as u64).sum::<u64>()
+    );
+    assert_eq!((e.upstream.as_str(), e.model.as_str()), ("cloud", QWEN_15B));
     // The part settled before the cloud left is the cloud model's.
     let reference = post_json(&p.cloud.url("/v1/chat/completions"), &body, &[]).await;
     let common = r
