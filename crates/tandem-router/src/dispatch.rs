@@ -896,8 +896,25 @@ impl Dispatcher {
         let first = match early.filter(|_| decision.side == Side::Local) {
             Some(leg) => Ok(leg),
             None if spec => {
-                self.start_spec(&req, &ctx, decision.redact, local_i, cloud_i)
+                match self
+                    .start_spec(&req, &ctx, decision.redact, local_i, cloud_i)
                     .await
+                {
+                    // An upstream without the verification endpoint (any
+                    // OpenAI-compatible server but Tandem) answers as usual.
+                    Err(e)
+                        if matches!(e.status, 404 | 405)
+                            && e.code.as_deref() != Some("model_not_found") =>
+                    {
+                        speculative = Some(
+                            "off: the upstream does not verify drafts (it is not a Tandem)"
+                                .to_owned(),
+                        );
+                        self.start_leg(Side::Cloud, &req, &ctx, decision.redact, local_i, cloud_i)
+                            .await
+                    }
+                    other => other,
+                }
             }
             None => {
                 self.start_leg(decision.side, &req, &ctx, decision.redact, local_i, cloud_i)
@@ -937,7 +954,7 @@ impl Dispatcher {
             }
             (Err(e), _) => return Err(e),
         };
-        if spec && !leg.spec {
+        if spec && !leg.spec && speculative.as_deref() == Some("on") {
             speculative = Some("off: the cloud could not be reached".to_owned());
         }
         let (backend, model) = match leg.side {

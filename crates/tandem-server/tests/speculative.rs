@@ -385,3 +385,40 @@ async fn the_verify_endpoint_refuses_bad_rounds_with_clear_errors() {
     assert_eq!(r.status, 404);
     assert_eq!(r.body["error"]["code"], "session_not_found");
 }
+
+#[tokio::test]
+async fn an_upstream_that_is_not_a_tandem_answers_as_usual() {
+    // An OpenAI-compatible server with no verification endpoint.
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            axum::Json(json!({
+                "id": "x", "object": "chat.completion", "created": 0, "model": QWEN_15B,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "plain answer"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let up = UpstreamConfig::new("plain", &format!("http://{addr}/v1"), &[QWEN_15B]);
+    let device = Dispatcher::builder()
+        .local(drafter())
+        .cloud(CloudBackend::new(up).unwrap())
+        .build()
+        .unwrap();
+    let device = TestServer::start(device).await;
+    let r = post_json(
+        &device.url("/v1/chat/completions"),
+        &chat("Say hi.", json!({})),
+        &[SPECULATIVE],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.text(), "plain answer");
+    assert_eq!(
+        r.header("x-tandem-speculative"),
+        "off: the upstream does not verify drafts (it is not a Tandem)"
+    );
+}
