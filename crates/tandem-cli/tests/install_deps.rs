@@ -1,0 +1,109 @@
+//! `scripts/install-deps` decides what a machine lacks by asking the package
+//! manager, never by looking for files. These tests put a `dpkg-query` on
+//! PATH that reports a chosen set of packages as installed and check what
+//! the script would install (`--dry-run`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/install-deps")
+}
+
+/// A `dpkg-query` that knows `installed` as installed and `removed` as
+/// removed with its configuration left behind (what `apt-get remove` leaves).
+fn shim(dir: &Path, installed: &[&str], removed: &[&str]) {
+    let body = format!(
+        r#"#!/bin/sh
+for a; do pkg="$a"; done
+case " {installed} " in *" $pkg "*) printf 'install ok installed'; exit 0 ;; esac
+case " {removed} " in *" $pkg "*) printf 'deinstall ok config-files'; exit 0 ;; esac
+echo "dpkg-query: no packages found matching $pkg" >&2
+exit 1
+"#,
+        installed = installed.join(" "),
+        removed = removed.join(" "),
+    );
+    let path = dir.join("dpkg-query");
+    std::fs::write(&path, body).expect("write shim");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+}
+
+fn dry_run(installed: &[&str], removed: &[&str], groups: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    shim(dir.path(), installed, removed);
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(script())
+        .arg("--dry-run")
+        .args(groups)
+        .env("PATH", path)
+        .output()
+        .expect("run install-deps");
+    assert!(
+        out.status.success(),
+        "install-deps failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_machine_without_the_packages_gets_them_all() {
+    assert_eq!(
+        dry_run(&[], &[], &["build", "test"]),
+        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip"
+    );
+}
+
+/// The fresh image carries `libclang-cpp14` (whose file a glob for
+/// `libclang*.so*` matches) but not libclang itself: the package query is
+/// not fooled.
+#[test]
+fn libclang_cpp_is_not_libclang() {
+    let fresh = [
+        "build-essential",
+        "libclang-cpp14",
+        "python3",
+        "python3-venv",
+        "python3-pip",
+    ];
+    assert_eq!(
+        dry_run(&fresh, &[], &["build"]),
+        "would install: cmake libclang-dev"
+    );
+}
+
+#[test]
+fn removed_packages_count_as_missing_and_a_complete_machine_needs_nothing() {
+    let all = [
+        "build-essential",
+        "cmake",
+        "python3",
+        "python3-venv",
+        "python3-pip",
+    ];
+    assert_eq!(
+        dry_run(&all, &["libclang-dev"], &["build", "test"]),
+        "would install: libclang-dev"
+    );
+    let mut everything = all.to_vec();
+    everything.push("libclang-dev");
+    assert_eq!(
+        dry_run(&everything, &[], &["build", "test"]),
+        "nothing to install"
+    );
+    // The default group is `build`.
+    assert_eq!(
+        dry_run(&[], &[], &[]),
+        "would install: build-essential cmake libclang-dev"
+    );
+}
