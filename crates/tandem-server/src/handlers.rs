@@ -187,19 +187,32 @@ async fn start(
 ) -> Result<Started, HttpError> {
     let ctx = context(headers, caller)?;
     let request_id = ctx.request_id.clone();
-    let meta = StreamMeta {
-        id: new_id(id_prefix),
-        created: unix_now(),
-        model: req.model.clone(),
-        logprobs: req.logprobs.is_some(),
-        include_usage: req.include_usage,
-    };
+    let requested = req.model.clone();
+    let logprobs = req.logprobs.is_some();
+    let include_usage = req.include_usage;
     let streaming = req.stream;
     let d = state.dispatcher.dispatch(req, ctx).await?;
+    let mut headers = route_headers(&d.route, &request_id);
+    // The body names the model that answered, as OpenAI names a dated
+    // snapshot for an alias; the name the client used stays in a header.
+    let model = if d.route.model.is_empty() {
+        requested.clone()
+    } else {
+        d.route.model.clone()
+    };
+    if model != requested {
+        set(&mut headers, "x-tandem-requested-model", &requested);
+    }
     Ok(Started {
         events: d.stream,
-        headers: route_headers(&d.route, &request_id),
-        meta,
+        headers,
+        meta: StreamMeta {
+            id: new_id(id_prefix),
+            created: unix_now(),
+            model,
+            logprobs,
+            include_usage,
+        },
         streaming,
     })
 }

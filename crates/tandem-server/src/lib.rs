@@ -72,10 +72,29 @@ impl AppState {
     }
 }
 
+/// Every endpoint, as an unknown URL's error lists them (a test checks
+/// that each one is routed).
+pub const ENDPOINTS: &[&str] = &[
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "GET /v1/models",
+    "GET /v1/models/{id}",
+    "POST /v1/tandem/route",
+    "GET|PUT|DELETE /v1/tandem/signals",
+    "GET|DELETE /v1/tandem/cache",
+    "POST /v1/tandem/spec/sessions",
+    "POST /v1/tandem/spec/sessions/{id}/verify",
+    "DELETE /v1/tandem/spec/sessions/{id}",
+    "GET /metrics",
+    "GET /healthz",
+];
+
 async fn unknown_route(method: Method, uri: Uri) -> HttpError {
     HttpError(ApiError::not_found(format!(
-        "Unknown request URL: {method} {}. Tandem serves /v1/chat/completions, /v1/completions, /v1/models, /v1/tandem/route, /metrics and /healthz.",
-        uri.path()
+        "Unknown request URL: {method} {}. Tandem serves: {}.",
+        uri.path(),
+        ENDPOINTS.join(", ")
     )))
 }
 

@@ -434,7 +434,72 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
     assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
     let r = client.post(s.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    let message = r.json::<Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for endpoint in tandem_server::ENDPOINTS {
+        assert!(message.contains(endpoint), "{endpoint} missing: {message}");
+    }
+}
+
+/// Each endpoint an unknown URL's error lists is really routed: asked with
+/// its own method, it never gets the unknown-URL 404.
+#[tokio::test]
+async fn every_listed_endpoint_is_routed() {
+    let s = server().await;
+    let client = reqwest::Client::new();
+    for endpoint in tandem_server::ENDPOINTS {
+        let (methods, path) = endpoint.split_once(' ').unwrap();
+        let path = path.replace("{id}", "x");
+        for method in methods.split('|') {
+            let r = client
+                .request(method.parse().unwrap(), s.url(&path))
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            assert!(
+                !body.contains("Unknown request URL"),
+                "{method} {path}: {status} {body}"
+            );
+        }
+    }
+}
+
+/// The README's first request, exactly: no sampling parameters. The
+/// default model's recommended settings (catalog pin) keep a 135M model
+/// on topic and short; with OpenAI's defaults it rambled until the
+/// context was full. Sampled answers vary, so several are asked and the
+/// bounds leave room for an off answer or two.
+#[tokio::test]
+async fn readme_question_gets_a_short_answer_that_names_paris() {
+    let s = server().await;
+    let body = json!({
+        "model": SMOLLM2,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        // Only a guard against a runaway answer; the README sends none.
+        "max_tokens": 256,
+    });
+    let answers =
+        futures::future::join_all((0..10).map(|_| post(&s, "/v1/chat/completions", &body))).await;
+    let mut paris = 0;
+    let mut short = 0;
+    for (status, v) in &answers {
+        assert_eq!(*status, 200, "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+        paris += usize::from(text.contains("Paris"));
+        short += usize::from(v["choices"][0]["finish_reason"] == "stop");
+    }
+    let texts: Vec<&Value> = answers
+        .iter()
+        .map(|(_, v)| &v["choices"][0]["message"]["content"])
+        .collect();
+    assert!(paris >= 3, "{paris} of 10 name Paris: {texts:?}");
+    assert!(short >= 7, "{short} of 10 end before the limit: {texts:?}");
 }
 
 #[tokio::test]
