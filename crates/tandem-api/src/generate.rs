@@ -68,12 +68,21 @@ impl Message {
     }
 }
 
+/// Sampling parameters as the client gave them. `None` means "not given":
+/// a local model then uses its own recommended value (see
+/// [`SamplingPreset`]), a cloud upstream its own default.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sampling {
-    /// `None` means the API default of 1.0; 0 means greedy.
+    /// 0 means greedy.
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<u32>,
+    /// Drops tokens less likely than `min_p` times the most likely one
+    /// (llama.cpp and vLLM accept it; OpenAI does not have it).
+    pub min_p: Option<f32>,
+    /// Divides the logits of tokens already generated (1 = off; llama.cpp's
+    /// `repeat_penalty`, vLLM's `repetition_penalty`).
+    pub repeat_penalty: Option<f32>,
     pub seed: Option<u32>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
@@ -92,6 +101,63 @@ impl Sampling {
 
     pub fn is_greedy(&self) -> bool {
         self.temperature == Some(0.0) || self.top_k == Some(1)
+    }
+
+    /// The parameters the client left out, taken from `preset`.
+    pub fn with_defaults(mut self, preset: &SamplingPreset) -> Sampling {
+        self.temperature = self.temperature.or(preset.temperature);
+        self.top_p = self.top_p.or(preset.top_p);
+        self.top_k = self.top_k.or(preset.top_k);
+        self.min_p = self.min_p.or(preset.min_p);
+        self.repeat_penalty = self.repeat_penalty.or(preset.repeat_penalty);
+        self
+    }
+}
+
+/// A model's recommended sampling parameters: what a request that leaves
+/// them out gets on the local engine. Written by a model's authors into its
+/// GGUF (`general.sampling.*`), pinned in a catalog entry, or llama.cpp's
+/// server defaults ([`SamplingPreset::LLAMA_SERVER`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingPreset {
+    /// Temperature (0 is greedy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Most candidates kept (0 = all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Candidates less likely than this share of the best are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Penalty on repeated tokens (1 = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_penalty: Option<f32>,
+}
+
+impl SamplingPreset {
+    /// llama.cpp's server defaults: enough truncation of the tail that small
+    /// models stay coherent while answers still vary.
+    pub const LLAMA_SERVER: SamplingPreset = SamplingPreset {
+        temperature: Some(0.8),
+        top_p: Some(0.95),
+        top_k: Some(40),
+        min_p: Some(0.05),
+        repeat_penalty: Some(1.0),
+    };
+
+    /// `self`, with what it leaves out taken from `fallback`.
+    pub fn or(self, fallback: SamplingPreset) -> SamplingPreset {
+        SamplingPreset {
+            temperature: self.temperature.or(fallback.temperature),
+            top_p: self.top_p.or(fallback.top_p),
+            top_k: self.top_k.or(fallback.top_k),
+            min_p: self.min_p.or(fallback.min_p),
+            repeat_penalty: self.repeat_penalty.or(fallback.repeat_penalty),
+        }
     }
 }
 
@@ -165,4 +231,30 @@ pub enum Event {
     Delta(Delta),
     /// Always the last event of a successful stream.
     Finish(Finish),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_wins_then_the_preset_in_order() {
+        let pin = SamplingPreset {
+            temperature: Some(0.2),
+            ..SamplingPreset::default()
+        };
+        let preset = pin.or(SamplingPreset::LLAMA_SERVER);
+        assert_eq!(preset.temperature, Some(0.2));
+        assert_eq!(preset.top_k, Some(40));
+        let asked = Sampling {
+            top_k: Some(3),
+            ..Sampling::default()
+        };
+        let s = asked.with_defaults(&preset);
+        assert_eq!(
+            (s.top_k, s.temperature, s.min_p),
+            (Some(3), Some(0.2), Some(0.05))
+        );
+        assert!(!s.is_greedy());
+    }
 }

@@ -14,5 +14,5 @@ pub use backend::{Answer, Backend, EventStream, Load, Locality, ModelInfo};
 pub use error::{ApiError, ErrorKind};
 pub use generate::{
     Delta, Event, Finish, FinishReason, GenerateRequest, Input, LogprobRequest, Message, Sampling,
-    TokenLogprob, TopLogprob, Usage,
+    SamplingPreset, TokenLogprob, TopLogprob, Usage,
 };

@@ -35,6 +35,16 @@ pub struct ChatCompletionRequest {
     /// Not in OpenAI's API, but llama.cpp, vLLM and Ollama accept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
+    /// llama.cpp's and vLLM's extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
+    /// llama.cpp's `repeat_penalty` (vLLM calls it `repetition_penalty`).
+    #[serde(
+        default,
+        alias = "repetition_penalty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub repeat_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +132,14 @@ pub struct CompletionRequest {
     pub top_p: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f64>,
+    #[serde(
+        default,
+        alias = "repetition_penalty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub repeat_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -342,6 +360,8 @@ struct SamplingFields {
     temperature: Option<f64>,
     top_p: Option<f64>,
     top_k: Option<i64>,
+    min_p: Option<f64>,
+    repeat_penalty: Option<f64>,
     seed: Option<i64>,
     presence: Option<f64>,
     frequency: Option<f64>,
@@ -353,6 +373,8 @@ fn sampling(f: SamplingFields) -> Result<Sampling, ApiError> {
         temperature,
         top_p,
         top_k,
+        min_p,
+        repeat_penalty,
         seed,
         presence,
         frequency,
@@ -375,10 +397,19 @@ fn sampling(f: SamplingFields) -> Result<Sampling, ApiError> {
             "top_p must be greater than 0",
         ));
     }
+    let repeat_penalty = check_range("repeat_penalty", repeat_penalty, 0.0, 2.0)?;
+    if repeat_penalty == Some(0.0) {
+        return Err(ApiError::invalid_param(
+            "repeat_penalty",
+            "repeat_penalty must be greater than 0 (1 turns it off)",
+        ));
+    }
     Ok(Sampling {
         temperature: check_range("temperature", temperature, 0.0, 2.0)?,
         top_p,
         top_k,
+        min_p: check_range("min_p", min_p, 0.0, 1.0)?,
+        repeat_penalty,
         // Seeds wider than 32 bits are folded rather than refused: clients
         // often pass random 64-bit values.
         seed: seed.map(|s| (s as u64 ^ ((s as u64) >> 32)) as u32),
@@ -508,6 +539,8 @@ impl ChatCompletionRequest {
                 temperature: self.temperature,
                 top_p: self.top_p,
                 top_k: self.top_k,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
                 seed: self.seed,
                 presence: self.presence_penalty,
                 frequency: self.frequency_penalty,
@@ -566,6 +599,8 @@ impl CompletionRequest {
                 temperature: self.temperature,
                 top_p: self.top_p,
                 top_k: self.top_k,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
                 seed: self.seed,
                 presence: self.presence_penalty,
                 frequency: self.frequency_penalty,
@@ -616,6 +651,8 @@ impl GenerateRequest {
             temperature: self.sampling.temperature.map(f64::from),
             top_p: self.sampling.top_p.map(f64::from),
             top_k: self.sampling.top_k.map(i64::from),
+            min_p: self.sampling.min_p.map(f64::from),
+            repeat_penalty: self.sampling.repeat_penalty.map(f64::from),
             seed: self.sampling.seed.map(i64::from),
             stop: (!self.stop.is_empty()).then(|| Stop::Many(self.stop.clone())),
             presence_penalty: nonzero(self.sampling.presence_penalty),
@@ -642,6 +679,8 @@ impl GenerateRequest {
             temperature: self.sampling.temperature.map(f64::from),
             top_p: self.sampling.top_p.map(f64::from),
             top_k: self.sampling.top_k.map(i64::from),
+            min_p: self.sampling.min_p.map(f64::from),
+            repeat_penalty: self.sampling.repeat_penalty.map(f64::from),
             seed: self.sampling.seed.map(i64::from),
             stop: (!self.stop.is_empty()).then(|| Stop::Many(self.stop.clone())),
             presence_penalty: nonzero(self.sampling.presence_penalty),

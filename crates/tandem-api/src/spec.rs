@@ -23,6 +23,8 @@ pub struct SpecSampling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u32>,
 }
 
@@ -32,6 +34,7 @@ impl SpecSampling {
             temperature: s.temperature,
             top_p: s.top_p,
             top_k: s.top_k,
+            min_p: s.min_p,
             seed: s.seed,
         }
     }
@@ -41,6 +44,7 @@ impl SpecSampling {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
+            min_p: self.min_p,
             seed: self.seed,
             ..crate::Sampling::default()
         }
@@ -66,6 +70,11 @@ pub struct SpecOpened {
     pub context_length: u32,
     /// Seconds of idleness after which the session is dropped.
     pub idle_timeout_s: u64,
+    /// The sampling the target applies: the request's, with what it left
+    /// out taken from the target model's recommended settings. The device
+    /// drafts with the same parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SpecSampling>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -196,6 +196,8 @@ pub fn parse_reference(reference: &str, sha256: Option<&str>) -> Option<Entry> {
         description: format!("pulled from {reference}"),
         license: None,
         kind: Kind::Chat,
+        sampling: None,
+        system: None,
         files: vec![FileSpec {
             name: file_name,
             sha256: sha256.map(str::to_lowercase),

@@ -14,6 +14,14 @@ pub struct Entry {
     pub license: Option<String>,
     #[serde(default)]
     pub kind: Kind,
+    /// Sampling for parameters a request leaves out, when the model's own
+    /// recommendation (in its GGUF) is missing or does not suit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<tandem_api::SamplingPreset>,
+    /// A system message for conversations that bring none (as Ollama's
+    /// `SYSTEM`), for models whose template default does not suit them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     pub files: Vec<FileSpec>,
 }
 

@@ -18,6 +18,8 @@ fn entry(name: &str, file: &str, sha256: Option<String>, sources: Vec<Source>) -
         description: String::new(),
         license: None,
         kind: Kind::Chat,
+        sampling: None,
+        system: None,
         files: vec![FileSpec {
             name: file.into(),
             sha256,

@@ -48,9 +48,9 @@ pub struct RunArgs {
 pub struct GenArgs {
     #[arg(long)]
     pub max_tokens: Option<u32>,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f32,
+    /// 0 is greedy; default: the model's recommended setting.
+    #[arg(long)]
+    pub temperature: Option<f32>,
     #[arg(long)]
     pub top_p: Option<f32>,
     #[arg(long)]
@@ -58,14 +58,14 @@ pub struct GenArgs {
 }
 
 fn request(model: &str, input: Input, g: GenArgs) -> anyhow::Result<GenerateRequest> {
-    if !(0.0..=2.0).contains(&g.temperature) {
+    if g.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
         bail!("--temperature must be between 0 and 2");
     }
     Ok(GenerateRequest {
         model: model.to_owned(),
         input,
         sampling: Sampling {
-            temperature: Some(g.temperature),
+            temperature: g.temperature,
             top_p: g.top_p,
             seed: g.seed,
             ..Sampling::default()

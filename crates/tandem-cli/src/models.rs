@@ -33,6 +33,10 @@ pub struct ModelsArgs {
 pub struct Resolved {
     pub id: String,
     pub path: PathBuf,
+    /// The catalog's sampling pin for it, if any.
+    pub sampling: tandem_api::SamplingPreset,
+    /// The catalog's default system message for it, if any.
+    pub system: Option<String>,
 }
 
 /// A catalog name (pulled if missing) or a path to a GGUF file.
@@ -46,19 +50,26 @@ pub async fn resolve(model: &str) -> anyhow::Result<Resolved> {
         return Ok(Resolved {
             id,
             path: as_path.to_path_buf(),
+            sampling: Default::default(),
+            system: None,
         });
     }
     let catalog = Catalog::load(None)?;
     let path = catalog.pull(model, &PullOptions::default()).await?;
+    let entry = catalog.get(model).ok();
     Ok(Resolved {
         id: model.to_owned(),
         path,
+        sampling: entry.and_then(|e| e.sampling).unwrap_or_default(),
+        system: entry.and_then(|e| e.system.clone()),
     })
 }
 
 pub async fn load_engine(model: &str, args: &EngineArgs) -> anyhow::Result<LocalEngine> {
     let r = resolve(model).await?;
     let mut cfg = EngineConfig::new(r.id, r.path);
+    cfg.sampling = r.sampling;
+    cfg.default_system = r.system;
     cfg.threads = args.threads.unwrap_or(tandem_engine::Threads::Auto);
     cfg.context = args.context;
     cfg.parallel = args.parallel.unwrap_or(cfg.parallel);

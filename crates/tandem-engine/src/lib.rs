@@ -32,7 +32,8 @@ use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tandem_api::{
-    ApiError, Backend, EventStream, GenerateRequest, Input, Load, Locality, ModelInfo,
+    ApiError, Backend, EventStream, GenerateRequest, Input, Load, Locality, ModelInfo, Sampling,
+    SamplingPreset,
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -87,6 +88,11 @@ pub struct EngineConfig {
     /// Speculative-decoding sessions held at once (each keeps `context`
     /// worth of KV cache while open; none is allocated until the first).
     pub sessions: u32,
+    /// Sampling for parameters a request leaves out, ahead of what the GGUF
+    /// recommends (a catalog entry's pin, say).
+    pub sampling: SamplingPreset,
+    /// A system message for conversations that bring none.
+    pub default_system: Option<String>,
 }
 
 impl EngineConfig {
@@ -101,6 +107,8 @@ impl EngineConfig {
             gpu_layers: 0,
             max_queue: 64,
             sessions: 4,
+            sampling: SamplingPreset::default(),
+            default_system: None,
         }
     }
 }
@@ -158,6 +166,9 @@ struct Inner {
     tx: std::sync::mpsc::Sender<Command>,
     stats: Arc<Stats>,
     session_cfg: SessionConfig,
+    /// Complete: every field is set.
+    sampling: SamplingPreset,
+    default_system: Option<String>,
     /// The session thread, started by the first session.
     sessions: std::sync::Mutex<Option<std::sync::mpsc::Sender<SessionCmd>>>,
     vocab_hash: std::sync::OnceLock<String>,
@@ -228,6 +239,11 @@ impl LocalEngine {
             }
         };
 
+        let sampling = cfg
+            .sampling
+            .or(gguf_sampling(&model))
+            .or(SamplingPreset::LLAMA_SERVER);
+
         let stats = Arc::new(Stats::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -252,6 +268,7 @@ impl LocalEngine {
             model = %cfg.model_id,
             context = ctx_per_seq,
             parallel = cfg.parallel,
+            ?sampling,
             "model loaded"
         );
         Ok(LocalEngine {
@@ -274,6 +291,8 @@ impl LocalEngine {
                 },
                 sessions: std::sync::Mutex::new(None),
                 vocab_hash: std::sync::OnceLock::new(),
+                sampling,
+                default_system: cfg.default_system,
             }),
         })
     }
@@ -285,6 +304,18 @@ impl LocalEngine {
     /// Tokens one request may hold, prompt and answer together.
     pub fn context_length(&self) -> u32 {
         self.inner.ctx_per_seq
+    }
+
+    /// What a request that leaves a sampling parameter out gets: the
+    /// configured pin, else the GGUF's `general.sampling.*`, else llama.cpp
+    /// server's defaults.
+    pub fn sampling_preset(&self) -> SamplingPreset {
+        self.inner.sampling
+    }
+
+    /// `s` with the parameters it leaves out filled from the model's preset.
+    pub fn effective_sampling(&self, s: &Sampling) -> Sampling {
+        s.with_defaults(&self.inner.sampling)
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -408,6 +439,27 @@ impl LocalEngine {
     }
 }
 
+/// The sampling a model's authors recommend, from the `general.sampling.*`
+/// keys llama.cpp's converter writes (often only some of them).
+fn gguf_sampling(model: &LlamaModel) -> SamplingPreset {
+    let num = |key: &str| {
+        model
+            .meta_val_str(key)
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    SamplingPreset {
+        temperature: num("general.sampling.temp").map(|v| v as f32),
+        top_p: num("general.sampling.top_p").map(|v| v as f32),
+        top_k: num("general.sampling.top_k").map(|v| v as u32),
+        min_p: num("general.sampling.min_p").map(|v| v as f32),
+        repeat_penalty: num("general.sampling.penalty_repeat")
+            .filter(|v| *v > 0.0)
+            .map(|v| v as f32),
+    }
+}
+
 /// A request ready to run: its tokens and limits.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -450,6 +502,16 @@ impl Inner {
                 messages,
                 continue_from,
             } => {
+                let with_system;
+                let messages = match &self.default_system {
+                    Some(system) if !messages.iter().any(|m| m.role == "system") => {
+                        with_system = std::iter::once(tandem_api::Message::new("system", system))
+                            .chain(messages.iter().cloned())
+                            .collect::<Vec<_>>();
+                        &with_system
+                    }
+                    _ => messages,
+                };
                 let mut text = match &self.templater {
                     Templater::Jinja(t) => t.render(messages)?,
                     Templater::Builtin(t) => {
@@ -542,7 +604,7 @@ impl Inner {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let job = Job {
             tokens,
-            sampling: req.sampling,
+            sampling: req.sampling.with_defaults(&self.sampling),
             max_new,
             stop: req.stop,
             top_logprobs: req.logprobs.map(|l| l.top),

@@ -6,11 +6,20 @@ use std::hash::{BuildHasher, Hasher};
 use llama_cpp_2::sampling::LlamaSampler;
 use tandem_api::Sampling;
 
-/// Builds the chain llama.cpp applies to one sequence's logits:
-/// penalties, then top-k, top-p, temperature, and a seeded draw (or argmax
-/// when greedy). Penalties look at generated tokens only, as OpenAI's do.
+/// How many recent tokens `repeat_penalty` looks at (llama.cpp's default).
+pub const REPEAT_LAST_N: i32 = 64;
+
+/// Builds the chain llama.cpp applies to one sequence's logits, in
+/// llama.cpp's order: penalties, then top-k, top-p, min-p, temperature, and
+/// a seeded draw (or argmax when greedy). Penalties look at generated tokens
+/// only, as OpenAI's do: presence and frequency over the whole answer,
+/// `repeat_penalty` over its last [`REPEAT_LAST_N`] tokens.
 pub fn sampler_chain(s: &Sampling, n_vocab: i32, max_new_tokens: u32) -> LlamaSampler {
     let mut chain = Vec::new();
+    let repeat = s.repeat_penalty.filter(|&r| r != 1.0 && r > 0.0);
+    if let Some(r) = repeat {
+        chain.push(LlamaSampler::penalties(n_vocab, REPEAT_LAST_N, r, 0.0, 0.0));
+    }
     if s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
         let window = i32::try_from(max_new_tokens).unwrap_or(i32::MAX);
         chain.push(LlamaSampler::penalties(
@@ -30,6 +39,9 @@ pub fn sampler_chain(s: &Sampling, n_vocab: i32, max_new_tokens: u32) -> LlamaSa
     }
     if let Some(p) = s.top_p.filter(|&p| p < 1.0) {
         chain.push(LlamaSampler::top_p(p, 1));
+    }
+    if let Some(p) = s.min_p.filter(|&p| p > 0.0) {
+        chain.push(LlamaSampler::min_p(p, 1));
     }
     chain.push(LlamaSampler::temp(s.temperature.unwrap_or(1.0)));
     chain.push(LlamaSampler::dist(s.seed.unwrap_or_else(random_seed)));

@@ -30,9 +30,10 @@ pub fn argmax(logits: &[f32]) -> i32 {
     best as i32
 }
 
-/// The distribution sampling draws from: temperature, then top-k, then
-/// top-p, as the engine's sampler chain applies them. `cap` limits the
-/// candidates further (draft side only).
+/// The distribution sampling draws from, built the way the engine's
+/// llama.cpp sampler chain builds it: top-k on the logits, top-p and min-p
+/// on their softmax at temperature 1, then the temperature over what is
+/// left. `cap` limits the candidates further (draft side only).
 pub fn distribution(logits: &[f32], s: &Sampling, cap: Option<usize>) -> Dist {
     if s.is_greedy() || logits.is_empty() {
         return vec![(argmax(logits), 1.0)];
@@ -55,24 +56,37 @@ pub fn distribution(logits: &[f32], s: &Sampling, cap: Option<usize>) -> Dist {
     }
     idx.sort_unstable_by(by_logit);
     let max = logits[idx[0] as usize];
-    let mut dist: Dist = idx
-        .iter()
-        .map(|&i| (i, ((logits[i as usize] - max) / temp).exp()))
-        .collect();
-    normalise(&mut dist);
+    let at_temp = |idx: &[i32], t: f32| -> Dist {
+        idx.iter()
+            .map(|&i| (i, ((logits[i as usize] - max) / t).exp()))
+            .collect()
+    };
+    let mut keep = idx.len();
     if let Some(p) = s.top_p.filter(|&p| p < 1.0) {
+        let mut d = at_temp(&idx, 1.0);
+        normalise(&mut d);
         let mut acc = 0.0;
-        let mut keep = 0;
-        for &(_, q) in &dist {
+        keep = 0;
+        for &(_, q) in &d {
             keep += 1;
             acc += q;
             if acc >= p {
                 break;
             }
         }
-        dist.truncate(keep.max(1));
-        normalise(&mut dist);
     }
+    if let Some(m) = s.min_p.filter(|&m| m > 0.0) {
+        // p(x) >= m * p(best), i.e. logit(x) >= max + ln(m).
+        let floor = max + m.ln();
+        let above = idx
+            .iter()
+            .take_while(|&&i| logits[i as usize] >= floor)
+            .count();
+        keep = keep.min(above.max(1));
+    }
+    idx.truncate(keep.max(1));
+    let mut dist = at_temp(&idx, temp);
+    normalise(&mut dist);
     dist
 }
 
@@ -344,6 +358,30 @@ mod tests {
         let d = distribution(&l, &s, None);
         assert_eq!(d.len(), 2);
         assert!((d[0].1 - 0.625).abs() < 1e-4);
+    }
+
+    #[test]
+    fn min_p_and_top_p_cut_before_the_temperature_as_llama_cpp_does() {
+        let l = logits(&[0.5, 0.3, 0.15, 0.05]);
+        // min_p 0.25: keeps p >= 0.125, i.e. the first three.
+        let s = Sampling {
+            temperature: Some(1.0),
+            min_p: Some(0.25),
+            ..Sampling::default()
+        };
+        assert_eq!(distribution(&l, &s, None).len(), 3);
+        // top_p 0.7 at temperature 2 still keeps two tokens: the cut is
+        // taken on the untempered probabilities, then the temperature
+        // flattens what is left.
+        let s = Sampling {
+            temperature: Some(2.0),
+            top_p: Some(0.7),
+            ..Sampling::default()
+        };
+        let d = distribution(&l, &s, None);
+        assert_eq!(d.len(), 2);
+        let (a, b) = (0.5f32.sqrt(), 0.3f32.sqrt());
+        assert!((d[0].1 - a / (a + b)).abs() < 1e-4, "{d:?}");
     }
 
     /// The output of one round is distributed as the target's p, whatever

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tandem_api::{
     Answer, Event, FinishReason, GenerateRequest, Input, LogprobRequest, Message, Sampling,
+    SamplingPreset,
 };
 use tandem_engine::{EngineConfig, LocalEngine, Threads};
 use tandem_testkit::{GEMMA_270M, QWEN_05B, SMOLLM2, model_path};
@@ -44,6 +45,61 @@ fn chat(model: &str, user: &str) -> GenerateRequest {
         include_usage: false,
         extra: Default::default(),
     }
+}
+
+/// A parameter a request leaves out comes from the configured pin, else the
+/// GGUF's recommendation, else llama.cpp server's defaults (this GGUF
+/// recommends nothing); a configured system message joins only
+/// conversations that bring none.
+#[test]
+fn sampling_defaults_fill_what_the_request_leaves_out() {
+    let mut cfg = EngineConfig::new(SMOLLM2, model_path(SMOLLM2));
+    cfg.sampling = SamplingPreset {
+        temperature: Some(0.3),
+        repeat_penalty: Some(1.2),
+        ..SamplingPreset::default()
+    };
+    cfg.default_system = Some("Answer briefly.".into());
+    cfg.context = Some(256);
+    cfg.parallel = 1;
+    let e = LocalEngine::load(cfg).expect("load");
+    let p = e.sampling_preset();
+    assert_eq!(p.temperature, Some(0.3));
+    assert_eq!(p.repeat_penalty, Some(1.2));
+    assert_eq!(p.top_k, SamplingPreset::LLAMA_SERVER.top_k);
+    assert_eq!(p.top_p, SamplingPreset::LLAMA_SERVER.top_p);
+    assert_eq!(p.min_p, SamplingPreset::LLAMA_SERVER.min_p);
+    let asked = Sampling {
+        top_k: Some(5),
+        temperature: Some(0.0),
+        ..Sampling::default()
+    };
+    let s = e.effective_sampling(&asked);
+    assert_eq!(
+        (s.top_k, s.temperature, s.min_p),
+        (Some(5), Some(0.0), Some(0.05))
+    );
+
+    let plain = e
+        .render(&Input::Chat {
+            messages: vec![Message::new("user", "Hi")],
+            continue_from: None,
+        })
+        .unwrap();
+    assert!(plain.contains("Answer briefly."), "{plain}");
+    let own = e
+        .render(&Input::Chat {
+            messages: vec![
+                Message::new("system", "Be a pirate."),
+                Message::new("user", "Hi"),
+            ],
+            continue_from: None,
+        })
+        .unwrap();
+    assert!(
+        own.contains("Be a pirate.") && !own.contains("Answer briefly."),
+        "{own}"
+    );
 }
 
 async fn answer(engine: &LocalEngine, req: GenerateRequest) -> Answer {
@@ -126,6 +182,7 @@ async fn seeded_sampling_repeats_and_temperature_varies() {
         presence_penalty: 0.5,
         frequency_penalty: 0.5,
         ignore_eos: false,
+        ..Sampling::default()
     };
     let a = answer(e, req.clone()).await;
     let b = answer(e, req.clone()).await;

@@ -78,8 +78,11 @@ impl Default for SpeculativeConfig {
 
 /// Why a request cannot run speculatively (it then runs as routed).
 pub fn ineligible(req: &GenerateRequest) -> Option<&'static str> {
-    if req.sampling.presence_penalty != 0.0 || req.sampling.frequency_penalty != 0.0 {
-        return Some("presence and frequency penalties");
+    if req.sampling.presence_penalty != 0.0
+        || req.sampling.frequency_penalty != 0.0
+        || req.sampling.repeat_penalty.is_some_and(|r| r != 1.0)
+    {
+        return Some("presence, frequency and repeat penalties");
     }
     if req.logprobs.is_some() {
         return Some("logprobs");
@@ -158,6 +161,14 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
             &mut exchange,
         )
         .await?;
+    // Draft with what the target applies (its model's defaults filled in);
+    // an older target that does not say gets the device's own.
+    let mut drafting = opened.sampling.map_or_else(
+        || engine.effective_sampling(&req.sampling),
+        |s| s.to_sampling(),
+    );
+    drafting.seed = req.sampling.seed;
+    drafting.ignore_eos = req.sampling.ignore_eos;
     let prompt_len = prepared.tokens.len() as u32;
     let room = opened
         .context_length
@@ -178,7 +189,7 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
         prompt_len,
         generated: 0,
         text: TextAssembler::new(req.stop.clone()),
-        sampling: req.sampling,
+        sampling: drafting,
         rng: req.sampling.seed.map_or_else(fastrand::Rng::new, |s| {
             fastrand::Rng::with_seed(u64::from(s))
         }),

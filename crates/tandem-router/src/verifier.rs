@@ -122,7 +122,7 @@ impl Verifier {
             .iter()
             .find(|e| e.model_id() == req.model)
             .ok_or_else(|| ApiError::model_not_found(&req.model))?;
-        let sampling = req.sampling.to_sampling();
+        let sampling = engine.effective_sampling(&req.sampling.to_sampling());
         check_sampling(&sampling)?;
         let ours = engine.vocab_hash().to_owned();
         if req.vocab_hash != ours {
@@ -163,6 +163,7 @@ impl Verifier {
             vocab_hash: ours,
             context_length,
             idle_timeout_s: self.idle.as_secs().max(1),
+            sampling: Some(tandem_api::spec::SpecSampling::from_sampling(&sampling)),
         })
     }
 

@@ -43,6 +43,21 @@ pub fn model_path(name: &str) -> PathBuf {
     .expect("pull thread")
 }
 
+/// The engine configuration `tandem serve` would use for a catalog model:
+/// its file (pulled if needed), the catalog's sampling pin and default
+/// system message.
+pub fn engine_config(name: &str) -> EngineConfig {
+    let mut cfg = EngineConfig::new(name, model_path(name));
+    if let Some(entry) = Catalog::load(None)
+        .ok()
+        .and_then(|c| c.get(name).ok().cloned())
+    {
+        cfg.sampling = entry.sampling.unwrap_or_default();
+        cfg.default_system = entry.system;
+    }
+    cfg
+}
+
 /// A model loaded once per test binary and shared by its tests, one per
 /// (name, context, parallel): loading is the slow part of a test.
 pub fn shared_engine(name: &str, context: u32, parallel: u32) -> LocalEngine {
@@ -51,7 +66,7 @@ pub fn shared_engine(name: &str, context: u32, parallel: u32) -> LocalEngine {
     engines
         .entry((name.to_owned(), context, parallel))
         .or_insert_with(|| {
-            let mut cfg = EngineConfig::new(name, model_path(name));
+            let mut cfg = engine_config(name);
             cfg.context = Some(context);
             cfg.parallel = parallel;
             LocalEngine::load(cfg).unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
