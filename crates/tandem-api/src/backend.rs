@@ -1,30 +1,66 @@
-//! The seam between the server and whatever produces tokens: the local
-//! engine, an OpenAI-compatible upstream, or a combination of both.
+//! The seam between the router and whatever produces tokens: the local
+//! engine, an OpenAI-compatible upstream, or a scripted backend in tests.
+//!
+//! A backend says what it can do ([`Capabilities`]), how busy and how
+//! healthy it is ([`Load`], [`Health`]), and starts answers
+//! ([`Backend::start`]). Backends that leave the device also return an
+//! [`Exchange`]: the record of what was sent, for the egress ledger. Local
+//! models that can hold a KV cache across calls ([`SessionModel`]) draft
+//! and verify speculative decoding; upstreams that verify drafts
+//! ([`DraftVerifier`]) are the other half of it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::generate::{Event, Finish, GenerateRequest, TokenLogprob};
+use crate::generate::{Event, Finish, GenerateRequest, Input, Sampling, TokenLogprob};
+use crate::speculative::{SpecOpen, SpecOpened, VerifyRequest, VerifyResponse};
 
 /// Events of one answer. Dropping the stream cancels the generation.
 pub type EventStream = BoxStream<'static, Result<Event, ApiError>>;
 
-/// Where a backend runs; the router treats the two very differently.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Which side of the hybrid a backend is on; the router treats the two very
+/// differently (only the cloud can see data leave the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Locality {
-    Device,
+    /// On this device.
+    Local,
+    /// Behind the network.
     Cloud,
 }
 
+impl Locality {
+    /// The other side.
+    pub fn other(self) -> Locality {
+        match self {
+            Locality::Local => Locality::Cloud,
+            Locality::Cloud => Locality::Local,
+        }
+    }
+
+    /// `local` or `cloud`, as headers, metrics and reasons write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Locality::Local => "local",
+            Locality::Cloud => "cloud",
+        }
+    }
+}
+
+/// One model a backend serves.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
     /// The name clients use in `model`.
     pub id: String,
     /// Tokens one request may hold (prompt and answer together), if known.
     pub context_length: Option<u32>,
+    /// Who serves it (`/v1/models`' `owned_by`).
     pub owned_by: String,
 }
 
@@ -32,38 +68,386 @@ pub struct ModelInfo {
 /// upstreams report `capacity: None` (they scale out of sight).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Load {
+    /// Answers being generated.
     pub active: usize,
+    /// Answers waiting for a slot.
     pub queued: usize,
+    /// Answers generated together at most.
     pub capacity: Option<usize>,
 }
 
-pub trait Backend: Send + Sync + 'static {
+/// What a circuit breaker says about a backend right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Requests go through.
+    Closed,
+    /// Requests are skipped until the cool-down ends.
+    Open,
+    /// One trial request decides.
+    HalfOpen,
+}
+
+/// How a backend has been doing, as measured on real traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Health {
+    /// Its circuit breaker, if it has one.
+    pub breaker: Option<BreakerState>,
+    /// The breaker would not let a request through now.
+    pub breaker_open: bool,
+    /// Moving average of the time to the first token, ms.
+    pub ttft_ms: Option<f64>,
+    /// Moving average of the decoding speed, tokens per second.
+    pub tokens_per_s: Option<f64>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Price {
+    /// Per million prompt tokens.
+    pub input_per_mtok: f64,
+    /// Per million completion tokens.
+    pub output_per_mtok: f64,
+}
+
+impl Price {
+    /// USD for a request of this size.
+    pub fn cost(&self, prompt_tokens: u32, completion_tokens: u32) -> f64 {
+        (f64::from(prompt_tokens) * self.input_per_mtok
+            + f64::from(completion_tokens) * self.output_per_mtok)
+            / 1e6
+    }
+}
+
+/// What a request needs from the backend that answers it, beyond plain text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feature {
+    /// A conversation (rendered with a chat template), not a bare prompt.
+    Chat,
+    /// `tools` or `functions`.
+    Tools,
+    /// `response_format: {"type": "json_object"}`.
+    JsonObject,
+    /// `response_format: {"type": "json_schema"}`.
+    JsonSchema,
+    /// A `response_format` of a type Tandem does not know.
+    OtherResponseFormat,
+    /// Continuing a partial assistant message (a handoff mid-answer).
+    Continuation,
+}
+
+impl Feature {
+    /// The request field that asks for it (the `param` of a refusal).
+    pub fn param(self) -> &'static str {
+        match self {
+            Feature::Chat => "messages",
+            Feature::Tools => "tools",
+            Feature::JsonObject | Feature::JsonSchema | Feature::OtherResponseFormat => {
+                "response_format"
+            }
+            Feature::Continuation => "messages",
+        }
+    }
+
+    /// Human words for it, as reasons and errors use them.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Feature::Chat => "a chat template",
+            Feature::Tools => "tool calling",
+            Feature::JsonObject => "JSON mode",
+            Feature::JsonSchema => "structured output (json_schema)",
+            Feature::OtherResponseFormat => "this response_format",
+            Feature::Continuation => "continuing a partial answer",
+        }
+    }
+
+    /// What `req` needs, in a stable order.
+    pub fn needed_by(req: &GenerateRequest) -> Vec<Feature> {
+        let mut needs = Vec::new();
+        if let Input::Chat { continue_from, .. } = &req.input {
+            needs.push(Feature::Chat);
+            if continue_from.is_some() {
+                needs.push(Feature::Continuation);
+            }
+        }
+        let present = |k: &str| req.extra.get(k).is_some_and(|v| !v.is_null());
+        if req
+            .extra
+            .get("tools")
+            .is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+            || present("functions")
+        {
+            needs.push(Feature::Tools);
+        }
+        if let Some(fmt) = req.extra.get("response_format").filter(|v| !v.is_null()) {
+            match fmt.get("type").and_then(serde_json::Value::as_str) {
+                Some("text") => {}
+                Some("json_object") => needs.push(Feature::JsonObject),
+                Some("json_schema") => needs.push(Feature::JsonSchema),
+                _ => needs.push(Feature::OtherResponseFormat),
+            }
+        }
+        needs
+    }
+}
+
+/// The features a backend supports, declared by the backend itself (a
+/// local model from its chat template, an upstream from its configuration)
+/// and asked by the router and the engine alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// Supported features, sorted.
+    pub features: Vec<Feature>,
+}
+
+impl Capabilities {
+    /// A backend supporting `features`.
+    pub fn of(features: impl IntoIterator<Item = Feature>) -> Capabilities {
+        let mut features: Vec<Feature> = features.into_iter().collect();
+        features.sort();
+        features.dedup();
+        Capabilities { features }
+    }
+
+    /// Whether `f` is supported.
+    pub fn supports(&self, f: Feature) -> bool {
+        self.features.binary_search(&f).is_ok()
+    }
+
+    /// Those of `needs` that are not supported.
+    pub fn missing(&self, needs: &[Feature]) -> Vec<Feature> {
+        needs
+            .iter()
+            .copied()
+            .filter(|&f| !self.supports(f))
+            .collect()
+    }
+}
+
+/// What one request to an upstream sent and received: the egress ledger's
+/// record. Counters are atomic because a streamed answer keeps adding
+/// received bytes after the exchange has been handed over.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// The upstream's configured name.
+    pub upstream: String,
+    /// The model asked of it.
+    pub model: String,
+    /// sha256 of the body as sent.
+    pub payload_sha256: String,
+    /// Bytes sent, over every attempt.
+    pub bytes_out: AtomicU64,
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+    /// Attempts made; 0 means nothing left the device.
+    pub attempts: AtomicU32,
+}
+
+impl Exchange {
+    /// An exchange with `upstream` about `model` that has sent nothing yet.
+    pub fn new(upstream: &str, model: &str) -> Exchange {
+        Exchange {
+            upstream: upstream.to_owned(),
+            model: model.to_owned(),
+            ..Exchange::default()
+        }
+    }
+
+    /// Adds another exchange of the same session (one round's call).
+    pub fn absorb(&mut self, other: Exchange) {
+        if self.payload_sha256.is_empty() {
+            self.payload_sha256 = other.payload_sha256;
+        }
+        for (mine, theirs) in [
+            (&self.bytes_out, other.bytes_out),
+            (&self.bytes_in, other.bytes_in),
+        ] {
+            mine.fetch_add(theirs.into_inner(), Ordering::Relaxed);
+        }
+        self.attempts
+            .fetch_add(other.attempts.into_inner(), Ordering::Relaxed);
+    }
+
+    /// Whether anything was sent.
+    pub fn left_the_device(&self) -> bool {
+        self.attempts.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// An answer started by [`Backend::start`].
+pub struct Started {
+    /// The events, or why the answer could not start.
+    pub result: Result<EventStream, ApiError>,
+    /// What was sent to reach that outcome, for a backend off the device.
+    pub exchange: Option<Arc<Exchange>>,
+}
+
+impl Started {
+    /// An answer that started (or failed) without leaving the device.
+    pub fn local(result: Result<EventStream, ApiError>) -> Started {
+        Started {
+            result,
+            exchange: None,
+        }
+    }
+}
+
+/// Anything that produces answers: the local engine, an OpenAI-compatible
+/// upstream, a scripted backend in tests. The router holds backends only
+/// through this trait.
+pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
     /// A short stable name for logs, headers and metrics.
     fn name(&self) -> &str;
 
+    /// On this device or behind the network.
     fn locality(&self) -> Locality;
 
+    /// The models it serves.
     fn models(&self) -> Vec<ModelInfo>;
 
+    /// The model it answers a request for `requested` with: that model if it
+    /// serves it, else its default.
+    fn model_for(&self, requested: &str) -> String;
+
+    /// What it supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// How busy it is now.
     fn load(&self) -> Load {
         Load::default()
     }
 
-    /// Starts generating. Errors found before the first token (unknown
-    /// model, prompt too long, upstream refused) come back here; errors
-    /// after it arrive inside the stream.
-    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>>;
+    /// How it has been doing.
+    fn health(&self) -> Health {
+        Health::default()
+    }
+
+    /// What its tokens cost.
+    fn price(&self) -> Price {
+        Price::default()
+    }
+
+    /// The request's prompt in this backend's tokens, when it can count
+    /// them exactly (a local model renders and tokenizes).
+    fn count_prompt_tokens(&self, _req: &GenerateRequest) -> Option<u32> {
+        None
+    }
+
+    /// Is it reachable, and how long does a round trip take? `None`: there
+    /// is nothing to probe (a local model).
+    fn probe(&self, _timeout: Duration) -> Option<BoxFuture<'static, Result<Duration, String>>> {
+        None
+    }
+
+    /// Starts an answer. Errors found before the first token (unknown
+    /// model, prompt too long, upstream refused) come back in
+    /// [`Started::result`]; errors after it arrive inside the stream.
+    fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started>;
+
+    /// Starts an answer, without the egress record.
+    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>> {
+        let started = self.start(req);
+        Box::pin(async move { started.await.result })
+    }
+
+    /// A local model that can hold KV sessions (speculative drafting and
+    /// verification), if it is one.
+    fn sessions(&self) -> Option<Arc<dyn SessionModel>> {
+        None
+    }
+
+    /// An upstream that verifies drafts (a cloud-role Tandem), if it is one.
+    fn verifier(&self) -> Option<Arc<dyn DraftVerifier>> {
+        None
+    }
+}
+
+/// A request ready to run on a local model: its tokens and limits.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The rendered prompt, tokenized.
+    pub tokens: Vec<i32>,
+    /// New tokens allowed (the request's `max_tokens` within the context).
+    pub max_new: u32,
+}
+
+/// Logits of the requested positions, one full vocabulary row each.
+pub type Rows = Vec<Vec<f32>>;
+
+/// A local model that keeps sequences whose KV cache lives across calls:
+/// the device drafts with one, a cloud-role Tandem verifies with one.
+pub trait SessionModel: Send + Sync + 'static {
+    /// The name clients use for it.
+    fn model_id(&self) -> &str;
+    /// A fingerprint of the vocabulary: equal hashes mean every token id
+    /// means the same thing.
+    fn vocab_hash(&self) -> &str;
+    /// Tokens in the vocabulary.
+    fn n_vocab(&self) -> i32;
+    /// Renders, tokenizes and checks a request.
+    fn prepare(&self, req: &GenerateRequest) -> Result<Prepared, ApiError>;
+    /// `s` with what it leaves out taken from the model's recommended
+    /// settings.
+    fn effective_sampling(&self, s: &Sampling) -> Sampling;
+    /// Whether the token ends a turn.
+    fn is_eog(&self, token: i32) -> bool;
+    /// The bytes a token stands for, written to `out`.
+    fn token_bytes(&self, token: i32, out: &mut Vec<u8>);
+    /// Opens a session; it is closed when dropped.
+    fn open_session(&self) -> BoxFuture<'static, Result<Box<dyn KvSession>, ApiError>>;
+}
+
+/// One sequence with its own KV cache (see [`SessionModel`]).
+pub trait KvSession: Send + Sync {
+    /// Tokens it may hold.
+    fn context_length(&self) -> u32;
+    /// Keeps the first `keep` cached tokens (rolling back the rest), reads
+    /// `tokens` in one pass, and returns the logits of the last `rows`
+    /// positions.
+    fn eval(
+        &self,
+        keep: u32,
+        tokens: Vec<i32>,
+        rows: usize,
+    ) -> BoxFuture<'static, Result<Rows, ApiError>>;
+}
+
+/// The cloud side of speculative decoding, as the device reaches it
+/// (protocol in [`crate::speculative`]). Every call adds what it sent and
+/// received to `exchange`.
+pub trait DraftVerifier: Send + Sync + 'static {
+    /// Opens a verification session.
+    fn open<'a>(
+        &'a self,
+        body: &'a SpecOpen,
+        exchange: &'a mut Exchange,
+    ) -> BoxFuture<'a, Result<SpecOpened, ApiError>>;
+    /// One round: the target reads what it lacks and the draft.
+    fn verify<'a>(
+        &'a self,
+        session: &'a str,
+        body: &'a VerifyRequest,
+        timeout: Duration,
+        exchange: &'a mut Exchange,
+    ) -> BoxFuture<'a, Result<VerifyResponse, ApiError>>;
+    /// Ends a session (best effort).
+    fn close<'a>(&'a self, session: &'a str) -> BoxFuture<'a, ()>;
 }
 
 /// A whole answer gathered from a stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
+    /// The text.
     pub text: String,
+    /// Per-token log-probabilities, when asked for.
     pub tokens: Vec<TokenLogprob>,
+    /// How it ended.
     pub finish: Finish,
 }
 
 impl Answer {
+    /// Reads a stream to its end.
     pub async fn collect(mut stream: EventStream) -> Result<Answer, ApiError> {
         let mut text = String::new();
         let mut tokens = Vec::new();

@@ -8,26 +8,39 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
+    /// 400: the request is malformed or asks for something impossible.
     InvalidRequestError,
+    /// 401: no or a wrong API key.
     AuthenticationError,
+    /// 403: not allowed (a privacy rule, a non-admin key).
     PermissionError,
+    /// 404: no such route, model or session.
     NotFoundError,
+    /// 429: a rate limit or budget.
     RateLimitError,
+    /// 5xx: a fault here or upstream.
     ServerError,
+    /// 503: no capacity now.
     ServiceUnavailable,
 }
 
 /// An error that ends a request. `status` is the HTTP status it maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: u16,
+    /// OpenAI's error type.
     pub kind: ErrorKind,
+    /// What went wrong, for a person.
     pub message: String,
+    /// The request field at fault.
     pub param: Option<String>,
+    /// A machine-readable code (`context_length_exceeded`, ...).
     pub code: Option<String>,
 }
 
 impl ApiError {
+    /// An error of any status.
     pub fn new(status: u16, kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -50,6 +63,7 @@ impl ApiError {
             .with_code("invalid_value")
     }
 
+    /// 404: the model does not exist here.
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
             404,
@@ -60,16 +74,19 @@ impl ApiError {
         .with_code("model_not_found")
     }
 
+    /// 400: the prompt does not fit the model's context.
     pub fn context_length_exceeded(message: impl Into<String>) -> Self {
         Self::invalid_request(message)
             .with_param("messages")
             .with_code("context_length_exceeded")
     }
 
+    /// 404 with a message of the caller's.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(404, ErrorKind::NotFoundError, message)
     }
 
+    /// 413: the body is larger than the server accepts.
     pub fn payload_too_large() -> Self {
         Self::new(
             413,
@@ -79,14 +96,17 @@ impl ApiError {
         .with_code("payload_too_large")
     }
 
+    /// 401: the API key is missing or wrong.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(401, ErrorKind::AuthenticationError, message).with_code("invalid_api_key")
     }
 
+    /// 403: not allowed.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, ErrorKind::PermissionError, message)
     }
 
+    /// 429: too many requests.
     pub fn rate_limited(message: impl Into<String>) -> Self {
         Self::new(429, ErrorKind::RateLimitError, message).with_code("rate_limit_exceeded")
     }
@@ -111,16 +131,19 @@ impl ApiError {
         Self::new(504, ErrorKind::ServerError, message).with_code("upstream_timeout")
     }
 
+    /// Names the request field at fault.
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_owned());
         self
     }
 
+    /// Sets the machine-readable code.
     pub fn with_code(mut self, code: &str) -> Self {
         self.code = Some(code.to_owned());
         self
     }
 
+    /// A 4xx: the request's fault, not the backend's.
     pub fn is_client_error(&self) -> bool {
         (400..500).contains(&self.status)
     }
@@ -172,18 +195,25 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// OpenAI's error JSON: `{"error": {...}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// The error.
     pub error: ErrorObject,
 }
 
+/// The object inside [`ErrorBody`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorObject {
+    /// What went wrong.
     pub message: String,
+    /// OpenAI's `type`.
     #[serde(rename = "type", default = "default_kind")]
     pub kind: ErrorKind,
+    /// The request field at fault.
     #[serde(default)]
     pub param: Option<String>,
+    /// A machine-readable code.
     #[serde(default, deserialize_with = "code_as_string")]
     pub code: Option<String>,
 }

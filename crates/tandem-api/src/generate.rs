@@ -6,27 +6,38 @@ use serde_json::{Map, Value};
 /// One generation request, already validated, independent of the wire format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
+    /// The model asked for (a concrete name or the virtual model).
     pub model: String,
+    /// The conversation or prompt.
     pub input: Input,
+    /// Sampling, as the client gave it.
     pub sampling: Sampling,
     /// `None`: until the end of the context or an end-of-generation token.
     pub max_tokens: Option<u32>,
+    /// Sequences that end the answer.
     pub stop: Vec<String>,
+    /// Per-token log-probabilities, when asked for.
     pub logprobs: Option<LogprobRequest>,
+    /// The client wants the answer streamed.
     pub stream: bool,
+    /// A streamed answer ends with a usage chunk.
     pub include_usage: bool,
     /// Fields Tandem does not interpret, passed on to OpenAI-compatible upstreams.
     pub extra: Map<String, Value>,
 }
 
+/// What the model reads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
+    /// A conversation, rendered with the model's chat template.
     Chat {
+        /// The messages, in order.
         messages: Vec<Message>,
         /// Text the assistant has already said: generation continues it
         /// (used when an answer moves from one backend to another mid-stream).
         continue_from: Option<String>,
     },
+    /// A bare prompt (`/v1/completions`).
     Text(String),
 }
 
@@ -47,17 +58,23 @@ impl Input {
     }
 }
 
+/// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// Its text.
     pub content: String,
+    /// An optional participant name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Other fields (`tool_calls`, `tool_call_id`...), kept as sent.
     #[serde(default, flatten)]
     pub extra: Map<String, Value>,
 }
 
 impl Message {
+    /// A message with only a role and text.
     pub fn new(role: &str, content: impl Into<String>) -> Self {
         Self {
             role: role.to_owned(),
@@ -75,7 +92,9 @@ impl Message {
 pub struct Sampling {
     /// 0 means greedy.
     pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
     pub top_p: Option<f32>,
+    /// Most candidates kept per token (0 = all).
     pub top_k: Option<u32>,
     /// Drops tokens less likely than `min_p` times the most likely one
     /// (llama.cpp and vLLM accept it; OpenAI does not have it).
@@ -83,8 +102,11 @@ pub struct Sampling {
     /// Divides the logits of tokens already generated (1 = off; llama.cpp's
     /// `repeat_penalty`, vLLM's `repetition_penalty`).
     pub repeat_penalty: Option<f32>,
+    /// Seed for a repeatable draw.
     pub seed: Option<u32>,
+    /// OpenAI's presence penalty, -2 to 2.
     pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, -2 to 2.
     pub frequency_penalty: f32,
     /// Keep generating past end-of-generation tokens (benchmarks; vLLM and
     /// llama.cpp accept the same field).
@@ -92,6 +114,7 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// Temperature 0: always the most likely token.
     pub fn greedy() -> Self {
         Self {
             temperature: Some(0.0),
@@ -99,6 +122,7 @@ impl Sampling {
         }
     }
 
+    /// Whether sampling always takes the most likely token.
     pub fn is_greedy(&self) -> bool {
         self.temperature == Some(0.0) || self.top_k == Some(1)
     }
@@ -161,30 +185,42 @@ impl SamplingPreset {
     }
 }
 
+/// Per-token log-probabilities asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogprobRequest {
     /// How many alternatives to report per token (0 = only the chosen one).
     pub top: u8,
 }
 
+/// Why an answer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
+    /// The model ended it, or a stop sequence did.
     Stop,
+    /// `max_tokens` or the context was reached.
     Length,
+    /// A content filter cut it.
     ContentFilter,
+    /// The model called tools.
     ToolCalls,
+    /// The model called a function (the older API).
     FunctionCall,
 }
 
+/// Tokens read and written by one answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Tokens of the prompt.
     pub prompt_tokens: u32,
+    /// Tokens of the answer.
     pub completion_tokens: u32,
+    /// Both together.
     pub total_tokens: u32,
 }
 
 impl Usage {
+    /// Usage with the total filled in.
     pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
         Self {
             prompt_tokens,
@@ -194,20 +230,29 @@ impl Usage {
     }
 }
 
+/// One generated token with its log-probability.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprob {
+    /// Its text.
     pub token: String,
+    /// Natural log of its probability.
     pub logprob: f32,
+    /// Its bytes (a token may hold part of a character).
     #[serde(default)]
     pub bytes: Option<Vec<u8>>,
+    /// The most likely alternatives at this position.
     #[serde(default)]
     pub top_logprobs: Vec<TopLogprob>,
 }
 
+/// One alternative token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopLogprob {
+    /// Its text.
     pub token: String,
+    /// Natural log of its probability.
     pub logprob: f32,
+    /// Its bytes.
     #[serde(default)]
     pub bytes: Option<Vec<u8>>,
 }
@@ -216,18 +261,25 @@ pub struct TopLogprob {
 /// for; their texts concatenate to `text`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Delta {
+    /// Text to append to the answer.
     pub text: String,
+    /// Its tokens, when log-probabilities were asked for.
     pub tokens: Vec<TokenLogprob>,
 }
 
+/// How an answer ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Finish {
+    /// Why.
     pub reason: FinishReason,
+    /// Tokens read and written.
     pub usage: Usage,
 }
 
+/// What a backend's answer stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A piece of the answer.
     Delta(Delta),
     /// Always the last event of a successful stream.
     Finish(Finish),

@@ -1,17 +1,26 @@
 //! Tandem's shared vocabulary: OpenAI's wire types, the error every layer
 //! returns, the internal request and event types, and the [`Backend`] trait
-//! that the local engine and the cloud upstreams both implement.
+//! that the local engine, the cloud upstreams and test doubles implement.
 //!
-//! This crate does no I/O; it is what the other crates agree on.
+//! This crate does no I/O and holds no policy; it is what the other crates
+//! agree on.
 
-pub mod backend;
-pub mod error;
-pub mod generate;
+#![warn(missing_docs)]
+
+mod backend;
+mod embeddings;
+mod error;
+mod generate;
 pub mod openai;
-pub mod spec;
+pub mod speculative;
+pub mod text;
 
-pub use backend::{Answer, Backend, EventStream, Load, Locality, ModelInfo};
-pub use error::{ApiError, ErrorKind};
+pub use backend::{
+    Answer, Backend, BreakerState, Capabilities, DraftVerifier, EventStream, Exchange, Feature,
+    Health, KvSession, Load, Locality, ModelInfo, Prepared, Price, Rows, SessionModel, Started,
+};
+pub use embeddings::{EmbeddingInput, EmbeddingJob, EmbeddingRequest, MAX_EMBEDDING_INPUTS};
+pub use error::{ApiError, ErrorBody, ErrorKind, ErrorObject};
 pub use generate::{
     Delta, Event, Finish, FinishReason, GenerateRequest, Input, LogprobRequest, Message, Sampling,
     SamplingPreset, TokenLogprob, TopLogprob, Usage,

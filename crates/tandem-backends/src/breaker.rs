@@ -12,6 +12,7 @@ enum State {
     HalfOpen { trial_in_flight: bool },
 }
 
+/// One upstream's circuit breaker.
 #[derive(Debug)]
 pub struct CircuitBreaker {
     state: Mutex<State>,
@@ -19,16 +20,10 @@ pub struct CircuitBreaker {
     cooldown: Duration,
 }
 
-/// What the breaker says about an upstream right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
-}
+use tandem_api::BreakerState;
 
 impl CircuitBreaker {
+    /// Opens after `threshold` failures in a row, for `cooldown`.
     pub fn new(threshold: u32, cooldown: Duration) -> Self {
         Self {
             state: Mutex::new(State::Closed { failures: 0 }),
@@ -77,6 +72,7 @@ impl CircuitBreaker {
         }
     }
 
+    /// What it says now.
     pub fn state(&self) -> BreakerState {
         match *self.lock() {
             State::Closed { .. } => BreakerState::Closed,
@@ -85,10 +81,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// A request succeeded: closed again.
     pub fn success(&self) {
         *self.lock() = State::Closed { failures: 0 };
     }
 
+    /// A request failed.
     pub fn failure(&self) {
         let mut s = self.lock();
         *s = match *s {

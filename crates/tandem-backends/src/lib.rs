@@ -10,135 +10,30 @@
 //!
 //! Not here: deciding which requests may go to the cloud (the router).
 
+#![warn(missing_docs)]
+
+mod backend;
 mod breaker;
-mod spec;
+mod config;
+mod verifier_client;
 mod wire;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tandem_api::openai::{ChatMessage, MessageContent};
-use tandem_api::{
-    ApiError, Backend, Event, EventStream, GenerateRequest, Input, Locality, ModelInfo,
-};
+use tandem_api::{ApiError, Event, EventStream, Exchange, GenerateRequest, Input};
 
-pub use breaker::{BreakerState, CircuitBreaker};
+pub use breaker::CircuitBreaker;
+pub use config::{Continuation, UpstreamConfig};
+pub use tandem_api::BreakerState;
 use wire::{Endpoint, StreamState};
-
-/// How an upstream can continue an assistant message it did not start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Continuation {
-    /// It cannot: an answer broken off elsewhere is not handed to it.
-    #[default]
-    None,
-    /// A final assistant message with `continue_final_message: true`
-    /// (vLLM, Tandem).
-    Prefill,
-}
-
-fn d_connect() -> u64 {
-    3_000
-}
-fn d_ttft() -> u64 {
-    15_000
-}
-fn d_idle() -> u64 {
-    30_000
-}
-fn d_request() -> u64 {
-    300_000
-}
-fn d_retries() -> u32 {
-    2
-}
-fn d_breaker_failures() -> u32 {
-    5
-}
-fn d_breaker_cooldown() -> u64 {
-    10_000
-}
-
-/// One upstream, as written in Tandem's configuration file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    pub name: String,
-    /// The API root, e.g. `https://api.openai.com/v1`.
-    pub base_url: String,
-    /// Environment variable holding the API key (the key itself never
-    /// appears in configuration, logs, metrics or errors).
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    /// Model names served by this upstream; clients may name them directly.
-    pub models: Vec<String>,
-    /// The model used when the router sends a virtual-model request here;
-    /// default: the first of `models`.
-    #[serde(default)]
-    pub default_model: Option<String>,
-    /// USD per million prompt tokens.
-    #[serde(default)]
-    pub price_input_per_mtok: f64,
-    /// USD per million completion tokens.
-    #[serde(default)]
-    pub price_output_per_mtok: f64,
-    /// Tokens one request may hold, if known (used for capability routing).
-    #[serde(default)]
-    pub context_length: Option<u32>,
-    #[serde(default = "d_connect")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "d_ttft")]
-    pub ttft_timeout_ms: u64,
-    #[serde(default = "d_idle")]
-    pub idle_timeout_ms: u64,
-    #[serde(default = "d_request")]
-    pub request_timeout_ms: u64,
-    #[serde(default = "d_retries")]
-    pub max_retries: u32,
-    #[serde(default = "d_breaker_failures")]
-    pub breaker_failures: u32,
-    #[serde(default = "d_breaker_cooldown")]
-    pub breaker_cooldown_ms: u64,
-    #[serde(default)]
-    pub continuation: Continuation,
-}
-
-impl UpstreamConfig {
-    pub fn new(name: &str, base_url: &str, models: &[&str]) -> Self {
-        Self {
-            name: name.into(),
-            base_url: base_url.into(),
-            api_key_env: None,
-            models: models.iter().map(|m| (*m).to_owned()).collect(),
-            default_model: None,
-            price_input_per_mtok: 0.0,
-            price_output_per_mtok: 0.0,
-            context_length: None,
-            connect_timeout_ms: d_connect(),
-            ttft_timeout_ms: d_ttft(),
-            idle_timeout_ms: d_idle(),
-            request_timeout_ms: d_request(),
-            max_retries: d_retries(),
-            breaker_failures: d_breaker_failures(),
-            breaker_cooldown_ms: d_breaker_cooldown(),
-            continuation: Continuation::None,
-        }
-    }
-
-    /// USD for a request of this size.
-    pub fn cost(&self, prompt_tokens: u32, completion_tokens: u32) -> f64 {
-        (f64::from(prompt_tokens) * self.price_input_per_mtok
-            + f64::from(completion_tokens) * self.price_output_per_mtok)
-            / 1e6
-    }
-}
 
 /// An API key: usable, but never shown.
 #[derive(Clone)]
@@ -150,40 +45,14 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// What one request to an upstream sent and received, for the ledger.
-#[derive(Debug, Default)]
-pub struct Exchange {
-    pub upstream: String,
-    pub model: String,
-    /// sha256 of the body as sent.
-    pub payload_sha256: String,
-    pub bytes_out: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub attempts: AtomicU32,
-}
-
-impl Exchange {
-    /// Adds another exchange of the same session (one round's call).
-    pub fn absorb(&mut self, other: Exchange) {
-        if self.payload_sha256.is_empty() {
-            self.payload_sha256 = other.payload_sha256;
-        }
-        for (mine, theirs) in [
-            (&self.bytes_out, other.bytes_out),
-            (&self.bytes_in, other.bytes_in),
-        ] {
-            mine.fetch_add(theirs.into_inner(), Ordering::Relaxed);
-        }
-        self.attempts
-            .fetch_add(other.attempts.into_inner(), Ordering::Relaxed);
-    }
-}
-
 /// Moving averages of an upstream's speed, from answers that completed.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LatencyStats {
+    /// Time to first token, ms.
     pub ttft_ms: Option<f64>,
+    /// Decoding speed after the first token.
     pub tokens_per_s: Option<f64>,
+    /// Answers observed.
     pub samples: u64,
 }
 
@@ -321,14 +190,17 @@ impl CloudBackend {
         })
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &UpstreamConfig {
         &self.inner.cfg
     }
 
+    /// Its circuit breaker.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.inner.breaker
     }
 
+    /// Its measured speed.
     pub fn latency(&self) -> LatencyStats {
         *self.inner.latency.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -411,14 +283,7 @@ impl CloudBackend {
         let (endpoint, body) = match self.body(&req, &model) {
             Ok(b) => b,
             Err(e) => {
-                return (
-                    Err(e),
-                    Arc::new(Exchange {
-                        upstream: cfg.name.clone(),
-                        model,
-                        ..Exchange::default()
-                    }),
-                );
+                return (Err(e), Arc::new(Exchange::new(&cfg.name, &model)));
             }
         };
         let exchange = Arc::new(Exchange {
@@ -689,33 +554,5 @@ where
                 return;
             }
         }
-    }
-}
-
-impl Backend for CloudBackend {
-    fn name(&self) -> &str {
-        &self.inner.cfg.name
-    }
-
-    fn locality(&self) -> Locality {
-        Locality::Cloud
-    }
-
-    fn models(&self) -> Vec<ModelInfo> {
-        self.inner
-            .cfg
-            .models
-            .iter()
-            .map(|m| ModelInfo {
-                id: m.clone(),
-                context_length: self.inner.cfg.context_length,
-                owned_by: self.inner.cfg.name.clone(),
-            })
-            .collect()
-    }
-
-    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>> {
-        let this = self.clone();
-        Box::pin(async move { this.start(req).await.0 })
     }
 }

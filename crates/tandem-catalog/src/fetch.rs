@@ -12,9 +12,10 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::spec::{FileSpec, Source, WheelPart};
+use crate::entry::{FileSpec, Source, WheelPart};
 use crate::{Catalog, CatalogError, Entry, io_err};
 
+/// How pulls behave.
 #[derive(Debug, Clone)]
 pub struct PullOptions {
     /// Draw a progress bar on stderr (only when it is a terminal; otherwise
@@ -47,6 +48,7 @@ impl Default for PullOptions {
 }
 
 impl PullOptions {
+    /// No progress bars.
     pub fn quiet() -> Self {
         Self {
             progress: false,

@@ -8,38 +8,57 @@
 //!
 //! Not here: loading or running models (that is `tandem-engine`).
 
+#![warn(missing_docs)]
+
+mod entry;
 mod fetch;
-mod spec;
+pub mod python;
 
 use std::path::{Path, PathBuf};
 
+pub use entry::{Entry, FileSpec, Kind, Source, WheelPart};
 pub use fetch::PullOptions;
-pub use spec::{Entry, FileSpec, Kind, Source, WheelPart};
 
 /// The model `tandem serve` uses when none is named.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 const BUILTIN: &str = include_str!("../catalog.toml");
 
+/// Why a model could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
+    /// No such model in the catalog.
     #[error("unknown model `{0}`: `tandem models` lists the catalog")]
     Unknown(String),
+    /// A catalog file does not parse.
     #[error("catalog {path}: {reason}")]
-    Parse { path: String, reason: String },
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     #[error(
         "sha256 mismatch for {file}: expected {expected}, got {actual}; the download was discarded"
     )]
+    /// A download produced other bytes than pinned.
     HashMismatch {
+        /// The file.
         file: String,
+        /// The pinned sha256.
         expected: String,
+        /// What arrived.
         actual: String,
     },
+    /// A download failed.
     #[error("{0}")]
     Fetch(String),
+    /// A file could not be read or written.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
@@ -57,6 +76,52 @@ pub struct Catalog {
     entries: Vec<Entry>,
 }
 
+/// A model ready to load: the name clients will use, its main file, and
+/// the catalog's settings for it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The name clients use in `model`.
+    pub id: String,
+    /// The main file (a GGUF; for an embedding model, a file in its folder).
+    pub path: PathBuf,
+    /// The catalog's sampling pin.
+    pub sampling: tandem_api::SamplingPreset,
+    /// The catalog's default system message.
+    pub system: Option<String>,
+}
+
+/// A catalog name (pulled if missing) or a path to a model file.
+pub async fn resolve(model: &str) -> Result<Resolved, CatalogError> {
+    let as_path = Path::new(model);
+    if as_path.is_file() {
+        let id = as_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_lowercase())
+            .unwrap_or_else(|| model.to_owned());
+        return Ok(Resolved {
+            id,
+            path: as_path.to_path_buf(),
+            sampling: Default::default(),
+            system: None,
+        });
+    }
+    let catalog = Catalog::load(None)?;
+    let path = catalog.pull(model, &PullOptions::default()).await?;
+    let entry = catalog.get(model)?;
+    Ok(Resolved {
+        id: model.to_owned(),
+        path,
+        sampling: entry.sampling.unwrap_or_default(),
+        system: entry.system.clone(),
+    })
+}
+
+/// Where `tandem router train` writes the learned router and `tandem serve`
+/// looks for it.
+pub fn router_path() -> PathBuf {
+    default_home().join("router.json")
+}
+
 /// `$TANDEM_HOME`, or `tandem` under the user's cache folder.
 pub fn default_home() -> PathBuf {
     if let Some(h) = std::env::var_os("TANDEM_HOME").filter(|h| !h.is_empty()) {
@@ -71,12 +136,12 @@ impl Catalog {
     /// Reads the catalog for `home` (default: [`default_home`]).
     pub fn load(home: Option<PathBuf>) -> Result<Catalog, CatalogError> {
         let home = home.unwrap_or_else(default_home);
-        let mut entries = spec::parse(BUILTIN, "built-in catalog")?;
+        let mut entries = entry::parse(BUILTIN, "built-in catalog")?;
         let user = home.join("catalog.toml");
         if user.is_file() {
             let text = std::fs::read_to_string(&user)
                 .map_err(io_err(format!("reading {}", user.display())))?;
-            for e in spec::parse(&text, &user.display().to_string())? {
+            for e in entry::parse(&text, &user.display().to_string())? {
                 // A user entry with a built-in name replaces it.
                 entries.retain(|b| b.name != e.name);
                 entries.push(e);
@@ -85,14 +150,17 @@ impl Catalog {
         Ok(Catalog { home, entries })
     }
 
+    /// The cache folder.
     pub fn home(&self) -> &Path {
         &self.home
     }
 
+    /// Every model, built-in and the user's.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
 
+    /// The model named `name`.
     pub fn get(&self, name: &str) -> Result<&Entry, CatalogError> {
         self.entries
             .iter()
@@ -111,6 +179,7 @@ impl Catalog {
         self.model_dir(entry).join(&entry.files[0].name)
     }
 
+    /// Whether every file of `entry` is present.
     pub fn is_installed(&self, entry: &Entry) -> bool {
         let dir = self.model_dir(entry);
         entry.files.iter().all(|f| dir.join(&f.name).is_file())
@@ -141,13 +210,13 @@ impl Catalog {
         let mut user = if path.is_file() {
             let text = std::fs::read_to_string(&path)
                 .map_err(io_err(format!("reading {}", path.display())))?;
-            spec::parse(&text, &path.display().to_string())?
+            entry::parse(&text, &path.display().to_string())?
         } else {
             Vec::new()
         };
         user.retain(|e| e.name != entry.name);
         user.push(entry.clone());
-        let text = spec::render(&user)?;
+        let text = entry::render(&user)?;
         let tmp = path.with_extension("toml.partial");
         std::fs::write(&tmp, text).map_err(io_err(format!("writing {}", tmp.display())))?;
         std::fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))?;

@@ -9,8 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 use tandem_backends::UpstreamConfig;
-use tandem_router::PolicyConfig;
-use tandem_router::PrivacyConfig;
+use tandem_policy::{PolicyConfig, PrivacyConfig};
 use tandem_router::access::KeyConfig;
 
 fn d_host() -> IpAddr {
@@ -267,7 +266,7 @@ privacy = "redact"
         let c = loaded.unwrap();
         assert_eq!(c.server.port, Some(9000));
         assert_eq!(c.upstreams[0].models, vec!["gpt-4o-mini"]);
-        assert_eq!(c.router.privacy, tandem_router::PrivacyMode::Strict);
+        assert_eq!(c.router.privacy, tandem_policy::PrivacyMode::Strict);
         assert_eq!(c.router.daily_budget_usd, Some(7.5));
         assert_eq!(c.router.rules.len(), 5);
         assert_eq!(c.keys[0].name, "app");

@@ -3,12 +3,11 @@
 //! as its cloud, then sends requests that land on each side and prints
 //! where each went and why.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
+use tandem_bench::process::{spawn, wait_healthy};
 use tandem_catalog::{Catalog, DEFAULT_MODEL, PullOptions};
 
 use crate::serve::CLOUD_MODEL;
@@ -22,62 +21,6 @@ pub struct DemoArgs {
     /// Stop both servers after the tour instead of leaving them running.
     #[arg(long)]
     pub exit: bool,
-}
-
-/// Kills the child process when dropped.
-pub(crate) struct Server(pub(crate) Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub(crate) async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let client = reqwest::Client::new();
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            bail!("the server at {url} exited ({status}); run it alone to see why");
-        }
-        if client
-            .get(format!("{url}/healthz"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    bail!("{url} did not come up in time")
-}
-
-pub(crate) fn spawn(args: &[&str]) -> anyhow::Result<Server> {
-    spawn_on(None, args)
-}
-
-/// Starts this binary with `args`, pinned to one CPU core when asked
-/// (through `taskset`, so the pin holds for all of its threads).
-pub(crate) fn spawn_on(core: Option<usize>, args: &[&str]) -> anyhow::Result<Server> {
-    let exe = std::env::current_exe().context("finding the tandem binary")?;
-    let mut cmd = match core {
-        Some(c) => {
-            let mut cmd = Command::new("taskset");
-            cmd.arg("-c").arg(c.to_string()).arg(exe);
-            cmd
-        }
-        None => Command::new(exe),
-    };
-    let child = cmd
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting a server")?;
-    Ok(Server(child))
 }
 
 struct Step {

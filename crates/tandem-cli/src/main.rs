@@ -1,10 +1,5 @@
 //! `tandem`: a thin binary wiring Tandem's libraries together.
 
-mod bench;
-mod bench_cascade;
-mod bench_gateway;
-mod bench_router;
-mod bench_spec;
 mod chat;
 mod config;
 mod demo;
@@ -41,8 +36,8 @@ enum Command {
     Pull(models::PullArgs),
     /// List the catalog and what is installed.
     Models(models::ModelsArgs),
-    /// Measure the engine against a plain llama.cpp loop.
-    Bench(bench::BenchArgs),
+    /// Benchmarks against the peers in the same run.
+    Bench(tandem_bench::BenchArgs),
     /// Explain routing decisions of a running Tandem.
     #[command(subcommand)]
     Route(ops::RouteCommand),
@@ -67,7 +62,7 @@ enum Command {
 }
 
 /// Engine settings shared by every command that loads a model.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Copy, Default)]
 pub struct EngineArgs {
     /// Inference threads: `auto` (default) follows the machine's load.
     #[arg(long, env = "TANDEM_THREADS")]
@@ -81,6 +76,18 @@ pub struct EngineArgs {
     /// Layers to offload to a GPU (needs a build with a GPU feature).
     #[arg(long)]
     pub gpu_layers: Option<u32>,
+}
+
+impl EngineArgs {
+    /// As the engine takes them.
+    pub fn options(&self) -> tandem_engine::EngineOptions {
+        tandem_engine::EngineOptions {
+            threads: self.threads,
+            context: self.context,
+            parallel: self.parallel,
+            gpu_layers: self.gpu_layers,
+        }
+    }
 }
 
 fn init_tracing() {
@@ -120,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(a) => rt.block_on(chat::run(a)),
         Command::Pull(a) => rt.block_on(models::pull(a)),
         Command::Models(a) => models::list(a),
-        Command::Bench(a) => rt.block_on(bench::run(a)),
+        Command::Bench(a) => rt.block_on(tandem_bench::run(a)),
         Command::Route(c) => rt.block_on(ops::route(c)),
         Command::Signals(c) => rt.block_on(ops::signals(c)),
         Command::Ledger(c) => ops::ledger(c),

@@ -1,8 +1,6 @@
 //! `tandem pull`, `tandem models`, and finding a model's file for the other
 //! commands.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, bail};
 use clap::Args;
 use tandem_catalog::{Catalog, PullOptions, parse_reference};
@@ -29,53 +27,14 @@ pub struct ModelsArgs {
     pub json: bool,
 }
 
-/// A model ready to load: the name clients will use and its GGUF file.
-pub struct Resolved {
-    pub id: String,
-    pub path: PathBuf,
-    /// The catalog's sampling pin for it, if any.
-    pub sampling: tandem_api::SamplingPreset,
-    /// The catalog's default system message for it, if any.
-    pub system: Option<String>,
-}
-
-/// A catalog name (pulled if missing) or a path to a GGUF file.
-pub async fn resolve(model: &str) -> anyhow::Result<Resolved> {
-    let as_path = Path::new(model);
-    if as_path.is_file() {
-        let id = as_path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_lowercase())
-            .unwrap_or_else(|| model.to_owned());
-        return Ok(Resolved {
-            id,
-            path: as_path.to_path_buf(),
-            sampling: Default::default(),
-            system: None,
-        });
-    }
-    let catalog = Catalog::load(None)?;
-    let path = catalog.pull(model, &PullOptions::default()).await?;
-    let entry = catalog.get(model).ok();
-    Ok(Resolved {
-        id: model.to_owned(),
-        path,
-        sampling: entry.and_then(|e| e.sampling).unwrap_or_default(),
-        system: entry.and_then(|e| e.system.clone()),
-    })
-}
-
+/// A catalog model (pulled if missing) or a GGUF path, loaded with the
+/// catalog's settings and the user's.
 pub async fn load_engine(model: &str, args: &EngineArgs) -> anyhow::Result<LocalEngine> {
-    let r = resolve(model).await?;
-    let mut cfg = EngineConfig::new(r.id, r.path);
-    cfg.sampling = r.sampling;
-    cfg.default_system = r.system;
-    cfg.threads = args.threads.unwrap_or(tandem_engine::Threads::Auto);
-    cfg.context = args.context;
-    cfg.parallel = args.parallel.unwrap_or(cfg.parallel);
-    cfg.gpu_layers = args.gpu_layers.unwrap_or(0);
-    let engine = tokio::task::spawn_blocking(move || LocalEngine::load(cfg)).await??;
-    Ok(engine)
+    let r = tandem_catalog::resolve(model).await?;
+    let cfg = EngineConfig::new(r.id, r.path)
+        .with_preset(r.sampling, r.system)
+        .with_options(&args.options());
+    Ok(tokio::task::spawn_blocking(move || LocalEngine::load(cfg)).await??)
 }
 
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {

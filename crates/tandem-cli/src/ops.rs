@@ -385,7 +385,7 @@ pub struct NewKey {
 pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     let KeysCommand::New(k) = cmd;
     if let Some(p) = &k.privacy {
-        p.parse::<tandem_router::PrivacyMode>()
+        p.parse::<tandem_policy::PrivacyMode>()
             .map_err(anyhow::Error::msg)?;
     }
     let (raw, hash) = tandem_router::access::new_key();

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
-use tandem_catalog::{Catalog, PullOptions};
 use tandem_embed::Embedder;
-use tandem_router::learned::{self, Calibration, Example, ModelKind, RouterModel, TrainConfig};
+use tandem_policy::learned::{ModelKind, RouterModel, TrainConfig, text_features};
+use tandem_train::{self as learned, Calibration, Example};
 
 pub const EMBEDDER: &str = "all-minilm-l6-v2";
 
@@ -73,15 +73,10 @@ struct Row {
     strong_correct: bool,
 }
 
-pub fn default_router_path() -> PathBuf {
-    tandem_catalog::default_home().join("router.json")
-}
-
 /// Loads an embedding model from the catalog, pulling it if needed.
 pub async fn load_embedder(name: &str) -> anyhow::Result<Embedder> {
-    let catalog = Catalog::load(None)?;
-    let main = catalog.pull(name, &PullOptions::default()).await?;
-    let dir = main.parent().context("model folder")?.to_path_buf();
+    let r = tandem_catalog::resolve(name).await?;
+    let dir = r.path.parent().context("model folder")?.to_path_buf();
     Ok(tokio::task::spawn_blocking(move || Embedder::load(&dir)).await??)
 }
 
@@ -164,7 +159,7 @@ fn examples(embedder: &Embedder, path: &Path) -> anyhow::Result<Vec<Example>> {
         .into_iter()
         .zip(vectors)
         .map(|(r, embedding)| Example {
-            features: learned::text_features(&r.prompt),
+            features: text_features(&r.prompt),
             topic: r.subject.clone().unwrap_or_else(|| r.source.clone()),
             id: r.id,
             source: r.source,
@@ -264,7 +259,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 "threshold {:.3} (calibrated for {} on the training prompts)",
                 model.threshold, model.calibrated_for
             );
-            let out = a.out.unwrap_or_else(default_router_path);
+            let out = a.out.unwrap_or_else(tandem_catalog::router_path);
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -272,7 +267,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             println!("router written to {}", out.display());
         }
         RouterCommand::Eval(a) => {
-            let path = a.router.unwrap_or_else(default_router_path);
+            let path = a.router.unwrap_or_else(tandem_catalog::router_path);
             let bytes = std::fs::read(&path).with_context(|| {
                 format!(
                     "reading {} (train a router first: tandem router train --data FILE)",

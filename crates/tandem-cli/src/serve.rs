@@ -124,7 +124,7 @@ fn merge(args: &ServeArgs, cfg: &mut Config) -> anyhow::Result<()> {
 }
 
 fn engine_args(args: &ServeArgs, cfg: &Config) -> anyhow::Result<EngineArgs> {
-    let mut e = args.engine.clone();
+    let mut e = args.engine;
     e.context = e.context.or(cfg.local.ctx);
     e.parallel = e.parallel.or(cfg.local.parallel);
     e.gpu_layers = e.gpu_layers.or(cfg.local.gpu_layers);
@@ -140,7 +140,18 @@ pub async fn build_dispatcher(
     cfg: &Config,
     engine: &EngineArgs,
 ) -> anyhow::Result<Arc<Dispatcher>> {
+    // The device's CPU load is what the engine measures (other processes'
+    // share of the cores); the rest the router reads from the OS.
+    let reader: tandem_router::signals::DeviceReader = Arc::new(|| {
+        let load = tandem_engine::load::LoadMonitor::global();
+        tandem_router::signals::DeviceState {
+            cpu_load: Some(load.other_load()),
+            cores: Some(load.cores()),
+            ..tandem_router::signals::read_device()
+        }
+    });
     let mut b = Dispatcher::builder()
+        .signals(tandem_router::signals::SignalHub::with_reader(reader))
         .policy(cfg.router.clone())
         .speculative(cfg.speculative.clone())
         .privacy(cfg.privacy.clone())
@@ -158,11 +169,11 @@ pub async fn build_dispatcher(
     if cfg.embeddings.enabled {
         let embedder = Arc::new(crate::router_cmd::load_embedder(&cfg.embeddings.model).await?);
         let router = cfg.embeddings.router.clone().or_else(|| {
-            let p = crate::router_cmd::default_router_path();
+            let p = tandem_catalog::router_path();
             p.is_file().then_some(p)
         });
         if let Some(path) = router {
-            let s = tandem_router::learned::LearnedScorer::load(&path, embedder.dim())
+            let s = tandem_policy::learned::LearnedScorer::load(&path, embedder.dim())
                 .map_err(anyhow::Error::msg)?;
             tracing::info!(
                 "learned router: {} (threshold {:.2}, {})",
@@ -250,11 +261,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 fn print_banner(addr: &SocketAddr, d: &Dispatcher, role: Role) {
     let base = format!("http://{addr}/v1");
-    let locals: Vec<&str> = d.locals().iter().map(|l| l.model_id()).collect();
+    let locals: Vec<String> = d.locals().iter().map(|l| l.model_for("")).collect();
     let clouds: Vec<String> = d
         .clouds()
         .iter()
-        .map(|c| format!("{} ({})", c.config().name, c.config().models.join(", ")))
+        .map(|c| {
+            let models: Vec<String> = c.models().into_iter().map(|m| m.id).collect();
+            format!("{} ({})", c.name(), models.join(", "))
+        })
         .collect();
     println!(
         "Tandem ({}) is serving {} at {base}",
@@ -277,7 +291,7 @@ fn print_banner(addr: &SocketAddr, d: &Dispatcher, role: Role) {
         );
     }
     let model = if clouds.is_empty() {
-        locals.first().copied().unwrap_or(DEFAULT_MODEL)
+        locals.first().map_or(DEFAULT_MODEL, String::as_str)
     } else {
         d.policy().virtual_model.as_str()
     };

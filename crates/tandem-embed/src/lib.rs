@@ -9,6 +9,8 @@
 //!
 //! Not here: what embeddings are used for (routing, caching: the router).
 
+#![warn(missing_docs)]
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -16,10 +18,13 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::Tokenizer;
 
+/// Why embedding failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
+    /// The model could not be loaded.
     #[error("embedding model: {0}")]
     Load(String),
+    /// A forward pass failed.
     #[error("embedding failed: {0}")]
     Run(String),
 }
@@ -28,6 +33,7 @@ fn run_err(e: impl std::fmt::Display) -> EmbedError {
     EmbedError::Run(e.to_string())
 }
 
+/// A loaded sentence embedder.
 pub struct Embedder {
     model: BertModel,
     tokenizer: Tokenizer,
@@ -94,6 +100,7 @@ impl Embedder {
         })
     }
 
+    /// Dimensions of its vectors.
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -106,6 +113,7 @@ impl Embedder {
             .unwrap_or(0)
     }
 
+    /// One text's vector.
     pub fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         self.embed(&[text])?
             .pop()

@@ -10,29 +10,30 @@
 //!
 //! Not here: deciding *whether* a request should run locally (that is the
 //! router's job) or anything about HTTP.
+//!
+//! This file holds the engine's configuration and its request path
+//! (render, tokenize, check, submit) together: they change together.
 
-pub mod bench;
+#![warn(missing_docs)]
+
+mod backend;
 pub mod load;
-mod runtime;
+pub mod runtime;
 pub mod sampling;
 mod scheduler;
 mod session;
-pub mod speculative;
 pub mod template;
-pub mod text;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use futures::future::BoxFuture;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use serde::Serialize;
-use serde_json::{Map, Value};
 use tandem_api::{
-    ApiError, Backend, EventStream, GenerateRequest, Input, Load, Locality, ModelInfo, Sampling,
+    ApiError, Capabilities, EventStream, Feature, GenerateRequest, Input, Prepared, Sampling,
     SamplingPreset,
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -41,8 +42,7 @@ use crate::scheduler::{Command, Job, SchedulerConfig};
 use crate::session::{SessionCmd, SessionConfig};
 use crate::template::ChatTemplate;
 
-pub use runtime::backend as llama_backend;
-pub use session::{Rows, Session};
+pub use session::Session;
 
 /// How many threads llama.cpp may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,7 @@ pub enum Threads {
     /// The cores other processes leave free, re-read whenever the engine
     /// goes from idle to busy.
     Auto,
+    /// Exactly this many.
     Fixed(usize),
 }
 
@@ -68,10 +69,12 @@ impl std::str::FromStr for Threads {
     }
 }
 
+/// Everything one engine needs to load.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// The name clients use in `model`.
     pub model_id: String,
+    /// The GGUF file.
     pub path: PathBuf,
     /// Tokens per request (prompt and answer); default: the model's training
     /// context, at most 4096.
@@ -80,6 +83,7 @@ pub struct EngineConfig {
     pub parallel: u32,
     /// Most prompt tokens read per step.
     pub batch: u32,
+    /// Inference threads.
     pub threads: Threads,
     /// Layers offloaded to a GPU (needs a GPU feature at build time).
     pub gpu_layers: u32,
@@ -96,6 +100,7 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// Defaults for the model at `path`, served as `model_id`.
     pub fn new(model_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
         Self {
             model_id: model_id.into(),
@@ -113,14 +118,59 @@ impl EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// Sampling and system message for what requests leave out.
+    pub fn with_preset(mut self, sampling: SamplingPreset, system: Option<String>) -> Self {
+        self.sampling = sampling;
+        self.default_system = system;
+        self
+    }
+
+    /// What a user set on the command line or in the configuration.
+    pub fn with_options(mut self, o: &EngineOptions) -> Self {
+        if let Some(t) = o.threads {
+            self.threads = t;
+        }
+        self.context = o.context.or(self.context);
+        self.parallel = o.parallel.unwrap_or(self.parallel);
+        self.gpu_layers = o.gpu_layers.unwrap_or(self.gpu_layers);
+        self
+    }
+}
+
+/// The engine settings users give (`--threads`, `--ctx`, `--parallel`,
+/// `--gpu-layers`, or `[local]` in the configuration); unset ones keep
+/// [`EngineConfig`]'s defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineOptions {
+    /// Inference threads.
+    pub threads: Option<Threads>,
+    /// Tokens per request.
+    pub context: Option<u32>,
+    /// Requests decoded together.
+    pub parallel: Option<u32>,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: Option<u32>,
+}
+
+/// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The file is not there.
     #[error("model file {0} not found")]
     NotFound(PathBuf),
+    /// llama.cpp could not load it.
     #[error("cannot load model {path}: {reason}")]
-    Load { path: PathBuf, reason: String },
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// llama.cpp's words.
+        reason: String,
+    },
+    /// No inference context could be made.
     #[error("{0}")]
     Context(String),
+    /// The configuration is impossible.
     #[error("invalid engine configuration: {0}")]
     Config(String),
 }
@@ -128,22 +178,36 @@ pub enum EngineError {
 /// Live counters, read by health checks, metrics and the router.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Requests being decoded.
     pub active: AtomicUsize,
+    /// Requests waiting for a slot.
     pub queued: AtomicUsize,
+    /// Inference threads in use.
     pub threads: AtomicUsize,
+    /// Prompt tokens read, ever.
     pub prompt_tokens: AtomicU64,
+    /// Tokens generated, ever.
     pub generated_tokens: AtomicU64,
+    /// Requests finished, ever.
     pub completed: AtomicU64,
 }
 
+/// [`Stats`] read at one moment.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct StatsSnapshot {
+    /// Requests being decoded.
     pub active: usize,
+    /// Requests waiting.
     pub queued: usize,
+    /// Requests decoded together at most.
     pub parallel: usize,
+    /// Inference threads.
     pub threads: usize,
+    /// Prompt tokens read.
     pub prompt_tokens: u64,
+    /// Tokens generated.
     pub generated_tokens: u64,
+    /// Requests finished.
     pub completed: u64,
 }
 
@@ -297,6 +361,7 @@ impl LocalEngine {
         })
     }
 
+    /// The name clients use for it.
     pub fn model_id(&self) -> &str {
         &self.inner.id
     }
@@ -318,10 +383,12 @@ impl LocalEngine {
         s.with_defaults(&self.inner.sampling)
     }
 
+    /// Whether its GGUF carries a chat template.
     pub fn has_chat_template(&self) -> bool {
         !matches!(self.inner.templater, Templater::None)
     }
 
+    /// Its counters now.
     pub fn stats(&self) -> StatsSnapshot {
         let s = &self.inner.stats;
         StatsSnapshot {
@@ -355,12 +422,6 @@ impl LocalEngine {
     /// Starts a generation; events arrive on the returned stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
         self.inner.submit(req)
-    }
-
-    /// Renders, tokenizes and checks a request as [`submit`](Self::submit)
-    /// would, without running it.
-    pub fn prepare(&self, req: &GenerateRequest) -> Result<Prepared, ApiError> {
-        self.inner.prepare(req)
     }
 
     /// Opens a session: a sequence whose KV cache lives until the session
@@ -419,24 +480,6 @@ impl LocalEngine {
             format!("{:x}", h.finalize())
         })
     }
-
-    pub fn n_vocab(&self) -> i32 {
-        self.inner.model.n_vocab()
-    }
-
-    /// Whether the token ends a turn (end of sequence, end of turn).
-    pub fn is_eog(&self, token: i32) -> bool {
-        self.inner.model.vocab().is_eog(LlamaToken(token))
-    }
-
-    /// The bytes a token stands for in the answer.
-    pub fn token_bytes(&self, token: i32, out: &mut Vec<u8>) {
-        out.clear();
-        self.inner
-            .model
-            .vocab()
-            .token_to_piece_into(LlamaToken(token), out, false, None);
-    }
 }
 
 /// The sampling a model's authors recommend, from the `general.sampling.*`
@@ -460,38 +503,15 @@ fn gguf_sampling(model: &LlamaModel) -> SamplingPreset {
     }
 }
 
-/// A request ready to run: its tokens and limits.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    pub tokens: Vec<i32>,
-    /// New tokens allowed (the request's `max_tokens` within the context).
-    pub max_new: u32,
-}
-
-/// Request fields a local model cannot honour; refusing them beats
-/// answering something other than what was asked.
-fn check_features(extra: &Map<String, Value>) -> Result<(), ApiError> {
-    let present = |k: &str| extra.get(k).is_some_and(|v| !v.is_null());
-    if extra
-        .get("tools")
-        .is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
-        || present("functions")
-    {
-        return Err(ApiError::invalid_param(
-            "tools",
-            "tool calling is not supported by the local engine",
-        ));
-    }
-    if let Some(fmt) = extra.get("response_format").filter(|v| !v.is_null()) {
-        let kind = fmt.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind != "text" {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                format!("response_format `{kind}` is not supported by the local engine"),
-            ));
-        }
-    }
-    Ok(())
+/// What a local model supports: chat when it has a template; a partial
+/// answer can always be continued.
+fn capabilities(templater: &Templater) -> Capabilities {
+    let chat = !matches!(templater, Templater::None);
+    Capabilities::of(
+        [Feature::Continuation]
+            .into_iter()
+            .chain(chat.then_some(Feature::Chat)),
+    )
 }
 
 impl Inner {
@@ -552,7 +572,22 @@ impl Inner {
         if req.model != self.id {
             return Err(ApiError::model_not_found(&req.model));
         }
-        check_features(&req.extra)?;
+        // A chat request to a base model gets render's own, better error.
+        let needs = Feature::needed_by(req);
+        if let Some(f) = capabilities(&self.templater)
+            .missing(&needs)
+            .into_iter()
+            .find(|&f| f != Feature::Chat)
+        {
+            return Err(ApiError::invalid_param(
+                f.param(),
+                format!(
+                    "{} is not supported by the local model `{}`",
+                    f.describe(),
+                    self.id
+                ),
+            ));
+        }
         let text = self.render(&req.input)?;
         // Templates that write the BOS token themselves must not get a second one.
         let add_bos = self.add_bos
@@ -615,37 +650,5 @@ impl Inner {
             return Err(ApiError::internal("the inference thread has stopped"));
         }
         Ok(Box::pin(UnboundedReceiverStream::new(rx)))
-    }
-}
-
-impl Backend for LocalEngine {
-    fn name(&self) -> &str {
-        "local"
-    }
-
-    fn locality(&self) -> Locality {
-        Locality::Device
-    }
-
-    fn models(&self) -> Vec<ModelInfo> {
-        vec![ModelInfo {
-            id: self.inner.id.clone(),
-            context_length: Some(self.inner.ctx_per_seq),
-            owned_by: "tandem-local".into(),
-        }]
-    }
-
-    fn load(&self) -> Load {
-        let s = self.stats();
-        Load {
-            active: s.active,
-            queued: s.queued,
-            capacity: Some(s.parallel),
-        }
-    }
-
-    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>> {
-        let result = self.submit(req);
-        Box::pin(async move { result })
     }
 }

@@ -37,6 +37,7 @@ impl LoadMonitor {
             .clone()
     }
 
+    /// Cores of this machine.
     pub fn cores(&self) -> usize {
         self.cores
     }

@@ -24,6 +24,7 @@ pub fn backend() -> Result<&'static LlamaBackend, String> {
         .map_err(Clone::clone)
 }
 
+/// A new llama.cpp context, created under the process-wide lock.
 pub fn new_context(
     model: &LlamaModel,
     params: LlamaContextParams,

@@ -17,6 +17,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use tandem_api::text::TextAssembler;
 use tandem_api::{
     ApiError, Delta, Event, Finish, FinishReason, Sampling, TokenLogprob, TopLogprob, Usage,
 };
@@ -25,7 +26,6 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::load::LoadMonitor;
 use crate::runtime;
 use crate::sampling::{logprobs, sampler_chain};
-use crate::text::TextAssembler;
 use crate::{Stats, Threads};
 
 /// A request ready for the engine: tokenized and checked against the context.

@@ -22,8 +22,7 @@ use tokio::sync::oneshot;
 use crate::load::LoadMonitor;
 use crate::{Threads, runtime};
 
-/// Logits of the requested positions, one full vocabulary row each.
-pub type Rows = Vec<Vec<f32>>;
+use tandem_api::Rows;
 
 pub(crate) enum SessionCmd {
     Open(oneshot::Sender<Result<u32, ApiError>>),
@@ -215,27 +214,30 @@ impl std::fmt::Debug for Session {
     }
 }
 
-impl Session {
-    /// Keeps the first `keep` tokens of the sequence, appends `tokens`, and
-    /// returns the logits after each of the last `rows` of them.
-    pub async fn eval(&self, keep: u32, tokens: Vec<i32>, rows: usize) -> Result<Rows, ApiError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(SessionCmd::Eval {
-                seq: self.seq,
-                keep,
-                tokens,
-                rows,
-                reply,
-            })
-            .map_err(|_| ApiError::internal("the session thread has stopped"))?;
-        rx.await
-            .map_err(|_| ApiError::internal("the session thread has stopped"))?
+impl tandem_api::KvSession for Session {
+    fn context_length(&self) -> u32 {
+        self.context
     }
 
-    /// Tokens the sequence may hold.
-    pub fn context_length(&self) -> u32 {
-        self.context
+    fn eval(
+        &self,
+        keep: u32,
+        tokens: Vec<i32>,
+        rows: usize,
+    ) -> futures::future::BoxFuture<'static, Result<Rows, ApiError>> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(SessionCmd::Eval {
+            seq: self.seq,
+            keep,
+            tokens,
+            rows,
+            reply,
+        });
+        Box::pin(async move {
+            sent.map_err(|_| ApiError::internal("the session thread has stopped"))?;
+            rx.await
+                .map_err(|_| ApiError::internal("the session thread has stopped"))?
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 use tandem_api::{ApiError, Message};
 
+/// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,

@@ -11,6 +11,8 @@
 //!
 //! Not here: deciding what to record (that is the router's dispatcher).
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -30,48 +32,69 @@ const GATHER: Duration = Duration::from_millis(5);
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Why the ledger could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
+    /// A file operation failed.
     #[error("ledger {path}: {source}")]
     Io {
+        /// The ledger file.
         path: String,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
+    /// An entry does not belong where it is.
     #[error("ledger line {line}: {reason}")]
-    Broken { line: usize, reason: String },
+    Broken {
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// What a caller records about one request that left the device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Egress {
+    /// The request it served.
     pub request_id: String,
     /// The gateway key the request came with, by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The upstream's configured name.
     pub upstream: String,
+    /// The model asked of it.
     pub model: String,
     /// sha256 of the request body as sent (after redaction).
     pub payload_sha256: String,
+    /// Bytes sent.
     pub bytes_out: u64,
+    /// Bytes received.
     pub bytes_in: u64,
     /// PII classes that were replaced by placeholders, with counts.
     #[serde(default)]
     pub redacted: BTreeMap<String, u32>,
+    /// Attempts made.
     pub attempts: u32,
     /// `ok`, `error: ...`, `handoff: ...`.
     pub outcome: String,
+    /// Prompt tokens billed.
     pub prompt_tokens: u32,
+    /// Completion tokens billed.
     pub completion_tokens: u32,
+    /// What it cost, USD.
     pub cost_usd: f64,
 }
 
 /// A line of the ledger: the record plus its place in the chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
+    /// Position in the chain, from 0.
     pub seq: u64,
     /// Unix time in milliseconds.
     pub time_ms: u64,
+    /// What left.
     #[serde(flatten)]
     pub egress: Egress,
     /// `hash` of the previous line (zeros for the first).
@@ -104,6 +127,7 @@ fn chain_hash(seq: u64, time_ms: u64, egress: &Egress, prev: &str) -> String {
     hex::encode(h.finalize())
 }
 
+/// Hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -189,6 +213,7 @@ impl Ledger {
         Ok(Ledger { tx, path })
     }
 
+    /// The ledger file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -317,6 +342,7 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, LedgerError> {
 /// The outcome of checking a ledger's chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// Entries checked.
     pub entries: usize,
     /// Hash of the last entry; keep it elsewhere to detect truncation later.
     pub head: String,

@@ -13,18 +13,23 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tandem_api::ApiError;
 
-use crate::policy::PrivacyMode;
+use tandem_policy::PrivacyMode;
 
+/// One gateway key, as configured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
+    /// Who it is for (ledger, metrics).
     pub name: String,
     /// `sha256:<hex>` of the key.
     pub hash: String,
+    /// Its privacy mode (headers may only tighten it).
     #[serde(default)]
     pub privacy: Option<PrivacyMode>,
+    /// Its daily cloud budget, USD.
     #[serde(default)]
     pub daily_budget_usd: Option<f64>,
+    /// Requests per minute.
     #[serde(default)]
     pub rate_limit_per_minute: Option<u32>,
     /// May change signal overrides.
@@ -43,6 +48,7 @@ pub fn new_key() -> (String, String) {
     (raw, hash)
 }
 
+/// `sha256:<hex>` of a key.
 pub fn hash_key(key: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
 }
@@ -56,6 +62,7 @@ struct Bucket {
 /// An authenticated caller.
 #[derive(Debug)]
 pub struct Caller {
+    /// The key's configuration.
     pub config: KeyConfig,
     bucket: Mutex<Bucket>,
 }
@@ -79,12 +86,14 @@ impl Caller {
     }
 }
 
+/// The configured keys.
 #[derive(Debug, Default)]
 pub struct Access {
     by_hash: HashMap<String, Arc<Caller>>,
 }
 
 impl Access {
+    /// Checks each key's hash.
     pub fn new(keys: &[KeyConfig]) -> Result<Access, String> {
         let mut by_hash = HashMap::new();
         for k in keys {
@@ -110,6 +119,7 @@ impl Access {
         Ok(Access { by_hash })
     }
 
+    /// No keys: anyone may call.
     pub fn is_open(&self) -> bool {
         self.by_hash.is_empty()
     }
@@ -181,6 +191,7 @@ impl SpendTracker {
         s
     }
 
+    /// Adds spending of `key` (if any).
     pub fn add(&self, key: Option<&str>, usd: f64) {
         if usd <= 0.0 {
             return;

@@ -32,11 +32,13 @@ fn d_max() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
+    /// Keep and serve answers.
     #[serde(default = "d_true")]
     pub enabled: bool,
     /// Cosine similarity of the last user message's embeddings needed for a hit.
     #[serde(default = "d_similarity")]
     pub similarity: f32,
+    /// Answers kept at most.
     #[serde(default = "d_max")]
     pub max_entries: usize,
     /// Keep local answers too (cloud answers are always kept).
@@ -127,12 +129,17 @@ impl CacheKey {
 /// A cached answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cached {
+    /// The answer.
     pub text: String,
+    /// How it ended.
     pub finish: FinishReason,
+    /// What it cost to make.
     pub usage: Usage,
     /// Where the answer was first produced (`cloud:name` or `local`).
     pub backend: String,
+    /// The model that made it.
     pub model: String,
+    /// How close the prompt was (1 when stored).
     pub similarity: f32,
 }
 
@@ -183,6 +190,7 @@ struct Inner {
     clock: u64,
 }
 
+/// Answers by meaning, in memory and on disk.
 pub struct SemanticCache {
     config: CacheConfig,
     path: Option<PathBuf>,
@@ -252,18 +260,22 @@ impl SemanticCache {
         })
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &CacheConfig {
         &self.config
     }
 
+    /// Its file, if persistent.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
 
+    /// Answers kept.
     pub fn len(&self) -> usize {
         self.lock().entries.len()
     }
 
+    /// Whether it keeps none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -1,35 +1,36 @@
-//! Tandem's router: decides, per request and in microseconds, whether the
-//! work runs on the device or in the cloud, explains the decision, and
-//! carries it out — with failover before the first token and hand-over of a
-//! half-streamed answer after it.
+//! Tandem's router: carries out, per request, where the work runs — on the
+//! device or in the cloud — and keeps the answer whole when a side fails.
 //!
-//! - [`pii`]: finding personal data and secrets; reversible placeholders.
-//! - [`signals`]: device, network and spending state, overridable.
-//! - [`policy`]: the decision itself, a pure function.
-//! - [`learned`]: the learned difficulty router (training and evaluation).
+//! It gathers the inputs the policy reads (the request's features, the
+//! signals of the device and network, spending), asks the policy
+//! (`tandem-policy`, pure functions), and carries the decision out on
+//! backends held through [`tandem_api::Backend`]: with failover before the
+//! first token, handoff of a half-streamed answer after it, redaction of
+//! what leaves and restoration of what comes back, the cascade, speculative
+//! decoding, the semantic cache, and the egress ledger.
+//!
+//! - [`Dispatcher`]: placing requests and supervising their answers.
+//! - [`signals`]: reading the device and probing upstreams, with overrides.
 //! - [`cache`]: the semantic answer cache.
 //! - [`access`]: gateway keys, rate limits, daily spending.
-//! - [`dispatch`]: executing decisions across backends; ledger and metrics.
-//! - [`speculative`]: drafting on the device for a cloud model to verify.
-//! - [`verifier`]: the cloud side of it, sessions on a local target model.
+//! - [`speculative`]: drafting on the device; verification sessions (cloud role).
 //! - [`metrics`]: the Prometheus registry of one gateway.
 //!
-//! Not here: HTTP (the server) or how tokens are produced (the backends).
+//! Not here: HTTP (the server), how tokens are produced (the backends),
+//! and what the decision is (the policy).
+
+#![warn(missing_docs)]
 
 pub mod access;
 pub mod cache;
-pub mod dispatch;
-pub mod learned;
+mod dispatcher;
+mod egress;
 pub mod metrics;
-pub mod pii;
-pub mod policy;
 pub mod signals;
 pub mod speculative;
-pub mod verifier;
 
-pub use dispatch::{
-    Dispatched, Dispatcher, DispatcherBuilder, Explanation, PrivacyConfig, RequestContext,
-    RouteInfo, Scorer,
+pub use dispatcher::{
+    CacheOutcome, Dispatched, Dispatcher, DispatcherBuilder, Explanation, Mode, RequestContext,
+    RouteInfo, Speculation, confidence,
 };
-pub use policy::{Decision, PolicyConfig, PrivacyMode, Rule, Side};
 pub use speculative::SpeculativeConfig;

@@ -11,43 +11,82 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+/// Labels of answered requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
+    /// `local`, `cloud:<name>` or `cache`.
     pub backend: String,
+    /// The rule that placed it, or `failover`, `handoff`...
     pub reason: String,
 }
 
+/// Labels of token counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
+    /// `local` or `cloud`.
     pub side: String,
+    /// `prompt` or `completion`.
     pub kind: String,
 }
 
+/// Labels of latency histograms.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
+    /// `local` or `cloud:<name>`.
     pub backend: String,
 }
 
+/// Labels of failovers and handoffs.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MoveLabels {
+    /// The side that failed.
     pub from: String,
+    /// The side that took over.
     pub to: String,
+    /// Why, in a few bounded words.
     pub cause: String,
 }
 
+/// Labels of redactions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
+    /// The personal-data class.
     pub class: String,
 }
 
+/// Labels of speculative-decoding counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
+    /// What was counted.
     pub kind: String,
 }
 
+/// Labels of outcomes (cache, cascade, refusals).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
+    /// The outcome.
     pub outcome: String,
+}
+
+/// The sum of the samples in Prometheus text whose line starts with
+/// `prefix` (a metric name, with labels if they narrow it): how tests and
+/// benchmarks read `/metrics`.
+pub fn sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A short label for metrics (bounded cardinality).
+pub(crate) fn cause_label(e: &tandem_api::ApiError) -> String {
+    match (e.status, e.code.as_deref()) {
+        (504, _) => "timeout".into(),
+        (429, _) => "rate_limited".into(),
+        (503, Some("overloaded")) => "unavailable".into(),
+        (s, _) if s >= 500 => "upstream_error".into(),
+        _ => "refused".into(),
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -55,19 +94,32 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+/// One gateway's metrics.
 pub struct Metrics {
     registry: Registry,
+    /// Requests answered.
     pub requests: Family<RouteLabels, Counter>,
+    /// Requests refused by the policy.
     pub refused: Family<OutcomeLabels, Counter>,
+    /// Tokens on each side.
     pub tokens: Family<TokenLabels, Counter>,
+    /// Spent on upstreams.
     pub cost_usd: Counter<f64, AtomicU64>,
+    /// Saved by answering locally.
     pub cost_saved_usd: Counter<f64, AtomicU64>,
+    /// Time to first token.
     pub ttft: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    /// Time to the last token.
     pub duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    /// Failovers before the first token.
     pub failovers: Family<MoveLabels, Counter>,
+    /// Handoffs after it.
     pub handoffs: Family<MoveLabels, Counter>,
+    /// Values replaced by placeholders.
     pub redactions: Family<ClassLabels, Counter>,
+    /// Cache lookups.
     pub cache: Family<OutcomeLabels, Counter>,
+    /// Cascade outcomes.
     pub cascade: Family<OutcomeLabels, Counter>,
     /// Speculative decoding on the device: rounds, drafted and accepted
     /// tokens, and tokens of answer.
@@ -77,7 +129,9 @@ pub struct Metrics {
     pub spec_seconds: Family<KindLabels, Counter<f64, AtomicU64>>,
     /// Verification rounds served to devices (the cloud role).
     pub spec_verified: Counter,
+    /// Local requests being decoded.
     pub local_active: Gauge,
+    /// Local requests waiting.
     pub local_queued: Gauge,
 }
 
@@ -94,6 +148,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A registry with every metric at zero.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tandem");
         let requests = Family::<RouteLabels, Counter>::default();
@@ -220,6 +275,7 @@ impl Metrics {
         }
     }
 
+    /// Counts one answer's tokens on `side`.
     pub fn count_tokens(&self, side: &str, prompt: u32, completion: u32) {
         self.tokens
             .get_or_create(&TokenLabels {
@@ -235,6 +291,7 @@ impl Metrics {
             .inc_by(u64::from(completion));
     }
 
+    /// Adds to a speculative-decoding counter.
     pub fn count_spec(&self, kind: &str, n: u64) {
         self.spec
             .get_or_create(&KindLabels { kind: kind.into() })

@@ -4,85 +4,17 @@
 //! or a probe, and each can be overridden — by tests, by a demo, or by an
 //! app that knows better (a phone's OS knows when the link is metered).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use tandem_policy::signals::{DeviceState, NetworkState, Overrides, UpstreamState};
 
-/// The device as it is now.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DeviceState {
-    /// Percent, if the device has a battery.
-    pub battery_pct: Option<f32>,
-    pub charging: Option<bool>,
-    /// Cores busy with work outside Tandem.
-    pub cpu_load: Option<f32>,
-    pub cores: Option<usize>,
-    pub free_memory_mb: Option<u64>,
-    /// The hottest thermal zone, °C.
-    pub temperature_c: Option<f32>,
-}
-
-/// One upstream as seen from here.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct UpstreamState {
-    pub reachable: bool,
-    pub rtt_ms: Option<f64>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct NetworkState {
-    pub metered: bool,
-    pub upstreams: HashMap<String, UpstreamState>,
-}
-
-/// Values set by hand; each replaces the measured one while set.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Overrides {
-    #[serde(default)]
-    pub battery_pct: Option<f32>,
-    #[serde(default)]
-    pub charging: Option<bool>,
-    #[serde(default)]
-    pub cpu_load: Option<f32>,
-    #[serde(default)]
-    pub free_memory_mb: Option<u64>,
-    #[serde(default)]
-    pub temperature_c: Option<f32>,
-    #[serde(default)]
-    pub metered: Option<bool>,
-    /// Forces every upstream to look reachable (true) or not (false).
-    #[serde(default)]
-    pub cloud_reachable: Option<bool>,
-}
-
-impl Overrides {
-    /// Applies the fields set in `other` (a JSON merge: absent fields keep
-    /// their value; to clear everything, use [`SignalHub::clear_overrides`]).
-    pub fn merge(&mut self, other: Overrides) {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
-        }
-        take!(
-            battery_pct,
-            charging,
-            cpu_load,
-            free_memory_mb,
-            temperature_c,
-            metered,
-            cloud_reachable
-        );
-    }
-}
-
-/// Reads the device from the operating system (Linux `/sys` and `/proc`).
+/// Reads the device from the operating system (Linux `/sys` and `/proc`):
+/// memory, temperature, battery. CPU load is the caller's to add (the
+/// engine measures what other processes use; see [`SignalHub::with_reader`]).
 pub fn read_device() -> DeviceState {
-    let load = tandem_engine::load::LoadMonitor::global();
     let mut d = DeviceState {
-        cpu_load: Some(load.other_load()),
-        cores: Some(load.cores()),
+        cores: std::thread::available_parallelism().ok().map(|n| n.get()),
         free_memory_mb: read_free_memory_mb(),
         temperature_c: read_temperature(),
         ..DeviceState::default()
@@ -140,6 +72,9 @@ fn read_battery() -> Option<(f32, bool)> {
 pub type Probe =
     Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Duration, String>> + Send + Sync>;
 
+/// Reads the device now (blocking; called off the async workers).
+pub type DeviceReader = Arc<dyn Fn() -> DeviceState + Send + Sync>;
+
 #[derive(Default)]
 struct HubState {
     device: DeviceState,
@@ -151,6 +86,7 @@ struct HubState {
 #[derive(Clone)]
 pub struct SignalHub {
     state: Arc<Mutex<HubState>>,
+    reader: DeviceReader,
 }
 
 impl std::fmt::Debug for SignalHub {
@@ -169,10 +105,16 @@ impl SignalHub {
     /// A hub with the device read once; [`spawn_refresh`](Self::spawn_refresh)
     /// keeps it current.
     pub fn new() -> Self {
+        Self::with_reader(Arc::new(read_device))
+    }
+
+    /// A hub whose device readings come from `reader`.
+    pub fn with_reader(reader: DeviceReader) -> Self {
         let hub = SignalHub {
             state: Arc::new(Mutex::new(HubState::default())),
+            reader,
         };
-        hub.lock().device = read_device();
+        hub.lock().device = (hub.reader)();
         hub
     }
 
@@ -183,39 +125,13 @@ impl SignalHub {
     /// The device with overrides applied.
     pub fn device(&self) -> DeviceState {
         let s = self.lock();
-        let mut d = s.device.clone();
-        let o = &s.overrides;
-        if o.battery_pct.is_some() {
-            d.battery_pct = o.battery_pct;
-        }
-        if o.charging.is_some() {
-            d.charging = o.charging;
-        }
-        if o.cpu_load.is_some() {
-            d.cpu_load = o.cpu_load;
-        }
-        if o.free_memory_mb.is_some() {
-            d.free_memory_mb = o.free_memory_mb;
-        }
-        if o.temperature_c.is_some() {
-            d.temperature_c = o.temperature_c;
-        }
-        d
+        s.device.clone().with(&s.overrides)
     }
 
     /// The network with overrides applied.
     pub fn network(&self) -> NetworkState {
         let s = self.lock();
-        let mut n = s.network.clone();
-        if let Some(m) = s.overrides.metered {
-            n.metered = m;
-        }
-        if let Some(r) = s.overrides.cloud_reachable {
-            for u in n.upstreams.values_mut() {
-                u.reachable = r;
-            }
-        }
-        n
+        s.network.clone().with(&s.overrides)
     }
 
     /// Whether `upstream` is reachable; unknown upstreams (not probed yet)
@@ -231,14 +147,17 @@ impl SignalHub {
             .is_none_or(|u| u.reachable)
     }
 
+    /// The values set by hand.
     pub fn overrides(&self) -> Overrides {
         self.lock().overrides.clone()
     }
 
+    /// Sets values by hand (merged with those set).
     pub fn set_overrides(&self, o: Overrides) {
         self.lock().overrides.merge(o);
     }
 
+    /// Back to measured values.
     pub fn clear_overrides(&self) {
         self.lock().overrides = Overrides::default();
     }
@@ -254,6 +173,7 @@ impl SignalHub {
         }
     }
 
+    /// Whether the link is metered (the OS rarely says).
     pub fn set_metered(&self, metered: bool) {
         self.lock().network.metered = metered;
     }
@@ -267,12 +187,17 @@ impl SignalHub {
         probe_every: Duration,
     ) {
         let weak = Arc::downgrade(&self.state);
+        let reader = self.reader.clone();
         tokio::spawn(async move {
             let mut next_probe = tokio::time::Instant::now();
             loop {
                 let Some(state) = weak.upgrade() else { return };
-                let hub = SignalHub { state };
-                let device = tokio::task::spawn_blocking(read_device)
+                let hub = SignalHub {
+                    state,
+                    reader: reader.clone(),
+                };
+                let read = reader.clone();
+                let device = tokio::task::spawn_blocking(move || read())
                     .await
                     .unwrap_or_default();
                 hub.lock().device = device;

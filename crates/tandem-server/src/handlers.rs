@@ -11,11 +11,11 @@ use tandem_api::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChoiceLogprobs,
     Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, ModelCard, ModelList,
 };
-use tandem_api::spec::{SpecOpen, SpecOpened, VerifyRequest, VerifyResponse};
-use tandem_api::{Answer, ApiError, GenerateRequest};
+use tandem_api::speculative::{SpecOpen, SpecOpened, VerifyRequest, VerifyResponse};
+use tandem_api::{Answer, ApiError, EmbeddingRequest, GenerateRequest};
 use tandem_router::access::Caller;
 use tandem_router::signals::Overrides;
-use tandem_router::{RequestContext, RouteInfo};
+use tandem_router::{Mode, RequestContext, RouteInfo};
 
 use crate::error::{HttpError, OpenAiJson};
 use crate::sse::{self, StreamMeta};
@@ -77,18 +77,9 @@ fn context(
             ));
         }
     };
-    let (cascade, speculative) = match header(headers, "x-tandem-mode") {
-        None => (None, None),
-        Some("cascade") => (Some(true), Some(false)),
-        Some("speculative") => (Some(false), Some(true)),
-        Some("route") => (Some(false), Some(false)),
-        Some(v) => {
-            return Err(bad(
-                "x-tandem-mode",
-                format!("`{v}` is not `route`, `cascade` or `speculative`"),
-            ));
-        }
-    };
+    let mode = header(headers, "x-tandem-mode")
+        .map(|v| v.parse::<Mode>().map_err(|e| bad("x-tandem-mode", e)))
+        .transpose()?;
     let request_id = header(headers, "x-request-id")
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
@@ -100,8 +91,7 @@ fn context(
         latency_goal_ms,
         quality,
         cache_skip,
-        cascade,
-        speculative,
+        mode,
     })
 }
 
@@ -160,13 +150,13 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
         );
     }
     if let Some(c) = &route.cache {
-        set(&mut h, "x-tandem-cache", c);
+        set(&mut h, "x-tandem-cache", &c.to_string());
     }
     if let Some(c) = &route.cascade {
         set(&mut h, "x-tandem-cascade", c);
     }
     if let Some(s) = &route.speculative {
-        set(&mut h, "x-tandem-speculative", s);
+        set(&mut h, "x-tandem-speculative", &s.to_string());
     }
     h
 }
@@ -306,30 +296,6 @@ pub async fn explain_route(
 }
 
 /// `POST /v1/embeddings`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbeddingRequest {
-    pub model: String,
-    pub input: EmbeddingInput,
-    #[serde(default)]
-    pub encoding_format: Option<String>,
-    #[serde(default)]
-    pub dimensions: Option<u32>,
-    /// Accepted for compatibility; Tandem does not track end users.
-    #[serde(default, rename = "user")]
-    pub _user: Option<String>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(untagged)]
-pub enum EmbeddingInput {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// OpenAI's limit on inputs per request.
-const MAX_EMBEDDING_INPUTS: usize = 2048;
-
 pub async fn embeddings(
     State(state): State<AppState>,
     OpenAiJson(body): OpenAiJson<EmbeddingRequest>,
@@ -341,44 +307,8 @@ pub async fn embeddings(
     if body.model != d.embedder_name() {
         return Err(ApiError::model_not_found(&body.model).into());
     }
-    let texts = match body.input {
-        EmbeddingInput::One(t) => vec![t],
-        EmbeddingInput::Many(v) => v,
-    };
-    let invalid = |m: String| HttpError(ApiError::invalid_request(m).with_param("input"));
-    if texts.is_empty() {
-        return Err(invalid("`input` must not be empty".into()));
-    }
-    if texts.len() > MAX_EMBEDDING_INPUTS {
-        return Err(invalid(format!(
-            "`input` has {} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
-            texts.len()
-        )));
-    }
-    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
-        return Err(invalid(format!("`input[{i}]` is an empty string")));
-    }
-    let dim = embedder.dim();
-    if let Some(n) = body.dimensions
-        && n as usize != dim
-    {
-        return Err(HttpError(
-            ApiError::invalid_request(format!("this model only gives {dim} dimensions"))
-                .with_param("dimensions"),
-        ));
-    }
-    let base64 = match body.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(o) => {
-            return Err(HttpError(
-                ApiError::invalid_request(format!(
-                    "`encoding_format` must be float or base64, not `{o}`"
-                ))
-                .with_param("encoding_format"),
-            ));
-        }
-    };
+    let job = body.into_job(embedder.dim())?;
+    let (texts, base64) = (job.texts, job.base64);
     let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
     let vectors = d.embed(texts).await?;
     let data: Vec<Value> = vectors
@@ -439,7 +369,7 @@ pub async fn spec_open(
     OpenAiJson(body): OpenAiJson<SpecOpen>,
 ) -> Result<Json<SpecOpened>, HttpError> {
     let d = &state.dispatcher;
-    Ok(Json(d.verifier().open(d.locals(), body).await?))
+    Ok(Json(d.verifier().open(d.session_models(), body).await?))
 }
 
 /// `POST /v1/tandem/spec/sessions/{id}/verify`: one round.
@@ -449,7 +379,7 @@ pub async fn spec_verify(
     OpenAiJson(body): OpenAiJson<VerifyRequest>,
 ) -> Result<Json<VerifyResponse>, HttpError> {
     let d = &state.dispatcher;
-    Ok(Json(d.verifier().verify(&id, body, d.metrics()).await?))
+    Ok(Json(d.verifier().verify(&id, body).await?))
 }
 
 /// `DELETE /v1/tandem/spec/sessions/{id}`.
@@ -511,39 +441,37 @@ pub async fn get_model(
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let d = &state.dispatcher;
     let network = d.signals().network();
-    let locals: Vec<Value> = d
-        .locals()
-        .iter()
-        .map(|l| {
-            json!({
-                "name": "local",
-                "locality": "device",
-                "model": l.model_id(),
-                "context_length": l.context_length(),
-                "load": tandem_api::Backend::load(l),
-                "stats": l.stats(),
-            })
-        })
-        .collect();
-    let clouds: Vec<Value> = d
-        .clouds()
-        .iter()
-        .map(|c| {
-            let name = &c.config().name;
-            json!({
+    let backends: Vec<Value> = d
+        .backends()
+        .map(|b| {
+            let name = b.name();
+            let mut v = json!({
                 "name": name,
-                "locality": "cloud",
-                "models": c.config().models,
-                "breaker": c.breaker().state(),
-                "reachable": d.signals().reachable(name),
-                "rtt_ms": network.upstreams.get(name).and_then(|u| u.rtt_ms),
-                "latency": c.latency(),
-            })
+                "locality": b.locality(),
+                "models": b.models().into_iter().map(|m| m.id).collect::<Vec<_>>(),
+                "load": b.load(),
+                "capabilities": b.capabilities().features,
+            });
+            match b.locality() {
+                tandem_api::Locality::Local => {
+                    let m = b.models();
+                    v["model"] = json!(m.first().map(|m| m.id.clone()));
+                    v["context_length"] = json!(m.first().and_then(|m| m.context_length));
+                }
+                tandem_api::Locality::Cloud => {
+                    let h = b.health();
+                    v["breaker"] = json!(h.breaker);
+                    v["reachable"] = json!(d.signals().reachable(name));
+                    v["rtt_ms"] = json!(network.upstreams.get(name).and_then(|u| u.rtt_ms));
+                    v["latency"] = json!({"ttft_ms": h.ttft_ms, "tokens_per_s": h.tokens_per_s});
+                }
+            }
+            v
         })
         .collect();
     Json(json!({
         "status": "ok",
-        "backends": locals.into_iter().chain(clouds).collect::<Vec<_>>(),
+        "backends": backends,
         "device": d.signals().device(),
         "metered": network.metered,
     }))

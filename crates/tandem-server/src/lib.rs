@@ -8,6 +8,8 @@
 //! `x-tandem-*` headers. Authentication, limits, tracing and panic safety
 //! are tower layers; every error leaves as OpenAI's error JSON.
 
+#![warn(missing_docs)]
+
 mod error;
 mod handlers;
 mod sse;
@@ -29,6 +31,7 @@ use tower_http::trace::TraceLayer;
 
 pub use error::{HttpError, OpenAiJson};
 
+/// Limits of the HTTP server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Largest request body accepted; larger ones get 413.
@@ -59,6 +62,7 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl AppState {
+    /// State over `dispatcher`.
     pub fn new(dispatcher: Arc<Dispatcher>, config: ServerConfig) -> Self {
         Self {
             dispatcher,
@@ -67,6 +71,7 @@ impl AppState {
         }
     }
 
+    /// The dispatcher requests go to.
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
         &self.dispatcher
     }

@@ -253,7 +253,7 @@ async fn models_and_health() {
         .await
         .unwrap();
     assert_eq!(h["status"], "ok");
-    assert_eq!(h["backends"][0]["locality"], "device");
+    assert_eq!(h["backends"][0]["locality"], "local");
     assert_eq!(h["backends"][0]["model"], SMOLLM2);
     assert_eq!(h["backends"][0]["load"]["capacity"], 4);
 }

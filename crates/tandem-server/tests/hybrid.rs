@@ -10,8 +10,9 @@ use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, Continuation, UpstreamConfig};
 use tandem_engine::{EngineConfig, LocalEngine, Threads};
 use tandem_ledger::Ledger;
+use tandem_policy::{PolicyConfig, PrivacyMode, Rule};
+use tandem_router::Dispatcher;
 use tandem_router::access::{KeyConfig, hash_key};
-use tandem_router::{Dispatcher, PolicyConfig, PrivacyMode, Rule};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
 use tandem_testkit::{QWEN_05B, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine};
 

@@ -10,13 +10,15 @@ use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_embed::{Embedder, cosine};
 use tandem_engine::LocalEngine;
+use tandem_policy::learned::{LearnedScorer, ModelKind, TrainConfig, text_features};
+use tandem_policy::{PolicyConfig, Rule};
+use tandem_router::Dispatcher;
 use tandem_router::cache::{CacheConfig, SemanticCache};
-use tandem_router::learned::{self, Calibration, Example, LearnedScorer, ModelKind, TrainConfig};
-use tandem_router::{Dispatcher, PolicyConfig, Rule};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
 use tandem_testkit::{
     MINILM, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine, sse_text,
 };
+use tandem_train::{Calibration, Example};
 
 fn device_engine() -> LocalEngine {
     shared_engine(SMOLLM2, 1024, 4)
@@ -202,7 +204,7 @@ fn toy_router() -> LearnedScorer {
             source: if is_hard { "math" } else { "chat" }.into(),
             topic: if is_hard { "math" } else { "chat" }.into(),
             embedding: e.embed_one(text).unwrap(),
-            features: learned::text_features(text),
+            features: text_features(text),
             weak: !is_hard,
             strong: true,
         });
@@ -212,7 +214,7 @@ fn toy_router() -> LearnedScorer {
         k: 4,
         ..TrainConfig::default()
     };
-    let model = learned::train(&data, cfg, Calibration::CloudShare(0.5));
+    let model = tandem_train::train(&data, cfg, Calibration::CloudShare(0.5));
     LearnedScorer::new(model, e.dim()).unwrap()
 }
 

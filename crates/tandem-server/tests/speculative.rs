@@ -6,6 +6,7 @@
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tandem_api::SessionModel;
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::LocalEngine;
 use tandem_router::Dispatcher;
@@ -87,10 +88,7 @@ async fn metric(server: &TestServer, prefix: &str) -> f64 {
         .text()
         .await
         .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    tandem_router::metrics::sum(&text, prefix)
 }
 
 fn verify_rounds(capture: &CaptureUpstream) -> Vec<Value> {

@@ -27,25 +27,37 @@ pub enum Mode {
     Delay(Duration),
     /// Answer the next `times` requests with `status` (and `Retry-After:
     /// 0`), then forward.
-    Fail { status: u16, times: usize },
+    Fail {
+        /// The status.
+        status: u16,
+        /// How many requests get it.
+        times: usize,
+    },
     /// Answer with "ECHO: " and the last user message, streamed three
     /// characters a chunk (so placeholders arrive split).
     Echo,
     /// Forward the first `requests` requests (counting from the start),
     /// then answer every later one with 503: a cloud that goes away.
-    GoneAfter { requests: usize },
+    GoneAfter {
+        /// Requests forwarded.
+        requests: usize,
+    },
 }
 
 /// One request as received, and what was passed back for it.
 #[derive(Debug, Clone)]
 pub struct Captured {
+    /// The path asked for.
     pub path: String,
+    /// The headers.
     pub headers: HeaderMap,
+    /// The body, byte for byte.
     pub body: Bytes,
     forwarded: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Captured {
+    /// The body as JSON (null if it is not).
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
@@ -71,8 +83,10 @@ struct Shared {
     client: reqwest::Client,
 }
 
+/// An upstream on loopback that records every request.
 #[derive(Clone)]
 pub struct CaptureUpstream {
+    /// Where it listens.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
 }
@@ -109,14 +123,17 @@ impl CaptureUpstream {
         CaptureUpstream { addr, shared }
     }
 
+    /// Its OpenAI API root.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
 
+    /// Changes how it answers.
     pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
     }
 
+    /// Every request so far.
     pub fn captured(&self) -> Vec<Captured> {
         self.shared
             .captured

@@ -1,8 +1,14 @@
 //! Test support shared by Tandem's crates: real model files pulled through
 //! the real catalog (once per machine; parallel test binaries wait on the
-//! catalog's lock), and Tandem servers on loopback ports.
+//! catalog's lock), Tandem servers on loopback ports, a capturing upstream
+//! that records what leaves and injects faults ([`capture`]), scripted
+//! backends for testing without a model ([`scripted`]), and real clients
+//! (Python environments with the `openai` SDK and others).
+
+#![warn(missing_docs)]
 
 pub mod capture;
+pub mod scripted;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,10 +20,15 @@ use tandem_engine::{EngineConfig, LocalEngine};
 use tandem_router::Dispatcher;
 use tandem_server::{AppState, ServerConfig};
 
+/// The default device model.
 pub const SMOLLM2: &str = "smollm2-135m-instruct";
+/// The cloud role's draft-compatible small model.
 pub const QWEN_05B: &str = "qwen2.5-coder-0.5b-instruct";
+/// The cloud role's model.
 pub const QWEN_15B: &str = "qwen2.5-coder-1.5b-instruct";
+/// A base model (completions only).
 pub const GEMMA_270M: &str = "gemma-3-270m";
+/// The embedder.
 pub const MINILM: &str = "all-minilm-l6-v2";
 
 /// Path of a catalog model, pulling it into `$TANDEM_HOME` if needed.
@@ -89,16 +100,19 @@ pub fn sse_text(raw: &str) -> String {
 
 /// A running Tandem server on an ephemeral loopback port.
 pub struct TestServer {
+    /// Where it listens.
     pub addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestServer {
+    /// Serves `dispatcher` with default limits.
     pub async fn start(dispatcher: Arc<Dispatcher>) -> TestServer {
         Self::start_with(dispatcher, ServerConfig::default()).await
     }
 
+    /// Serves `dispatcher` with `config`.
     pub async fn start_with(dispatcher: Arc<Dispatcher>, config: ServerConfig) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -120,10 +134,12 @@ impl TestServer {
         }
     }
 
+    /// The URL of `path` on it.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Stops it, letting open requests finish.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -146,48 +162,17 @@ impl Drop for TestServer {
 /// under `target/` (made once, reused by later runs and other binaries).
 pub fn python_with(packages: &[&str]) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-python");
-    std::fs::create_dir_all(&root).expect("venv folder");
-    let lock = std::fs::File::create(root.join(".lock")).expect("venv lock");
-    lock.lock().expect("lock venv");
-    let venv = root.join("venv");
-    let python = venv.join("bin").join("python");
-    let stamp = venv.join(format!(
-        "installed-{}",
-        packages.join("+").replace(['=', '<', '>'], "_")
-    ));
-    if !stamp.is_file() {
-        let run = |cmd: &mut std::process::Command| {
-            let out = cmd.output().expect("run python tooling");
-            assert!(
-                out.status.success(),
-                "{:?} failed: {}",
-                cmd,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        if !python.is_file() {
-            run(std::process::Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv));
-        }
-        run(std::process::Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(packages));
-        std::fs::write(&stamp, b"").expect("stamp");
-    }
-    python
+    tandem_catalog::python::venv(&root, packages)
+        .unwrap_or_else(|e| panic!("cannot make a Python environment with {packages:?}: {e}"))
 }
 
 /// An HTTP reply read as JSON, with its status and headers.
 pub struct Reply {
+    /// The HTTP status.
     pub status: u16,
+    /// The headers.
     pub headers: reqwest::header::HeaderMap,
+    /// The body (null if not JSON).
     pub body: serde_json::Value,
 }
 

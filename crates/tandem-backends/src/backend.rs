@@ -1,0 +1,92 @@
+//! An upstream as the router sees it: a [`Backend`] in the cloud, and a
+//! [`DraftVerifier`] when it is a cloud-role Tandem.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tandem_api::{
+    Backend, Capabilities, DraftVerifier, Feature, GenerateRequest, Health, Locality, ModelInfo,
+    Price, Started,
+};
+
+use crate::{CloudBackend, Continuation};
+
+impl Backend for CloudBackend {
+    fn name(&self) -> &str {
+        &self.inner.cfg.name
+    }
+
+    fn locality(&self) -> Locality {
+        Locality::Cloud
+    }
+
+    fn models(&self) -> Vec<ModelInfo> {
+        self.inner
+            .cfg
+            .models
+            .iter()
+            .map(|m| ModelInfo {
+                id: m.clone(),
+                context_length: self.inner.cfg.context_length,
+                owned_by: self.inner.cfg.name.clone(),
+            })
+            .collect()
+    }
+
+    fn model_for(&self, requested: &str) -> String {
+        self.upstream_model(requested)
+    }
+
+    /// An OpenAI-compatible upstream is taken to support the API; only
+    /// continuing a partial answer needs saying (`continuation`).
+    fn capabilities(&self) -> Capabilities {
+        let mut f = vec![
+            Feature::Chat,
+            Feature::Tools,
+            Feature::JsonObject,
+            Feature::JsonSchema,
+            Feature::OtherResponseFormat,
+        ];
+        if self.inner.cfg.continuation == Continuation::Prefill {
+            f.push(Feature::Continuation);
+        }
+        Capabilities::of(f)
+    }
+
+    fn health(&self) -> Health {
+        let lat = self.latency();
+        Health {
+            breaker: Some(self.inner.breaker.state()),
+            breaker_open: !self.inner.breaker.is_available(),
+            ttft_ms: lat.ttft_ms,
+            tokens_per_s: lat.tokens_per_s,
+        }
+    }
+
+    fn price(&self) -> Price {
+        self.inner.cfg.price()
+    }
+
+    fn probe(&self, timeout: Duration) -> Option<BoxFuture<'static, Result<Duration, String>>> {
+        let this = self.clone();
+        Some(Box::pin(async move {
+            CloudBackend::probe(&this, timeout).await
+        }))
+    }
+
+    fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started> {
+        let this = self.clone();
+        Box::pin(async move {
+            let (result, exchange) = CloudBackend::start(&this, req).await;
+            Started {
+                result,
+                exchange: Some(exchange),
+            }
+        })
+    }
+
+    fn verifier(&self) -> Option<Arc<dyn DraftVerifier>> {
+        Some(Arc::new(self.clone()))
+    }
+}

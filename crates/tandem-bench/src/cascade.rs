@@ -1,0 +1,480 @@
+//! `tandem bench cascade`: accuracy and cloud share of local-only,
+//! cloud-only, the learned router and the cascade, on questions with a
+//! checkable answer, with a local model as the weak side and a cloud-role
+//! Tandem with a bigger model as the strong side.
+//!
+//! Each question is answered once by each side (greedy, so answers are
+//! reproducible); the local answer's confidence and the router's score are
+//! recorded. The cascade threshold is calibrated by two-fold
+//! cross-validation — chosen on one half, scored on the other — so the
+//! table does not flatter it. Finally the cascade runs live through the
+//! dispatcher at the threshold calibrated on all questions, which is what
+//! `[router] cascade_threshold` should be set to.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use tandem_api::{Answer, Backend, GenerateRequest, Input, LogprobRequest, Message, Sampling};
+use tandem_backends::{CloudBackend, UpstreamConfig};
+use tandem_engine::EngineOptions;
+use tandem_policy::learned::LearnedScorer;
+use tandem_policy::{PolicyConfig, Scorer};
+use tandem_router::{Dispatcher, RequestContext, confidence};
+
+use crate::process::{spawn, wait_healthy};
+use crate::setup::{load_embedder, load_engine};
+
+/// `tandem bench cascade`'s options.
+#[derive(Args)]
+pub struct CascadeArgs {
+    /// The weak (local) model.
+    #[arg(long, default_value = "qwen2.5-coder-0.5b-instruct")]
+    pub weak: String,
+    /// The strong model, served by a cloud-role Tandem this command starts.
+    #[arg(long, default_value = "qwen2.5-coder-1.5b-instruct")]
+    pub strong: String,
+    /// Questions asked.
+    #[arg(long, default_value_t = 40)]
+    pub questions: usize,
+    /// Port of the cloud-role Tandem it starts.
+    #[arg(long, default_value_t = 8093)]
+    pub cloud_port: u16,
+    /// Target: this share of the cloud model's accuracy, with as few
+    /// escalations as reach it.
+    #[arg(long, default_value_t = 0.95)]
+    pub quality: f64,
+    /// Seed of the generated questions.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// A question and how to check an answer.
+struct Question {
+    prompt: String,
+    answer: Check,
+}
+
+enum Check {
+    Number(i64),
+    Letter(char),
+}
+
+impl Check {
+    fn passes(&self, text: &str) -> bool {
+        match self {
+            Check::Number(n) => first_number(text) == Some(*n),
+            Check::Letter(c) => text
+                .trim_start_matches(|ch: char| !ch.is_ascii_alphabetic())
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.eq_ignore_ascii_case(c)),
+        }
+    }
+}
+
+/// The first integer in the text (commas inside it allowed).
+fn first_number(text: &str) -> Option<i64> {
+    let bytes: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        let neg = bytes[i] == '-' && bytes.get(i + 1).is_some_and(char::is_ascii_digit);
+        if bytes[i].is_ascii_digit() || neg {
+            let mut j = i + usize::from(neg);
+            let mut digits = String::new();
+            while j < bytes.len()
+                && (bytes[j].is_ascii_digit()
+                    || (bytes[j] == ',' && bytes.get(j + 1).is_some_and(char::is_ascii_digit)))
+            {
+                if bytes[j] != ',' {
+                    digits.push(bytes[j]);
+                }
+                j += 1;
+            }
+            let v: i64 = digits.parse().ok()?;
+            return Some(if neg { -v } else { v });
+        }
+        i += 1;
+    }
+    None
+}
+
+const MCQ: &[(&str, char)] = &[
+    (
+        "Which planet is known as the Red Planet?\nA) Venus\nB) Mars\nC) Jupiter\nD) Saturn",
+        'B',
+    ),
+    (
+        "What is the chemical symbol for gold?\nA) Ag\nB) Gd\nC) Au\nD) Go",
+        'C',
+    ),
+    (
+        "Which data structure works last-in, first-out?\nA) Queue\nB) Heap\nC) Linked list\nD) Stack",
+        'D',
+    ),
+    (
+        "What is the time complexity of binary search on a sorted array?\nA) O(log n)\nB) O(n)\nC) O(n log n)\nD) O(1)",
+        'A',
+    ),
+    (
+        "Which gas do plants absorb from the air for photosynthesis?\nA) Oxygen\nB) Nitrogen\nC) Carbon dioxide\nD) Helium",
+        'C',
+    ),
+    (
+        "Who wrote 'Pride and Prejudice'?\nA) Jane Austen\nB) Charles Dickens\nC) Mark Twain\nD) Leo Tolstoy",
+        'A',
+    ),
+    (
+        "In Python, which keyword defines a function?\nA) func\nB) def\nC) function\nD) lambda",
+        'B',
+    ),
+    (
+        "What is the boiling point of water at sea level in Celsius?\nA) 90\nB) 50\nC) 100\nD) 212",
+        'C',
+    ),
+    (
+        "Which HTTP status code means 'Not Found'?\nA) 200\nB) 301\nC) 500\nD) 404",
+        'D',
+    ),
+    (
+        "Which organ pumps blood through the human body?\nA) Heart\nB) Liver\nC) Lung\nD) Kidney",
+        'A',
+    ),
+];
+
+/// Arithmetic word problems from one- to three-step, and multiple-choice
+/// questions: the local model gets the easy ones, not all the hard ones.
+fn questions(n: usize, seed: u64) -> Vec<Question> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = Vec::with_capacity(n);
+    let number = |q: String, a: i64| Question {
+        prompt: format!("{q} Reply with only the final number."),
+        answer: Check::Number(a),
+    };
+    let mut mcq = MCQ.iter().cycle();
+    for i in 0..n {
+        let q = match i % 8 {
+            0 => {
+                let (a, b) = (rng.i64(10..100), rng.i64(10..100));
+                number(format!("What is {a} + {b}?"), a + b)
+            }
+            1 => {
+                let (a, b) = (rng.i64(12..60), rng.i64(12..60));
+                number(format!("What is {a} times {b}?"), a * b)
+            }
+            2 => {
+                let (a, b, c) = (rng.i64(20..80), rng.i64(5..40), rng.i64(3..20));
+                number(
+                    format!(
+                        "Tom has {a} apples. He buys {b} more and then gives {c} to his sister. How many apples does Tom have now?"
+                    ),
+                    a + b - c,
+                )
+            }
+            3 => {
+                let (s, h) = (rng.i64(40..120), rng.i64(2..9));
+                number(
+                    format!(
+                        "A train travels at {s} km per hour for {h} hours. How many kilometres does it travel?"
+                    ),
+                    s * h,
+                )
+            }
+            4 => {
+                let (p, n, m) = (rng.i64(3..15), rng.i64(4..12), rng.i64(2..6));
+                number(
+                    format!(
+                        "Pens cost {p} dollars each. Anna buys {n} pens and Ben buys {m} times as many pens as Anna. How many dollars do they spend together?"
+                    ),
+                    p * n + p * n * m,
+                )
+            }
+            5 => {
+                let (x, a) = (rng.i64(5..60), rng.i64(10..90));
+                number(format!("If x + {a} = {}, what is x?", x + a), x)
+            }
+            6 => {
+                let (a, b) = (rng.i64(100..999), rng.i64(7..30));
+                number(
+                    format!("What is the remainder when {a} is divided by {b}?"),
+                    a % b,
+                )
+            }
+            _ => {
+                let (q, c) = mcq.next().copied().unwrap_or(MCQ[0]);
+                Question {
+                    prompt: format!("{q}\nAnswer with the letter only."),
+                    answer: Check::Letter(c),
+                }
+            }
+        };
+        out.push(q);
+    }
+    out
+}
+
+fn request(model: &str, prompt: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: model.to_owned(),
+        input: Input::Chat {
+            messages: vec![Message::new("user", prompt)],
+            continue_from: None,
+        },
+        sampling: Sampling::greedy(),
+        max_tokens: Some(24),
+        stop: Vec::new(),
+        logprobs: Some(LogprobRequest { top: 0 }),
+        stream: false,
+        include_usage: false,
+        extra: Default::default(),
+    }
+}
+
+struct Row {
+    weak: bool,
+    strong: bool,
+    confidence: f32,
+    difficulty: Option<f32>,
+}
+
+/// Accuracy when the rows flagged go to the strong model.
+fn mix(rows: &[&Row], escalate: impl Fn(&Row) -> bool) -> (f64, f64) {
+    let n = rows.len().max(1) as f64;
+    let (mut correct, mut cloud) = (0.0, 0.0);
+    for r in rows {
+        if escalate(r) {
+            cloud += 1.0;
+            correct += f64::from(u8::from(r.strong));
+        } else {
+            correct += f64::from(u8::from(r.weak));
+        }
+    }
+    (correct / n, cloud / n)
+}
+
+/// The highest confidence threshold that still escalates as few answers as
+/// reach `quality` times the strong model's accuracy on `rows`.
+fn calibrate(rows: &[&Row], quality: f64) -> f32 {
+    let strong = mix(rows, |_| true).0;
+    let mut cands: Vec<f32> = rows.iter().map(|r| r.confidence).collect();
+    cands.push(f32::NEG_INFINITY);
+    cands.sort_by(f32::total_cmp);
+    cands.dedup();
+    // Escalate answers with confidence below t; try from "none" upwards.
+    for t in cands
+        .iter()
+        .map(|&c| if c.is_finite() { c + 1e-6 } else { c })
+    {
+        if mix(rows, |r| r.confidence < t).0 >= quality * strong - 1e-9 {
+            return t;
+        }
+    }
+    f32::INFINITY
+}
+
+/// Runs the benchmark and prints its table.
+pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
+    let qs = questions(args.questions, args.seed);
+    let cloud_url = format!("http://127.0.0.1:{}", args.cloud_port);
+    eprintln!(
+        "starting a cloud-role Tandem with {} on {cloud_url} ...",
+        args.strong
+    );
+    let port = args.cloud_port.to_string();
+    let mut cloud_proc = spawn(&[
+        "serve",
+        "--role",
+        "cloud",
+        "--port",
+        &port,
+        "--model",
+        &args.strong,
+        "--parallel",
+        "1",
+    ])?;
+    wait_healthy(&cloud_url, &mut cloud_proc.0).await?;
+    let mut up = UpstreamConfig::new("cloud", &format!("{cloud_url}/v1"), &[args.strong.as_str()]);
+    up.ttft_timeout_ms = 120_000;
+    up.continuation = tandem_backends::Continuation::Prefill;
+    let cloud = CloudBackend::new(up).map_err(anyhow::Error::msg)?;
+    let engine_opts = EngineOptions {
+        context: Some(1024),
+        parallel: Some(1),
+        ..EngineOptions::default()
+    };
+    let local = load_engine(&args.weak, &engine_opts).await?;
+    let embedder = load_embedder().await?;
+    let router_path = tandem_catalog::router_path();
+    let scorer = if router_path.is_file() {
+        Some(Arc::new(
+            LearnedScorer::load(&router_path, embedder.dim()).map_err(anyhow::Error::msg)?,
+        ))
+    } else {
+        eprintln!(
+            "no router at {} (`tandem router train`); the router row is skipped",
+            router_path.display()
+        );
+        None
+    };
+
+    let mut rows = Vec::with_capacity(qs.len());
+    for (i, q) in qs.iter().enumerate() {
+        let weak = Answer::collect(local.submit(request(&args.weak, &q.prompt))?).await?;
+        let strong_stream = cloud
+            .generate(request(&args.strong, &q.prompt))
+            .await
+            .context("the cloud side")?;
+        let strong = Answer::collect(strong_stream).await?;
+        let difficulty = match &scorer {
+            Some(s) => {
+                let v = embedder.embed_one(&q.prompt)?;
+                Some(s.score(&v, &q.prompt))
+            }
+            None => None,
+        };
+        let row = Row {
+            weak: q.answer.passes(&weak.text),
+            strong: q.answer.passes(&strong.text),
+            confidence: confidence(&weak.tokens),
+            difficulty,
+        };
+        eprintln!(
+            "[{:>2}/{}] local {} (confidence {:>6.3}) cloud {}  {:?} | {:?}",
+            i + 1,
+            qs.len(),
+            if row.weak { "right" } else { "wrong" },
+            row.confidence,
+            if row.strong { "right" } else { "wrong" },
+            weak.text.trim().chars().take(24).collect::<String>(),
+            strong.text.trim().chars().take(24).collect::<String>(),
+        );
+        rows.push(row);
+    }
+
+    let all: Vec<&Row> = rows.iter().collect();
+    let (local_acc, _) = mix(&all, |_| false);
+    let (cloud_acc, _) = mix(&all, |_| true);
+    // Two folds: calibrate on one half, score the other.
+    let a: Vec<&Row> = all.iter().step_by(2).copied().collect();
+    let b: Vec<&Row> = all.iter().skip(1).step_by(2).copied().collect();
+    let (ta, tb) = (calibrate(&a, args.quality), calibrate(&b, args.quality));
+    let (acc_b, share_b) = mix(&b, |r| r.confidence < ta);
+    let (acc_a, share_a) = mix(&a, |r| r.confidence < tb);
+    let cv_acc = (acc_a * a.len() as f64 + acc_b * b.len() as f64) / all.len() as f64;
+    let cv_share = (share_a * a.len() as f64 + share_b * b.len() as f64) / all.len() as f64;
+    let threshold = calibrate(&all, args.quality);
+
+    println!();
+    println!(
+        "{} questions; local {} , cloud {} (a cloud-role Tandem)",
+        all.len(),
+        args.weak,
+        args.strong
+    );
+    println!("{:<34} {:>9} {:>12}", "mode", "accuracy", "cloud share");
+    println!("{:<34} {:>9.3} {:>12.3}", "local only", local_acc, 0.0);
+    println!("{:<34} {:>9.3} {:>12.3}", "cloud only", cloud_acc, 1.0);
+    if let Some(s) = &scorer {
+        let t = s.model().threshold;
+        let (acc, share) = mix(&all, |r| r.difficulty.is_some_and(|d| d >= t));
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            format!("router (threshold {t:.2})"),
+            acc,
+            share
+        );
+    }
+    println!(
+        "{:<34} {:>9.3} {:>12.3}",
+        "cascade (2-fold cross-validated)", cv_acc, cv_share
+    );
+
+    // The same cascade, live through the dispatcher.
+    let policy = PolicyConfig {
+        cascade: true,
+        cascade_threshold: threshold,
+        ..PolicyConfig::default()
+    };
+    let d: Arc<Dispatcher> = Dispatcher::builder()
+        .policy(policy)
+        .local(local)
+        .cloud(cloud)
+        .build()
+        .map_err(anyhow::Error::msg)?;
+    let (mut correct, mut escalated) = (0usize, 0usize);
+    for q in &qs {
+        let mut req = request("tandem/auto", &q.prompt);
+        req.logprobs = None;
+        let out = d.dispatch(req, RequestContext::default()).await?;
+        if out.route.backend != "local" {
+            escalated += 1;
+        }
+        let answer = Answer::collect(out.stream).await?;
+        correct += usize::from(q.answer.passes(&answer.text));
+    }
+    let n = qs.len().max(1) as f64;
+    println!(
+        "{:<34} {:>9.3} {:>12.3}",
+        format!("cascade live (threshold {threshold:.3})"),
+        correct as f64 / n,
+        escalated as f64 / n
+    );
+    println!(
+        "\nconfidence = mean token log-probability of the local answer; target {:.0}% of the cloud's accuracy.\n\
+         Set `[router] cascade_threshold = {threshold:.3}` to use this calibration.",
+        args.quality * 100.0
+    );
+    drop(cloud_proc);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_checked() {
+        assert!(Check::Number(1234).passes("The answer is 1,234."));
+        assert!(Check::Number(-5).passes("-5"));
+        assert!(!Check::Number(12).passes("x = 13"));
+        assert!(Check::Letter('B').passes("B) Mars"));
+        assert!(Check::Letter('B').passes(" (b)"));
+        assert!(!Check::Letter('B').passes("A"));
+        let qs = questions(40, 1);
+        assert_eq!(qs.len(), 40);
+    }
+
+    #[test]
+    fn calibration_reaches_the_target_with_few_escalations() {
+        let rows = [
+            Row {
+                weak: true,
+                strong: true,
+                confidence: -0.01,
+                difficulty: None,
+            },
+            Row {
+                weak: false,
+                strong: true,
+                confidence: -0.9,
+                difficulty: None,
+            },
+            Row {
+                weak: true,
+                strong: true,
+                confidence: -0.05,
+                difficulty: None,
+            },
+            Row {
+                weak: false,
+                strong: false,
+                confidence: -0.2,
+                difficulty: None,
+            },
+        ];
+        let all: Vec<&Row> = rows.iter().collect();
+        let t = calibrate(&all, 1.0);
+        // Escalating only the least confident answer reaches the cloud's accuracy.
+        assert_eq!(mix(&all, |r| r.confidence < t), (0.75, 0.25));
+    }
+}

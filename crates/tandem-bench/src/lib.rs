@@ -1,0 +1,61 @@
+//! Tandem's benchmarks, each measuring Tandem against its real peer in the
+//! same run and printing ratios: the local engine against a bare llama.cpp
+//! loop ([`engine`]), the gateway against LiteLLM ([`gateway`]), the learned
+//! router's decision time ([`router`]), accuracy against cloud share for
+//! the router and the cascade ([`cascade`]), and edge–cloud speculative
+//! decoding against cloud-only generation ([`speculative`]).
+//!
+//! `tandem bench` calls [`run`]. Nothing here is on a request path; timing
+//! assertions belong here, never in tests.
+
+#![warn(missing_docs)]
+
+pub mod cascade;
+pub mod engine;
+mod engine_runs;
+pub mod gateway;
+pub mod process;
+pub mod router;
+mod setup;
+pub mod speculative;
+
+use clap::Args;
+
+/// `tandem bench [engine|gateway|router|cascade|spec]`.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    /// Which benchmark; the engine's by default.
+    #[command(subcommand)]
+    pub what: Option<BenchKind>,
+    /// The engine benchmark's options, when no subcommand is given.
+    #[command(flatten)]
+    pub engine: engine::EngineBench,
+}
+
+/// The benchmarks.
+#[derive(clap::Subcommand)]
+pub enum BenchKind {
+    /// The engine against a plain llama.cpp loop (the default).
+    Engine(engine::EngineBench),
+    /// Latency Tandem adds to cloud requests, against LiteLLM.
+    Gateway(gateway::GatewayArgs),
+    /// Time the learned router takes to decide.
+    Router(router::RouterBenchArgs),
+    /// Accuracy and cloud share: local only, cloud only, router, cascade.
+    Cascade(cascade::CascadeArgs),
+    /// Edge–cloud speculative decoding against cloud-only generation.
+    Spec(speculative::SpecArgs),
+}
+
+/// Runs the benchmark `args` names.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        None => engine::run(args.engine).await,
+        Some(BenchKind::Engine(e)) => engine::run(e).await,
+        Some(BenchKind::Gateway(g)) => tokio::task::spawn_blocking(move || gateway::run(g)).await?,
+        Some(BenchKind::Router(r)) => router::run(r).await,
+        Some(BenchKind::Cascade(c)) => cascade::run(c).await,
+        Some(BenchKind::Spec(s)) => speculative::run(s).await,
+    }
+}

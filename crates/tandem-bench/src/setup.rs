@@ -1,0 +1,28 @@
+//! Loading what a benchmark measures, the way `tandem serve` loads it.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tandem_embed::Embedder;
+use tandem_engine::{EngineConfig, EngineOptions, LocalEngine};
+
+/// The embedding model the router and the cache read.
+pub const EMBEDDER: &str = "all-minilm-l6-v2";
+
+/// A catalog model (pulled if missing) or a GGUF path, loaded.
+pub async fn load_engine(model: &str, opts: &EngineOptions) -> anyhow::Result<LocalEngine> {
+    let r = tandem_catalog::resolve(model).await?;
+    let cfg = EngineConfig::new(r.id, r.path)
+        .with_preset(r.sampling, r.system)
+        .with_options(opts);
+    Ok(tokio::task::spawn_blocking(move || LocalEngine::load(cfg)).await??)
+}
+
+/// The embedding model, pulled if missing.
+pub async fn load_embedder() -> anyhow::Result<Arc<Embedder>> {
+    let r = tandem_catalog::resolve(EMBEDDER).await?;
+    let dir = r.path.parent().context("model folder")?.to_path_buf();
+    Ok(Arc::new(
+        tokio::task::spawn_blocking(move || Embedder::load(&dir)).await??,
+    ))
+}

@@ -1,0 +1,203 @@
+//! The policy on hand-made views.
+use super::*;
+
+fn view() -> View {
+    View {
+        local: LocalView {
+            available: true,
+            model: "small".into(),
+            context_length: 4096,
+            capacity: 4,
+            prefill_tps: Some(200.0),
+            decode_tps: Some(60.0),
+            ..LocalView::default()
+        },
+        cloud: Some(CloudView {
+            name: "cloud".into(),
+            model: "big".into(),
+            available: true,
+            price_input_per_mtok: 1.0,
+            price_output_per_mtok: 2.0,
+            ttft_ms: Some(300.0),
+            ..CloudView::default()
+        }),
+        ..View::default()
+    }
+}
+
+fn cfg() -> PolicyConfig {
+    PolicyConfig::default()
+}
+
+#[test]
+fn local_first_by_default_with_cloud_fallback() {
+    let d = decide(&Features::default(), &view(), &cfg()).unwrap();
+    assert_eq!(d.side, Locality::Local);
+    assert_eq!(d.fallback, Some(Locality::Cloud));
+    assert_eq!(d.decided_by, "prefer_local");
+}
+
+#[test]
+fn strict_privacy_keeps_pii_home_even_when_device_prefers_cloud() {
+    let mut v = view();
+    v.device.battery_pct = Some(5.0);
+    v.device.charging = Some(false);
+    let f = Features {
+        privacy: Some(PrivacyMode::Strict),
+        pii: vec!["email".into()],
+        ..Features::default()
+    };
+    let d = decide(&f, &v, &cfg()).unwrap();
+    assert_eq!(d.side, Locality::Local);
+    assert_eq!(d.fallback, None);
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| r.rule == "privacy" && r.effect == Effect::Forbid)
+    );
+    // Without PII the battery sends it out.
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!(d.side, Locality::Cloud);
+    assert_eq!(d.decided_by, "device");
+}
+
+#[test]
+fn redact_mode_allows_cloud_with_placeholders() {
+    let mut v = view();
+    v.local.context_length = 100;
+    let f = Features {
+        privacy: Some(PrivacyMode::Redact),
+        pii: vec!["phone".into()],
+        prompt_tokens: 500,
+        ..Features::default()
+    };
+    let d = decide(&f, &v, &cfg()).unwrap();
+    assert_eq!(
+        (d.side, d.redact, d.fallback),
+        (Locality::Cloud, true, None)
+    );
+}
+
+#[test]
+fn too_long_and_private_is_refused_with_reasons() {
+    let mut v = view();
+    v.local.context_length = 100;
+    let f = Features {
+        privacy: Some(PrivacyMode::Strict),
+        pii: vec!["iban".into()],
+        prompt_tokens: 500,
+        ..Features::default()
+    };
+    let r = decide(&f, &v, &cfg()).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Privacy);
+    assert!(
+        r.message().contains("iban") && r.message().contains("exceeds"),
+        "{}",
+        r.message()
+    );
+}
+
+#[test]
+fn offline_budget_and_saturation() {
+    let mut v = view();
+    v.cloud.as_mut().unwrap().available = false;
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!((d.side, d.fallback), (Locality::Local, None));
+
+    let mut v = view();
+    v.spend.budget_usd = Some(1.0);
+    v.spend.today_usd = 1.5;
+    v.local.active = 4;
+    v.local.queued = 9;
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!(
+        d.side,
+        Locality::Local,
+        "budget forbids the cloud the load would prefer"
+    );
+    assert!(d.reasons.iter().any(|r| r.rule == "budget"));
+
+    let mut v = view();
+    v.local.active = 4;
+    v.local.queued = 9;
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!((d.side, d.decided_by), (Locality::Cloud, "load"));
+}
+
+#[test]
+fn latency_goal_and_named_models() {
+    let f = Features {
+        prompt_tokens: 2000,
+        latency_goal_ms: Some(1000),
+        ..Features::default()
+    };
+    let d = decide(&f, &view(), &cfg()).unwrap();
+    assert_eq!((d.side, d.decided_by), (Locality::Cloud, "latency"));
+
+    let f = Features {
+        named: Some(Locality::Cloud),
+        ..Features::default()
+    };
+    let d = decide(&f, &view(), &cfg()).unwrap();
+    assert_eq!((d.side, d.fallback), (Locality::Cloud, None));
+    let f = Features {
+        named: Some(Locality::Cloud),
+        privacy: Some(PrivacyMode::Strict),
+        pii: vec!["email".into()],
+        ..Features::default()
+    };
+    assert_eq!(
+        decide(&f, &view(), &cfg()).unwrap_err().kind,
+        RefusalKind::Privacy
+    );
+}
+
+#[test]
+fn rule_order_sets_priority_of_preferences() {
+    let mut v = view();
+    v.device.battery_pct = Some(5.0);
+    v.device.charging = Some(false);
+    let mut c = cfg();
+    c.rules = vec![Rule::PreferLocal, Rule::Device];
+    assert_eq!(
+        decide(&Features::default(), &v, &c).unwrap().side,
+        Locality::Local
+    );
+    c.rules = vec![Rule::Device, Rule::PreferLocal];
+    assert_eq!(
+        decide(&Features::default(), &v, &c).unwrap().side,
+        Locality::Cloud
+    );
+}
+
+#[test]
+fn quality_knob_moves_the_threshold() {
+    assert_eq!(threshold_for_quality(0.4, 0.5), 0.4);
+    assert_eq!(threshold_for_quality(0.4, 1.0), 0.0);
+    assert!((threshold_for_quality(0.4, 0.0) - 1.0).abs() < 1e-6);
+    assert!(threshold_for_quality(0.4, 0.75) < 0.4);
+}
+
+#[test]
+fn capability_forbids_the_side_that_lacks_a_feature() {
+    use tandem_api::{Capabilities, Feature};
+    let mut v = view();
+    v.local.capabilities = Capabilities::of([Feature::Chat]);
+    if let Some(c) = v.cloud.as_mut() {
+        c.capabilities = Capabilities::of([Feature::Chat, Feature::Tools]);
+    }
+    let f = Features {
+        needs: vec![Feature::Chat, Feature::Tools],
+        ..Features::default()
+    };
+    let d = decide(&f, &v, &cfg()).unwrap();
+    assert_eq!((d.side, d.fallback), (Locality::Cloud, None));
+    assert!(d.reasons.iter().any(|r| r.detail.contains("tool calling")));
+    if let Some(c) = v.cloud.as_mut() {
+        c.capabilities = Capabilities::of([Feature::Chat]);
+    }
+    assert_eq!(
+        decide(&f, &v, &cfg()).unwrap_err().kind,
+        RefusalKind::NoBackend
+    );
+}

@@ -1,0 +1,417 @@
+//! The learned router's model, as requests use it: from a prompt's
+//! embedding, how much sending it to the strong (cloud) model rather than
+//! the weak (local) one is expected to improve the answer.
+//!
+//! The parts (chosen by measurement on held-out prompts, see the README):
+//! - a topic prior: the mean gain of each topic, read through a soft
+//!   assignment of the prompt to the topics' centroids — how hard this
+//!   *kind* of question is;
+//! - ridge regression on the embedding plus a few surface features (length,
+//!   how many numbers) — how hard *this* question is within its kind;
+//! - similarity-weighted k-nearest neighbours (optional).
+//!
+//! Several parts average their ranks. A raw score is turned into its
+//! percentile among the training scores, so a threshold of 0.6 means "keep
+//! the 60% easiest prompts local". Training and evaluation live in
+//! `tandem-train`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::scoring::Scorer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+/// Which parts a router combines.
+pub enum ModelKind {
+    /// Neighbours alone.
+    Knn,
+    /// Ridge alone.
+    Ridge,
+    /// The topic prior alone.
+    Topics,
+    /// Topics and ridge.
+    Ensemble,
+    /// Topics, ridge and neighbours.
+    All,
+}
+
+impl ModelKind {
+    /// Uses the neighbours.
+    pub fn knn(self) -> bool {
+        matches!(self, Self::Knn | Self::All)
+    }
+    /// Uses the ridge.
+    pub fn ridge(self) -> bool {
+        matches!(self, Self::Ridge | Self::Ensemble | Self::All)
+    }
+    /// Uses the topic prior.
+    pub fn topics(self) -> bool {
+        matches!(self, Self::Topics | Self::Ensemble | Self::All)
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "knn" => Ok(Self::Knn),
+            "ridge" => Ok(Self::Ridge),
+            "topics" => Ok(Self::Topics),
+            "ensemble" => Ok(Self::Ensemble),
+            "all" => Ok(Self::All),
+            o => Err(format!(
+                "model must be knn, ridge, topics, ensemble or all, got `{o}`"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How a router was trained; the scoring parts read it too.
+pub struct TrainConfig {
+    /// The parts.
+    pub kind: ModelKind,
+    /// Neighbours consulted.
+    pub k: usize,
+    /// Sharpness of the similarity weights: weight = exp(sim / temperature).
+    pub temperature: f32,
+    /// L2 penalty of the ridge.
+    pub ridge_lambda: f32,
+    /// Sharpness of the soft assignment to topics.
+    #[serde(default = "d_topic_temperature")]
+    pub topic_temperature: f32,
+}
+
+fn d_topic_temperature() -> f32 {
+    0.05
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            kind: ModelKind::Ensemble,
+            k: 64,
+            temperature: 0.05,
+            ridge_lambda: 10.0,
+            topic_temperature: d_topic_temperature(),
+        }
+    }
+}
+
+/// Training prompts, quantised to 8 bits a dimension (unit vectors lose
+/// nothing that matters for ranking neighbours).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Neighbours {
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Row-major, `dim` values a prompt.
+    #[serde(with = "b64")]
+    pub vectors: Vec<i8>,
+    /// Each prompt's gain (strong correct minus weak correct).
+    pub gains: Vec<f32>,
+}
+
+/// Ridge regression of the gain on the embedding and the text features.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ridge {
+    /// Over the embedding, then the standardised text features.
+    pub weights: Vec<f32>,
+    /// The intercept.
+    pub bias: f32,
+    /// Training mean of each text feature.
+    pub feature_mean: Vec<f32>,
+    /// Training standard deviation of each text feature.
+    pub feature_std: Vec<f32>,
+}
+
+/// Topic centroids with each topic's mean gain (shrunk towards the overall
+/// mean for topics with few prompts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Topics {
+    /// Topic names.
+    pub names: Vec<String>,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Unit centroids, row-major.
+    pub centroids: Vec<f32>,
+    /// Each topic's mean gain.
+    pub gains: Vec<f32>,
+}
+
+/// A trained router, as saved to disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouterModel {
+    /// Format version.
+    pub version: u32,
+    /// Catalog name of the embedding model the router was trained with.
+    pub embedder: String,
+    /// How it was trained.
+    pub config: TrainConfig,
+    /// The neighbours part.
+    pub knn: Option<Neighbours>,
+    /// The ridge part.
+    pub ridge: Option<Ridge>,
+    /// The topic prior.
+    #[serde(default)]
+    pub topics: Option<Topics>,
+    /// Sorted scores of each part on the training prompts, for putting the
+    /// parts on one scale in the ensemble.
+    pub knn_cdf: Vec<f32>,
+    /// See `knn_cdf`.
+    pub ridge_cdf: Vec<f32>,
+    /// See `knn_cdf`.
+    #[serde(default)]
+    pub topics_cdf: Vec<f32>,
+    /// Sorted raw scores of the training prompts (for percentiles).
+    pub cdf: Vec<f32>,
+    /// Percentile above which prompts go to the cloud (calibrated).
+    pub threshold: f32,
+    /// How the threshold was chosen.
+    pub calibrated_for: String,
+    /// `quality_thresholds[i]`: the threshold that recovers i% of the gap
+    /// between the weak and the strong model on the training prompts. The
+    /// per-request quality knob reads it.
+    #[serde(default)]
+    pub quality_thresholds: Vec<f32>,
+    /// Ids of the training prompts: evaluation skips them.
+    pub trained_on: Vec<String>,
+}
+
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[i8], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = v.iter().map(|&x| x as u8).collect();
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i8>, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)?;
+        Ok(bytes.into_iter().map(|b| b as i8).collect())
+    }
+}
+
+/// 8 bits a dimension, as the neighbours store vectors.
+pub fn quantise(v: &[f32]) -> impl Iterator<Item = i8> + '_ {
+    v.iter()
+        .map(|x| (x * 127.0).round().clamp(-127.0, 127.0) as i8)
+}
+
+impl Neighbours {
+    /// Similarity-weighted mean gain of the `k` nearest prompts,
+    /// optionally leaving one training prompt out.
+    pub fn score(&self, q: &[f32], cfg: &TrainConfig, skip: Option<usize>) -> f32 {
+        let qi: Vec<i32> = quantise(q).map(i32::from).collect();
+        let mut best: Vec<(f32, usize)> = Vec::with_capacity(cfg.k + 1);
+        for (i, row) in self.vectors.chunks_exact(self.dim).enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            let dot: i32 = row.iter().zip(&qi).map(|(&a, &b)| i32::from(a) * b).sum();
+            let sim = dot as f32 / (127.0 * 127.0);
+            if best.len() == cfg.k && sim <= best[cfg.k - 1].0 {
+                continue;
+            }
+            let at = best.partition_point(|&(s, _)| s >= sim);
+            best.insert(at, (sim, i));
+            best.truncate(cfg.k);
+        }
+        let top = best.first().map_or(0.0, |b| b.0);
+        let (mut num, mut den) = (0.0f32, 0.0f32);
+        for (sim, i) in best {
+            let w = ((sim - top) / cfg.temperature).exp();
+            num += w * self.gains[i];
+            den += w;
+        }
+        if den > 0.0 { num / den } else { 0.0 }
+    }
+}
+
+impl Ridge {
+    /// The embedding followed by the standardised features.
+    pub fn input<'a>(
+        &'a self,
+        embedding: &'a [f32],
+        features: &'a [f32],
+    ) -> impl Iterator<Item = f32> + 'a {
+        embedding.iter().copied().chain(
+            features
+                .iter()
+                .zip(self.feature_mean.iter().zip(&self.feature_std))
+                .map(|(&v, (&m, &sd))| (v - m) / sd),
+        )
+    }
+
+    /// The predicted gain.
+    pub fn score(&self, embedding: &[f32], features: &[f32]) -> f32 {
+        self.bias
+            + self
+                .weights
+                .iter()
+                .zip(self.input(embedding, features))
+                .map(|(w, x)| w * x)
+                .sum::<f32>()
+    }
+}
+
+impl Topics {
+    /// Topics with fewer prompts than this lean on the overall mean.
+    pub const SHRINK: f32 = 20.0;
+
+    /// Expected gain under a softmax assignment to the topics.
+    pub fn score(&self, q: &[f32], temperature: f32) -> f32 {
+        let sims: Vec<f32> = self
+            .centroids
+            .chunks_exact(self.dim)
+            .map(|c| c.iter().zip(q).map(|(a, b)| a * b).sum::<f32>())
+            .collect();
+        let top = sims.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (mut num, mut den) = (0.0f32, 0.0f32);
+        for (s, g) in sims.iter().zip(&self.gains) {
+            let w = ((s - top) / temperature).exp();
+            num += w * g;
+            den += w;
+        }
+        if den > 0.0 { num / den } else { 0.0 }
+    }
+}
+
+/// The share of `sorted` below `v`.
+pub fn percentile(sorted: &[f32], v: f32) -> f32 {
+    if sorted.is_empty() {
+        return 0.5;
+    }
+    sorted.partition_point(|&x| x < v) as f32 / sorted.len() as f32
+}
+
+impl RouterModel {
+    /// One part alone is its own score; several average their ranks (they
+    /// score on different scales).
+    pub fn combine(&self, knn: Option<f32>, ridge: Option<f32>, topics: Option<f32>) -> f32 {
+        let parts: Vec<(f32, &[f32])> = [
+            (knn, self.knn_cdf.as_slice()),
+            (ridge, self.ridge_cdf.as_slice()),
+            (topics, self.topics_cdf.as_slice()),
+        ]
+        .into_iter()
+        .filter_map(|(v, cdf)| v.map(|v| (v, cdf)))
+        .collect();
+        match parts.as_slice() {
+            [] => 0.0,
+            [(v, _)] => *v,
+            many => {
+                many.iter().map(|(v, cdf)| percentile(cdf, *v)).sum::<f32>() / many.len() as f32
+            }
+        }
+    }
+
+    /// Expected-gain score; higher means the cloud helps more. `features`
+    /// are the prompt's [`text_features`].
+    pub fn raw_score(&self, embedding: &[f32], features: &[f32]) -> f32 {
+        let k = self
+            .knn
+            .as_ref()
+            .map(|k| k.score(embedding, &self.config, None));
+        let r = self.ridge.as_ref().map(|r| r.score(embedding, features));
+        let t = self
+            .topics
+            .as_ref()
+            .map(|t| t.score(embedding, self.config.topic_temperature));
+        self.combine(k, r, t)
+    }
+
+    /// Difficulty in [0, 1]: the share of training prompts that score lower.
+    pub fn score(&self, embedding: &[f32], features: &[f32]) -> f32 {
+        percentile(&self.cdf, self.raw_score(embedding, features))
+    }
+
+    /// The threshold for a quality knob in [0, 1]: the share of the gap
+    /// between the local and the cloud model to recover.
+    pub fn threshold_for_quality(&self, quality: f32) -> f32 {
+        if self.quality_thresholds.is_empty() {
+            return crate::decision::threshold_for_quality(self.threshold, quality);
+        }
+        let i = (quality.clamp(0.0, 1.0) * 100.0).round() as usize;
+        self.quality_thresholds[i.min(self.quality_thresholds.len() - 1)]
+    }
+}
+
+/// The router in the request path (the dispatcher embeds the prompt).
+pub struct LearnedScorer {
+    model: RouterModel,
+}
+
+impl LearnedScorer {
+    /// Checks that the router's vectors have the embedder's dimension.
+    pub fn new(model: RouterModel, dim: usize) -> Result<Self, String> {
+        if model.knn.as_ref().is_some_and(|k| k.dim != dim)
+            || model.topics.as_ref().is_some_and(|t| t.dim != dim)
+            || model
+                .ridge
+                .as_ref()
+                .is_some_and(|r| r.weights.len() != dim + r.feature_mean.len())
+        {
+            return Err(format!(
+                "the router was trained with {} vectors, not of dimension {dim}",
+                model.embedder
+            ));
+        }
+        Ok(Self { model })
+    }
+
+    /// Reads a router saved as JSON.
+    pub fn load(path: &std::path::Path, dim: usize) -> Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let model: RouterModel =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::new(model, dim)
+    }
+
+    /// The model.
+    pub fn model(&self) -> &RouterModel {
+        &self.model
+    }
+}
+
+impl Scorer for LearnedScorer {
+    fn score(&self, embedding: &[f32], text: &str) -> f32 {
+        self.model.score(embedding, &text_features(text))
+    }
+
+    fn threshold(&self, quality: Option<f32>) -> Option<f32> {
+        Some(quality.map_or(self.model.threshold, |q| {
+            self.model.threshold_for_quality(q)
+        }))
+    }
+}
+
+/// Surface features of a prompt that the embedding hides: its length and
+/// how much arithmetic it holds.
+pub fn text_features(text: &str) -> Vec<f32> {
+    let mut numbers = 0usize;
+    let mut digits = 0usize;
+    let mut in_number = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits += 1;
+            if !in_number {
+                numbers += 1;
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+        }
+    }
+    let ln = |n: usize| (1.0 + n as f32).ln();
+    vec![
+        ln(text.len()),
+        ln(numbers),
+        ln(digits),
+        text.matches('\n').count() as f32 / 10.0,
+        ln(text.split_whitespace().count()),
+    ]
+}

@@ -1,0 +1,29 @@
+//! Scoring how hard a request is for the local model: the interface the
+//! router's difficulty rule reads, and what a scorer judges.
+
+pub use crate::learned::text_features;
+
+/// Scores how hard a request is for the local model, in [0, 1].
+pub trait Scorer: Send + Sync {
+    /// Difficulty in [0, 1] of what the user asked last (`text`, see
+    /// [`routed_text`]) from its embedding.
+    fn score(&self, embedding: &[f32], text: &str) -> f32;
+    /// The difficulty threshold for the request's quality knob (`None`: the
+    /// knob is absent); `None` leaves it to the policy's configured one.
+    fn threshold(&self, _quality: Option<f32>) -> Option<f32> {
+        None
+    }
+}
+
+/// The text a router judges: what the user asked last.
+pub fn routed_text(input: &tandem_api::Input) -> Option<&str> {
+    match input {
+        tandem_api::Input::Chat { messages, .. } => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .or(messages.last())
+            .map(|m| m.content.as_str()),
+        tandem_api::Input::Text(t) => Some(t.as_str()),
+    }
+}

@@ -1,0 +1,144 @@
+//! Putting a [`Dispatcher`] together from its parts, checked once.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_api::Backend;
+use tandem_embed::Embedder;
+use tandem_ledger::Ledger;
+use tandem_policy::privacy::Detector;
+use tandem_policy::{PolicyConfig, PrivacyConfig};
+
+use super::{Dispatcher, Semantics, Speed};
+use crate::access::{Access, KeyConfig, SpendTracker};
+use crate::cache::SemanticCache;
+use crate::egress::Egress;
+use crate::metrics::Metrics;
+use crate::signals::SignalHub;
+use crate::speculative::{SpeculativeConfig, Verifier};
+
+/// Builds a [`Dispatcher`].
+#[derive(Default)]
+pub struct DispatcherBuilder {
+    locals: Vec<Arc<dyn Backend>>,
+    clouds: Vec<Arc<dyn Backend>>,
+    policy: PolicyConfig,
+    privacy: PrivacyConfig,
+    keys: Vec<KeyConfig>,
+    ledger: Option<Ledger>,
+    hub: Option<SignalHub>,
+    embedder: Option<(String, Arc<Embedder>)>,
+    cache: Option<Arc<SemanticCache>>,
+    speculative: SpeculativeConfig,
+}
+
+impl DispatcherBuilder {
+    /// A local backend. The first is the one the router places requests on.
+    pub fn local(self, b: impl Backend) -> Self {
+        self.local_arc(Arc::new(b))
+    }
+
+    /// A local backend already shared.
+    pub fn local_arc(mut self, b: Arc<dyn Backend>) -> Self {
+        self.locals.push(b);
+        self
+    }
+
+    /// A cloud backend, in order of preference.
+    pub fn cloud(self, b: impl Backend) -> Self {
+        self.cloud_arc(Arc::new(b))
+    }
+
+    /// A cloud backend already shared.
+    pub fn cloud_arc(mut self, b: Arc<dyn Backend>) -> Self {
+        self.clouds.push(b);
+        self
+    }
+
+    /// The `[router]` section.
+    pub fn policy(mut self, p: PolicyConfig) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// The `[privacy]` section.
+    pub fn privacy(mut self, p: PrivacyConfig) -> Self {
+        self.privacy = p;
+        self
+    }
+
+    /// Gateway keys; none means open (loopback only, unless told otherwise).
+    pub fn keys(mut self, k: Vec<KeyConfig>) -> Self {
+        self.keys = k;
+        self
+    }
+
+    /// The egress ledger; today's spending is read back from it.
+    pub fn ledger(mut self, l: Ledger) -> Self {
+        self.ledger = Some(l);
+        self
+    }
+
+    /// The signal hub (default: one reading this machine).
+    pub fn signals(mut self, hub: SignalHub) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// The sentence embedder: `/v1/embeddings`, the learned router and the
+    /// semantic cache use it.
+    pub fn embedder(mut self, name: &str, e: Arc<Embedder>) -> Self {
+        self.embedder = Some((name.to_owned(), e));
+        self
+    }
+
+    /// The semantic cache (needs an embedder too).
+    pub fn cache(mut self, c: Arc<SemanticCache>) -> Self {
+        self.cache = Some(c);
+        self
+    }
+
+    /// The `[speculative]` section.
+    pub fn speculative(mut self, s: SpeculativeConfig) -> Self {
+        self.speculative = s;
+        self
+    }
+
+    /// Checks the configuration and builds the dispatcher.
+    pub fn build(self) -> Result<Arc<Dispatcher>, String> {
+        let spend = SpendTracker::default();
+        if let Some(l) = &self.ledger {
+            match tandem_ledger::read(l.path()) {
+                Ok(entries) => spend.seed_from_ledger(&entries),
+                Err(e) => return Err(format!("reading the ledger: {e}")),
+            }
+        }
+        let metrics = Arc::new(Metrics::new());
+        let sessions = self.locals.iter().filter_map(|l| l.sessions()).collect();
+        Ok(Arc::new(Dispatcher {
+            sessions,
+            locals: self.locals,
+            clouds: self.clouds,
+            hub: self.hub.unwrap_or_default(),
+            detector: Detector::new(&self.privacy.custom_patterns)?,
+            policy: self.policy,
+            egress: Arc::new(Egress {
+                ledger: self.ledger,
+                spend,
+                metrics: metrics.clone(),
+            }),
+            access: Access::new(&self.keys)?,
+            local_speed: Mutex::new(Speed::default()),
+            semantics: Semantics {
+                embedder: self.embedder,
+                scorer: Mutex::new(None),
+                cache: self.cache,
+            },
+            verifier: Arc::new(Verifier::new(
+                Duration::from_secs(self.speculative.session_idle_s.max(1)),
+                metrics,
+            )),
+            speculative: self.speculative,
+        }))
+    }
+}

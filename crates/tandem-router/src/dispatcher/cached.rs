@@ -1,0 +1,137 @@
+//! The semantic cache in the request path: which requests may be looked up
+//! and kept, answering from a hit, and keeping an answer once it ends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use tandem_api::{Event, EventStream, Finish, GenerateRequest, Locality};
+use tandem_policy::{Decision, Effect, Features, PrivacyMode, Reason};
+
+use super::{CacheOutcome, Dispatched, Dispatcher, RequestContext, RouteInfo};
+use crate::cache::{CacheKey, Cached};
+use crate::metrics::RouteLabels;
+
+impl Dispatcher {
+    /// The cache key of a request, or why it is not looked up.
+    pub(super) fn cache_key(
+        &self,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+        features: &Features,
+    ) -> (Option<CacheKey>, Option<CacheOutcome>) {
+        match self.cache() {
+            Some(c) if c.config().enabled && self.embedder().is_some() => {
+                // With privacy off the policy skips the detector; the cache
+                // still must not keep personal data on disk.
+                let private = if features.privacy == Some(PrivacyMode::Off) {
+                    !self.pii_classes(req).is_empty()
+                } else {
+                    !features.pii.is_empty()
+                };
+                let key = (!ctx.cache_skip && !private)
+                    .then(|| {
+                        let mode = features.privacy.unwrap_or(self.policy.privacy);
+                        let name = ctx.caller.as_ref().map(|c| c.config.name.as_str());
+                        CacheKey::new(req, name, mode.as_str())
+                    })
+                    .flatten();
+                if key.is_none() {
+                    self.count_cache("skip");
+                    return (None, Some(CacheOutcome::Skip));
+                }
+                (key, None)
+            }
+            _ => (None, None),
+        }
+    }
+
+    /// Answers from the cache: one piece of text, then the finish.
+    pub(super) fn serve_cached(&self, hit: Cached, t0: Instant) -> Dispatched {
+        let detail = format!(
+            "a prompt this close (similarity {:.3}) was answered before by {}",
+            hit.similarity, hit.backend
+        );
+        let route = RouteInfo {
+            backend: "cache".into(),
+            model: hit.model.clone(),
+            decision: Decision {
+                side: Locality::Local,
+                fallback: None,
+                redact: false,
+                reasons: vec![Reason {
+                    rule: "cache",
+                    effect: Effect::Decided,
+                    side: Locality::Local,
+                    detail,
+                }],
+                decided_by: "cache",
+            },
+            redacted: BTreeMap::new(),
+            failover: None,
+            decision_us: t0.elapsed().as_micros() as u64,
+            difficulty: None,
+            cache: Some(CacheOutcome::Hit {
+                similarity: hit.similarity,
+            }),
+            cascade: None,
+            speculative: None,
+        };
+        self.metrics()
+            .requests
+            .get_or_create(&RouteLabels {
+                backend: "cache".into(),
+                reason: "cache".into(),
+            })
+            .inc();
+        let events = vec![
+            Ok(Event::Delta(tandem_api::Delta {
+                text: hit.text,
+                tokens: Vec::new(),
+            })),
+            Ok(Event::Finish(Finish {
+                reason: hit.finish,
+                usage: hit.usage,
+            })),
+        ];
+        Dispatched {
+            stream: Box::pin(futures::stream::iter(events)),
+            route,
+        }
+    }
+
+    /// Passes the answer through and keeps it in the cache once it ends.
+    pub(super) fn keep_answer(
+        self: &Arc<Self>,
+        stream: EventStream,
+        store: Option<(CacheKey, Vec<f32>)>,
+        backend: String,
+        model: String,
+    ) -> EventStream {
+        let (Some((key, embedding)), Some(cache)) = (store, self.cache().cloned()) else {
+            return stream;
+        };
+        Box::pin(async_stream::stream! {
+            let mut stream = stream;
+            let mut text = String::new();
+            while let Some(event) = stream.next().await {
+                match &event {
+                    Ok(Event::Delta(d)) => text.push_str(&d.text),
+                    Ok(Event::Finish(f)) => {
+                        cache.insert(&key, embedding.clone(), Cached {
+                            text: std::mem::take(&mut text),
+                            finish: f.reason,
+                            usage: f.usage,
+                            backend: backend.clone(),
+                            model: model.clone(),
+                            similarity: 1.0,
+                        });
+                    }
+                    Err(_) => {}
+                }
+                yield event;
+            }
+        })
+    }
+}

@@ -1,0 +1,450 @@
+//! One side serving an answer (a *leg*): starting it on a backend — with
+//! personal data replaced first when it leaves the device — and supervising
+//! its stream: originals restored in the answer, the egress settled, and,
+//! when the stream breaks, the answer handed to the other side, which
+//! continues from the text the client already has.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tandem_api::{
+    ApiError, Event, EventStream, Feature, Finish, GenerateRequest, Input, Locality, Usage,
+};
+use tandem_policy::Decision;
+use tandem_policy::privacy::{Redaction, Restorer};
+
+use super::{CacheOutcome, Dispatched, Dispatcher, RequestContext, RouteInfo};
+use crate::cache::CacheKey;
+use crate::egress::{EgressRecord, Requester};
+use crate::metrics::{BackendLabels, ClassLabels, MoveLabels, RouteLabels};
+
+/// Where a request was placed, carried through its modes.
+#[derive(Clone)]
+pub(super) struct Placement {
+    pub local_i: usize,
+    pub cloud_i: usize,
+    pub t0: Instant,
+    pub decision_us: u64,
+    /// The policy's prompt length estimate.
+    pub prompt_estimate: u32,
+    pub difficulty: Option<(f32, f32)>,
+    pub cache: Option<CacheOutcome>,
+}
+
+/// A side that is serving the answer now.
+pub(crate) struct Leg {
+    pub side: Locality,
+    /// `local` or `cloud:<upstream>`.
+    pub label: String,
+    pub model: String,
+    pub stream: EventStream,
+    pub restorer: Option<Restorer>,
+    /// The ledger duty of a cloud leg.
+    pub egress: Option<EgressRecord>,
+    /// What was replaced by placeholders before it left.
+    pub redacted: std::collections::BTreeMap<String, u32>,
+    /// Drafted here and verified in the cloud; the drafting task does its
+    /// own accounting.
+    pub speculative: bool,
+}
+
+/// What supervising an answer needs beyond the leg.
+pub(super) struct Supervision {
+    pub req: GenerateRequest,
+    pub ctx: RequestContext,
+    pub fallback: Option<Locality>,
+    pub redact: bool,
+    /// The label the metrics count the answer under.
+    pub reason: &'static str,
+    pub placement: Placement,
+}
+
+impl Dispatcher {
+    fn requester(ctx: &RequestContext) -> Requester {
+        Requester {
+            request_id: ctx.request_id.clone(),
+            key: ctx.caller.as_ref().map(|c| c.config.name.clone()),
+        }
+    }
+
+    /// The request as it may leave the device, and what was taken out.
+    pub(super) fn outgoing(
+        &self,
+        req: &GenerateRequest,
+        redact: bool,
+    ) -> (GenerateRequest, Redaction) {
+        let mut out = req.clone();
+        let mut redaction = Redaction::default();
+        if redact {
+            self.redact(&mut out, &mut redaction);
+        }
+        for (class, n) in &redaction.classes {
+            self.metrics()
+                .redactions
+                .get_or_create(&ClassLabels {
+                    class: class.clone(),
+                })
+                .inc_by(u64::from(*n));
+        }
+        (out, redaction)
+    }
+
+    fn redact(&self, req: &mut GenerateRequest, r: &mut Redaction) {
+        if let Input::Chat {
+            messages,
+            continue_from,
+        } = &mut req.input
+        {
+            for m in messages.iter_mut() {
+                m.content = r.redact(&self.detector, &m.content);
+            }
+            if let Some(c) = continue_from {
+                *c = r.redact(&self.detector, c);
+            }
+        } else if let Input::Text(t) = &mut req.input {
+            *t = r.redact(&self.detector, t);
+        }
+        for v in req.extra.values_mut() {
+            r.redact_json(&self.detector, v);
+        }
+    }
+
+    /// Starts the answer on one side.
+    pub(super) async fn start_leg(
+        self: &Arc<Self>,
+        side: Locality,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+        redact: bool,
+        p: &Placement,
+    ) -> Result<Leg, ApiError> {
+        match side {
+            Locality::Local => {
+                let engine = self
+                    .local(p.local_i)
+                    .ok_or_else(|| ApiError::unavailable("no local model is loaded"))?;
+                let mut local_req = req.clone();
+                local_req.model = engine.model_for(&req.model);
+                let model = local_req.model.clone();
+                let stream = engine.start(local_req).await.result?;
+                Ok(Leg {
+                    side,
+                    label: "local".into(),
+                    model,
+                    stream,
+                    restorer: None,
+                    egress: None,
+                    redacted: Default::default(),
+                    speculative: false,
+                })
+            }
+            Locality::Cloud => {
+                let cloud = self
+                    .cloud(p.cloud_i)
+                    .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
+                let (out, redaction) = self.outgoing(req, redact);
+                let started = cloud.start(out).await;
+                let exchange = started
+                    .exchange
+                    .unwrap_or_else(|| Arc::new(tandem_api::Exchange::new(cloud.name(), "")));
+                let mut record = EgressRecord::new(
+                    self.egress.clone(),
+                    cloud.price(),
+                    exchange,
+                    redaction.classes.clone(),
+                    Self::requester(ctx),
+                );
+                match started.result {
+                    Ok(stream) => Ok(Leg {
+                        side,
+                        label: format!("cloud:{}", cloud.name()),
+                        model: cloud.model_for(&req.model),
+                        stream,
+                        restorer: (!redaction.is_empty()).then(|| redaction.restorer()),
+                        egress: Some(record),
+                        redacted: redaction.classes,
+                        speculative: false,
+                    }),
+                    Err(e) => {
+                        record.settle_failed_start(&e.message);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drafts on the device and verifies in the cloud (see
+    /// [`crate::speculative`]).
+    pub(super) async fn start_speculative(
+        self: &Arc<Self>,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+        redact: bool,
+        p: &Placement,
+    ) -> Result<Leg, ApiError> {
+        let drafter = self
+            .local(p.local_i)
+            .and_then(|l| l.sessions())
+            .ok_or_else(|| ApiError::unavailable("no local model can draft"))?;
+        let cloud = self
+            .cloud(p.cloud_i)
+            .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
+        let verifier = cloud.verifier().ok_or_else(|| {
+            ApiError::not_found(format!(
+                "upstream `{}` does not verify drafts",
+                cloud.name()
+            ))
+        })?;
+        let (out, redaction) = self.outgoing(req, redact);
+        let model = cloud.model_for(&req.model);
+        let stream = crate::speculative::start(crate::speculative::SpecJob {
+            egress: self.egress.clone(),
+            config: self.speculative.clone(),
+            drafter,
+            verifier,
+            upstream: cloud.name().to_owned(),
+            price: cloud.price(),
+            target_model: model.clone(),
+            req: out,
+            redacted: redaction.classes.clone(),
+            who: Self::requester(ctx),
+        })
+        .await?;
+        Ok(Leg {
+            side: Locality::Cloud,
+            label: format!("cloud:{}", cloud.name()),
+            model,
+            stream,
+            restorer: (!redaction.is_empty()).then(|| redaction.restorer()),
+            egress: None,
+            redacted: redaction.classes,
+            speculative: true,
+        })
+    }
+
+    /// Where a leg's answer comes from, for the headers.
+    pub(super) fn route_info(&self, leg: &Leg, decision: &Decision, p: &Placement) -> RouteInfo {
+        RouteInfo {
+            backend: leg.label.clone(),
+            model: leg.model.clone(),
+            decision: decision.clone(),
+            redacted: leg.redacted.clone(),
+            failover: None,
+            decision_us: p.decision_us,
+            difficulty: p.difficulty,
+            cache: p.cache,
+            cascade: None,
+            speculative: None,
+        }
+    }
+
+    /// Supervises the leg and, when the answer is one to keep, tees it
+    /// into the cache.
+    pub(super) fn run_leg(
+        self: &Arc<Self>,
+        leg: Leg,
+        sup: Supervision,
+        route: RouteInfo,
+        store: Option<(CacheKey, Vec<f32>)>,
+    ) -> Dispatched {
+        let keep =
+            leg.side == Locality::Cloud || self.cache().is_some_and(|c| c.config().local_answers);
+        let store = store.filter(|_| keep);
+        let stream = self.supervise(leg, sup);
+        let stream = self.keep_answer(stream, store, route.backend.clone(), route.model.clone());
+        Dispatched { stream, route }
+    }
+
+    pub(super) fn count_move(&self, failover: bool, from: Locality, to: Locality, e: &ApiError) {
+        let m = self.metrics();
+        let family = if failover { &m.failovers } else { &m.handoffs };
+        family
+            .get_or_create(&MoveLabels {
+                from: from.as_str().into(),
+                to: to.as_str().into(),
+                cause: crate::metrics::cause_label(e),
+            })
+            .inc();
+    }
+
+    /// Whether the other side can take over an answer of which `text` was
+    /// already sent.
+    fn can_take_over(&self, to: Locality, sup: &Supervision, text: &str) -> bool {
+        match to {
+            Locality::Local => self.local(sup.placement.local_i).is_some(),
+            Locality::Cloud => self.cloud(sup.placement.cloud_i).is_some_and(|c| {
+                text.is_empty() || c.capabilities().supports(Feature::Continuation)
+            }),
+        }
+    }
+
+    fn supervise(self: &Arc<Self>, leg: Leg, sup: Supervision) -> EventStream {
+        let disp = self.clone();
+        Box::pin(async_stream::stream! {
+            let mut leg = leg;
+            let mut text = String::new();
+            let mut first_at: Option<Duration> = None;
+            let mut handed_off = false;
+            let mut earlier_tokens = 0u32;
+            loop {
+                let event = leg.stream.next().await;
+                match event {
+                    Some(Ok(Event::Delta(mut d))) => {
+                        if let Some(c) = leg.egress.as_mut() {
+                            c.deltas += 1;
+                        }
+                        if let Some(r) = leg.restorer.as_mut() {
+                            d.text = r.push(&d.text);
+                        }
+                        if d.text.is_empty() && d.tokens.is_empty() {
+                            continue;
+                        }
+                        first_at.get_or_insert_with(|| sup.placement.t0.elapsed());
+                        text.push_str(&d.text);
+                        yield Ok(Event::Delta(d));
+                    }
+                    Some(Ok(Event::Finish(f))) => {
+                        if let Some(r) = leg.restorer.as_mut() {
+                            let rest = r.finish();
+                            if !rest.is_empty() {
+                                text.push_str(&rest);
+                                yield Ok(Event::Delta(tandem_api::Delta { text: rest, tokens: vec![] }));
+                            }
+                        }
+                        let mut usage = f.usage;
+                        usage.completion_tokens = usage.completion_tokens.saturating_add(earlier_tokens);
+                        usage.total_tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+                        disp.account(&mut leg, &sup, f.usage, first_at, handed_off);
+                        yield Ok(Event::Finish(Finish { reason: f.reason, usage }));
+                        return;
+                    }
+                    broke => {
+                        let e = match broke {
+                            Some(Err(e)) => e,
+                            _ => ApiError::bad_gateway("the answer ended without finishing"),
+                        };
+                        let to = sup
+                            .fallback
+                            .filter(|_| !handed_off)
+                            .filter(|&to| disp.can_take_over(to, &sup, &text));
+                        let Some(to) = to else {
+                            if let Some(c) = leg.egress.as_mut() {
+                                c.settle(&format!("error: {}", e.message), None);
+                            }
+                            yield Err(e);
+                            return;
+                        };
+                        // Hand the answer over: the other side continues from
+                        // the text the client already has.
+                        let mut next_req = sup.req.clone();
+                        if let Input::Chat { continue_from, .. } = &mut next_req.input {
+                            let mut prefix = continue_from.clone().unwrap_or_default();
+                            prefix.push_str(&text);
+                            *continue_from = (!prefix.is_empty()).then_some(prefix);
+                        } else if let Input::Text(t) = &mut next_req.input {
+                            t.push_str(&text);
+                        }
+                        let sent = leg.egress.as_ref().map_or(text.len() as u32 / 4, |c| c.deltas);
+                        if let Some(m) = next_req.max_tokens.as_mut() {
+                            *m = m.saturating_sub(sent.max(text.len() as u32 / 4)).max(1);
+                        }
+                        let from = leg.side;
+                        earlier_tokens = earlier_tokens.saturating_add(sent);
+                        if let Some(c) = leg.egress.as_mut() {
+                            c.settle(&format!("handoff to {}: {}", to.as_str(), e.message), None);
+                        }
+                        let redact = to == Locality::Cloud && sup.redact;
+                        match disp.start_leg(to, &next_req, &sup.ctx, redact, &sup.placement).await {
+                            Ok(next) => {
+                                tracing::info!(from = from.as_str(), to = to.as_str(), chars = text.len(), "handoff: {}", e.message);
+                                disp.count_move(false, from, to, &e);
+                                handed_off = true;
+                                leg = next;
+                            }
+                            Err(e2) => {
+                                yield Err(ApiError::bad_gateway(format!(
+                                    "{}; handing the answer to the {} failed too: {}",
+                                    e.message, to.as_str(), e2.message
+                                )));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn account(
+        &self,
+        leg: &mut Leg,
+        sup: &Supervision,
+        usage: Usage,
+        first_at: Option<Duration>,
+        handed_off: bool,
+    ) {
+        let total = sup.placement.t0.elapsed();
+        let m = self.metrics();
+        let label = BackendLabels {
+            backend: leg.label.clone(),
+        };
+        if let Some(ttft) = first_at {
+            m.ttft.get_or_create(&label).observe(ttft.as_secs_f64());
+        }
+        m.duration
+            .get_or_create(&label)
+            .observe(total.as_secs_f64());
+        m.requests
+            .get_or_create(&RouteLabels {
+                backend: leg.label.clone(),
+                reason: if handed_off { "handoff" } else { sup.reason }.into(),
+            })
+            .inc();
+        match leg.egress.as_mut() {
+            Some(c) => {
+                c.settle(
+                    if handed_off {
+                        "ok (after handoff)"
+                    } else {
+                        "ok"
+                    },
+                    Some(usage),
+                );
+            }
+            // The drafting task accounts for both sides itself.
+            None if leg.speculative => {}
+            None => {
+                m.count_tokens("local", usage.prompt_tokens, usage.completion_tokens);
+                // What the same answer would have cost in the cloud.
+                if let Some(c) = self.cloud(sup.placement.cloud_i).filter(|_| !handed_off) {
+                    let saved = c.price().cost(
+                        usage.prompt_tokens.max(sup.placement.prompt_estimate),
+                        usage.completion_tokens,
+                    );
+                    m.cost_saved_usd.inc_by(saved);
+                }
+                if let Some(ttft) = first_at
+                    && !handed_off
+                {
+                    self.observe_local(usage.prompt_tokens, usage.completion_tokens, ttft, total);
+                }
+            }
+        }
+    }
+
+    fn observe_local(&self, prompt: u32, completion: u32, ttft: Duration, total: Duration) {
+        let mut s = self.local_speed.lock().unwrap_or_else(|p| p.into_inner());
+        let ewma = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| 0.8 * o + 0.2 * new));
+        if prompt > 16 && ttft > Duration::ZERO {
+            s.prefill_tps = ewma(s.prefill_tps, f64::from(prompt) / ttft.as_secs_f64());
+        }
+        if completion > 1 && total > ttft {
+            s.decode_tps = ewma(
+                s.decode_tps,
+                f64::from(completion - 1) / (total - ttft).as_secs_f64(),
+            );
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! Carrying out decisions. [`Dispatcher::dispatch`] gathers what the policy
+//! needs ([`plan`]), asks it, and starts the answer on the chosen side in
+//! the requested mode: routed ([`leg`]: failover before the first token,
+//! handoff after it, redaction and restoration), cascaded ([`cascade`]),
+//! or speculative ([`crate::speculative`]). Answers may come from and go to
+//! the semantic cache ([`cached`]). What leaves the device is accounted by
+//! [`crate::egress`].
+//!
+//! Backends are held only through [`tandem_api::Backend`], so the
+//! dispatcher is tested with scripted backends and no model.
+
+mod builder;
+mod cached;
+mod cascade;
+mod leg;
+mod plan;
+mod route;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_api::{ApiError, Backend, ErrorKind, GenerateRequest, Locality, SessionModel};
+use tandem_embed::Embedder;
+use tandem_ledger::Ledger;
+use tandem_policy::privacy::Detector;
+use tandem_policy::{Decision, PolicyConfig, RefusalKind, Scorer, decide};
+
+use crate::access::Access;
+use crate::cache::SemanticCache;
+use crate::egress::Egress;
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::signals::SignalHub;
+use crate::speculative::{SpeculativeConfig, Verifier};
+
+pub use builder::DispatcherBuilder;
+use leg::Supervision;
+use plan::Plan;
+pub use route::{
+    CacheOutcome, Dispatched, Explanation, Mode, RequestContext, RouteInfo, Speculation,
+};
+
+/// Measured speed of the local model, for the latency rule.
+#[derive(Debug, Default, Clone, Copy)]
+struct Speed {
+    prefill_tps: Option<f64>,
+    decode_tps: Option<f64>,
+}
+
+/// The embedder and what reads it: the learned router and the cache.
+#[derive(Default)]
+struct Semantics {
+    embedder: Option<(String, Arc<Embedder>)>,
+    scorer: Mutex<Option<Arc<dyn Scorer>>>,
+    cache: Option<Arc<SemanticCache>>,
+}
+
+/// Places requests and carries the decisions out. Build one with
+/// [`Dispatcher::builder`]; share it as `Arc<Dispatcher>`.
+pub struct Dispatcher {
+    locals: Vec<Arc<dyn Backend>>,
+    clouds: Vec<Arc<dyn Backend>>,
+    /// The local models that hold KV sessions (verification, drafting).
+    sessions: Vec<Arc<dyn SessionModel>>,
+    hub: SignalHub,
+    detector: Detector,
+    policy: PolicyConfig,
+    egress: Arc<Egress>,
+    access: Access,
+    local_speed: Mutex<Speed>,
+    semantics: Semantics,
+    speculative: SpeculativeConfig,
+    verifier: Arc<Verifier>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("locals", &self.locals.len())
+            .field("clouds", &self.clouds.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// A builder with nothing configured.
+    pub fn builder() -> DispatcherBuilder {
+        DispatcherBuilder::default()
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.egress.metrics
+    }
+
+    /// Prometheus text, with the local engine's gauges read now.
+    pub fn render_metrics(&self) -> String {
+        if let Some(l) = self.locals.first() {
+            let load = l.load();
+            self.metrics().local_active.set(load.active as i64);
+            self.metrics().local_queued.set(load.queued as i64);
+        }
+        self.metrics().render()
+    }
+
+    /// The signals the policy reads.
+    pub fn signals(&self) -> &SignalHub {
+        &self.hub
+    }
+
+    /// Gateway keys.
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The egress ledger, if one is kept.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.egress.ledger.as_ref()
+    }
+
+    /// The `[router]` section.
+    pub fn policy(&self) -> &PolicyConfig {
+        &self.policy
+    }
+
+    /// Local backends, the router's first.
+    pub fn locals(&self) -> &[Arc<dyn Backend>] {
+        &self.locals
+    }
+
+    /// Cloud backends, in order of preference.
+    pub fn clouds(&self) -> &[Arc<dyn Backend>] {
+        &self.clouds
+    }
+
+    /// Every backend, for `/v1/models` and `/healthz`.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
+        self.locals.iter().chain(&self.clouds)
+    }
+
+    /// Local models that hold KV sessions.
+    pub fn session_models(&self) -> &[Arc<dyn SessionModel>] {
+        &self.sessions
+    }
+
+    /// Sets (or replaces) the learned router.
+    pub fn set_scorer(&self, scorer: Arc<dyn Scorer>) {
+        *self
+            .semantics
+            .scorer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(scorer);
+    }
+
+    fn scorer(&self) -> Option<Arc<dyn Scorer>> {
+        self.semantics
+            .scorer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The sentence embedder, if loaded.
+    pub fn embedder(&self) -> Option<&Arc<Embedder>> {
+        self.semantics.embedder.as_ref().map(|(_, e)| e)
+    }
+
+    /// The embedding model's name (empty without one).
+    pub fn embedder_name(&self) -> &str {
+        self.semantics
+            .embedder
+            .as_ref()
+            .map_or("", |(n, _)| n.as_str())
+    }
+
+    /// The `[speculative]` section.
+    pub fn speculative(&self) -> &SpeculativeConfig {
+        &self.speculative
+    }
+
+    /// Verification sessions this gateway serves to devices (cloud role).
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
+    /// The semantic cache, if on.
+    pub fn cache(&self) -> Option<&Arc<SemanticCache>> {
+        self.semantics.cache.as_ref()
+    }
+
+    /// Embeds off the async workers (a forward pass takes milliseconds).
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ApiError> {
+        let e = self
+            .embedder()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("no embedding model is loaded"))?;
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            e.embed(&refs)
+        })
+        .await
+        .map_err(|_| ApiError::internal("the embedding task failed"))?
+        .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Starts probing the upstreams and reading the device.
+    pub fn start_signals(&self, probe_every: Duration) {
+        let probes = self
+            .clouds
+            .iter()
+            .map(|c| {
+                let name = c.name().to_owned();
+                let c = c.clone();
+                let probe: crate::signals::Probe = Arc::new(move || {
+                    let c = c.clone();
+                    Box::pin(async move {
+                        match c.probe(Duration::from_secs(2)) {
+                            Some(p) => p.await,
+                            None => Ok(Duration::ZERO),
+                        }
+                    })
+                });
+                (name, probe)
+            })
+            .collect();
+        self.hub
+            .spawn_refresh(probes, Duration::from_secs(2), probe_every);
+    }
+
+    /// Decides without generating.
+    pub fn explain(
+        &self,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+    ) -> Result<Explanation, ApiError> {
+        let t0 = Instant::now();
+        let Plan {
+            mut features,
+            view,
+            named,
+            cloud,
+        } = self.plan(req, ctx)?;
+        if named.is_none()
+            && !self.clouds.is_empty()
+            && let Some(scorer) = self.scorer()
+            && let Some(e) = self.embedder()
+            && let Some(text) = tandem_policy::scoring::routed_text(&req.input)
+        {
+            match e.embed_one(text) {
+                Ok(v) => {
+                    features.difficulty = Some(scorer.score(&v, text));
+                    features.difficulty_threshold = scorer.threshold(ctx.quality);
+                }
+                Err(err) => tracing::warn!("router embedding failed: {err}"),
+            }
+        }
+        let result = decide(&features, &view, &self.policy);
+        let decision_us = t0.elapsed().as_micros() as u64;
+        Ok(match result {
+            Ok(d) => {
+                let (backend, model) = self.target(d.side, named, cloud, req);
+                Explanation {
+                    backend: Some(backend),
+                    model: Some(model),
+                    decision: Some(d),
+                    refusal: None,
+                    features,
+                    view,
+                    decision_us,
+                }
+            }
+            Err(r) => Explanation {
+                backend: None,
+                model: None,
+                decision: None,
+                refusal: Some(r.message()),
+                features,
+                view,
+                decision_us,
+            },
+        })
+    }
+
+    /// The backend label and model a side would answer with.
+    fn target(
+        &self,
+        side: Locality,
+        named: Option<(Locality, usize)>,
+        cloud: Option<usize>,
+        req: &GenerateRequest,
+    ) -> (String, String) {
+        match side {
+            Locality::Local => {
+                let l = self.local(plan::local_index(named));
+                (
+                    "local".into(),
+                    l.map(|l| l.model_for(&req.model)).unwrap_or_default(),
+                )
+            }
+            Locality::Cloud => match self.cloud(cloud.unwrap_or(0)) {
+                Some(c) => (format!("cloud:{}", c.name()), c.model_for(&req.model)),
+                None => ("cloud".into(), String::new()),
+            },
+        }
+    }
+
+    fn local(&self, i: usize) -> Option<&Arc<dyn Backend>> {
+        self.locals.get(i)
+    }
+
+    fn cloud(&self, i: usize) -> Option<&Arc<dyn Backend>> {
+        self.clouds.get(i)
+    }
+
+    /// Places the request and starts the answer.
+    pub async fn dispatch(
+        self: &Arc<Self>,
+        req: GenerateRequest,
+        ctx: RequestContext,
+    ) -> Result<Dispatched, ApiError> {
+        let t0 = Instant::now();
+        let Plan {
+            mut features,
+            view,
+            named,
+            cloud,
+        } = self.plan(&req, &ctx)?;
+        let local_i = plan::local_index(named);
+        let cloud_i = cloud.unwrap_or(0);
+        let mode = match ctx.mode {
+            Some(m) => m,
+            None if self.policy.cascade => Mode::Cascade,
+            None if self.speculative.default => Mode::Speculative,
+            None => Mode::Route,
+        };
+        let cascade = named.is_none() && mode == Mode::Cascade;
+
+        // The router and the cache judge one embedding of the last user
+        // message; prompts with personal data are kept out of the cache.
+        // With no cloud to send it to, a difficulty score changes nothing.
+        let scorer = if named.is_none() && !self.clouds.is_empty() {
+            self.scorer()
+        } else {
+            None
+        };
+        let (cache_key, mut cache_state) = self.cache_key(&req, &ctx, &features);
+        let text = cache_key.as_ref().map(|k| k.text().to_owned()).or_else(|| {
+            scorer
+                .as_ref()
+                .and_then(|_| tandem_policy::scoring::routed_text(&req.input).map(str::to_owned))
+        });
+        let placement = leg::Placement {
+            local_i,
+            cloud_i,
+            t0,
+            decision_us: 0,
+            prompt_estimate: features.prompt_tokens,
+            difficulty: None,
+            cache: None,
+        };
+        let mut early = None;
+        let embedding = match (text, self.embedder().cloned()) {
+            (Some(text), Some(e)) => {
+                let job = tokio::task::spawn_blocking(move || e.embed_one(&text));
+                // Local generation starts while the router thinks when the
+                // rules so far keep the request here; a cloud decision or a
+                // cache hit drops it (and the engine frees its slot).
+                if scorer.is_some()
+                    && !cascade
+                    && matches!(decide(&features, &view, &self.policy), Ok(d) if d.side == Locality::Local)
+                {
+                    early = self
+                        .start_leg(Locality::Local, &req, &ctx, false, &placement)
+                        .await
+                        .ok();
+                }
+                match job.await {
+                    Ok(Ok(v)) => Some(v),
+                    Ok(Err(err)) => {
+                        tracing::warn!("embedding for routing failed: {err}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        if let (Some(cache), Some(key), Some(v)) = (self.cache(), &cache_key, &embedding) {
+            if let Some(hit) = cache.lookup(key, v) {
+                self.count_cache("hit");
+                return Ok(self.serve_cached(hit, t0));
+            }
+            cache_state = Some(CacheOutcome::Miss);
+            self.count_cache("miss");
+        }
+        if let (Some(s), Some(v), Some(text)) = (
+            &scorer,
+            &embedding,
+            tandem_policy::scoring::routed_text(&req.input),
+        ) {
+            features.difficulty = Some(s.score(v, text));
+            features.difficulty_threshold = s.threshold(ctx.quality);
+        }
+        let difficulty = features.difficulty.map(|d| {
+            let t = features.difficulty_threshold.unwrap_or_else(|| {
+                tandem_policy::threshold_for_quality(
+                    self.policy.difficulty_threshold,
+                    ctx.quality.unwrap_or(0.5),
+                )
+            });
+            (d, t)
+        });
+        let decision = match decide(&features, &view, &self.policy) {
+            Ok(d) => d,
+            Err(r) => {
+                self.metrics()
+                    .refused
+                    .get_or_create(&OutcomeLabels {
+                        outcome: r.kind.code().into(),
+                    })
+                    .inc();
+                return Err(refusal_error(r.kind, r.message()));
+            }
+        };
+        let store = cache_key.zip(embedding);
+        let placement = leg::Placement {
+            decision_us: t0.elapsed().as_micros() as u64,
+            difficulty,
+            cache: cache_state,
+            ..placement
+        };
+        if cascade && decision.side == Locality::Local && decision.fallback == Some(Locality::Cloud)
+        {
+            return self.cascade(req, ctx, decision, placement, store).await;
+        }
+        let speculation =
+            (mode == Mode::Speculative).then(|| self.speculation(&req, &decision, local_i));
+        self.routed(req, ctx, decision, placement, store, early, speculation)
+            .await
+    }
+
+    /// Whether a request the policy placed can run speculatively.
+    fn speculation(
+        &self,
+        req: &GenerateRequest,
+        decision: &Decision,
+        local_i: usize,
+    ) -> Speculation {
+        let why_not = if decision.side != Locality::Cloud {
+            Some("the request is placed on the device".to_owned())
+        } else if self.local(local_i).and_then(|l| l.sessions()).is_none() {
+            Some("there is no local model to draft with".to_owned())
+        } else {
+            crate::speculative::ineligible(req).map(|r| format!("{r} are not supported"))
+        };
+        why_not.map_or(Speculation::On, Speculation::Off)
+    }
+
+    /// The routed mode: one side, failing over before the first token and
+    /// handing off after it.
+    #[allow(clippy::too_many_arguments)]
+    async fn routed(
+        self: &Arc<Self>,
+        req: GenerateRequest,
+        ctx: RequestContext,
+        decision: Decision,
+        placement: leg::Placement,
+        store: Option<(crate::cache::CacheKey, Vec<f32>)>,
+        early: Option<leg::Leg>,
+        mut speculation: Option<Speculation>,
+    ) -> Result<Dispatched, ApiError> {
+        let spec = speculation == Some(Speculation::On);
+        // A local start the decision did not keep stops here, before the
+        // other side is contacted.
+        let first = match early.filter(|_| decision.side == Locality::Local) {
+            Some(leg) => Ok(leg),
+            None if spec => {
+                match self
+                    .start_speculative(&req, &ctx, decision.redact, &placement)
+                    .await
+                {
+                    // An upstream without the verification endpoint (any
+                    // OpenAI-compatible server but Tandem) answers as usual.
+                    Err(e)
+                        if matches!(e.status, 404 | 405)
+                            && e.code.as_deref() != Some("model_not_found") =>
+                    {
+                        speculation = Some(Speculation::Off(
+                            "the upstream does not verify drafts (it is not a Tandem)".into(),
+                        ));
+                        self.start_leg(Locality::Cloud, &req, &ctx, decision.redact, &placement)
+                            .await
+                    }
+                    other => other,
+                }
+            }
+            None => {
+                self.start_leg(decision.side, &req, &ctx, decision.redact, &placement)
+                    .await
+            }
+        };
+        let mut failover = None;
+        let leg = match (first, decision.fallback) {
+            (Ok(leg), _) => leg,
+            (Err(e), Some(fb)) if !e.is_client_error() || e.status == 429 => {
+                let cause = e.message.clone();
+                tracing::info!(
+                    from = decision.side.as_str(),
+                    to = fb.as_str(),
+                    "failover: {cause}"
+                );
+                self.count_move(true, decision.side, fb, &e);
+                failover = Some(format!(
+                    "{} -> {}: {cause}",
+                    decision.side.as_str(),
+                    fb.as_str()
+                ));
+                let redact = fb == Locality::Cloud && decision.redact;
+                self.start_leg(fb, &req, &ctx, redact, &placement)
+                    .await
+                    .map_err(|mut e2| {
+                        e2.message = format!("{} (after: {cause})", e2.message);
+                        e2
+                    })?
+            }
+            (Err(e), _) => return Err(e),
+        };
+        if spec && !leg.speculative && speculation == Some(Speculation::On) {
+            speculation = Some(Speculation::Off("the cloud could not be reached".into()));
+        }
+        let mut route = self.route_info(&leg, &decision, &placement);
+        route.failover = failover.clone();
+        route.speculative = speculation;
+        let reason = if failover.is_some() {
+            "failover"
+        } else if leg.speculative {
+            "speculative"
+        } else {
+            decision.decided_by
+        };
+        let sup = Supervision {
+            req,
+            ctx,
+            // A speculative answer falls back to the device by itself.
+            fallback: decision
+                .fallback
+                .filter(|_| failover.is_none() && !leg.speculative),
+            redact: decision.redact,
+            reason,
+            placement,
+        };
+        Ok(self.run_leg(leg, sup, route, store))
+    }
+
+    fn count_cache(&self, outcome: &str) {
+        self.metrics()
+            .cache
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
+/// The error a refusal reaches the client as.
+fn refusal_error(kind: RefusalKind, message: String) -> ApiError {
+    let (status, error_kind) = match kind {
+        RefusalKind::Privacy => (403, ErrorKind::PermissionError),
+        RefusalKind::Budget => (429, ErrorKind::RateLimitError),
+        RefusalKind::CloudUnavailable => (503, ErrorKind::ServiceUnavailable),
+        RefusalKind::NoBackend => (400, ErrorKind::InvalidRequestError),
+    };
+    ApiError::new(status, error_kind, message).with_code(kind.code())
+}
+
+/// Mean log-probability of the answer's tokens: how sure the model was.
+pub fn confidence(tokens: &[tandem_api::TokenLogprob]) -> f32 {
+    if tokens.is_empty() {
+        return f32::NEG_INFINITY;
+    }
+    tokens.iter().map(|t| t.logprob).sum::<f32>() / tokens.len() as f32
+}

@@ -1,0 +1,235 @@
+//! Gathering, once per request, everything the policy reads: what the
+//! request needs ([`Features`]) and how the world looks ([`View`]) — the
+//! backends' load, capabilities and health, the device, the network, the
+//! spending. The policy itself is a pure function in `tandem-policy`.
+
+use tandem_api::{ApiError, Feature, GenerateRequest, Locality};
+use tandem_policy::{CloudView, Features, LocalView, PrivacyMode, Spend, View};
+
+use super::{Dispatcher, RequestContext};
+use crate::access::Caller;
+
+/// What [`Dispatcher::plan`] gathers for one request.
+pub(super) struct Plan {
+    pub features: Features,
+    pub view: View,
+    /// The side and backend a concrete model name points at.
+    pub named: Option<(Locality, usize)>,
+    /// The cloud upstream this request would use.
+    pub cloud: Option<usize>,
+}
+
+/// The local backend a request uses.
+pub(super) fn local_index(named: Option<(Locality, usize)>) -> usize {
+    match named {
+        Some((Locality::Local, i)) => i,
+        _ => 0,
+    }
+}
+
+impl Dispatcher {
+    /// The privacy mode a request gets: the key's (or the configured
+    /// default), which a header may only tighten when keys exist.
+    pub(super) fn privacy_mode(&self, ctx: &RequestContext) -> PrivacyMode {
+        let base = ctx
+            .caller
+            .as_ref()
+            .and_then(|c| c.config.privacy)
+            .unwrap_or(self.policy.privacy);
+        match ctx.privacy {
+            Some(h) if ctx.caller.is_some() => base.stricter(h),
+            Some(h) => h,
+            None => base,
+        }
+    }
+
+    /// Which side and backend a concrete model name refers to; `None` for
+    /// the virtual model.
+    fn locate(&self, model: &str) -> Result<Option<(Locality, usize)>, ApiError> {
+        if model == self.policy.virtual_model {
+            return Ok(None);
+        }
+        let serves =
+            |b: &std::sync::Arc<dyn tandem_api::Backend>| b.models().iter().any(|m| m.id == model);
+        if let Some(i) = self.locals.iter().position(serves) {
+            return Ok(Some((Locality::Local, i)));
+        }
+        if let Some(i) = self.clouds.iter().position(serves) {
+            return Ok(Some((Locality::Cloud, i)));
+        }
+        Err(ApiError::model_not_found(model))
+    }
+
+    /// The personal-data classes found anywhere in the request.
+    pub(super) fn pii_classes(&self, req: &GenerateRequest) -> Vec<String> {
+        let mut classes: Vec<String> = Vec::new();
+        let mut add = |text: &str| {
+            for f in self.detector.find(text) {
+                if !classes.contains(&f.class) {
+                    classes.push(f.class);
+                }
+            }
+        };
+        for part in req.input.text_parts() {
+            add(part);
+        }
+        fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::String(s) => out.push(s),
+                serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+                serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+                _ => {}
+            }
+        }
+        let mut extra = Vec::new();
+        for v in req.extra.values() {
+            strings(v, &mut extra);
+        }
+        for s in extra {
+            add(s);
+        }
+        classes
+    }
+
+    fn prompt_tokens(&self, req: &GenerateRequest, local: Option<usize>) -> u32 {
+        if let Some(n) = local
+            .and_then(|i| self.local(i))
+            .and_then(|l| l.count_prompt_tokens(req))
+        {
+            return n;
+        }
+        // About four characters a token for English text.
+        let chars: usize = req.input.text_parts().iter().map(|p| p.len()).sum();
+        (chars / 4) as u32 + 8
+    }
+
+    /// The cloud upstream a request would use, if any: the named one, else
+    /// the first that is up.
+    fn cloud_candidate(&self, named: Option<(Locality, usize)>) -> Option<usize> {
+        if let Some((Locality::Cloud, i)) = named {
+            return Some(i);
+        }
+        if self.clouds.is_empty() {
+            return None;
+        }
+        self.clouds
+            .iter()
+            .position(|c| !c.health().breaker_open && self.hub.reachable(c.name()))
+            .or(Some(0))
+    }
+
+    fn view(
+        &self,
+        req: &GenerateRequest,
+        local: Option<usize>,
+        cloud: Option<usize>,
+        caller: Option<&Caller>,
+    ) -> View {
+        let speed = *self.local_speed.lock().unwrap_or_else(|p| p.into_inner());
+        let local = local
+            .and_then(|i| self.local(i))
+            .map_or_else(LocalView::default, |l| {
+                let load = l.load();
+                self.metrics().local_active.set(load.active as i64);
+                self.metrics().local_queued.set(load.queued as i64);
+                let model = l.model_for(&req.model);
+                LocalView {
+                    available: true,
+                    context_length: l
+                        .models()
+                        .iter()
+                        .find(|m| m.id == model)
+                        .and_then(|m| m.context_length)
+                        .unwrap_or(0),
+                    model,
+                    capabilities: l.capabilities(),
+                    active: load.active,
+                    queued: load.queued,
+                    capacity: load.capacity.unwrap_or(1),
+                    prefill_tps: speed.prefill_tps,
+                    decode_tps: speed.decode_tps,
+                }
+            });
+        let network = self.hub.network();
+        let cloud = cloud.and_then(|i| self.cloud(i)).map(|c| {
+            let health = c.health();
+            let price = c.price();
+            let model = c.model_for(&req.model);
+            CloudView {
+                name: c.name().to_owned(),
+                context_length: c
+                    .models()
+                    .iter()
+                    .find(|m| m.id == model)
+                    .and_then(|m| m.context_length),
+                model,
+                capabilities: c.capabilities(),
+                available: self.hub.reachable(c.name()),
+                breaker_open: health.breaker_open,
+                price_input_per_mtok: price.input_per_mtok,
+                price_output_per_mtok: price.output_per_mtok,
+                rtt_ms: network.upstreams.get(c.name()).and_then(|p| p.rtt_ms),
+                ttft_ms: health.ttft_ms,
+                decode_tps: health.tokens_per_s,
+            }
+        });
+        let key = caller.map(|c| c.config.name.as_str());
+        let (today, key_today) = self.egress.spend.today(key);
+        View {
+            local,
+            cloud,
+            device: self.hub.device(),
+            network,
+            spend: Spend {
+                today_usd: today,
+                budget_usd: self.policy.daily_budget_usd,
+                key_today_usd: key_today,
+                key_budget_usd: caller.and_then(|c| c.config.daily_budget_usd),
+            },
+        }
+    }
+
+    /// Everything the policy needs, gathered once per request.
+    pub(super) fn plan(
+        &self,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+    ) -> Result<Plan, ApiError> {
+        let named = self.locate(&req.model)?;
+        let local = match named {
+            Some((Locality::Local, i)) => Some(i),
+            Some((Locality::Cloud, _)) => None,
+            None => (!self.locals.is_empty()).then_some(0),
+        };
+        let cloud = match named {
+            Some((Locality::Local, _)) => None,
+            _ => self.cloud_candidate(named),
+        };
+        let mode = self.privacy_mode(ctx);
+        let pii = if mode == PrivacyMode::Off {
+            Vec::new()
+        } else {
+            self.pii_classes(req)
+        };
+        let features = Features {
+            named: named.map(|(s, _)| s),
+            privacy: Some(mode),
+            pii,
+            // A request named for the cloud needs no exact local count.
+            prompt_tokens: self.prompt_tokens(req, local),
+            max_tokens: req.max_tokens,
+            needs: Feature::needed_by(req),
+            latency_goal_ms: ctx.latency_goal_ms,
+            difficulty: None,
+            difficulty_threshold: None,
+            quality: ctx.quality,
+        };
+        let view = self.view(req, local, cloud, ctx.caller.as_deref());
+        Ok(Plan {
+            features,
+            view,
+            named,
+            cloud,
+        })
+    }
+}

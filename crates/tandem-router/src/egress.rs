@@ -1,0 +1,119 @@
+//! Accounting for what leaves the device: every exchange with an upstream —
+//! a routed cloud answer, a speculative session — is recorded once in the
+//! egress ledger, and its cost lands in today's spending and the metrics.
+//! Cloud legs and speculative sessions both hold an [`EgressRecord`]; none
+//! of them needs the dispatcher for it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tandem_api::{Exchange, Price, Usage};
+use tandem_ledger::{Egress as LedgerEntry, Ledger};
+
+use crate::access::SpendTracker;
+use crate::metrics::Metrics;
+
+/// Where egress is accounted: the ledger, the spending tracker, the metrics.
+#[derive(Debug)]
+pub(crate) struct Egress {
+    pub ledger: Option<Ledger>,
+    pub spend: SpendTracker,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Who asked, for the record.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Requester {
+    pub request_id: String,
+    pub key: Option<String>,
+}
+
+/// The ledger duty of one exchange: settled once, when the exchange ends —
+/// or when it is dropped because the client went away.
+pub(crate) struct EgressRecord {
+    egress: Arc<Egress>,
+    price: Price,
+    pub exchange: Arc<Exchange>,
+    pub redacted: BTreeMap<String, u32>,
+    who: Requester,
+    /// Pieces of the answer received, a stand-in for tokens when the
+    /// upstream reports no usage.
+    pub deltas: u32,
+    settled: bool,
+}
+
+impl EgressRecord {
+    pub fn new(
+        egress: Arc<Egress>,
+        price: Price,
+        exchange: Arc<Exchange>,
+        redacted: BTreeMap<String, u32>,
+        who: Requester,
+    ) -> Self {
+        Self {
+            egress,
+            price,
+            exchange,
+            redacted,
+            who,
+            deltas: 0,
+            settled: false,
+        }
+    }
+
+    /// Records the outcome; returns its cost. Later calls do nothing.
+    pub fn settle(&mut self, outcome: &str, usage: Option<Usage>) -> f64 {
+        if self.settled {
+            return 0.0;
+        }
+        self.settled = true;
+        let (prompt, completion) = match usage {
+            Some(u) => (u.prompt_tokens, u.completion_tokens),
+            None => (0, self.deltas),
+        };
+        let cost = if usage.is_some() || self.deltas > 0 {
+            self.price.cost(prompt, completion)
+        } else {
+            0.0
+        };
+        let e = &self.egress;
+        e.spend.add(self.who.key.as_deref(), cost);
+        e.metrics.cost_usd.inc_by(cost);
+        e.metrics.count_tokens("cloud", prompt, completion);
+        if let Some(l) = &e.ledger {
+            let x = &self.exchange;
+            l.record(LedgerEntry {
+                request_id: self.who.request_id.clone(),
+                key: self.who.key.clone(),
+                upstream: x.upstream.clone(),
+                model: x.model.clone(),
+                payload_sha256: x.payload_sha256.clone(),
+                bytes_out: x.bytes_out.load(Relaxed),
+                bytes_in: x.bytes_in.load(Relaxed),
+                redacted: self.redacted.clone(),
+                attempts: x.attempts.load(Relaxed),
+                outcome: outcome.to_owned(),
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                cost_usd: cost,
+            });
+        }
+        cost
+    }
+
+    /// Settles a failed start: recorded only if something left the device.
+    pub fn settle_failed_start(&mut self, message: &str) {
+        if self.exchange.left_the_device() {
+            self.settle(&format!("error: {message}"), None);
+        } else {
+            self.settled = true;
+        }
+    }
+}
+
+impl Drop for EgressRecord {
+    fn drop(&mut self) {
+        self.settle("cancelled: the client went away", None);
+    }
+}

@@ -1,0 +1,249 @@
+//! The dispatcher with scripted backends: failover, handoff, the cascade's
+//! fallback, redaction and restoration, refusals — no model file, no
+//! network.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tandem_api::{ApiError, Backend, Event, GenerateRequest, Input, Locality, Message, Sampling};
+use tandem_policy::{PolicyConfig, PrivacyMode, Rule};
+use tandem_router::{Dispatcher, Mode, RequestContext};
+use tandem_testkit::scripted::{Scripted, Step, pieces};
+
+fn chat(text: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: "tandem/auto".into(),
+        input: Input::Chat {
+            messages: vec![Message::new("user", text)],
+            continue_from: None,
+        },
+        sampling: Sampling::greedy(),
+        max_tokens: Some(64),
+        stop: vec![],
+        logprobs: None,
+        stream: true,
+        include_usage: false,
+        extra: Default::default(),
+    }
+}
+
+fn cloud_first() -> PolicyConfig {
+    let mut p = PolicyConfig::default();
+    p.rules.retain(|r| *r != Rule::PreferLocal);
+    p.rules.push(Rule::PreferCloud);
+    p
+}
+
+fn dispatcher(
+    local: &Arc<Scripted>,
+    cloud: &Arc<Scripted>,
+    policy: PolicyConfig,
+) -> Arc<Dispatcher> {
+    Dispatcher::builder()
+        .local_arc(local.clone() as Arc<dyn Backend>)
+        .cloud_arc(cloud.clone() as Arc<dyn Backend>)
+        .policy(policy)
+        .build()
+        .expect("dispatcher")
+}
+
+/// The answer's text, and the error it ended with, if any.
+async fn run(
+    d: &Arc<Dispatcher>,
+    req: GenerateRequest,
+    ctx: RequestContext,
+) -> (String, Option<ApiError>, tandem_router::RouteInfo) {
+    let out = d.dispatch(req, ctx).await.expect("dispatched");
+    let mut stream = out.stream;
+    let mut text = String::new();
+    while let Some(e) = stream.next().await {
+        match e {
+            Ok(Event::Delta(d)) => text.push_str(&d.text),
+            Ok(Event::Finish(_)) => return (text, None, out.route),
+            Err(e) => return (text, Some(e), out.route),
+        }
+    }
+    (text, None, out.route)
+}
+
+fn err(status: u16) -> ApiError {
+    ApiError::new(
+        status,
+        tandem_api::ErrorKind::ServerError,
+        "scripted failure",
+    )
+}
+
+#[tokio::test]
+async fn failover_before_the_first_token() {
+    let local = Scripted::local("small", vec![Step::Refuse(ApiError::unavailable("busy"))]);
+    let cloud = Scripted::cloud(
+        "cloud",
+        "big",
+        vec![Step::Answer(pieces("From the cloud.", 4))],
+    );
+    let d = dispatcher(&local, &cloud, PolicyConfig::default());
+    let (text, e, route) = run(&d, chat("hi"), RequestContext::default()).await;
+    assert!(e.is_none());
+    assert_eq!(text, "From the cloud.");
+    assert_eq!(route.backend, "cloud:cloud");
+    assert_eq!(route.model, "big");
+    assert!(
+        route
+            .failover
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("local -> cloud"),
+        "{route:?}"
+    );
+    assert!(
+        d.render_metrics()
+            .contains("tandem_failovers_total{from=\"local\",to=\"cloud\"")
+    );
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_handed_over_and_continued() {
+    let local = Scripted::local(
+        "small",
+        vec![Step::Answer(pieces("ld, says the device.", 5))],
+    );
+    let cloud = Scripted::cloud(
+        "cloud",
+        "big",
+        vec![Step::BreakAfter(pieces("Hello wor", 3), err(502))],
+    );
+    let d = dispatcher(&local, &cloud, cloud_first());
+    let (text, e, route) = run(&d, chat("greet me"), RequestContext::default()).await;
+    assert!(e.is_none(), "{e:?}");
+    assert_eq!(text, "Hello world, says the device.");
+    assert_eq!(route.backend, "cloud:cloud");
+    // The device continued the same answer from the text already sent.
+    let got = local.received();
+    let Input::Chat { continue_from, .. } = &got[0].input else {
+        panic!("chat")
+    };
+    assert_eq!(continue_from.as_deref(), Some("Hello wor"));
+    assert!(
+        d.render_metrics()
+            .contains("tandem_handoffs_total{from=\"cloud\",to=\"local\"")
+    );
+}
+
+#[tokio::test]
+async fn the_cascade_keeps_a_sure_answer_and_escalates_an_unsure_one() {
+    let local = Scripted::local(
+        "small",
+        vec![
+            Step::Confident(pieces("Sure.", 2), -0.1),
+            Step::Confident(pieces("Maybe?", 2), -3.0),
+            Step::Confident(pieces("Guess.", 2), -3.0),
+        ],
+    );
+    let cloud = Scripted::cloud(
+        "cloud",
+        "big",
+        vec![
+            Step::Answer(pieces("Certainly.", 4)),
+            Step::Refuse(err(503)),
+        ],
+    );
+    let d = dispatcher(&local, &cloud, PolicyConfig::default());
+    let ctx = RequestContext {
+        mode: Some(Mode::Cascade),
+        ..RequestContext::default()
+    };
+    let (text, _, route) = run(&d, chat("q1"), ctx.clone()).await;
+    assert_eq!((text.as_str(), route.backend.as_str()), ("Sure.", "local"));
+    assert!(route.cascade.unwrap_or_default().starts_with("kept"));
+    let (text, _, route) = run(&d, chat("q2"), ctx.clone()).await;
+    assert_eq!(
+        (text.as_str(), route.backend.as_str()),
+        ("Certainly.", "cloud:cloud")
+    );
+    assert!(route.cascade.unwrap_or_default().starts_with("escalated"));
+    // Unsure again, and the cloud fails: the local answer stands.
+    let (text, e, route) = run(&d, chat("q3"), ctx).await;
+    assert!(e.is_none());
+    assert_eq!((text.as_str(), route.backend.as_str()), ("Guess.", "local"));
+    assert!(
+        route
+            .cascade
+            .unwrap_or_default()
+            .contains("the local answer stands")
+    );
+}
+
+#[tokio::test]
+async fn redacted_values_leave_as_placeholders_and_come_back_restored() {
+    let local = Scripted::local("small", vec![Step::Answer(vec!["unused".into()])]);
+    let cloud = Scripted::cloud("cloud", "big", vec![Step::Echo("You wrote: ".into())]);
+    let d = dispatcher(&local, &cloud, cloud_first());
+    let ctx = RequestContext {
+        privacy: Some(PrivacyMode::Redact),
+        ..RequestContext::default()
+    };
+    let prompt = "Mail jane.doe@example.com or call +44 20 7946 0958.";
+    let (text, e, route) = run(&d, chat(prompt), ctx).await;
+    assert!(e.is_none());
+    // The client sees the originals (restored across 3-character pieces)...
+    assert_eq!(text, format!("You wrote: {prompt}"));
+    assert_eq!(route.redacted.get("email"), Some(&1));
+    // ...the cloud saw only placeholders.
+    let sent = &cloud.received()[0];
+    let Input::Chat { messages, .. } = &sent.input else {
+        panic!("chat")
+    };
+    assert!(
+        !messages[0].content.contains("jane.doe"),
+        "{}",
+        messages[0].content
+    );
+    assert!(messages[0].content.contains("[EMAIL_1]"));
+    assert!(!messages[0].content.contains("7946"));
+}
+
+#[tokio::test]
+async fn strict_privacy_with_no_local_side_is_a_clear_refusal() {
+    let local = Scripted::local("small", vec![Step::Answer(vec!["ok".into()])]);
+    let cloud = Scripted::cloud("cloud", "big", vec![Step::Answer(vec!["ok".into()])]);
+    let d = dispatcher(&local, &cloud, PolicyConfig::default());
+    let mut req = chat("My SSN is 123-45-6789.");
+    req.model = "big".into();
+    let ctx = RequestContext {
+        privacy: Some(PrivacyMode::Strict),
+        ..RequestContext::default()
+    };
+    let e = match d.dispatch(req, ctx).await {
+        Ok(_) => panic!("should be refused"),
+        Err(e) => e,
+    };
+    assert_eq!(e.status, 403);
+    assert_eq!(e.code.as_deref(), Some("privacy_policy"));
+    assert!(cloud.received().is_empty(), "nothing may leave");
+}
+
+#[tokio::test]
+async fn a_request_the_local_model_cannot_serve_goes_where_it_can() {
+    let local = Scripted::local("small", vec![Step::Answer(vec!["local".into()])]);
+    let cloud = Scripted::cloud("cloud", "big", vec![Step::Answer(vec!["cloud".into()])]);
+    let d = dispatcher(&local, &cloud, PolicyConfig::default());
+    let mut req = chat("what's the weather?");
+    req.extra.insert(
+        "tools".into(),
+        serde_json::json!([{"type": "function", "function": {"name": "weather"}}]),
+    );
+    let (text, _, route) = run(&d, req, RequestContext::default()).await;
+    assert_eq!(text, "cloud");
+    assert_eq!(route.decision.side, Locality::Cloud);
+    assert!(
+        route
+            .decision
+            .reasons
+            .iter()
+            .any(|r| r.rule == "capability" && r.detail.contains("tool calling")),
+        "{:?}",
+        route.decision.reasons
+    );
+    assert!(local.received().is_empty());
+}

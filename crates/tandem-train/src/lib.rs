@@ -1,0 +1,502 @@
+//! Training and evaluating the learned router (`tandem router train|eval`,
+//! the benchmarks): fitting each part of a [`RouterModel`] on labelled,
+//! embedded prompts, calibrating its threshold, and the field's metrics
+//! (APGR, CPT, local share at a quality level) on prompts it never saw.
+//!
+//! Only the CLI and the benchmarks use this; requests use the model through
+//! `tandem-policy`.
+
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use tandem_policy::learned::{
+    Neighbours, Ridge, RouterModel, Topics, TrainConfig, percentile, quantise,
+};
+
+/// One labelled prompt, embedded.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// Unique within its file.
+    pub id: String,
+    /// The benchmark it comes from (`mmlu`, `gsm8k`...).
+    pub source: String,
+    /// Topic for the prior: the subject when the data has one, else the source.
+    pub topic: String,
+    /// The prompt's embedding.
+    pub embedding: Vec<f32>,
+    /// `tandem_policy::learned::text_features` of the prompt.
+    pub features: Vec<f32>,
+    /// The weak (local) model answered it correctly.
+    pub weak: bool,
+    /// The strong (cloud) model answered it correctly.
+    pub strong: bool,
+}
+
+impl Example {
+    /// What sending it out gains: 1, 0 or -1.
+    pub fn gain(&self) -> f32 {
+        f32::from(u8::from(self.strong)) - f32::from(u8::from(self.weak))
+    }
+}
+
+fn neighbours(train: &[Example]) -> Neighbours {
+    let dim = train.first().map_or(0, |e| e.embedding.len());
+    Neighbours {
+        dim,
+        vectors: train.iter().flat_map(|e| quantise(&e.embedding)).collect(),
+        gains: train.iter().map(Example::gain).collect(),
+    }
+}
+
+/// Least squares with an L2 penalty, by Cholesky on the normal equations.
+fn fit_ridge(train: &[Example], lambda: f32) -> Option<Ridge> {
+    let first = train.first()?;
+    let nf = first.features.len();
+    let mut feature_mean = vec![0f32; nf];
+    let mut feature_std = vec![0f32; nf];
+    for e in train {
+        for (m, &v) in feature_mean.iter_mut().zip(&e.features) {
+            *m += v / train.len() as f32;
+        }
+    }
+    for e in train {
+        for ((sd, &m), &v) in feature_std.iter_mut().zip(&feature_mean).zip(&e.features) {
+            *sd += (v - m).powi(2) / train.len() as f32;
+        }
+    }
+    for sd in &mut feature_std {
+        *sd = sd.sqrt().max(1e-6);
+    }
+    let mut r = Ridge {
+        weights: Vec::new(),
+        bias: 0.0,
+        feature_mean,
+        feature_std,
+    };
+    let d = first.embedding.len() + nf;
+    let n = d + 1; // weights and the bias
+    let mut a = vec![0f64; n * n];
+    let mut b = vec![0f64; n];
+    let mean_gain = train.iter().map(|e| f64::from(e.gain())).sum::<f64>() / train.len() as f64;
+    let mut x = vec![0f64; n];
+    for e in train {
+        for (xi, v) in x.iter_mut().zip(r.input(&e.embedding, &e.features)) {
+            *xi = f64::from(v);
+        }
+        x[d] = 1.0;
+        let y = f64::from(e.gain()) - mean_gain;
+        for i in 0..n {
+            let xi = x[i];
+            b[i] += xi * y;
+            let row = &mut a[i * n..(i + 1) * n];
+            for j in 0..=i {
+                row[j] += xi * x[j];
+            }
+        }
+    }
+    for i in 0..d {
+        a[i * n + i] += f64::from(lambda);
+    }
+    for i in 0..n {
+        for j in 0..i {
+            a[j * n + i] = a[i * n + j];
+        }
+    }
+    let w = cholesky_solve(&mut a, &b, n)?;
+    r.weights = w[..d].iter().map(|&v| v as f32).collect();
+    r.bias = (w[d] + mean_gain) as f32;
+    Some(r)
+}
+
+/// Topic centroids with each topic's mean gain (shrunk towards the overall
+/// mean for topics with few prompts).
+fn topics(train: &[Example]) -> Option<Topics> {
+    let dim = train.first()?.embedding.len();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut names = Vec::new();
+    let mut sums: Vec<Vec<f32>> = Vec::new();
+    let mut gain = Vec::new();
+    let mut count = Vec::new();
+    for e in train {
+        let i = *index.entry(e.topic.as_str()).or_insert_with(|| {
+            names.push(e.topic.clone());
+            sums.push(vec![0.0; dim]);
+            gain.push(0.0f32);
+            count.push(0.0f32);
+            names.len() - 1
+        });
+        for (s, &v) in sums[i].iter_mut().zip(&e.embedding) {
+            *s += v;
+        }
+        gain[i] += e.gain();
+        count[i] += 1.0;
+    }
+    let overall = gain.iter().sum::<f32>() / count.iter().sum::<f32>().max(1.0);
+    let mut centroids = Vec::with_capacity(names.len() * dim);
+    for s in &sums {
+        let norm = s.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        centroids.extend(s.iter().map(|x| x / norm));
+    }
+    let gains = gain
+        .iter()
+        .zip(&count)
+        .map(|(&g, &c)| (g + overall * Topics::SHRINK) / (c + Topics::SHRINK))
+        .collect();
+    Some(Topics {
+        names,
+        dim,
+        centroids,
+        gains,
+    })
+}
+
+/// Solves `a x = b` for a symmetric positive definite `a` (overwritten).
+fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
+    for j in 0..n {
+        let mut s = a[j * n + j];
+        for k in 0..j {
+            s -= a[j * n + k] * a[j * n + k];
+        }
+        if s <= 0.0 {
+            return None;
+        }
+        let l = s.sqrt();
+        a[j * n + j] = l;
+        for i in j + 1..n {
+            let mut s = a[i * n + j];
+            for k in 0..j {
+                s -= a[i * n + k] * a[j * n + k];
+            }
+            a[i * n + j] = s / l;
+        }
+    }
+    let mut y = vec![0f64; n];
+    for i in 0..n {
+        let mut s = b[i];
+        for k in 0..i {
+            s -= a[i * n + k] * y[k];
+        }
+        y[i] = s / a[i * n + i];
+    }
+    let mut x = vec![0f64; n];
+    for i in (0..n).rev() {
+        let mut s = y[i];
+        for k in i + 1..n {
+            s -= a[k * n + i] * x[k];
+        }
+        x[i] = s / a[i * n + i];
+    }
+    Some(x)
+}
+
+/// How to pick the threshold.
+#[derive(Debug, Clone, Copy)]
+pub enum Calibration {
+    /// Send this share of prompts to the cloud.
+    CloudShare(f32),
+    /// Keep as many prompts local as possible while reaching this fraction
+    /// of the strong model's accuracy.
+    Quality(f32),
+}
+
+/// Fits the model `config` asks for and calibrates its threshold.
+pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -> RouterModel {
+    let knn = config.kind.knn().then(|| neighbours(train));
+    let ridge = if config.kind.ridge() {
+        fit_ridge(train, config.ridge_lambda)
+    } else {
+        None
+    };
+    let topics = if config.kind.topics() {
+        topics(train)
+    } else {
+        None
+    };
+    let mut model = RouterModel {
+        version: 1,
+        embedder: "all-minilm-l6-v2".into(),
+        config,
+        knn,
+        ridge,
+        topics,
+        knn_cdf: Vec::new(),
+        ridge_cdf: Vec::new(),
+        topics_cdf: Vec::new(),
+        cdf: Vec::new(),
+        threshold: 0.5,
+        calibrated_for: String::new(),
+        quality_thresholds: Vec::new(),
+        trained_on: train.iter().map(|e| e.id.clone()).collect(),
+    };
+    // Scores of the training prompts as unseen ones would get them: the
+    // neighbours leave the prompt itself out.
+    let knn: Option<Vec<f32>> = model.knn.as_ref().map(|k| {
+        train
+            .iter()
+            .enumerate()
+            .map(|(i, e)| k.score(&e.embedding, &model.config, Some(i)))
+            .collect()
+    });
+    let ridge: Option<Vec<f32>> = model.ridge.as_ref().map(|r| {
+        train
+            .iter()
+            .map(|e| r.score(&e.embedding, &e.features))
+            .collect()
+    });
+    let topics: Option<Vec<f32>> = model.topics.as_ref().map(|t| {
+        train
+            .iter()
+            .map(|e| t.score(&e.embedding, model.config.topic_temperature))
+            .collect()
+    });
+    let sorted = |v: &Option<Vec<f32>>| {
+        let mut s = v.clone().unwrap_or_default();
+        s.sort_by(f32::total_cmp);
+        s
+    };
+    model.knn_cdf = sorted(&knn);
+    model.ridge_cdf = sorted(&ridge);
+    model.topics_cdf = sorted(&topics);
+    let raw: Vec<f32> = (0..train.len())
+        .map(|i| {
+            model.combine(
+                knn.as_ref().map(|k| k[i]),
+                ridge.as_ref().map(|r| r[i]),
+                topics.as_ref().map(|t| t[i]),
+            )
+        })
+        .collect();
+    let mut cdf = raw.clone();
+    cdf.sort_by(f32::total_cmp);
+    model.cdf = cdf;
+    let scores: Vec<f32> = raw.iter().map(|&r| percentile(&model.cdf, r)).collect();
+    let (threshold, why) = calibrate(&scores, train, calibration);
+    model.threshold = threshold;
+    model.calibrated_for = why;
+    model.quality_thresholds = quality_thresholds(&scores, train);
+    model
+}
+
+/// For every whole percent of the weak-to-strong gap, the highest threshold
+/// whose cloud share recovers it.
+fn quality_thresholds(scores: &[f32], data: &[Example]) -> Vec<f32> {
+    let c = curve(scores, data);
+    let gap = c.strong - c.weak;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    (0..=100)
+        .map(|pct| {
+            let target = c.weak + gap * f64::from(pct) / 100.0;
+            let k = if pct == 0 {
+                0
+            } else {
+                c.acc
+                    .iter()
+                    .position(|&a| a >= target - 1e-12)
+                    .unwrap_or(c.acc.len() - 1)
+            };
+            if k == 0 {
+                1.0 + f32::EPSILON
+            } else {
+                scores[order[k - 1]]
+            }
+        })
+        .collect()
+}
+
+/// The threshold on difficulty scores meeting `calibration` on `data`.
+pub fn calibrate(scores: &[f32], data: &[Example], calibration: Calibration) -> (f32, String) {
+    match calibration {
+        Calibration::CloudShare(share) => {
+            let mut sorted = scores.to_vec();
+            sorted.sort_by(f32::total_cmp);
+            let keep = ((1.0 - share.clamp(0.0, 1.0)) * sorted.len() as f32) as usize;
+            let t = sorted.get(keep).copied().unwrap_or(1.0);
+            (t, format!("{:.0}% of prompts to the cloud", share * 100.0))
+        }
+        Calibration::Quality(q) => {
+            let c = curve(scores, data);
+            let target = f64::from(q) * c.strong;
+            // The fewest prompts sent out that reach the target.
+            let k = c
+                .acc
+                .iter()
+                .position(|&a| a >= target)
+                .unwrap_or(c.acc.len() - 1);
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            let t = if k == 0 {
+                1.0 + f32::EPSILON
+            } else {
+                scores[order[k - 1]]
+            };
+            (
+                t,
+                format!("{:.0}% of the strong model's accuracy", q * 100.0),
+            )
+        }
+    }
+}
+
+/// Accuracy when the top `k` prompts by score go to the strong model, for
+/// every `k` from 0 to n.
+struct Curve {
+    acc: Vec<f64>,
+    weak: f64,
+    strong: f64,
+}
+
+fn curve(scores: &[f32], data: &[Example]) -> Curve {
+    let n = data.len().max(1) as f64;
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let weak: f64 = data
+        .iter()
+        .map(|e| f64::from(u8::from(e.weak)))
+        .sum::<f64>();
+    let strong: f64 = data
+        .iter()
+        .map(|e| f64::from(u8::from(e.strong)))
+        .sum::<f64>();
+    let mut acc = Vec::with_capacity(data.len() + 1);
+    let mut correct = weak;
+    acc.push(correct / n);
+    for &i in &order {
+        correct += f64::from(data[i].gain());
+        acc.push(correct / n);
+    }
+    Curve {
+        acc,
+        weak: weak / n,
+        strong: strong / n,
+    }
+}
+
+/// The field's metrics for one set of prompts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    /// Prompts scored.
+    pub prompts: usize,
+    /// The weak model's accuracy alone.
+    pub weak_accuracy: f64,
+    /// The strong model's accuracy alone.
+    pub strong_accuracy: f64,
+    /// Mean share of the quality gap recovered, over every cloud share.
+    pub apgr: f64,
+    /// Smallest cloud share recovering 50% / 80% of the gap.
+    pub cpt50: f64,
+    /// See `cpt50`.
+    pub cpt80: f64,
+    /// Largest share kept local with accuracy >= 95% of the strong model's.
+    pub local_share_at_95: f64,
+    /// The same for a random ordering (mean of several shuffles).
+    pub random_apgr: f64,
+    /// See `random_apgr`.
+    pub random_local_share_at_95: f64,
+}
+
+fn curve_metrics(c: &Curve) -> (f64, f64, f64, f64) {
+    let gap = c.strong - c.weak;
+    let n = c.acc.len() - 1;
+    let pgr = |a: f64| {
+        if gap.abs() < 1e-12 {
+            1.0
+        } else {
+            (a - c.weak) / gap
+        }
+    };
+    let apgr = c.acc.iter().map(|&a| pgr(a)).sum::<f64>() / c.acc.len() as f64;
+    let cpt = |x: f64| {
+        c.acc
+            .iter()
+            .position(|&a| pgr(a) >= x)
+            .map_or(1.0, |k| k as f64 / n.max(1) as f64)
+    };
+    let target = 0.95 * c.strong;
+    let local = c
+        .acc
+        .iter()
+        .position(|&a| a >= target - 1e-12)
+        .map_or(0.0, |k| 1.0 - k as f64 / n.max(1) as f64);
+    (apgr, cpt(0.5), cpt(0.8), local)
+}
+
+/// The metrics of an ordering (`scores`) of `data`.
+pub fn metrics(scores: &[f32], data: &[Example]) -> Metrics {
+    let c = curve(scores, data);
+    let (apgr, cpt50, cpt80, local) = curve_metrics(&c);
+    let mut rng = fastrand::Rng::with_seed(42);
+    let (mut ra, mut rl) = (0.0, 0.0);
+    let trials = 20;
+    for _ in 0..trials {
+        let random: Vec<f32> = (0..data.len()).map(|_| rng.f32()).collect();
+        let (a, _, _, l) = curve_metrics(&curve(&random, data));
+        ra += a;
+        rl += l;
+    }
+    Metrics {
+        prompts: data.len(),
+        weak_accuracy: c.weak,
+        strong_accuracy: c.strong,
+        apgr,
+        cpt50,
+        cpt80,
+        local_share_at_95: local,
+        random_apgr: ra / f64::from(trials),
+        random_local_share_at_95: rl / f64::from(trials),
+    }
+}
+
+/// Metrics overall and per source, on `data` (prompts the model was not
+/// trained on; others are skipped).
+pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String, Metrics)>) {
+    let seen: std::collections::HashSet<&str> =
+        model.trained_on.iter().map(String::as_str).collect();
+    let unseen: Vec<Example> = data
+        .iter()
+        .filter(|e| !seen.contains(e.id.as_str()))
+        .cloned()
+        .collect();
+    let scores: Vec<f32> = unseen
+        .iter()
+        .map(|e| model.score(&e.embedding, &e.features))
+        .collect();
+    let overall = metrics(&scores, &unseen);
+    let mut by_source: HashMap<&str, (Vec<f32>, Vec<Example>)> = HashMap::new();
+    for (e, s) in unseen.iter().zip(&scores) {
+        let entry = by_source.entry(e.source.as_str()).or_default();
+        entry.0.push(*s);
+        entry.1.push(e.clone());
+    }
+    let mut per: Vec<(String, Metrics)> = by_source
+        .into_iter()
+        .map(|(src, (s, d))| (src.to_owned(), metrics(&s, &d)))
+        .collect();
+    per.sort_by(|a, b| a.0.cmp(&b.0));
+    (overall, per)
+}
+
+/// Splits examples into training and held-out sets, stratified by source,
+/// deterministically for a seed.
+pub fn split(data: Vec<Example>, holdout: f32, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    let mut by_source: HashMap<String, Vec<Example>> = HashMap::new();
+    for e in data {
+        by_source.entry(e.source.clone()).or_default().push(e);
+    }
+    let mut sources: Vec<_> = by_source.into_iter().collect();
+    sources.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for (_, mut rows) in sources {
+        rng.shuffle(&mut rows);
+        let cut = (rows.len() as f32 * holdout).round() as usize;
+        test.extend(rows.drain(..cut));
+        train.extend(rows);
+    }
+    (train, test)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,107 @@
+//! Training, calibration and metrics on synthetic clusters.
+use super::*;
+use tandem_policy::learned::{ModelKind, text_features};
+
+fn unit(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / n).collect()
+}
+
+/// Two clusters: the "hard" one only the strong model answers.
+fn fixture(n: usize, seed: u64) -> Vec<Example> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|i| {
+            let hard = i % 2 == 0;
+            let mut v: Vec<f32> = (0..16).map(|_| rng.f32() * 0.3).collect();
+            v[if hard { 0 } else { 1 }] += 1.0;
+            let source = if i % 3 == 0 { "a" } else { "b" };
+            Example {
+                id: format!("p{i}"),
+                source: source.into(),
+                topic: source.into(),
+                embedding: unit(&v),
+                features: text_features(if hard {
+                    "12 + 345 * 6 = ?"
+                } else {
+                    "hello there"
+                }),
+                weak: !hard || rng.f32() < 0.1,
+                strong: rng.f32() < 0.9,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn learns_to_separate_easy_from_hard() {
+    for kind in [
+        ModelKind::Knn,
+        ModelKind::Ridge,
+        ModelKind::Ensemble,
+        ModelKind::All,
+    ] {
+        let (train_set, test) = split(fixture(600, 1), 0.3, 7);
+        let cfg = TrainConfig {
+            kind,
+            k: 16,
+            ..TrainConfig::default()
+        };
+        let m = train(&train_set, cfg, Calibration::Quality(0.95));
+        let (overall, per) = evaluate(&m, &test);
+        assert!(overall.apgr > 0.7, "{kind:?}: {overall:?}");
+        assert!(overall.apgr > overall.random_apgr + 0.15);
+        assert!(overall.local_share_at_95 > 0.35, "{kind:?}: {overall:?}");
+        assert_eq!(per.len(), 2);
+        let hard = unit(&[
+            1.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+        ]);
+        let easy = unit(&[
+            0.1, 1.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1,
+        ]);
+        let (fh, fe) = (
+            text_features("12 + 345 * 6 = ?"),
+            text_features("hello there"),
+        );
+        assert!(m.score(&hard, &fh) > m.score(&easy, &fe), "{kind:?}");
+        // Saved and loaded, it scores the same.
+        let back: RouterModel = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert!((back.score(&hard, &fh) - m.score(&hard, &fh)).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn calibration_hits_its_cloud_share() {
+    let data = fixture(500, 3);
+    let m = train(&data, TrainConfig::default(), Calibration::CloudShare(0.3));
+    let held = fixture(400, 9);
+    let out = held
+        .iter()
+        .filter(|e| m.score(&e.embedding, &e.features) >= m.threshold)
+        .count();
+    let share = out as f32 / held.len() as f32;
+    assert!((share - 0.3).abs() < 0.1, "cloud share {share}");
+}
+
+#[test]
+fn metrics_of_perfect_and_reversed_orderings() {
+    let data = fixture(200, 5);
+    let gains: Vec<f32> = data.iter().map(Example::gain).collect();
+    let best = metrics(&gains, &data);
+    let worst = metrics(&gains.iter().map(|g| -g).collect::<Vec<_>>(), &data);
+    assert!(best.apgr > 0.9 && worst.apgr < 0.3, "{best:?} {worst:?}");
+    assert!((best.random_apgr - 0.5).abs() < 0.1);
+    assert!(best.cpt50 < worst.cpt50);
+}
+
+#[test]
+fn base64_round_trip() {
+    let v: Vec<i8> = (-128..=127).chain([0, 1]).collect();
+    let n = Neighbours {
+        dim: 1,
+        vectors: v.clone(),
+        gains: vec![0.0; v.len()],
+    };
+    let back: Neighbours = serde_json::from_str(&serde_json::to_string(&n).unwrap()).unwrap();
+    assert_eq!(back.vectors, v);
+}
