@@ -42,6 +42,8 @@ pub enum Kind {
     Completion,
     /// A sentence-embedding model.
     Embedding,
+    /// A token classifier (the personal-data recognizer).
+    TokenClassifier,
 }
 
 /// One file of a model.

@@ -17,6 +17,9 @@ use crate::EngineArgs;
 use crate::config::{self, Config};
 use crate::models::load_engine;
 
+/// The personal-data recognizer's catalog name.
+pub const PII_MODEL: &str = "rampart-pii";
+
 /// The model a cloud-role Tandem serves by default.
 pub const CLOUD_MODEL: &str = "qwen2.5-coder-1.5b-instruct";
 
@@ -156,6 +159,19 @@ pub async fn build_dispatcher(
         .speculative(cfg.speculative.clone())
         .privacy(cfg.privacy.clone())
         .keys(cfg.keys.clone());
+    if cfg.privacy.recognizer {
+        b = match load_recognizer().await {
+            Ok(r) => b.recognizer(Arc::new(tandem_router::ModelRecognizer(Arc::new(r)))),
+            Err(e) => {
+                tracing::warn!(
+                    "the personal-data model is unavailable ({e:#}); requests with a privacy mode stay on the device"
+                );
+                b.recognizer_unavailable(format!(
+                    "the personal-data model could not be loaded: {e:#}"
+                ))
+            }
+        };
+    }
     for m in &cfg.local.models {
         let e = load_engine(m, engine)
             .await
@@ -217,6 +233,13 @@ pub async fn build_dispatcher(
     d.signals().set_metered(cfg.signals.metered);
     d.start_signals(Duration::from_millis(cfg.signals.probe_interval_ms));
     Ok(d)
+}
+
+/// The personal-data model (`rampart-pii`), pulled if missing.
+pub async fn load_recognizer() -> anyhow::Result<tandem_embed::TokenClassifier> {
+    let r = tandem_catalog::resolve(PII_MODEL).await?;
+    let dir = r.path.parent().context("model folder")?.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || tandem_embed::TokenClassifier::load(&dir)).await??)
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,58 +1,40 @@
-//! Sentence embeddings on the device: all-MiniLM-L6-v2 (a 6-layer BERT)
-//! run with candle, tokenized with Hugging Face's `tokenizers`, mean-pooled
-//! over real tokens and L2-normalised — the recipe sentence-transformers
-//! uses, so vectors match the reference model.
+//! Small BERT models on the device, on one CPU encoder ([`bert`]):
 //!
-//! The model's `tokenizer.json` pads every input to 128 tokens; padding is
-//! switched off here and batches are padded by hand with an attention mask,
-//! or every embedding would drift towards the padding's.
+//! - [`Embedder`]: sentence embeddings with all-MiniLM-L6-v2 — mean-pooled
+//!   over real tokens and L2-normalised, the recipe sentence-transformers
+//!   uses, so vectors match the reference model;
+//! - [`TokenClassifier`]: the personal-data recognizer ("Rampart", a BERT
+//!   token classifier read from its 4-bit ONNX export) — which words are
+//!   names, street names, cities, postcodes, identifiers — as labelled
+//!   byte spans of the input.
 //!
-//! Not here: what embeddings are used for (routing, caching: the router).
+//! Tokenization is Hugging Face's `tokenizers` with each model's own
+//! `tokenizer.json`. Inputs longer than a model's positions are read in
+//! overlapping windows.
+//!
+//! Not here: what the vectors and labels are used for (routing, caching,
+//! privacy: the router and the policy).
 
 #![warn(missing_docs)]
 
+pub mod bert;
+mod onnx;
+
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::Tokenizer;
 
-/// Why embedding failed.
+use crate::bert::{BertWeights, Dense, Encoder, Layer, Norm};
+
+/// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     /// The model could not be loaded.
-    #[error("embedding model: {0}")]
+    #[error("text model: {0}")]
     Load(String),
     /// A forward pass failed.
-    #[error("embedding failed: {0}")]
+    #[error("text model failed: {0}")]
     Run(String),
-}
-
-fn run_err(e: impl std::fmt::Display) -> EmbedError {
-    EmbedError::Run(e.to_string())
-}
-
-/// A loaded sentence embedder.
-pub struct Embedder {
-    model: BertModel,
-    tokenizer: Tokenizer,
-    device: Device,
-    dim: usize,
-    max_tokens: usize,
-}
-
-impl std::fmt::Debug for Embedder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Embedder")
-            .field("dim", &self.dim)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Threads the CPU kernels use (`RAYON_NUM_THREADS`, else every core).
-pub fn threads() -> usize {
-    candle_core::utils::get_num_threads()
 }
 
 /// Cosine similarity of two L2-normalised vectors.
@@ -60,123 +42,390 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Cores the encoders use per matrix product: `TANDEM_TEXT_THREADS`, else
+/// two (the most that pays at these sizes, measured).
+pub fn threads() -> usize {
+    std::env::var("TANDEM_TEXT_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(2)
+        })
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer, EmbedError> {
+    let mut t = Tokenizer::from_file(path)
+        .map_err(|e| EmbedError::Load(format!("{}: {e}", path.display())))?;
+    // Some tokenizer files pad every input to a fixed length; inputs here
+    // are run one at a time, unpadded, and cut by hand.
+    t.with_padding(None);
+    t.with_truncation(None)
+        .map_err(|e| EmbedError::Load(format!("{}: {e}", path.display())))?;
+    Ok(t)
+}
+
+/// The `[CLS]`/`[SEP]` ids around a word-piece sequence.
+fn specials(t: &Tokenizer) -> (u32, u32) {
+    (
+        t.token_to_id("[CLS]").unwrap_or(101),
+        t.token_to_id("[SEP]").unwrap_or(102),
+    )
+}
+
+/// A loaded sentence embedder.
+pub struct Embedder {
+    encoder: Encoder,
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("dim", &self.encoder.hidden())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads Hugging Face BERT weights (`model.safetensors`, `config.json`).
+fn read_safetensors(dir: &Path) -> Result<BertWeights, EmbedError> {
+    let load = |e: &dyn std::fmt::Display| EmbedError::Load(format!("{}: {e}", dir.display()));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("config.json")).map_err(|e| load(&e))?,
+    )
+    .map_err(|e| load(&e))?;
+    let num = |k: &str| {
+        config[k]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| load(&k))
+    };
+    let (hidden, heads, layers, ff) = (
+        num("hidden_size")?,
+        num("num_attention_heads")?,
+        num("num_hidden_layers")?,
+        num("intermediate_size")?,
+    );
+    let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32;
+    let bytes = std::fs::read(dir.join("model.safetensors")).map_err(|e| load(&e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| load(&e))?;
+    let get = |name: &str| -> Result<Vec<f32>, EmbedError> {
+        let t = st.tensor(name).map_err(|e| load(&e))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(load(&format!("{name} is not f32")));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let dense = |p: &str, o: usize, i: usize| -> Result<Dense, EmbedError> {
+        Ok(Dense::from_torch(
+            o,
+            i,
+            &get(&format!("{p}.weight"))?,
+            get(&format!("{p}.bias"))?,
+        ))
+    };
+    let norm = |p: &str| -> Result<Norm, EmbedError> {
+        Ok(Norm {
+            weight: get(&format!("{p}.weight"))?,
+            bias: get(&format!("{p}.bias"))?,
+        })
+    };
+    let mut ls = Vec::with_capacity(layers);
+    for i in 0..layers {
+        let p = format!("encoder.layer.{i}");
+        ls.push(Layer {
+            qkv: Dense::concat(&[
+                dense(&format!("{p}.attention.self.query"), hidden, hidden)?,
+                dense(&format!("{p}.attention.self.key"), hidden, hidden)?,
+                dense(&format!("{p}.attention.self.value"), hidden, hidden)?,
+            ]),
+            output: dense(&format!("{p}.attention.output.dense"), hidden, hidden)?,
+            attention_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+            up: dense(&format!("{p}.intermediate.dense"), ff, hidden)?,
+            down: dense(&format!("{p}.output.dense"), hidden, ff)?,
+            output_norm: norm(&format!("{p}.output.LayerNorm"))?,
+        });
+    }
+    Ok(BertWeights {
+        hidden,
+        heads,
+        words: get("embeddings.word_embeddings.weight")?,
+        positions: get("embeddings.position_embeddings.weight")?,
+        token_types: get("embeddings.token_type_embeddings.weight")?,
+        embedding_norm: norm("embeddings.LayerNorm")?,
+        layers: ls,
+        eps,
+    })
+}
+
 impl Embedder {
     /// Loads `model.safetensors`, `config.json` and `tokenizer.json` from `dir`.
     pub fn load(dir: &Path) -> Result<Embedder, EmbedError> {
-        let load = |e: &dyn std::fmt::Display| EmbedError::Load(format!("{}: {e}", dir.display()));
-        let config: Config = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("config.json")).map_err(|e| load(&e))?,
-        )
-        .map_err(|e| load(&e))?;
-        let mut tokenizer =
-            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| load(&e))?;
-        tokenizer.with_padding(None);
-        // The model was trained on at most 256 word pieces per sentence.
-        let max_tokens = 256;
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_tokens,
-                ..Default::default()
-            }))
-            .map_err(|e| load(&e))?;
-        let device = Device::Cpu;
-        // SAFETY: the file is memory-mapped read-only; the catalog wrote it
-        // once under its final name and never changes it afterwards.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("model.safetensors")],
-                DType::F32,
-                &device,
-            )
-        }
-        .map_err(|e| load(&e))?;
-        let model = BertModel::load(vb, &config).map_err(|e| load(&e))?;
+        let weights = read_safetensors(dir)?;
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"))?;
         Ok(Embedder {
-            model,
+            encoder: Encoder::new(weights, threads()).map_err(EmbedError::Load)?,
             tokenizer,
-            device,
-            dim: config.hidden_size,
-            max_tokens,
+            // The model was trained on at most 256 word pieces per sentence.
+            max_tokens: 256,
         })
     }
 
     /// Dimensions of its vectors.
     pub fn dim(&self) -> usize {
-        self.dim
+        self.encoder.hidden()
+    }
+
+    fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+        let e = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EmbedError::Run(e.to_string()))?;
+        let mut ids = e.get_ids().to_vec();
+        if ids.len() > self.max_tokens {
+            let sep = ids.last().copied();
+            ids.truncate(self.max_tokens - 1);
+            ids.extend(sep);
+        }
+        Ok(ids)
     }
 
     /// Word pieces `text` becomes (after truncation).
     pub fn count_tokens(&self, text: &str) -> usize {
-        self.tokenizer
-            .encode(text, true)
-            .map(|e| e.len())
-            .unwrap_or(0)
+        self.ids(text).map(|i| i.len()).unwrap_or(0)
     }
 
     /// One text's vector.
     pub fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        self.embed(&[text])?
-            .pop()
-            .ok_or_else(|| EmbedError::Run("no output".into()))
+        let ids = self.ids(text)?;
+        let h = self.encoder.hidden();
+        let hidden = self.encoder.forward(&ids);
+        let n = hidden.len() / h.max(1);
+        let mut mean = vec![0f32; h];
+        for row in hidden.chunks_exact(h) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v;
+            }
+        }
+        for m in &mut mean {
+            *m /= n.max(1) as f32;
+        }
+        let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        for m in &mut mean {
+            *m /= norm;
+        }
+        Ok(mean)
     }
 
-    /// One L2-normalised vector per text.
+    /// One L2-normalised vector per text (each read on its own, so memory
+    /// stays that of one input whatever the batch).
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
+        texts.iter().map(|t| self.embed_one(t)).collect()
+    }
+}
+
+/// A labelled span of a classified text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labelled {
+    /// The label without its B-/I- prefix (`GIVEN_NAME`, `CITY`...).
+    pub label: String,
+    /// Byte offset where it starts.
+    pub start: usize,
+    /// Byte offset where it ends.
+    pub end: usize,
+    /// The mean probability of the label over its word pieces.
+    pub score: f32,
+}
+
+/// Word-piece ids of a text and the byte span of each.
+pub type Pieces = (Vec<u32>, Vec<(usize, usize)>);
+
+/// A loaded token classifier (the personal-data recognizer).
+pub struct TokenClassifier {
+    encoder: Encoder,
+    head: Dense,
+    labels: Vec<String>,
+    tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for TokenClassifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenClassifier")
+            .field("labels", &self.labels.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Word pieces read together at most; longer inputs are windows of this
+/// size overlapping by [`OVERLAP`].
+const WINDOW: usize = 256;
+/// Pieces shared by neighbouring windows; each piece takes its labels from
+/// the window where it sits farthest from an edge.
+const OVERLAP: usize = 64;
+
+impl TokenClassifier {
+    /// Loads `model_q4.onnx`, `config.json` and `tokenizer.json` from
+    /// `dir`.
+    pub fn load(dir: &Path) -> Result<TokenClassifier, EmbedError> {
+        let load = |e: &dyn std::fmt::Display| EmbedError::Load(format!("{}: {e}", dir.display()));
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("config.json")).map_err(|e| load(&e))?,
+        )
+        .map_err(|e| load(&e))?;
+        let heads = config["num_attention_heads"].as_u64().unwrap_or(12) as usize;
+        let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32;
+        let id2label = config["id2label"]
+            .as_object()
+            .ok_or_else(|| load(&"config.json has no id2label"))?;
+        let mut labels = vec![String::new(); id2label.len()];
+        for (k, v) in id2label {
+            let i: usize = k
+                .parse()
+                .map_err(|_| load(&"id2label keys must be numbers"))?;
+            let slot = labels
+                .get_mut(i)
+                .ok_or_else(|| load(&"id2label has gaps"))?;
+            *slot = v.as_str().unwrap_or("O").to_owned();
         }
-        let encodings = self
+        let bytes = std::fs::read(dir.join("model_q4.onnx")).map_err(|e| load(&e))?;
+        let loaded = onnx::read(&bytes, heads, eps).map_err(|e| load(&e))?;
+        if loaded.classifier.outputs != labels.len() {
+            return Err(load(&"the head's outputs and id2label differ"));
+        }
+        Ok(TokenClassifier {
+            encoder: Encoder::new(loaded.weights, threads()).map_err(EmbedError::Load)?,
+            head: loaded.classifier,
+            labels,
+            tokenizer: load_tokenizer(&dir.join("tokenizer.json"))?,
+        })
+    }
+
+    /// The labels, by id.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The word pieces of `text` with their byte spans, without `[CLS]` and
+    /// `[SEP]`.
+    pub fn tokenize(&self, text: &str) -> Result<Pieces, EmbedError> {
+        let e = self
             .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(run_err)?;
-        let len = encodings
-            .iter()
-            .map(|e| e.len())
-            .max()
-            .unwrap_or(1)
-            .clamp(1, self.max_tokens);
-        let n = encodings.len();
-        let (mut ids, mut types, mut mask) = (
-            Vec::with_capacity(n * len),
-            Vec::with_capacity(n * len),
-            Vec::with_capacity(n * len),
-        );
-        for e in &encodings {
-            let k = e.len().min(len);
-            ids.extend(e.get_ids()[..k].iter().copied());
-            types.extend(e.get_type_ids()[..k].iter().copied());
-            mask.extend(std::iter::repeat_n(1u32, k));
-            ids.extend(std::iter::repeat_n(0u32, len - k));
-            types.extend(std::iter::repeat_n(0u32, len - k));
-            mask.extend(std::iter::repeat_n(0u32, len - k));
+            .encode(text, false)
+            .map_err(|e| EmbedError::Run(e.to_string()))?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+    }
+
+    /// Logits of each id of `ids` (a whole input with `[CLS]` and `[SEP]`),
+    /// `ids.len() × labels`.
+    pub fn logits(&self, ids: &[u32]) -> Vec<f32> {
+        let hidden = self.encoder.forward(ids);
+        let n = hidden.len() / self.encoder.hidden().max(1);
+        let mut out = vec![0f32; n * self.head.outputs];
+        for (row, o) in hidden
+            .chunks_exact(self.encoder.hidden())
+            .zip(out.chunks_exact_mut(self.head.outputs))
+        {
+            o.copy_from_slice(&self.head.bias);
+            for (i, x) in row.iter().enumerate() {
+                let w = &self.head.weight[i * self.head.outputs..(i + 1) * self.head.outputs];
+                for (v, wv) in o.iter_mut().zip(w) {
+                    *v += x * wv;
+                }
+            }
         }
-        let t = |v: Vec<u32>| Tensor::from_vec(v, (n, len), &self.device).map_err(run_err);
-        let (ids, types, mask) = (t(ids)?, t(types)?, t(mask)?);
-        let hidden = self
-            .model
-            .forward(&ids, &types, Some(&mask))
-            .map_err(run_err)?;
-        // Mean over real tokens only.
-        let m = mask
-            .to_dtype(DType::F32)
-            .and_then(|m| m.unsqueeze(2))
-            .map_err(run_err)?;
-        let summed = hidden
-            .broadcast_mul(&m)
-            .and_then(|x| x.sum(1))
-            .map_err(run_err)?;
-        let counts = m
-            .sum(1)
-            .and_then(|c| c.clamp(1e-9, f64::MAX))
-            .map_err(run_err)?;
-        let mean = summed.broadcast_div(&counts).map_err(run_err)?;
-        let norm = mean
-            .sqr()
-            .and_then(|s| s.sum_keepdim(1))
-            .and_then(|s| s.sqrt())
-            .and_then(|s| s.clamp(1e-12, f64::MAX))
-            .map_err(run_err)?;
-        let unit = mean.broadcast_div(&norm).map_err(run_err)?;
-        unit.to_vec2::<f32>().map_err(run_err)
+        out
+    }
+
+    /// The most likely label of every word piece of `ids` (no `[CLS]` or
+    /// `[SEP]`), with its probability, read in windows.
+    pub fn label_pieces(&self, ids: &[u32]) -> Vec<(usize, f32)> {
+        let (cls, sep) = specials(&self.tokenizer);
+        let k = self.head.outputs;
+        let window = WINDOW
+            .min(self.encoder.max_positions().saturating_sub(2))
+            .max(8);
+        let stride = window - OVERLAP.min(window / 2);
+        let mut best: Vec<(usize, f32, usize)> = vec![(0, 0.0, 0); ids.len()];
+        let mut start = 0;
+        loop {
+            let end = (start + window).min(ids.len());
+            let mut input = Vec::with_capacity(end - start + 2);
+            input.push(cls);
+            input.extend_from_slice(&ids[start..end]);
+            input.push(sep);
+            let logits = self.logits(&input);
+            for (j, row) in logits.chunks_exact(k).skip(1).take(end - start).enumerate() {
+                let i = start + j;
+                // How far this piece is from the window's nearer edge.
+                let centrality = (j + 1).min(end - start - j);
+                if centrality <= best[i].2 {
+                    continue;
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                let (arg, _) = row
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (c, &v)| if v > b.1 { (c, v) } else { b },
+                    );
+                best[i] = (arg, 1.0 / sum, centrality);
+            }
+            if end == ids.len() {
+                break;
+            }
+            start += stride;
+        }
+        best.into_iter().map(|(l, p, _)| (l, p)).collect()
+    }
+
+    /// The labelled spans of `text`: consecutive word pieces with one label
+    /// (its `B-` then `I-` pieces) make one span.
+    pub fn classify(&self, text: &str) -> Result<Vec<Labelled>, EmbedError> {
+        let (ids, offsets) = self.tokenize(text)?;
+        let labels = self.label_pieces(&ids);
+        let mut out: Vec<Labelled> = Vec::new();
+        let mut pieces = 0usize;
+        for ((label, p), &(start, end)) in labels.iter().zip(&offsets) {
+            let name = self.labels.get(*label).map_or("O", String::as_str);
+            let (begin, kind) = match name.split_once('-') {
+                Some(("B", k)) => (true, k),
+                Some(("I", k)) => (false, k),
+                _ => {
+                    pieces = 0;
+                    continue;
+                }
+            };
+            match out.last_mut() {
+                Some(last) if !begin && last.label == kind && pieces > 0 => {
+                    last.end = end;
+                    last.score = (last.score * pieces as f32 + p) / (pieces + 1) as f32;
+                    pieces += 1;
+                }
+                // A word piece continuing a word ("##") belongs to it, whatever
+                // its own prefix says.
+                Some(last) if last.label == kind && pieces > 0 && start == last.end => {
+                    last.end = end;
+                    pieces += 1;
+                }
+                _ => {
+                    out.push(Labelled {
+                        label: kind.to_owned(),
+                        start,
+                        end,
+                        score: *p,
+                    });
+                    pieces = 1;
+                }
+            }
+        }
+        Ok(out)
     }
 }

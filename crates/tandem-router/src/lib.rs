@@ -26,6 +26,7 @@ pub mod cache;
 mod dispatcher;
 mod egress;
 pub mod metrics;
+mod recognizer;
 pub mod signals;
 pub mod speculative;
 
@@ -33,4 +34,5 @@ pub use dispatcher::{
     CacheOutcome, Dispatched, Dispatcher, DispatcherBuilder, Explanation, Mode, RequestContext,
     RouteInfo, Speculation, confidence,
 };
+pub use recognizer::ModelRecognizer;
 pub use speculative::SpeculativeConfig;

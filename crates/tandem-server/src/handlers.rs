@@ -38,6 +38,18 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// A Tandem header that must be read exactly: present but not text is a
+/// 400, never silently the default.
+fn strict_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.trim())).map_err(|_| {
+            ApiError::invalid_request(format!("header {name}: the value is not readable text"))
+                .with_param(name)
+        }),
+    }
+}
+
 /// Tandem's request headers: privacy mode, latency goal, quality knob.
 fn context(
     headers: &HeaderMap,
@@ -46,10 +58,10 @@ fn context(
     let bad = |name: &str, why: String| {
         ApiError::invalid_request(format!("header {name}: {why}")).with_param(name)
     };
-    let privacy = header(headers, "x-tandem-privacy")
+    let privacy = strict_header(headers, "x-tandem-privacy")?
         .map(|v| v.parse().map_err(|e: String| bad("x-tandem-privacy", e)))
         .transpose()?;
-    let latency_goal_ms = header(headers, "x-tandem-latency-goal-ms")
+    let latency_goal_ms = strict_header(headers, "x-tandem-latency-goal-ms")?
         .map(|v| {
             v.parse::<u32>().map_err(|_| {
                 bad(
@@ -59,7 +71,7 @@ fn context(
             })
         })
         .transpose()?;
-    let quality = header(headers, "x-tandem-quality")
+    let quality = strict_header(headers, "x-tandem-quality")?
         .map(|v| {
             v.parse::<f32>()
                 .ok()
@@ -67,7 +79,7 @@ fn context(
                 .ok_or_else(|| bad("x-tandem-quality", format!("`{v}` is not between 0 and 1")))
         })
         .transpose()?;
-    let cache_skip = match header(headers, "x-tandem-cache") {
+    let cache_skip = match strict_header(headers, "x-tandem-cache")? {
         None | Some("use") => false,
         Some("skip") => true,
         Some(v) => {
@@ -77,7 +89,7 @@ fn context(
             ));
         }
     };
-    let mode = header(headers, "x-tandem-mode")
+    let mode = strict_header(headers, "x-tandem-mode")?
         .map(|v| v.parse::<Mode>().map_err(|e| bad("x-tandem-mode", e)))
         .transpose()?;
     let request_id = header(headers, "x-request-id")

@@ -30,6 +30,8 @@ pub const QWEN_15B: &str = "qwen2.5-coder-1.5b-instruct";
 pub const GEMMA_270M: &str = "gemma-3-270m";
 /// The embedder.
 pub const MINILM: &str = "all-minilm-l6-v2";
+/// The personal-data recognizer.
+pub const RAMPART: &str = "rampart-pii";
 
 /// Path of a catalog model, pulling it into `$TANDEM_HOME` if needed.
 /// Panics with the reason if it cannot be had: a test without its model

@@ -225,8 +225,12 @@ pub struct Features {
     pub named: Option<Locality>,
     /// The privacy mode in force.
     pub privacy: Option<PrivacyMode>,
-    /// PII classes found in the request (empty when privacy is off).
-    pub pii: Vec<String>,
+    /// Personal-data classes found in the request, with how many of each
+    /// (empty when privacy is off); never the values.
+    pub pii: std::collections::BTreeMap<String, u32>,
+    /// The detector could not check the request: why. The privacy rule then
+    /// keeps it on the device.
+    pub pii_unchecked: Option<String>,
     /// Prompt length in tokens (exact when the local model counted them).
     pub prompt_tokens: u32,
     /// `max_tokens`, if given.
@@ -401,7 +405,10 @@ pub fn decide(f: &Features, v: &View, cfg: &PolicyConfig) -> Result<Decision, Re
     };
     let mut reasons = Vec::new();
     let mut prefs: Vec<(Locality, &'static str, usize)> = Vec::new();
-    for &rule in &cfg.rules {
+    // The privacy rule holds whatever the configuration lists: a list
+    // without it does not turn privacy off.
+    let implied = (!cfg.rules.contains(&Rule::Privacy)).then_some(Rule::Privacy);
+    for rule in implied.into_iter().chain(cfg.rules.iter().copied()) {
         for e in apply(rule, f, v, cfg) {
             match e {
                 Apply::Forbid(side, detail) => {

@@ -38,13 +38,24 @@ pub(super) fn apply(rule: Rule, f: &Features, v: &View, cfg: &PolicyConfig) -> V
         }
         Rule::Privacy => {
             let mode = f.privacy.unwrap_or(cfg.privacy);
-            if !f.pii.is_empty() {
-                match mode {
-                    PrivacyMode::Strict => out.push(Apply::Forbid(
+            if mode != PrivacyMode::Off {
+                if let Some(why) = &f.pii_unchecked {
+                    // Unchecked data does not leave: not raw, and not
+                    // redacted by a detector that could not run.
+                    out.push(Apply::Forbid(
                         Locality::Cloud,
-                        format!("strict mode and the request contains {}", f.pii.join(", ")),
-                    )),
-                    PrivacyMode::Redact | PrivacyMode::Off => {}
+                        format!(
+                            "{} mode and the request could not be checked: {why}",
+                            mode.as_str()
+                        ),
+                    ));
+                } else if mode == PrivacyMode::Strict && !f.pii.is_empty() {
+                    let found: Vec<String> =
+                        f.pii.iter().map(|(c, n)| format!("{c} ×{n}")).collect();
+                    out.push(Apply::Forbid(
+                        Locality::Cloud,
+                        format!("strict mode and the request contains {}", found.join(", ")),
+                    ));
                 }
             }
         }

@@ -44,7 +44,7 @@ fn strict_privacy_keeps_pii_home_even_when_device_prefers_cloud() {
     v.device.charging = Some(false);
     let f = Features {
         privacy: Some(PrivacyMode::Strict),
-        pii: vec!["email".into()],
+        pii: [("email".to_owned(), 1)].into(),
         ..Features::default()
     };
     let d = decide(&f, &v, &cfg()).unwrap();
@@ -67,7 +67,7 @@ fn redact_mode_allows_cloud_with_placeholders() {
     v.local.context_length = 100;
     let f = Features {
         privacy: Some(PrivacyMode::Redact),
-        pii: vec!["phone".into()],
+        pii: [("phone".to_owned(), 1)].into(),
         prompt_tokens: 500,
         ..Features::default()
     };
@@ -84,7 +84,7 @@ fn too_long_and_private_is_refused_with_reasons() {
     v.local.context_length = 100;
     let f = Features {
         privacy: Some(PrivacyMode::Strict),
-        pii: vec!["iban".into()],
+        pii: [("iban".to_owned(), 1)].into(),
         prompt_tokens: 500,
         ..Features::default()
     };
@@ -143,7 +143,7 @@ fn latency_goal_and_named_models() {
     let f = Features {
         named: Some(Locality::Cloud),
         privacy: Some(PrivacyMode::Strict),
-        pii: vec!["email".into()],
+        pii: [("email".to_owned(), 1)].into(),
         ..Features::default()
     };
     assert_eq!(
@@ -200,4 +200,33 @@ fn capability_forbids_the_side_that_lacks_a_feature() {
         decide(&f, &v, &cfg()).unwrap_err().kind,
         RefusalKind::NoBackend
     );
+}
+
+#[test]
+fn privacy_holds_when_the_rules_leave_it_out_or_the_detector_cannot_run() {
+    let mut c = cfg();
+    c.rules = vec![Rule::PreferCloud];
+    let f = Features {
+        privacy: Some(PrivacyMode::Strict),
+        pii: [("email".to_owned(), 2)].into(),
+        ..Features::default()
+    };
+    let d = decide(&f, &view(), &c).unwrap();
+    assert_eq!(d.side, Locality::Local);
+    assert!(d.reasons.iter().any(|r| r.detail.contains("email ×2")));
+    for mode in [PrivacyMode::Strict, PrivacyMode::Redact] {
+        let f = Features {
+            privacy: Some(mode),
+            pii_unchecked: Some("the model is missing".into()),
+            ..Features::default()
+        };
+        let d = decide(&f, &view(), &c).unwrap();
+        assert_eq!((d.side, d.fallback), (Locality::Local, None), "{mode:?}");
+    }
+    let f = Features {
+        privacy: Some(PrivacyMode::Off),
+        pii_unchecked: Some("the model is missing".into()),
+        ..Features::default()
+    };
+    assert_eq!(decide(&f, &view(), &c).unwrap().side, Locality::Cloud);
 }

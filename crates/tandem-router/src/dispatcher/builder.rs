@@ -6,7 +6,7 @@ use std::time::Duration;
 use tandem_api::Backend;
 use tandem_embed::Embedder;
 use tandem_ledger::Ledger;
-use tandem_policy::privacy::Detector;
+use tandem_policy::privacy::{Detector, EntityRecognizer};
 use tandem_policy::{PolicyConfig, PrivacyConfig};
 
 use super::{Dispatcher, Semantics, Speed};
@@ -30,9 +30,23 @@ pub struct DispatcherBuilder {
     embedder: Option<(String, Arc<Embedder>)>,
     cache: Option<Arc<SemanticCache>>,
     speculative: SpeculativeConfig,
+    recognizer: Option<Result<Arc<dyn EntityRecognizer>, String>>,
 }
 
 impl DispatcherBuilder {
+    /// The model that finds names and addresses.
+    pub fn recognizer(mut self, r: Arc<dyn EntityRecognizer>) -> Self {
+        self.recognizer = Some(Ok(r));
+        self
+    }
+
+    /// The model was asked for (`[privacy] recognizer`) but could not be
+    /// had: requests with a privacy mode then fail closed.
+    pub fn recognizer_unavailable(mut self, why: impl Into<String>) -> Self {
+        self.recognizer = Some(Err(why.into()));
+        self
+    }
+
     /// A local backend. The first is the one the router places requests on.
     pub fn local(self, b: impl Backend) -> Self {
         self.local_arc(Arc::new(b))
@@ -120,7 +134,14 @@ impl DispatcherBuilder {
             locals: self.locals,
             clouds: self.clouds,
             hub: self.hub.unwrap_or_default(),
-            detector: Detector::new(&self.privacy.custom_patterns)?,
+            detector_runs_model: matches!(self.recognizer, Some(Ok(_))),
+            detector: match self.recognizer {
+                None => Detector::new(&self.privacy.custom_patterns)?,
+                Some(Ok(r)) => Detector::new(&self.privacy.custom_patterns)?.with_recognizer(r),
+                Some(Err(why)) => {
+                    Detector::new(&self.privacy.custom_patterns)?.without_recognizer(why)
+                }
+            },
             policy: self.policy,
             egress: Arc::new(Egress {
                 ledger: self.ledger,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use tandem_api::{Event, EventStream, Finish, GenerateRequest, Locality};
-use tandem_policy::{Decision, Effect, Features, PrivacyMode, Reason};
+use tandem_policy::{Decision, Effect, Features, Reason};
 
 use super::{CacheOutcome, Dispatched, Dispatcher, RequestContext, RouteInfo};
 use crate::cache::{CacheKey, Cached};
@@ -20,16 +20,13 @@ impl Dispatcher {
         req: &GenerateRequest,
         ctx: &RequestContext,
         features: &Features,
+        checked: &super::plan::Checked,
     ) -> (Option<CacheKey>, Option<CacheOutcome>) {
         match self.cache() {
             Some(c) if c.config().enabled && self.embedder().is_some() => {
-                // With privacy off the policy skips the detector; the cache
-                // still must not keep personal data on disk.
-                let private = if features.privacy == Some(PrivacyMode::Off) {
-                    !self.pii_classes(req).is_empty()
-                } else {
-                    !features.pii.is_empty()
-                };
+                // The cache never keeps personal data on disk, whatever the
+                // privacy mode, nor what could not be checked.
+                let private = checked.maybe_private();
                 let key = (!ctx.cache_skip && !private)
                     .then(|| {
                         let mode = features.privacy.unwrap_or(self.policy.privacy);

@@ -12,7 +12,7 @@ use tandem_api::{
     ApiError, Event, EventStream, Feature, Finish, GenerateRequest, Input, Locality, Usage,
 };
 use tandem_policy::Decision;
-use tandem_policy::privacy::{Redaction, Restorer};
+use tandem_policy::privacy::{Redaction, Restorer, redact_request};
 
 use super::{CacheOutcome, Dispatched, Dispatcher, RequestContext, RouteInfo};
 use crate::cache::CacheKey;
@@ -73,11 +73,14 @@ impl Dispatcher {
         &self,
         req: &GenerateRequest,
         redact: bool,
-    ) -> (GenerateRequest, Redaction) {
+    ) -> Result<(GenerateRequest, Redaction), ApiError> {
         let mut out = req.clone();
         let mut redaction = Redaction::default();
         if redact {
-            self.redact(&mut out, &mut redaction);
+            // A redaction that cannot run sends nothing.
+            redact_request(&self.detector, &mut out, &mut redaction).map_err(|e| {
+                ApiError::unavailable(e.to_string()).with_code("privacy_unavailable")
+            })?;
         }
         for (class, n) in &redaction.classes {
             self.metrics()
@@ -87,27 +90,7 @@ impl Dispatcher {
                 })
                 .inc_by(u64::from(*n));
         }
-        (out, redaction)
-    }
-
-    fn redact(&self, req: &mut GenerateRequest, r: &mut Redaction) {
-        if let Input::Chat {
-            messages,
-            continue_from,
-        } = &mut req.input
-        {
-            for m in messages.iter_mut() {
-                m.content = r.redact(&self.detector, &m.content);
-            }
-            if let Some(c) = continue_from {
-                *c = r.redact(&self.detector, c);
-            }
-        } else if let Input::Text(t) = &mut req.input {
-            *t = r.redact(&self.detector, t);
-        }
-        for v in req.extra.values_mut() {
-            r.redact_json(&self.detector, v);
-        }
+        Ok((out, redaction))
     }
 
     /// Starts the answer on one side.
@@ -143,7 +126,7 @@ impl Dispatcher {
                 let cloud = self
                     .cloud(p.cloud_i)
                     .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
-                let (out, redaction) = self.outgoing(req, redact);
+                let (out, redaction) = self.outgoing(req, redact)?;
                 let started = cloud.start(out).await;
                 let exchange = started
                     .exchange
@@ -197,7 +180,7 @@ impl Dispatcher {
                 cloud.name()
             ))
         })?;
-        let (out, redaction) = self.outgoing(req, redact);
+        let (out, redaction) = self.outgoing(req, redact)?;
         let model = cloud.model_for(&req.model);
         let stream = crate::speculative::start(crate::speculative::SpecJob {
             egress: self.egress.clone(),

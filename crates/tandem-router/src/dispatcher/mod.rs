@@ -63,6 +63,8 @@ pub struct Dispatcher {
     sessions: Vec<Arc<dyn SessionModel>>,
     hub: SignalHub,
     detector: Detector,
+    /// The detector runs a model: scans go off the async workers.
+    detector_runs_model: bool,
     policy: PolicyConfig,
     egress: Arc<Egress>,
     access: Access,
@@ -233,12 +235,13 @@ impl Dispatcher {
         ctx: &RequestContext,
     ) -> Result<Explanation, ApiError> {
         let t0 = Instant::now();
+        let checked = self.scan_now(req);
         let Plan {
             mut features,
             view,
             named,
             cloud,
-        } = self.plan(req, ctx)?;
+        } = self.plan(req, ctx, &checked)?;
         if named.is_none()
             && !self.clouds.is_empty()
             && let Some(scorer) = self.scorer()
@@ -318,12 +321,13 @@ impl Dispatcher {
         ctx: RequestContext,
     ) -> Result<Dispatched, ApiError> {
         let t0 = Instant::now();
+        let checked = self.scan(&req).await;
         let Plan {
             mut features,
             view,
             named,
             cloud,
-        } = self.plan(&req, &ctx)?;
+        } = self.plan(&req, &ctx, &checked)?;
         let local_i = plan::local_index(named);
         let cloud_i = cloud.unwrap_or(0);
         let mode = match ctx.mode {
@@ -342,7 +346,7 @@ impl Dispatcher {
         } else {
             None
         };
-        let (cache_key, mut cache_state) = self.cache_key(&req, &ctx, &features);
+        let (cache_key, mut cache_state) = self.cache_key(&req, &ctx, &features, &checked);
         let text = cache_key.as_ref().map(|k| k.text().to_owned()).or_else(|| {
             scorer
                 .as_ref()

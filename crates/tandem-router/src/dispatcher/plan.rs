@@ -3,11 +3,35 @@
 //! backends' load, capabilities and health, the device, the network, the
 //! spending. The policy itself is a pure function in `tandem-policy`.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use tandem_api::{ApiError, Feature, GenerateRequest, Locality};
+use tandem_policy::privacy::scan_request;
 use tandem_policy::{CloudView, Features, LocalView, PrivacyMode, Spend, View};
 
 use super::{Dispatcher, RequestContext};
 use crate::access::Caller;
+
+/// The outcome of checking a request for personal data.
+#[derive(Debug, Clone)]
+pub(super) enum Checked {
+    /// Classes found, with counts.
+    Done(BTreeMap<String, u32>),
+    /// The detector could not run: why.
+    Unchecked(String),
+}
+
+impl Checked {
+    /// Whether the request may hold personal data as far as anyone knows
+    /// (found some, or could not look).
+    pub fn maybe_private(&self) -> bool {
+        match self {
+            Checked::Done(c) => !c.is_empty(),
+            Checked::Unchecked(_) => true,
+        }
+    }
+}
 
 /// What [`Dispatcher::plan`] gathers for one request.
 pub(super) struct Plan {
@@ -60,35 +84,25 @@ impl Dispatcher {
         Err(ApiError::model_not_found(model))
     }
 
-    /// The personal-data classes found anywhere in the request.
-    pub(super) fn pii_classes(&self, req: &GenerateRequest) -> Vec<String> {
-        let mut classes: Vec<String> = Vec::new();
-        let mut add = |text: &str| {
-            for f in self.detector.find(text) {
-                if !classes.contains(&f.class) {
-                    classes.push(f.class);
-                }
-            }
-        };
-        for part in req.input.text_parts() {
-            add(part);
+    /// What personal data the request carries, everywhere it carries it
+    /// (counts per class), or why it could not be checked. Blocking: the
+    /// model takes milliseconds; async callers use [`Dispatcher::scan`].
+    pub(super) fn scan_now(&self, req: &GenerateRequest) -> Checked {
+        match scan_request(&self.detector, req) {
+            Ok(s) => Checked::Done(s.classes),
+            Err(e) => Checked::Unchecked(e.0),
         }
-        fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
-            match v {
-                serde_json::Value::String(s) => out.push(s),
-                serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
-                serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
-                _ => {}
-            }
+    }
+
+    /// [`Dispatcher::scan_now`] off the async workers when a model runs.
+    pub(super) async fn scan(self: &Arc<Self>, req: &GenerateRequest) -> Checked {
+        if !self.detector_runs_model {
+            return self.scan_now(req);
         }
-        let mut extra = Vec::new();
-        for v in req.extra.values() {
-            strings(v, &mut extra);
-        }
-        for s in extra {
-            add(s);
-        }
-        classes
+        let (d, r) = (self.clone(), req.clone());
+        tokio::task::spawn_blocking(move || d.scan_now(&r))
+            .await
+            .unwrap_or_else(|_| Checked::Unchecked("the detection task failed".into()))
     }
 
     fn prompt_tokens(&self, req: &GenerateRequest, local: Option<usize>) -> u32 {
@@ -194,6 +208,7 @@ impl Dispatcher {
         &self,
         req: &GenerateRequest,
         ctx: &RequestContext,
+        checked: &Checked,
     ) -> Result<Plan, ApiError> {
         let named = self.locate(&req.model)?;
         let local = match named {
@@ -206,15 +221,16 @@ impl Dispatcher {
             _ => self.cloud_candidate(named),
         };
         let mode = self.privacy_mode(ctx);
-        let pii = if mode == PrivacyMode::Off {
-            Vec::new()
-        } else {
-            self.pii_classes(req)
+        let (pii, pii_unchecked) = match (mode, checked) {
+            (PrivacyMode::Off, _) => (BTreeMap::new(), None),
+            (_, Checked::Done(c)) => (c.clone(), None),
+            (_, Checked::Unchecked(why)) => (BTreeMap::new(), Some(why.clone())),
         };
         let features = Features {
             named: named.map(|(s, _)| s),
             privacy: Some(mode),
             pii,
+            pii_unchecked,
             // A request named for the cloud needs no exact local count.
             prompt_tokens: self.prompt_tokens(req, local),
             max_tokens: req.max_tokens,

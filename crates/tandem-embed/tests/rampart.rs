@@ -1,0 +1,82 @@
+//! The personal-data recognizer against onnxruntime's logits for the same
+//! file (`shared/data/privacy/rampart-reference.json`, copied into
+//! `fixtures/`): same word pieces, same logits to float precision, same
+//! labels.
+
+use serde::Deserialize;
+use tandem_embed::TokenClassifier;
+use tandem_testkit::{RAMPART, model_path};
+
+#[derive(Deserialize)]
+struct Reference {
+    sentences: Vec<Sentence>,
+}
+
+#[derive(Deserialize)]
+struct Sentence {
+    text: String,
+    input_ids: Vec<u32>,
+    labels: Vec<String>,
+    logits: Vec<Vec<f32>>,
+}
+
+#[test]
+fn matches_onnxruntime_token_for_token() {
+    let r: Reference =
+        serde_json::from_str(include_str!("fixtures/rampart_reference.json")).unwrap();
+    let dir = model_path(RAMPART);
+    let c = TokenClassifier::load(dir.parent().unwrap()).expect("load");
+    let mut max_diff = 0f32;
+    for s in &r.sentences {
+        let (ids, _) = c.tokenize(&s.text).unwrap();
+        let mut input = vec![s.input_ids[0]];
+        input.extend(&ids);
+        input.push(*s.input_ids.last().unwrap());
+        assert_eq!(input, s.input_ids, "{}", s.text);
+        let logits = c.logits(&input);
+        let k = c.labels().len();
+        for (i, (row, want)) in logits.chunks_exact(k).zip(&s.logits).enumerate() {
+            for (a, b) in row.iter().zip(want) {
+                max_diff = max_diff.max((a - b).abs());
+            }
+            let arg = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b })
+                .0;
+            assert_eq!(c.labels()[arg], s.labels[i], "{} piece {i}", s.text);
+        }
+    }
+    assert!(max_diff < 1e-3, "largest logit difference {max_diff}");
+    eprintln!("largest logit difference from onnxruntime: {max_diff:e}");
+}
+
+#[test]
+fn names_and_addresses_come_back_as_spans() {
+    let dir = model_path(RAMPART);
+    let c = TokenClassifier::load(dir.parent().unwrap()).expect("load");
+    let text = "My name is Hans Müller and I live at Hauptstraße 5, 10115 Berlin.";
+    let spans = c.classify(text).unwrap();
+    let got: Vec<(&str, &str)> = spans
+        .iter()
+        .map(|s| (s.label.as_str(), &text[s.start..s.end]))
+        .collect();
+    for want in [
+        ("GIVEN_NAME", "Hans"),
+        ("SURNAME", "Müller"),
+        ("STREET_NAME", "Hauptstraße"),
+        ("CITY", "Berlin"),
+    ] {
+        assert!(got.contains(&want), "{want:?} not in {got:?}");
+    }
+    // A long input is read in windows and still labelled at its end.
+    let long = format!(
+        "{} Call Anna Schmidt tomorrow.",
+        "The weather is fine. ".repeat(120)
+    );
+    let spans = c.classify(&long).unwrap();
+    assert!(
+        spans.iter().any(|s| &long[s.start..s.end] == "Schmidt"),
+        "{spans:?}"
+    );
+}

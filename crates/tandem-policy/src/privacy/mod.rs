@@ -1,0 +1,375 @@
+//! Finding personal data and secrets in everything a request carries, and
+//! replacing them with placeholders that can be put back.
+//!
+//! Two kinds of recognizer work together. Patterns with checks
+//! (`patterns`): emails, payment cards (issuer and Luhn), IBANs (mod 97),
+//! national identifiers with their checksums (US SSN, UK NINO, Spanish
+//! DNI/NIE, Polish PESEL, French NIR, Italian codice fiscale, Indian Aadhaar
+//! and PAN), phone numbers valid for their country (libphonenumber's rules),
+//! dates of birth, passport and medical record numbers (by the words around
+//! them), IP addresses (not version strings), secrets (known formats, and
+//! values of keys that name secrets when they are not code). And a model
+//! ([`EntityRecognizer`], the Rampart token classifier) for what patterns
+//! cannot see: person names and street addresses, in many languages.
+//!
+//! Digits of other scripts are folded to ASCII first, so `१२३-४५-६७८९` is an
+//! SSN like `123-45-6789`; every check is total, so no input panics; and
+//! nothing here logs or returns the text it inspects, only classes and
+//! offsets.
+//!
+//! Failing closed: a detector configured with a recognizer that cannot run
+//! reports [`Unavailable`] instead of an incomplete answer; the policy then
+//! keeps the request on the device (strict) or refuses to send it (redact).
+
+mod context;
+mod normalize;
+mod patterns;
+mod redaction;
+mod request;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use redaction::{Redaction, Restorer};
+pub use request::{Scan, redact_request, scan_request};
+
+/// How personal data in a request is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyMode {
+    /// Requests with personal data or secrets never leave the device.
+    Strict,
+    /// They may leave with placeholders in place of the data; the answer
+    /// gets the originals back.
+    Redact,
+    /// No detection: requests leave as they are.
+    Off,
+}
+
+impl std::str::FromStr for PrivacyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "strict" => Ok(Self::Strict),
+            "redact" => Ok(Self::Redact),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "privacy mode must be strict, redact or off, got `{other}`"
+            )),
+        }
+    }
+}
+
+impl PrivacyMode {
+    /// `strict`, `redact` or `off`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Redact => "redact",
+            Self::Off => "off",
+        }
+    }
+
+    /// The stricter of two modes (a header may only tighten a key's mode).
+    pub fn stricter(self, other: PrivacyMode) -> PrivacyMode {
+        let rank = |m| match m {
+            PrivacyMode::Strict => 2,
+            PrivacyMode::Redact => 1,
+            PrivacyMode::Off => 0,
+        };
+        if rank(self) >= rank(other) {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+
+/// The `[privacy]` section of the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Classes of the deployment's own (employee numbers, tickets...).
+    #[serde(default)]
+    pub custom_patterns: Vec<CustomPattern>,
+    /// Use the personal-data model for names and addresses (default). When
+    /// it is on but cannot be loaded, requests with a privacy mode fail
+    /// closed rather than leave unchecked.
+    #[serde(default = "d_true")]
+    pub recognizer: bool,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            custom_patterns: Vec::new(),
+            recognizer: true,
+        }
+    }
+}
+
+/// A user-defined class, e.g. an employee number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomPattern {
+    /// Lower-case class name; the placeholder uses it upper-cased.
+    pub name: String,
+    /// The regular expression (Rust's `regex` syntax).
+    pub regex: String,
+}
+
+/// A span of personal data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Its class (`email`, `person`, ...).
+    pub class: String,
+    /// Byte offset where it starts.
+    pub start: usize,
+    /// Byte offset where it ends.
+    pub end: usize,
+}
+
+/// A span a model labelled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    /// The model's label (`GIVEN_NAME`, `STREET_NAME`, `CITY`...).
+    pub label: String,
+    /// Byte offset where it starts.
+    pub start: usize,
+    /// Byte offset where it ends.
+    pub end: usize,
+    /// The model's confidence, 0 to 1.
+    pub score: f32,
+}
+
+/// A model that labels spans of text (the personal-data token classifier).
+pub trait EntityRecognizer: Send + Sync {
+    /// The labelled spans of `text`. An error means the text could not be
+    /// checked; the detector then fails closed.
+    fn recognize(&self, text: &str) -> Result<Vec<Entity>, String>;
+}
+
+/// A detector could not check a text: the reason, never the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the personal-data detector could not run: {}", self.0)
+    }
+}
+
+/// The class a model label counts as.
+fn entity_class(label: &str) -> Option<&'static str> {
+    Some(match label {
+        "GIVEN_NAME" | "SURNAME" => "person",
+        "STREET_NAME" | "BUILDING_NUMBER" | "SECONDARY_ADDRESS" | "CITY" | "STATE" | "ZIP_CODE" => {
+            "address"
+        }
+        "EMAIL" => "email",
+        "PHONE" => "phone",
+        "TAX_ID" | "GOVERNMENT_ID" => "national_id",
+        "BANK_ACCOUNT" | "ROUTING_NUMBER" => "bank_account",
+        "PASSPORT" => "passport",
+        "DRIVERS_LICENSE" => "drivers_license",
+        _ => return None,
+    })
+}
+
+/// Model spans below this confidence are not taken: on code and logs the
+/// model's rare mistakes are its unsure ones.
+const MIN_ENTITY_SCORE: f32 = 0.5;
+
+/// Findings cached, by text hash: conversations repeat their history every
+/// turn, and a message is checked once.
+const CACHE_ENTRIES: usize = 4096;
+
+/// The detector: built-in recognizers, custom patterns, and optionally a
+/// model. Build once, share.
+pub struct Detector {
+    patterns: patterns::Patterns,
+    recognizer: Option<Arc<dyn EntityRecognizer>>,
+    /// A recognizer was asked for but is not there: why.
+    missing: Option<String>,
+    cache: Mutex<HashMap<u64, Vec<Finding>>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl std::fmt::Debug for Detector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detector")
+            .field("patterns", &self.patterns)
+            .field("recognizer", &self.recognizer.is_some())
+            .field("missing", &self.missing)
+            .finish()
+    }
+}
+
+impl Detector {
+    /// The built-in recognizers plus `custom` patterns; no model.
+    pub fn new(custom: &[CustomPattern]) -> Result<Detector, String> {
+        for c in custom {
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            {
+                return Err(format!(
+                    "custom PII class name `{}` must be letters, digits and underscores",
+                    c.name
+                ));
+            }
+        }
+        let custom: Vec<(String, String)> = custom
+            .iter()
+            .map(|c| (c.name.to_lowercase(), c.regex.clone()))
+            .collect();
+        Ok(Detector {
+            patterns: patterns::Patterns::new(&custom)?,
+            recognizer: None,
+            missing: None,
+            cache: Mutex::new(HashMap::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
+        })
+    }
+
+    /// Adds a model for names and addresses.
+    pub fn with_recognizer(mut self, r: Arc<dyn EntityRecognizer>) -> Detector {
+        self.recognizer = Some(r);
+        self.missing = None;
+        self
+    }
+
+    /// Records that the model was asked for but could not be had: every
+    /// check then reports [`Unavailable`].
+    pub fn without_recognizer(mut self, why: impl Into<String>) -> Detector {
+        self.recognizer = None;
+        self.missing = Some(why.into());
+        self
+    }
+
+    /// Whether the detector can check texts (no missing model).
+    pub fn available(&self) -> Result<(), Unavailable> {
+        match &self.missing {
+            Some(why) => Err(Unavailable(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn key(&self, text: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(text.as_bytes());
+        h.finish()
+    }
+
+    /// Non-overlapping findings in `text`, in text order. Where two overlap,
+    /// the more specific recognizer wins (a checksum over a phone pattern),
+    /// then the longer match.
+    pub fn find(&self, text: &str) -> Result<Vec<Finding>, Unavailable> {
+        self.available()?;
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.key(text);
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(hit.clone());
+        }
+        let folded = normalize::fold(text);
+        let mut hits: Vec<patterns::Hit> = self
+            .patterns
+            .find(&folded.text)
+            .into_iter()
+            .map(|h| patterns::Hit {
+                start: folded.original(h.start),
+                end: folded.original(h.end),
+                ..h
+            })
+            .collect();
+        if let Some(r) = &self.recognizer {
+            let entities = r.recognize(text).map_err(Unavailable)?;
+            for e in entities {
+                if e.score < MIN_ENTITY_SCORE || e.start >= e.end || e.end > text.len() {
+                    continue;
+                }
+                if let Some(class) = entity_class(&e.label) {
+                    hits.push(patterns::Hit {
+                        class: class.to_owned(),
+                        start: e.start,
+                        end: e.end,
+                        priority: 1,
+                    });
+                }
+            }
+        }
+        let out = resolve(text, hits);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, out.clone());
+        Ok(out)
+    }
+
+    /// Whether `text` holds anything the detector finds.
+    pub fn contains_pii(&self, text: &str) -> Result<bool, Unavailable> {
+        Ok(!self.find(text)?.is_empty())
+    }
+}
+
+/// Overlaps resolved (priority, then length), spans snapped to character
+/// boundaries, and neighbouring parts of one name or one address (only
+/// spaces, commas or hyphens between them) joined into one finding.
+fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
+    for h in &mut hits {
+        h.start = context::floor_boundary(text, h.start);
+        h.end = context::ceil_boundary(text, h.end);
+    }
+    hits.retain(|h| h.start < h.end);
+    hits.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then((b.end - b.start).cmp(&(a.end - a.start)))
+            .then(a.start.cmp(&b.start))
+    });
+    let mut kept: Vec<patterns::Hit> = Vec::with_capacity(hits.len());
+    for h in hits {
+        if kept.iter().all(|k| h.end <= k.start || h.start >= k.end) {
+            kept.push(h);
+        }
+    }
+    kept.sort_by_key(|h| h.start);
+    let mut out: Vec<Finding> = Vec::with_capacity(kept.len());
+    for h in kept {
+        if let Some(last) = out.last_mut()
+            && last.class == h.class
+            && matches!(last.class.as_str(), "person" | "address")
+            && text.get(last.end..h.start).is_some_and(|gap| {
+                gap.len() <= 3 && gap.chars().all(|c| c == ' ' || c == ',' || c == '-')
+            })
+        {
+            last.end = h.end;
+            continue;
+        }
+        out.push(Finding {
+            class: h.class,
+            start: h.start,
+            end: h.end,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,111 @@
+//! Folding the digits of other scripts (full-width, Arabic-Indic, Devanagari,
+//! and every other Unicode decimal digit block the patterns might meet) to
+//! ASCII before pattern matching, so that `१२३-४५-६७८९` is found as the
+//! number it is — and mapping what is found back to the original text's
+//! byte offsets.
+
+/// Unicode blocks of decimal digits: the code point of each block's zero.
+/// Every block holds ten consecutive digits.
+const ZEROS: &[u32] = &[
+    0x0660, // Arabic-Indic
+    0x06F0, // Extended Arabic-Indic
+    0x07C0, // NKo
+    0x0966, // Devanagari
+    0x09E6, // Bengali
+    0x0A66, // Gurmukhi
+    0x0AE6, // Gujarati
+    0x0B66, // Oriya
+    0x0BE6, // Tamil
+    0x0C66, // Telugu
+    0x0CE6, // Kannada
+    0x0D66, // Malayalam
+    0x0DE6, // Sinhala
+    0x0E50, // Thai
+    0x0ED0, // Lao
+    0x0F20, // Tibetan
+    0x1040, // Myanmar
+    0x17E0, // Khmer
+    0x1810, // Mongolian
+    0xFF10, // Full-width
+];
+
+fn ascii_digit(c: char) -> Option<char> {
+    let cp = c as u32;
+    ZEROS
+        .iter()
+        .find(|&&z| (z..z + 10).contains(&cp))
+        .and_then(|&z| char::from_digit(cp - z, 10))
+}
+
+/// A text with other scripts' digits folded to ASCII, and where each of its
+/// bytes came from.
+#[derive(Debug)]
+pub struct Folded<'a> {
+    /// The folded text; borrowed when nothing needed folding.
+    pub text: std::borrow::Cow<'a, str>,
+    /// For each byte of `text` (and one past the end), the offset in the
+    /// original; empty when nothing was folded (offsets are the same).
+    map: Vec<usize>,
+}
+
+impl Folded<'_> {
+    /// The original byte offset of folded offset `i`.
+    pub fn original(&self, i: usize) -> usize {
+        if self.map.is_empty() {
+            i
+        } else {
+            self.map
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| *self.map.last().unwrap_or(&0))
+        }
+    }
+}
+
+/// Folds `text`'s digits.
+pub fn fold(text: &str) -> Folded<'_> {
+    if !text
+        .chars()
+        .any(|c| !c.is_ascii() && ascii_digit(c).is_some())
+    {
+        return Folded {
+            text: std::borrow::Cow::Borrowed(text),
+            map: Vec::new(),
+        };
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut map = Vec::with_capacity(text.len() + 1);
+    for (at, c) in text.char_indices() {
+        let c = ascii_digit(c).unwrap_or(c);
+        for _ in 0..c.len_utf8() {
+            map.push(at);
+        }
+        out.push(c);
+    }
+    map.push(text.len());
+    Folded {
+        text: std::borrow::Cow::Owned(out),
+        map,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_of_other_scripts_fold_and_map_back() {
+        let t = "SSN १२३-४५-६७८९ ok";
+        let f = fold(t);
+        assert_eq!(f.text, "SSN 123-45-6789 ok");
+        let start = f.text.find('1').unwrap();
+        let end = f.text.find(" ok").unwrap();
+        assert_eq!(&t[f.original(start)..f.original(end)], "१२३-४५-६७८९");
+        let w = fold("ＩＤ：１２３");
+        assert_eq!(w.text, "ＩＤ：123");
+        assert!(matches!(
+            fold("plain 123").text,
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+}

@@ -1,0 +1,318 @@
+//! The pattern recognizers on realistic text, and what they must leave alone.
+
+use super::*;
+use tandem_api::{GenerateRequest, Input, Message, Sampling};
+
+fn classes(d: &Detector, text: &str) -> Vec<String> {
+    d.find(text).unwrap().into_iter().map(|f| f.class).collect()
+}
+
+fn found(d: &Detector, text: &str) -> Vec<(String, String)> {
+    d.find(text)
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.class, text[f.start..f.end].to_owned()))
+        .collect()
+}
+
+fn detector() -> Detector {
+    Detector::new(&[CustomPattern {
+        name: "employee_id".into(),
+        regex: r"\bEMP-\d{6}\b".into(),
+    }])
+    .unwrap()
+}
+
+#[test]
+fn finds_each_class() {
+    let d = detector();
+    let cases = [
+        (
+            "mail me at jane.doe@example.co.uk today",
+            "email",
+            "jane.doe@example.co.uk",
+        ),
+        (
+            "call +44 20 7946 0958 tomorrow",
+            "phone",
+            "+44 20 7946 0958",
+        ),
+        ("call (555) 123-4567", "phone", "(555) 123-4567"),
+        ("Tel.: 030 12345678", "phone", "030 12345678"),
+        ("mon portable: 06 12 34 56 78", "phone", "06 12 34 56 78"),
+        ("phone 98765 43210", "phone", "98765 43210"),
+        (
+            "card 4111 1111 1111 1111 exp 12/29",
+            "card_number",
+            "4111 1111 1111 1111",
+        ),
+        (
+            "IBAN DE89 3704 0044 0532 0130 00 please",
+            "iban",
+            "DE89 3704 0044 0532 0130 00",
+        ),
+        ("GB82WEST12345698765432", "iban", "GB82WEST12345698765432"),
+        ("SSN 123-45-6789", "national_id", "123-45-6789"),
+        ("NINO AB 12 34 56 C", "national_id", "AB 12 34 56 C"),
+        ("DNI 12345678Z", "national_id", "12345678Z"),
+        ("PESEL 44051401359", "national_id", "44051401359"),
+        (
+            "Codice fiscale RSSMRA85T10A562S",
+            "national_id",
+            "RSSMRA85T10A562S",
+        ),
+        (
+            "server at 192.168.1.20 is down",
+            "ip_address",
+            "192.168.1.20",
+        ),
+        (
+            "v6 2001:db8:85a3::8a2e:370:7334 too",
+            "ip_address",
+            "2001:db8:85a3::8a2e:370:7334",
+        ),
+        (
+            "key sk-proj-abcdefghijklmnopqrstuvwxyz123456",
+            "secret",
+            "sk-proj-abcdefghijklmnopqrstuvwxyz123456",
+        ),
+        ("AWS AKIAIOSFODNN7EXAMPLE", "secret", "AKIAIOSFODNN7EXAMPLE"),
+        (
+            "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "secret",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        ),
+        ("password = hunter2hunter2", "secret", "hunter2hunter2"),
+        (
+            "db: postgres://app:s3cr3tPass@db.internal/prod",
+            "secret",
+            "s3cr3tPass",
+        ),
+        (
+            "I was born on 12.03.1985 in Berlin",
+            "date_of_birth",
+            "12.03.1985",
+        ),
+        (
+            "Date of birth: March 4, 1990",
+            "date_of_birth",
+            "March 4, 1990",
+        ),
+        ("geboren am 3. Mai 1979", "date_of_birth", "3. Mai 1979"),
+        ("née le 14 juillet 1982", "date_of_birth", "14 juillet 1982"),
+        (
+            "fecha de nacimiento: 5 de mayo de 1970",
+            "date_of_birth",
+            "5 de mayo de 1970",
+        ),
+        ("my passport number is 533380006", "passport", "533380006"),
+        ("Reisepass C01X00T47", "passport", "C01X00T47"),
+        ("MRN: 00123456", "medical_record", "00123456"),
+        ("patient ID MR-4421907", "medical_record", "MR-4421907"),
+        ("badge EMP-004211", "employee_id", "EMP-004211"),
+        ("My name is Hans Müller.", "person", "Hans Müller"),
+        ("Dear Dr. Priya Sharma,", "person", "Priya Sharma"),
+        (
+            "ship to 1600 Pennsylvania Avenue",
+            "address",
+            "1600 Pennsylvania Avenue",
+        ),
+        ("wohne in der Hauptstraße 5", "address", "Hauptstraße 5"),
+        ("London SW1A 1AA", "address", "SW1A 1AA"),
+    ];
+    for (text, class, value) in cases {
+        let got = found(&d, text);
+        assert!(
+            got.iter().any(|(c, v)| c == class && v == value),
+            "{text}: want {class} `{value}`, got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn code_numbers_and_dates_are_left_alone() {
+    let d = detector();
+    for text in [
+        "order 4111 1111 1111 1112 shipped",
+        "version 1.2.3 released",
+        "upgrade to v10.2.0.1 today",
+        "pip install torch==2.3.1.0",
+        "the year 2024 and 1999",
+        "SSN-like 000-12-3456",
+        "DNI 12345678A",
+        "IBAN DE88 3704 0044 0532 0130 00",
+        "it costs 12.50 euros",
+        "token = tokenizer.encode(text)",
+        "password = os.environ[\"DB_PASSWORD\"]",
+        "api_key = get_api_key()",
+        "secret_key = settings.SECRET_KEY",
+        "let token = self.next_token();",
+        "the meeting is on 12.03.2025 at 10:30",
+        "tracking number 9400 1000 0000 0000 0000 00",
+        "Build 20240517.3 finished in 12.5 s",
+        "INFO 2024-05-17T10:31:22Z worker=3 latency_ms=1234567",
+        "for i in range(1000000): total += i * 31337",
+        "matrix = [[1, 2, 3], [4, 5, 6]]",
+        "commit 4f2a9c1b8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a",
+        "uuid 123e4567-e89b-12d3-a456-426614174000",
+        "call me maybe",
+        "My name is not important.",
+    ] {
+        assert!(
+            d.find(text).unwrap().is_empty(),
+            "{text}: {:?}",
+            found(&d, text)
+        );
+    }
+}
+
+#[test]
+fn digits_of_any_script_are_found_without_panics() {
+    let d = detector();
+    assert_eq!(classes(&d, "SSN १२३-४५-६७८९"), vec!["national_id"]);
+    assert_eq!(classes(&d, "SSN ١٢٣-٤٥-٦٧٨٩"), vec!["national_id"]);
+    assert_eq!(
+        classes(&d, "card ４１１１ １１１１ １１１１ １１１１"),
+        vec!["card_number"]
+    );
+    let iban = "IBAN DE٨٩ ٣٧٠٤ ٠٠٤٤ ٠٥٣٢ ٠١٣٠ ٠٠";
+    let f = d.find(iban).unwrap();
+    assert_eq!(f.len(), 1);
+    assert!(iban.is_char_boundary(f[0].start) && iban.is_char_boundary(f[0].end));
+    // Mixed scripts and odd characters around every pattern: no panic.
+    for text in [
+        "１２３４５６７８Z",
+        "DE89३७०४००४४०५३२०१३०००",
+        "+४४ २० ७९४६ ०९५८",
+        "\u{0}\u{feff}12.03.1985 born",
+        "passport ＡＢ１２３４５６７",
+        "ü-123-45-6789-ü",
+    ] {
+        let _ = d.find(text).unwrap();
+    }
+}
+
+#[test]
+fn redaction_is_consistent_and_reversible_across_chunks() {
+    let d = detector();
+    let mut r = Redaction::default();
+    let a = r
+        .redact(&d, "Email bob@corp.com or bob@corp.com, not amy@corp.com")
+        .unwrap();
+    assert_eq!(a, "Email [EMAIL_1] or [EMAIL_1], not [EMAIL_2]");
+    assert_eq!(r.classes.get("email"), Some(&2));
+    let mut rest = r.restorer();
+    let mut out = String::new();
+    for chunk in [
+        "I wrote to [EM",
+        "AIL_1] and [",
+        "EMAIL_2]. [note] ok",
+        " [EMAIL_9] end [",
+    ] {
+        out.push_str(&rest.push(chunk));
+    }
+    out.push_str(&rest.finish());
+    assert_eq!(
+        out,
+        "I wrote to bob@corp.com and amy@corp.com. [note] ok [EMAIL_9] end ["
+    );
+}
+
+fn request() -> GenerateRequest {
+    let mut assistant = Message::new("assistant", "");
+    assistant.extra.insert(
+        "tool_calls".into(),
+        serde_json::json!([{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"ssn\": \"123-45-6789\", \"card\": \"4111 1111 1111 1111\"}"}}]),
+    );
+    let mut user = Message::new("user", "hello");
+    user.name = Some("jane.doe@example.com".into());
+    user.extra.insert(
+        "metadata".into(),
+        serde_json::json!({"contact": "amy@corp.com"}),
+    );
+    let mut tool = Message::new("tool", "{\"phone\": \"+44 20 7946 0958\"}");
+    tool.extra.insert("tool_call_id".into(), "c1".into());
+    let mut extra = serde_json::Map::new();
+    extra.insert("user".into(), "bob@corp.com".into());
+    extra.insert(
+        "metadata".into(),
+        serde_json::json!({"owner@corp.com": "key holder"}),
+    );
+    GenerateRequest {
+        model: "m".into(),
+        input: Input::Chat {
+            messages: vec![user, assistant, tool],
+            continue_from: None,
+        },
+        sampling: Sampling::default(),
+        max_tokens: None,
+        stop: vec![],
+        logprobs: None,
+        stream: false,
+        include_usage: false,
+        extra,
+    }
+}
+
+#[test]
+fn every_field_a_request_carries_is_scanned_and_redacted() {
+    let d = detector();
+    let mut req = request();
+    let scan = scan_request(&d, &req).unwrap();
+    assert_eq!(scan.classes.get("email"), Some(&4), "{scan:?}");
+    assert_eq!(scan.classes.get("national_id"), Some(&1));
+    assert_eq!(scan.classes.get("card_number"), Some(&1));
+    assert_eq!(scan.classes.get("phone"), Some(&1));
+    let mut r = Redaction::default();
+    redact_request(&d, &mut req, &mut r).unwrap();
+    let sent = serde_json::to_string(&req.to_chat_request("m")).unwrap();
+    for secret in [
+        "jane.doe",
+        "amy@corp",
+        "123-45-6789",
+        "4111 1111",
+        "7946",
+        "bob@corp",
+        "owner@corp",
+    ] {
+        assert!(!sent.contains(secret), "{secret} left in {sent}");
+    }
+    assert!(scan_request(&d, &req).unwrap().is_empty());
+}
+
+struct Failing;
+
+impl EntityRecognizer for Failing {
+    fn recognize(&self, _: &str) -> Result<Vec<Entity>, String> {
+        Err("model crashed".into())
+    }
+}
+
+struct Names;
+
+impl EntityRecognizer for Names {
+    fn recognize(&self, text: &str) -> Result<Vec<Entity>, String> {
+        Ok(text
+            .match_indices("Anna")
+            .map(|(i, m)| Entity {
+                label: "GIVEN_NAME".into(),
+                start: i,
+                end: i + m.len(),
+                score: 0.9,
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_detector_that_cannot_run_says_so_instead_of_finding_nothing() {
+    let d = detector().with_recognizer(Arc::new(Failing));
+    assert!(d.find("hello").is_err());
+    let d = detector().without_recognizer("the model file is missing");
+    assert_eq!(
+        d.find("hello").unwrap_err(),
+        Unavailable("the model file is missing".into())
+    );
+    let d = detector().with_recognizer(Arc::new(Names));
+    assert_eq!(classes(&d, "ask Anna"), vec!["person"]);
+}

@@ -1,0 +1,29 @@
+//! The personal-data model (`tandem-embed`'s token classifier) as the
+//! privacy detector's recognizer of names and addresses.
+
+use std::sync::Arc;
+
+use tandem_embed::TokenClassifier;
+use tandem_policy::privacy::{Entity, EntityRecognizer};
+
+/// A loaded token classifier, recognizing for the detector.
+#[derive(Debug, Clone)]
+pub struct ModelRecognizer(pub Arc<TokenClassifier>);
+
+impl EntityRecognizer for ModelRecognizer {
+    fn recognize(&self, text: &str) -> Result<Vec<Entity>, String> {
+        match self.0.classify(text) {
+            Ok(spans) => Ok(spans
+                .into_iter()
+                .map(|s| Entity {
+                    label: s.label,
+                    start: s.start,
+                    end: s.end,
+                    score: s.score,
+                })
+                .collect()),
+            // The error's own words might quote the input: not repeated.
+            Err(_) => Err("the personal-data model could not read the text".into()),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Privacy end to end: a device Tandem with the personal-data model, a real
+//! local model, and a capturing upstream that records every byte that
+//! leaves. Personal data is put in every field a request can carry; strict
+//! mode must send none of it, redact mode must send placeholders and give
+//! the client back the originals, streamed or not.
+
+use std::sync::{Arc, OnceLock};
+
+use serde_json::{Value, json};
+use tandem_backends::{CloudBackend, UpstreamConfig};
+use tandem_embed::TokenClassifier;
+use tandem_policy::{PolicyConfig, Rule};
+use tandem_router::{Dispatcher, ModelRecognizer};
+use tandem_testkit::capture::{CaptureUpstream, Mode};
+use tandem_testkit::{
+    RAMPART, SMOLLM2, TestServer, model_path, post_json, shared_engine, sse_text,
+};
+
+fn classifier() -> Arc<TokenClassifier> {
+    static C: OnceLock<Arc<TokenClassifier>> = OnceLock::new();
+    C.get_or_init(|| {
+        let dir = model_path(RAMPART);
+        Arc::new(TokenClassifier::load(dir.parent().unwrap()).expect("load the recognizer"))
+    })
+    .clone()
+}
+
+/// Cloud first, so that only the privacy rule keeps a request home.
+fn cloud_first() -> PolicyConfig {
+    let mut p = PolicyConfig::default();
+    p.rules.retain(|r| *r != Rule::PreferLocal);
+    p.rules.push(Rule::PreferCloud);
+    p
+}
+
+struct Setup {
+    device: TestServer,
+    capture: CaptureUpstream,
+}
+
+async fn setup(recognizer: Result<(), &str>) -> Setup {
+    let capture = CaptureUpstream::start(None, Mode::Echo).await;
+    let mut b = Dispatcher::builder()
+        .local(shared_engine(SMOLLM2, 2048, 4))
+        .cloud(
+            CloudBackend::new(UpstreamConfig::new("cloud", &capture.base_url(), &["big"])).unwrap(),
+        )
+        .policy(cloud_first());
+    b = match recognizer {
+        Ok(()) => b.recognizer(Arc::new(ModelRecognizer(classifier()))),
+        Err(why) => b.recognizer_unavailable(why),
+    };
+    Setup {
+        device: TestServer::start(b.build().unwrap()).await,
+        capture,
+    }
+}
+
+/// The values planted below; none may ever reach the upstream.
+const PLANTED: &[&str] = &[
+    "Hans",
+    "Müller",
+    "Hauptstraße",
+    "jane.doe@example.com",
+    "123-45-6789",
+    "4111 1111 1111 1111",
+    "+44 20 7946 0958",
+    "DE89 3704 0044 0532 0130 00",
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "AKIAIOSFODNN7EXAMPLE",
+    "Priya Sharma",
+    "owner@corp.example",
+    "12.03.1985",
+];
+
+/// A request with personal data in every place a request carries text.
+fn body(stream: bool) -> Value {
+    json!({
+        "model": "tandem/auto",
+        "stream": stream,
+        "max_tokens": 8,
+        "temperature": 0,
+        "user": "jane.doe@example.com",
+        "metadata": {"owner@corp.example": "billing", "note": "born 12.03.1985"},
+        "messages": [
+            {"role": "system", "content": "Ticket for Priya Sharma.", "name": "jane.doe@example.com"},
+            {"role": "user", "content": "Look up my account.", "x-extra": {"ssn": "123-45-6789"}},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "lookup", "arguments": "{\"card\": \"4111 1111 1111 1111\", \"iban\": \"DE89 3704 0044 0532 0130 00\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "{\"phone\": \"+44 20 7946 0958\", \"aws\": \"AKIAIOSFODNN7EXAMPLE\"}"},
+            {"role": "user", "content": "My name is Hans Müller, I live at Hauptstraße 5, 10115 Berlin. aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"},
+        ],
+    })
+}
+
+fn leaked(capture: &CaptureUpstream) -> Vec<String> {
+    let sent: Vec<u8> = capture
+        .captured()
+        .iter()
+        .flat_map(|c| c.body.to_vec())
+        .collect();
+    let sent = String::from_utf8_lossy(&sent).into_owned();
+    // JSON escapes non-ASCII and slashes differently: compare decoded too.
+    let decoded: String = capture
+        .captured()
+        .iter()
+        .map(|c| c.json().to_string())
+        .collect();
+    PLANTED
+        .iter()
+        .filter(|p| sent.contains(*p) || decoded.contains(*p))
+        .map(|p| (*p).to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn strict_mode_sends_nothing_from_any_field() {
+    let s = setup(Ok(())).await;
+    for stream in [false, true] {
+        let r = post_json(
+            &s.device.url("/v1/chat/completions"),
+            &body(stream),
+            &[("x-tandem-privacy", "strict")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-tandem-backend"), "local");
+        let reasons = r.header("x-tandem-reasons");
+        assert!(reasons.contains("strict mode"), "{reasons}");
+        assert!(
+            reasons.contains("person") && reasons.contains("address"),
+            "{reasons}"
+        );
+    }
+    assert!(
+        s.capture.captured().is_empty(),
+        "something left: {:?}",
+        leaked(&s.capture)
+    );
+    // Each field alone is enough to keep a request home.
+    let cases = [
+        json!({"messages": [{"role": "user", "content": "hi", "name": "jane.doe@example.com"}]}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "user": "owner@corp.example"}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "metadata": {"owner@corp.example": "x"}}),
+        json!({"messages": [{"role": "user", "content": "hi", "x-extra": "SSN 123-45-6789"}]}),
+        json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"card\": \"4111 1111 1111 1111\"}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "ok"}, {"role": "user", "content": "and?"}]}),
+        json!({"messages": [{"role": "user", "content": "Please greet Hans Müller from Berlin."}]}),
+    ];
+    for mut case in cases {
+        case["model"] = json!("tandem/auto");
+        case["max_tokens"] = json!(4);
+        let r = post_json(
+            &s.device.url("/v1/chat/completions"),
+            &case,
+            &[("x-tandem-privacy", "strict")],
+        )
+        .await;
+        assert_eq!(
+            r.header("x-tandem-backend"),
+            "local",
+            "{case}: {:?}",
+            r.body
+        );
+    }
+    assert!(s.capture.captured().is_empty());
+}
+
+#[tokio::test]
+async fn redact_mode_sends_placeholders_and_restores_the_answer() {
+    let s = setup(Ok(())).await;
+    let user = body(false)["messages"][4]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let want = format!("ECHO: {user}");
+    for stream in [false, true] {
+        let url = s.device.url("/v1/chat/completions");
+        let text = if stream {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .header("x-tandem-privacy", "redact")
+                .json(&body(true))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            assert!(
+                r.headers()["x-tandem-backend"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("cloud")
+            );
+            sse_text(&r.text().await.unwrap())
+        } else {
+            let r = post_json(&url, &body(false), &[("x-tandem-privacy", "redact")]).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            let redacted = r.header("x-tandem-redacted");
+            for class in [
+                "person",
+                "address",
+                "email",
+                "secret",
+                "national_id",
+                "card_number",
+                "iban",
+                "phone",
+            ] {
+                assert!(redacted.contains(class), "{class} not in {redacted}");
+            }
+            r.text()
+        };
+        // The client sees its own words, whatever the upstream saw.
+        assert_eq!(text, want);
+    }
+    assert_eq!(s.capture.captured().len(), 2);
+    assert!(
+        leaked(&s.capture).is_empty(),
+        "leaked: {:?}",
+        leaked(&s.capture)
+    );
+    let sent = s.capture.captured()[0].json();
+    let last = sent["messages"][4]["content"].as_str().unwrap();
+    assert!(
+        last.contains("[PERSON_") && last.contains("[ADDRESS_"),
+        "{last}"
+    );
+}
+
+#[tokio::test]
+async fn a_detector_that_cannot_run_keeps_everything_home() {
+    let s = setup(Err("the personal-data model could not be loaded")).await;
+    for mode in ["strict", "redact"] {
+        let r = post_json(
+            &s.device.url("/v1/chat/completions"),
+            &json!({"model": "tandem/auto", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Nothing personal here."}]}),
+            &[("x-tandem-privacy", mode)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{mode}: {:?}", r.body);
+        assert_eq!(r.header("x-tandem-backend"), "local", "{mode}");
+        assert!(
+            r.header("x-tandem-reasons")
+                .contains("could not be checked")
+        );
+    }
+    // With privacy off the request may leave.
+    let r = post_json(
+        &s.device.url("/v1/chat/completions"),
+        &json!({"model": "tandem/auto", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Nothing personal here."}]}),
+        &[("x-tandem-privacy", "off")],
+    )
+    .await;
+    assert!(r.header("x-tandem-backend").starts_with("cloud"));
+}
+
+#[tokio::test]
+async fn an_unreadable_privacy_header_is_refused_not_ignored() {
+    let s = setup(Ok(())).await;
+    for value in [&b"str\xffict"[..], b"everything"] {
+        let r = reqwest::Client::new()
+            .post(s.device.url("/v1/chat/completions"))
+            .header(
+                "x-tandem-privacy",
+                reqwest::header::HeaderValue::from_bytes(value).unwrap(),
+            )
+            .json(&json!({"model": "tandem/auto", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "x-tandem-privacy");
+    }
+    assert!(s.capture.captured().is_empty());
+}
+
+#[tokio::test]
+async fn the_dry_run_says_what_was_found_but_not_the_values() {
+    let s = setup(Ok(())).await;
+    let r = post_json(
+        &s.device.url("/v1/tandem/route"),
+        &json!({"messages": [{"role": "user", "content": "Mail jane.doe@example.com and bob@example.org about Hans Müller."}]}),
+        &[("x-tandem-privacy", "strict")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["features"]["pii"]["email"], 2);
+    assert!(r.body["features"]["pii"]["person"].as_u64().unwrap_or(0) >= 1);
+    let text = r.body.to_string();
+    assert!(!text.contains("jane.doe") && !text.contains("Müller"));
+}
