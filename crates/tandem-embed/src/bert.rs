@@ -611,9 +611,12 @@ mod tests {
     fn gelu_is_the_erf_form() {
         assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
         assert!((gelu(-2.0) - -0.045_500_26).abs() < 1e-6);
+        // Abramowitz–Stegun 7.1.26 is within 1.5e-7 in exact arithmetic; f32
+        // rounding of its terms adds a few ulps. The tanh approximation that
+        // this guards against is off by up to 1e-3.
         for i in -400..400 {
             let x = i as f32 / 50.0;
-            assert!((erf(x) - libm::erff(x)).abs() < 2e-7, "erf({x})");
+            assert!((erf(x) - libm::erff(x)).abs() < 6e-7, "erf({x})");
             let (a, b) = (exp(x), x.exp());
             assert!(((a - b) / b).abs() < 3e-7, "exp({x}): {a} vs {b}");
         }
