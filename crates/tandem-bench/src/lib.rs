@@ -3,7 +3,8 @@
 //! loop ([`engine`]), the gateway against LiteLLM ([`gateway`]), the learned
 //! router's decision time ([`router`]), accuracy against cloud share for
 //! the router and the cascade ([`cascade`]), and edge–cloud speculative
-//! decoding against cloud-only generation ([`speculative`]).
+//! decoding against cloud-only generation ([`speculative`]), and
+//! personal-data detection against Presidio ([`privacy`]).
 //!
 //! `tandem bench` calls [`run`]. Nothing here is on a request path; timing
 //! assertions belong here, never in tests.
@@ -14,6 +15,7 @@ pub mod cascade;
 pub mod engine;
 mod engine_runs;
 pub mod gateway;
+pub mod privacy;
 pub mod process;
 pub mod router;
 mod setup;
@@ -46,6 +48,9 @@ pub enum BenchKind {
     Cascade(cascade::CascadeArgs),
     /// Edge–cloud speculative decoding against cloud-only generation.
     Spec(speculative::SpecArgs),
+    /// Personal-data detection against Presidio: recall, false positives,
+    /// latency, and strict mode end to end.
+    Privacy(privacy::PrivacyArgs),
 }
 
 /// Runs the benchmark `args` names.
@@ -57,5 +62,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchKind::Router(r)) => router::run(r).await,
         Some(BenchKind::Cascade(c)) => cascade::run(c).await,
         Some(BenchKind::Spec(s)) => speculative::run(s).await,
+        Some(BenchKind::Privacy(p)) => privacy::run(p).await,
     }
 }

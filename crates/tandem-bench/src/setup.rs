@@ -26,3 +26,10 @@ pub async fn load_embedder() -> anyhow::Result<Arc<Embedder>> {
         tokio::task::spawn_blocking(move || Embedder::load(&dir)).await??,
     ))
 }
+
+/// The personal-data recognizer, pulled if missing.
+pub async fn load_classifier() -> anyhow::Result<tandem_embed::TokenClassifier> {
+    let r = tandem_catalog::resolve("rampart-pii").await?;
+    let dir = r.path.parent().context("model folder")?.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || tandem_embed::TokenClassifier::load(&dir)).await??)
+}

@@ -215,10 +215,17 @@ fn matmul(
     }
 }
 
-/// Output columns per panel of a packed weight: one 512-bit vector.
+/// Output columns per panel of a packed weight: one 512-bit vector, or two
+/// 256-bit ones.
 const LANES: usize = 16;
-/// Rows of the input multiplied against a panel at once.
+/// Rows of the input multiplied against a panel at once: as many as keep
+/// their accumulators in registers. AVX-512 has 32 vector registers (8 rows
+/// × 1 register); AVX2 has 16, and 8 rows × 2 registers would leave none
+/// for the weights, so 6 rows (12 accumulators, as BLIS's Haswell kernel).
+#[cfg(target_feature = "avx512f")]
 const ROWS: usize = 8;
+#[cfg(not(target_feature = "avx512f"))]
+const ROWS: usize = 6;
 
 /// A dense layer's weight in panels of [`LANES`] output columns, each panel
 /// `inputs × LANES` row-major (outputs padded with zeros to whole panels):

@@ -100,6 +100,10 @@ pub const BIRTH: &[&str] = &[
     "urodzona",
     "urodzenia",
     "urodzin",
+    "urodziłem",
+    "urodziłam",
+    "urodził",
+    "urodziła",
     "data ur",
     "जन्म",
     "janm",
@@ -110,6 +114,7 @@ pub const BIRTH: &[&str] = &[
 pub const PASSPORT: &[&str] = &[
     "passport",
     "reisepass",
+    "reisepassnummer",
     "pass-nr",
     "passnummer",
     "passeport",
@@ -193,6 +198,19 @@ pub const PHONE: &[&str] = &[
     "mob.",
     "ph",
     "ph.",
+    "my number",
+    "reach me",
+    "reach us",
+    "reach the office",
+    "ruf mich",
+    "rufen sie",
+    "anrufen",
+    "erreichbar",
+    "mon numéro",
+    "mi número",
+    "il mio numero",
+    "numer telefonu",
+    "mój numer",
 ];
 
 /// Words that say a number is not personal: a shipment, an order, a version.

@@ -22,6 +22,7 @@
 //! keeps the request on the device (strict) or refuses to send it (redact).
 
 mod context;
+mod entities;
 mod normalize;
 mod patterns;
 mod redaction;
@@ -165,27 +166,6 @@ impl std::fmt::Display for Unavailable {
     }
 }
 
-/// The class a model label counts as.
-fn entity_class(label: &str) -> Option<&'static str> {
-    Some(match label {
-        "GIVEN_NAME" | "SURNAME" => "person",
-        "STREET_NAME" | "BUILDING_NUMBER" | "SECONDARY_ADDRESS" | "CITY" | "STATE" | "ZIP_CODE" => {
-            "address"
-        }
-        "EMAIL" => "email",
-        "PHONE" => "phone",
-        "TAX_ID" | "GOVERNMENT_ID" => "national_id",
-        "BANK_ACCOUNT" | "ROUTING_NUMBER" => "bank_account",
-        "PASSPORT" => "passport",
-        "DRIVERS_LICENSE" => "drivers_license",
-        _ => return None,
-    })
-}
-
-/// Model spans below this confidence are not taken: on code and logs the
-/// model's rare mistakes are its unsure ones.
-const MIN_ENTITY_SCORE: f32 = 0.5;
-
 /// Findings cached, by text hash: conversations repeat their history every
 /// turn, and a message is checked once.
 const CACHE_ENTRIES: usize = 4096;
@@ -299,19 +279,7 @@ impl Detector {
             .collect();
         if let Some(r) = &self.recognizer {
             let entities = r.recognize(text).map_err(Unavailable)?;
-            for e in entities {
-                if e.score < MIN_ENTITY_SCORE || e.start >= e.end || e.end > text.len() {
-                    continue;
-                }
-                if let Some(class) = entity_class(&e.label) {
-                    hits.push(patterns::Hit {
-                        class: class.to_owned(),
-                        start: e.start,
-                        end: e.end,
-                        priority: 1,
-                    });
-                }
-            }
+            hits.extend(entities::hits(text, &entities));
         }
         let out = resolve(text, hits);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -53,7 +53,7 @@ fn span(c: &Captures) -> (usize, usize) {
 
 /// Whether the match is glued to a longer token (`abc-123`, `v1.2`,
 /// `x_42`): then it is part of an identifier, not a number on its own.
-fn glued(text: &str, s: usize, e: usize) -> bool {
+pub(super) fn glued(text: &str, s: usize, e: usize) -> bool {
     let before = text[..s].chars().next_back();
     let before2 = text[..s].chars().rev().nth(1);
     let after = text[e..].chars().next();
@@ -61,6 +61,19 @@ fn glued(text: &str, s: usize, e: usize) -> bool {
     let joiner = |c: Option<char>| matches!(c, Some('-' | '_' | '.' | '/' | ':'));
     let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric());
     joiner(before) && word(before2) || joiner(after) && word(after2)
+}
+
+/// Whether the match is one group of a longer run of digit groups (a card,
+/// a tracking number): the regex stopped at its length limit, not at the
+/// number's end.
+fn in_digit_run(text: &str, s: usize, e: usize) -> bool {
+    let digit = |c: Option<char>| c.is_some_and(|c| c.is_ascii_digit());
+    text[e..]
+        .strip_prefix(' ')
+        .is_some_and(|t| digit(t.chars().next()))
+        || text[..s]
+            .strip_suffix(' ')
+            .is_some_and(|t| digit(t.chars().next_back()))
 }
 
 fn digits(s: &str) -> Vec<u32> {
@@ -240,7 +253,7 @@ fn aadhaar(text: &str, c: &Captures) -> Option<(usize, usize)> {
     ];
     let (s, e) = span(c);
     let d = digits(&text[s..e]);
-    if d.len() != 12 || glued(text, s, e) {
+    if d.len() != 12 || glued(text, s, e) || in_digit_run(text, s, e) {
         return None;
     }
     let mut check = 0;
@@ -331,8 +344,17 @@ fn ipv4(text: &str, c: &Captures) -> Option<(usize, usize)> {
         && after[1..].starts_with(|c: char| c.is_ascii_digit())
         || after.starts_with(['-', '_'])
             && after[1..].starts_with(|c: char| c.is_ascii_alphanumeric());
+    // A version word earlier in the same sentence: "upgrade to version
+    // 10.2.0.1 fixed it; 10.1.4.7 still has it" names two versions.
+    let lo = context::floor_boundary(text, s.saturating_sub(120));
+    let sentence = text[lo..s]
+        .rfind(['\n', '!', '?'])
+        .into_iter()
+        .chain(text[lo..s].rfind(". "))
+        .max()
+        .map_or(lo, |i| lo + i + 1);
     let versiony = contains_word(
-        &text[context::floor_boundary(text, s.saturating_sub(30))..s].to_lowercase(),
+        &text[sentence..s].to_lowercase(),
         &[
             "version",
             "release",
@@ -428,42 +450,60 @@ fn aws_secret(text: &str, c: &Captures) -> Option<(usize, usize)> {
     (mixed && (said || entropy(v) >= 4.3)).then_some((s, e))
 }
 
-/// A phone number: a valid number for its country (libphonenumber's rules),
-/// written as people write phone numbers — with a country code, or with the
-/// usual separators, or next to a word that says it is a phone number.
-fn phone(text: &str, c: &Captures) -> Option<(usize, usize)> {
-    use phonenumber::country::Id;
-    let (s, e) = span(c);
-    let raw = &text[s..e];
-    let d = digits(raw);
-    if !(7..=15).contains(&d.len()) {
-        return None;
-    }
-    // Glued to letters, digits or a joiner on either side: part of
-    // something longer (an id, a hash, a version).
-    let sticky = |ch: Option<char>| {
-        ch.is_some_and(|c| c.is_alphanumeric() || c == '.' || c == '/' || c == '_')
-    };
-    if sticky(text[..s].chars().next_back())
-        || sticky(text[e..].chars().next())
-        || glued(text, s, e)
-    {
-        return None;
-    }
-    // Dates and versions look like numbers too.
+/// The part of `text[s..e]` that is a phone number's digits, when the
+/// span has a phone number's shape: 7 to 15 digits, not glued to a longer
+/// token, not one group of a longer run of digit groups, not a date, and
+/// not next to words that say it is something else. An extension ("x6949",
+/// "ext. 12") belongs to the number but is not part of what is validated.
+pub(super) fn phone_shape(text: &str, s: usize, e: usize) -> Option<&str> {
+    static EXTENSION: std::sync::OnceLock<Option<Regex>> = std::sync::OnceLock::new();
     static DATE: std::sync::OnceLock<Option<Regex>> = std::sync::OnceLock::new();
+    let span = text.get(s..e)?;
+    let number_end = EXTENSION
+        .get_or_init(|| Regex::new(r"\s?(?:x|ext\.?|#)\s?\d{1,6}$").ok())
+        .as_ref()
+        .and_then(|r| r.find(span))
+        .map_or(e, |m| s + m.start());
+    let raw = text.get(s..number_end)?;
+    if !(7..=15).contains(&digits(raw).len()) {
+        return None;
+    }
+    // Glued to a longer token: a letter, digit or underscore right next to
+    // it, or a dot or slash that goes on into one ("v2.0", "/api/5551234");
+    // a sentence's full stop is not glue.
+    let word = |ch: Option<char>| ch.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let joiner = |ch: Option<char>| matches!(ch, Some('.' | '/'));
+    let b1 = text[..s].chars().next_back();
+    let mut after = text[e..].chars();
+    let (a1, a2) = (after.next(), after.next());
+    if word(b1) || word(a1) || joiner(b1) || joiner(a1) && word(a2) || glued(text, s, e) {
+        return None;
+    }
+    if in_digit_run(text, s, e) {
+        return None;
+    }
     let date = DATE
         .get_or_init(|| Regex::new(r"^\d{1,4}[./-]\d{1,2}[./-]\d{1,4}$").ok())
         .as_ref();
     if date.is_some_and(|r| r.is_match(raw.trim())) {
         return None;
     }
+    if near(text, s, e, NOT_PERSONAL, 40, 0) && !near(text, s, e, PHONE, 40, 0) {
+        return None;
+    }
+    Some(raw)
+}
+
+/// A phone number: a valid number for its country (libphonenumber's rules),
+/// written as people write phone numbers — with a country code, or with the
+/// usual separators, or next to a word that says it is a phone number.
+fn phone(text: &str, c: &Captures) -> Option<(usize, usize)> {
+    use phonenumber::country::Id;
+    let (s, e) = span(c);
+    let raw = phone_shape(text, s, e)?;
     let international = raw.starts_with('+') || raw.starts_with("00");
     let formatted = raw.contains([' ', '-', '(', ')']) || raw.matches('.').count() >= 2;
     let said = near(text, s, e, PHONE, 40, 0);
-    if near(text, s, e, NOT_PERSONAL, 40, 0) && !said {
-        return None;
-    }
     let valid = if international {
         let cleaned = raw.replacen("00", "+", usize::from(raw.starts_with("00")));
         phonenumber::parse(None, &cleaned).is_ok_and(|n| phonenumber::is_valid(&n))
@@ -484,7 +524,10 @@ fn phone(text: &str, c: &Captures) -> Option<(usize, usize)> {
         .iter()
         .any(|&id| phonenumber::parse(Some(id), raw).is_ok_and(|n| phonenumber::is_valid(&n)))
     };
-    (valid && (international || formatted || said)).then_some((s, e))
+    // A number introduced as a phone number is one, valid or not (a typo,
+    // a made-up number in a test account): strict privacy errs this way.
+    let plausible = said && digits(raw).len() >= 8;
+    (valid && (international || formatted || said) || plausible).then_some((s, e))
 }
 
 /// Person-name phrases the model might miss: "my name is ...", titles.
@@ -604,7 +647,7 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
         ),
         (
             "passport",
-            r"(?i:\b(?:passport|reisepass|pass-?nr\.?|passnummer|passeport|pasaporte|passaporto|paszport(?:u)?|pasport|travel document)\b)[^\n]{0,35}?\b([A-Z0-9]{1,3}[0-9][A-Z0-9]{4,9})\b",
+            r"(?i:\b(?:passport|reisepass|pass-?nr\.?|passnummer|passeport|pasaporte|passaporto|paszport|pasport|travel document)[a-z_]*)[^\n]{0,35}?\b([A-Z0-9]{1,3}[0-9][A-Z0-9]{4,9})\b",
             passport,
             4,
         ),
@@ -626,7 +669,12 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
             birth_date,
             3,
         ),
-        ("phone", r"(?:\+|\b00)?\(?\d[\d ().\-/]{5,22}\d", phone, 2),
+        (
+            "phone",
+            r"(?:\+|\b00)?\(?\d[\d ().\-/]{5,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6}\b)?",
+            phone,
+            2,
+        ),
         (
             "person",
             r"(?:\b(?i:my name is|my name's|i am|i'm|this is|name:|called|ich heiße|ich heisse|mein name ist|je m'appelle|je suis|me llamo|mi nombre es|mi chiamo|nazywam się|mam na imię)|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Herr|Frau|M|Mme|Mlle|Sr|Sra|Srta|Sig|Sig\.ra|Pan|Pani)\.?)\s+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2})",

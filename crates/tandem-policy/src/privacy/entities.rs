@@ -1,0 +1,495 @@
+//! From the model's labelled spans to findings: which labels count, how
+//! parts join into one name or one address, and which lone parts are not
+//! personal data on their own.
+//!
+//! The model is taken for what patterns cannot see — person names and
+//! street addresses — and for phone numbers that libphonenumber would not
+//! call valid but people write anyway ("(0161) 496 0034"), when the span
+//! has a phone number's shape. Its other labels (tax and government IDs,
+//! licences, accounts) are left to the patterns, whose checksums and
+//! context words are what keep hashes, ISBNs, ports and dates from being
+//! read as identifiers.
+
+use super::Entity;
+use super::patterns::{Hit, glued, phone_shape};
+
+/// Spans at or above this confidence are taken on their own.
+const STRONG: f32 = 0.5;
+/// Unsure spans are taken when they touch a sure part of the same name or
+/// address ("Damian" sure, "Gill" unsure: one name).
+const WEAK: f32 = 0.25;
+/// At most this many words a street name is extended over backwards
+/// ("Cuesta de Pascual Sans" when the model saw "Sans").
+const STREET_WORDS_BACK: usize = 4;
+/// At most this many capitalised words a name is extended over forwards
+/// (a surname the model did not label).
+const NAME_WORDS_FORWARD: usize = 2;
+
+/// Words that join the parts of a street's name in the languages the model
+/// reads ("Calle de la Paz", "Via della Repubblica", "Rue des Lilas").
+const CONNECTORS: &[&str] = &[
+    "de", "del", "la", "las", "los", "di", "della", "delle", "dei", "degli", "van", "von", "der",
+    "den", "du", "des", "le", "les", "da", "do", "dos", "das", "y", "i", "e", "al", "el",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Person,
+    Address,
+    Phone,
+}
+
+impl Class {
+    fn of(label: &str) -> Option<Class> {
+        match label {
+            "GIVEN_NAME" | "SURNAME" => Some(Class::Person),
+            "STREET_NAME" | "BUILDING_NUMBER" | "SECONDARY_ADDRESS" | "CITY" | "STATE"
+            | "ZIP_CODE" => Some(Class::Address),
+            "PHONE" => Some(Class::Phone),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Class::Person => "person",
+            Class::Address => "address",
+            Class::Phone => "phone",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Part<'a> {
+    class: Class,
+    label: &'a str,
+    start: usize,
+    end: usize,
+    score: f32,
+}
+
+/// Whether the text between two parts keeps them one entity: a few
+/// spaces, commas, hyphens or a bracket.
+fn joins(text: &str, end: usize, start: usize) -> bool {
+    start <= end
+        || text.get(end..start).is_some_and(|gap| {
+            gap.len() <= 3
+                && gap
+                    .chars()
+                    .all(|c| matches!(c, ' ' | ',' | '-' | '(' | '\n'))
+        })
+}
+
+/// The findings the model's spans make, as hits for overlap resolution.
+pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
+    let mut parts: Vec<Part<'_>> = entities
+        .iter()
+        .filter(|e| e.start < e.end && e.end <= text.len() && e.score >= WEAK)
+        .filter(|e| text.is_char_boundary(e.start) && text.is_char_boundary(e.end))
+        .filter_map(|e| {
+            Some(Part {
+                class: Class::of(&e.label)?,
+                label: &e.label,
+                start: e.start,
+                end: e.end,
+                score: e.score,
+            })
+        })
+        .collect();
+    parts.sort_by_key(|p| (p.start, p.end));
+
+    // Unsure parts stay only next to sure ones of their class (spreading
+    // along a chain: sure, unsure, unsure).
+    let mut sure: Vec<bool> = parts.iter().map(|p| p.score >= STRONG).collect();
+    loop {
+        let mut changed = false;
+        for i in 0..parts.len() {
+            if sure[i] {
+                continue;
+            }
+            let touches = |j: usize| {
+                sure[j]
+                    && parts[j].class == parts[i].class
+                    && (joins(text, parts[j].end, parts[i].start)
+                        || joins(text, parts[i].end, parts[j].start))
+            };
+            let near = (i > 0 && touches(i - 1)) || (i + 1 < parts.len() && touches(i + 1));
+            if near {
+                sure[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let parts: Vec<Part<'_>> = parts
+        .into_iter()
+        .zip(sure)
+        .filter_map(|(p, s)| s.then_some(p))
+        .collect();
+
+    // Neighbouring parts of one class make one group.
+    let mut groups: Vec<Vec<Part<'_>>> = Vec::new();
+    for p in parts {
+        match groups.last_mut() {
+            Some(g)
+                if g.last()
+                    .is_some_and(|l| l.class == p.class && joins(text, l.end, p.start)) =>
+            {
+                g.push(p)
+            }
+            _ => groups.push(vec![p]),
+        }
+    }
+
+    let mut out = Vec::new();
+    for g in groups {
+        let (Some(first), Some(last)) = (g.first(), g.last()) else {
+            continue;
+        };
+        let class = first.class;
+        let mut start = first.start;
+        let mut end = g.iter().map(|p| p.end).max().unwrap_or(last.end);
+        match class {
+            Class::Person => end = extend_name(text, end, NAME_WORDS_FORWARD),
+            Class::Phone => {
+                (start, end) = extend_phone(text, start, end);
+                if !is_phone(text, start, end) {
+                    continue;
+                }
+            }
+            Class::Address => {
+                if !is_address(text, &g) || glued(text, start, end) {
+                    continue;
+                }
+                // A postcode is followed by its town ("54-964 Częstochowa")
+                // even when the model did not label it.
+                if last.label == "ZIP_CODE" {
+                    end = extend_name(text, end, 1);
+                }
+                if matches!(first.label, "STREET_NAME" | "BUILDING_NUMBER") {
+                    start = extend_street(text, start);
+                }
+            }
+        }
+        out.push(Hit {
+            class: class.name().to_owned(),
+            start,
+            end,
+            priority: 1,
+        });
+    }
+    out
+}
+
+/// An address is more than a lone number or a lone place: a street with
+/// a number, or two parts of which one is a word ("10115 Berlin"). A port
+/// read as a building number, or a city in a weather question, is not an
+/// address.
+fn is_address(text: &str, group: &[Part<'_>]) -> bool {
+    let has_letters = |p: &Part<'_>| {
+        text.get(p.start..p.end)
+            .is_some_and(|s| s.chars().any(char::is_alphabetic))
+    };
+    let has_digits = |p: &Part<'_>| {
+        text.get(p.start..p.end)
+            .is_some_and(|s| s.chars().any(|c| c.is_ascii_digit()))
+    };
+    match group {
+        [one] => one.label == "STREET_NAME" && has_letters(one) && has_digits(one),
+        parts => {
+            let distinct = parts
+                .iter()
+                .any(|p| (p.start, p.end) != (parts[0].start, parts[0].end));
+            distinct && parts.iter().any(has_letters) && parts.iter().any(has_digits)
+        }
+    }
+}
+
+/// The model often leaves a country code ("+44" before "(0)29 2018775")
+/// or the last groups and an extension outside its span: take them in.
+fn extend_phone(text: &str, start: usize, end: usize) -> (usize, usize) {
+    const REACH: usize = 12;
+    let head = text[..start]
+        .char_indices()
+        .rev()
+        .take(REACH)
+        .take_while(|(_, c)| c.is_ascii_digit() || matches!(c, '+' | '(' | ')' | ' ' | '-'))
+        .last()
+        .map_or(start, |(i, _)| i);
+    // Only when what is taken in starts a number (a "+", a digit, a
+    // bracket): not a sentence's spaces.
+    let head = text[head..start]
+        .char_indices()
+        .find(|(_, c)| *c != ' ')
+        .map_or(start, |(i, _)| head + i);
+    let tail_len: usize = text[end..]
+        .char_indices()
+        .take(REACH)
+        .take_while(|(_, c)| c.is_ascii_digit() || matches!(c, '-' | 'x' | ' '))
+        .last()
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    let tail = text[end..end + tail_len].trim_end_matches([' ', '-', 'x']);
+    // A trailing word that merely starts with x is not an extension.
+    let tail = if tail.ends_with(|c: char| c.is_ascii_digit()) {
+        tail.len()
+    } else {
+        0
+    };
+    (head, end + tail)
+}
+
+/// A phone number the model saw: sure of it, written only with what phone
+/// numbers are written with, and shaped like one (not a date, not part of
+/// a longer token or run of digit groups).
+fn is_phone(text: &str, start: usize, end: usize) -> bool {
+    let Some(span) = text.get(start..end) else {
+        return false;
+    };
+    let charset = span
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '(' | ')' | '+' | '-' | '.' | '/' | 'x'))
+        || span.contains("ext");
+    charset && phone_shape(text, start, end).is_some()
+}
+
+/// Extends a street's start backwards over the capitalised words and
+/// connectors of its name.
+fn extend_street(text: &str, start: usize) -> usize {
+    let mut best = start;
+    let mut at = start;
+    for _ in 0..STREET_WORDS_BACK {
+        let before = &text[..at];
+        let Some(trimmed) = before.strip_suffix(' ') else {
+            break;
+        };
+        let word_start = trimmed
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| c.is_alphabetic() || *c == '.' || *c == '\'')
+            .last()
+            .map_or(trimmed.len(), |(i, _)| i);
+        let word = &trimmed[word_start..];
+        if word.is_empty() {
+            break;
+        }
+        let capital = word.chars().next().is_some_and(char::is_uppercase);
+        let connector = CONNECTORS.contains(&word.to_lowercase().as_str());
+        if !capital && !connector {
+            break;
+        }
+        at = word_start;
+        // A name starts with a capital, never with a connector.
+        if capital {
+            best = at;
+        }
+    }
+    best
+}
+
+/// Extends a name's end over up to `words` following capitalised words (a
+/// surname the model was unsure of, a town after its postcode).
+fn extend_name(text: &str, end: usize, words: usize) -> usize {
+    let mut end = end;
+    for _ in 0..words {
+        let Some(rest) = text[end..].strip_prefix(' ') else {
+            break;
+        };
+        let len: usize = rest
+            .char_indices()
+            .take_while(|(_, c)| c.is_alphabetic() || *c == '-' || *c == '\'')
+            .last()
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        let word = &rest[..len];
+        let capital = word.chars().next().is_some_and(char::is_uppercase);
+        let lower_after_first = word.chars().skip(1).all(|c| !c.is_uppercase());
+        if len < 2 || !capital || !lower_after_first {
+            break;
+        }
+        end += 1 + len;
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(text: &str, label: &str, part: &str, score: f32) -> Entity {
+        let start = text.find(part).unwrap_or(0);
+        Entity {
+            label: label.into(),
+            start,
+            end: start + part.len(),
+            score,
+        }
+    }
+
+    fn spans(text: &str, ents: &[Entity]) -> Vec<(String, String)> {
+        hits(text, ents)
+            .into_iter()
+            .map(|h| (h.class, text[h.start..h.end].to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn an_unsure_surname_next_to_a_sure_given_name_is_one_name() {
+        let t = "Proszę przekazać umowę do Damian Gill.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Damian", 0.98),
+                e(t, "SURNAME", "Gill", 0.3),
+            ],
+        );
+        assert_eq!(got, vec![("person".into(), "Damian Gill".into())]);
+        // Alone, an unsure span is not taken.
+        assert!(spans(t, &[e(t, "SURNAME", "Gill", 0.3)]).is_empty());
+    }
+
+    #[test]
+    fn an_unlabelled_surname_after_a_given_name_joins_it() {
+        let t = "Napisz wiadomość do Maurycy Szyba.";
+        assert_eq!(
+            spans(t, &[e(t, "GIVEN_NAME", "Maurycy", 0.92)]),
+            vec![("person".into(), "Maurycy Szyba".into())]
+        );
+        let t = "Natalia sold clips to 48 of her friends.";
+        assert_eq!(
+            spans(t, &[e(t, "GIVEN_NAME", "Natalia", 1.0)]),
+            vec![("person".into(), "Natalia".into())]
+        );
+    }
+
+    #[test]
+    fn lone_numbers_and_lone_places_are_not_addresses() {
+        let t = "docker run -p 8080:8080 -e WORKERS=4";
+        let ents = [
+            e(t, "BUILDING_NUMBER", "8080", 0.66),
+            e(t, "ZIP_CODE", "8080", 0.9),
+        ];
+        assert!(spans(t, &ents).is_empty());
+        let t = "gate B42 at 09:20";
+        assert!(spans(t, &[e(t, "BUILDING_NUMBER", "B42", 0.9)]).is_empty());
+        let t = "Is it raining in Sevilla?";
+        assert!(spans(t, &[e(t, "CITY", "Sevilla", 0.99)]).is_empty());
+    }
+
+    #[test]
+    fn a_street_name_is_taken_whole() {
+        let t = "Mi nueva dirección es Cuesta de Pascual Sans 514, Lugo, 38701.";
+        let got = spans(
+            t,
+            &[
+                e(t, "STREET_NAME", "Sans", 0.58),
+                e(t, "BUILDING_NUMBER", "514", 1.0),
+                e(t, "CITY", "Lugo", 0.99),
+                e(t, "ZIP_CODE", "38701", 1.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "Cuesta de Pascual Sans 514, Lugo, 38701".into()
+            )]
+        );
+        let t = "Envía el paquete a Pasadizo de Ascensión Artigas 270 Puerta 3";
+        let got = spans(
+            t,
+            &[
+                e(t, "BUILDING_NUMBER", "270", 0.97),
+                e(t, "STREET_NAME", "Puerta 3", 0.94),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "Pasadizo de Ascensión Artigas 270 Puerta 3".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_postcode_takes_its_town_and_ids_are_not_addresses() {
+        let t = "Wyślij paczkę na adres ul. Wiklinowa 573, 54-964 Częstochowa.";
+        let got = spans(
+            t,
+            &[
+                e(t, "STREET_NAME", "ul. Wiklinowa", 0.96),
+                e(t, "BUILDING_NUMBER", "573", 1.0),
+                e(t, "ZIP_CODE", "54-964", 1.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "ul. Wiklinowa 573, 54-964 Częstochowa".into()
+            )]
+        );
+        let t = "uuid: 123e4567-e86b-12d3-a066-436614174000";
+        let ents = [
+            e(t, "STREET_NAME", "e86b", 0.7),
+            e(t, "BUILDING_NUMBER", "12d3", 0.8),
+        ];
+        assert!(spans(t, &ents).is_empty());
+    }
+
+    #[test]
+    fn other_labels_are_left_to_the_patterns() {
+        let t = "commit 4f2a9c1b8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a";
+        assert!(spans(t, &[e(t, "DRIVERS_LICENSE", "4f2a9c1b8d7e", 0.9)]).is_empty());
+        let t = "ISBN 978-3-16-148410-0";
+        assert!(spans(t, &[e(t, "TAX_ID", "978-3-16-148410-0", 0.9)]).is_empty());
+    }
+
+    #[test]
+    fn phone_numbers_the_model_sees_are_taken_when_shaped_like_one() {
+        let t = "Rufen Sie mich unter (0161) 496 0034 an.";
+        assert_eq!(
+            spans(t, &[e(t, "PHONE", "(0161) 496 0034", 0.97)]),
+            vec![("phone".into(), "(0161) 496 0034".into())]
+        );
+        for (t, part) in [
+            ("released on 2024-03-15 at noon", "2024-03-15"),
+            ("order 4111 1111 1111 1111 shipped", "4111 1111 1111"),
+            ("build 12345678-abc finished", "12345678"),
+        ] {
+            assert!(spans(t, &[e(t, "PHONE", part, 0.97)]).is_empty(), "{t}");
+        }
+        let t = "Call me at +44(0)29 2018775 after six.";
+        assert_eq!(
+            spans(t, &[e(t, "PHONE", "(0)29 2018775", 0.94)]),
+            vec![("phone".into(), "+44(0)29 2018775".into())]
+        );
+        let t = "Call me at 001-538-390-5470x492 after six.";
+        assert_eq!(
+            spans(t, &[e(t, "PHONE", "001-538-390", 0.7)]),
+            vec![("phone".into(), "001-538-390-5470x492".into())]
+        );
+        // Unsure alone: not taken.
+        let t = "Rufen Sie mich unter (0161) 496 0034 an.";
+        assert!(spans(t, &[e(t, "PHONE", "(0161) 496 0034", 0.3)]).is_empty());
+    }
+
+    #[test]
+    fn any_offsets_are_safe() {
+        let t = "Grüße an Jürgen";
+        for s in 0..t.len() + 2 {
+            for end in 0..t.len() + 2 {
+                let ents = [Entity {
+                    label: "GIVEN_NAME".into(),
+                    start: s,
+                    end,
+                    score: 0.9,
+                }];
+                for h in hits(t, &ents) {
+                    assert!(t.get(h.start..h.end).is_some());
+                }
+            }
+        }
+    }
+}
