@@ -135,6 +135,12 @@ pub enum Feature {
     OtherResponseFormat,
     /// Continuing a partial assistant message (a handoff mid-answer).
     Continuation,
+    /// `logit_bias`: per-token biases.
+    LogitBias,
+    /// `best_of` above 1 (completions): several drafts, the best returned.
+    BestOf,
+    /// `suffix` (completions): text that follows the insertion.
+    Suffix,
 }
 
 impl Feature {
@@ -147,6 +153,9 @@ impl Feature {
                 "response_format"
             }
             Feature::Continuation => "messages",
+            Feature::LogitBias => "logit_bias",
+            Feature::BestOf => "best_of",
+            Feature::Suffix => "suffix",
         }
     }
 
@@ -159,6 +168,9 @@ impl Feature {
             Feature::JsonSchema => "structured output (json_schema)",
             Feature::OtherResponseFormat => "this response_format",
             Feature::Continuation => "continuing a partial answer",
+            Feature::LogitBias => "logit_bias",
+            Feature::BestOf => "best_of",
+            Feature::Suffix => "suffix (insertion)",
         }
     }
 
@@ -179,6 +191,31 @@ impl Feature {
             || present("functions")
         {
             needs.push(Feature::Tools);
+        }
+        // Asked for but not honoured would be silently different answers:
+        // a backend that cannot apply them is not eligible.
+        if req
+            .extra
+            .get("logit_bias")
+            .is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()))
+        {
+            needs.push(Feature::LogitBias);
+        }
+        if req
+            .extra
+            .get("best_of")
+            .and_then(serde_json::Value::as_f64)
+            .is_some_and(|n| n > 1.0)
+        {
+            needs.push(Feature::BestOf);
+        }
+        if req
+            .extra
+            .get("suffix")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+        {
+            needs.push(Feature::Suffix);
         }
         if let Some(fmt) = req.extra.get("response_format").filter(|v| !v.is_null()) {
             match fmt.get("type").and_then(serde_json::Value::as_str) {
@@ -442,6 +479,8 @@ pub struct Answer {
     pub text: String,
     /// Per-token log-probabilities, when asked for.
     pub tokens: Vec<TokenLogprob>,
+    /// The tools the model called.
+    pub tool_calls: Vec<crate::ToolCall>,
     /// How it ended.
     pub finish: Finish,
 }
@@ -451,16 +490,21 @@ impl Answer {
     pub async fn collect(mut stream: EventStream) -> Result<Answer, ApiError> {
         let mut text = String::new();
         let mut tokens = Vec::new();
+        let mut tool_calls = Vec::new();
         while let Some(event) = stream.next().await {
             match event? {
                 Event::Delta(d) => {
                     text.push_str(&d.text);
                     tokens.extend(d.tokens);
+                    for piece in &d.tool_calls {
+                        crate::ToolCall::assemble(&mut tool_calls, piece);
+                    }
                 }
                 Event::Finish(finish) => {
                     return Ok(Answer {
                         text,
                         tokens,
+                        tool_calls,
                         finish,
                     });
                 }

@@ -265,6 +265,132 @@ pub struct Delta {
     pub text: String,
     /// Its tokens, when log-probabilities were asked for.
     pub tokens: Vec<TokenLogprob>,
+    /// Pieces of tool calls, as OpenAI streams them.
+    pub tool_calls: Vec<ToolCallDelta>,
+}
+
+impl Delta {
+    /// A piece of text alone.
+    pub fn text(text: impl Into<String>) -> Delta {
+        Delta {
+            text: text.into(),
+            ..Delta::default()
+        }
+    }
+
+    /// Whether it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.tokens.is_empty() && self.tool_calls.is_empty()
+    }
+}
+
+/// More tool calls than any answer makes: pieces beyond are dropped.
+pub const MAX_TOOL_CALLS: usize = 256;
+
+/// A piece of a tool call: the first piece of a call carries its `id`,
+/// `type` and function name; later pieces append to its arguments.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which call of the answer this piece belongs to.
+    #[serde(default)]
+    pub index: u32,
+    /// The call's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The function's name and a piece of its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionDelta>,
+}
+
+/// A piece of a function call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDelta {
+    /// The function's name (first piece).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A piece of the JSON arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// A whole tool call, as a non-streamed answer carries it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id.
+    #[serde(default)]
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    /// The function and its arguments.
+    #[serde(default)]
+    pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".into()
+}
+
+/// A function's name and its JSON arguments.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The function's name.
+    #[serde(default)]
+    pub name: String,
+    /// Its arguments, a JSON object as text.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+impl ToolCall {
+    /// The call as one streamed piece.
+    pub fn as_delta(&self, index: u32) -> ToolCallDelta {
+        ToolCallDelta {
+            index,
+            id: Some(self.id.clone()),
+            kind: Some(self.kind.clone()),
+            function: Some(FunctionDelta {
+                name: Some(self.function.name.clone()),
+                arguments: Some(self.function.arguments.clone()),
+            }),
+        }
+    }
+
+    /// Streamed pieces put together, by index.
+    pub fn assemble(calls: &mut Vec<ToolCall>, piece: &ToolCallDelta) {
+        let i = piece.index as usize;
+        // Indexes come from the upstream: gaps are filled, and an index no
+        // answer has is dropped rather than allocated for.
+        if i >= MAX_TOOL_CALLS {
+            return;
+        }
+        if calls.len() <= i {
+            calls.resize_with(i + 1, || ToolCall {
+                kind: function_kind(),
+                ..ToolCall::default()
+            });
+        }
+        let Some(call) = calls.get_mut(i) else {
+            return;
+        };
+        if let Some(id) = &piece.id {
+            call.id.clone_from(id);
+        }
+        if let Some(kind) = &piece.kind {
+            call.kind.clone_from(kind);
+        }
+        if let Some(f) = &piece.function {
+            if let Some(name) = &f.name {
+                call.function.name.push_str(name);
+            }
+            if let Some(args) = &f.arguments {
+                call.function.arguments.push_str(args);
+            }
+        }
+    }
 }
 
 /// How an answer ended.

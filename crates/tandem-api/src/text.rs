@@ -133,7 +133,11 @@ impl TextAssembler {
             self.utf8_tail.clear();
         }
         Step {
-            delta: Delta { text, tokens },
+            delta: Delta {
+                text,
+                tokens,
+                ..Delta::default()
+            },
             stopped,
         }
     }

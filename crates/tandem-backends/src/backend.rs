@@ -47,6 +47,9 @@ impl Backend for CloudBackend {
             Feature::JsonObject,
             Feature::JsonSchema,
             Feature::OtherResponseFormat,
+            Feature::LogitBias,
+            Feature::BestOf,
+            Feature::Suffix,
         ];
         if self.inner.cfg.continuation == Continuation::Prefill {
             f.push(Feature::Continuation);

@@ -84,9 +84,12 @@ impl StreamState {
                     if let Some(f) = ch.finish_reason {
                         self.finish = Some(f);
                     }
-                    let tokens = ch.logprobs.and_then(|l| l.content).unwrap_or_default();
-                    let text = ch.delta.content.unwrap_or_default();
-                    (!text.is_empty() || !tokens.is_empty()).then_some(Delta { text, tokens })
+                    let d = Delta {
+                        text: ch.delta.content.unwrap_or_default(),
+                        tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
+                        tool_calls: ch.delta.tool_calls.unwrap_or_default(),
+                    };
+                    (!d.is_empty()).then_some(d)
                 })
             }
             Endpoint::Completions => {
@@ -104,6 +107,7 @@ impl StreamState {
                     (!ch.text.is_empty() || !tokens.is_empty()).then_some(Delta {
                         text: ch.text,
                         tokens,
+                        ..Delta::default()
                     })
                 })
             }
@@ -138,8 +142,14 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
         Endpoint::Chat => serde_json::from_slice::<ChatCompletion>(body).map(|c| {
             c.choices.into_iter().next().map(|ch| {
                 (
-                    ch.message.content.unwrap_or_default(),
-                    ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
+                    Delta {
+                        text: ch.message.content.unwrap_or_default(),
+                        tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
+                        tool_calls: (0u32..)
+                            .zip(ch.message.tool_calls.unwrap_or_default())
+                            .map(|(i, call)| call.as_delta(i))
+                            .collect(),
+                    },
                     ch.finish_reason,
                     c.usage,
                 )
@@ -148,15 +158,18 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
         Endpoint::Completions => serde_json::from_slice::<Completion>(body).map(|c| {
             c.choices.into_iter().next().map(|ch| {
                 (
-                    ch.text,
-                    ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
+                    Delta {
+                        text: ch.text,
+                        tokens: ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
+                        ..Delta::default()
+                    },
                     ch.finish_reason,
                     c.usage,
                 )
             })
         }),
     };
-    let (text, tokens, reason, usage) = match parsed {
+    let (delta, reason, usage) = match parsed {
         Ok(Some(answer)) => answer,
         Ok(None) => return Err(ApiError::bad_gateway("upstream answer has no choices")),
         Err(e) => {
@@ -166,10 +179,40 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
         }
     };
     Ok(vec![
-        Event::Delta(Delta { text, tokens }),
+        Event::Delta(delta),
         Event::Finish(Finish {
             reason: reason.unwrap_or(FinishReason::Stop),
             usage: usage.unwrap_or_default(),
         }),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_missing_bookkeeping_fields_are_read() {
+        let body = br#"{"choices":[{"message":{"content":"Paris"},"finish_reason":"stop"}]}"#;
+        let events = whole_answer(Endpoint::Chat, body).expect("lenient");
+        assert_eq!(events[0], Event::Delta(Delta::text("Paris")));
+        let mut s = StreamState::default();
+        let d = s
+            .on_data(
+                Endpoint::Chat,
+                r#"{"choices":[{"delta":{"content":"Pa"}}]}"#,
+            )
+            .expect("lenient chunk");
+        assert_eq!(d.map(|d| d.text), Some("Pa".into()));
+        s.on_data(
+            Endpoint::Chat,
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+        )
+        .expect("lenient chunk");
+        assert!(matches!(s.finish(), Ok(Event::Finish(_))));
+        let body = br#"{"choices":[{"text":"4","finish_reason":"length"}]}"#;
+        assert!(whole_answer(Endpoint::Completions, body).is_ok());
+        // What is not an answer is still an error.
+        assert!(whole_answer(Endpoint::Chat, br#"{"choices":[]}"#).is_err());
+    }
 }

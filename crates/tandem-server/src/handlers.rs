@@ -240,7 +240,10 @@ pub async fn chat_completions(
             index: 0,
             message: AssistantMessage {
                 role: "assistant".into(),
-                content: Some(answer.text),
+                // With tool calls and no text, OpenAI's content is null.
+                content: (!answer.text.is_empty() || answer.tool_calls.is_empty())
+                    .then_some(answer.text),
+                tool_calls: (!answer.tool_calls.is_empty()).then_some(answer.tool_calls),
             },
             logprobs: s.meta.logprobs.then_some(ChoiceLogprobs {
                 content: Some(answer.tokens),

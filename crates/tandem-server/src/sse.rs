@@ -80,17 +80,27 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
     let (want_logprobs, include_usage) = (meta.logprobs, meta.include_usage);
     sse(async_stream::stream! {
         yield data(&chunk(
-            ChunkDelta { role: Some("assistant".into()), content: Some(String::new()) },
+            ChunkDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None },
             None, None, None,
         ));
         while let Some(event) = events.next().await {
             match event {
                 Ok(Event::Delta(d)) => {
                     let logprobs = want_logprobs.then_some(ChoiceLogprobs { content: Some(d.tokens) });
-                    yield data(&chunk(
-                        ChunkDelta { role: None, content: Some(d.text) },
-                        logprobs, None, None,
-                    ));
+                    // OpenAI sends text and tool-call pieces in chunks of
+                    // their own; so does Tandem.
+                    if !d.text.is_empty() || d.tool_calls.is_empty() {
+                        yield data(&chunk(
+                            ChunkDelta { role: None, content: Some(d.text), tool_calls: None },
+                            logprobs, None, None,
+                        ));
+                    }
+                    if !d.tool_calls.is_empty() {
+                        yield data(&chunk(
+                            ChunkDelta { role: None, content: None, tool_calls: Some(d.tool_calls) },
+                            None, None, None,
+                        ));
+                    }
                 }
                 Ok(Event::Finish(f)) => {
                     yield data(&chunk(ChunkDelta::default(), None, Some(f.reason), None));

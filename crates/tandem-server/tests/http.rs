@@ -369,6 +369,12 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
             Some("tools"),
         ),
         (
+            "logit_bias on a local model, not silently ignored",
+            serde_json::to_vec(&chat_body("x", json!({"logit_bias": {"1234": -100}}))).unwrap(),
+            400,
+            Some("logit_bias"),
+        ),
+        (
             "invalid UTF-8",
             {
                 let mut b = raw(&format!(

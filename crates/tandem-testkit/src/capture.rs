@@ -36,6 +36,11 @@ pub enum Mode {
     /// Answer with "ECHO: " and the last user message, streamed three
     /// characters a chunk (so placeholders arrive split).
     Echo,
+    /// Answer by calling the request's first tool with the last user
+    /// message as its `text` argument: streamed, the arguments come three
+    /// characters a chunk; and the answer leaves out `id`, `created` and
+    /// `object`, as some OpenAI-compatible servers do.
+    EchoTool,
     /// Forward the first `requests` requests (counting from the start),
     /// then answer every later one with 503: a cloud that goes away.
     GoneAfter {
@@ -190,7 +195,11 @@ async fn handle(
         }
         now
     };
-    let echoed = matches!(mode, Mode::Echo).then(|| echo(&body));
+    let echoed = match mode {
+        Mode::Echo => Some(echo(&body)),
+        Mode::EchoTool => Some(echo_tool(&body)),
+        _ => None,
+    };
     let fwd = |kill| forward(&s, method, uri.path().to_owned(), body, kill, forwarded);
     match mode {
         Mode::GoneAfter { requests } if seen > requests => (
@@ -204,7 +213,9 @@ async fn handle(
             axum::Json(json!({"error": {"message": "injected failure", "type": "server_error"}})),
         )
             .into_response(),
-        Mode::Echo => echoed.unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Mode::Echo | Mode::EchoTool => {
+            echoed.unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
         Mode::Delay(d) => {
             tokio::time::sleep(d).await;
             fwd(None).await
@@ -307,5 +318,45 @@ fn echo(body: &[u8]) -> Response {
     sse.push_str(&format!("data: {fin}\n\n"));
     let use_chunk = json!({"id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
     sse.push_str(&format!("data: {use_chunk}\n\ndata: [DONE]\n\n"));
+    ([("content-type", "text/event-stream")], sse).into_response()
+}
+
+fn echo_tool(body: &[u8]) -> Response {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let last_user = req["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    let name = req["tools"][0]["function"]["name"]
+        .as_str()
+        .unwrap_or("echo")
+        .to_owned();
+    let args = json!({"text": last_user}).to_string();
+    let model = req["model"].as_str().unwrap_or("echo").to_owned();
+    if req["stream"] != json!(true) {
+        return axum::Json(json!({
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": args}}]},
+                "finish_reason": "tool_calls"}],
+        }))
+        .into_response();
+    }
+    let mut sse = String::new();
+    let first = json!({"model": model, "choices": [{"index": 0, "delta": {"role": "assistant",
+        "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": name, "arguments": ""}}]}}]});
+    sse.push_str(&format!("data: {first}\n\n"));
+    let chars: Vec<char> = args.chars().collect();
+    for piece in chars.chunks(3) {
+        let chunk = json!({"model": model, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": piece.iter().collect::<String>()}}]}}]});
+        sse.push_str(&format!("data: {chunk}\n\n"));
+    }
+    let fin = json!({"model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]});
+    sse.push_str(&format!("data: {fin}\n\ndata: [DONE]\n\n"));
     ([("content-type", "text/event-stream")], sse).into_response()
 }

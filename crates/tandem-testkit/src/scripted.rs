@@ -59,6 +59,9 @@ impl Scripted {
             Feature::JsonObject,
             Feature::JsonSchema,
             Feature::OtherResponseFormat,
+            Feature::LogitBias,
+            Feature::BestOf,
+            Feature::Suffix,
         ]);
         s_mut.price = Price {
             input_per_mtok: 1.0,
@@ -194,7 +197,7 @@ impl Backend for Scripted {
                     let tokens = logprob
                         .map(|lp| vec![TokenLogprob { token: text.clone(), logprob: lp, bytes: None, top_logprobs: vec![] }])
                         .unwrap_or_default();
-                    yield Ok(Event::Delta(Delta { text, tokens }));
+                    yield Ok(Event::Delta(Delta { text, tokens, ..Delta::default() }));
                 }
                 match end {
                     Some(e) => yield Err(e),

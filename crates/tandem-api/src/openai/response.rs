@@ -1,23 +1,33 @@
 //! What Tandem answers (and what upstreams answer it): whole answers,
 //! streamed chunks, model lists.
+//!
+//! Read leniently: OpenAI-compatible servers differ in what they leave out
+//! (`id`, `created`, `object`, `usage`...), and a missing bookkeeping field
+//! is no reason to lose an answer, so every field that is not the answer
+//! itself has a default.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::generate::{FinishReason, TokenLogprob, Usage};
+use crate::generate::{FinishReason, TokenLogprob, ToolCall, ToolCallDelta, Usage};
 
 /// A whole chat answer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletion {
     /// A unique id.
+    #[serde(default)]
     pub id: String,
     /// The object type (`chat.completion`, ...).
+    #[serde(default)]
     pub object: String,
     /// Unix seconds.
+    #[serde(default)]
     pub created: u64,
     /// The model asked for (or that answered).
+    #[serde(default)]
     pub model: String,
     /// The answers (one).
+    #[serde(default)]
     pub choices: Vec<ChatChoice>,
     /// Tokens read and written.
     #[serde(default)]
@@ -28,6 +38,7 @@ pub struct ChatCompletion {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatChoice {
     /// The choice's position.
+    #[serde(default)]
     pub index: u32,
     /// The assistant's message.
     pub message: AssistantMessage,
@@ -43,10 +54,14 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AssistantMessage {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
+    #[serde(default)]
     pub role: String,
     /// The text, or content parts.
     #[serde(default)]
     pub content: Option<String>,
+    /// The tools the model called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// Per-token log-probabilities of a choice.
@@ -61,14 +76,19 @@ pub struct ChoiceLogprobs {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionChunk {
     /// A unique id.
+    #[serde(default)]
     pub id: String,
     /// The object type (`chat.completion`, ...).
+    #[serde(default)]
     pub object: String,
     /// Unix seconds.
+    #[serde(default)]
     pub created: u64,
     /// The model asked for (or that answered).
+    #[serde(default)]
     pub model: String,
     /// The answers (one).
+    #[serde(default)]
     pub choices: Vec<ChunkChoice>,
     /// Tokens read and written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,8 +99,10 @@ pub struct ChatCompletionChunk {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChunkChoice {
     /// The choice's position.
+    #[serde(default)]
     pub index: u32,
     /// What this chunk adds.
+    #[serde(default)]
     pub delta: ChunkDelta,
     /// Return per-token log-probabilities.
     #[serde(default)]
@@ -99,20 +121,28 @@ pub struct ChunkDelta {
     /// The text, or content parts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// `/v1/completions` answer; streaming sends the same object per chunk.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     /// A unique id.
+    #[serde(default)]
     pub id: String,
     /// The object type (`chat.completion`, ...).
+    #[serde(default)]
     pub object: String,
     /// Unix seconds.
+    #[serde(default)]
     pub created: u64,
     /// The model asked for (or that answered).
+    #[serde(default)]
     pub model: String,
     /// The answers (one).
+    #[serde(default)]
     pub choices: Vec<CompletionChoice>,
     /// Tokens read and written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,8 +153,10 @@ pub struct Completion {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CompletionChoice {
     /// The choice's position.
+    #[serde(default)]
     pub index: u32,
     /// The text of a text part.
+    #[serde(default)]
     pub text: String,
     /// Return per-token log-probabilities.
     #[serde(default)]

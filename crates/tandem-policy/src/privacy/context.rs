@@ -93,6 +93,8 @@ pub const BIRTH: &[&str] = &[
     "nacido",
     "nacida",
     "nacimiento",
+    "nací",
+    "naci",
     "nato",
     "nata",
     "nascita",

@@ -152,7 +152,7 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
         let mut start = first.start;
         let mut end = g.iter().map(|p| p.end).max().unwrap_or(last.end);
         match class {
-            Class::Person => end = extend_name(text, end, NAME_WORDS_FORWARD),
+            Class::Person => end = with_degree(text, extend_name(text, end, NAME_WORDS_FORWARD)),
             Class::Phone => {
                 (start, end) = extend_phone(text, start, end);
                 if !is_phone(text, start, end) {
@@ -288,6 +288,32 @@ fn extend_street(text: &str, start: usize) -> usize {
     best
 }
 
+/// Degrees and suffixes written after a name ("Christin Schmidtke B.Sc.").
+const DEGREES: &[&str] = &[
+    "B.Sc.", "M.Sc.", "B.A.", "M.A.", "B.Eng.", "M.Eng.", "LL.M.", "MBA", "MBA.", "Ph.D.", "PhD",
+    "MD", "M.D.", "Jr.", "Sr.", "II", "III",
+];
+
+/// Extends a name's end over a degree or suffix that follows it.
+fn with_degree(text: &str, end: usize) -> usize {
+    let rest = &text[end..];
+    let rest_trim = rest.trim_start_matches([' ', ',']);
+    let gap = rest.len() - rest_trim.len();
+    if gap > 2 {
+        return end;
+    }
+    DEGREES
+        .iter()
+        .filter(|d| rest_trim.starts_with(*d))
+        .filter(|d| {
+            // The whole word: not the start of a longer one.
+            !rest_trim[d.len()..].starts_with(char::is_alphanumeric)
+        })
+        .map(|d| end + gap + d.len())
+        .max()
+        .unwrap_or(end)
+}
+
 /// Extends a name's end over up to `words` following capitalised words (a
 /// surname the model was unsure of, a town after its postcode).
 fn extend_name(text: &str, end: usize, words: usize) -> usize {
@@ -359,6 +385,26 @@ mod tests {
         assert_eq!(
             spans(t, &[e(t, "GIVEN_NAME", "Natalia", 1.0)]),
             vec![("person".into(), "Natalia".into())]
+        );
+    }
+
+    #[test]
+    fn a_degree_after_a_name_belongs_to_it() {
+        let t = r#"{"name": "Christin Schmidtke B.Sc.", "note": "urgent"}"#;
+        assert_eq!(
+            spans(
+                t,
+                &[
+                    e(t, "GIVEN_NAME", "Christin", 0.9),
+                    e(t, "SURNAME", "Schmidtke", 0.9)
+                ]
+            ),
+            vec![("person".into(), "Christin Schmidtke B.Sc.".into())]
+        );
+        let t = "Anna Weber MDR reports";
+        assert_eq!(
+            spans(t, &[e(t, "GIVEN_NAME", "Anna", 0.9)]),
+            vec![("person".into(), "Anna Weber".into())]
         );
     }
 

@@ -541,6 +541,17 @@ fn person(text: &str, c: &Captures) -> Option<(usize, usize)> {
     ok.then_some((s, e))
 }
 
+/// A name after one or more titles: the name checked as in [`person`], the
+/// titles kept with it.
+fn titled(text: &str, c: &Captures) -> Option<(usize, usize)> {
+    let name = c.get(2)?;
+    let ok = name
+        .as_str()
+        .split_whitespace()
+        .all(|w| w.chars().next().is_some_and(char::is_uppercase) && w.chars().count() >= 2);
+    ok.then_some(group(text, c)?)
+}
+
 fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
     const MONTHS: &str = "january|february|march|april|may|june|july|august|september|october|november|december|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec|januar|februar|märz|maerz|mai|juni|juli|oktober|dezember|janvier|février|fevrier|mars|avril|juin|juillet|août|aout|septembre|octobre|novembre|décembre|decembre|enero|febrero|marzo|abril|mayo|junio|julio|agosto|septiembre|setiembre|octubre|noviembre|diciembre|gennaio|febbraio|aprile|maggio|giugno|luglio|settembre|ottobre|dicembre|stycznia|lutego|marca|kwietnia|maja|czerwca|lipca|sierpnia|września|wrzesnia|października|pazdziernika|listopada|grudnia|styczeń|luty|marzec|kwiecień|maj|czerwiec|lipiec|sierpień|wrzesień|październik|listopad|grudzień";
     let textual_1 = format!(
@@ -677,8 +688,15 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
         ),
         (
             "person",
-            r"(?:\b(?i:my name is|my name's|i am|i'm|this is|name:|called|ich heiße|ich heisse|mein name ist|je m'appelle|je suis|me llamo|mi nombre es|mi chiamo|nazywam się|mam na imię)|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Herr|Frau|M|Mme|Mlle|Sr|Sra|Srta|Sig|Sig\.ra|Pan|Pani)\.?)\s+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2})",
+            r"\b(?i:my name is|my name's|i am|i'm|this is|name:|called|ich heiße|ich heisse|mein name ist|je m'appelle|je suis|me llamo|mi nombre es|mi chiamo|nazywam się|mam na imię)\s+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2})",
             person,
+            1,
+        ),
+        // Titles belong to the name they introduce ("Prof. Dr. Anna Weber").
+        (
+            "person",
+            r"\b((?:(?:Mr|Mrs|Ms|Miss|Dr|Prof|Univ\.-?Prof|Dipl\.-Ing|Herr|Frau|M\.|Mme|Mlle|Sr|Sra|Srta|Sig|Sig\.ra|Pan|Pani)\.?\s+)+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2}))",
+            titled,
             1,
         ),
         (

@@ -118,6 +118,29 @@ impl Restorer {
         }
     }
 
+    /// A restorer with the same placeholders and nothing held, for text
+    /// that is JSON (a tool call's arguments): originals go back escaped,
+    /// so a value with a quote or a backslash keeps the JSON valid.
+    pub fn for_json(&self) -> Restorer {
+        let escape = |v: &String| {
+            let quoted = serde_json::to_string(v).unwrap_or_default();
+            quoted
+                .strip_prefix('"')
+                .and_then(|q| q.strip_suffix('"'))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Restorer {
+            originals: self
+                .originals
+                .iter()
+                .map(|(k, v)| (k.clone(), escape(v)))
+                .collect(),
+            held: String::new(),
+            max_len: self.max_len,
+        }
+    }
+
     /// What is still held back, at the end of the answer.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)

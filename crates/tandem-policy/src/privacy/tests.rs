@@ -142,7 +142,7 @@ fn finds_each_class() {
         ("patient ID MR-4421907", "medical_record", "MR-4421907"),
         ("badge EMP-004211", "employee_id", "EMP-004211"),
         ("My name is Hans Müller.", "person", "Hans Müller"),
-        ("Dear Dr. Priya Sharma,", "person", "Priya Sharma"),
+        ("Dear Dr. Priya Sharma,", "person", "Dr. Priya Sharma"),
         (
             "ship to 1600 Pennsylvania Avenue",
             "address",

@@ -85,7 +85,7 @@ impl Dispatcher {
         let events = vec![
             Ok(Event::Delta(tandem_api::Delta {
                 text: hit.text,
-                tokens: Vec::new(),
+                ..tandem_api::Delta::default()
             })),
             Ok(Event::Finish(Finish {
                 reason: hit.finish,
@@ -112,9 +112,16 @@ impl Dispatcher {
         Box::pin(async_stream::stream! {
             let mut stream = stream;
             let mut text = String::new();
+            // The cache keeps text answers; a tool call is an action, not
+            // an answer to replay.
+            let mut called = false;
             while let Some(event) = stream.next().await {
                 match &event {
-                    Ok(Event::Delta(d)) => text.push_str(&d.text),
+                    Ok(Event::Delta(d)) => {
+                        text.push_str(&d.text);
+                        called |= !d.tool_calls.is_empty();
+                    }
+                    Ok(Event::Finish(_)) if called => {}
                     Ok(Event::Finish(f)) => {
                         cache.insert(&key, embedding.clone(), Cached {
                             text: std::mem::take(&mut text),

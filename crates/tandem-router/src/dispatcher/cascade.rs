@@ -76,6 +76,10 @@ impl Dispatcher {
                     Ok(Event::Delta(tandem_api::Delta {
                         text: a.text,
                         tokens,
+                        tool_calls: (0u32..)
+                            .zip(&a.tool_calls)
+                            .map(|(i, c)| c.as_delta(i))
+                            .collect(),
                     })),
                     Ok(Event::Finish(a.finish)),
                 ];

@@ -268,6 +268,11 @@ impl Dispatcher {
         Box::pin(async_stream::stream! {
             let mut leg = leg;
             let mut text = String::new();
+            // Placeholders in tool-call arguments are restored per call:
+            // each call's arguments are a stream of their own.
+            let mut call_restorers: std::collections::HashMap<u32, tandem_policy::privacy::Restorer> =
+                std::collections::HashMap::new();
+            let mut called = false;
             let mut first_at: Option<Duration> = None;
             let mut handed_off = false;
             let mut earlier_tokens = 0u32;
@@ -280,8 +285,16 @@ impl Dispatcher {
                         }
                         if let Some(r) = leg.restorer.as_mut() {
                             d.text = r.push(&d.text);
+                            for piece in &mut d.tool_calls {
+                                let args = piece.function.as_mut().and_then(|f| f.arguments.as_mut());
+                                if let Some(args) = args {
+                                    let cr = call_restorers.entry(piece.index).or_insert_with(|| r.for_json());
+                                    *args = cr.push(args);
+                                }
+                            }
                         }
-                        if d.text.is_empty() && d.tokens.is_empty() {
+                        called |= !d.tool_calls.is_empty();
+                        if d.is_empty() {
                             continue;
                         }
                         first_at.get_or_insert_with(|| sup.placement.t0.elapsed());
@@ -293,8 +306,20 @@ impl Dispatcher {
                             let rest = r.finish();
                             if !rest.is_empty() {
                                 text.push_str(&rest);
-                                yield Ok(Event::Delta(tandem_api::Delta { text: rest, tokens: vec![] }));
+                                yield Ok(Event::Delta(tandem_api::Delta::text(rest)));
                             }
+                        }
+                        let mut held: Vec<_> = call_restorers.iter_mut().map(|(&i, r)| (i, r.finish())).collect();
+                        held.sort_by_key(|(i, _)| *i);
+                        for (index, rest) in held.into_iter().filter(|(_, r)| !r.is_empty()) {
+                            yield Ok(Event::Delta(tandem_api::Delta {
+                                tool_calls: vec![tandem_api::ToolCallDelta {
+                                    index,
+                                    function: Some(tandem_api::FunctionDelta { name: None, arguments: Some(rest) }),
+                                    ..tandem_api::ToolCallDelta::default()
+                                }],
+                                ..tandem_api::Delta::default()
+                            }));
                         }
                         let mut usage = f.usage;
                         usage.completion_tokens = usage.completion_tokens.saturating_add(earlier_tokens);
@@ -308,9 +333,11 @@ impl Dispatcher {
                             Some(Err(e)) => e,
                             _ => ApiError::bad_gateway("the answer ended without finishing"),
                         };
+                        // A tool call half sent cannot be continued by
+                        // another model: the client gets the error.
                         let to = sup
                             .fallback
-                            .filter(|_| !handed_off)
+                            .filter(|_| !handed_off && !called)
                             .filter(|&to| disp.can_take_over(to, &sup, &text));
                         let Some(to) = to else {
                             if let Some(c) = leg.egress.as_mut() {

@@ -1,0 +1,137 @@
+//! Tool calls through the gateway: an upstream that answers with
+//! `tool_calls` (whole, and streamed in pieces, leaving out bookkeeping
+//! fields) reaches the client as OpenAI sends it; in redact mode the
+//! arguments come back with the originals.
+
+use serde_json::{Value, json};
+use tandem_api::ToolCall;
+use tandem_backends::{CloudBackend, UpstreamConfig};
+use tandem_router::Dispatcher;
+use tandem_testkit::capture::{CaptureUpstream, Mode};
+use tandem_testkit::scripted::{Scripted, Step};
+use tandem_testkit::{TestServer, post_json};
+
+async fn setup() -> (TestServer, CaptureUpstream) {
+    let capture = CaptureUpstream::start(None, Mode::EchoTool).await;
+    let d = Dispatcher::builder()
+        .local_arc(Scripted::local(
+            "device",
+            vec![Step::Answer(vec!["local".into()])],
+        ))
+        .cloud(
+            CloudBackend::new(UpstreamConfig::new("cloud", &capture.base_url(), &["big"]))
+                .expect("upstream"),
+        )
+        .build()
+        .expect("dispatcher");
+    (TestServer::start(d).await, capture)
+}
+
+const ASK: &str = "Find the account of jane.doe@example.com, she wrote \"urgent\".";
+
+fn body(stream: bool) -> Value {
+    json!({
+        "model": "tandem/auto",
+        "stream": stream,
+        "messages": [{"role": "user", "content": ASK}],
+        "tools": [{"type": "function", "function": {"name": "lookup",
+            "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}],
+    })
+}
+
+/// The tool calls of a streamed answer, put together as a client does.
+async fn streamed_calls(url: &str, privacy: &str) -> (Vec<ToolCall>, String, Vec<Value>) {
+    let raw = reqwest::Client::new()
+        .post(url)
+        .header("x-tandem-privacy", privacy)
+        .json(&body(true))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body");
+    let chunks: Vec<Value> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let mut calls = Vec::new();
+    let mut finish = String::new();
+    for c in &chunks {
+        if let Some(pieces) = c["choices"][0]["delta"]["tool_calls"].as_array() {
+            for p in pieces {
+                let p = serde_json::from_value(p.clone()).expect("an OpenAI tool-call delta");
+                ToolCall::assemble(&mut calls, &p);
+            }
+        }
+        if let Some(f) = c["choices"][0]["finish_reason"].as_str() {
+            finish = f.to_owned();
+        }
+    }
+    (calls, finish, chunks)
+}
+
+fn arguments_text(call: &ToolCall) -> String {
+    let args: Value = serde_json::from_str(&call.function.arguments).expect("arguments are JSON");
+    args["text"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
+    let (device, _capture) = setup().await;
+    let url = device.url("/v1/chat/completions");
+
+    let r = post_json(&url, &body(false), &[("x-tandem-privacy", "off")]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.header("x-tandem-backend").starts_with("cloud"));
+    let choice = &r.body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert!(choice["message"]["content"].is_null(), "{choice}");
+    let calls: Vec<ToolCall> =
+        serde_json::from_value(choice["message"]["tool_calls"].clone()).expect("tool_calls");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].id, "call_1");
+    assert_eq!(calls[0].kind, "function");
+    assert_eq!(calls[0].function.name, "lookup");
+    assert_eq!(arguments_text(&calls[0]), ASK);
+
+    let (calls, finish, chunks) = streamed_calls(&url, "off").await;
+    assert_eq!(finish, "tool_calls");
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0].id, "call_1");
+    assert_eq!(calls[0].function.name, "lookup");
+    assert_eq!(arguments_text(&calls[0]), ASK);
+    // Every chunk is a complete OpenAI chunk, whatever the upstream left out.
+    for c in &chunks {
+        assert!(c["id"].as_str().is_some_and(|id| !id.is_empty()), "{c}");
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(c["created"].as_u64().is_some_and(|t| t > 0));
+    }
+}
+
+#[tokio::test]
+async fn redacted_tool_call_arguments_come_back_with_the_originals() {
+    let (device, capture) = setup().await;
+    let url = device.url("/v1/chat/completions");
+
+    let r = post_json(&url, &body(false), &[("x-tandem-privacy", "redact")]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let calls: Vec<ToolCall> =
+        serde_json::from_value(r.body["choices"][0]["message"]["tool_calls"].clone())
+            .expect("tool_calls");
+    assert_eq!(arguments_text(&calls[0]), ASK);
+
+    let (calls, _, chunks) = streamed_calls(&url, "redact").await;
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(arguments_text(&calls[0]), ASK);
+
+    // What left had a placeholder, never the address.
+    let sent: String = capture
+        .captured()
+        .iter()
+        .map(|c| c.json().to_string())
+        .collect();
+    assert!(sent.contains("[EMAIL_1]"), "{sent}");
+    assert!(!sent.contains("jane.doe@example.com"));
+}
