@@ -122,10 +122,11 @@ pub async fn route(cmd: RouteCommand) -> anyhow::Result<()> {
         "  request: ~{} prompt tokens, privacy {}, PII found: {}{}",
         f["prompt_tokens"],
         f["privacy"].as_str().unwrap_or("?"),
-        match f["pii"].as_array() {
-            Some(a) if !a.is_empty() => a
+        // Classes with counts, never the values.
+        match f["pii"].as_object() {
+            Some(m) if !m.is_empty() => m
                 .iter()
-                .filter_map(Value::as_str)
+                .map(|(class, n)| format!("{class} ×{n}"))
                 .collect::<Vec<_>>()
                 .join(", "),
             _ => "none".into(),
