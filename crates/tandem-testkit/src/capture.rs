@@ -283,14 +283,19 @@ async fn forward(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-fn echo(body: &[u8]) -> Response {
-    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let last_user = req["messages"]
+/// The text of the request's last user message.
+fn last_user(req: &Value) -> String {
+    req["messages"]
         .as_array()
         .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
         .and_then(|m| m["content"].as_str())
         .unwrap_or("")
-        .to_owned();
+        .to_owned()
+}
+
+fn echo(body: &[u8]) -> Response {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let last_user = last_user(&req);
     let text = format!("ECHO: {last_user}");
     let model = req["model"].as_str().unwrap_or("echo").to_owned();
     let usage = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
@@ -323,12 +328,7 @@ fn echo(body: &[u8]) -> Response {
 
 fn echo_tool(body: &[u8]) -> Response {
     let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let last_user = req["messages"]
-        .as_array()
-        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or("")
-        .to_owned();
+    let last_user = last_user(&req);
     let name = req["tools"][0]["function"]["name"]
         .as_str()
         .unwrap_or("echo")
