@@ -481,6 +481,9 @@ pub struct Answer {
     pub tokens: Vec<TokenLogprob>,
     /// The tools the model called.
     pub tool_calls: Vec<crate::ToolCall>,
+    /// Message fields passed through from an upstream (`refusal`,
+    /// `reasoning_content`...): streamed text pieces joined, others as last sent.
+    pub extra: serde_json::Map<String, serde_json::Value>,
     /// How it ended.
     pub finish: Finish,
 }
@@ -491,6 +494,7 @@ impl Answer {
         let mut text = String::new();
         let mut tokens = Vec::new();
         let mut tool_calls = Vec::new();
+        let mut extra = serde_json::Map::new();
         while let Some(event) = stream.next().await {
             match event? {
                 Event::Delta(d) => {
@@ -499,12 +503,26 @@ impl Answer {
                     for piece in &d.tool_calls {
                         crate::ToolCall::assemble(&mut tool_calls, piece);
                     }
+                    for (k, v) in d.extra {
+                        match (extra.get_mut(&k), v) {
+                            (
+                                Some(serde_json::Value::String(have)),
+                                serde_json::Value::String(more),
+                            ) => {
+                                have.push_str(&more);
+                            }
+                            (_, v) => {
+                                extra.insert(k, v);
+                            }
+                        }
+                    }
                 }
                 Event::Finish(finish) => {
                     return Ok(Answer {
                         text,
                         tokens,
                         tool_calls,
+                        extra,
                         finish,
                     });
                 }

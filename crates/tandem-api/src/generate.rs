@@ -217,6 +217,18 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Both together.
     pub total_tokens: u32,
+    /// Of the prompt, the tokens served from a cache (OpenAI's
+    /// `usage.prompt_tokens_details.cached_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// What of the prompt came from a cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose computation was reused, not redone.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -226,7 +238,21 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: None,
         }
+    }
+
+    /// The same usage, saying that `cached` of its prompt tokens were reused.
+    pub fn with_cached(mut self, cached: u32) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: cached,
+        });
+        self
+    }
+
+    /// Prompt tokens served from a cache.
+    pub fn cached_tokens(&self) -> u32 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
     }
 }
 
@@ -267,6 +293,10 @@ pub struct Delta {
     pub tokens: Vec<TokenLogprob>,
     /// Pieces of tool calls, as OpenAI streams them.
     pub tool_calls: Vec<ToolCallDelta>,
+    /// Fields of the upstream's message Tandem does not interpret
+    /// (`refusal`, `reasoning_content`, `annotations`...), passed on to the
+    /// client as they came.
+    pub extra: Map<String, Value>,
 }
 
 impl Delta {
@@ -280,7 +310,10 @@ impl Delta {
 
     /// Whether it carries nothing.
     pub fn is_empty(&self) -> bool {
-        self.text.is_empty() && self.tokens.is_empty() && self.tool_calls.is_empty()
+        self.text.is_empty()
+            && self.tokens.is_empty()
+            && self.tool_calls.is_empty()
+            && self.extra.is_empty()
     }
 }
 

@@ -23,6 +23,6 @@ pub use embeddings::{EmbeddingInput, EmbeddingJob, EmbeddingRequest, MAX_EMBEDDI
 pub use error::{ApiError, ErrorBody, ErrorKind, ErrorObject};
 pub use generate::{
     Delta, Event, Finish, FinishReason, FunctionCall, FunctionDelta, GenerateRequest, Input,
-    LogprobRequest, MAX_TOOL_CALLS, Message, Sampling, SamplingPreset, TokenLogprob, ToolCall,
-    ToolCallDelta, TopLogprob, Usage,
+    LogprobRequest, MAX_TOOL_CALLS, Message, PromptTokensDetails, Sampling, SamplingPreset,
+    TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage,
 };

@@ -1,6 +1,6 @@
 //! Reading an upstream's answers back into Tandem's events.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tandem_api::openai::{ChatCompletion, ChatCompletionChunk, Completion, LegacyLogprobs};
 use tandem_api::{ApiError, Delta, Event, Finish, FinishReason, TokenLogprob, TopLogprob, Usage};
 
@@ -88,6 +88,7 @@ impl StreamState {
                         text: ch.delta.content.unwrap_or_default(),
                         tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
                         tool_calls: ch.delta.tool_calls.unwrap_or_default(),
+                        extra: passed_on(ch.delta.extra),
                     };
                     (!d.is_empty()).then_some(d)
                 })
@@ -133,6 +134,14 @@ impl StreamState {
 }
 
 /// A whole (non-streamed) answer as events.
+/// A message's fields beyond content and tool calls, for the client: the
+/// role is Tandem's to set, and a null says nothing.
+fn passed_on(mut extra: Map<String, Value>) -> Map<String, Value> {
+    extra.remove("role");
+    extra.retain(|_, v| !v.is_null());
+    extra
+}
+
 pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>, ApiError> {
     let bad =
         |e: serde_json::Error| ApiError::bad_gateway(format!("unexpected upstream answer: {e}"));
@@ -149,6 +158,7 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
                             .zip(ch.message.tool_calls.unwrap_or_default())
                             .map(|(i, call)| call.as_delta(i))
                             .collect(),
+                        extra: passed_on(ch.message.extra),
                     },
                     ch.finish_reason,
                     c.usage,

@@ -3,8 +3,10 @@
 //! loop ([`engine`]), the gateway against LiteLLM ([`gateway`]), the learned
 //! router's decision time ([`router`]), accuracy against cloud share for
 //! the router and the cascade ([`cascade`]), and edge–cloud speculative
-//! decoding against cloud-only generation ([`speculative`]), and
-//! personal-data detection against Presidio ([`privacy`]).
+//! decoding against cloud-only generation ([`speculative`]),
+//! personal-data detection against Presidio ([`privacy`]), tool calls and
+//! structured outputs, constrained against free decoding ([`tools`]), and
+//! the engine served over HTTP against llama.cpp's own server ([`server`]).
 //!
 //! `tandem bench` calls [`run`]. Nothing here is on a request path; timing
 //! assertions belong here, never in tests.
@@ -18,8 +20,10 @@ pub mod gateway;
 pub mod privacy;
 pub mod process;
 pub mod router;
+pub mod server;
 mod setup;
 pub mod speculative;
+pub mod tools;
 
 use clap::Args;
 
@@ -51,6 +55,12 @@ pub enum BenchKind {
     /// Personal-data detection against Presidio: recall, false positives,
     /// latency, and strict mode end to end.
     Privacy(privacy::PrivacyArgs),
+    /// Tool calls and structured outputs on the local model: valid shares,
+    /// accuracy, and constrained against free decoding speed.
+    Tools(tools::ToolsArgs),
+    /// The engine served over HTTP against llama.cpp's own server: time to
+    /// first token cold and on a conversation's next turn.
+    Server(server::ServerBenchArgs),
 }
 
 /// Runs the benchmark `args` names.
@@ -63,5 +73,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchKind::Cascade(c)) => cascade::run(c).await,
         Some(BenchKind::Spec(s)) => speculative::run(s).await,
         Some(BenchKind::Privacy(p)) => privacy::run(p).await,
+        Some(BenchKind::Tools(t)) => tools::run(t).await,
+        Some(BenchKind::Server(s)) => server::run(s).await,
     }
 }

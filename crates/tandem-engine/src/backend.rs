@@ -47,7 +47,7 @@ impl Backend for LocalEngine {
     }
 
     fn count_prompt_tokens(&self, req: &GenerateRequest) -> Option<u32> {
-        let text = self.render(&req.input).ok()?;
+        let text = self.render_request(req).ok()?;
         Some(self.count_tokens(&text) as u32)
     }
 

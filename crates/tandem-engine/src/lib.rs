@@ -22,7 +22,9 @@ pub mod runtime;
 pub mod sampling;
 mod scheduler;
 mod session;
+pub mod structured;
 pub mod template;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -186,6 +188,8 @@ pub struct Stats {
     pub threads: AtomicUsize,
     /// Prompt tokens read, ever.
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens found in a sequence's cache and not read again, ever.
+    pub cached_prompt_tokens: AtomicU64,
     /// Tokens generated, ever.
     pub generated_tokens: AtomicU64,
     /// Requests finished, ever.
@@ -205,6 +209,8 @@ pub struct StatsSnapshot {
     pub threads: usize,
     /// Prompt tokens read.
     pub prompt_tokens: u64,
+    /// Prompt tokens reused from a sequence's cache.
+    pub cached_prompt_tokens: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
     /// Requests finished.
@@ -236,6 +242,7 @@ struct Inner {
     /// The session thread, started by the first session.
     sessions: std::sync::Mutex<Option<std::sync::mpsc::Sender<SessionCmd>>>,
     vocab_hash: std::sync::OnceLock<String>,
+    constrainer: structured::Constrainer,
 }
 
 /// A loaded model with its inference thread. Cheap to clone.
@@ -355,6 +362,7 @@ impl LocalEngine {
                 },
                 sessions: std::sync::Mutex::new(None),
                 vocab_hash: std::sync::OnceLock::new(),
+                constrainer: structured::Constrainer::default(),
                 sampling,
                 default_system: cfg.default_system,
             }),
@@ -397,6 +405,7 @@ impl LocalEngine {
             parallel: self.inner.parallel,
             threads: s.threads.load(Ordering::Relaxed),
             prompt_tokens: s.prompt_tokens.load(Ordering::Relaxed),
+            cached_prompt_tokens: s.cached_prompt_tokens.load(Ordering::Relaxed),
             generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
             completed: s.completed.load(Ordering::Relaxed),
         }
@@ -404,7 +413,21 @@ impl LocalEngine {
 
     /// The exact text the model reads for this input.
     pub fn render(&self, input: &Input) -> Result<String, ApiError> {
-        self.inner.render(input)
+        self.inner.render(input, None)
+    }
+
+    /// The exact text the model reads for this request (its tools included).
+    pub fn render_request(&self, req: &GenerateRequest) -> Result<String, ApiError> {
+        self.inner.render(&req.input, template_tools(req))
+    }
+
+    /// The token ids of `text` as the model would read it (no BOS).
+    pub fn token_ids(&self, text: &str) -> Vec<i32> {
+        self.inner
+            .tokenize(text, false)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
     }
 
     /// Token count of `text` as the model would read it.
@@ -503,19 +526,49 @@ fn gguf_sampling(model: &LlamaModel) -> SamplingPreset {
     }
 }
 
-/// What a local model supports: chat when it has a template; a partial
-/// answer can always be continued.
+/// What a local model supports: chat when it has a template, tools when
+/// its template renders them; any model can be held to a grammar (JSON,
+/// JSON schema), biased, and continue a partial answer.
 fn capabilities(templater: &Templater) -> Capabilities {
     let chat = !matches!(templater, Templater::None);
+    let tools = matches!(templater, Templater::Jinja(t) if t.supports_tools());
     Capabilities::of(
-        [Feature::Continuation]
-            .into_iter()
-            .chain(chat.then_some(Feature::Chat)),
+        [
+            Feature::Continuation,
+            Feature::JsonObject,
+            Feature::JsonSchema,
+            Feature::LogitBias,
+        ]
+        .into_iter()
+        .chain(chat.then_some(Feature::Chat))
+        .chain(tools.then_some(Feature::Tools)),
     )
 }
 
+/// The tool definitions a request's template sees: none when the client
+/// said `tool_choice: "none"`.
+fn template_tools(req: &GenerateRequest) -> Option<&[serde_json::Value]> {
+    if req
+        .extra
+        .get("tool_choice")
+        .and_then(serde_json::Value::as_str)
+        == Some("none")
+    {
+        return None;
+    }
+    req.extra
+        .get("tools")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::as_slice)
+        .filter(|t| !t.is_empty())
+}
+
 impl Inner {
-    fn render(&self, input: &Input) -> Result<String, ApiError> {
+    fn render(
+        &self,
+        input: &Input,
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, ApiError> {
         match input {
             Input::Text(t) => Ok(t.clone()),
             Input::Chat {
@@ -533,7 +586,7 @@ impl Inner {
                     _ => messages,
                 };
                 let mut text = match &self.templater {
-                    Templater::Jinja(t) => t.render(messages)?,
+                    Templater::Jinja(t) => t.render(messages, tools)?,
                     Templater::Builtin(t) => {
                         let chat = messages
                             .iter()
@@ -588,7 +641,7 @@ impl Inner {
                 ),
             ));
         }
-        let text = self.render(&req.input)?;
+        let text = self.render(&req.input, template_tools(req))?;
         // Templates that write the BOS token themselves must not get a second one.
         let add_bos = self.add_bos
             && !self
@@ -627,6 +680,25 @@ impl Inner {
     fn submit(&self, req: GenerateRequest) -> Result<EventStream, ApiError> {
         let Prepared { tokens, max_new } = self.prepare(&req)?;
         let tokens: Vec<LlamaToken> = tokens.into_iter().map(LlamaToken).collect();
+        let tools = tools::ToolRequest::from_extra(&req.extra)?;
+        let mut constraints = Vec::new();
+        if let Some(bias) = sampling::logit_bias(&req.extra, self.model.n_vocab())? {
+            constraints.push(bias);
+        }
+        let syntax = match &self.templater {
+            Templater::Jinja(t) => tools::Syntax::of_template(t.source()),
+            _ => tools::Syntax::Json,
+        };
+        // A forced call is the whole answer: its grammar wins over a
+        // response format, which then applies to the words of an answer
+        // that calls nothing.
+        let grammar = match tools.as_ref().and_then(|t| t.grammar(syntax)) {
+            Some(lark) => Some(structured::Grammar::Lark(lark)),
+            None => structured::response_format(&req.extra)?,
+        };
+        if let Some(g) = &grammar {
+            constraints.push(self.constrainer.sampler(&self.model, g)?);
+        }
 
         let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let active = self.stats.active.load(Ordering::Relaxed);
@@ -643,12 +715,17 @@ impl Inner {
             max_new,
             stop: req.stop,
             top_logprobs: req.logprobs.map(|l| l.top),
+            constraints,
             tx,
         };
         if self.tx.send(Command::Run(job)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::internal("the inference thread has stopped"));
         }
-        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
+        let events: EventStream = Box::pin(UnboundedReceiverStream::new(rx));
+        Ok(match tools {
+            Some(t) => tools::calls_from(events, t),
+            None => events,
+        })
     }
 }

@@ -4,7 +4,10 @@
 use std::hash::{BuildHasher, Hasher};
 
 use llama_cpp_2::sampling::LlamaSampler;
-use tandem_api::Sampling;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+use serde_json::{Map, Value};
+use tandem_api::{ApiError, Sampling};
 
 /// How many recent tokens `repeat_penalty` looks at (llama.cpp's default).
 pub const REPEAT_LAST_N: i32 = 64;
@@ -46,6 +49,53 @@ pub fn sampler_chain(s: &Sampling, n_vocab: i32, max_new_tokens: u32) -> LlamaSa
     chain.push(LlamaSampler::temp(s.temperature.unwrap_or(1.0)));
     chain.push(LlamaSampler::dist(s.seed.unwrap_or_else(random_seed)));
     LlamaSampler::chain_simple(chain)
+}
+
+/// OpenAI's `logit_bias` (token id → bias in -100..=100) as a sampler, or
+/// a 400 naming the entry that is not one.
+pub fn logit_bias(
+    extra: &Map<String, Value>,
+    n_vocab: i32,
+) -> Result<Option<LlamaSampler>, ApiError> {
+    let Some(map) = extra.get("logit_bias").and_then(Value::as_object) else {
+        return Ok(None);
+    };
+    if map.is_empty() {
+        return Ok(None);
+    }
+    let mut biases = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let token = key
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .filter(|t| (0..n_vocab).contains(t))
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "logit_bias",
+                    format!(
+                        "`{key}` is not a token id of this model (0 to {})",
+                        n_vocab - 1
+                    ),
+                )
+            })?;
+        let bias = value
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "logit_bias",
+                    format!("the bias of token {key} must be a number from -100 to 100"),
+                )
+            })?;
+        // OpenAI's -100 and 100 mean "never" and "always".
+        let bias = match bias {
+            b if b <= -100.0 => f32::NEG_INFINITY,
+            b => b as f32,
+        };
+        biases.push(LlamaLogitBias::new(LlamaToken(token), bias));
+    }
+    Ok(Some(LlamaSampler::logit_bias(n_vocab, &biases)))
 }
 
 fn random_seed() -> u32 {

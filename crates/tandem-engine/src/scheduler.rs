@@ -3,7 +3,14 @@
 //! chunk of any prompt being read, decodes them in one batch, and samples
 //! each sequence from its row of logits — the shape of llama.cpp's server
 //! slots. New requests join between steps; requests whose client went away
-//! are dropped between steps and their KV cells freed.
+//! are dropped between steps.
+//!
+//! A sequence keeps its KV cells after its request ends, and the engine
+//! remembers which tokens they hold. A new request goes to the free
+//! sequence holding the longest common prefix with its prompt and reads only
+//! the rest — every chat request shares its template's system prompt, and a
+//! conversation's next turn shares its whole history (llama.cpp's server
+//! calls this `cache_prompt`).
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -36,6 +43,8 @@ pub(crate) struct Job {
     pub max_new: u32,
     pub stop: Vec<String>,
     pub top_logprobs: Option<u8>,
+    /// Samplers that run before the request's own (logit bias, a grammar).
+    pub constraints: Vec<LlamaSampler>,
     pub tx: UnboundedSender<Result<Event, ApiError>>,
 }
 
@@ -56,6 +65,10 @@ pub(crate) struct SchedulerConfig {
 struct Slot {
     seq: i32,
     prompt: Vec<LlamaToken>,
+    /// Prompt tokens found in the sequence's cache, not read again.
+    cached: usize,
+    /// Generated tokens fed back into the KV cache, in order.
+    fed: Vec<LlamaToken>,
     /// Prompt tokens already in the KV cache.
     prefilled: usize,
     /// Next token to feed (the last sampled one) once the prompt is in.
@@ -77,7 +90,60 @@ struct Slot {
 
 impl Slot {
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt.len() as u32, self.generated)
+        Usage::new(self.prompt.len() as u32, self.generated).with_cached(self.cached as u32)
+    }
+
+    /// The tokens its KV cells hold, in position order.
+    fn kv_tokens(mut self) -> Vec<LlamaToken> {
+        let n = self.n_past as usize;
+        self.prompt.truncate(self.prefilled);
+        self.prompt.append(&mut self.fed);
+        self.prompt.truncate(n);
+        self.prompt
+    }
+}
+
+/// What each sequence's KV cells hold while no request uses it.
+struct PromptCache {
+    tokens: Vec<Vec<LlamaToken>>,
+    /// When each was last used (a step count), to evict the oldest first.
+    used: Vec<u64>,
+    clock: u64,
+}
+
+impl PromptCache {
+    fn new(n: usize) -> Self {
+        Self {
+            tokens: vec![Vec::new(); n],
+            used: vec![0; n],
+            clock: 0,
+        }
+    }
+
+    /// Forgets everything (a new context holds no cells).
+    fn clear(&mut self) {
+        self.tokens.iter_mut().for_each(Vec::clear);
+    }
+
+    /// The free sequence for `prompt`, and the prefix length it shares.
+    /// Each candidate scores the tokens it saves minus the cached tokens it
+    /// would lose: a conversation's next turn goes where its history is, and
+    /// a request that shares only the system prompt goes where the least is
+    /// thrown away rather than over another conversation's history. The least
+    /// recently used wins ties.
+    fn best(&self, free: &[usize], prompt: &[LlamaToken]) -> Option<(usize, usize)> {
+        free.iter()
+            .map(|&i| {
+                let shared = self.tokens[i]
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let lost = self.tokens[i].len() - shared;
+                (i, shared, shared as i64 - lost as i64)
+            })
+            .max_by_key(|&(i, _, score)| (score, std::cmp::Reverse(self.used[i])))
+            .map(|(i, shared, _)| (i, shared))
     }
 }
 
@@ -137,6 +203,7 @@ pub(crate) fn run(
     let mut batch = LlamaBatch::new((cfg.batch + cfg.parallel) as usize, 1);
     let mut slots: Vec<Option<Slot>> = (0..cfg.parallel).map(|_| None).collect();
     let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut cache = PromptCache::new(slots.len());
     let mut piece = Vec::with_capacity(32);
 
     loop {
@@ -157,6 +224,7 @@ pub(crate) fn run(
                     Ok(c) => {
                         tracing::debug!(from = threads, to = want, "inference threads follow load");
                         ctx = c;
+                        cache.clear();
                         threads = want;
                         stats.threads.store(threads, Ordering::Relaxed);
                     }
@@ -183,7 +251,7 @@ pub(crate) fn run(
             for slot in slots.iter_mut() {
                 if let Some(s) = slot.as_ref() {
                     let _ = s.tx.send(Err(err.clone()));
-                    release(&mut ctx, slot, &stats);
+                    release(slot, &mut cache, &stats);
                 }
             }
             for job in queue.drain(..) {
@@ -193,43 +261,57 @@ pub(crate) fn run(
             continue;
         }
 
-        // ---- admit queued jobs into free slots
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.is_some() {
-                continue;
-            }
-            while let Some(job) = queue.pop_front() {
-                stats.queued.fetch_sub(1, Ordering::Relaxed);
-                if job.tx.is_closed() {
-                    continue;
-                }
-                let seq = i as i32;
-                let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
-                stats.active.fetch_add(1, Ordering::Relaxed);
-                *slot = Some(Slot {
-                    seq,
-                    sampler: sampler_chain(&job.sampling, n_vocab, job.max_new),
-                    text: TextAssembler::new(job.stop),
-                    prompt: job.tokens,
-                    prefilled: 0,
-                    pending: None,
-                    n_past: 0,
-                    generated: 0,
-                    max_new: job.max_new,
-                    ignore_eos: job.sampling.ignore_eos,
-                    top_logprobs: job.top_logprobs,
-                    tx: job.tx,
-                    logits_row: None,
-                    in_batch: 0,
-                });
+        // ---- admit queued jobs into free slots, each where most of its
+        // prompt is already cached
+        loop {
+            let free: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none()).collect();
+            if free.is_empty() {
                 break;
             }
+            let Some(job) = queue.pop_front() else { break };
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            if job.tx.is_closed() {
+                continue;
+            }
+            let Some((i, shared)) = cache.best(&free, &job.tokens) else {
+                break;
+            };
+            let seq = i as i32;
+            let reuse = reusable(&mut ctx, seq, shared, job.tokens.len());
+            cache.tokens[i].clear();
+            cache.clock += 1;
+            cache.used[i] = cache.clock;
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            stats
+                .cached_prompt_tokens
+                .fetch_add(reuse as u64, Ordering::Relaxed);
+            slots[i] = Some(Slot {
+                seq,
+                sampler: with_constraints(
+                    job.constraints,
+                    sampler_chain(&job.sampling, n_vocab, job.max_new),
+                ),
+                text: TextAssembler::new(job.stop),
+                prompt: job.tokens,
+                cached: reuse,
+                fed: Vec::new(),
+                prefilled: reuse,
+                pending: None,
+                n_past: reuse as u32,
+                generated: 0,
+                max_new: job.max_new,
+                ignore_eos: job.sampling.ignore_eos,
+                top_logprobs: job.top_logprobs,
+                tx: job.tx,
+                logits_row: None,
+                in_batch: 0,
+            });
         }
 
         // ---- drop sequences whose client has gone
         for slot in slots.iter_mut() {
             if slot.as_ref().is_some_and(|s| s.tx.is_closed()) {
-                release(&mut ctx, slot, &stats);
+                release(slot, &mut cache, &stats);
             }
         }
 
@@ -279,9 +361,12 @@ pub(crate) fn run(
                 if let Some(s) = slot.as_ref() {
                     let _ =
                         s.tx.send(Err(ApiError::internal(format!("inference failed: {e}"))));
-                    release(&mut ctx, slot, &stats);
+                    release(slot, &mut cache, &stats);
                 }
             }
+            // What the cells hold after a failed decode is not known.
+            let _ = ctx.clear_kv_cache_seq(None, None, None);
+            cache.clear();
             continue;
         }
 
@@ -291,7 +376,9 @@ pub(crate) fn run(
             if s.in_batch == 0 {
                 continue;
             }
-            if s.pending.take().is_none() {
+            if let Some(tok) = s.pending.take() {
+                s.fed.push(tok);
+            } else {
                 s.prefilled += s.in_batch;
                 stats
                     .prompt_tokens
@@ -301,10 +388,20 @@ pub(crate) fn run(
             let Some(row) = s.logits_row else { continue };
             let outcome = sample_step(s, &ctx, row, &vocab, &mut piece, &cfg, &stats);
             if let Outcome::Done = outcome {
-                release(&mut ctx, slot, &stats);
+                release(slot, &mut cache, &stats);
             }
         }
     }
+}
+
+/// A grammar masks before any other sampler sees the logits, so
+/// penalties and top-k choose among tokens the grammar allows.
+fn with_constraints(mut constraints: Vec<LlamaSampler>, chain: LlamaSampler) -> LlamaSampler {
+    if constraints.is_empty() {
+        return chain;
+    }
+    constraints.push(chain);
+    LlamaSampler::chain_simple(constraints)
 }
 
 fn sample_step(
@@ -392,10 +489,64 @@ fn finish_now(s: &mut Slot, reason: FinishReason) -> Outcome {
     Outcome::Done
 }
 
-fn release(ctx: &mut LlamaContext<'_>, slot: &mut Option<Slot>, stats: &Stats) {
+/// Ends a sequence's request; its cells stay, remembered for the next.
+fn release(slot: &mut Option<Slot>, cache: &mut PromptCache, stats: &Stats) {
     if let Some(s) = slot.take() {
-        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), None, None);
+        let i = s.seq as usize;
+        if let Some(entry) = cache.tokens.get_mut(i) {
+            *entry = s.kv_tokens();
+        }
         stats.active.fetch_sub(1, Ordering::Relaxed);
         stats.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many of a prompt's first `shared` tokens sequence `seq` can keep:
+/// its cells past them are dropped. At least one prompt token is always
+/// read again, for the logits of the first answer token. A model whose
+/// cache lost early cells (sliding-window attention) or cannot drop a tail
+/// (recurrent state) starts over.
+fn reusable(ctx: &mut LlamaContext<'_>, seq: i32, shared: usize, prompt_len: usize) -> usize {
+    let keep = shared.min(prompt_len.saturating_sub(1));
+    let seq_u = seq as u32;
+    if keep > 0
+        && ctx.kv_cache_seq_pos_min(seq) == 0
+        && ctx
+            .clear_kv_cache_seq(Some(seq_u), u32::try_from(keep).ok(), None)
+            .unwrap_or(false)
+    {
+        return keep;
+    }
+    let _ = ctx.clear_kv_cache_seq(Some(seq_u), None, None);
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks(v: &[i32]) -> Vec<LlamaToken> {
+        v.iter().copied().map(LlamaToken).collect()
+    }
+
+    #[test]
+    fn requests_go_where_their_prefix_is_and_spare_other_histories() {
+        let mut c = PromptCache::new(3);
+        // 0: a long conversation; 1: only the system prompt; 2: empty.
+        c.tokens[0] = toks(&[1, 2, 3, 10, 11, 12, 13, 14, 15, 16]);
+        c.tokens[1] = toks(&[1, 2, 3, 20]);
+        // The conversation's next turn goes to its history.
+        let next = toks(&[1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 18]);
+        assert_eq!(c.best(&[0, 1, 2], &next), Some((0, 10)));
+        // A new conversation sharing the system prompt spares it.
+        let other = toks(&[1, 2, 3, 30, 31]);
+        assert_eq!(c.best(&[0, 1, 2], &other), Some((1, 3)));
+        // Only busy slots but one: that one, whatever it holds.
+        assert_eq!(c.best(&[0], &other), Some((0, 3)));
+        assert_eq!(c.best(&[], &other), None);
+        // Ties go to the least recently used.
+        c.clear();
+        c.used = vec![5, 1, 9];
+        assert_eq!(c.best(&[0, 1, 2], &other), Some((1, 0)));
     }
 }

@@ -3,6 +3,7 @@
 //! renders it (trimmed blocks, Python string methods available).
 
 use minijinja::{Environment, Error, ErrorKind, Value, context};
+use serde_json::Value as JsonValue;
 use tandem_api::{ApiError, Message};
 
 /// A compiled chat template.
@@ -10,6 +11,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -52,18 +54,37 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
+            source: source.to_owned(),
         })
     }
 
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template renders tool definitions (it reads `tools`).
+    pub fn supports_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
     /// Renders the conversation, ending with the assistant's turn opened.
-    pub fn render(&self, messages: &[Message]) -> Result<String, ApiError> {
+    /// `tools` is the request's tool list as the client sent it; templates
+    /// print it in their own format.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        tools: Option<&[JsonValue]>,
+    ) -> Result<String, ApiError> {
         let template = self
             .env
             .get_template("chat")
             .map_err(|e| ApiError::internal(format!("chat template missing: {e}")))?;
+        let messages: Vec<Message> = messages.iter().map(for_template).collect();
         template
             .render(context! {
-                messages => Value::from_serialize(messages),
+                messages => Value::from_serialize(&messages),
+                tools => tools.map(Value::from_serialize),
                 add_generation_prompt => true,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
@@ -84,6 +105,28 @@ impl ChatTemplate {
     }
 }
 
+/// A message as chat templates expect it. OpenAI sends a call's
+/// `arguments` as a JSON string; templates (written for `transformers`)
+/// print them with `tojson`, so they get the object the string holds —
+/// otherwise the model would read its own past calls as quoted strings.
+fn for_template(m: &Message) -> Message {
+    let mut m = m.clone();
+    if let Some(JsonValue::Array(calls)) = m.extra.get_mut("tool_calls") {
+        for call in calls {
+            let args = call
+                .get_mut("function")
+                .and_then(|f| f.get_mut("arguments"));
+            if let Some(args) = args
+                && let Some(text) = args.as_str()
+                && let Ok(parsed @ JsonValue::Object(_)) = serde_json::from_str(text)
+            {
+                *args = parsed;
+            }
+        }
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,7 +136,7 @@ mod tests {
     #[test]
     fn renders_chatml_with_default_system_prompt() {
         let t = ChatTemplate::new(CHATML, "<s>", "</s>").unwrap();
-        let out = t.render(&[Message::new("user", "Hi")]).unwrap();
+        let out = t.render(&[Message::new("user", "Hi")], None).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -104,7 +147,9 @@ mod tests {
     fn template_exceptions_become_client_errors() {
         let src = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        let e = t.render(&[Message::new("assistant", "x")]).unwrap_err();
+        let e = t
+            .render(&[Message::new("assistant", "x")], None)
+            .unwrap_err();
         assert_eq!(e.status, 400);
         assert!(
             e.message.contains("Conversation must start with user"),
@@ -116,7 +161,10 @@ mod tests {
     #[test]
     fn python_string_methods_work() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip() }}", "", "").unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  x  ")]).unwrap(), "x");
+        assert_eq!(
+            t.render(&[Message::new("user", "  x  ")], None).unwrap(),
+            "x"
+        );
     }
 
     #[test]

@@ -64,11 +64,12 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
-    /// `None` when the request is not one to cache: logprobs, tools or
-    /// structured output asked for, several choices, or a continuation.
+    /// `None` when the request is not one to cache: logprobs, tools,
+    /// structured output or token biases asked for, several choices, or a
+    /// continuation.
     pub fn new(req: &GenerateRequest, key: Option<&str>, privacy: &str) -> Option<CacheKey> {
         if req.logprobs.is_some()
-            || ["tools", "functions", "response_format"]
+            || ["tools", "functions", "response_format", "logit_bias"]
                 .iter()
                 .any(|f| req.extra.get(*f).is_some_and(|v| !v.is_null()))
             || req
@@ -509,5 +510,20 @@ mod tests {
         let mut with_logprobs = req(&[("user", "hi")]);
         with_logprobs.logprobs = Some(tandem_api::LogprobRequest { top: 0 });
         assert!(CacheKey::new(&with_logprobs, None, "off").is_none());
+        for (field, value) in [
+            (
+                "tools",
+                serde_json::json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+            (
+                "response_format",
+                serde_json::json!({"type": "json_object"}),
+            ),
+            ("logit_bias", serde_json::json!({"15": -100})),
+        ] {
+            let mut r = req(&[("user", "hi")]);
+            r.extra.insert(field.into(), value);
+            assert!(CacheKey::new(&r, None, "off").is_none(), "{field}");
+        }
     }
 }

@@ -244,6 +244,7 @@ pub async fn chat_completions(
                 content: (!answer.text.is_empty() || answer.tool_calls.is_empty())
                     .then_some(answer.text),
                 tool_calls: (!answer.tool_calls.is_empty()).then_some(answer.tool_calls),
+                extra: answer.extra,
             },
             logprobs: s.meta.logprobs.then_some(ChoiceLogprobs {
                 content: Some(answer.tokens),

@@ -80,7 +80,7 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
     let (want_logprobs, include_usage) = (meta.logprobs, meta.include_usage);
     sse(async_stream::stream! {
         yield data(&chunk(
-            ChunkDelta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None },
+            ChunkDelta { role: Some("assistant".into()), content: Some(String::new()), ..ChunkDelta::default() },
             None, None, None,
         ));
         while let Some(event) = events.next().await {
@@ -89,15 +89,17 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
                     let logprobs = want_logprobs.then_some(ChoiceLogprobs { content: Some(d.tokens) });
                     // OpenAI sends text and tool-call pieces in chunks of
                     // their own; so does Tandem.
-                    if !d.text.is_empty() || d.tool_calls.is_empty() {
+                    if !d.text.is_empty() || !d.extra.is_empty() || d.tool_calls.is_empty() {
+                        // A piece of reasoning alone carries no content.
+                        let content = (!d.text.is_empty() || d.extra.is_empty()).then_some(d.text);
                         yield data(&chunk(
-                            ChunkDelta { role: None, content: Some(d.text), tool_calls: None },
+                            ChunkDelta { content, extra: d.extra, ..ChunkDelta::default() },
                             logprobs, None, None,
                         ));
                     }
                     if !d.tool_calls.is_empty() {
                         yield data(&chunk(
-                            ChunkDelta { role: None, content: None, tool_calls: Some(d.tool_calls) },
+                            ChunkDelta { tool_calls: Some(d.tool_calls), ..ChunkDelta::default() },
                             None, None, None,
                         ));
                     }

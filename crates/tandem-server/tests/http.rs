@@ -126,7 +126,16 @@ async fn stream_reassembles_to_the_non_streamed_answer() {
     );
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
-    assert_eq!(usage["usage"], whole["usage"]);
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage["usage"][k], whole["usage"][k], "{k}");
+    }
+    // The same prompt again: the engine read it from its cache.
+    assert!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .is_some_and(|c| c > 0),
+        "{usage}"
+    );
 }
 
 #[tokio::test]
@@ -359,7 +368,7 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
             Some("n"),
         ),
         (
-            "tools on a local model",
+            "tools on a local model whose template has none",
             serde_json::to_vec(&chat_body(
                 "x",
                 json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
@@ -369,10 +378,27 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
             Some("tools"),
         ),
         (
-            "logit_bias on a local model, not silently ignored",
-            serde_json::to_vec(&chat_body("x", json!({"logit_bias": {"1234": -100}}))).unwrap(),
+            "logit_bias naming no token of the model",
+            serde_json::to_vec(&chat_body("x", json!({"logit_bias": {"99999999": -100}}))).unwrap(),
             400,
             Some("logit_bias"),
+        ),
+        (
+            "a schema feature that cannot be enforced",
+            serde_json::to_vec(&chat_body(
+                "x",
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "s",
+                    "schema": {"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}}}}),
+            ))
+            .unwrap(),
+            400,
+            Some("response_format"),
+        ),
+        (
+            "an unknown response format",
+            serde_json::to_vec(&chat_body("x", json!({"response_format": {"type": "yaml"}}))).unwrap(),
+            400,
+            Some("response_format"),
         ),
         (
             "invalid UTF-8",

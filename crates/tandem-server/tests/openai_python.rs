@@ -3,7 +3,7 @@
 use serde_json::Value;
 use tandem_engine::{EngineConfig, LocalEngine};
 use tandem_router::Dispatcher;
-use tandem_testkit::{SMOLLM2, TestServer, model_path, python_with};
+use tandem_testkit::{QWEN_05B, SMOLLM2, TestServer, model_path, python_with};
 
 #[tokio::test]
 async fn openai_python_client_chats_streams_and_completes() {
@@ -39,4 +39,103 @@ async fn openai_python_client_chats_streams_and_completes() {
         "{v}"
     );
     assert_eq!(v["error"]["status"], 404);
+}
+
+/// One Qwen server for the tool and structured-output clients.
+async fn qwen_server() -> TestServer {
+    let mut cfg = EngineConfig::new(QWEN_05B, model_path(QWEN_05B));
+    cfg.context = Some(2048);
+    let engine = LocalEngine::load(cfg).unwrap();
+    TestServer::start(Dispatcher::builder().local(engine).build().unwrap()).await
+}
+
+async fn run_client(python: &std::path::Path, script: &str, s: &TestServer) -> Value {
+    let script = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .arg(s.url("/v1"))
+        .arg(QWEN_05B)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client output")
+}
+
+/// The `openai` SDK's tool loop, streamed tool-call deltas, forced
+/// choices, `parse` with a Pydantic model and JSON mode, on the device.
+#[tokio::test]
+async fn openai_python_client_calls_tools_and_parses_structured_output() {
+    let python = python_with(&["openai==3.57.0"]);
+    let s = qwen_server().await;
+    let v = run_client(&python, "tools_client.py", &s).await;
+
+    assert_eq!(v["auto"]["finish"], "tool_calls", "{v}");
+    let call = &v["auto"]["calls"][0];
+    assert_eq!(call["name"], "get_weather", "{v}");
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["arguments"]["city"], "Berlin", "{v}");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert!(
+        v["auto"]["content"].is_null(),
+        "no words beside the call: {v}"
+    );
+
+    assert_eq!(v["stream"]["finish"], "tool_calls", "{v}");
+    assert_eq!(v["stream"]["calls"][0]["name"], "get_weather");
+    assert_eq!(v["stream"]["calls"][0]["arguments"], call["arguments"]);
+    assert_eq!(v["stream"]["content"], "");
+
+    assert_eq!(v["named"]["finish"], "tool_calls", "{v}");
+    assert_eq!(v["named"]["name"], "get_weather");
+    assert!(v["named"]["arguments"]["city"].is_string(), "{v}");
+    assert!(
+        ["celsius", "fahrenheit"].contains(&v["named"]["arguments"]["unit"].as_str().unwrap()),
+        "{v}"
+    );
+    assert_eq!(v["required"]["finish"], "tool_calls", "{v}");
+    assert_eq!(
+        v["required"]["names"],
+        serde_json::json!(["get_time"]),
+        "{v}"
+    );
+
+    assert_eq!(v["loop"]["finish"], "stop", "{v}");
+    assert!(
+        v["loop"]["content"].as_str().unwrap().contains("14:05"),
+        "the answer uses the tool's result: {v}"
+    );
+
+    let p = &v["parse"];
+    assert!(p["name"].as_str().unwrap().contains("Curie"), "{v}");
+    assert!(p["age"].is_i64(), "{v}");
+    assert!(p["languages"].is_array(), "{v}");
+    assert!(v["json_object"].is_object(), "{v}");
+    assert_eq!(v["unsupported"]["status"], 400, "{v}");
+    assert_eq!(v["unsupported"]["param"], "response_format", "{v}");
+}
+
+/// LangChain's `bind_tools` and `with_structured_output` in its three
+/// methods, on the device.
+#[tokio::test]
+async fn langchain_binds_tools_and_structures_output() {
+    let python = python_with(&["openai==3.57.0", "langchain-openai==1.7.4"]);
+    let s = qwen_server().await;
+    let v = run_client(&python, "langchain_client.py", &s).await;
+    assert_eq!(v["bind_tools"][0]["name"], "GetWeather", "{v}");
+    assert_eq!(v["bind_tools"][0]["args"]["city"], "Madrid", "{v}");
+    for method in ["function_calling", "json_schema", "json_mode"] {
+        let p = &v[method];
+        assert!(p.get("error").is_none(), "{method}: {v}");
+        assert!(
+            p["name"].as_str().unwrap().contains("Curie"),
+            "{method}: {v}"
+        );
+        assert!(p["age"].is_i64(), "{method}: {v}");
+        assert!(p["languages"].is_array(), "{method}: {v}");
+    }
 }

@@ -95,6 +95,9 @@ async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
     assert_eq!(calls[0].kind, "function");
     assert_eq!(calls[0].function.name, "lookup");
     assert_eq!(arguments_text(&calls[0]), ASK);
+    // Fields Tandem does not interpret pass through; a null says nothing.
+    assert_eq!(choice["message"]["reasoning_content"], "Looking it up.");
+    assert!(choice["message"].get("refusal").is_none(), "{choice}");
 
     let (calls, finish, chunks) = streamed_calls(&url, "off").await;
     assert_eq!(finish, "tool_calls");
@@ -102,6 +105,11 @@ async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
     assert_eq!(calls[0].id, "call_1");
     assert_eq!(calls[0].function.name, "lookup");
     assert_eq!(arguments_text(&calls[0]), ASK);
+    let reasoning: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, "Looking it up.", "{chunks:?}");
     // Every chunk is a complete OpenAI chunk, whatever the upstream left out.
     for c in &chunks {
         assert!(c["id"].as_str().is_some_and(|id| !id.is_empty()), "{c}");

@@ -39,7 +39,8 @@ pub enum Mode {
     /// Answer by calling the request's first tool with the last user
     /// message as its `text` argument: streamed, the arguments come three
     /// characters a chunk; and the answer leaves out `id`, `created` and
-    /// `object`, as some OpenAI-compatible servers do.
+    /// `object`, as some OpenAI-compatible servers do, and carries
+    /// `reasoning_content` (two streamed pieces) and a null `refusal`.
     EchoTool,
     /// Forward the first `requests` requests (counting from the start),
     /// then answer every later one with 503: a cloud that goes away.
@@ -339,6 +340,7 @@ fn echo_tool(body: &[u8]) -> Response {
         return axum::Json(json!({
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "refusal": null, "reasoning_content": "Looking it up.",
                 "tool_calls": [{"id": "call_1", "type": "function",
                     "function": {"name": name, "arguments": args}}]},
                 "finish_reason": "tool_calls"}],
@@ -346,6 +348,11 @@ fn echo_tool(body: &[u8]) -> Response {
         .into_response();
     }
     let mut sse = String::new();
+    for piece in ["Looking ", "it up."] {
+        let chunk = json!({"model": model, "choices": [{"index": 0,
+            "delta": {"role": "assistant", "reasoning_content": piece, "refusal": null}}]});
+        sse.push_str(&format!("data: {chunk}\n\n"));
+    }
     let first = json!({"model": model, "choices": [{"index": 0, "delta": {"role": "assistant",
         "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
             "function": {"name": name, "arguments": ""}}]}}]});

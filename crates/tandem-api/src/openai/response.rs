@@ -62,6 +62,9 @@ pub struct AssistantMessage {
     /// The tools the model called.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// Other fields (`refusal`, `reasoning_content`...), passed through.
+    #[serde(flatten, default)]
+    pub extra: Map<String, Value>,
 }
 
 /// Per-token log-probabilities of a choice.
@@ -124,6 +127,9 @@ pub struct ChunkDelta {
     /// Pieces of tool calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// Other fields (`refusal`, `reasoning_content`...), passed through.
+    #[serde(flatten, default)]
+    pub extra: Map<String, Value>,
 }
 
 /// `/v1/completions` answer; streaming sends the same object per chunk.

@@ -80,6 +80,7 @@ impl Dispatcher {
                             .zip(&a.tool_calls)
                             .map(|(i, c)| c.as_delta(i))
                             .collect(),
+                        extra: a.extra,
                     })),
                     Ok(Event::Finish(a.finish)),
                 ];

@@ -78,6 +78,24 @@ pub fn ineligible(req: &GenerateRequest) -> Option<&'static str> {
     if req.logprobs.is_some() {
         return Some("logprobs");
     }
+    // The verifier samples without the request's grammar or biases, so a
+    // draft it accepts could break them.
+    let present = |k: &str| req.extra.get(k).is_some_and(|v| !v.is_null());
+    if present("tools") || present("functions") {
+        return Some("tools");
+    }
+    if req
+        .extra
+        .get("response_format")
+        .and_then(|f| f.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|t| t != "text")
+    {
+        return Some("structured outputs");
+    }
+    if present("logit_bias") {
+        return Some("logit biases");
+    }
     if req
         .extra
         .get("n")

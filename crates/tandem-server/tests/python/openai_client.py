@@ -39,10 +39,11 @@ except openai.NotFoundError as e:
 print(json.dumps({
     "text": whole.choices[0].message.content,
     "finish": whole.choices[0].finish_reason,
-    "usage": whole.usage.model_dump(),
+    "usage": whole.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}),
     "streamed": "".join(parts),
     "stream_finish": finish,
-    "stream_usage": usage.model_dump() if usage else None,
+    "stream_usage": usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+    if usage else None,
     "completion": completion.choices[0].text,
     "models": models,
     "error": error,

@@ -1,0 +1,287 @@
+//! Tools and structured outputs on a real model whose template renders
+//! tools (Qwen2.5-Coder 0.5B): forced calls and schemas always parse and
+//! match; `auto` reads what the model meant; what cannot be enforced is a
+//! 400, never an unconstrained answer.
+
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use tandem_api::{
+    Answer, Backend, Feature, FinishReason, GenerateRequest, Input, Message, Sampling,
+};
+use tandem_engine::{EngineConfig, LocalEngine};
+use tandem_testkit::{QWEN_05B, SMOLLM2, model_path};
+
+fn qwen() -> &'static LocalEngine {
+    static E: OnceLock<LocalEngine> = OnceLock::new();
+    E.get_or_init(|| {
+        let mut cfg = EngineConfig::new(QWEN_05B, model_path(QWEN_05B));
+        cfg.context = Some(2048);
+        LocalEngine::load(cfg).expect("load")
+    })
+}
+
+fn request(messages: Vec<Message>, extra: Value) -> GenerateRequest {
+    GenerateRequest {
+        model: QWEN_05B.into(),
+        input: Input::Chat {
+            messages,
+            continue_from: None,
+        },
+        sampling: Sampling::greedy(),
+        max_tokens: Some(160),
+        stop: vec![],
+        logprobs: None,
+        stream: false,
+        include_usage: false,
+        extra: extra.as_object().cloned().unwrap_or_default(),
+    }
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {
+            "name": "get_time",
+            "description": "Current local time in a timezone",
+            "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}}
+    ])
+}
+
+async fn answer(req: GenerateRequest) -> Answer {
+    Answer::collect(qwen().submit(req).expect("submit"))
+        .await
+        .expect("answer")
+}
+
+#[tokio::test]
+async fn the_template_declares_tools_and_every_model_takes_grammars() {
+    let caps = qwen().capabilities();
+    for f in [
+        Feature::Tools,
+        Feature::JsonObject,
+        Feature::JsonSchema,
+        Feature::LogitBias,
+    ] {
+        assert!(caps.supports(f), "{f:?} in {caps:?}");
+    }
+    let smol = LocalEngine::load(EngineConfig::new(SMOLLM2, model_path(SMOLLM2))).unwrap();
+    assert!(!smol.capabilities().supports(Feature::Tools));
+    assert!(smol.capabilities().supports(Feature::JsonSchema));
+}
+
+#[tokio::test]
+async fn a_named_tool_choice_always_yields_a_call_matching_its_schema() {
+    for question in [
+        "What's the weather like in Paris today?",
+        "Tell me a joke about penguins.",
+        "¿Qué hora es en Tokio? 東京の天気は？",
+    ] {
+        let a = answer(request(
+            vec![Message::new("user", question)],
+            json!({"tools": weather_tools(),
+                   "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        ))
+        .await;
+        assert_eq!(
+            a.finish.reason,
+            FinishReason::ToolCalls,
+            "{question}: {a:?}"
+        );
+        assert_eq!(a.tool_calls.len(), 1, "{a:?}");
+        let call = &a.tool_calls[0];
+        assert_eq!(call.function.name, "get_weather");
+        assert!(call.id.starts_with("call_"));
+        let args: Value = serde_json::from_str(&call.function.arguments).expect("arguments parse");
+        let obj = args.as_object().expect("an object");
+        assert!(obj["city"].is_string(), "{args}");
+        assert!(
+            ["celsius", "fahrenheit"].contains(&obj["unit"].as_str().unwrap()),
+            "{args}"
+        );
+        assert_eq!(obj.len(), 2, "no properties beyond the schema: {args}");
+    }
+}
+
+#[tokio::test]
+async fn required_calls_some_tool_and_a_full_loop_answers_from_the_result() {
+    let tools = weather_tools();
+    let first = answer(request(
+        vec![Message::new("user", "What time is it in Tokyo?")],
+        json!({"tools": tools, "tool_choice": "required", "parallel_tool_calls": false}),
+    ))
+    .await;
+    assert_eq!(first.finish.reason, FinishReason::ToolCalls, "{first:?}");
+    assert_eq!(first.tool_calls.len(), 1);
+    let call = &first.tool_calls[0];
+    assert_eq!(call.function.name, "get_time", "{call:?}");
+
+    // The call and its result go back through the template.
+    let mut assistant = Message::new("assistant", "");
+    assistant.extra.insert(
+        "tool_calls".into(),
+        serde_json::to_value(&first.tool_calls).unwrap(),
+    );
+    let mut result = Message::new("tool", "{\"time\": \"14:05\"}");
+    result
+        .extra
+        .insert("tool_call_id".into(), Value::String(call.id.clone()));
+    let req = request(
+        vec![
+            Message::new("user", "What time is it in Tokyo?"),
+            assistant,
+            result,
+        ],
+        json!({"tools": tools}),
+    );
+    let rendered = qwen().render_request(&req).unwrap();
+    assert!(
+        rendered.contains("<tool_response>\n{\"time\": \"14:05\"}"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("\"arguments\": {"),
+        "past arguments render as an object, not a string: {rendered}"
+    );
+    let second = answer(req).await;
+    assert_eq!(second.finish.reason, FinishReason::Stop, "{second:?}");
+    assert!(second.tool_calls.is_empty());
+    assert!(
+        second.text.contains("14:05") || second.text.contains("2:05"),
+        "{second:?}"
+    );
+}
+
+#[tokio::test]
+async fn auto_reads_the_call_the_model_makes_and_leaves_words_alone() {
+    let a = answer(request(
+        vec![Message::new(
+            "user",
+            "What's the weather in Berlin in celsius?",
+        )],
+        json!({"tools": weather_tools()}),
+    ))
+    .await;
+    assert_eq!(a.finish.reason, FinishReason::ToolCalls, "{a:?}");
+    assert_eq!(a.tool_calls[0].function.name, "get_weather");
+    let args: Value = serde_json::from_str(&a.tool_calls[0].function.arguments).unwrap();
+    assert_eq!(args["city"], "Berlin", "{args}");
+
+    let words = answer(request(
+        vec![Message::new("user", "Say hello in French, one word.")],
+        json!({"tools": weather_tools(), "tool_choice": "none"}),
+    ))
+    .await;
+    assert!(words.tool_calls.is_empty());
+    assert_eq!(words.finish.reason, FinishReason::Stop);
+    assert!(!words.text.is_empty());
+}
+
+fn schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "languages": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+            "employed": {"type": "boolean"}
+        },
+        "required": ["name", "age", "languages", "employed"],
+        "additionalProperties": false
+    })
+}
+
+#[tokio::test]
+async fn json_schema_answers_parse_and_validate() {
+    for prompt in [
+        "Marie Curie was a physicist who spoke Polish and French. Describe her as JSON.",
+        "Write a haiku about the sea.",
+    ] {
+        let a = answer(request(
+            vec![Message::new("user", prompt)],
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "person", "strict": true, "schema": schema()}}}),
+        ))
+        .await;
+        assert_eq!(a.finish.reason, FinishReason::Stop, "{a:?}");
+        let v: Value = serde_json::from_str(&a.text).unwrap_or_else(|e| panic!("{e}: {}", a.text));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 4, "{v}");
+        assert!(o["name"].is_string());
+        let age = o["age"].as_i64().expect("integer age");
+        assert!((0..=150).contains(&age));
+        assert!(o["languages"].as_array().unwrap().len() <= 5);
+        assert!(o["employed"].is_boolean());
+    }
+    let a = answer(request(
+        vec![Message::new("user", "List three colours.")],
+        json!({"response_format": {"type": "json_object"}}),
+    ))
+    .await;
+    let v: Value = serde_json::from_str(&a.text).unwrap_or_else(|e| panic!("{e}: {}", a.text));
+    assert!(v.is_object(), "{v}");
+}
+
+#[tokio::test]
+async fn what_cannot_be_enforced_is_refused_by_name() {
+    let err = qwen()
+        .submit(request(
+            vec![Message::new("user", "x")],
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                   "schema": {"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}}}}),
+        ))
+        .err()
+        .expect("refused");
+    assert_eq!(err.status, 400);
+    assert_eq!(err.param.as_deref(), Some("response_format"));
+    assert!(err.message.contains("dependentSchemas"), "{}", err.message);
+
+    let err = qwen()
+        .submit(request(
+            vec![Message::new("user", "x")],
+            json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "launch"}}}),
+        ))
+        .err()
+        .expect("refused");
+    assert_eq!(err.status, 400);
+    assert_eq!(err.param.as_deref(), Some("tool_choice"));
+}
+
+#[tokio::test]
+async fn logit_bias_bans_and_forces_tokens() {
+    let base = answer(request(
+        vec![Message::new("user", "What is the capital of France?")],
+        json!({}),
+    ))
+    .await;
+    assert!(base.text.contains("Paris"), "{base:?}");
+    let paris = qwen().count_tokens(" Paris");
+    assert_eq!(paris, 1, "\" Paris\" is one token");
+    let ids: Vec<i32> = ["Paris", " Paris"]
+        .iter()
+        .map(|w| qwen().token_ids(w))
+        .filter(|ids| ids.len() == 1)
+        .map(|ids| ids[0])
+        .collect();
+    let bias: serde_json::Map<String, Value> =
+        ids.iter().map(|t| (t.to_string(), json!(-100))).collect();
+    let banned = answer(request(
+        vec![Message::new("user", "What is the capital of France?")],
+        json!({"logit_bias": bias}),
+    ))
+    .await;
+    assert!(!banned.text.contains("Paris"), "{banned:?}");
+    let err = qwen()
+        .submit(request(
+            vec![Message::new("user", "x")],
+            json!({"logit_bias": {"99999999": 5}}),
+        ))
+        .err()
+        .expect("refused");
+    assert_eq!(err.param.as_deref(), Some("logit_bias"));
+}
