@@ -18,6 +18,12 @@ impl Drop for Server {
 
 /// Waits until `url/healthz` answers, or the process exits (an error).
 pub async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result<()> {
+    wait_for(url, "/healthz", child).await
+}
+
+/// Waits until `url` + `path` answers with a success, or the process
+/// exits (an error).
+pub async fn wait_for(url: &str, path: &str, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let client = reqwest::Client::new();
     while Instant::now() < deadline {
@@ -25,7 +31,7 @@ pub async fn wait_healthy(url: &str, child: &mut Child) -> anyhow::Result<()> {
             bail!("the server at {url} exited ({status}); run it alone to see why");
         }
         if client
-            .get(format!("{url}/healthz"))
+            .get(format!("{url}{path}"))
             .timeout(Duration::from_secs(2))
             .send()
             .await

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::process::{Server, spawn, wait_healthy};
+use crate::process::{Server, spawn, wait_for, wait_healthy};
 
 /// `tandem bench server`'s options.
 #[derive(Args)]
@@ -127,26 +127,6 @@ async fn llama_server(dir: &Path) -> anyhow::Result<PathBuf> {
             .stdout(Stdio::null()),
     )?;
     Ok(bin)
-}
-
-async fn wait_up(url: &str, child: &mut std::process::Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let client = reqwest::Client::new();
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            bail!("llama-server exited ({status})");
-        }
-        if client
-            .get(format!("{url}/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    bail!("llama-server did not come up")
 }
 
 /// Streams one chat request; returns (seconds to the first content, text).
@@ -295,7 +275,7 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
             .spawn()
             .context("starting llama-server")?,
     );
-    wait_up(&llama_url, &mut llama.0).await?;
+    wait_for(&llama_url, "/health", &mut llama.0).await?;
     let client = reqwest::Client::new();
     let servers = [
         ("tandem", tandem_url.as_str()),

@@ -10,20 +10,7 @@ async fn openai_python_client_chats_streams_and_completes() {
     let python = python_with(&["openai==3.57.0"]);
     let engine = LocalEngine::load(EngineConfig::new(SMOLLM2, model_path(SMOLLM2))).unwrap();
     let s = TestServer::start(Dispatcher::builder().local(engine).build().unwrap()).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_client.py");
-    let out = tokio::process::Command::new(&python)
-        .arg(script)
-        .arg(s.url("/v1"))
-        .arg(SMOLLM2)
-        .output()
-        .await
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("client output");
+    let v = run_client(&python, "openai_client.py", &s, SMOLLM2).await;
     let text = v["text"].as_str().unwrap();
     assert!(text.contains("Paris"), "{v}");
     assert_eq!(
@@ -49,12 +36,12 @@ async fn qwen_server() -> TestServer {
     TestServer::start(Dispatcher::builder().local(engine).build().unwrap()).await
 }
 
-async fn run_client(python: &std::path::Path, script: &str, s: &TestServer) -> Value {
+async fn run_client(python: &std::path::Path, script: &str, s: &TestServer, model: &str) -> Value {
     let script = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::process::Command::new(python)
         .arg(&script)
         .arg(s.url("/v1"))
-        .arg(QWEN_05B)
+        .arg(model)
         .output()
         .await
         .expect("run python");
@@ -72,7 +59,7 @@ async fn run_client(python: &std::path::Path, script: &str, s: &TestServer) -> V
 async fn openai_python_client_calls_tools_and_parses_structured_output() {
     let python = python_with(&["openai==3.57.0"]);
     let s = qwen_server().await;
-    let v = run_client(&python, "tools_client.py", &s).await;
+    let v = run_client(&python, "tools_client.py", &s, QWEN_05B).await;
 
     assert_eq!(v["auto"]["finish"], "tool_calls", "{v}");
     let call = &v["auto"]["calls"][0];
@@ -125,7 +112,7 @@ async fn openai_python_client_calls_tools_and_parses_structured_output() {
 async fn langchain_binds_tools_and_structures_output() {
     let python = python_with(&["openai==3.57.0", "langchain-openai==1.7.4"]);
     let s = qwen_server().await;
-    let v = run_client(&python, "langchain_client.py", &s).await;
+    let v = run_client(&python, "langchain_client.py", &s, QWEN_05B).await;
     assert_eq!(v["bind_tools"][0]["name"], "GetWeather", "{v}");
     assert_eq!(v["bind_tools"][0]["args"]["city"], "Madrid", "{v}");
     for method in ["function_calling", "json_schema", "json_mode"] {
