@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 enum State {
     Closed { failures: u32 },
     Open { until: Instant },
-    HalfOpen { trial_in_flight: bool },
+    /// `trial`: when the one request let through to test the upstream
+    /// started, if one is in flight.
+    HalfOpen { trial: Option<Instant> },
 }
 
 /// One upstream's circuit breaker.
@@ -18,17 +20,33 @@ pub struct CircuitBreaker {
     state: Mutex<State>,
     threshold: u32,
     cooldown: Duration,
+    trial_expiry: Duration,
 }
 
 use tandem_api::BreakerState;
 
+/// A request let through: a trial ([`Pass::Trial`]) must end with
+/// [`CircuitBreaker::success`] or [`CircuitBreaker::failure`]; a trial
+/// whose request is dropped first (the client went away) must be given
+/// back with [`CircuitBreaker::abandon`], or the breaker waits for the
+/// trial's expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The breaker is closed.
+    Normal,
+    /// The one request that decides whether the upstream is back.
+    Trial,
+}
+
 impl CircuitBreaker {
-    /// Opens after `threshold` failures in a row, for `cooldown`.
-    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+    /// Opens after `threshold` failures in a row, for `cooldown`. A trial
+    /// with no verdict after `trial_expiry` no longer blocks the next.
+    pub fn new(threshold: u32, cooldown: Duration, trial_expiry: Duration) -> Self {
         Self {
             state: Mutex::new(State::Closed { failures: 0 }),
             threshold: threshold.max(1),
             cooldown,
+            trial_expiry,
         }
     }
 
@@ -36,39 +54,34 @@ impl CircuitBreaker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn trial_open(&self, trial: Option<Instant>) -> bool {
+        trial.is_some_and(|t| t.elapsed() < self.trial_expiry)
+    }
+
     /// May a request go to the upstream now? In half-open state only one
-    /// trial request is let through.
-    pub fn allow(&self) -> bool {
+    /// trial request is let through at a time.
+    pub fn admit(&self) -> Option<Pass> {
         let mut s = self.lock();
         match *s {
-            State::Closed { .. } => true,
-            State::Open { until } if Instant::now() >= until => {
+            State::Closed { .. } => Some(Pass::Normal),
+            State::Open { until } if Instant::now() < until => None,
+            State::HalfOpen { trial } if self.trial_open(trial) => None,
+            State::Open { .. } | State::HalfOpen { .. } => {
                 *s = State::HalfOpen {
-                    trial_in_flight: true,
+                    trial: Some(Instant::now()),
                 };
-                true
-            }
-            State::Open { .. } => false,
-            State::HalfOpen { trial_in_flight } => {
-                if trial_in_flight {
-                    false
-                } else {
-                    *s = State::HalfOpen {
-                        trial_in_flight: true,
-                    };
-                    true
-                }
+                Some(Pass::Trial)
             }
         }
     }
 
-    /// Would [`allow`](Self::allow) let a request through, without taking
+    /// Would [`admit`](Self::admit) let a request through, without taking
     /// the half-open trial?
     pub fn is_available(&self) -> bool {
         match *self.lock() {
             State::Closed { .. } => true,
             State::Open { until } => Instant::now() >= until,
-            State::HalfOpen { trial_in_flight } => !trial_in_flight,
+            State::HalfOpen { trial } => !self.trial_open(trial),
         }
     }
 
@@ -98,6 +111,35 @@ impl CircuitBreaker {
             },
         };
     }
+
+    /// The trial's request ended without a verdict: the next request may
+    /// try. Does nothing once a verdict was given.
+    pub fn abandon(&self) {
+        let mut s = self.lock();
+        if let State::HalfOpen { trial: Some(_) } = *s {
+            *s = State::HalfOpen { trial: None };
+        }
+    }
+}
+
+/// Gives a trial back when dropped: hold one for as long as the trial's
+/// request (or its answer's stream) lives.
+#[derive(Debug)]
+pub struct TrialGuard<F: Fn()>(Option<F>);
+
+impl<F: Fn()> TrialGuard<F> {
+    /// Calls `abandon` on drop when `pass` is a trial.
+    pub fn new(pass: Pass, abandon: F) -> Self {
+        Self((pass == Pass::Trial).then_some(abandon))
+    }
+}
+
+impl<F: Fn()> Drop for TrialGuard<F> {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0 {
+            f();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -106,21 +148,43 @@ mod tests {
 
     #[test]
     fn opens_after_threshold_and_half_opens_after_cooldown() {
-        let b = CircuitBreaker::new(2, Duration::from_millis(30));
+        let b = CircuitBreaker::new(2, Duration::from_millis(30), Duration::from_secs(60));
         b.failure();
-        assert!(b.allow());
+        assert_eq!(b.admit(), Some(Pass::Normal));
         b.failure();
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(!b.allow());
+        assert_eq!(b.admit(), None);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "trial request");
-        assert!(!b.allow(), "only one trial at a time");
+        assert_eq!(b.admit(), Some(Pass::Trial));
+        assert_eq!(b.admit(), None, "only one trial at a time");
         b.failure();
-        assert!(!b.allow());
+        assert_eq!(b.admit(), None);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow());
+        assert_eq!(b.admit(), Some(Pass::Trial));
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.allow() && b.allow());
+        assert!(b.admit().is_some() && b.admit().is_some());
+    }
+
+    #[test]
+    fn an_abandoned_trial_is_given_back_and_a_forgotten_one_expires() {
+        let b = CircuitBreaker::new(1, Duration::ZERO, Duration::from_millis(50));
+        b.failure();
+        let pass = b.admit().unwrap();
+        assert_eq!(pass, Pass::Trial);
+        {
+            let _guard = TrialGuard::new(pass, || b.abandon());
+            assert!(!b.is_available());
+        }
+        assert_eq!(b.admit(), Some(Pass::Trial), "given back on drop");
+        // Nobody gives this one back: it expires.
+        assert_eq!(b.admit(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.admit(), Some(Pass::Trial));
+        b.success();
+        // A guard after the verdict changes nothing.
+        drop(TrialGuard::new(Pass::Trial, || b.abandon()));
+        assert_eq!(b.state(), BreakerState::Closed);
+        drop(TrialGuard::new(Pass::Normal, || panic!("not a trial")));
     }
 }

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use tandem_api::openai::{ChatMessage, MessageContent};
 use tandem_api::{ApiError, Event, EventStream, Exchange, GenerateRequest, Input};
 
-pub use breaker::CircuitBreaker;
+pub use breaker::{CircuitBreaker, Pass, TrialGuard};
 pub use config::{Continuation, UpstreamConfig};
 pub use tandem_api::BreakerState;
 use wire::{Endpoint, StreamState};
@@ -181,6 +181,9 @@ impl CloudBackend {
                 breaker: CircuitBreaker::new(
                     cfg.breaker_failures,
                     Duration::from_millis(cfg.breaker_cooldown_ms),
+                    // A trial nobody settled (a task cut off) stops
+                    // blocking the next once its longest answer would be over.
+                    Duration::from_millis(cfg.request_timeout_ms.max(cfg.ttft_timeout_ms)),
                 ),
                 cfg,
                 client,
@@ -292,7 +295,7 @@ impl CloudBackend {
             payload_sha256: hex::encode(Sha256::digest(&body)),
             ..Exchange::default()
         });
-        if !self.inner.breaker.allow() {
+        let Some(pass) = self.inner.breaker.admit() else {
             return (
                 Err(ApiError::unavailable(format!(
                     "upstream `{}` is failing; skipping it for now (circuit open)",
@@ -300,7 +303,13 @@ impl CloudBackend {
                 ))),
                 exchange,
             );
-        }
+        };
+        // Lives as long as this call and then the answer's stream: a client
+        // that goes away mid-trial gives the trial back.
+        let trial = {
+            let this = self.clone();
+            TrialGuard::new(pass, move || this.inner.breaker.abandon())
+        };
         let body = Bytes::from(body);
         let mut attempt = 0;
         loop {
@@ -312,7 +321,13 @@ impl CloudBackend {
                 .attempt(endpoint, body.clone(), req.stream, &exchange)
                 .await;
             match result {
-                Ok(stream) => return (Ok(stream), exchange),
+                Ok(stream) => {
+                    let stream = stream.map(move |e| {
+                        let _held = &trial;
+                        e
+                    });
+                    return (Ok(stream.boxed()), exchange);
+                }
                 Err(Failure::Retry(e, after)) if attempt < cfg.max_retries => {
                     tracing::debug!(upstream = %cfg.name, attempt, "retrying: {}", e.message);
                     tokio::time::sleep(backoff(attempt, after)).await;
@@ -464,8 +479,10 @@ impl CloudBackend {
             }
         };
         let ttft = t0.elapsed();
+        // The upstream is answering: that settles a trial now, not after the
+        // whole answer (a long stream would hold the breaker half-open).
+        self.inner.breaker.success();
         if matches!(first.last(), Some(Event::Finish(_))) {
-            self.inner.breaker.success();
             self.observe(ttft, 0, Duration::ZERO);
             return Ok(futures::stream::iter(first.into_iter().map(Ok)).boxed());
         }

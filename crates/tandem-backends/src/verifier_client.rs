@@ -71,11 +71,12 @@ impl CloudBackend {
         exchange: &mut Exchange,
     ) -> Result<R, ApiError> {
         let name = &self.config().name;
-        if !self.inner.breaker.allow() {
+        let Some(pass) = self.inner.breaker.admit() else {
             return Err(ApiError::unavailable(format!(
                 "upstream `{name}` is failing; skipping it for now (circuit open)"
             )));
-        }
+        };
+        let _trial = crate::TrialGuard::new(pass, || self.inner.breaker.abandon());
         let url = format!("{}{path}", self.config().base_url.trim_end_matches('/'));
         let mut http = self.inner.client.request(method, url).timeout(timeout);
         let method_has_prompt = |p: &str| p.ends_with("/verify");

@@ -38,6 +38,54 @@ pub struct ServerSection {
     pub allow_remote: bool,
     #[serde(default = "d_body")]
     pub max_body_bytes: usize,
+    /// Seconds to send request headers, and to idle between requests.
+    #[serde(default = "d_header_timeout")]
+    pub header_timeout_s: f64,
+    /// Seconds for a whole request body to arrive.
+    #[serde(default = "d_body_timeout")]
+    pub body_timeout_s: f64,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    /// Seconds an answer (streamed or not) may run.
+    #[serde(default = "d_stream_deadline")]
+    pub stream_deadline_s: f64,
+    /// Seconds open requests get to finish on SIGTERM/SIGINT.
+    #[serde(default = "d_grace")]
+    pub shutdown_grace_s: f64,
+    /// Host names served besides loopback names and IP addresses when no
+    /// keys are configured.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins allowed to call the API from a browser.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    #[serde(default = "d_embedding_inputs")]
+    pub max_embedding_inputs: usize,
+    #[serde(default = "d_embedding_tokens")]
+    pub max_embedding_tokens: usize,
+}
+
+fn d_embedding_inputs() -> usize {
+    128
+}
+fn d_embedding_tokens() -> usize {
+    16_384
+}
+
+fn d_header_timeout() -> f64 {
+    30.0
+}
+fn d_body_timeout() -> f64 {
+    60.0
+}
+fn d_max_connections() -> usize {
+    512
+}
+fn d_stream_deadline() -> f64 {
+    600.0
+}
+fn d_grace() -> f64 {
+    10.0
 }
 
 impl Default for ServerSection {
@@ -47,7 +95,42 @@ impl Default for ServerSection {
             port: None,
             allow_remote: false,
             max_body_bytes: d_body(),
+            header_timeout_s: d_header_timeout(),
+            body_timeout_s: d_body_timeout(),
+            max_connections: d_max_connections(),
+            stream_deadline_s: d_stream_deadline(),
+            shutdown_grace_s: d_grace(),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            max_embedding_inputs: d_embedding_inputs(),
+            max_embedding_tokens: d_embedding_tokens(),
         }
+    }
+}
+
+impl ServerSection {
+    /// The HTTP server's limits; a negative or non-finite number of seconds
+    /// is an error, not a silent default.
+    pub fn limits(&self) -> anyhow::Result<tandem_server::ServerConfig> {
+        let secs = |name: &str, v: f64| {
+            std::time::Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("[server] {name} = {v}: expected a positive number of seconds"))
+        };
+        anyhow::ensure!(self.max_connections > 0, "[server] max_connections must be at least 1");
+        Ok(tandem_server::ServerConfig {
+            max_body_bytes: self.max_body_bytes,
+            header_timeout: secs("header_timeout_s", self.header_timeout_s)?,
+            body_timeout: secs("body_timeout_s", self.body_timeout_s)?,
+            max_connections: self.max_connections,
+            stream_deadline: secs("stream_deadline_s", self.stream_deadline_s)?,
+            shutdown_grace: secs("shutdown_grace_s", self.shutdown_grace_s)?,
+            allowed_hosts: self.allowed_hosts.clone(),
+            cors_origins: self.cors_origins.clone(),
+            max_embedding_inputs: self.max_embedding_inputs,
+            max_embedding_tokens: self.max_embedding_tokens,
+        })
     }
 }
 

@@ -389,7 +389,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         p.parse::<tandem_policy::PrivacyMode>()
             .map_err(anyhow::Error::msg)?;
     }
-    let (raw, hash) = tandem_router::access::new_key();
+    let (raw, hash) = tandem_router::access::new_key().map_err(anyhow::Error::msg)?;
     eprintln!(
         "New key for `{}` (shown once; only its hash is stored):",
         k.name

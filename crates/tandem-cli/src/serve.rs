@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use tandem_backends::CloudBackend;
 use tandem_catalog::DEFAULT_MODEL;
 use tandem_router::Dispatcher;
-use tandem_server::{AppState, ServerConfig};
+use tandem_server::AppState;
 
 use crate::EngineArgs;
 use crate::config::{self, Config};
@@ -258,17 +258,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::warn!("listening on {host} with no API keys: anyone who can reach it can use it");
     }
+    let limits = cfg.server.limits()?;
     let engine = engine_args(&args, &cfg)?;
     let dispatcher = build_dispatcher(&cfg, &engine).await?;
     if let Some(l) = dispatcher.ledger() {
         tracing::info!("egress ledger: {}", l.path().display());
     }
-    let state = AppState::new(
-        dispatcher.clone(),
-        ServerConfig {
-            max_body_bytes: cfg.server.max_body_bytes,
-        },
-    );
+    let state = AppState::new(dispatcher.clone(), limits);
     let addr = SocketAddr::new(host, cfg.server.port.unwrap_or(8080));
     let listener = tokio::net::TcpListener::bind(addr)
         .await

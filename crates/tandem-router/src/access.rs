@@ -37,15 +37,26 @@ pub struct KeyConfig {
     pub admin: bool,
 }
 
-/// A fresh random key and its hash for the configuration.
-pub fn new_key() -> (String, String) {
-    let mut raw = String::from("tdm_");
-    for _ in 0..40 {
-        let c = fastrand::alphanumeric();
-        raw.push(c);
-    }
+/// A fresh random key (256 bits from the operating system's CSPRNG) and
+/// its hash for the configuration.
+pub fn new_key() -> Result<(String, String), String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| format!("the operating system's random source failed: {e}"))?;
+    let raw = format!("tdm_{}", hex::encode(bytes));
     let hash = hash_key(&raw);
-    (raw, hash)
+    Ok((raw, hash))
+}
+
+/// The key in an `Authorization` header: the auth scheme is matched
+/// case-insensitively (RFC 9110 §11.1), the key itself exactly.
+fn bearer(header: &str) -> Option<&str> {
+    let header = header.trim_start();
+    let (scheme, rest) = header.split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|k| !k.is_empty())
 }
 
 /// `sha256:<hex>` of a key.
@@ -124,6 +135,13 @@ impl Access {
         self.by_hash.is_empty()
     }
 
+    /// The caller whose key `authorization` carries, without spending a
+    /// rate-limit token (for read-only views such as `/healthz`).
+    pub fn identify(&self, authorization: Option<&str>) -> Option<Arc<Caller>> {
+        let key = authorization.and_then(bearer)?;
+        self.by_hash.get(&hash_key(key)).cloned()
+    }
+
     /// Checks the `Authorization` header. `Ok(None)`: no keys configured.
     pub fn authenticate(
         &self,
@@ -133,12 +151,7 @@ impl Access {
             return Ok(None);
         }
         let key = authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
+            .and_then(bearer)
             .ok_or_else(|| {
                 ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
             })?;
@@ -228,7 +241,7 @@ mod tests {
 
     #[test]
     fn keys_authenticate_by_hash_and_rate_limit() {
-        let (raw, hash) = new_key();
+        let (raw, hash) = new_key().expect("random source");
         let access = Access::new(&[KeyConfig {
             name: "app".into(),
             hash,
@@ -248,6 +261,32 @@ mod tests {
         assert_eq!(c.config.privacy, Some(PrivacyMode::Strict));
         access.authenticate(Some(&bearer)).unwrap();
         assert_eq!(access.authenticate(Some(&bearer)).unwrap_err().status, 429);
+    }
+
+    #[test]
+    fn the_auth_scheme_is_case_insensitive_and_keys_are_random() {
+        let (raw, hash) = new_key().expect("random source");
+        let (other, _) = new_key().expect("random source");
+        assert_ne!(raw, other);
+        assert_eq!(raw.len(), 4 + 64);
+        let access = Access::new(&[KeyConfig {
+            name: "app".into(),
+            hash,
+            privacy: None,
+            daily_budget_usd: None,
+            rate_limit_per_minute: None,
+            admin: false,
+        }])
+        .unwrap();
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let h = format!("{scheme}  {raw} ");
+            assert!(access.authenticate(Some(&h)).is_ok(), "{h}");
+        }
+        for bad in [format!("Basic {raw}"), format!("Bearer{raw}"), "Bearer ".into()] {
+            assert_eq!(access.authenticate(Some(&bad)).unwrap_err().status, 401, "{bad}");
+        }
+        let wrong_case = format!("Bearer {}", raw.to_uppercase());
+        assert_eq!(access.authenticate(Some(&wrong_case)).unwrap_err().status, 401);
     }
 
     #[test]

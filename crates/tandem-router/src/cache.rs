@@ -87,6 +87,10 @@ impl CacheKey {
         };
         field(&req.model);
         field(&format!("{:?}", req.max_tokens));
+        // A different temperature, seed or penalty asks for a different
+        // answer: one made greedily must not stand in for it. (Debug's form
+        // may change between versions; that costs only misses.)
+        field(&format!("{:?}", req.sampling));
         for s in &req.stop {
             field(s);
         }
@@ -507,6 +511,12 @@ mod tests {
         }
         // Below the similarity bound is a miss.
         assert!(cache.lookup(&a, &unit(&[1.0, -0.2])).is_none());
+        let mut hot = req(&[("user", "hi")]);
+        hot.sampling.temperature = Some(1.9);
+        hot.sampling.seed = Some(7);
+        let hot = CacheKey::new(&hot, Some("k1"), "redact").unwrap();
+        assert_ne!(a.context, hot.context, "sampling parameters are part of the key");
+        assert!(cache.lookup(&hot, &v).is_none());
         let mut with_logprobs = req(&[("user", "hi")]);
         with_logprobs.logprobs = Some(tandem_api::LogprobRequest { top: 0 });
         assert!(CacheKey::new(&with_logprobs, None, "off").is_none());

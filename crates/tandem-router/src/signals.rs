@@ -80,7 +80,14 @@ struct HubState {
     device: DeviceState,
     network: NetworkState,
     overrides: Overrides,
+    /// Failed probes in a row, per upstream.
+    probe_failures: std::collections::HashMap<String, u32>,
 }
+
+/// Probes that must fail in a row before an upstream counts as
+/// unreachable: one lost probe is a blip, not an outage (Envoy's
+/// `unhealthy_threshold` works the same way).
+pub const PROBE_FAILURES_UNREACHABLE: u32 = 2;
 
 /// Holds the latest readings; a background task refreshes them.
 #[derive(Clone)]
@@ -173,6 +180,38 @@ impl SignalHub {
         }
     }
 
+    /// Records a probe: reachable again at the first success, unreachable
+    /// after [`PROBE_FAILURES_UNREACHABLE`] failures in a row.
+    pub fn record_probe(&self, name: &str, result: Result<Duration, String>) {
+        let mut s = self.lock();
+        let failures = s.probe_failures.entry(name.to_owned()).or_default();
+        match result {
+            Ok(rtt) => {
+                *failures = 0;
+                drop(s);
+                self.set_upstream(name, true, Some(rtt));
+            }
+            Err(e) => {
+                *failures += 1;
+                let down = *failures >= PROBE_FAILURES_UNREACHABLE;
+                tracing::debug!(upstream = %name, failures = *failures, "probe failed: {e}");
+                drop(s);
+                if down {
+                    self.set_upstream(name, false, None);
+                }
+            }
+        }
+    }
+
+    /// A real request got an answer from `name`: fresher evidence than any
+    /// probe that it is reachable.
+    pub fn record_answer(&self, name: &str) {
+        let mut s = self.lock();
+        s.probe_failures.insert(name.to_owned(), 0);
+        drop(s);
+        self.set_upstream(name, true, None);
+    }
+
     /// Whether the link is metered (the OS rarely says).
     pub fn set_metered(&self, metered: bool) {
         self.lock().network.metered = metered;
@@ -203,13 +242,8 @@ impl SignalHub {
                 hub.lock().device = device;
                 if tokio::time::Instant::now() >= next_probe {
                     for (name, probe) in &probes {
-                        match probe().await {
-                            Ok(rtt) => hub.set_upstream(name, true, Some(rtt)),
-                            Err(e) => {
-                                tracing::debug!(upstream = %name, "probe failed: {e}");
-                                hub.set_upstream(name, false, None);
-                            }
-                        }
+                        let result = probe().await.map_err(|e| e.to_string());
+                        hub.record_probe(name, result);
                     }
                     next_probe = tokio::time::Instant::now() + probe_every;
                 }
@@ -243,6 +277,24 @@ mod tests {
         hub.clear_overrides();
         assert!(hub.reachable("cloud"));
         assert_eq!(hub.network().upstreams["cloud"].rtt_ms, Some(20.0));
+    }
+
+    #[test]
+    fn one_lost_probe_is_a_blip_and_real_answers_count() {
+        let hub = SignalHub::new();
+        let ms = Duration::from_millis;
+        hub.record_probe("cloud", Ok(ms(5)));
+        hub.record_probe("cloud", Err("timeout".into()));
+        assert!(hub.reachable("cloud"), "one failure");
+        hub.record_probe("cloud", Ok(ms(5)));
+        hub.record_probe("cloud", Err("timeout".into()));
+        assert!(hub.reachable("cloud"), "the count restarts after a success");
+        hub.record_probe("cloud", Err("timeout".into()));
+        assert!(!hub.reachable("cloud"), "two in a row");
+        hub.record_answer("cloud");
+        assert!(hub.reachable("cloud"), "a real answer");
+        hub.record_probe("cloud", Err("timeout".into()));
+        assert!(hub.reachable("cloud"), "the answer restarted the count");
     }
 
     #[test]

@@ -31,8 +31,9 @@ impl IntoResponse for HttpError {
     }
 }
 
-/// A JSON body read the way OpenAI's API reads it: any content type, and
-/// a 400 that names the field at fault.
+/// A JSON body read the way OpenAI's API reads it: a 400 that names the
+/// field at fault. (When no keys are configured, [`crate::guard`] also
+/// requires a JSON content type.)
 pub struct OpenAiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for OpenAiJson<T>
@@ -58,10 +59,8 @@ where
                 "the request body is empty: expected a JSON object",
             )));
         }
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de)
-            .map(OpenAiJson)
-            .map_err(|e| {
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
                 let message = if path == "." || path.is_empty() {
@@ -74,6 +73,15 @@ where
                     err = err.with_param(&path);
                 }
                 HttpError(err)
-            })
+            })?;
+        // One JSON document and nothing after it but whitespace: a body with
+        // trailing bytes was cut or concatenated somewhere, and guessing
+        // which part was meant could send the wrong request.
+        de.end().map_err(|e| {
+            HttpError(ApiError::invalid_request(format!(
+                "invalid JSON body: unexpected data after the JSON value ({e})"
+            )))
+        })?;
+        Ok(OpenAiJson(value))
     }
 }

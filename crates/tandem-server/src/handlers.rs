@@ -206,7 +206,7 @@ async fn start(
         set(&mut headers, "x-tandem-requested-model", &requested);
     }
     Ok(Started {
-        events: d.stream,
+        events: with_deadline(d.stream, state.config.stream_deadline),
         headers,
         meta: StreamMeta {
             id: new_id(id_prefix),
@@ -311,6 +311,35 @@ pub async fn explain_route(
     Ok(Json(explained))
 }
 
+/// Ends an answer that runs past `limit` with an error (streamed or not),
+/// dropping the backend's stream so its work stops too.
+fn with_deadline(events: tandem_api::EventStream, limit: std::time::Duration) -> tandem_api::EventStream {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut events = events;
+    async_stream::stream! {
+        loop {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(e)) => yield e,
+                Ok(None) => break,
+                Err(_) => {
+                    yield Err(ApiError::new(
+                        504,
+                        tandem_api::ErrorKind::ServerError,
+                        format!(
+                            "the answer ran past the server's deadline of {} s and was ended",
+                            limit.as_secs_f64()
+                        ),
+                    )
+                    .with_code("deadline_exceeded"));
+                    break;
+                }
+            }
+        }
+    }
+    .boxed()
+}
+
 /// `POST /v1/embeddings`.
 pub async fn embeddings(
     State(state): State<AppState>,
@@ -325,8 +354,17 @@ pub async fn embeddings(
     }
     let job = body.into_job(embedder.dim())?;
     let (texts, base64) = (job.texts, job.base64);
-    let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
-    let vectors = d.embed(texts).await?;
+    let limits = &state.config;
+    if texts.len() > limits.max_embedding_inputs {
+        return Err(ApiError::invalid_request(format!(
+            "`input` has {} items; this server embeds at most {} per request",
+            texts.len(),
+            limits.max_embedding_inputs
+        ))
+        .with_param("input")
+        .into());
+    }
+    let (vectors, tokens) = d.embed_within(texts, limits.max_embedding_tokens).await?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -454,8 +492,14 @@ pub async fn get_model(
         .ok_or_else(|| HttpError(ApiError::model_not_found(&id)))
 }
 
-pub async fn health(State(state): State<AppState>) -> Json<Value> {
+/// `GET /healthz`: liveness for anyone; the backends, breakers and device
+/// state only for a valid key when keys are configured.
+pub async fn health(State(state): State<AppState>, headers: HeaderMap) -> Json<Value> {
     let d = &state.dispatcher;
+    let access = d.access();
+    if !access.is_open() && access.identify(header(&headers, "authorization")).is_none() {
+        return Json(json!({"status": "ok"}));
+    }
     let network = d.signals().network();
     let backends: Vec<Value> = d
         .backends()

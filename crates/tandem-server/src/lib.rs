@@ -10,13 +10,15 @@
 
 #![warn(missing_docs)]
 
+mod conn;
 mod error;
+mod guard;
 mod handlers;
 mod sse;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -31,17 +33,54 @@ use tower_http::trace::TraceLayer;
 
 pub use error::{HttpError, OpenAiJson};
 
-/// Limits of the HTTP server.
+/// Limits of the HTTP server. Every one is bounded by default; the
+/// README's table lists them.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's headers, and how
+    /// long a kept-alive connection may sit idle before the next one
+    /// (nginx's `client_header_timeout` and `keepalive_timeout`).
+    pub header_timeout: Duration,
+    /// How long a request's whole body may take to arrive; slower is a 408
+    /// and the connection is closed.
+    pub body_timeout: Duration,
+    /// Open connections at most; one more gets a 503 and is closed
+    /// (nginx's `limit_conn`).
+    pub max_connections: usize,
+    /// The longest a streamed answer may run before it is ended with an
+    /// error event.
+    pub stream_deadline: Duration,
+    /// On shutdown, how long open requests (streams included) may take to
+    /// finish before their connections are cut.
+    pub shutdown_grace: Duration,
+    /// Host names served besides loopback names and IP literals when no API
+    /// keys are configured (`*` for any); guards against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the API (CORS); loopback origins are
+    /// always allowed when no keys are configured, `*` allows any.
+    pub cors_origins: Vec<String>,
+    /// Texts one `/v1/embeddings` request may carry.
+    pub max_embedding_inputs: usize,
+    /// Word pieces one `/v1/embeddings` request may carry in all (each
+    /// text counts at most the embedder's window).
+    pub max_embedding_tokens: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 8 * 1024 * 1024,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 512,
+            stream_deadline: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(10),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            max_embedding_inputs: 128,
+            max_embedding_tokens: 16_384,
         }
     }
 }
@@ -167,24 +206,31 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/metrics", get(handlers::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let cors = guard::cors(
+        &state.config.cors_origins,
+        state.dispatcher.access().is_open(),
+    );
     Router::new()
         .merge(protected)
         .route("/healthz", get(handlers::health))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::body))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::browsers))
+        .layer(cors)
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, then lets open requests finish.
+/// Serves until `shutdown` resolves, then lets open requests finish within
+/// [`ServerConfig::shutdown_grace`] and cuts what is left.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let config = state.config.clone();
+    conn::serve(listener, app(state), &config, shutdown).await
 }

@@ -279,6 +279,7 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
         local_only(engine),
         ServerConfig {
             max_body_bytes: 64 * 1024,
+            ..ServerConfig::default()
         },
     )
     .await;

@@ -146,9 +146,17 @@ async fn embeddings_endpoint_matches_the_embedder_and_rejects_bad_input() {
         ),
         (json!({"model": "no-such-model", "input": "x"}), 404),
         (json!({"input": "x"}), 400),
+        // OpenAI's 2,048 inputs: more than this server embeds at once.
+        (json!({"model": MINILM, "input": vec!["a short text"; 2048]}), 400),
+        // Few inputs, each past the embedder's window: too many tokens.
+        (
+            json!({"model": MINILM, "input": vec!["many words ".repeat(300); 100]}),
+            400,
+        ),
     ] {
         let (s, body) = r.post("/v1/embeddings", bad.clone()).await;
-        assert_eq!(s, status, "{bad} -> {body}");
+        let shown: String = bad.to_string().chars().take(120).collect();
+        assert_eq!(s, status, "{shown} -> {body}");
         assert!(
             body["error"]["message"]
                 .as_str()

@@ -152,6 +152,9 @@ impl DispatcherBuilder {
             local_speed: Mutex::new(Speed::default()),
             semantics: Semantics {
                 embedder: self.embedder,
+                embed_slots: tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ),
                 scorer: Mutex::new(None),
                 cache: self.cache,
             },

@@ -139,7 +139,9 @@ impl Dispatcher {
                     Self::requester(ctx),
                 );
                 match started.result {
-                    Ok(stream) => Ok(Leg {
+                    Ok(stream) => {
+                        self.signals().record_answer(cloud.name());
+                        Ok(Leg {
                         side,
                         label: format!("cloud:{}", cloud.name()),
                         model: cloud.model_for(&req.model),
@@ -148,7 +150,8 @@ impl Dispatcher {
                         egress: Some(record),
                         redacted: redaction.classes,
                         speculative: false,
-                    }),
+                        })
+                    }
                     Err(e) => {
                         record.settle_failed_start(&e.message);
                         Err(e)

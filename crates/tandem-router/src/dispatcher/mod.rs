@@ -47,9 +47,11 @@ struct Speed {
 }
 
 /// The embedder and what reads it: the learned router and the cache.
-#[derive(Default)]
 struct Semantics {
     embedder: Option<(String, Arc<Embedder>)>,
+    /// Embedding jobs run at once; the rest wait their turn instead of
+    /// each taking a blocking thread and the cores.
+    embed_slots: tokio::sync::Semaphore,
     scorer: Mutex<Option<Arc<dyn Scorer>>>,
     cache: Option<Arc<SemanticCache>>,
 }
@@ -191,17 +193,42 @@ impl Dispatcher {
 
     /// Embeds off the async workers (a forward pass takes milliseconds).
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ApiError> {
+        self.embed_within(texts, usize::MAX).await.map(|(v, _)| v)
+    }
+
+    /// Embeds `texts` if their word pieces (after the model's truncation)
+    /// number at most `max_tokens` in all, else a 400 before any is
+    /// embedded; returns the vectors and the count.
+    pub async fn embed_within(
+        &self,
+        texts: Vec<String>,
+        max_tokens: usize,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
         let e = self
             .embedder()
             .cloned()
             .ok_or_else(|| ApiError::unavailable("no embedding model is loaded"))?;
+        let _slot = self
+            .semantics
+            .embed_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the embedder is shutting down"))?;
         tokio::task::spawn_blocking(move || {
+            let tokens: usize = texts.iter().map(|t| e.count_tokens(t)).sum();
+            if tokens > max_tokens {
+                return Err(ApiError::invalid_request(format!(
+                    "`input` has {tokens} tokens in all; at most {max_tokens} are embedded per request: split it"
+                ))
+                .with_param("input"));
+            }
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             e.embed(&refs)
+                .map(|v| (v, tokens))
+                .map_err(|e| ApiError::internal(e.to_string()))
         })
         .await
         .map_err(|_| ApiError::internal("the embedding task failed"))?
-        .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     /// Starts probing the upstreams and reading the device.

@@ -145,7 +145,11 @@ impl Verifier {
         }
         self.sweep();
         let session = engine.open_session().await?;
-        let id = format!("spec-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        // The id is the session's only credential: unguessable, from the OS.
+        let mut secret = [0u8; 16];
+        getrandom::fill(&mut secret)
+            .map_err(|e| ApiError::internal(format!("no random source for a session id: {e}")))?;
+        let id = format!("spec-{}", hex::encode(secret));
         let context_length = session.context_length();
         let target = Target {
             session,
