@@ -7,11 +7,17 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// `trial`: when the one request let through to test the upstream
     /// started, if one is in flight.
-    HalfOpen { trial: Option<Instant> },
+    HalfOpen {
+        trial: Option<Instant>,
+    },
 }
 
 /// One upstream's circuit breaker.

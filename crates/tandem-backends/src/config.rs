@@ -27,6 +27,9 @@ fn d_idle() -> u64 {
 fn d_request() -> u64 {
     300_000
 }
+fn d_response_bytes() -> u64 {
+    32 * 1024 * 1024
+}
 fn d_retries() -> u32 {
     2
 }
@@ -79,6 +82,10 @@ pub struct UpstreamConfig {
     /// Retries before the first token (connect errors, 429, 5xx).
     #[serde(default = "d_retries")]
     pub max_retries: u32,
+    /// Bytes one answer may bring back (a whole body, or all of a stream);
+    /// past it the answer is cut off as broken.
+    #[serde(default = "d_response_bytes")]
+    pub max_response_bytes: u64,
     /// Failures in a row that open the circuit breaker.
     #[serde(default = "d_breaker_failures")]
     pub breaker_failures: u32,
@@ -107,6 +114,7 @@ impl UpstreamConfig {
             idle_timeout_ms: d_idle(),
             request_timeout_ms: d_request(),
             max_retries: d_retries(),
+            max_response_bytes: d_response_bytes(),
             breaker_failures: d_breaker_failures(),
             breaker_cooldown_ms: d_breaker_cooldown(),
             continuation: Continuation::None,

@@ -396,7 +396,8 @@ impl CloudBackend {
         let status = resp.status();
         if !status.is_success() {
             let after = retry_after(&resp);
-            let body = tokio::time::timeout_at(deadline.into(), resp.bytes())
+            // An error's message is all that is read of it.
+            let body = tokio::time::timeout_at(deadline.into(), capped(resp, ERROR_BODY_BYTES))
                 .await
                 .ok()
                 .and_then(Result::ok)
@@ -411,8 +412,9 @@ impl CloudBackend {
                 _ => Failure::Refused(e),
             });
         }
+        let cap = cfg.max_response_bytes;
         if !stream {
-            let body = match tokio::time::timeout_at(deadline.into(), resp.bytes()).await {
+            let body = match tokio::time::timeout_at(deadline.into(), capped(resp, cap)).await {
                 Err(_) => return Err(timeout_err()),
                 Ok(Err(e)) => {
                     return Err(Failure::Retry(
@@ -435,11 +437,24 @@ impl CloudBackend {
 
         let counted = {
             let ex = exchange.clone();
-            resp.bytes_stream().inspect(move |chunk| {
-                if let Ok(c) = chunk {
-                    ex.bytes_in.fetch_add(c.len() as u64, Ordering::Relaxed);
-                }
-            })
+            let upstream = name.clone();
+            let mut total = 0u64;
+            resp.bytes_stream()
+                .inspect(move |chunk| {
+                    if let Ok(c) = chunk {
+                        ex.bytes_in.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    }
+                })
+                // Past the cap the stream ends, unfinished: the answer is
+                // broken off (and handed over) instead of filling memory.
+                .take_while(move |chunk| {
+                    total += chunk.as_ref().map_or(0, |c| c.len() as u64);
+                    let within = total <= cap;
+                    if !within {
+                        tracing::warn!(upstream = %upstream, "answer cut off past {cap} bytes");
+                    }
+                    futures::future::ready(within)
+                })
         };
         let mut sse = counted.eventsource().boxed();
         let mut state = StreamState::default();
@@ -500,6 +515,22 @@ impl CloudBackend {
             .unwrap_or_else(|p| p.into_inner())
             .observe(ttft, tokens, decode);
     }
+}
+
+/// Bytes of an upstream's error body read for its message.
+const ERROR_BODY_BYTES: u64 = 64 * 1024;
+
+/// A whole body, refused past `cap` bytes (announced or received).
+async fn capped(mut resp: reqwest::Response, cap: u64) -> Result<Bytes, reqwest::Error> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if (body.len() + chunk.len()) as u64 > cap {
+            tracing::warn!("an upstream body past {cap} bytes was cut off");
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn rest_of_stream<S, E>(

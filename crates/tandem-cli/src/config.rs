@@ -116,9 +116,14 @@ impl ServerSection {
             std::time::Duration::try_from_secs_f64(v)
                 .ok()
                 .filter(|d| !d.is_zero())
-                .with_context(|| format!("[server] {name} = {v}: expected a positive number of seconds"))
+                .with_context(|| {
+                    format!("[server] {name} = {v}: expected a positive number of seconds")
+                })
         };
-        anyhow::ensure!(self.max_connections > 0, "[server] max_connections must be at least 1");
+        anyhow::ensure!(
+            self.max_connections > 0,
+            "[server] max_connections must be at least 1"
+        );
         Ok(tandem_server::ServerConfig {
             max_body_bytes: self.max_body_bytes,
             header_timeout: secs("header_timeout_s", self.header_timeout_s)?,
@@ -174,6 +179,10 @@ pub struct LedgerSection {
     /// Default: `$TANDEM_HOME/ledger.jsonl`.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// The key that chains the ledger (made on first use). Default:
+    /// `$TANDEM_HOME/keys/ledger.key`; keep it apart from the ledger.
+    #[serde(default)]
+    pub key_path: Option<PathBuf>,
 }
 
 impl Default for LedgerSection {
@@ -181,7 +190,26 @@ impl Default for LedgerSection {
         Self {
             enabled: true,
             path: None,
+            key_path: None,
         }
+    }
+}
+
+impl LedgerSection {
+    /// The ledger file.
+    pub fn path(&self) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| tandem_catalog::default_home().join("ledger.jsonl"))
+    }
+
+    /// The key file.
+    pub fn key_path(&self) -> PathBuf {
+        self.key_path.clone().unwrap_or_else(|| {
+            tandem_catalog::default_home()
+                .join("keys")
+                .join("ledger.key")
+        })
     }
 }
 

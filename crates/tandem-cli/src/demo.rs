@@ -213,7 +213,10 @@ probe_interval_ms = 2000
         println!(
             "egress ledger {}: {} requests have left the device so far (`tandem ledger list --path {}`)",
             ledger_path.display(),
-            entries.len(),
+            entries
+                .iter()
+                .filter(|e| e.egress.outcome != tandem_ledger::SENDING)
+                .count(),
             ledger_path.display()
         );
     }

@@ -275,8 +275,12 @@ pub async fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
 pub enum LedgerCommand {
     /// List what left the device.
     List(LedgerArgs),
-    /// Check the hash chain.
-    Verify(LedgerArgs),
+    /// Check every entry's MAC and the chain; with --head, that the ledger
+    /// still holds the head kept earlier (not truncated, not rewritten).
+    Verify(VerifyArgs),
+    /// Print the ledger's head (`seq:mac`) after verifying it: keep it
+    /// somewhere else and pass it to `verify --head` later.
+    Head(VerifyArgs),
 }
 
 #[derive(Args)]
@@ -289,26 +293,72 @@ pub struct LedgerArgs {
     pub json: bool,
 }
 
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Default: $TANDEM_HOME/ledger.jsonl.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// The key that chains it. Default: $TANDEM_HOME/keys/ledger.key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// A head printed by `tandem ledger head` earlier.
+    #[arg(long)]
+    pub head: Option<String>,
+}
+
 fn ledger_path(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(|| tandem_catalog::default_home().join("ledger.jsonl"))
+    p.unwrap_or_else(|| crate::config::LedgerSection::default().path())
+}
+
+fn verify_ledger(a: VerifyArgs) -> anyhow::Result<(PathBuf, tandem_ledger::Verified)> {
+    let path = ledger_path(a.path);
+    let key_path = a
+        .key
+        .unwrap_or_else(|| crate::config::LedgerSection::default().key_path());
+    let key = tandem_ledger::LedgerKey::load(&key_path)?;
+    let kept = a
+        .head
+        .map(|h| h.parse::<tandem_ledger::Head>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--head: {e}"))?;
+    match tandem_ledger::verify(&path, &key, kept.as_ref()) {
+        Ok(v) => Ok((path, v)),
+        Err(e) => bail!("{}: {e}", path.display()),
+    }
 }
 
 pub fn ledger(cmd: LedgerCommand) -> anyhow::Result<()> {
     match cmd {
         LedgerCommand::Verify(a) => {
-            let path = ledger_path(a.path);
-            match tandem_ledger::verify(&path) {
-                Ok(v) => {
-                    println!(
-                        "ok: {} entries in {}, chain intact; head {}",
-                        v.entries,
-                        path.display(),
-                        v.head
-                    );
-                    Ok(())
-                }
-                Err(e) => bail!("{}: {e}", path.display()),
+            let checked_head = a.head.is_some();
+            let (path, v) = verify_ledger(a)?;
+            println!(
+                "ok: {} entries in {}, every MAC and link intact{}; head {}",
+                v.entries,
+                path.display(),
+                if checked_head {
+                    ", the kept head is there"
+                } else {
+                    ""
+                },
+                v.head
+                    .map_or_else(|| "(empty)".to_owned(), |h| h.to_string())
+            );
+            if v.unfinished > 0 {
+                println!(
+                    "{} request(s) were being sent with no outcome recorded (in flight now, or the process stopped)",
+                    v.unfinished
+                );
             }
+            Ok(())
+        }
+        LedgerCommand::Head(a) => {
+            let (path, v) = verify_ledger(a)?;
+            match v.head {
+                Some(h) => println!("{h}"),
+                None => bail!("{} has no entries yet", path.display()),
+            }
+            Ok(())
         }
         LedgerCommand::List(a) => {
             let path = ledger_path(a.path);
@@ -324,7 +374,12 @@ pub fn ledger(cmd: LedgerCommand) -> anyhow::Result<()> {
                 "SEQ", "TIME (UTC)", "UPSTREAM", "MODEL", "OUT B", "IN B", "COST $", "REDACTED"
             );
             let mut total = 0.0;
+            let mut sent = 0;
             for e in &entries {
+                if e.egress.outcome == tandem_ledger::SENDING {
+                    continue;
+                }
+                sent += 1;
                 let g = &e.egress;
                 total += g.cost_usd;
                 let redacted: Vec<String> =
@@ -346,10 +401,7 @@ pub fn ledger(cmd: LedgerCommand) -> anyhow::Result<()> {
                     g.outcome
                 );
             }
-            println!(
-                "{} requests left the device; ${total:.6} spent",
-                entries.len()
-            );
+            println!("{sent} requests left the device; ${total:.6} spent");
             Ok(())
         }
     }

@@ -219,12 +219,12 @@ pub async fn build_dispatcher(
         b = b.embedder(&cfg.embeddings.model, embedder);
     }
     if cfg.ledger.enabled && !cfg.upstreams.is_empty() {
-        let path = cfg
-            .ledger
-            .path
-            .clone()
-            .unwrap_or_else(|| tandem_catalog::default_home().join("ledger.jsonl"));
-        b = b.ledger(tandem_ledger::Ledger::open(&path)?);
+        let key = tandem_ledger::LedgerKey::load_or_create(&cfg.ledger.key_path())?;
+        let ledger = tandem_ledger::Ledger::open(cfg.ledger.path(), key)?;
+        for r in ledger.repairs() {
+            eprintln!("egress ledger {}: {r}", ledger.path().display());
+        }
+        b = b.ledger(ledger);
     }
     let d = b.build().map_err(anyhow::Error::msg)?;
     if let Some(s) = scorer {

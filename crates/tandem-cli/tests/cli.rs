@@ -227,10 +227,12 @@ fn keys_new_prints_a_key_and_its_hash_only() {
 }
 
 #[test]
-fn ledger_verify_fails_on_a_tampered_file() {
+fn ledger_verify_catches_edits_and_truncation_against_a_kept_head() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
-    let l = tandem_ledger::Ledger::open(&path).unwrap();
+    let key_path = dir.path().join("elsewhere/ledger.key");
+    let key = tandem_ledger::LedgerKey::load_or_create(&key_path).unwrap();
+    let l = tandem_ledger::Ledger::open(&path, key).unwrap();
     for i in 0..3 {
         l.record(tandem_ledger::Egress {
             request_id: format!("r{i}"),
@@ -242,26 +244,43 @@ fn ledger_verify_fails_on_a_tampered_file() {
         });
     }
     l.flush();
-    let ok = tandem()
-        .args(["ledger", "verify", "--path", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
+    let ledger = |args: &[&str]| {
+        let mut c = tandem();
+        c.arg("ledger")
+            .args(args)
+            .args(["--path", path.to_str().unwrap()]);
+        if args[0] != "list" {
+            c.args(["--key", key_path.to_str().unwrap()]);
+        }
+        c.output().unwrap()
+    };
+    let ok = ledger(&["verify"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("3 entries"));
-    let listed = tandem()
-        .args(["ledger", "list", "--path", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let head = ledger(&["head"]);
+    assert!(head.status.success());
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+    assert!(head.starts_with("2:"), "{head}");
+    let listed = ledger(&["list"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("3 requests left the device"));
-    let text =
-        std::fs::read_to_string(&path)
-            .unwrap()
-            .replacen("\"bytes_out\":10", "\"bytes_out\":11", 1);
-    std::fs::write(&path, text).unwrap();
-    let bad = tandem()
-        .args(["ledger", "verify", "--path", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+
+    // The last line cut off: the chain alone still holds, the head does not.
+    drop(l);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let two: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, &two).unwrap();
+    assert!(ledger(&["verify"]).status.success());
+    let cut = ledger(&["verify", "--head", &head]);
+    assert!(!cut.status.success());
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("truncated"));
+
+    let edited = two.replacen("\"bytes_out\":10", "\"bytes_out\":11", 1);
+    std::fs::write(&path, edited).unwrap();
+    let bad = ledger(&["verify"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
 }

@@ -150,11 +150,9 @@ impl Access {
         if self.is_open() {
             return Ok(None);
         }
-        let key = authorization
-            .and_then(bearer)
-            .ok_or_else(|| {
-                ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
-            })?;
+        let key = authorization.and_then(bearer).ok_or_else(|| {
+            ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        })?;
         let caller = self
             .by_hash
             .get(&hash_key(key))
@@ -282,11 +280,22 @@ mod tests {
             let h = format!("{scheme}  {raw} ");
             assert!(access.authenticate(Some(&h)).is_ok(), "{h}");
         }
-        for bad in [format!("Basic {raw}"), format!("Bearer{raw}"), "Bearer ".into()] {
-            assert_eq!(access.authenticate(Some(&bad)).unwrap_err().status, 401, "{bad}");
+        for bad in [
+            format!("Basic {raw}"),
+            format!("Bearer{raw}"),
+            "Bearer ".into(),
+        ] {
+            assert_eq!(
+                access.authenticate(Some(&bad)).unwrap_err().status,
+                401,
+                "{bad}"
+            );
         }
         let wrong_case = format!("Bearer {}", raw.to_uppercase());
-        assert_eq!(access.authenticate(Some(&wrong_case)).unwrap_err().status, 401);
+        assert_eq!(
+            access.authenticate(Some(&wrong_case)).unwrap_err().status,
+            401
+        );
     }
 
     #[test]

@@ -515,7 +515,10 @@ mod tests {
         hot.sampling.temperature = Some(1.9);
         hot.sampling.seed = Some(7);
         let hot = CacheKey::new(&hot, Some("k1"), "redact").unwrap();
-        assert_ne!(a.context, hot.context, "sampling parameters are part of the key");
+        assert_ne!(
+            a.context, hot.context,
+            "sampling parameters are part of the key"
+        );
         assert!(cache.lookup(&hot, &v).is_none());
         let mut with_logprobs = req(&[("user", "hi")]);
         with_logprobs.logprobs = Some(tandem_api::LogprobRequest { top: 0 });

@@ -22,6 +22,41 @@ pub(crate) struct Egress {
     pub metrics: Arc<Metrics>,
 }
 
+impl Egress {
+    /// Records, durably, that a request is about to leave for `upstream`:
+    /// the ledger holds it before the first byte is sent, so a crash
+    /// mid-request still leaves a trace. No ledger, nothing to do; a ledger
+    /// that cannot write stops the request (fail closed).
+    pub async fn sending(
+        &self,
+        who: &Requester,
+        upstream: &str,
+        model: &str,
+        redacted: &BTreeMap<String, u32>,
+    ) -> Result<(), tandem_api::ApiError> {
+        let Some(l) = self.ledger.clone() else {
+            return Ok(());
+        };
+        let entry = LedgerEntry {
+            request_id: who.request_id.clone(),
+            key: who.key.clone(),
+            upstream: upstream.to_owned(),
+            model: model.to_owned(),
+            redacted: redacted.clone(),
+            outcome: tandem_ledger::SENDING.to_owned(),
+            ..LedgerEntry::default()
+        };
+        tokio::task::spawn_blocking(move || l.record_durable(entry))
+            .await
+            .map_err(|_| tandem_api::ApiError::internal("the ledger task failed"))?
+            .map_err(|e| {
+                tandem_api::ApiError::unavailable(format!(
+                    "the egress ledger cannot record this request, so it is not sent: {e}"
+                ))
+            })
+    }
+}
+
 /// Who asked, for the record.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Requester {
@@ -102,12 +137,13 @@ impl EgressRecord {
         cost
     }
 
-    /// Settles a failed start: recorded only if something left the device.
+    /// Settles a failed start, saying whether anything left the device (its
+    /// `sending` entry is already in the ledger and needs an outcome).
     pub fn settle_failed_start(&mut self, message: &str) {
         if self.exchange.left_the_device() {
             self.settle(&format!("error: {message}"), None);
         } else {
-            self.settled = true;
+            self.settle(&format!("not sent: {message}"), None);
         }
     }
 }

@@ -54,26 +54,36 @@ where
                 )))
             }
         })?;
-        if bytes.is_empty() {
-            return Err(HttpError(ApiError::invalid_request(
-                "the request body is empty: expected a JSON object",
-            )));
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => {
+                return Err(HttpError(ApiError::invalid_request(
+                    "the request body is empty: expected a JSON object",
+                )));
+            }
+            // serde reads a struct from an array too (by position): `[1]`
+            // would silently set the first field.
+            Some(b'{') => {}
+            Some(_) => {
+                return Err(HttpError(ApiError::invalid_request(
+                    "invalid JSON body: expected a JSON object",
+                )));
+            }
         }
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let message = if path == "." || path.is_empty() {
-                    format!("invalid JSON body: {inner}")
-                } else {
-                    format!("invalid JSON body at `{path}`: {inner}")
-                };
-                let mut err = ApiError::invalid_request(message);
-                if path != "." && !path.is_empty() {
-                    err = err.with_param(&path);
-                }
-                HttpError(err)
-            })?;
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = if path == "." || path.is_empty() {
+                format!("invalid JSON body: {inner}")
+            } else {
+                format!("invalid JSON body at `{path}`: {inner}")
+            };
+            let mut err = ApiError::invalid_request(message);
+            if path != "." && !path.is_empty() {
+                err = err.with_param(&path);
+            }
+            HttpError(err)
+        })?;
         // One JSON document and nothing after it but whitespace: a body with
         // trailing bytes was cut or concatenated somewhere, and guessing
         // which part was meant could send the wrong request.

@@ -23,15 +23,18 @@ pub(crate) async fn body(State(state): State<AppState>, req: Request, next: Next
     let limit = state.config.max_body_bytes;
     let read = tokio::time::timeout(state.config.body_timeout, axum::body::to_bytes(body, limit));
     match read.await {
-        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
         Ok(Err(e)) => {
             // `to_bytes` reports the limit as http-body-util's
             // `LengthLimitError`, which axum does not re-export.
-            let too_large = std::iter::successors(
-                Some(&e as &(dyn std::error::Error + 'static)),
-                |e| e.source(),
-            )
-            .any(|e| e.to_string().contains("length limit exceeded"));
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.to_string().contains("length limit exceeded"));
             if too_large {
                 closing(HttpError(ApiError::payload_too_large()).into_response())
             } else {
@@ -137,13 +140,14 @@ fn is_json(content_type: &str) -> bool {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// `name[:port]` or `[v6]:port` → the name.
 fn host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or("");
+        return rest.split_once(']').map_or("", |(ip, _)| ip);
     }
     match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
@@ -228,7 +232,13 @@ mod tests {
         ] {
             assert!(host_allowed(ok, &none), "{ok}");
         }
-        for bad in ["evil.example", "evil.example:8080", "localhost.evil.example", "", "[::1"] {
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "",
+            "[::1",
+        ] {
             assert!(!host_allowed(bad, &none), "{bad}");
         }
         assert!(host_allowed("tandem.lan:8080", &["tandem.lan".into()]));

@@ -313,7 +313,10 @@ pub async fn explain_route(
 
 /// Ends an answer that runs past `limit` with an error (streamed or not),
 /// dropping the backend's stream so its work stops too.
-fn with_deadline(events: tandem_api::EventStream, limit: std::time::Duration) -> tandem_api::EventStream {
+fn with_deadline(
+    events: tandem_api::EventStream,
+    limit: std::time::Duration,
+) -> tandem_api::EventStream {
     use futures::StreamExt;
     let deadline = tokio::time::Instant::now() + limit;
     let mut events = events;

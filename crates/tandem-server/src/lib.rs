@@ -217,7 +217,10 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), guard::body))
-        .layer(middleware::from_fn_with_state(state.clone(), guard::browsers))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::browsers,
+        ))
         .layer(cors)
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())

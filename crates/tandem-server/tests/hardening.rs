@@ -67,7 +67,10 @@ async fn slow_clients_lose_their_connections_within_the_timeouts() {
         .await
         .unwrap();
     let (_, took) = until_closed(&mut c).await;
-    assert!(took < Duration::from_secs(5), "partial headers held {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "partial headers held {took:?}"
+    );
 
     // A body that never ends: 408 in OpenAI's shape, then closed.
     let mut c = TcpStream::connect(s.addr).await.unwrap();
@@ -88,7 +91,10 @@ async fn slow_clients_lose_their_connections_within_the_timeouts() {
         .unwrap();
     let (reply, took) = until_closed(&mut c).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(took < Duration::from_secs(5), "idle connection held {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "idle connection held {took:?}"
+    );
 }
 
 #[tokio::test]
@@ -101,11 +107,12 @@ async fn connections_over_the_cap_get_a_503_and_the_server_recovers() {
         },
     )
     .await;
-    let held: Vec<TcpStream> = futures::future::join_all((0..2).map(|_| TcpStream::connect(s.addr)))
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let held: Vec<TcpStream> =
+        futures::future::join_all((0..2).map(|_| TcpStream::connect(s.addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
     // Let the server accept both before the third arrives.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut third = TcpStream::connect(s.addr).await.unwrap();
@@ -148,7 +155,11 @@ async fn a_long_answer_ends_at_the_deadline_with_an_error() {
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(4));
     assert!(body.contains("word"), "it streamed before the deadline");
-    assert!(body.contains("deadline_exceeded"), "{}", &body[body.len().saturating_sub(400)..]);
+    assert!(
+        body.contains("deadline_exceeded"),
+        "{}",
+        &body[body.len().saturating_sub(400)..]
+    );
     // Not streamed: the same deadline, as a 504.
     let r = reqwest::Client::new()
         .post(s.url("/v1/chat/completions"))
@@ -197,7 +208,10 @@ async fn shutdown_lets_a_short_stream_finish_and_cuts_a_long_one_after_the_grace
             .unwrap();
         assert_eq!(body.contains("[DONE]"), finishes, "{pieces} pieces");
         if !finishes {
-            assert!(took >= Duration::from_millis(1400), "cut before the grace: {took:?}");
+            assert!(
+                took >= Duration::from_millis(1400),
+                "cut before the grace: {took:?}"
+            );
         }
     }
 }
@@ -228,7 +242,10 @@ async fn an_open_server_refuses_web_pages() {
     // A fetch() from another site, as a "simple" request.
     let (status, _, v) = send(
         &s,
-        &[("content-type", "text/plain"), ("origin", "https://evil.example")],
+        &[
+            ("content-type", "text/plain"),
+            ("origin", "https://evil.example"),
+        ],
         CHAT,
     )
     .await;
@@ -281,25 +298,42 @@ async fn with_keys_cors_goes_to_configured_origins_only_and_healthz_hides_detail
             .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization, content-type")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
             .send()
     };
     let ok = preflight("https://app.example").await.unwrap();
-    assert_eq!(ok.headers()["access-control-allow-origin"], "https://app.example");
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
     let other = preflight("https://evil.example").await.unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 
     let auth = format!("bearer {key}");
     let (status, h, v) = send(
         &s,
-        &[JSON, ("authorization", &auth), ("origin", "https://app.example")],
+        &[
+            JSON,
+            ("authorization", &auth),
+            ("origin", "https://app.example"),
+        ],
         CHAT,
     )
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(h["access-control-allow-origin"], "https://app.example");
 
-    let bare: Value = client.get(s.url("/healthz")).send().await.unwrap().json().await.unwrap();
+    let bare: Value = client
+        .get(s.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(bare, json!({"status": "ok"}));
     let full: Value = client
         .get(s.url("/healthz"))
@@ -358,7 +392,54 @@ async fn the_breaker_recovers_after_a_trial_whose_client_went_away() {
     let status = r.status();
     let v: Value = r.json().await.unwrap();
     assert_eq!(status, 200, "{v}");
-    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("hello"));
-    let health: Value = reqwest::get(s.url("/healthz")).await.unwrap().json().await.unwrap();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("hello")
+    );
+    let health: Value = reqwest::get(s.url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["backends"][0]["breaker"], "closed", "{health}");
+}
+
+/// An upstream answer larger than the cap is cut off as broken, whole or
+/// streamed, instead of being read into memory.
+#[tokio::test]
+async fn an_oversized_upstream_answer_is_cut_off() {
+    use tandem_backends::{CloudBackend, UpstreamConfig};
+    use tandem_testkit::capture::{CaptureUpstream, Mode};
+    let echo = CaptureUpstream::start(None, Mode::Echo).await;
+    let mut u = UpstreamConfig::new("cloud", &echo.base_url(), &["big"]);
+    u.max_response_bytes = 8 * 1024;
+    u.max_retries = 0;
+    let d = Dispatcher::builder()
+        .cloud(CloudBackend::new(u).expect("upstream"))
+        .build()
+        .expect("dispatcher");
+    let s = TestServer::start(d).await;
+    let client = reqwest::Client::new();
+    let ask = |stream: bool, words: usize| {
+        client
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": "big", "stream": stream,
+                "messages": [{"role": "user", "content": "echo ".repeat(words)}]}))
+            .send()
+    };
+    // Within the cap: answered.
+    let r = ask(false, 20).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = ask(false, 4_000).await.unwrap();
+    assert_eq!(r.status(), 502, "{}", r.text().await.unwrap());
+    let streamed = ask(true, 4_000).await.unwrap().text().await.unwrap();
+    assert!(
+        streamed.contains("\"error\""),
+        "{}",
+        &streamed[streamed.len().saturating_sub(300)..]
+    );
+    assert!(!streamed.contains("[DONE]"));
 }

@@ -16,6 +16,10 @@ use tandem_router::access::{KeyConfig, hash_key};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
 use tandem_testkit::{QWEN_05B, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine};
 
+fn ledger_key() -> tandem_ledger::LedgerKey {
+    tandem_ledger::LedgerKey::from_secret([3; 32])
+}
+
 fn device_engine() -> LocalEngine {
     shared_engine(SMOLLM2, 1024, 4)
 }
@@ -85,7 +89,7 @@ impl Setup {
             .cloud(CloudBackend::with_api_key(u, self.api_key).unwrap())
             .policy(self.policy)
             .keys(self.keys)
-            .ledger(Ledger::open(&ledger).unwrap())
+            .ledger(Ledger::open(&ledger, ledger_key()).unwrap())
             .build()
             .unwrap();
         let device = TestServer::start(dispatcher.clone()).await;
@@ -164,9 +168,14 @@ impl Hybrid {
             .unwrap()
     }
 
+    /// The ledger's outcome entries (each follows its `sending` entry).
     fn ledger(&self) -> Vec<tandem_ledger::Entry> {
         self.dispatcher.ledger().unwrap().flush();
-        tandem_ledger::read(&self.ledger).unwrap()
+        tandem_ledger::read(&self.ledger)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.egress.outcome != tandem_ledger::SENDING)
+            .collect()
     }
 
     fn set_signals(&self, o: Value) {
@@ -643,7 +652,12 @@ async fn metrics_and_ledger_say_what_happened() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!((spent - e.cost_usd).abs() < 1e-12);
-    assert_eq!(tandem_ledger::verify(&h.ledger).unwrap().entries, 1);
+    // The `sending` entry was on disk before the request left; both verify.
+    let all = tandem_ledger::read(&h.ledger).unwrap();
+    assert_eq!(all[0].egress.outcome, tandem_ledger::SENDING);
+    assert_eq!(all[0].egress.request_id, e.request_id);
+    let v = tandem_ledger::verify(&h.ledger, &ledger_key(), None).unwrap();
+    assert_eq!((v.entries, v.unfinished), (2, 0));
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -147,7 +147,10 @@ async fn embeddings_endpoint_matches_the_embedder_and_rejects_bad_input() {
         (json!({"model": "no-such-model", "input": "x"}), 404),
         (json!({"input": "x"}), 400),
         // OpenAI's 2,048 inputs: more than this server embeds at once.
-        (json!({"model": MINILM, "input": vec!["a short text"; 2048]}), 400),
+        (
+            json!({"model": MINILM, "input": vec!["a short text"; 2048]}),
+            400,
+        ),
         // Few inputs, each past the embedder's window: too many tokens.
         (
             json!({"model": MINILM, "input": vec!["many words ".repeat(300); 100]}),

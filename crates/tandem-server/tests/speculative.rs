@@ -34,7 +34,11 @@ impl Pair {
     /// it just after the answer's last event).
     async fn ledger(&self, n: usize) -> Vec<tandem_ledger::Entry> {
         for _ in 0..100 {
-            let entries = tandem_ledger::read(&self.ledger).unwrap();
+            let entries: Vec<_> = tandem_ledger::read(&self.ledger)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.egress.outcome != tandem_ledger::SENDING)
+                .collect();
             if entries.len() >= n {
                 return entries;
             }
@@ -54,7 +58,10 @@ async fn pair(draft: LocalEngine, mode: Mode) -> Pair {
     let device = Dispatcher::builder()
         .local(draft)
         .cloud(CloudBackend::new(up).unwrap())
-        .ledger(tandem_ledger::Ledger::open(&ledger).unwrap())
+        .ledger(
+            tandem_ledger::Ledger::open(&ledger, tandem_ledger::LedgerKey::from_secret([5; 32]))
+                .unwrap(),
+        )
         .build()
         .unwrap();
     Pair {

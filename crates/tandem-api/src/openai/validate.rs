@@ -133,6 +133,48 @@ fn sampling(f: SamplingFields) -> Result<Sampling, ApiError> {
     })
 }
 
+/// The shape of the message fields OpenAI defines (the rest pass through
+/// as they are): a wrong type is a 400 here, not a surprise at the
+/// template or the upstream.
+fn check_known_fields(param: &str, role: &str, extra: &Map<String, Value>) -> Result<(), ApiError> {
+    let field = |name: &str| extra.get(name).filter(|v| !v.is_null());
+    let bad = |name: &str, why: &str| {
+        Err(ApiError::invalid_param(
+            &format!("{param}.{name}"),
+            format!("{param}.{name} {why}"),
+        ))
+    };
+    if let Some(id) = field("tool_call_id")
+        && !id.is_string()
+    {
+        return bad("tool_call_id", "must be a string");
+    }
+    if role == "tool" && field("tool_call_id").is_none() {
+        return bad("tool_call_id", "is required in a message with role `tool`");
+    }
+    if let Some(calls) = field("tool_calls") {
+        let ok = calls.as_array().is_some_and(|a| {
+            a.iter().all(|c| {
+                c.get("function")
+                    .and_then(|f| f.get("name"))
+                    .is_some_and(Value::is_string)
+            })
+        });
+        if !ok {
+            return bad(
+                "tool_calls",
+                "must be a list of calls, each with a `function` that has a `name`",
+            );
+        }
+    }
+    if let Some(r) = field("refusal")
+        && !r.is_string()
+    {
+        return bad("refusal", "must be a string");
+    }
+    Ok(())
+}
+
 impl ChatMessage {
     /// Flattens the content to text; non-text parts are refused.
     fn into_message(self, index: usize) -> Result<Message, ApiError> {
@@ -175,6 +217,7 @@ impl ChatMessage {
                 format!("{param} has empty content"),
             ));
         }
+        check_known_fields(&param, &role, &self.extra)?;
         Ok(Message {
             role,
             content,

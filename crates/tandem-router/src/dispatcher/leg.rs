@@ -127,6 +127,14 @@ impl Dispatcher {
                     .cloud(p.cloud_i)
                     .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
                 let (out, redaction) = self.outgoing(req, redact)?;
+                self.egress
+                    .sending(
+                        &Self::requester(ctx),
+                        cloud.name(),
+                        &cloud.model_for(&req.model),
+                        &redaction.classes,
+                    )
+                    .await?;
                 let started = cloud.start(out).await;
                 let exchange = started
                     .exchange
@@ -142,14 +150,14 @@ impl Dispatcher {
                     Ok(stream) => {
                         self.signals().record_answer(cloud.name());
                         Ok(Leg {
-                        side,
-                        label: format!("cloud:{}", cloud.name()),
-                        model: cloud.model_for(&req.model),
-                        stream,
-                        restorer: (!redaction.is_empty()).then(|| redaction.restorer()),
-                        egress: Some(record),
-                        redacted: redaction.classes,
-                        speculative: false,
+                            side,
+                            label: format!("cloud:{}", cloud.name()),
+                            model: cloud.model_for(&req.model),
+                            stream,
+                            restorer: (!redaction.is_empty()).then(|| redaction.restorer()),
+                            egress: Some(record),
+                            redacted: redaction.classes,
+                            speculative: false,
                         })
                     }
                     Err(e) => {
@@ -185,6 +193,14 @@ impl Dispatcher {
         })?;
         let (out, redaction) = self.outgoing(req, redact)?;
         let model = cloud.model_for(&req.model);
+        self.egress
+            .sending(
+                &Self::requester(ctx),
+                cloud.name(),
+                &model,
+                &redaction.classes,
+            )
+            .await?;
         let stream = crate::speculative::start(crate::speculative::SpecJob {
             egress: self.egress.clone(),
             config: self.speculative.clone(),

@@ -355,6 +355,31 @@ impl Dispatcher {
             named,
             cloud,
         } = self.plan(&req, &ctx, &checked)?;
+        // A named model that cannot do what is asked is a 400 naming the
+        // field, whatever the backend would have done with it (ignoring a
+        // field silently gives a different answer). A chat request to a
+        // base model is left to the backend's own, more precise error.
+        if let Some((side, i)) = named {
+            let backend = match side {
+                Locality::Local => self.local(i),
+                Locality::Cloud => self.cloud(i),
+            };
+            if let Some(f) = backend.and_then(|b| {
+                b.capabilities()
+                    .missing(&features.needs)
+                    .into_iter()
+                    .find(|&f| f != tandem_api::Feature::Chat)
+            }) {
+                return Err(ApiError::invalid_param(
+                    f.param(),
+                    format!(
+                        "{} is not supported by the model `{}`",
+                        f.describe(),
+                        req.model
+                    ),
+                ));
+            }
+        }
         let local_i = plan::local_index(named);
         let cloud_i = cloud.unwrap_or(0);
         let mode = match ctx.mode {
