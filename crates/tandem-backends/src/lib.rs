@@ -456,7 +456,7 @@ impl CloudBackend {
                     futures::future::ready(within)
                 })
         };
-        let mut sse = counted.eventsource().boxed();
+        let mut sse = wire::without_bom(counted).eventsource().boxed();
         let mut state = StreamState::default();
         // Read until the first piece of content (or the end) so that every
         // failure before the first token is still retryable here.

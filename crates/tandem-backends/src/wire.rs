@@ -20,6 +20,47 @@ impl Endpoint {
     }
 }
 
+/// A UTF-8 byte order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The body of an SSE answer without a leading byte order mark (which SSE
+/// says to drop): `eventsource-stream` 0.2.3 drops it by slicing one byte
+/// off a three-byte character and panics, so one odd upstream could take
+/// down the task serving its client. A mark split across chunks is held
+/// until it is whole; repeated marks are all dropped.
+pub(crate) fn without_bom<S, E>(body: S) -> impl futures::Stream<Item = Result<bytes::Bytes, E>>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send,
+{
+    use futures::StreamExt;
+    async_stream::stream! {
+        let mut body = Box::pin(body);
+        let mut head: Vec<u8> = Vec::new();
+        let mut started = false;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(chunk) if !started => {
+                    head.extend_from_slice(&chunk);
+                    // Every leading mark goes (the library would choke on a
+                    // second one just the same); wait while what is left
+                    // could still be the start of one.
+                    while head.starts_with(BOM) {
+                        head.drain(..BOM.len());
+                    }
+                    if !BOM.starts_with(&head) {
+                        started = true;
+                        yield Ok(bytes::Bytes::from(std::mem::take(&mut head)));
+                    }
+                }
+                other => yield other,
+            }
+        }
+        if !started && !BOM.starts_with(&head) {
+            yield Ok(bytes::Bytes::from(head));
+        }
+    }
+}
+
 /// State across the chunks of one streamed answer.
 #[derive(Debug, Default)]
 pub(crate) struct StreamState {
@@ -224,5 +265,120 @@ mod tests {
         assert!(whole_answer(Endpoint::Completions, body).is_ok());
         // What is not an answer is still an error.
         assert!(whole_answer(Endpoint::Chat, br#"{"choices":[]}"#).is_err());
+    }
+}
+
+/// Property test of reading upstream answers over arbitrary input: SSE
+/// framing (through `eventsource-stream`, the bytes cut into arbitrary
+/// chunks), each event's JSON, and whole bodies. Reading is total (an error,
+/// never a panic), and cutting the bytes differently never changes what is
+/// read. CI runs a short form; `PROPTEST_CASES=10000000 cargo test --release
+/// -p tandem-backends fuzz` is the long run.
+#[cfg(test)]
+mod fuzz {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PIECES: &[&str] = &[
+        "data: ",
+        "data:",
+        "\n",
+        "\r\n",
+        "\n\n",
+        ": keep-alive\n\n",
+        "event: error\n",
+        "data: [DONE]\n\n",
+        r#"{"choices":[{"index":0,"delta":{"content":"hé"}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"c","type":"function","function":{"name":"f","arguments":"{\"a\""}}]}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+        r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        r#"{"choices":[{"index":0,"text":"x","logprobs":{"tokens":["x"],"token_logprobs":[-0.1],"top_logprobs":[{"x":-0.1}]}}]}"#,
+        r#"{"error":{"message":"boom"}}"#,
+        r#"{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[{"token":"a","logprob":-1e309,"top_logprobs":[]}]}}]}"#,
+        "{",
+        "}",
+        "\"",
+        "\u{0}",
+        "\u{FEFF}",
+        "🙂",
+    ];
+
+    fn text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                proptest::sample::select(PIECES).prop_map(str::to_owned),
+                any::<String>(),
+            ],
+            0..12,
+        )
+        .prop_map(|v| v.concat())
+    }
+
+    /// What a stream of `chunks` reads as, for both endpoints.
+    fn read(chunks: Vec<Vec<u8>>, endpoint: Endpoint) -> Vec<String> {
+        let stream = without_bom(futures::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))),
+        ));
+        futures::executor::block_on(async {
+            let mut events = Box::pin(stream.eventsource());
+            let mut state = StreamState::default();
+            let mut out = Vec::new();
+            while let Some(e) = events.next().await {
+                match e {
+                    Ok(ev) if ev.data.trim() == "[DONE]" => break,
+                    Ok(ev) => out.push(format!("{:?}", state.on_data(endpoint, &ev.data))),
+                    Err(e) => {
+                        out.push(format!("framing: {e}"));
+                        break;
+                    }
+                }
+            }
+            out.push(format!("{:?}", state.finish()));
+            out
+        })
+    }
+
+    fn cases() -> u32 {
+        // An explicit count would override PROPTEST_CASES: read it here.
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5_000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: cases(),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn reading_answers_is_total_and_chunking_does_not_matter(
+            t in text(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let bytes = t.into_bytes();
+            let mut at: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            at.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut from = 0;
+            for a in at {
+                chunks.push(bytes[from..a].to_vec());
+                from = a;
+            }
+            chunks.push(bytes[from..].to_vec());
+            for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+                let whole = read(vec![bytes.clone()], endpoint);
+                let cut = read(chunks.clone(), endpoint);
+                prop_assert_eq!(whole, cut);
+                let _ = whole_answer(endpoint, &bytes);
+            }
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! decoding against cloud-only generation ([`speculative`]),
 //! personal-data detection against Presidio ([`privacy`]), tool calls and
 //! structured outputs, constrained against free decoding ([`tools`]), and
-//! the engine served over HTTP against llama.cpp's own server ([`server`]).
+//! the engine served over HTTP against llama.cpp's own server ([`server`]),
+//! and a soak under a faulty upstream ([`soak`]).
 //!
 //! `tandem bench` calls [`run`]. Nothing here is on a request path; timing
 //! assertions belong here, never in tests.
@@ -22,6 +23,7 @@ pub mod process;
 pub mod router;
 pub mod server;
 mod setup;
+pub mod soak;
 pub mod speculative;
 pub mod tools;
 
@@ -61,6 +63,9 @@ pub enum BenchKind {
     /// The engine served over HTTP against llama.cpp's own server: time to
     /// first token cold and on a conversation's next turn.
     Server(server::ServerBenchArgs),
+    /// Mixed traffic against a device Tandem whose upstream fails in turn:
+    /// every request's fate, handoffs, and the server's memory over time.
+    Soak(soak::SoakArgs),
 }
 
 /// Runs the benchmark `args` names.
@@ -75,5 +80,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchKind::Privacy(p)) => privacy::run(p).await,
         Some(BenchKind::Tools(t)) => tools::run(t).await,
         Some(BenchKind::Server(s)) => server::run(s).await,
+        Some(BenchKind::Soak(s)) => soak::run(s).await,
     }
 }

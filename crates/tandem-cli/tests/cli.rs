@@ -118,6 +118,7 @@ fn serve_prints_how_to_call_it_and_answers() {
     model_path(SMOLLM2);
     let mut child = tandem()
         .args(["serve", "--port", "0", "--parallel", "1", "--ctx", "512"])
+        .env("TANDEM_SERVER__SHUTDOWN_GRACE_S", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -157,10 +158,44 @@ fn serve_prints_how_to_call_it_and_answers() {
             .contains("Paris"),
         "{v}"
     );
-    // SIGTERM shuts it down cleanly.
+    // SIGTERM with a long answer streaming: the stream gets the grace
+    // period (1 s here), then the server exits cleanly.
+    let stream_url = format!("{base}/chat/completions");
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut r = reqwest::Client::new()
+                .post(stream_url)
+                .json(&serde_json::json!({
+                    "model": SMOLLM2, "stream": true, "max_tokens": 400, "ignore_eos": true,
+                    "messages": [{"role": "user", "content": "Count to a thousand."}]
+                }))
+                .send()
+                .await
+                .unwrap();
+            let mut body = String::new();
+            while let Ok(Some(c)) = r.chunk().await {
+                if body.is_empty() {
+                    let _ = started_tx.send(());
+                }
+                body.push_str(&String::from_utf8_lossy(&c));
+            }
+            body
+        })
+    });
+    started_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let stopping = std::time::Instant::now();
     send_sigterm(child.id());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(15), "exit took {took:?}");
+    let body = reader.join().unwrap();
+    assert!(
+        !body.contains("[DONE]"),
+        "the long answer was cut at the grace"
+    );
 }
 
 fn send_sigterm(pid: u32) {

@@ -443,3 +443,34 @@ async fn an_oversized_upstream_answer_is_cut_off() {
     );
     assert!(!streamed.contains("[DONE]"));
 }
+
+/// The fault the soak injects: a connection cut after a few events, even
+/// when the upstream sent them all at once, reaches a named-cloud client as
+/// an error event (nothing may continue a named model's answer).
+#[tokio::test]
+async fn a_stream_cut_mid_answer_ends_with_an_error_event() {
+    use tandem_backends::{CloudBackend, UpstreamConfig};
+    use tandem_testkit::capture::{CaptureUpstream, Mode};
+    let echo = CaptureUpstream::start(None, Mode::Echo).await;
+    let front = CaptureUpstream::start(Some(echo.base_url()), Mode::KillAfter(3)).await;
+    let mut u = UpstreamConfig::new("cloud", &front.base_url(), &["big"]);
+    u.max_retries = 0;
+    let d = Dispatcher::builder()
+        .cloud(CloudBackend::new(u).expect("upstream"))
+        .build()
+        .expect("dispatcher");
+    let s = TestServer::start(d).await;
+    let body = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "big", "stream": true,
+            "messages": [{"role": "user", "content": "a long enough message to echo back"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("\"ECH\""), "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    assert!(!body.contains("[DONE]"), "{body}");
+}

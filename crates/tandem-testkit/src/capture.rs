@@ -262,10 +262,27 @@ async fn forward(
         while let Some(chunk) = upstream.next().await {
             match chunk {
                 Ok(c) => {
-                    events += c.windows(2).filter(|w| w == b"\n\n").count();
+                    // Cut at the n-th event's end even when the upstream sent
+                    // many events in one chunk.
+                    let mut keep = c.len();
+                    let mut kill = false;
+                    for (i, w) in c.windows(2).enumerate() {
+                        if w == b"\n\n" {
+                            events += 1;
+                            if kill_after.is_some_and(|n| events >= n) {
+                                keep = i + 2;
+                                kill = true;
+                                break;
+                            }
+                        }
+                    }
+                    let c = c.slice(..keep);
                     record.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&c);
                     yield Ok::<Bytes, std::io::Error>(c);
-                    if kill_after.is_some_and(|n| events >= n) {
+                    if kill {
+                        // Let the events already sent reach the client, as
+                        // on a real network, before the connection dies.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         yield Err(std::io::Error::other("injected: connection killed"));
                         return;
                     }
