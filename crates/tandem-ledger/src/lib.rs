@@ -13,9 +13,10 @@
 //! a line torn by a crash is cut off when the ledger is next opened, and
 //! the repair is reported.
 //!
-//! Writes never block a request (except the durable first entry): entries
-//! go to a writer thread that appends them in order, flushing after each
-//! batch and syncing to disk at least every [`SYNC_INTERVAL`].
+//! Writes do not block a request (except the durable first entry, and a
+//! full queue of [`QUEUE`] entries when the disk stalls): entries go to a
+//! writer thread that appends them in order, flushing after each batch and
+//! syncing to disk at least every [`SYNC_INTERVAL`].
 //!
 //! Not here: deciding what to record (that is the router's dispatcher).
 
@@ -34,6 +35,9 @@ use sha2::{Digest, Sha256};
 
 /// Upper bound on how long an entry waits before reaching the disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Records that may wait for the writer thread.
+pub const QUEUE: usize = 16_384;
 
 /// After an entry arrives, the writer waits this long for more, so that at
 /// high request rates one write serves many entries.
@@ -298,7 +302,7 @@ enum Msg {
 /// the last handle is dropped, after writing everything sent to it.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::Sender<Msg>,
+    tx: mpsc::SyncSender<Msg>,
     path: PathBuf,
     repairs: std::sync::Arc<Vec<String>>,
 }
@@ -440,7 +444,7 @@ impl Ledger {
         for r in &repairs {
             tracing::warn!("ledger {}: {r}", path.display());
         }
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
         let thread_path = path.clone();
         std::thread::Builder::new()
             .name("tandem-ledger".into())
@@ -463,7 +467,9 @@ impl Ledger {
         &self.repairs
     }
 
-    /// Queues a record; never blocks.
+    /// Queues a record; blocks only when [`QUEUE`] records wait for a disk
+    /// that has stopped keeping up (back-pressure rather than unbounded
+    /// memory).
     pub fn record(&self, egress: Egress) {
         if self.tx.send(Msg::Record(Box::new(egress))).is_err() {
             tracing::error!("ledger writer has stopped; an egress record was lost");
