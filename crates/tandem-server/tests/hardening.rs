@@ -30,6 +30,20 @@ fn scripted_with_keys(pieces: usize, keys: Vec<KeyConfig>) -> Arc<Dispatcher> {
         .expect("dispatcher")
 }
 
+/// A gateway with one cloud upstream `u` and no local model, serving on
+/// loopback.
+async fn gateway(mut u: tandem_backends::UpstreamConfig) -> TestServer {
+    u.max_retries = 0;
+    let cloud = tandem_backends::CloudBackend::new(u).expect("upstream");
+    TestServer::start(
+        Dispatcher::builder()
+            .cloud(cloud)
+            .build()
+            .expect("dispatcher"),
+    )
+    .await
+}
+
 fn quick() -> ServerConfig {
     ServerConfig {
         header_timeout: Duration::from_millis(400),
@@ -351,7 +365,7 @@ async fn with_keys_cors_goes_to_configured_origins_only_and_healthz_hides_detail
 /// the cloud is used again as soon as it answers, not after a restart.
 #[tokio::test]
 async fn the_breaker_recovers_after_a_trial_whose_client_went_away() {
-    use tandem_backends::{CloudBackend, UpstreamConfig};
+    use tandem_backends::UpstreamConfig;
     use tandem_testkit::capture::{CaptureUpstream, Mode};
     let echo = CaptureUpstream::start(None, Mode::Echo).await;
     let front = CaptureUpstream::start(
@@ -365,12 +379,7 @@ async fn the_breaker_recovers_after_a_trial_whose_client_went_away() {
     let mut u = UpstreamConfig::new("cloud", &front.base_url(), &["big"]);
     u.breaker_failures = 1;
     u.breaker_cooldown_ms = 50;
-    u.max_retries = 0;
-    let d = Dispatcher::builder()
-        .cloud(CloudBackend::new(u).expect("upstream"))
-        .build()
-        .expect("dispatcher");
-    let s = TestServer::start(d).await;
+    let s = gateway(u).await;
     let ask = json!({"model": "big", "messages": [{"role": "user", "content": "hello"}]});
     let client = reqwest::Client::new();
     let chat = |timeout: Duration| {
@@ -411,17 +420,12 @@ async fn the_breaker_recovers_after_a_trial_whose_client_went_away() {
 /// streamed, instead of being read into memory.
 #[tokio::test]
 async fn an_oversized_upstream_answer_is_cut_off() {
-    use tandem_backends::{CloudBackend, UpstreamConfig};
+    use tandem_backends::UpstreamConfig;
     use tandem_testkit::capture::{CaptureUpstream, Mode};
     let echo = CaptureUpstream::start(None, Mode::Echo).await;
     let mut u = UpstreamConfig::new("cloud", &echo.base_url(), &["big"]);
     u.max_response_bytes = 8 * 1024;
-    u.max_retries = 0;
-    let d = Dispatcher::builder()
-        .cloud(CloudBackend::new(u).expect("upstream"))
-        .build()
-        .expect("dispatcher");
-    let s = TestServer::start(d).await;
+    let s = gateway(u).await;
     let client = reqwest::Client::new();
     let ask = |stream: bool, words: usize| {
         client
@@ -449,17 +453,11 @@ async fn an_oversized_upstream_answer_is_cut_off() {
 /// an error event (nothing may continue a named model's answer).
 #[tokio::test]
 async fn a_stream_cut_mid_answer_ends_with_an_error_event() {
-    use tandem_backends::{CloudBackend, UpstreamConfig};
+    use tandem_backends::UpstreamConfig;
     use tandem_testkit::capture::{CaptureUpstream, Mode};
     let echo = CaptureUpstream::start(None, Mode::Echo).await;
     let front = CaptureUpstream::start(Some(echo.base_url()), Mode::KillAfter(3)).await;
-    let mut u = UpstreamConfig::new("cloud", &front.base_url(), &["big"]);
-    u.max_retries = 0;
-    let d = Dispatcher::builder()
-        .cloud(CloudBackend::new(u).expect("upstream"))
-        .build()
-        .expect("dispatcher");
-    let s = TestServer::start(d).await;
+    let s = gateway(UpstreamConfig::new("cloud", &front.base_url(), &["big"])).await;
     let body = reqwest::Client::new()
         .post(s.url("/v1/chat/completions"))
         .json(&json!({"model": "big", "stream": true,
