@@ -18,7 +18,7 @@ use futures::stream::{BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::generate::{Event, Finish, GenerateRequest, Input, Sampling, TokenLogprob};
+use crate::generate::{Delta, Event, Finish, GenerateRequest, Input, Sampling, TokenLogprob};
 use crate::speculative::{SpecOpen, SpecOpened, VerifyRequest, VerifyResponse};
 
 /// Events of one answer. Dropping the stream cancels the generation.
@@ -488,44 +488,58 @@ pub struct Answer {
     pub finish: Finish,
 }
 
+/// An answer being read, delta by delta: what [`Answer::collect`] folds,
+/// for callers that judge the answer while it grows (the cascade).
+#[derive(Debug, Default)]
+pub struct AnswerSoFar {
+    /// Text so far.
+    pub text: String,
+    /// Tokens with log-probabilities so far (when asked for).
+    pub tokens: Vec<TokenLogprob>,
+    tool_calls: Vec<crate::ToolCall>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl AnswerSoFar {
+    /// Adds a delta.
+    pub fn push(&mut self, d: Delta) {
+        self.text.push_str(&d.text);
+        self.tokens.extend(d.tokens);
+        for piece in &d.tool_calls {
+            crate::ToolCall::assemble(&mut self.tool_calls, piece);
+        }
+        for (k, v) in d.extra {
+            match (self.extra.get_mut(&k), v) {
+                (Some(serde_json::Value::String(have)), serde_json::Value::String(more)) => {
+                    have.push_str(&more);
+                }
+                (_, v) => {
+                    self.extra.insert(k, v);
+                }
+            }
+        }
+    }
+
+    /// The finished answer.
+    pub fn finish(self, finish: Finish) -> Answer {
+        Answer {
+            text: self.text,
+            tokens: self.tokens,
+            tool_calls: self.tool_calls,
+            extra: self.extra,
+            finish,
+        }
+    }
+}
+
 impl Answer {
     /// Reads a stream to its end.
     pub async fn collect(mut stream: EventStream) -> Result<Answer, ApiError> {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        let mut tool_calls = Vec::new();
-        let mut extra = serde_json::Map::new();
+        let mut so_far = AnswerSoFar::default();
         while let Some(event) = stream.next().await {
             match event? {
-                Event::Delta(d) => {
-                    text.push_str(&d.text);
-                    tokens.extend(d.tokens);
-                    for piece in &d.tool_calls {
-                        crate::ToolCall::assemble(&mut tool_calls, piece);
-                    }
-                    for (k, v) in d.extra {
-                        match (extra.get_mut(&k), v) {
-                            (
-                                Some(serde_json::Value::String(have)),
-                                serde_json::Value::String(more),
-                            ) => {
-                                have.push_str(&more);
-                            }
-                            (_, v) => {
-                                extra.insert(k, v);
-                            }
-                        }
-                    }
-                }
-                Event::Finish(finish) => {
-                    return Ok(Answer {
-                        text,
-                        tokens,
-                        tool_calls,
-                        extra,
-                        finish,
-                    });
-                }
+                Event::Delta(d) => so_far.push(d),
+                Event::Finish(finish) => return Ok(so_far.finish(finish)),
             }
         }
         Err(ApiError::bad_gateway(

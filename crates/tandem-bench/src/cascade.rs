@@ -18,8 +18,8 @@ use clap::Args;
 use tandem_api::{Answer, Backend, GenerateRequest, Input, LogprobRequest, Message, Sampling};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
-use tandem_policy::learned::LearnedScorer;
 use tandem_policy::{PolicyConfig, Scorer};
+use tandem_router::learned::LoadedRouter;
 use tandem_router::{Dispatcher, RequestContext, confidence};
 
 use crate::process::{spawn, wait_healthy};
@@ -47,6 +47,9 @@ pub struct CascadeArgs {
     /// Seed of the generated questions.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Tokens after which the early cascade judges the local answer.
+    #[arg(long, default_value_t = 8)]
+    pub early_tokens: usize,
 }
 
 /// A question and how to check an answer.
@@ -230,11 +233,74 @@ fn request(model: &str, prompt: &str) -> GenerateRequest {
     }
 }
 
+#[derive(Default)]
 struct Row {
     weak: bool,
     strong: bool,
     confidence: f32,
     difficulty: Option<f32>,
+    /// The local answer's token log-probabilities.
+    logprobs: Vec<f32>,
+    /// Seconds to the local answer's first token, and to its end.
+    first_s: f64,
+    total_s: f64,
+}
+
+impl Row {
+    /// The early cascade's verdict: escalated after `k` tokens, at the
+    /// end, or kept.
+    fn early(&self, k: usize, t: f32) -> Verdict {
+        if k > 0 && self.logprobs.len() >= k {
+            let c = self.logprobs.iter().take(k).sum::<f32>() / k as f32;
+            if c < t {
+                return Verdict::Early;
+            }
+        }
+        if self.confidence < t {
+            Verdict::Late
+        } else {
+            Verdict::Kept
+        }
+    }
+
+    /// Device seconds spent until the early look at `k` tokens: the first
+    /// token's time and `k − 1` tokens at this answer's decode speed.
+    fn seconds_to(&self, k: usize) -> f64 {
+        let n = self.logprobs.len();
+        if n <= 1 || k >= n {
+            return self.total_s;
+        }
+        let per_token = (self.total_s - self.first_s) / (n - 1) as f64;
+        self.first_s + per_token * (k.max(1) - 1) as f64
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Kept,
+    Early,
+    Late,
+}
+
+/// Reads an answer, timing its first token and its end.
+async fn timed(mut stream: tandem_api::EventStream) -> anyhow::Result<(Answer, f64, f64)> {
+    use futures::StreamExt;
+    let t0 = std::time::Instant::now();
+    let mut first = None;
+    let mut so_far = tandem_api::AnswerSoFar::default();
+    while let Some(event) = stream.next().await {
+        match event? {
+            tandem_api::Event::Delta(d) => {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                so_far.push(d);
+            }
+            tandem_api::Event::Finish(f) => {
+                let total = t0.elapsed().as_secs_f64();
+                return Ok((so_far.finish(f), first.unwrap_or(total), total));
+            }
+        }
+    }
+    anyhow::bail!("the local answer ended without finishing")
 }
 
 /// Accuracy when the rows flagged go to the strong model.
@@ -306,9 +372,17 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     let embedder = load_embedder().await?;
     let router_path = tandem_catalog::router_path();
     let scorer = if router_path.is_file() {
-        Some(Arc::new(
-            LearnedScorer::load(&router_path, embedder.dim()).map_err(anyhow::Error::msg)?,
-        ))
+        let encoder = LoadedRouter::encoder_of(&router_path).map_err(anyhow::Error::msg)?;
+        let tokenizer = tandem_catalog::resolve(&encoder)
+            .await?
+            .path
+            .parent()
+            .map(|d| d.join("tokenizer.json"))
+            .context("model folder")?;
+        Some(
+            LoadedRouter::load(&router_path, &tokenizer, Some(&embedder))
+                .map_err(anyhow::Error::msg)?,
+        )
     } else {
         eprintln!(
             "no router at {} (`tandem router train`); the router row is skipped",
@@ -319,17 +393,17 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::with_capacity(qs.len());
     for (i, q) in qs.iter().enumerate() {
-        let weak = Answer::collect(local.submit(request(&args.weak, &q.prompt))?).await?;
+        let (weak, first_s, total_s) = timed(local.submit(request(&args.weak, &q.prompt))?).await?;
         let strong_stream = cloud
             .generate(request(&args.strong, &q.prompt))
             .await
             .context("the cloud side")?;
         let strong = Answer::collect(strong_stream).await?;
         let difficulty = match &scorer {
-            Some(s) => {
-                let v = embedder.embed_one(&q.prompt)?;
-                Some(s.score(&v, &q.prompt))
-            }
+            Some(r) => Some(match r.score_static(&q.prompt) {
+                Some(score) => score.map_err(anyhow::Error::msg)?,
+                None => r.scorer.score(&embedder.embed_one(&q.prompt)?, &q.prompt),
+            }),
             None => None,
         };
         let row = Row {
@@ -337,6 +411,9 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             strong: q.answer.passes(&strong.text),
             confidence: confidence(&weak.tokens),
             difficulty,
+            logprobs: weak.tokens.iter().map(|t| t.logprob).collect(),
+            first_s,
+            total_s,
         };
         eprintln!(
             "[{:>2}/{}] local {} (confidence {:>6.3}) cloud {}  {:?} | {:?}",
@@ -374,8 +451,8 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     println!("{:<34} {:>9} {:>12}", "mode", "accuracy", "cloud share");
     println!("{:<34} {:>9.3} {:>12.3}", "local only", local_acc, 0.0);
     println!("{:<34} {:>9.3} {:>12.3}", "cloud only", cloud_acc, 1.0);
-    if let Some(s) = &scorer {
-        let t = s.model().threshold;
+    if let Some(r) = &scorer {
+        let t = r.scorer.model().threshold;
         let (acc, share) = mix(&all, |r| r.difficulty.is_some_and(|d| d >= t));
         println!(
             "{:<34} {:>9.3} {:>12.3}",
@@ -389,10 +466,65 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         "cascade (2-fold cross-validated)", cv_acc, cv_share
     );
 
+    // The early cascade: the same thresholds, also judged after the first
+    // `k` tokens; and the router in front of it (its cloud calls cost the
+    // device nothing).
+    let k = args.early_tokens;
+    let folds = [(&a, tb), (&b, ta)];
+    let router_t = scorer.as_ref().map(|r| r.scorer.model().threshold);
+    let routed = |r: &Row| router_t.is_some_and(|t| r.difficulty.is_some_and(|d| d >= t));
+    let mut early = (0.0, 0.0);
+    let mut both = (0.0, 0.0);
+    let (mut full_s, mut full_n, mut early_s, mut early_n) = (0.0, 0usize, 0.0, 0usize);
+    for (rows, t) in folds {
+        let w = rows.len() as f64 / all.len() as f64;
+        let (acc, share) = mix(rows, |r| r.early(k, t) != Verdict::Kept);
+        early = (early.0 + acc * w, early.1 + share * w);
+        let (acc, share) = mix(rows, |r| routed(r) || r.early(k, t) != Verdict::Kept);
+        both = (both.0 + acc * w, both.1 + share * w);
+        for r in rows.iter() {
+            if r.confidence < t {
+                full_s += r.total_s;
+                full_n += 1;
+            }
+            match r.early(k, t) {
+                Verdict::Early => {
+                    early_s += r.seconds_to(k);
+                    early_n += 1;
+                }
+                Verdict::Late => {
+                    early_s += r.total_s;
+                    early_n += 1;
+                }
+                Verdict::Kept => {}
+            }
+        }
+    }
+    println!(
+        "{:<34} {:>9.3} {:>12.3}",
+        format!("early cascade (k={k}, 2-fold)"),
+        early.0,
+        early.1
+    );
+    if router_t.is_some() {
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            "router + early cascade (2-fold)", both.0, both.1
+        );
+    }
+    let mean = |s: f64, n: usize| if n == 0 { 0.0 } else { s / n as f64 };
+    println!(
+        "device seconds per escalated request: full cascade {:.3} ({full_n}), early cascade {:.3} ({early_n}); ratio {:.2}",
+        mean(full_s, full_n),
+        mean(early_s, early_n),
+        mean(early_s, early_n) / mean(full_s, full_n).max(1e-9)
+    );
+
     // The same cascade, live through the dispatcher.
     let policy = PolicyConfig {
         cascade: true,
         cascade_threshold: threshold,
+        cascade_early_tokens: k,
         ..PolicyConfig::default()
     };
     let d: Arc<Dispatcher> = Dispatcher::builder()
@@ -415,7 +547,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     let n = qs.len().max(1) as f64;
     println!(
         "{:<34} {:>9.3} {:>12.3}",
-        format!("cascade live (threshold {threshold:.3})"),
+        format!("early cascade live (t {threshold:.3}, k={k})"),
         correct as f64 / n,
         escalated as f64 / n
     );
@@ -445,6 +577,28 @@ mod tests {
     }
 
     #[test]
+    fn the_early_look_judges_the_first_tokens() {
+        let row = |lp: &[f32]| Row {
+            confidence: lp.iter().sum::<f32>() / lp.len() as f32,
+            logprobs: lp.to_vec(),
+            first_s: 1.0,
+            total_s: 1.0 + 0.1 * (lp.len() - 1) as f64,
+            ..Row::default()
+        };
+        let unsure_start = row(&[-2.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(unsure_start.early(2, -1.0), Verdict::Early);
+        assert_eq!(unsure_start.early(0, -1.0), Verdict::Kept);
+        let unsure_end = row(&[0.0, 0.0, -3.0, -3.0, -3.0]);
+        assert_eq!(unsure_end.early(2, -1.0), Verdict::Late);
+        assert_eq!(row(&[-0.1; 4]).early(2, -1.0), Verdict::Kept);
+        // Too short for the look: only the whole answer is judged.
+        assert_eq!(row(&[-2.0]).early(2, -1.0), Verdict::Late);
+        // Time to the look: the first token and one more token.
+        assert!((unsure_start.seconds_to(2) - 1.1).abs() < 1e-9);
+        assert!((unsure_start.seconds_to(50) - unsure_start.total_s).abs() < 1e-9);
+    }
+
+    #[test]
     fn calibration_reaches_the_target_with_few_escalations() {
         let rows = [
             Row {
@@ -452,24 +606,28 @@ mod tests {
                 strong: true,
                 confidence: -0.01,
                 difficulty: None,
+                ..Row::default()
             },
             Row {
                 weak: false,
                 strong: true,
                 confidence: -0.9,
                 difficulty: None,
+                ..Row::default()
             },
             Row {
                 weak: true,
                 strong: true,
                 confidence: -0.05,
                 difficulty: None,
+                ..Row::default()
             },
             Row {
                 weak: false,
                 strong: false,
                 confidence: -0.2,
                 difficulty: None,
+                ..Row::default()
             },
         ];
         let all: Vec<&Row> = rows.iter().collect();

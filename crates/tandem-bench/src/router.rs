@@ -1,6 +1,7 @@
 //! `tandem bench router`: how long the learned router takes to decide —
-//! embedding the prompt, scoring it and running the policy — for prompts up
-//! to 128 word pieces. Measured against the local model's time to first
+//! embedding the prompt, scoring it and running the policy — for prompts of
+//! 32 and 128 word pieces, through the sentence encoder and through the
+//! router's static table. Measured against the local model's time to first
 //! token on the same prompts, which is what a routed local answer would
 //! otherwise wait for.
 
@@ -11,8 +12,8 @@ use clap::Args;
 use tandem_api::{Answer, GenerateRequest, Input, Message, Sampling};
 use tandem_catalog::DEFAULT_MODEL;
 use tandem_engine::EngineOptions;
-use tandem_policy::learned::LearnedScorer;
 use tandem_policy::{Features, LocalView, PolicyConfig, PrivacyMode, Scorer, View, decide};
+use tandem_router::learned::{LoadedRouter, RouterInput};
 
 use crate::setup::{load_embedder, load_engine};
 
@@ -28,7 +29,8 @@ pub struct RouterBenchArgs {
     /// Decisions timed (after a warm-up).
     #[arg(long, default_value_t = 300)]
     pub decisions: usize,
-    /// Longest prompt, in the embedder's word pieces.
+    /// The long prompts' length, in the embedder's word pieces (the short
+    /// ones have 32).
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// Local model for the reference (time to first token).
@@ -49,12 +51,17 @@ const SAMPLE: &[&str] = &[
     "hi",
 ];
 
-fn truncate(embedder: &tandem_embed::Embedder, text: &str, max: usize) -> String {
-    let mut words: Vec<&str> = text.split_whitespace().collect();
+/// `text` repeated until it has at least `n` word pieces (with `[CLS]`
+/// and `[SEP]`), then cut word by word to at most `n`.
+fn fit(embedder: &tandem_embed::Embedder, text: &str, n: usize) -> String {
+    let mut long = text.to_owned();
+    while embedder.count_tokens(&long) < n && !text.trim().is_empty() {
+        long = format!("{long} {text}");
+    }
+    let mut words: Vec<&str> = long.split_whitespace().collect();
     let mut out = words.join(" ");
-    while embedder.count_tokens(&out) > max && !words.is_empty() {
-        let keep = words.len() * 9 / 10;
-        words.truncate(keep);
+    while embedder.count_tokens(&out) > n && !words.is_empty() {
+        words.pop();
         out = words.join(" ");
     }
     out
@@ -75,9 +82,27 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         .router
         .clone()
         .unwrap_or_else(tandem_catalog::router_path);
-    let scorer = LearnedScorer::load(&path, embedder.dim())
-        .map_err(|e| anyhow::anyhow!("{e}\n(train one first: tandem router train --data FILE)"))?;
-    let mut prompts: Vec<String> = match &args.data {
+    if !path.is_file() {
+        anyhow::bail!(
+            "no router at {} (train one first: tandem router train --data FILE)",
+            path.display()
+        );
+    }
+    let encoder = LoadedRouter::encoder_of(&path).map_err(anyhow::Error::msg)?;
+    let tokenizer = tandem_catalog::resolve(&encoder)
+        .await?
+        .path
+        .parent()
+        .map(|d| d.join("tokenizer.json"))
+        .ok_or_else(|| anyhow::anyhow!("model folder"))?;
+    let router =
+        LoadedRouter::load(&path, &tokenizer, Some(&embedder)).map_err(anyhow::Error::msg)?;
+    let table = match &router.input {
+        RouterInput::Static(t) => Some(t.clone()),
+        RouterInput::Embedder => None,
+    };
+    let scorer = &router.scorer;
+    let base: Vec<String> = match &args.data {
         Some(p) => std::fs::read_to_string(p)?
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -86,14 +111,9 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             .collect(),
         None => SAMPLE.iter().map(|s| (*s).to_owned()).collect(),
     };
-    if prompts.is_empty() {
+    if base.is_empty() {
         anyhow::bail!("no prompts to time");
     }
-    prompts = prompts
-        .iter()
-        .map(|p| truncate(&embedder, p, args.max_tokens))
-        .collect();
-    let tokens: Vec<usize> = prompts.iter().map(|p| embedder.count_tokens(p)).collect();
     let policy = PolicyConfig::default();
     let view = View {
         local: LocalView {
@@ -105,42 +125,87 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         },
         ..View::default()
     };
-    let decide_one = |text: &str| -> anyhow::Result<f64> {
-        let t0 = Instant::now();
-        let v = embedder.embed_one(text)?;
+    let decide_with = |v: &[f32], text: &str| {
         let features = Features {
             privacy: Some(PrivacyMode::Redact),
             prompt_tokens: 64,
-            difficulty: Some(scorer.score(&v, text)),
+            difficulty: Some(scorer.score(v, text)),
             difficulty_threshold: scorer.threshold(None),
             ..Features::default()
         };
-        let d = decide(&features, &view, &policy);
-        std::hint::black_box(d.is_ok());
-        Ok(t0.elapsed().as_secs_f64() * 1e3)
+        std::hint::black_box(decide(&features, &view, &policy).is_ok());
     };
-    for p in prompts.iter().take(10) {
-        decide_one(p)?;
-    }
-    let mut times = Vec::with_capacity(args.decisions);
-    let mut by_len: Vec<(usize, f64)> = Vec::with_capacity(args.decisions);
-    for i in 0..args.decisions {
-        let k = i % prompts.len();
-        let ms = decide_one(&prompts[k])?;
-        times.push(ms);
-        by_len.push((tokens[k], ms));
-    }
-    times.sort_by(f64::total_cmp);
-    let longest = tokens.iter().copied().max().unwrap_or(0);
-    let long_times: Vec<f64> = {
-        let mut v: Vec<f64> = by_len
-            .iter()
-            .filter(|(t, _)| *t * 4 >= longest * 3)
-            .map(|(_, ms)| *ms)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v
+    let time_path = |prompts: &[String], static_path: bool| -> anyhow::Result<Vec<f64>> {
+        let one = |text: &str| -> anyhow::Result<f64> {
+            let t0 = Instant::now();
+            let v = match (&table, static_path) {
+                (Some(t), true) => t.embed_one(text)?,
+                _ => embedder.embed_one(text)?,
+            };
+            decide_with(&v, text);
+            Ok(t0.elapsed().as_secs_f64() * 1e3)
+        };
+        for p in prompts.iter().take(10) {
+            one(p)?;
+        }
+        let mut times = (0..args.decisions)
+            .map(|i| one(&prompts[i % prompts.len()]))
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(times)
     };
+
+    println!(
+        "router decision (embedding + score + policy), {} decisions per row over {} prompts, {} threads{}:",
+        args.decisions,
+        base.len(),
+        tandem_embed::threads(),
+        if table.is_some() {
+            ""
+        } else {
+            " (this router has no static table: train one with `tandem router train`)"
+        }
+    );
+    println!(
+        "  {:<34} {:>7} {:>9} {:>9} {:>9}",
+        "vectors", "pieces", "p50 ms", "p99 ms", "max ms"
+    );
+    let mut static_p99 = 0f64;
+    let mut encoder_p99_128 = 0f64;
+    for n in [32usize, args.max_tokens.max(1)] {
+        let prompts: Vec<String> = base.iter().map(|p| fit(&embedder, p, n)).collect();
+        let mut rows = vec![("sentence encoder (MiniLM forward)", false)];
+        if table.is_some() {
+            rows.push(("static table (distilled)", true));
+        }
+        for (name, static_path) in rows {
+            let times = time_path(&prompts, static_path)?;
+            let p99 = percentile(&times, 0.99);
+            if static_path {
+                static_p99 = static_p99.max(p99);
+            } else if n == args.max_tokens.max(1) {
+                encoder_p99_128 = p99;
+            }
+            println!(
+                "  {name:<34} {n:>7} {:>9.3} {p99:>9.3} {:>9.3}",
+                percentile(&times, 0.5),
+                times.last().copied().unwrap_or(0.0)
+            );
+        }
+    }
+    if table.is_some() {
+        println!(
+            "  static p99 (worst row) {static_p99:.3} ms (goal: <= 5 ms); encoder p99 at {} pieces / static = {:.0}x",
+            args.max_tokens,
+            encoder_p99_128 / static_p99.max(1e-9)
+        );
+    }
+    let prompts: Vec<String> = base
+        .iter()
+        .map(|p| fit(&embedder, p, args.max_tokens))
+        .collect();
+    let times = time_path(&prompts, table.is_some())?;
+    let p99 = percentile(&times, 0.99);
 
     // Reference: the local model's time to first token on the same prompts.
     let engine = load_engine(
@@ -175,35 +240,11 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
     }
     ttfts.sort_by(f64::total_cmp);
     let ttft50 = percentile(&ttfts, 0.5);
-    let p99 = percentile(&times, 0.99);
-
     println!(
-        "router decision (embedding + score + policy), {} decisions over {} prompts of {}-{} word pieces, {} threads:",
-        times.len(),
-        prompts.len(),
-        tokens.iter().min().unwrap_or(&0),
-        longest,
-        tandem_embed::threads()
-    );
-    println!(
-        "  p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms   max {:.2} ms   (goal: p99 <= 25 ms)",
-        percentile(&times, 0.5),
-        percentile(&times, 0.9),
-        p99,
-        times.last().copied().unwrap_or(0.0)
-    );
-    println!(
-        "  longest quarter of prompts: p50 {:.2} ms   p99 {:.2} ms",
-        percentile(&long_times, 0.5),
-        percentile(&long_times, 0.99)
-    );
-    println!(
-        "  local time to first token ({}, 2 threads): p50 {ttft50:.1} ms; router p99 / local TTFT p50 = {:.2}",
+        "  local time to first token ({}, 2 threads, {}-piece prompts): p50 {ttft50:.1} ms; router p99 / local TTFT p50 = {:.4}",
         args.model,
+        args.max_tokens,
         p99 / ttft50.max(1e-9)
-    );
-    println!(
-        "  (the server starts local generation while the router decides, so a local answer waits for neither)"
     );
     Ok(())
 }

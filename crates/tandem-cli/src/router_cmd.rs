@@ -2,14 +2,16 @@
 //! labelled prompts (RouteLLM's JSONL format), evaluated on prompts the
 //! training never saw.
 
+use std::collections::HashMap;
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
-use tandem_embed::Embedder;
-use tandem_policy::learned::{ModelKind, RouterModel, TrainConfig, text_features};
+use tandem_embed::{Embedder, StaticEmbedder};
+use tandem_policy::learned::{ModelKind, StaticVectors, TrainConfig, text_features};
+use tandem_router::learned::{LoadedRouter, RouterInput};
 use tandem_train::{self as learned, Calibration, Example};
 
 pub const EMBEDDER: &str = "all-minilm-l6-v2";
@@ -49,6 +51,28 @@ pub struct TrainArgs {
     /// (share sent to the cloud).
     #[arg(long, default_value = "quality=0.95")]
     pub calibrate: String,
+    /// What the router reads prompts through: `static`, a table distilled
+    /// from the sentence encoder (a lookup per word piece, microseconds a
+    /// prompt), or `encoder`, the encoder itself (tens of milliseconds).
+    #[arg(long, value_enum, default_value = "static")]
+    pub vectors: Vectors,
+    /// Smooth-inverse-frequency constant of the static table's piece
+    /// weights (0: every piece weighs the same).
+    #[arg(long, default_value_t = 1e-3, hide = true)]
+    pub sif: f64,
+    /// L2 penalty (per prompt) of the map from the table onto the
+    /// encoder's sentence vectors.
+    #[arg(long, default_value_t = 1e-4, hide = true)]
+    pub map_lambda: f64,
+}
+
+/// What a router reads prompts through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Vectors {
+    /// A static table distilled from the encoder.
+    Static,
+    /// The sentence encoder.
+    Encoder,
 }
 
 #[derive(Args)]
@@ -73,10 +97,16 @@ struct Row {
     strong_correct: bool,
 }
 
+/// The folder of an embedding model from the catalog, pulling it if
+/// needed.
+pub async fn encoder_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let r = tandem_catalog::resolve(name).await?;
+    Ok(r.path.parent().context("model folder")?.to_path_buf())
+}
+
 /// Loads an embedding model from the catalog, pulling it if needed.
 pub async fn load_embedder(name: &str) -> anyhow::Result<Embedder> {
-    let r = tandem_catalog::resolve(name).await?;
-    let dir = r.path.parent().context("model folder")?.to_path_buf();
+    let dir = encoder_dir(name).await?;
     Ok(tokio::task::spawn_blocking(move || Embedder::load(&dir)).await??)
 }
 
@@ -149,25 +179,130 @@ fn embed_rows(embedder: &Embedder, rows: &[Row], hash: &str) -> anyhow::Result<V
     Ok(out)
 }
 
-fn examples(embedder: &Embedder, path: &Path) -> anyhow::Result<Vec<Example>> {
+/// The file's prompts as examples embedded by the encoder, and each
+/// prompt's text by id.
+fn examples(
+    embedder: &Embedder,
+    path: &Path,
+) -> anyhow::Result<(Vec<Example>, HashMap<String, String>)> {
     let (rows, hash) = read_rows(path)?;
     if rows.is_empty() {
         bail!("{} has no prompts", path.display());
     }
     let vectors = embed_rows(embedder, &rows, &hash)?;
-    Ok(rows
+    let mut prompts = HashMap::with_capacity(rows.len());
+    let examples = rows
         .into_iter()
         .zip(vectors)
-        .map(|(r, embedding)| Example {
-            features: text_features(&r.prompt),
-            topic: r.subject.clone().unwrap_or_else(|| r.source.clone()),
-            id: r.id,
-            source: r.source,
-            embedding,
-            weak: r.weak_correct,
-            strong: r.strong_correct,
+        .map(|(r, embedding)| {
+            let e = Example {
+                features: text_features(&r.prompt),
+                topic: r.subject.clone().unwrap_or_else(|| r.source.clone()),
+                id: r.id,
+                source: r.source,
+                embedding,
+                weak: r.weak_correct,
+                strong: r.strong_correct,
+            };
+            prompts.insert(e.id.clone(), r.prompt);
+            e
         })
-        .collect())
+        .collect();
+    Ok((examples, prompts))
+}
+
+/// Each vocabulary piece's vector from the encoder, computed once per
+/// encoder and kept under `$TANDEM_HOME/cache`.
+fn token_table(embedder: &Embedder) -> anyhow::Result<Vec<f32>> {
+    let dim = embedder.dim();
+    let vocab = embedder.tokenizer().get_vocab_size(true);
+    let cache = tandem_catalog::default_home()
+        .join("cache")
+        .join(format!("pieces-{EMBEDDER}.f32"));
+    if let Ok(bytes) = std::fs::read(&cache)
+        && bytes.len() == vocab * dim * 4
+    {
+        return Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect());
+    }
+    let bar = indicatif::ProgressBar::new(vocab as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "distilling word pieces [{bar:32}] {pos}/{len} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let table = embedder.token_table(|done, _| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    if let Some(dir) = cache.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = cache.with_extension("partial");
+    let bytes: Vec<u8> = table.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &cache)?;
+    Ok(table)
+}
+
+/// A static table for the training prompts: the encoder's piece vectors,
+/// weighted by how rare each piece is among the training prompts, mapped
+/// onto the encoder's own sentence vectors of those prompts.
+fn distil(
+    embedder: &Embedder,
+    train: &[Example],
+    prompts: &HashMap<String, String>,
+    sif: f64,
+    lambda: f64,
+) -> anyhow::Result<StaticEmbedder> {
+    let dim = embedder.dim();
+    let raw = token_table(embedder)?;
+    let tokenizer = embedder.tokenizer().clone();
+    let vocab = raw.len() / dim;
+    let ids = train
+        .iter()
+        .map(|e| {
+            let text = prompts.get(&e.id).map_or("", String::as_str);
+            tandem_embed::pieces(&tokenizer, text)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let weights = if sif > 0.0 {
+        let mut counts = vec![0u64; vocab];
+        for id in ids.iter().flatten() {
+            if let Some(c) = counts.get_mut(*id as usize) {
+                *c += 1;
+            }
+        }
+        learned::sif_weights(&counts, sif)
+    } else {
+        vec![1.0; vocab]
+    };
+    let x: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|i| tandem_embed::weighted_mean(&raw, &weights, dim, i))
+        .collect();
+    let y: Vec<Vec<f32>> = train.iter().map(|e| e.embedding.clone()).collect();
+    let map = learned::fit_linear_map(&x, &y, lambda)
+        .context("the map onto the encoder's vectors could not be fitted")?;
+    let folded: Vec<f32> = raw.chunks_exact(dim).flat_map(|r| map.linear(r)).collect();
+    Ok(StaticEmbedder::new(
+        tokenizer, dim, &folded, &weights, map.bias,
+    )?)
+}
+
+/// Replaces each example's vector with the static table's.
+fn embed_static(
+    table: &StaticEmbedder,
+    data: &mut [Example],
+    prompts: &HashMap<String, String>,
+) -> anyhow::Result<()> {
+    for e in data {
+        let text = prompts.get(&e.id).map_or("", String::as_str);
+        e.embedding = table.embed_one(text)?;
+    }
+    Ok(())
 }
 
 fn parse_calibration(s: &str) -> anyhow::Result<Calibration> {
@@ -225,8 +360,8 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
     match cmd {
         RouterCommand::Train(a) => {
             let calibration = parse_calibration(&a.calibrate)?;
-            let data = tokio::task::block_in_place(|| examples(&e, &a.data))?;
-            let (train_set, test) = learned::split(data, a.holdout, a.seed);
+            let (data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
+            let (mut train_set, mut test) = learned::split(data, a.holdout, a.seed);
             let config = TrainConfig {
                 kind: a.model,
                 k: a.k,
@@ -234,16 +369,26 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 ridge_lambda: a.lambda,
                 topic_temperature: a.topic_temperature,
             };
-            eprintln!(
-                "training a {:?} router on {} prompts ({} held out)...",
-                a.model,
-                train_set.len(),
-                test.len()
-            );
             if train_set.is_empty() {
                 bail!("nothing left to train on: lower --holdout");
             }
-            let model =
+            let table = match a.vectors {
+                Vectors::Static => Some(tokio::task::block_in_place(|| {
+                    let t = distil(&e, &train_set, &prompts, a.sif, a.map_lambda)?;
+                    embed_static(&t, &mut train_set, &prompts)?;
+                    embed_static(&t, &mut test, &prompts)?;
+                    anyhow::Ok(t)
+                })?),
+                Vectors::Encoder => None,
+            };
+            eprintln!(
+                "training a {:?} router on {} prompts ({} held out), {:?} vectors...",
+                a.model,
+                train_set.len(),
+                test.len(),
+                a.vectors
+            );
+            let mut model =
                 tokio::task::block_in_place(|| learned::train(&train_set, config, calibration));
             if test.is_empty() {
                 println!("trained on every prompt; nothing held out to evaluate on");
@@ -263,21 +408,40 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
+            if let Some(t) = table {
+                let file = out.with_extension("vectors.safetensors");
+                t.save(&file)?;
+                let bytes = std::fs::read(&file)?;
+                model.vectors = Some(StaticVectors {
+                    file: file
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    sha256: tandem_ledger::sha256_hex(&bytes),
+                });
+                println!("static vectors written to {}", file.display());
+            }
             std::fs::write(&out, serde_json::to_vec(&model)?)?;
             println!("router written to {}", out.display());
         }
         RouterCommand::Eval(a) => {
             let path = a.router.unwrap_or_else(tandem_catalog::router_path);
-            let bytes = std::fs::read(&path).with_context(|| {
-                format!(
-                    "reading {} (train a router first: tandem router train --data FILE)",
+            if !path.is_file() {
+                bail!(
+                    "no router at {} (train one first: tandem router train --data FILE)",
                     path.display()
-                )
-            })?;
-            let model: RouterModel = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a router file", path.display()))?;
-            let data = tokio::task::block_in_place(|| examples(&e, &a.data))?;
-            let (overall, per) = tokio::task::block_in_place(|| learned::evaluate(&model, &data));
+                );
+            }
+            let encoder = LoadedRouter::encoder_of(&path).map_err(anyhow::Error::msg)?;
+            let tokenizer = encoder_dir(&encoder).await?.join("tokenizer.json");
+            let router =
+                LoadedRouter::load(&path, &tokenizer, Some(&e)).map_err(anyhow::Error::msg)?;
+            let (mut data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
+            if let RouterInput::Static(t) = &router.input {
+                embed_static(t, &mut data, &prompts)?;
+            }
+            let model = router.scorer.model();
+            let (overall, per) = tokio::task::block_in_place(|| learned::evaluate(model, &data));
             if overall.prompts == 0 {
                 bail!(
                     "the router was trained on every prompt of this file: nothing unseen to evaluate"

@@ -181,24 +181,39 @@ pub async fn build_dispatcher(
     for u in &cfg.upstreams {
         b = b.cloud(CloudBackend::new(u.clone()).map_err(anyhow::Error::msg)?);
     }
+    let embedder = if cfg.embeddings.enabled {
+        Some(Arc::new(
+            crate::router_cmd::load_embedder(&cfg.embeddings.model).await?,
+        ))
+    } else {
+        None
+    };
+    let router = cfg.embeddings.router.clone().or_else(|| {
+        let p = tandem_catalog::router_path();
+        p.is_file().then_some(p)
+    });
     let mut scorer = None;
-    if cfg.embeddings.enabled {
-        let embedder = Arc::new(crate::router_cmd::load_embedder(&cfg.embeddings.model).await?);
-        let router = cfg.embeddings.router.clone().or_else(|| {
-            let p = tandem_catalog::router_path();
-            p.is_file().then_some(p)
-        });
-        if let Some(path) = router {
-            let s = tandem_policy::learned::LearnedScorer::load(&path, embedder.dim())
-                .map_err(anyhow::Error::msg)?;
-            tracing::info!(
-                "learned router: {} (threshold {:.2}, {})",
-                path.display(),
-                s.model().threshold,
-                s.model().calibrated_for
-            );
-            scorer = Some(Arc::new(s));
-        }
+    if let Some(path) = router {
+        let encoder =
+            tandem_router::learned::LoadedRouter::encoder_of(&path).map_err(anyhow::Error::msg)?;
+        let tokenizer = crate::router_cmd::encoder_dir(&encoder)
+            .await?
+            .join("tokenizer.json");
+        let r = tandem_router::learned::LoadedRouter::load(&path, &tokenizer, embedder.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            "learned router: {} (threshold {:.2}, {}, {})",
+            path.display(),
+            r.scorer.model().threshold,
+            r.scorer.model().calibrated_for,
+            match r.input {
+                tandem_router::learned::RouterInput::Static(_) => "static vectors",
+                tandem_router::learned::RouterInput::Embedder => "encoder vectors",
+            }
+        );
+        scorer = Some(r);
+    }
+    if let Some(embedder) = embedder {
         // Answers worth keeping come from the cloud (or locally, if asked).
         if cfg.cache.enabled && (!cfg.upstreams.is_empty() || cfg.cache.local_answers) {
             let path = cfg.cache.path.clone().unwrap_or_else(|| {
@@ -227,8 +242,8 @@ pub async fn build_dispatcher(
         b = b.ledger(ledger);
     }
     let d = b.build().map_err(anyhow::Error::msg)?;
-    if let Some(s) = scorer {
-        d.set_scorer(s);
+    if let Some(r) = scorer {
+        d.set_scorer(Arc::new(r.scorer), r.input);
     }
     d.signals().set_metered(cfg.signals.metered);
     d.start_signals(Duration::from_millis(cfg.signals.probe_interval_ms));

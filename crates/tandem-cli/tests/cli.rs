@@ -395,6 +395,56 @@ fn router_train_and_eval_report_on_unseen_prompts() {
     assert!(f("local_share_at_95") >= f("weak_accuracy") - 1e-9, "{v}");
     assert!(f("apgr") > f("random_apgr") + 0.05, "{v}");
     assert_eq!(v["per_source"].as_array().unwrap().len(), 2);
+
+    // The router reads prompts through its static table, pinned by hash:
+    // a table from elsewhere is refused, not silently used.
+    let table = dir.path().join("router.vectors.safetensors");
+    let mut bytes = std::fs::read(&table).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&table, &bytes).unwrap();
+    let out = tandem()
+        .args(["router", "eval", "--data"])
+        .arg(&data)
+        .arg("--router")
+        .arg(&router)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not the table"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Trained on the encoder's own vectors, a router needs no table.
+    std::fs::remove_file(&table).unwrap();
+    let out = tandem()
+        .args(["router", "train", "--vectors", "encoder", "--k", "4"])
+        .args(["--holdout", "0.25", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&router)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!table.exists());
+    let out = tandem()
+        .args(["router", "eval", "--json", "--data"])
+        .arg(&data)
+        .arg("--router")
+        .arg(&router)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -3,6 +3,9 @@
 //! - [`Embedder`]: sentence embeddings with all-MiniLM-L6-v2 — mean-pooled
 //!   over real tokens and L2-normalised, the recipe sentence-transformers
 //!   uses, so vectors match the reference model;
+//! - [`StaticEmbedder`]: static vectors distilled from that encoder (one
+//!   lookup per word piece, no transformer per sentence) for decisions that
+//!   must take microseconds, such as the router's;
 //! - [`TokenClassifier`]: the personal-data recognizer ("Rampart", a BERT
 //!   token classifier read from its 4-bit ONNX export) — which words are
 //!   names, street names, cities, postcodes, identifiers — as labelled
@@ -18,7 +21,10 @@
 #![warn(missing_docs)]
 
 pub mod bert;
+mod distilled;
 mod onnx;
+
+pub use distilled::{StaticEmbedder, pieces, weighted_mean};
 
 use std::path::Path;
 

@@ -145,6 +145,11 @@ pub struct RouterModel {
     pub version: u32,
     /// Catalog name of the embedding model the router was trained with.
     pub embedder: String,
+    /// When set, prompts are embedded with this static table distilled
+    /// from `embedder` (a lookup per word piece) rather than by running the
+    /// encoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vectors: Option<StaticVectors>,
     /// How it was trained.
     pub config: TrainConfig,
     /// The neighbours part.
@@ -177,6 +182,16 @@ pub struct RouterModel {
     pub trained_on: Vec<String>,
 }
 
+/// A static table stored beside the router file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticVectors {
+    /// File name, in the router file's folder.
+    pub file: String,
+    /// SHA-256 of the file, hex: a router is never paired with another
+    /// training's table.
+    pub sha256: String,
+}
+
 mod b64 {
     use base64::Engine;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -205,13 +220,19 @@ impl Neighbours {
     /// Similarity-weighted mean gain of the `k` nearest prompts,
     /// optionally leaving one training prompt out.
     pub fn score(&self, q: &[f32], cfg: &TrainConfig, skip: Option<usize>) -> f32 {
-        let qi: Vec<i32> = quantise(q).map(i32::from).collect();
+        // i16 products summed in i32: the loop below then vectorises to
+        // multiply-add instructions.
+        let qi: Vec<i16> = quantise(q).map(i16::from).collect();
         let mut best: Vec<(f32, usize)> = Vec::with_capacity(cfg.k + 1);
         for (i, row) in self.vectors.chunks_exact(self.dim).enumerate() {
             if Some(i) == skip {
                 continue;
             }
-            let dot: i32 = row.iter().zip(&qi).map(|(&a, &b)| i32::from(a) * b).sum();
+            let dot: i32 = row
+                .iter()
+                .zip(&qi)
+                .map(|(&a, &b)| i32::from(i16::from(a) * b))
+                .sum();
             let sim = dot as f32 / (127.0 * 127.0);
             if best.len() == cfg.k && sim <= best[cfg.k - 1].0 {
                 continue;
@@ -361,14 +382,6 @@ impl LearnedScorer {
             ));
         }
         Ok(Self { model })
-    }
-
-    /// Reads a router saved as JSON.
-    pub fn load(path: &std::path::Path, dim: usize) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let model: RouterModel =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::new(model, dim)
     }
 
     /// The model.

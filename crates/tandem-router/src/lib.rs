@@ -12,6 +12,7 @@
 //! - [`Dispatcher`]: placing requests and supervising their answers.
 //! - [`signals`]: reading the device and probing upstreams, with overrides.
 //! - [`cache`]: the semantic answer cache.
+//! - [`learned`]: the learned router's file and the vectors it reads.
 //! - [`access`]: gateway keys, rate limits, daily spending.
 //! - [`speculative`]: drafting on the device; verification sessions (cloud role).
 //! - [`metrics`]: the Prometheus registry of one gateway.
@@ -25,6 +26,7 @@ pub mod access;
 pub mod cache;
 mod dispatcher;
 mod egress;
+pub mod learned;
 pub mod metrics;
 mod recognizer;
 pub mod signals;

@@ -175,6 +175,105 @@ async fn the_cascade_keeps_a_sure_answer_and_escalates_an_unsure_one() {
 }
 
 #[tokio::test]
+async fn the_cascade_escalates_early_and_stops_the_device() {
+    // 200 unsure pieces: judged after the first 8, the rest never made.
+    let unsure: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();
+    // Sure at first, unsure later: the early look passes, the whole fails.
+    let mut fades: Vec<(String, f32)> = (0..8).map(|i| (format!("a{i} "), -0.05)).collect();
+    fades.extend((0..24).map(|i| (format!("b{i} "), -4.0)));
+    let local = Scripted::local(
+        "small",
+        vec![
+            Step::Confident(unsure, -3.0),
+            Step::Scored(fades),
+            Step::Confident(pieces("Yes.", 2), -3.0),
+        ],
+    );
+    let cloud = Scripted::cloud("cloud", "big", vec![Step::Answer(pieces("Certainly.", 4))]);
+    let d = dispatcher(&local, &cloud, PolicyConfig::default());
+    let ctx = RequestContext {
+        mode: Some(Mode::Cascade),
+        ..RequestContext::default()
+    };
+    let (text, e, route) = run(&d, chat("q1"), ctx.clone()).await;
+    assert!(e.is_none(), "{e:?}");
+    assert_eq!(
+        (text.as_str(), route.backend.as_str()),
+        ("Certainly.", "cloud:cloud")
+    );
+    let outcome = route.cascade.unwrap_or_default();
+    assert!(outcome.starts_with("escalated early"), "{outcome}");
+    assert!(outcome.contains("after 8 tokens"), "{outcome}");
+    // The local stream was dropped at the early look (one piece may be in
+    // flight), not read to its end.
+    assert!(local.pieces_sent() <= 9, "{}", local.pieces_sent());
+
+    let before = local.pieces_sent();
+    let (text, _, route) = run(&d, chat("q2"), ctx.clone()).await;
+    assert_eq!(text, "Certainly.");
+    let outcome = route.cascade.unwrap_or_default();
+    assert!(outcome.starts_with("escalated: confidence"), "{outcome}");
+    assert_eq!(local.pieces_sent() - before, 32);
+
+    // Shorter than the early look: only the whole answer is judged.
+    let (_, _, route) = run(&d, chat("q3"), ctx.clone()).await;
+    assert!(
+        route
+            .cascade
+            .unwrap_or_default()
+            .starts_with("escalated: confidence")
+    );
+    let m = d.render_metrics();
+    assert!(m.contains("outcome=\"escalated_early\"} 1"), "{m}");
+    assert!(m.contains("outcome=\"escalated\"} 2"), "{m}");
+
+    // Off: the whole answer is read.
+    let local = Scripted::local(
+        "small",
+        vec![Step::Confident(
+            (0..50).map(|i| format!("w{i} ")).collect(),
+            -3.0,
+        )],
+    );
+    let policy = PolicyConfig {
+        cascade_early_tokens: 0,
+        ..PolicyConfig::default()
+    };
+    let d = dispatcher(&local, &cloud, policy);
+    let (_, _, route) = run(&d, chat("q4"), ctx).await;
+    assert!(
+        route
+            .cascade
+            .unwrap_or_default()
+            .starts_with("escalated: confidence")
+    );
+    assert_eq!(local.pieces_sent(), 50);
+}
+
+#[tokio::test]
+async fn an_early_escalation_whose_cloud_fails_is_answered_by_the_device() {
+    let unsure: Vec<String> = (0..20).map(|i| format!("w{i} ")).collect();
+    let local = Scripted::local("small", vec![Step::Confident(unsure, -3.0)]);
+    let cloud = Scripted::cloud("cloud", "big", vec![Step::Refuse(err(503))]);
+    let d = dispatcher(&local, &cloud, PolicyConfig::default());
+    let ctx = RequestContext {
+        mode: Some(Mode::Cascade),
+        ..RequestContext::default()
+    };
+    let (text, e, route) = run(&d, chat("q"), ctx).await;
+    assert!(e.is_none(), "{e:?}");
+    let want: String = (0..20).map(|i| format!("w{i} ")).collect();
+    assert_eq!(text, want);
+    assert_eq!(route.backend, "local");
+    let outcome = route.cascade.unwrap_or_default();
+    assert!(
+        outcome.contains("the local model answers in full"),
+        "{outcome}"
+    );
+    assert_eq!(local.received().len(), 2);
+}
+
+#[tokio::test]
 async fn redacted_values_leave_as_placeholders_and_come_back_restored() {
     let local = Scripted::local("small", vec![Step::Answer(vec!["unused".into()])]);
     let cloud = Scripted::cloud("cloud", "big", vec![Step::Echo("You wrote: ".into())]);

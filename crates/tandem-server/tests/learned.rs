@@ -8,12 +8,13 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
-use tandem_embed::{Embedder, cosine};
+use tandem_embed::{Embedder, StaticEmbedder, cosine};
 use tandem_engine::LocalEngine;
 use tandem_policy::learned::{LearnedScorer, ModelKind, TrainConfig, text_features};
 use tandem_policy::{PolicyConfig, Rule};
 use tandem_router::Dispatcher;
 use tandem_router::cache::{CacheConfig, SemanticCache};
+use tandem_router::learned::RouterInput;
 use tandem_testkit::capture::{CaptureUpstream, Mode};
 use tandem_testkit::{
     MINILM, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine, sse_text,
@@ -48,6 +49,15 @@ struct Rig {
 }
 
 async fn rig(policy: PolicyConfig, cache: Option<&Path>, cloud_url: Option<String>) -> Rig {
+    rig_with(policy, cache, cloud_url, true).await
+}
+
+async fn rig_with(
+    policy: PolicyConfig,
+    cache: Option<&Path>,
+    cloud_url: Option<String>,
+    with_embedder: bool,
+) -> Rig {
     let capture = CaptureUpstream::start(None, Mode::Echo).await;
     let mut u = UpstreamConfig::new(
         "cloud",
@@ -59,8 +69,10 @@ async fn rig(policy: PolicyConfig, cache: Option<&Path>, cloud_url: Option<Strin
     let mut b = Dispatcher::builder()
         .local(device_engine())
         .cloud(CloudBackend::new(u).unwrap())
-        .policy(policy)
-        .embedder(MINILM, embedder());
+        .policy(policy);
+    if with_embedder {
+        b = b.embedder(MINILM, embedder());
+    }
     if let Some(path) = cache {
         let c = SemanticCache::open(CacheConfig::default(), Some(path.to_path_buf())).unwrap();
         b = b.cache(Arc::new(c));
@@ -183,38 +195,38 @@ async fn embeddings_endpoint_matches_the_embedder_and_rejects_bad_input() {
     assert!(models.contains(MINILM));
 }
 
-/// A router trained on real embeddings: arithmetic is hard for the local
+const HARD: &[&str] = &[
+    "What is 347 times 29?",
+    "Compute 12.5% of 8,640 and add 391.",
+    "A train leaves at 3:40 pm and travels 287 km at 82 km/h. When does it arrive?",
+    "Solve for x: 7x - 19 = 4x + 38.",
+    "What is the remainder when 98,765 is divided by 37?",
+    "If 6 workers build a wall in 14 days, how long do 4 workers take?",
+];
+const EASY: &[&str] = &[
+    "Hello! How are you today?",
+    "Say hi to my friend Anna.",
+    "Thanks, that was helpful.",
+    "Good morning!",
+    "Tell me a nice greeting for a birthday card.",
+    "What's up?",
+];
+
+/// A router trained on `embed`'s vectors: arithmetic is hard for the local
 /// model, small talk is easy.
-fn toy_router() -> LearnedScorer {
-    let e = embedder();
-    let hard = [
-        "What is 347 times 29?",
-        "Compute 12.5% of 8,640 and add 391.",
-        "A train leaves at 3:40 pm and travels 287 km at 82 km/h. When does it arrive?",
-        "Solve for x: 7x - 19 = 4x + 38.",
-        "What is the remainder when 98,765 is divided by 37?",
-        "If 6 workers build a wall in 14 days, how long do 4 workers take?",
-    ];
-    let easy = [
-        "Hello! How are you today?",
-        "Say hi to my friend Anna.",
-        "Thanks, that was helpful.",
-        "Good morning!",
-        "Tell me a nice greeting for a birthday card.",
-        "What's up?",
-    ];
+fn train_toy(embed: impl Fn(&str) -> Vec<f32>, dim: usize) -> LearnedScorer {
     let mut data = Vec::new();
-    for (i, (text, is_hard)) in hard
+    for (i, (text, is_hard)) in HARD
         .iter()
         .map(|t| (t, true))
-        .chain(easy.iter().map(|t| (t, false)))
+        .chain(EASY.iter().map(|t| (t, false)))
         .enumerate()
     {
         data.push(Example {
             id: format!("p{i}"),
             source: if is_hard { "math" } else { "chat" }.into(),
             topic: if is_hard { "math" } else { "chat" }.into(),
-            embedding: e.embed_one(text).unwrap(),
+            embedding: embed(text),
             features: text_features(text),
             weak: !is_hard,
             strong: true,
@@ -226,14 +238,43 @@ fn toy_router() -> LearnedScorer {
         ..TrainConfig::default()
     };
     let model = tandem_train::train(&data, cfg, Calibration::CloudShare(0.5));
-    LearnedScorer::new(model, e.dim()).unwrap()
+    LearnedScorer::new(model, dim).unwrap()
+}
+
+/// The toy router on the encoder's vectors.
+fn toy_router() -> LearnedScorer {
+    let e = embedder();
+    train_toy(|t| e.embed_one(t).unwrap(), e.dim())
+}
+
+/// The toy router on a static table of MiniLM's piece vectors (the rows
+/// of every piece the test's prompts use; the others weigh nothing).
+fn toy_static_router(also: &[&str]) -> (LearnedScorer, Arc<StaticEmbedder>) {
+    let e = embedder();
+    let dim = e.dim();
+    let vocab = e.tokenizer().get_vocab_size(true);
+    let mut table = vec![0f32; vocab * dim];
+    let mut weights = vec![0f32; vocab];
+    for t in HARD.iter().chain(EASY).chain(also) {
+        for id in tandem_embed::pieces(e.tokenizer(), t).unwrap() {
+            let i = id as usize;
+            table[i * dim..(i + 1) * dim].copy_from_slice(&e.token_vector(id));
+            weights[i] = 1.0;
+        }
+    }
+    let s = Arc::new(
+        StaticEmbedder::new(e.tokenizer().clone(), dim, &table, &weights, vec![0.0; dim]).unwrap(),
+    );
+    let t = s.clone();
+    (train_toy(move |x| t.embed_one(x).unwrap(), dim), s)
 }
 
 #[tokio::test]
 async fn the_router_score_places_requests_and_is_explained() {
     // Local first: only the router's score sends anything out.
     let r = rig(PolicyConfig::default(), None, None).await;
-    r.dispatcher.set_scorer(Arc::new(toy_router()));
+    r.dispatcher
+        .set_scorer(Arc::new(toy_router()), RouterInput::Embedder);
 
     let hard = r.chat("What is 481 times 67?", &[]).await;
     assert_eq!(hard.status, 200, "{}", hard.body);
@@ -268,6 +309,44 @@ async fn the_router_score_places_requests_and_is_explained() {
     assert!(d >= t, "{explained}");
     assert_eq!(explained["backend"], "cloud:cloud");
     // Only the hard request left the device.
+    assert_eq!(r.capture.captured().len(), 1);
+}
+
+#[tokio::test]
+async fn a_router_with_a_static_table_needs_no_encoder() {
+    // No sentence encoder in the dispatcher: the router reads its own table.
+    let asked = ["What is 481 times 67?", "Hi there, nice to meet you!"];
+    let r = rig_with(PolicyConfig::default(), None, None, false).await;
+    let (scorer, table) = toy_static_router(&asked);
+    r.dispatcher
+        .set_scorer(Arc::new(scorer), RouterInput::Static(table));
+
+    let hard = r.chat(asked[0], &[]).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(hard.header("x-tandem-decided-by"), "difficulty");
+    let easy = r.chat(asked[1], &[]).await;
+    assert_eq!(easy.status, 200, "{}", easy.body);
+    assert_eq!(easy.header("x-tandem-backend"), "local");
+    assert_eq!(easy.header("x-tandem-decided-by"), "difficulty");
+
+    let (s, explained) = r
+        .post(
+            "/v1/tandem/route",
+            json!({"messages": [{"role": "user", "content": asked[0]}]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(
+        explained["features"]["difficulty"].as_f64().is_some(),
+        "{explained}"
+    );
+    assert_eq!(explained["backend"], "cloud:cloud");
+    // /v1/embeddings has no encoder to run: the model is not served.
+    let (s, body) = r
+        .post("/v1/embeddings", json!({"model": MINILM, "input": "x"}))
+        .await;
+    assert_eq!(s, 404, "{body}");
     assert_eq!(r.capture.captured().len(), 1);
 }
 
@@ -308,11 +387,15 @@ async fn cascade_escalates_unsure_answers_and_keeps_sure_ones() {
     let text = sse_text(&sse);
     assert_eq!(text, "ECHO: Name a fruit.");
     assert!(sse.trim_end().ends_with("data: [DONE]"));
-    assert!(
-        r.metrics()
-            .await
-            .contains("cascade_answers_total{outcome=\"escalated\"} 2")
-    );
+    // Escalated at the end or early (after the first 8 tokens): both.
+    let m = r.metrics().await;
+    let count = |outcome: &str| -> u64 {
+        let key = format!("cascade_answers_total{{outcome=\"{outcome}\"}} ");
+        m.lines()
+            .find_map(|l| l.split_once(&key).map(|(_, n)| n.trim().parse().unwrap()))
+            .unwrap_or(0)
+    };
+    assert_eq!(count("escalated") + count("escalated_early"), 2, "{m}");
 
     // A threshold every answer passes: the local answer stands, nothing leaves.
     strict.cascade_threshold = -1000.0;

@@ -20,6 +20,8 @@ pub enum Step {
     Answer(Vec<String>),
     /// Streams these pieces, each with this log-probability.
     Confident(Vec<String>, f32),
+    /// Streams these pieces, each with its own log-probability.
+    Scored(Vec<(String, f32)>),
     /// Repeats the last user message (or the prompt) after `prefix`, in
     /// pieces of a few characters: what a model echoing its input would do.
     Echo(String),
@@ -41,6 +43,8 @@ pub struct Scripted {
     received: Mutex<Vec<GenerateRequest>>,
     /// Delay before each piece, so that concurrent tests interleave.
     pace: Duration,
+    /// Pieces streamed so far, over all answers.
+    sent: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Scripted {
@@ -80,7 +84,14 @@ impl Scripted {
             script: Mutex::new(script.into()),
             received: Mutex::new(Vec::new()),
             pace: Duration::from_millis(1),
+            sent: Arc::default(),
         })
+    }
+
+    /// Pieces it has streamed, over all answers: a stream dropped early
+    /// stops counting.
+    pub fn pieces_sent(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every request it was asked to answer, in order.
@@ -177,23 +188,30 @@ impl Backend for Scripted {
             .unwrap_or_else(|p| p.into_inner())
             .push(req);
         let pace = self.pace;
+        let sent = self.sent.clone();
         Box::pin(async move {
-            let (texts, logprob, end): (Vec<String>, Option<f32>, Option<ApiError>) = match step {
+            type Pieces = Vec<(String, Option<f32>)>;
+            let with = |p: Vec<String>, lp: Option<f32>| -> Pieces {
+                p.into_iter().map(|t| (t, lp)).collect()
+            };
+            let (texts, end): (Pieces, Option<ApiError>) = match step {
                 Step::Refuse(e) => {
                     return Started {
                         result: Err(e),
                         exchange,
                     };
                 }
-                Step::Answer(p) => (p, None, None),
-                Step::Confident(p, lp) => (p, Some(lp), None),
-                Step::Echo(prefix) => (pieces(&format!("{prefix}{echo}"), 3), None, None),
-                Step::BreakAfter(p, e) => (p, None, Some(e)),
+                Step::Answer(p) => (with(p, None), None),
+                Step::Confident(p, lp) => (with(p, Some(lp)), None),
+                Step::Scored(p) => (p.into_iter().map(|(t, lp)| (t, Some(lp))).collect(), None),
+                Step::Echo(prefix) => (with(pieces(&format!("{prefix}{echo}"), 3), None), None),
+                Step::BreakAfter(p, e) => (with(p, None), Some(e)),
             };
             let n = texts.len() as u32;
             let stream = async_stream::stream! {
-                for text in texts {
+                for (text, logprob) in texts {
                     tokio::time::sleep(pace).await;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let tokens = logprob
                         .map(|lp| vec![TokenLogprob { token: text.clone(), logprob: lp, bytes: None, top_logprobs: vec![] }])
                         .unwrap_or_default();

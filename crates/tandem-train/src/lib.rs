@@ -152,8 +152,9 @@ fn topics(train: &[Example]) -> Option<Topics> {
     })
 }
 
-/// Solves `a x = b` for a symmetric positive definite `a` (overwritten).
-fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
+/// Factors a symmetric positive definite `a` in place into its lower
+/// Cholesky factor; `None` when it is not positive definite.
+fn cholesky(a: &mut [f64], n: usize) -> Option<()> {
     for j in 0..n {
         let mut s = a[j * n + j];
         for k in 0..j {
@@ -172,23 +173,141 @@ fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
             a[i * n + j] = s / l;
         }
     }
+    Some(())
+}
+
+/// Solves `l lᵀ x = b` with `l` from [`cholesky`].
+fn cholesky_apply(l: &[f64], b: &[f64], n: usize) -> Vec<f64> {
     let mut y = vec![0f64; n];
     for i in 0..n {
         let mut s = b[i];
         for k in 0..i {
-            s -= a[i * n + k] * y[k];
+            s -= l[i * n + k] * y[k];
         }
-        y[i] = s / a[i * n + i];
+        y[i] = s / l[i * n + i];
     }
     let mut x = vec![0f64; n];
     for i in (0..n).rev() {
         let mut s = y[i];
         for k in i + 1..n {
-            s -= a[k * n + i] * x[k];
+            s -= l[k * n + i] * x[k];
         }
-        x[i] = s / a[i * n + i];
+        x[i] = s / l[i * n + i];
     }
-    Some(x)
+    x
+}
+
+/// Solves `a x = b` for a symmetric positive definite `a` (overwritten).
+fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
+    cholesky(a, n)?;
+    Some(cholesky_apply(a, b, n))
+}
+
+/// `y ≈ W x + b`, fitted by least squares with an L2 penalty: how the
+/// pooled rows of a static table are mapped onto the encoder's sentence
+/// vectors.
+#[derive(Debug, Clone)]
+pub struct LinearMap {
+    /// Input width.
+    pub inputs: usize,
+    /// `outputs × inputs`, row-major.
+    pub weights: Vec<f32>,
+    /// One value an output.
+    pub bias: Vec<f32>,
+}
+
+impl LinearMap {
+    /// `W x` without the bias (what a table row becomes when the map is
+    /// folded into it).
+    pub fn linear(&self, x: &[f32]) -> Vec<f32> {
+        self.weights
+            .chunks_exact(self.inputs)
+            .map(|w| w.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+}
+
+/// Fits a [`LinearMap`] from `x` to `y` (same count, each of one width);
+/// `lambda` is the penalty per example. `None` when there is nothing to fit.
+pub fn fit_linear_map(x: &[Vec<f32>], y: &[Vec<f32>], lambda: f64) -> Option<LinearMap> {
+    let (d, m, n) = (x.first()?.len(), y.first()?.len(), x.len());
+    if n != y.len() || d == 0 || m == 0 {
+        return None;
+    }
+    let mean = |rows: &[Vec<f32>], w: usize| {
+        let mut mu = vec![0f64; w];
+        for r in rows {
+            for (a, &v) in mu.iter_mut().zip(r) {
+                *a += f64::from(v);
+            }
+        }
+        mu.iter_mut().for_each(|a| *a /= n as f64);
+        mu
+    };
+    let (mx, my) = (mean(x, d), mean(y, m));
+    let mut a = vec![0f64; d * d];
+    let mut b = vec![0f64; d * m];
+    let mut xc = vec![0f64; d];
+    for (xr, yr) in x.iter().zip(y) {
+        for (c, (&v, mu)) in xc.iter_mut().zip(xr.iter().zip(&mx)) {
+            *c = f64::from(v) - mu;
+        }
+        for i in 0..d {
+            let xi = xc[i];
+            for (aij, xj) in a[i * d..=i * d + i].iter_mut().zip(&xc) {
+                *aij += xi * xj;
+            }
+            for (bij, (&yv, mu)) in b[i * m..(i + 1) * m].iter_mut().zip(yr.iter().zip(&my)) {
+                *bij += xi * (f64::from(yv) - mu);
+            }
+        }
+    }
+    for i in 0..d {
+        for j in 0..i {
+            a[j * d + i] = a[i * d + j];
+        }
+        a[i * d + i] += lambda * n as f64;
+    }
+    cholesky(&mut a, d)?;
+    let mut weights = vec![0f32; m * d];
+    let mut col = vec![0f64; d];
+    for o in 0..m {
+        for (c, i) in col.iter_mut().zip(0..d) {
+            *c = b[i * m + o];
+        }
+        let w = cholesky_apply(&a, &col, d);
+        for (dst, v) in weights[o * d..(o + 1) * d].iter_mut().zip(&w) {
+            *dst = *v as f32;
+        }
+    }
+    let bias = (0..m)
+        .map(|o| {
+            let wx: f64 = (0..d).map(|i| f64::from(weights[o * d + i]) * mx[i]).sum();
+            (my[o] - wx) as f32
+        })
+        .collect();
+    Some(LinearMap {
+        inputs: d,
+        weights,
+        bias,
+    })
+}
+
+/// Smooth inverse frequency weights (Arora et al.): `a / (a + p)` for a
+/// piece seen with probability `p` in `counts`' corpus, so that words every
+/// prompt has weigh little in a mean. Unseen pieces weigh 1.
+pub fn sif_weights(counts: &[u64], a: f64) -> Vec<f32> {
+    let total: u64 = counts.iter().sum();
+    counts
+        .iter()
+        .map(|&c| {
+            if total == 0 {
+                1.0
+            } else {
+                (a / (a + c as f64 / total as f64)) as f32
+            }
+        })
+        .collect()
 }
 
 /// How to pick the threshold.
@@ -217,6 +336,7 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     let mut model = RouterModel {
         version: 1,
         embedder: "all-minilm-l6-v2".into(),
+        vectors: None,
         config,
         knn,
         ridge,

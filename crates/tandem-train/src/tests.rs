@@ -105,3 +105,45 @@ fn base64_round_trip() {
     let back: Neighbours = serde_json::from_str(&serde_json::to_string(&n).unwrap()).unwrap();
     assert_eq!(back.vectors, v);
 }
+
+#[test]
+fn a_linear_map_is_recovered_from_its_outputs() {
+    let mut rng = fastrand::Rng::with_seed(3);
+    let (d, m) = (6, 4);
+    let w: Vec<f32> = (0..d * m).map(|_| rng.f32() * 2.0 - 1.0).collect();
+    let b: Vec<f32> = (0..m).map(|_| rng.f32()).collect();
+    let x: Vec<Vec<f32>> = (0..200)
+        .map(|_| (0..d).map(|_| rng.f32() * 2.0 - 1.0).collect())
+        .collect();
+    let y: Vec<Vec<f32>> = x
+        .iter()
+        .map(|xi| {
+            (0..m)
+                .map(|o| b[o] + (0..d).map(|i| w[o * d + i] * xi[i]).sum::<f32>())
+                .collect()
+        })
+        .collect();
+    let map = fit_linear_map(&x, &y, 1e-9).expect("fits");
+    for (got, want) in map.weights.iter().zip(&w) {
+        assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+    }
+    for (got, want) in map.bias.iter().zip(&b) {
+        assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+    }
+    // Folding: the map of a row without its bias.
+    let lin = map.linear(&x[0]);
+    for (o, v) in lin.iter().enumerate() {
+        assert!((v + map.bias[o] - y[0][o]).abs() < 1e-3);
+    }
+    // Nothing to fit, or mismatched counts: no map rather than a panic.
+    assert!(fit_linear_map(&[], &[], 1.0).is_none());
+    assert!(fit_linear_map(&x, &y[..10], 1.0).is_none());
+}
+
+#[test]
+fn frequent_pieces_weigh_less() {
+    let w = sif_weights(&[0, 1, 1_000_000], 1e-3);
+    assert_eq!(w[0], 1.0);
+    assert!(w[1] > 0.9 && w[2] < 0.01, "{w:?}");
+    assert_eq!(sif_weights(&[0, 0], 1e-3), vec![1.0, 1.0]);
+}

@@ -107,6 +107,9 @@ fn d_threshold() -> f32 {
 fn d_cascade() -> f32 {
     -0.75
 }
+fn d_cascade_early_tokens() -> usize {
+    8
+}
 fn d_true() -> bool {
     true
 }
@@ -160,6 +163,15 @@ pub struct PolicyConfig {
     /// (see `tandem bench cascade`).
     #[serde(default = "d_cascade")]
     pub cascade_threshold: f32,
+    /// Tokens of the local answer after which the cascade looks at its
+    /// confidence so far and escalates at once if it is below
+    /// `cascade_early_threshold`, without waiting for the rest (0: only the
+    /// whole answer is judged).
+    #[serde(default = "d_cascade_early_tokens")]
+    pub cascade_early_tokens: usize,
+    /// Threshold for that early look (default: `cascade_threshold`).
+    #[serde(default)]
+    pub cascade_early_threshold: Option<f32>,
 }
 
 impl Default for PolicyConfig {

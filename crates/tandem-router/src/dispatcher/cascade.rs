@@ -2,10 +2,18 @@
 //! the answer reaches the client only if its confidence (mean token
 //! log-probability) passes the threshold, otherwise the cloud answers. If
 //! the cloud then fails, the local answer stands.
+//!
+//! The answer is judged early too: after its first few tokens, a confidence
+//! already below the early threshold escalates at once and the local
+//! generation is dropped (the engine frees its slot), so an escalated
+//! request costs the device a few tokens rather than a whole answer.
 
 use std::sync::Arc;
 
-use tandem_api::{Answer, ApiError, Event, GenerateRequest, Locality, LogprobRequest};
+use futures::StreamExt;
+use tandem_api::{
+    Answer, AnswerSoFar, ApiError, Event, EventStream, GenerateRequest, Locality, LogprobRequest,
+};
 use tandem_policy::Decision;
 
 use super::leg::{Leg, Placement, Supervision};
@@ -26,21 +34,39 @@ impl Dispatcher {
         let client_logprobs = req.logprobs.is_some();
         local_req.logprobs.get_or_insert(LogprobRequest { top: 0 });
         let threshold = self.policy.cascade_threshold;
-        let local = match self
+        let early = Early {
+            tokens: self.policy.cascade_early_tokens,
+            threshold: self.policy.cascade_early_threshold.unwrap_or(threshold),
+        };
+        let watched = match self
             .start_leg(Locality::Local, &local_req, &ctx, false, &p)
             .await
         {
-            Ok(leg) => Answer::collect(leg.stream).await.map(|a| (a, leg.model)),
+            Ok(leg) => watch(leg.stream, early).await.map(|w| (w, leg.model)),
+            Err(e) => Err(e),
+        };
+        let mut early_stop = None;
+        let local = match watched {
+            Ok((Watched::Whole(a), model)) => Ok((a, model)),
+            Ok((Watched::Unsure(c), _)) => {
+                early_stop = Some(c);
+                Err(ApiError::internal("escalated early"))
+            }
             Err(e) => Err(e),
         };
         let confidence = local.as_ref().ok().map(|(a, _)| confidence(&a.tokens));
         let keep = confidence.is_some_and(|c| c >= threshold);
-        let mut outcome = match confidence {
-            Some(c) if keep => format!("kept: confidence {c:.3} >= {threshold:.3}"),
-            Some(c) => format!("escalated: confidence {c:.3} < {threshold:.3}"),
-            None => "escalated: the local model failed".to_owned(),
+        let mut outcome = match (confidence, early_stop) {
+            (_, Some(c)) => format!(
+                "escalated early: confidence {c:.3} < {:.3} after {} tokens",
+                early.threshold, early.tokens
+            ),
+            (Some(c), _) if keep => format!("kept: confidence {c:.3} >= {threshold:.3}"),
+            (Some(c), _) => format!("escalated: confidence {c:.3} < {threshold:.3}"),
+            (None, _) => "escalated: the local model failed".to_owned(),
         };
         let mut failover = None;
+        let mut local_again = None;
         let leg = if keep {
             None
         } else {
@@ -54,18 +80,38 @@ impl Dispatcher {
                     outcome = format!("{outcome}; the cloud failed, so the local answer stands");
                     None
                 }
+                // Given up on early, the local answer is not there to
+                // stand: the device answers after all.
+                Err(e) if early_stop.is_some() => {
+                    failover = Some(format!("cloud -> local: {}", e.message));
+                    outcome =
+                        format!("{outcome}; the cloud failed, so the local model answers in full");
+                    local_again = Some(
+                        self.start_leg(Locality::Local, &req, &ctx, false, &p)
+                            .await?,
+                    );
+                    None
+                }
                 Err(e) => return Err(e),
             }
         };
         self.metrics()
             .cascade
             .get_or_create(&OutcomeLabels {
-                outcome: if leg.is_some() { "escalated" } else { "kept" }.into(),
+                outcome: if early_stop.is_some() {
+                    "escalated_early"
+                } else if leg.is_some() {
+                    "escalated"
+                } else {
+                    "kept"
+                }
+                .into(),
             })
             .inc();
-        let (leg, fallback) = match leg {
-            Some(leg) => (leg, Some(Locality::Local)),
-            None => {
+        let (leg, fallback) = match (leg, local_again) {
+            (Some(leg), _) => (leg, Some(Locality::Local)),
+            (None, Some(leg)) => (leg, None),
+            (None, None) => {
                 let (a, model) = local?;
                 let tokens = if client_logprobs {
                     a.tokens
@@ -112,4 +158,45 @@ impl Dispatcher {
         };
         Ok(self.run_leg(leg, sup, route, store))
     }
+}
+
+/// When the cascade looks at a local answer before its end.
+#[derive(Debug, Clone, Copy)]
+struct Early {
+    /// After this many tokens (0: never).
+    tokens: usize,
+    /// Escalate below this mean log-probability.
+    threshold: f32,
+}
+
+/// A local answer read to its end, or given up on early.
+enum Watched {
+    Whole(Answer),
+    /// The confidence of the first tokens, below the early threshold.
+    Unsure(f32),
+}
+
+/// Reads the local answer, judging it once its first `early.tokens` tokens
+/// are in; dropping the stream on an early escalation stops the generation.
+async fn watch(mut stream: EventStream, early: Early) -> Result<Watched, ApiError> {
+    let mut so_far = AnswerSoFar::default();
+    let mut judged = early.tokens == 0;
+    while let Some(event) = stream.next().await {
+        match event? {
+            Event::Delta(d) => {
+                so_far.push(d);
+                if !judged && so_far.tokens.len() >= early.tokens {
+                    judged = true;
+                    let c = confidence(so_far.tokens.get(..early.tokens).unwrap_or_default());
+                    if c < early.threshold {
+                        return Ok(Watched::Unsure(c));
+                    }
+                }
+            }
+            Event::Finish(f) => return Ok(Watched::Whole(so_far.finish(f))),
+        }
+    }
+    Err(ApiError::bad_gateway(
+        "the local model ended the answer without finishing it",
+    ))
 }

@@ -28,6 +28,7 @@ use tandem_policy::{Decision, PolicyConfig, RefusalKind, Scorer, decide};
 use crate::access::Access;
 use crate::cache::SemanticCache;
 use crate::egress::Egress;
+use crate::learned::RouterInput;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::signals::SignalHub;
 use crate::speculative::{SpeculativeConfig, Verifier};
@@ -52,7 +53,7 @@ struct Semantics {
     /// Embedding jobs run at once; the rest wait their turn instead of
     /// each taking a blocking thread and the cores.
     embed_slots: tokio::sync::Semaphore,
-    scorer: Mutex<Option<Arc<dyn Scorer>>>,
+    scorer: Mutex<Option<(Arc<dyn Scorer>, RouterInput)>>,
     cache: Option<Arc<SemanticCache>>,
 }
 
@@ -146,16 +147,17 @@ impl Dispatcher {
         &self.sessions
     }
 
-    /// Sets (or replaces) the learned router.
-    pub fn set_scorer(&self, scorer: Arc<dyn Scorer>) {
+    /// Sets (or replaces) the learned router and what it reads prompts
+    /// through.
+    pub fn set_scorer(&self, scorer: Arc<dyn Scorer>, input: RouterInput) {
         *self
             .semantics
             .scorer
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(scorer);
+            .unwrap_or_else(|p| p.into_inner()) = Some((scorer, input));
     }
 
-    fn scorer(&self) -> Option<Arc<dyn Scorer>> {
+    fn scorer(&self) -> Option<(Arc<dyn Scorer>, RouterInput)> {
         self.semantics
             .scorer
             .lock()
@@ -271,16 +273,20 @@ impl Dispatcher {
         } = self.plan(req, ctx, &checked)?;
         if named.is_none()
             && !self.clouds.is_empty()
-            && let Some(scorer) = self.scorer()
-            && let Some(e) = self.embedder()
+            && let Some((scorer, input)) = self.scorer()
             && let Some(text) = tandem_policy::scoring::routed_text(&req.input)
         {
-            match e.embed_one(text) {
-                Ok(v) => {
+            let v = match &input {
+                RouterInput::Static(t) => Some(t.embed_one(text)),
+                RouterInput::Embedder => self.embedder().map(|e| e.embed_one(text)),
+            };
+            match v {
+                Some(Ok(v)) => {
                     features.difficulty = Some(scorer.score(&v, text));
                     features.difficulty_threshold = scorer.threshold(ctx.quality);
                 }
-                Err(err) => tracing::warn!("router embedding failed: {err}"),
+                Some(Err(err)) => tracing::warn!("router embedding failed: {err}"),
+                None => {}
             }
         }
         let result = decide(&features, &view, &self.policy);
@@ -399,10 +405,22 @@ impl Dispatcher {
             None
         };
         let (cache_key, mut cache_state) = self.cache_key(&req, &ctx, &features, &checked);
+        // A router with its own static table scores here, in microseconds;
+        // one that reads the shared embedder waits for its vector below.
+        let mut router_vector = None;
+        if let Some((_, RouterInput::Static(table))) = &scorer
+            && let Some(text) = tandem_policy::scoring::routed_text(&req.input)
+        {
+            match table.embed_one(text) {
+                Ok(v) => router_vector = Some(v),
+                Err(err) => tracing::warn!("embedding for routing failed: {err}"),
+            }
+        }
+        let router_waits = matches!(&scorer, Some((_, RouterInput::Embedder)));
         let text = cache_key.as_ref().map(|k| k.text().to_owned()).or_else(|| {
-            scorer
-                .as_ref()
-                .and_then(|_| tandem_policy::scoring::routed_text(&req.input).map(str::to_owned))
+            router_waits
+                .then(|| tandem_policy::scoring::routed_text(&req.input).map(str::to_owned))
+                .flatten()
         });
         let placement = leg::Placement {
             local_i,
@@ -420,7 +438,7 @@ impl Dispatcher {
                 // Local generation starts while the router thinks when the
                 // rules so far keep the request here; a cloud decision or a
                 // cache hit drops it (and the engine frees its slot).
-                if scorer.is_some()
+                if router_waits
                     && !cascade
                     && matches!(decide(&features, &view, &self.policy), Ok(d) if d.side == Locality::Local)
                 {
@@ -448,9 +466,12 @@ impl Dispatcher {
             cache_state = Some(CacheOutcome::Miss);
             self.count_cache("miss");
         }
-        if let (Some(s), Some(v), Some(text)) = (
+        if router_waits {
+            router_vector.clone_from(&embedding);
+        }
+        if let (Some((s, _)), Some(v), Some(text)) = (
             &scorer,
-            &embedding,
+            &router_vector,
             tandem_policy::scoring::routed_text(&req.input),
         ) {
             features.difficulty = Some(s.score(v, text));
