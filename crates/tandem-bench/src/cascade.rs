@@ -19,11 +19,10 @@ use tandem_api::{Answer, Backend, GenerateRequest, Input, LogprobRequest, Messag
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
 use tandem_policy::{PolicyConfig, Scorer};
-use tandem_router::learned::LoadedRouter;
 use tandem_router::{Dispatcher, RequestContext, confidence};
 
 use crate::process::{spawn, wait_healthy};
-use crate::setup::{load_embedder, load_engine};
+use crate::setup::{load_embedder, load_engine, load_router};
 
 /// `tandem bench cascade`'s options.
 #[derive(Args)]
@@ -372,17 +371,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     let embedder = load_embedder().await?;
     let router_path = tandem_catalog::router_path();
     let scorer = if router_path.is_file() {
-        let encoder = LoadedRouter::encoder_of(&router_path).map_err(anyhow::Error::msg)?;
-        let tokenizer = tandem_catalog::resolve(&encoder)
-            .await?
-            .path
-            .parent()
-            .map(|d| d.join("tokenizer.json"))
-            .context("model folder")?;
-        Some(
-            LoadedRouter::load(&router_path, &tokenizer, Some(&embedder))
-                .map_err(anyhow::Error::msg)?,
-        )
+        Some(load_router(&router_path, &embedder).await?)
     } else {
         eprintln!(
             "no router at {} (`tandem router train`); the router row is skipped",

@@ -13,9 +13,9 @@ use tandem_api::{Answer, GenerateRequest, Input, Message, Sampling};
 use tandem_catalog::DEFAULT_MODEL;
 use tandem_engine::EngineOptions;
 use tandem_policy::{Features, LocalView, PolicyConfig, PrivacyMode, Scorer, View, decide};
-use tandem_router::learned::{LoadedRouter, RouterInput};
+use tandem_router::learned::RouterInput;
 
-use crate::setup::{load_embedder, load_engine};
+use crate::setup::{load_embedder, load_engine, load_router};
 
 /// `tandem bench router`'s options.
 #[derive(Args)]
@@ -88,15 +88,7 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
-    let encoder = LoadedRouter::encoder_of(&path).map_err(anyhow::Error::msg)?;
-    let tokenizer = tandem_catalog::resolve(&encoder)
-        .await?
-        .path
-        .parent()
-        .map(|d| d.join("tokenizer.json"))
-        .ok_or_else(|| anyhow::anyhow!("model folder"))?;
-    let router =
-        LoadedRouter::load(&path, &tokenizer, Some(&embedder)).map_err(anyhow::Error::msg)?;
+    let router = load_router(&path, &embedder).await?;
     let table = match &router.input {
         RouterInput::Static(t) => Some(t.clone()),
         RouterInput::Embedder => None,

@@ -18,6 +18,24 @@ pub async fn load_engine(model: &str, opts: &EngineOptions) -> anyhow::Result<Lo
     Ok(tokio::task::spawn_blocking(move || LocalEngine::load(cfg)).await??)
 }
 
+/// The router at `path` with what it reads prompts through (its static
+/// table, with the tokenizer of the encoder it was trained with, pulled if
+/// missing; or `embedder`).
+pub async fn load_router(
+    path: &std::path::Path,
+    embedder: &Embedder,
+) -> anyhow::Result<tandem_router::learned::LoadedRouter> {
+    use tandem_router::learned::LoadedRouter;
+    let encoder = LoadedRouter::encoder_of(path).map_err(anyhow::Error::msg)?;
+    let tokenizer = tandem_catalog::resolve(&encoder)
+        .await?
+        .path
+        .parent()
+        .map(|d| d.join("tokenizer.json"))
+        .context("model folder")?;
+    LoadedRouter::load(path, &tokenizer, Some(embedder)).map_err(anyhow::Error::msg)
+}
+
 /// The embedding model, pulled if missing.
 pub async fn load_embedder() -> anyhow::Result<Arc<Embedder>> {
     let r = tandem_catalog::resolve(EMBEDDER).await?;
