@@ -18,9 +18,13 @@ use clap::Args;
 use tandem_api::{Answer, Backend, GenerateRequest, Input, LogprobRequest, Message, Sampling};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
+use tandem_policy::learned::{ModelKind, TrainConfig, text_features};
 use tandem_policy::{PolicyConfig, Scorer};
+use tandem_router::label::{Item, Labeler, Outcome, Reference};
 use tandem_router::{Dispatcher, RequestContext, confidence};
+use tandem_train::{Calibration, Example};
 
+use crate::chart::Series;
 use crate::process::{spawn, wait_healthy};
 use crate::setup::{load_embedder, load_engine, load_router};
 
@@ -49,56 +53,19 @@ pub struct CascadeArgs {
     /// Tokens after which the early cascade judges the local answer.
     #[arg(long, default_value_t = 8)]
     pub early_tokens: usize,
+    /// Questions (never asked by the table) labelled by this pair to train
+    /// a router of its own; 0 skips it.
+    #[arg(long, default_value_t = 160)]
+    pub train_questions: usize,
+    /// Where the chart of accuracy against cloud share is written (PNG).
+    #[arg(long, default_value = "cascade.png")]
+    pub chart: std::path::PathBuf,
 }
 
 /// A question and how to check an answer.
 struct Question {
     prompt: String,
-    answer: Check,
-}
-
-enum Check {
-    Number(i64),
-    Letter(char),
-}
-
-impl Check {
-    fn passes(&self, text: &str) -> bool {
-        match self {
-            Check::Number(n) => first_number(text) == Some(*n),
-            Check::Letter(c) => text
-                .trim_start_matches(|ch: char| !ch.is_ascii_alphabetic())
-                .chars()
-                .next()
-                .is_some_and(|ch| ch.eq_ignore_ascii_case(c)),
-        }
-    }
-}
-
-/// The first integer in the text (commas inside it allowed).
-fn first_number(text: &str) -> Option<i64> {
-    let bytes: Vec<char> = text.chars().collect();
-    let mut i = 0;
-    while i < bytes.len() {
-        let neg = bytes[i] == '-' && bytes.get(i + 1).is_some_and(char::is_ascii_digit);
-        if bytes[i].is_ascii_digit() || neg {
-            let mut j = i + usize::from(neg);
-            let mut digits = String::new();
-            while j < bytes.len()
-                && (bytes[j].is_ascii_digit()
-                    || (bytes[j] == ',' && bytes.get(j + 1).is_some_and(char::is_ascii_digit)))
-            {
-                if bytes[j] != ',' {
-                    digits.push(bytes[j]);
-                }
-                j += 1;
-            }
-            let v: i64 = digits.parse().ok()?;
-            return Some(if neg { -v } else { v });
-        }
-        i += 1;
-    }
-    None
+    answer: Reference,
 }
 
 const MCQ: &[(&str, char)] = &[
@@ -144,16 +111,72 @@ const MCQ: &[(&str, char)] = &[
     ),
 ];
 
+/// Multiple-choice questions for the router's own labels, none of them
+/// asked by the table (`MCQ`).
+const MCQ_TRAIN: &[(&str, char)] = &[
+    (
+        "What is the largest ocean on Earth?\nA) Atlantic\nB) Indian\nC) Pacific\nD) Arctic",
+        'C',
+    ),
+    (
+        "Which language is mainly used to style web pages?\nA) CSS\nB) SQL\nC) C\nD) Bash",
+        'A',
+    ),
+    (
+        "How many sides does a hexagon have?\nA) Five\nB) Six\nC) Seven\nD) Eight",
+        'B',
+    ),
+    (
+        "Which gas makes up most of Earth's atmosphere?\nA) Oxygen\nB) Argon\nC) Carbon dioxide\nD) Nitrogen",
+        'D',
+    ),
+    (
+        "What does CPU stand for?\nA) Central Processing Unit\nB) Computer Power Unit\nC) Core Program Utility\nD) Central Print Unit",
+        'A',
+    ),
+    (
+        "Which sorting algorithm has an average time complexity of O(n log n)?\nA) Bubble sort\nB) Merge sort\nC) Insertion sort\nD) Selection sort",
+        'B',
+    ),
+    (
+        "Who painted the Mona Lisa?\nA) Michelangelo\nB) Raphael\nC) Leonardo da Vinci\nD) Rembrandt",
+        'C',
+    ),
+    (
+        "What is the freezing point of water in Fahrenheit?\nA) 0\nB) 100\nC) 212\nD) 32",
+        'D',
+    ),
+    (
+        "Which HTTP method is meant to retrieve a resource without changing it?\nA) GET\nB) POST\nC) DELETE\nD) PATCH",
+        'A',
+    ),
+    (
+        "What is the capital of Japan?\nA) Kyoto\nB) Tokyo\nC) Osaka\nD) Seoul",
+        'B',
+    ),
+    (
+        "Which planet is closest to the Sun?\nA) Venus\nB) Earth\nC) Mercury\nD) Mars",
+        'C',
+    ),
+    (
+        "In Git, which command records staged changes?\nA) git push\nB) git add\nC) git fetch\nD) git commit",
+        'D',
+    ),
+];
+
+/// The seed offset of the questions the router's own labels come from.
+const TRAIN_SEED: u64 = 1_000_003;
+
 /// Arithmetic word problems from one- to three-step, and multiple-choice
 /// questions: the local model gets the easy ones, not all the hard ones.
-fn questions(n: usize, seed: u64) -> Vec<Question> {
+fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut out = Vec::with_capacity(n);
     let number = |q: String, a: i64| Question {
         prompt: format!("{q} Reply with only the final number."),
-        answer: Check::Number(a),
+        answer: Reference::Number(a),
     };
-    let mut mcq = MCQ.iter().cycle();
+    let mut mcq = mcqs.iter().cycle();
     for i in 0..n {
         let q = match i % 8 {
             0 => {
@@ -203,10 +226,10 @@ fn questions(n: usize, seed: u64) -> Vec<Question> {
                 )
             }
             _ => {
-                let (q, c) = mcq.next().copied().unwrap_or(MCQ[0]);
+                let (q, c) = mcq.next().copied().unwrap_or(("", 'A'));
                 Question {
                     prompt: format!("{q}\nAnswer with the letter only."),
-                    answer: Check::Letter(c),
+                    answer: Reference::Letter(c),
                 }
             }
         };
@@ -232,12 +255,14 @@ fn request(model: &str, prompt: &str) -> GenerateRequest {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, serde::Serialize)]
 struct Row {
     weak: bool,
     strong: bool,
     confidence: f32,
     difficulty: Option<f32>,
+    /// The score of the router trained on this pair's own labels.
+    own: Option<f32>,
     /// The local answer's token log-probabilities.
     logprobs: Vec<f32>,
     /// Seconds to the local answer's first token, and to its end.
@@ -337,9 +362,135 @@ fn calibrate(rows: &[&Row], quality: f64) -> f32 {
     f32::INFINITY
 }
 
+/// A router trained on this pair's own labels (`tandem router label`'s
+/// labeller, checked answers) for questions the table never asks.
+async fn own_router(
+    args: &CascadeArgs,
+    local: &tandem_engine::LocalEngine,
+    cloud: &CloudBackend,
+    embedder: &tandem_embed::Embedder,
+) -> anyhow::Result<tandem_policy::learned::RouterModel> {
+    let d = Dispatcher::builder()
+        .local(local.clone())
+        .cloud(cloud.clone())
+        .build()
+        .map_err(anyhow::Error::msg)?;
+    let mut labeler = Labeler::new(d, &args.weak, &args.strong);
+    labeler.max_tokens = 24;
+    let qs = questions(
+        args.train_questions,
+        args.seed.wrapping_add(TRAIN_SEED),
+        MCQ_TRAIN,
+    );
+    let mut examples = Vec::with_capacity(qs.len());
+    for (i, q) in qs.iter().enumerate() {
+        let item = Item {
+            prompt: q.prompt.clone(),
+            reference: Some(q.answer),
+        };
+        let Outcome::Labeled(l) = labeler
+            .label(&item)
+            .await
+            .map_err(|e| anyhow::anyhow!("labelling: {}", e.message))?
+        else {
+            continue;
+        };
+        examples.push(Example {
+            id: format!("train-{i}"),
+            source: "bench".into(),
+            topic: "bench".into(),
+            embedding: embedder.embed_one(&q.prompt)?,
+            features: text_features(&q.prompt),
+            weak: l.weak_correct,
+            strong: l.strong_correct,
+        });
+        if (i + 1) % 20 == 0 {
+            eprintln!("labelled {}/{} training questions", i + 1, qs.len());
+        }
+    }
+    let weak = examples.iter().filter(|e| e.weak).count();
+    let strong = examples.iter().filter(|e| e.strong).count();
+    eprintln!(
+        "own labels: {} questions, local right {weak}, cloud right {strong}",
+        examples.len()
+    );
+    let config = TrainConfig {
+        kind: ModelKind::All,
+        k: 16,
+        ..TrainConfig::default()
+    };
+    Ok(tandem_train::train(
+        &examples,
+        config,
+        Calibration::Quality(args.quality as f32),
+    ))
+}
+
+/// Accuracy with the top `share` of rows by `score` escalated, and what
+/// random routing gets at the same share, for shares 0.1 to 0.9.
+fn against_random(rows: &[&Row], score: impl Fn(&Row) -> f32) -> Vec<(f64, f64, f64)> {
+    let mut sorted: Vec<&Row> = rows.to_vec();
+    sorted.sort_by(|a, b| score(b).total_cmp(&score(a)));
+    let n = sorted.len();
+    let weak = mix(rows, |_| false).0;
+    let strong = mix(rows, |_| true).0;
+    (1..=9)
+        .map(|tenth| {
+            let m = (n * tenth + 5) / 10;
+            let share = m as f64 / n.max(1) as f64;
+            let correct: usize = sorted
+                .iter()
+                .enumerate()
+                .map(|(i, r)| usize::from(if i < m { r.strong } else { r.weak }))
+                .sum();
+            (
+                share,
+                correct as f64 / n.max(1) as f64,
+                (1.0 - share) * weak + share * strong,
+            )
+        })
+        .collect()
+}
+
+/// The router threshold and early-cascade threshold that reach `quality`
+/// times the cloud's accuracy on `rows` with the smallest cloud share.
+fn calibrate_joint(
+    rows: &[&Row],
+    quality: f64,
+    k: usize,
+    score: impl Fn(&Row) -> f32,
+) -> (f32, f32) {
+    let target = quality * mix(rows, |_| true).0 - 1e-9;
+    let mut routers: Vec<f32> = rows.iter().map(|r| score(r)).collect();
+    routers.push(f32::INFINITY);
+    let mut cascades: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| {
+            let head = r.logprobs.iter().take(k.max(1)).sum::<f32>() / k.max(1) as f32;
+            [r.confidence + 1e-6, head + 1e-6]
+        })
+        .collect();
+    cascades.push(f32::NEG_INFINITY);
+    let mut best = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f32::INFINITY,
+        f32::INFINITY,
+    );
+    for &tr in &routers {
+        for &tc in &cascades {
+            let (acc, share) = mix(rows, |r| score(r) >= tr || r.early(k, tc) != Verdict::Kept);
+            if acc >= target && (share < best.0 || (share == best.0 && acc > best.1)) {
+                best = (share, acc, tr, tc);
+            }
+        }
+    }
+    (best.2, best.3)
+}
+
 /// Runs the benchmark and prints its table.
 pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
-    let qs = questions(args.questions, args.seed);
+    let qs = questions(args.questions, args.seed, MCQ);
     let cloud_url = format!("http://127.0.0.1:{}", args.cloud_port);
     eprintln!(
         "starting a cloud-role Tandem with {} on {cloud_url} ...",
@@ -380,6 +531,16 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         None
     };
 
+    let own = if args.train_questions > 0 {
+        eprintln!(
+            "labelling {} other questions with this pair to train its own router ...",
+            args.train_questions
+        );
+        Some(own_router(&args, &local, &cloud, &embedder).await?)
+    } else {
+        None
+    };
+
     let mut rows = Vec::with_capacity(qs.len());
     for (i, q) in qs.iter().enumerate() {
         let (weak, first_s, total_s) = timed(local.submit(request(&args.weak, &q.prompt))?).await?;
@@ -395,11 +556,16 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             }),
             None => None,
         };
+        let own = match &own {
+            Some(m) => Some(m.score(&embedder.embed_one(&q.prompt)?, &text_features(&q.prompt))),
+            None => None,
+        };
         let row = Row {
             weak: q.answer.passes(&weak.text),
             strong: q.answer.passes(&strong.text),
             confidence: confidence(&weak.tokens),
             difficulty,
+            own,
             logprobs: weak.tokens.iter().map(|t| t.logprob).collect(),
             first_s,
             total_s,
@@ -417,6 +583,11 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
 
+    // Every question's figures, for analyses the table does not make.
+    let dump = args.chart.with_extension("rows.json");
+    if let Err(e) = std::fs::write(&dump, serde_json::to_vec(&rows)?) {
+        eprintln!("{}: {e}", dump.display());
+    }
     let all: Vec<&Row> = rows.iter().collect();
     let (local_acc, _) = mix(&all, |_| false);
     let (cloud_acc, _) = mix(&all, |_| true);
@@ -440,6 +611,11 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     println!("{:<34} {:>9} {:>12}", "mode", "accuracy", "cloud share");
     println!("{:<34} {:>9.3} {:>12.3}", "local only", local_acc, 0.0);
     println!("{:<34} {:>9.3} {:>12.3}", "cloud only", cloud_acc, 1.0);
+    let mut chart = vec![
+        Series::curve("random", vec![(0.0, local_acc), (1.0, cloud_acc)]),
+        Series::point("device only", 0.0, local_acc),
+        Series::point("cloud only", 1.0, cloud_acc),
+    ];
     if let Some(r) = &scorer {
         let t = r.scorer.model().threshold;
         let (acc, share) = mix(&all, |r| r.difficulty.is_some_and(|d| d >= t));
@@ -449,11 +625,13 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             acc,
             share
         );
+        chart.push(Series::point("router, shared labels", share, acc));
     }
     println!(
         "{:<34} {:>9.3} {:>12.3}",
         "cascade (2-fold cross-validated)", cv_acc, cv_share
     );
+    chart.push(Series::point("cascade", cv_share, cv_acc));
 
     // The early cascade: the same thresholds, also judged after the first
     // `k` tokens; and the router in front of it (its cloud calls cost the
@@ -495,11 +673,21 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         early.0,
         early.1
     );
+    chart.push(Series::point(
+        format!("early cascade (k={k})"),
+        early.1,
+        early.0,
+    ));
     if router_t.is_some() {
         println!(
             "{:<34} {:>9.3} {:>12.3}",
             "router + early cascade (2-fold)", both.0, both.1
         );
+        chart.push(Series::point(
+            "router (shared) + early cascade",
+            both.1,
+            both.0,
+        ));
     }
     let mean = |s: f64, n: usize| if n == 0 { 0.0 } else { s / n as f64 };
     println!(
@@ -508,6 +696,81 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         mean(early_s, early_n),
         mean(early_s, early_n) / mean(full_s, full_n).max(1e-9)
     );
+
+    // The router trained on this pair's own labels: alone, against random
+    // routing at every share, and in front of the early cascade with both
+    // thresholds chosen together on one fold and scored on the other.
+    if let Some(model) = &own {
+        let score = |r: &Row| r.own.unwrap_or(0.0);
+        let t = model.threshold;
+        let (acc, share) = mix(&all, |r| score(r) >= t);
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            format!("router, own labels (threshold {t:.2})"),
+            acc,
+            share
+        );
+        let joint = [
+            (&a, calibrate_joint(&b, args.quality, k, score)),
+            (&b, calibrate_joint(&a, args.quality, k, score)),
+        ];
+        let (mut acc, mut share) = (0.0, 0.0);
+        let (mut own_s, mut own_n) = (0.0, 0usize);
+        for (rows, (tr, tc)) in joint {
+            let w = rows.len() as f64 / all.len() as f64;
+            let (fa, fs) = mix(rows, |r| score(r) >= tr || r.early(k, tc) != Verdict::Kept);
+            acc += fa * w;
+            share += fs * w;
+            for r in rows.iter() {
+                if score(r) >= tr {
+                    own_n += 1;
+                    continue;
+                }
+                match r.early(k, tc) {
+                    Verdict::Early => own_s += r.seconds_to(k),
+                    Verdict::Late => own_s += r.total_s,
+                    Verdict::Kept => continue,
+                }
+                own_n += 1;
+            }
+        }
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            "own router + early cascade (2-fold)", acc, share
+        );
+        chart.push(Series::point("own router + early cascade", share, acc));
+        println!(
+            "own router + early cascade: {:.1}% of cloud-only accuracy at cloud share {share:.3}; \
+             device seconds per escalated request {:.3} ({own_n}), {:.2} of the full cascade's",
+            100.0 * acc / cloud_acc.max(1e-9),
+            mean(own_s, own_n),
+            mean(own_s, own_n) / mean(full_s, full_n).max(1e-9)
+        );
+        println!("own-label router against random routing, accuracy at each cloud share:");
+        let cmp = against_random(&all, score);
+        for (share, acc, random) in &cmp {
+            println!("  share {share:.2}: router {acc:.3}, random {random:.3}");
+        }
+        println!(
+            "  better than random at {} of {} shares",
+            cmp.iter().filter(|(_, a, r)| a > r).count(),
+            cmp.len()
+        );
+        let mut curve = vec![(0.0, local_acc)];
+        curve.extend(cmp.iter().map(|&(share, acc, _)| (share, acc)));
+        curve.push((1.0, cloud_acc));
+        chart.push(Series::curve("router, own labels", curve));
+    }
+    let title = format!(
+        "{} questions: {} on the device, {} in the cloud",
+        all.len(),
+        args.weak,
+        args.strong
+    );
+    match crate::chart::accuracy_vs_share(&args.chart, &title, &chart) {
+        Ok(()) => println!("chart: {}", args.chart.display()),
+        Err(e) => eprintln!("no chart: {e:#}"),
+    }
 
     // The same cascade, live through the dispatcher.
     let policy = PolicyConfig {
@@ -554,15 +817,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answers_are_checked() {
-        assert!(Check::Number(1234).passes("The answer is 1,234."));
-        assert!(Check::Number(-5).passes("-5"));
-        assert!(!Check::Number(12).passes("x = 13"));
-        assert!(Check::Letter('B').passes("B) Mars"));
-        assert!(Check::Letter('B').passes(" (b)"));
-        assert!(!Check::Letter('B').passes("A"));
-        let qs = questions(40, 1);
+    fn the_router_learns_from_questions_the_table_never_asks() {
+        let qs = questions(40, 1, MCQ);
         assert_eq!(qs.len(), 40);
+        let train = questions(80, 1 + TRAIN_SEED, MCQ_TRAIN);
+        assert!(
+            train
+                .iter()
+                .all(|t| qs.iter().all(|q| q.prompt != t.prompt))
+        );
     }
 
     #[test]

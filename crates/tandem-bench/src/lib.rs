@@ -2,7 +2,7 @@
 //! same run and printing ratios: the local engine against a bare llama.cpp
 //! loop ([`engine`]), the gateway against LiteLLM ([`gateway`]), the learned
 //! router's decision time ([`router`]), accuracy against cloud share for
-//! the router and the cascade ([`cascade`]), and edge–cloud speculative
+//! the router and the cascade ([`cascade`], drawn by [`chart`]), and edge–cloud speculative
 //! decoding against cloud-only generation ([`speculative`]),
 //! personal-data detection against Presidio ([`privacy`]), tool calls and
 //! structured outputs, constrained against free decoding ([`tools`]), and
@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod cascade;
+pub mod chart;
 pub mod engine;
 mod engine_runs;
 pub mod gateway;

@@ -6,6 +6,7 @@ mod demo;
 mod models;
 mod ops;
 mod router_cmd;
+mod router_label;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};

@@ -22,6 +22,8 @@ pub enum RouterCommand {
     Train(TrainArgs),
     /// Evaluate a router on prompts it was not trained on.
     Eval(EvalArgs),
+    /// Label prompts with the deployed device and cloud models, for `train`.
+    Label(crate::router_label::LabelArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +66,11 @@ pub struct TrainArgs {
     /// encoder's sentence vectors.
     #[arg(long, default_value_t = 1e-4, hide = true)]
     pub map_lambda: f64,
+    /// Fewest training prompts the map onto the encoder's vectors is fitted
+    /// on (default: 4 per dimension); with fewer, the table is the
+    /// encoder's weighted piece vectors as they are.
+    #[arg(long, hide = true)]
+    pub map_min_prompts: Option<usize>,
 }
 
 /// What a router reads prompts through.
@@ -84,6 +91,17 @@ pub struct EvalArgs {
     pub router: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// Also replay the file in order as traffic, with the memory of the
+    /// cascade's outcomes (`[router.memory]`) learning from each prompt
+    /// after it is scored, and compare.
+    #[arg(long)]
+    pub online: bool,
+    /// `[router.memory] similarity` for --online.
+    #[arg(long)]
+    pub memory_similarity: Option<f32>,
+    /// `[router.memory] prior` for --online.
+    #[arg(long)]
+    pub memory_prior: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +274,7 @@ fn distil(
     prompts: &HashMap<String, String>,
     sif: f64,
     lambda: f64,
+    min_prompts: usize,
 ) -> anyhow::Result<StaticEmbedder> {
     let dim = embedder.dim();
     let raw = token_table(embedder)?;
@@ -279,6 +298,24 @@ fn distil(
     } else {
         vec![1.0; vocab]
     };
+    // A map of dim × dim weights needs several prompts per weight row to
+    // generalise; fitted on a few hundred it would squash every prompt into
+    // the span of the training ones. Below that the pooled pieces are used
+    // as they are (the encoder's own piece vectors, weighted).
+    if train.len() < min_prompts {
+        eprintln!(
+            "{} training prompts: too few to fit the map onto the encoder's vectors (at least {}); using the weighted piece vectors as they are",
+            train.len(),
+            min_prompts
+        );
+        return Ok(StaticEmbedder::new(
+            tokenizer,
+            dim,
+            &raw,
+            &weights,
+            vec![0.0; dim],
+        )?);
+    }
     let x: Vec<Vec<f32>> = ids
         .iter()
         .map(|i| tandem_embed::weighted_mean(&raw, &weights, dim, i))
@@ -356,9 +393,9 @@ fn print_metrics(overall: &learned::Metrics, per: &[(String, learned::Metrics)])
 }
 
 pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
-    let e = load_embedder(EMBEDDER).await?;
     match cmd {
         RouterCommand::Train(a) => {
+            let e = load_embedder(EMBEDDER).await?;
             let calibration = parse_calibration(&a.calibrate)?;
             let (data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
             let (mut train_set, mut test) = learned::split(data, a.holdout, a.seed);
@@ -374,7 +411,8 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             }
             let table = match a.vectors {
                 Vectors::Static => Some(tokio::task::block_in_place(|| {
-                    let t = distil(&e, &train_set, &prompts, a.sif, a.map_lambda)?;
+                    let min = a.map_min_prompts.unwrap_or(4 * e.dim());
+                    let t = distil(&e, &train_set, &prompts, a.sif, a.map_lambda, min)?;
                     embed_static(&t, &mut train_set, &prompts)?;
                     embed_static(&t, &mut test, &prompts)?;
                     anyhow::Ok(t)
@@ -424,7 +462,9 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             std::fs::write(&out, serde_json::to_vec(&model)?)?;
             println!("router written to {}", out.display());
         }
+        RouterCommand::Label(a) => crate::router_label::run(a).await?,
         RouterCommand::Eval(a) => {
+            let e = load_embedder(EMBEDDER).await?;
             let path = a.router.unwrap_or_else(tandem_catalog::router_path);
             if !path.is_file() {
                 bail!(
@@ -447,19 +487,34 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                     "the router was trained on every prompt of this file: nothing unseen to evaluate"
                 );
             }
+            let online = a.online.then(|| {
+                let mut cfg = tandem_policy::memory::MemoryConfig::default();
+                if let Some(s) = a.memory_similarity {
+                    cfg.similarity = s;
+                }
+                if let Some(p) = a.memory_prior {
+                    cfg.prior = p;
+                }
+                tokio::task::block_in_place(|| learned::evaluate_online(model, &data, &cfg))
+            });
             if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"overall": overall, "per_source": per})
-                    )?
-                );
+                let mut v = serde_json::json!({"overall": overall, "per_source": per});
+                if let Some((_, with)) = &online {
+                    v["online_with_memory"] = serde_json::to_value(with)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
                     "evaluation on {} prompts the router was not trained on:",
                     overall.prompts
                 );
                 print_metrics(&overall, &per);
+                if let Some((alone, with)) = &online {
+                    println!(
+                        "replayed in order as traffic, the memory learning from each outcome:"
+                    );
+                    print_metrics(alone, &[("+memory".to_owned(), with.clone())]);
+                }
             }
         }
     }

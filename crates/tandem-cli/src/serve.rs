@@ -233,6 +233,34 @@ pub async fn build_dispatcher(
         }
         b = b.embedder(&cfg.embeddings.model, embedder);
     }
+    if cfg.router.memory.enabled {
+        if !cfg.router.cascade {
+            tracing::warn!(
+                "[router.memory] learns from the cascade's outcomes: with `cascade = false` only requests sent with x-tandem-mode: cascade teach it"
+            );
+        }
+        if scorer.is_none() {
+            tracing::warn!(
+                "[router.memory] reads prompts through the learned router's vectors: with no router it stays idle (tandem router train)"
+            );
+        }
+        let path = cfg.router.memory.path.clone().unwrap_or_else(|| {
+            tandem_catalog::default_home()
+                .join("router")
+                .join("outcomes.jsonl")
+        });
+        let memory = tandem_router::memory::OutcomeMemory::open(
+            cfg.router.memory.clone(),
+            Some(path.clone()),
+        )
+        .with_context(|| format!("opening the router's memory {}", path.display()))?;
+        tracing::info!(
+            "router memory: {} ({} outcomes)",
+            path.display(),
+            memory.len()
+        );
+        b = b.memory(Arc::new(memory));
+    }
     if cfg.ledger.enabled && !cfg.upstreams.is_empty() {
         let key = tandem_ledger::LedgerKey::load_or_create(&cfg.ledger.key_path())?;
         let ledger = tandem_ledger::Ledger::open(cfg.ledger.path(), key)?;

@@ -464,3 +464,172 @@ fn cache_clear_without_a_server_removes_the_file() {
     );
     assert!(!file.exists());
 }
+
+/// `tandem router label` against a cloud-role Tandem on loopback, through
+/// an upstream that records every byte: the cost is shown before anything
+/// is sent, an interrupted run resumes, personal data never leaves, and
+/// `tandem router train` reads the labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
+    use tandem_testkit::capture::{CaptureUpstream, Mode};
+    use tandem_testkit::{QWEN_05B, TestServer, shared_engine};
+
+    model_path(SMOLLM2);
+    let cloud = tandem_router::Dispatcher::builder()
+        .local(shared_engine(QWEN_05B, 1024, 1))
+        .build()
+        .unwrap();
+    let server = TestServer::start(cloud).await;
+    let upstream = CaptureUpstream::start(Some(server.url("/v1")), Mode::Forward).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local]\nmodels = [\"{SMOLLM2}\"]\n\n[router]\nprivacy = \"strict\"\n\n\
+             [[upstreams]]\nname = \"cloud\"\nbase_url = \"{}\"\nmodels = [\"{QWEN_05B}\"]\n\
+             price_input_per_mtok = 2.0\nprice_output_per_mtok = 8.0\n",
+            upstream.base_url()
+        ),
+    )
+    .unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    let lines = [
+        serde_json::json!({"id": "add", "prompt": "What is 17 + 25? Reply with only the number.", "answer": 42}),
+        serde_json::json!({"id": "mul", "prompt": "What is 6 times 7? Reply with only the number.", "answer": "42"}),
+        serde_json::json!({"id": "mars", "prompt": "Which planet is known as the Red Planet?\nA) Venus\nB) Mars\nC) Jupiter\nD) Saturn\nAnswer with the letter only.", "answer": "B"}),
+        serde_json::json!({"id": "private", "prompt": "Write a short note to Hans Müller, Hauptstraße 5, 10115 Berlin (hans.mueller@example.de, +49 30 901820) confirming his appointment."}),
+        serde_json::json!({"id": "sky", "prompt": "In one sentence, why is the sky blue?", "source": "chat"}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&prompts, text.join("\n") + "\n").unwrap();
+    let labels = dir.path().join("labels.jsonl");
+    let label = |extra: &[&str]| {
+        let mut c = tandem();
+        c.args(["router", "label", "--max-tokens", "32", "--prompts"])
+            .arg(&prompts)
+            .arg("--out")
+            .arg(&labels)
+            .arg("-c")
+            .arg(&config)
+            .args(extra)
+            .stdin(Stdio::null());
+        async move {
+            tokio::task::spawn_blocking(move || c.output().unwrap())
+                .await
+                .unwrap()
+        }
+    };
+
+    // No terminal to ask on and no --yes: the estimate, and nothing sent.
+    let out = label(&[]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("4 answers and 1 judgements") && stdout.contains("at most $"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 prompts carry data"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert!(upstream.captured().is_empty());
+
+    // Two now; an interrupted run leaves a torn last line.
+    let out = label(&["--yes", "--limit", "2"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&labels)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"id\":\"mars\",\"sour").unwrap();
+    drop(f);
+    let out = label(&["--yes"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(2 already labelled"), "{stdout}");
+
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&labels)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["add", "mul", "mars", "sky"], "{rows:?}");
+    for r in &rows {
+        assert!(
+            r["weak_correct"].is_boolean() && r["strong_correct"].is_boolean(),
+            "{r}"
+        );
+        assert_eq!(r["device_model"], SMOLLM2);
+        assert_eq!(r["cloud_model"], QWEN_05B);
+        let method = if r["id"] == "sky" {
+            "judged"
+        } else {
+            "checked"
+        };
+        assert_eq!(r["method"], method, "{r}");
+    }
+    // A checked label is what the answers say.
+    let add = &rows[0];
+    let last = |s: &str| {
+        s.split(|c: char| !c.is_ascii_digit())
+            .rfind(|w| !w.is_empty())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        add["strong_correct"].as_bool(),
+        Some(last(add["cloud_answer"].as_str().unwrap()).as_deref() == Some("42")),
+        "{add}"
+    );
+    assert_eq!(rows[3]["source"], "chat");
+
+    // What reached the cloud: three answers, one answer and its judgement
+    // (which quotes the device's answer); never the private prompt.
+    let sent = upstream.captured();
+    assert_eq!(sent.len(), 5, "{}", sent.len());
+    let all = String::from_utf8_lossy(&upstream.all_bytes()).into_owned();
+    for secret in ["Müller", "Hauptstra", "hans.mueller", "901820", "10115"] {
+        assert!(!all.contains(secret), "{secret} left the device");
+    }
+    let judge = sent.last().unwrap().json();
+    let judged = judge["messages"][0]["content"].as_str().unwrap();
+    assert!(
+        judged.contains(rows[3]["device_answer"].as_str().unwrap().trim()),
+        "{judged}"
+    );
+
+    // `tandem router train` reads the labels as they are.
+    let router = dir.path().join("router.json");
+    let out = tandem()
+        .args([
+            "router",
+            "train",
+            "--vectors",
+            "encoder",
+            "--k",
+            "2",
+            "--holdout",
+            "0",
+            "--data",
+        ])
+        .arg(&labels)
+        .arg("--out")
+        .arg(&router)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(router.is_file());
+    server.stop().await;
+}

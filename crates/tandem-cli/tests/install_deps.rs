@@ -60,7 +60,7 @@ fn dry_run(installed: &[&str], removed: &[&str], groups: &[&str]) -> String {
 fn a_machine_without_the_packages_gets_them_all() {
     assert_eq!(
         dry_run(&[], &[], &["build", "test"]),
-        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip"
+        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip fonts-dejavu-core"
     );
 }
 
@@ -90,6 +90,7 @@ fn removed_packages_count_as_missing_and_a_complete_machine_needs_nothing() {
         "python3",
         "python3-venv",
         "python3-pip",
+        "fonts-dejavu-core",
     ];
     assert_eq!(
         dry_run(&all, &["libclang-dev"], &["build", "test"]),

@@ -192,7 +192,7 @@ pub struct StaticVectors {
     pub sha256: String,
 }
 
-mod b64 {
+pub(crate) mod b64 {
     use base64::Engine;
     use serde::{Deserialize, Deserializer, Serializer};
 

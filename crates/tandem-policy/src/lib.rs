@@ -2,7 +2,8 @@
 //! world: where a request runs and why ([`decide`]), what personal data it
 //! carries and how it is replaced and restored ([`privacy`]), the state the
 //! decision reads ([`signals`]), and the learned router's model that scores
-//! how hard a prompt is ([`learned`], [`scoring`]).
+//! how hard a prompt is ([`learned`], [`scoring`]), and what the cascade's
+//! outcomes add to it ([`memory`]).
 //!
 //! Not here, on purpose: anything that does I/O or waits — reading the
 //! device, probing upstreams, running models, writing the ledger. That is
@@ -14,6 +15,7 @@
 
 mod decision;
 pub mod learned;
+pub mod memory;
 pub mod privacy;
 pub mod scoring;
 pub mod signals;

@@ -13,6 +13,8 @@
 //! - [`signals`]: reading the device and probing upstreams, with overrides.
 //! - [`cache`]: the semantic answer cache.
 //! - [`learned`]: the learned router's file and the vectors it reads.
+//! - [`label`]: labels for the router from the device and cloud models.
+//! - [`memory`]: the cascade's outcomes, remembered for the router.
 //! - [`access`]: gateway keys, rate limits, daily spending.
 //! - [`speculative`]: drafting on the device; verification sessions (cloud role).
 //! - [`metrics`]: the Prometheus registry of one gateway.
@@ -26,7 +28,9 @@ pub mod access;
 pub mod cache;
 mod dispatcher;
 mod egress;
+pub mod label;
 pub mod learned;
+pub mod memory;
 pub mod metrics;
 mod recognizer;
 pub mod signals;

@@ -164,6 +164,9 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
     if let Some(c) = &route.cache {
         set(&mut h, "x-tandem-cache", &c.to_string());
     }
+    if let Some(m) = &route.memory {
+        set(&mut h, "x-tandem-router-memory", m);
+    }
     if let Some(c) = &route.cascade {
         set(&mut h, "x-tandem-cascade", c);
     }

@@ -527,3 +527,112 @@ async fn cache_serves_paraphrases_within_a_partition_and_survives_a_restart() {
     let after = r.chat("What is the capital of France?", &[]).await;
     assert_ne!(after.header("x-tandem-backend"), "cache");
 }
+
+/// The cascade teaches the router: a kind of prompt the device keeps failing
+/// goes straight to the cloud after a few escalations (no device time
+/// spent on it), per partition, never for prompts with personal data, and
+/// still after a restart.
+#[tokio::test]
+async fn cascade_outcomes_teach_the_router_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("outcomes.jsonl");
+    let asked = "Good morning! Tell me a nice greeting for a birthday card.";
+    let private = "Good morning! Write to anna.schmidt@example.org a nice greeting.";
+    // Every local answer fails the cascade's bar.
+    let policy = PolicyConfig {
+        cascade: true,
+        cascade_threshold: 0.0,
+        ..PolicyConfig::default()
+    };
+    let base = rig_with(policy.clone(), None, None, false).await;
+    let memory = Arc::new(
+        tandem_router::memory::OutcomeMemory::open(policy.memory.clone(), Some(file.clone()))
+            .unwrap(),
+    );
+    let d = Dispatcher::builder()
+        .local(device_engine())
+        .cloud_arc(base.dispatcher.clouds()[0].clone())
+        .policy(policy.clone())
+        .memory(memory.clone())
+        .build()
+        .unwrap();
+    let (scorer, table) = toy_static_router(&[asked, private]);
+    d.set_scorer(Arc::new(scorer), RouterInput::Static(table));
+    let server = TestServer::start(d).await;
+    let chat = |prompt: &'static str, headers: Vec<(&'static str, &'static str)>| {
+        let url = server.url("/v1/chat/completions");
+        async move {
+            let body = json!({
+                "model": "tandem/auto", "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": prompt}],
+            });
+            post_json(&url, &body, &headers).await
+        }
+    };
+
+    // The router thinks it easy: the device tries, the cascade escalates.
+    let first = chat(asked, vec![]).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(first.header("x-tandem-cascade").starts_with("escalated"));
+    let mut tries = 1;
+    loop {
+        let r = chat(asked, vec![]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if r.header("x-tandem-cascade").is_empty() {
+            // Learned: straight to the cloud, decided by difficulty.
+            assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+            assert_eq!(r.header("x-tandem-decided-by"), "difficulty");
+            assert!(
+                r.header("x-tandem-router-memory")
+                    .contains("100% escalated"),
+                "{:?}",
+                r.headers
+            );
+            break;
+        }
+        tries += 1;
+        assert!(tries < 10, "the memory never moved the router");
+    }
+    assert_eq!(memory.len(), tries);
+    // Another partition (privacy mode) learned nothing yet.
+    let other = chat(asked, vec![("x-tandem-privacy", "off")]).await;
+    assert!(
+        other.header("x-tandem-cascade").starts_with("escalated"),
+        "{:?}",
+        other.headers
+    );
+    assert_eq!(memory.len(), tries + 1);
+    // Personal data is never remembered.
+    let p = chat(private, vec![("x-tandem-privacy", "redact")]).await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(memory.len(), tries + 1);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), tries + 1);
+    assert!(!text.contains("Good morning") && !text.contains("anna"));
+
+    // After a restart the lesson stands.
+    server.stop().await;
+    let reopened = Arc::new(
+        tandem_router::memory::OutcomeMemory::open(policy.memory.clone(), Some(file)).unwrap(),
+    );
+    assert_eq!(reopened.len(), tries + 1);
+    let d = Dispatcher::builder()
+        .local(device_engine())
+        .cloud_arc(base.dispatcher.clouds()[0].clone())
+        .policy(policy)
+        .memory(reopened)
+        .build()
+        .unwrap();
+    let (scorer, table) = toy_static_router(&[asked, private]);
+    d.set_scorer(Arc::new(scorer), RouterInput::Static(table));
+    let server = TestServer::start(d).await;
+    let body = json!({
+        "model": "tandem/auto", "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": asked}],
+    });
+    let r = post_json(&server.url("/v1/chat/completions"), &body, &[]).await;
+    assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+    assert!(r.header("x-tandem-cascade").is_empty());
+    server.stop().await;
+    base.server.stop().await;
+}

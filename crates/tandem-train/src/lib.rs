@@ -598,6 +598,35 @@ pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String,
     (overall, per)
 }
 
+/// The router alone and the router with a memory of outcomes learned
+/// online, on `data` in order (prompts the model was trained on skipped):
+/// each prompt is scored with what the earlier ones taught, then its own
+/// outcome is remembered — escalated when the weak model got it wrong, as a
+/// cascade that judged perfectly would have decided.
+pub fn evaluate_online(
+    model: &RouterModel,
+    data: &[Example],
+    cfg: &tandem_policy::memory::MemoryConfig,
+) -> (Metrics, Metrics) {
+    use tandem_policy::memory::{Outcome, Outcomes, blend};
+    let seen: std::collections::HashSet<&str> =
+        model.trained_on.iter().map(String::as_str).collect();
+    let unseen: Vec<Example> = data
+        .iter()
+        .filter(|e| !seen.contains(e.id.as_str()))
+        .cloned()
+        .collect();
+    let mut memory = Outcomes::new(cfg.max_entries);
+    let (mut alone, mut with) = (Vec::new(), Vec::new());
+    for e in &unseen {
+        let d = model.score(&e.embedding, &e.features);
+        alone.push(d);
+        with.push(blend(d, memory.estimate("", &e.embedding, cfg), cfg.prior));
+        memory.push(Outcome::new("", &e.embedding, !e.weak));
+    }
+    (metrics(&alone, &unseen), metrics(&with, &unseen))
+}
+
 /// Splits examples into training and held-out sets, stratified by source,
 /// deterministically for a seed.
 pub fn split(data: Vec<Example>, holdout: f32, seed: u64) -> (Vec<Example>, Vec<Example>) {

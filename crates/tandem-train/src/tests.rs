@@ -147,3 +147,47 @@ fn frequent_pieces_weigh_less() {
     assert!(w[1] > 0.9 && w[2] < 0.01, "{w:?}");
     assert_eq!(sif_weights(&[0, 0], 1e-3), vec![1.0, 1.0]);
 }
+
+/// Prompts of two kinds the router never saw: the memory of earlier
+/// outcomes learns them as traffic goes by; the router alone cannot.
+#[test]
+fn a_memory_of_outcomes_learns_what_the_router_never_saw() {
+    let m = train(
+        &fixture(400, 1),
+        TrainConfig {
+            kind: ModelKind::Knn,
+            k: 16,
+            ..TrainConfig::default()
+        },
+        Calibration::Quality(0.95),
+    );
+    let mut rng = fastrand::Rng::with_seed(11);
+    let traffic: Vec<Example> = (0..300)
+        .map(|i| {
+            let hard = rng.bool();
+            let mut v: Vec<f32> = (0..16).map(|_| rng.f32() * 0.1).collect();
+            v[if hard { 2 } else { 3 }] += 1.0;
+            Example {
+                id: format!("t{i}"),
+                source: "traffic".into(),
+                topic: "traffic".into(),
+                embedding: unit(&v),
+                features: text_features("what about this one"),
+                weak: !hard,
+                strong: true,
+            }
+        })
+        .collect();
+    let cfg = tandem_policy::memory::MemoryConfig::default();
+    let (alone, with) = evaluate_online(&m, &traffic, &cfg);
+    assert_eq!(alone.prompts, 300);
+    assert!(with.apgr > alone.apgr + 0.1, "{alone:?} {with:?}");
+    assert!(with.local_share_at_95 > alone.local_share_at_95 + 0.2);
+    // Nothing learned when nothing is close enough to count.
+    let far = tandem_policy::memory::MemoryConfig {
+        similarity: 1.01,
+        ..cfg
+    };
+    let (a, w) = evaluate_online(&m, &traffic, &far);
+    assert!((a.apgr - w.apgr).abs() < 1e-9);
+}

@@ -172,6 +172,9 @@ pub struct PolicyConfig {
     /// Threshold for that early look (default: `cascade_threshold`).
     #[serde(default)]
     pub cascade_early_threshold: Option<f32>,
+    /// Learning from the cascade's outcomes (`[router.memory]`).
+    #[serde(default)]
+    pub memory: crate::memory::MemoryConfig,
 }
 
 impl Default for PolicyConfig {

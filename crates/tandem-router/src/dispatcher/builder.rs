@@ -13,6 +13,7 @@ use super::{Dispatcher, Semantics, Speed};
 use crate::access::{Access, KeyConfig, SpendTracker};
 use crate::cache::SemanticCache;
 use crate::egress::Egress;
+use crate::memory::OutcomeMemory;
 use crate::metrics::Metrics;
 use crate::signals::SignalHub;
 use crate::speculative::{SpeculativeConfig, Verifier};
@@ -29,6 +30,7 @@ pub struct DispatcherBuilder {
     hub: Option<SignalHub>,
     embedder: Option<(String, Arc<Embedder>)>,
     cache: Option<Arc<SemanticCache>>,
+    memory: Option<Arc<OutcomeMemory>>,
     speculative: SpeculativeConfig,
     recognizer: Option<Result<Arc<dyn EntityRecognizer>, String>>,
 }
@@ -112,6 +114,13 @@ impl DispatcherBuilder {
         self
     }
 
+    /// The cascade's outcomes, read by the learned router (needs one, and
+    /// the cascade, to learn anything).
+    pub fn memory(mut self, m: Arc<OutcomeMemory>) -> Self {
+        self.memory = Some(m);
+        self
+    }
+
     /// The `[speculative]` section.
     pub fn speculative(mut self, s: SpeculativeConfig) -> Self {
         self.speculative = s;
@@ -157,6 +166,7 @@ impl DispatcherBuilder {
                 ),
                 scorer: Mutex::new(None),
                 cache: self.cache,
+                memory: self.memory,
             },
             verifier: Arc::new(Verifier::new(
                 Duration::from_secs(self.speculative.session_idle_s.max(1)),

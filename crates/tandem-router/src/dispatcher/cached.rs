@@ -44,6 +44,15 @@ impl Dispatcher {
         }
     }
 
+    /// What requests are remembered under (the cache's answers, the
+    /// router's outcomes): the key's holder and the privacy mode, so one
+    /// key's traffic never informs another's.
+    pub(super) fn partition(&self, ctx: &RequestContext, features: &Features) -> String {
+        let mode = features.privacy.unwrap_or(self.policy.privacy);
+        let name = ctx.caller.as_ref().map_or("", |c| c.config.name.as_str());
+        format!("{name}|{}", mode.as_str())
+    }
+
     /// Answers from the cache: one piece of text, then the finish.
     pub(super) fn serve_cached(&self, hit: Cached, t0: Instant) -> Dispatched {
         let detail = format!(
@@ -72,6 +81,7 @@ impl Dispatcher {
             cache: Some(CacheOutcome::Hit {
                 similarity: hit.similarity,
             }),
+            memory: None,
             cascade: None,
             speculative: None,
         };

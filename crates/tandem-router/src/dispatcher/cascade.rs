@@ -29,6 +29,7 @@ impl Dispatcher {
         decision: Decision,
         p: Placement,
         store: Option<(CacheKey, Vec<f32>)>,
+        recall: Option<(String, Vec<f32>)>,
     ) -> Result<Dispatched, ApiError> {
         let mut local_req = req.clone();
         let client_logprobs = req.logprobs.is_some();
@@ -56,6 +57,13 @@ impl Dispatcher {
         };
         let confidence = local.as_ref().ok().map(|(a, _)| confidence(&a.tokens));
         let keep = confidence.is_some_and(|c| c >= threshold);
+        // The verdict on the device's answer teaches the router; a local
+        // model that failed says nothing about the prompt.
+        if let (Some(memory), Some((partition, v))) = (self.memory(), &recall)
+            && (early_stop.is_some() || confidence.is_some())
+        {
+            memory.record(partition, v, !keep);
+        }
         let mut outcome = match (confidence, early_stop) {
             (_, Some(c)) => format!(
                 "escalated early: confidence {c:.3} < {:.3} after {} tokens",

@@ -30,6 +30,8 @@ pub(super) struct Placement {
     pub prompt_estimate: u32,
     pub difficulty: Option<(f32, f32)>,
     pub cache: Option<CacheOutcome>,
+    /// What the cascade's remembered outcomes said, when they moved the score.
+    pub memory: Option<String>,
 }
 
 /// A side that is serving the answer now.
@@ -237,6 +239,7 @@ impl Dispatcher {
             decision_us: p.decision_us,
             difficulty: p.difficulty,
             cache: p.cache,
+            memory: p.memory.clone(),
             cascade: None,
             speculative: None,
         }

@@ -29,6 +29,7 @@ use crate::access::Access;
 use crate::cache::SemanticCache;
 use crate::egress::Egress;
 use crate::learned::RouterInput;
+use crate::memory::OutcomeMemory;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::signals::SignalHub;
 use crate::speculative::{SpeculativeConfig, Verifier};
@@ -55,6 +56,7 @@ struct Semantics {
     embed_slots: tokio::sync::Semaphore,
     scorer: Mutex<Option<(Arc<dyn Scorer>, RouterInput)>>,
     cache: Option<Arc<SemanticCache>>,
+    memory: Option<Arc<OutcomeMemory>>,
 }
 
 /// Places requests and carries the decisions out. Build one with
@@ -191,6 +193,11 @@ impl Dispatcher {
     /// The semantic cache, if on.
     pub fn cache(&self) -> Option<&Arc<SemanticCache>> {
         self.semantics.cache.as_ref()
+    }
+
+    /// What the cascade's outcomes taught the router, if on.
+    pub fn memory(&self) -> Option<&Arc<OutcomeMemory>> {
+        self.semantics.memory.as_ref()
     }
 
     /// Embeds off the async workers (a forward pass takes milliseconds).
@@ -430,6 +437,7 @@ impl Dispatcher {
             prompt_estimate: features.prompt_tokens,
             difficulty: None,
             cache: None,
+            memory: None,
         };
         let mut early = None;
         let embedding = match (text, self.embedder().cloned()) {
@@ -477,6 +485,31 @@ impl Dispatcher {
             features.difficulty = Some(s.score(v, text));
             features.difficulty_threshold = s.threshold(ctx.quality);
         }
+        // Prompts like this one that the cascade escalated (or kept) move
+        // the router's score; this one's outcome is remembered in turn.
+        // Personal data is never remembered, not even as a vector.
+        let mut recall = None;
+        let mut remembered = None;
+        if let (Some(memory), Some(v), Some(d)) =
+            (self.memory(), &router_vector, features.difficulty)
+            && !checked.maybe_private()
+        {
+            let partition = self.partition(&ctx, &features);
+            let estimate = memory.estimate(&partition, v);
+            features.difficulty = Some(tandem_policy::memory::blend(
+                d,
+                estimate,
+                memory.config().prior,
+            ));
+            remembered = estimate.map(|e| {
+                format!(
+                    "{} similar prompts, {:.0}% escalated; router {d:.3}",
+                    e.neighbours,
+                    100.0 * e.escalated
+                )
+            });
+            recall = Some((partition, v.clone()));
+        }
         let difficulty = features.difficulty.map(|d| {
             let t = features.difficulty_threshold.unwrap_or_else(|| {
                 tandem_policy::threshold_for_quality(
@@ -505,9 +538,15 @@ impl Dispatcher {
             cache: cache_state,
             ..placement
         };
+        let placement = leg::Placement {
+            memory: remembered,
+            ..placement
+        };
         if cascade && decision.side == Locality::Local && decision.fallback == Some(Locality::Cloud)
         {
-            return self.cascade(req, ctx, decision, placement, store).await;
+            return self
+                .cascade(req, ctx, decision, placement, store, recall)
+                .await;
         }
         let speculation =
             (mode == Mode::Speculative).then(|| self.speculation(&req, &decision, local_i));

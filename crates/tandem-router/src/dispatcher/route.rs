@@ -120,6 +120,8 @@ pub struct RouteInfo {
     pub difficulty: Option<(f32, f32)>,
     /// What the semantic cache did, when it is on.
     pub cache: Option<CacheOutcome>,
+    /// What the cascade's remembered outcomes for similar prompts said.
+    pub memory: Option<String>,
     /// What the cascade did: kept the local answer or escalated it.
     pub cascade: Option<String>,
     /// Whether the answer is decoded speculatively, when that was asked.
