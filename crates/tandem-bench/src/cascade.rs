@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use tandem_api::{Answer, Backend, GenerateRequest, Input, LogprobRequest, Message, Sampling};
+use tandem_api::{Answer, Backend, GenerateRequest, LogprobRequest};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
 use tandem_policy::learned::{ModelKind, TrainConfig, text_features};
 use tandem_policy::{PolicyConfig, Scorer};
-use tandem_router::label::{Item, Labeler, Outcome, Reference};
+use tandem_router::label::{Item, Labeler, Outcome, Reference, greedy_request};
 use tandem_router::{Dispatcher, RequestContext, confidence};
 use tandem_train::{Calibration, Example};
 
@@ -238,20 +238,13 @@ fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question
     out
 }
 
+/// Answers are short: a number or a letter.
+const MAX_TOKENS: u32 = 24;
+
 fn request(model: &str, prompt: &str) -> GenerateRequest {
     GenerateRequest {
-        model: model.to_owned(),
-        input: Input::Chat {
-            messages: vec![Message::new("user", prompt)],
-            continue_from: None,
-        },
-        sampling: Sampling::greedy(),
-        max_tokens: Some(24),
-        stop: Vec::new(),
         logprobs: Some(LogprobRequest { top: 0 }),
-        stream: false,
-        include_usage: false,
-        extra: Default::default(),
+        ..greedy_request(model, prompt, MAX_TOKENS)
     }
 }
 
@@ -376,7 +369,7 @@ async fn own_router(
         .build()
         .map_err(anyhow::Error::msg)?;
     let mut labeler = Labeler::new(d, &args.weak, &args.strong);
-    labeler.max_tokens = 24;
+    labeler.max_tokens = MAX_TOKENS;
     let qs = questions(
         args.train_questions,
         args.seed.wrapping_add(TRAIN_SEED),
@@ -482,6 +475,39 @@ fn calibrate_joint(
             let (acc, share) = mix(rows, |r| score(r) >= tr || r.early(k, tc) != Verdict::Kept);
             if acc >= target && (share < best.0 || (share == best.0 && acc > best.1)) {
                 best = (share, acc, tr, tc);
+            }
+        }
+    }
+    (best.2, best.3)
+}
+
+/// `[router] cascade_prior` and the threshold (for a prompt at the
+/// router's own threshold `tr`) that reach `quality` times the cloud's
+/// accuracy on `rows` with the smallest cloud share: the bar a row's answer
+/// must pass is `t + prior × (score − tr)`.
+fn calibrate_prior(
+    rows: &[&Row],
+    quality: f64,
+    k: usize,
+    tr: f32,
+    score: impl Fn(&Row) -> f32,
+) -> (f32, f32) {
+    let target = quality * mix(rows, |_| true).0 - 1e-9;
+    let mut best = (f64::INFINITY, f64::NEG_INFINITY, 0.0, f32::INFINITY);
+    for prior in [0.0f32, 0.5, 1.0, 2.0, 4.0, 8.0] {
+        let shift = |r: &Row| prior * (score(r) - tr);
+        let mut cands: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| {
+                let head = r.logprobs.iter().take(k.max(1)).sum::<f32>() / k.max(1) as f32;
+                [r.confidence - shift(r) + 1e-6, head - shift(r) + 1e-6]
+            })
+            .collect();
+        cands.push(f32::NEG_INFINITY);
+        for t in cands {
+            let (acc, share) = mix(rows, |r| r.early(k, t + shift(r)) != Verdict::Kept);
+            if acc >= target && (share < best.0 || (share == best.0 && acc > best.1)) {
+                best = (share, acc, prior, t);
             }
         }
     }
@@ -746,6 +772,45 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             mean(own_s, own_n),
             mean(own_s, own_n) / mean(full_s, full_n).max(1e-9)
         );
+        // The router's score as the cascade's prior: one bar, moved by it.
+        let tr = model.threshold;
+        let fold_b = calibrate_prior(&b, args.quality, k, tr, score);
+        let fold_a = calibrate_prior(&a, args.quality, k, tr, score);
+        let (mut acc, mut share) = (0.0, 0.0);
+        let (mut prior_s, mut prior_n) = (0.0, 0usize);
+        for (rows, (prior, t)) in [(&a, fold_b), (&b, fold_a)] {
+            let w = rows.len() as f64 / all.len() as f64;
+            let bar = |r: &Row| t + prior * (score(r) - tr);
+            let (fa, fs) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
+            acc += fa * w;
+            share += fs * w;
+            for r in rows.iter() {
+                match r.early(k, bar(r)) {
+                    Verdict::Early => prior_s += r.seconds_to(k),
+                    Verdict::Late => prior_s += r.total_s,
+                    Verdict::Kept => continue,
+                }
+                prior_n += 1;
+            }
+        }
+        let (prior, t) = calibrate_prior(&all, args.quality, k, tr, score);
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            "early cascade, own router as prior", acc, share
+        );
+        println!(
+            "early cascade with the own router's prior: {:.1}% of cloud-only accuracy at cloud share {share:.3}; \
+             device seconds per escalated request {:.3} ({prior_n}), {:.2} of the full cascade's; \
+             on all questions: cascade_prior = {prior}, cascade_threshold = {t:.3}",
+            100.0 * acc / cloud_acc.max(1e-9),
+            mean(prior_s, prior_n),
+            mean(prior_s, prior_n) / mean(full_s, full_n).max(1e-9)
+        );
+        chart.push(Series::point(
+            "early cascade, own router as prior",
+            share,
+            acc,
+        ));
         println!("own-label router against random routing, accuracy at each cloud share:");
         let cmp = against_random(&all, score);
         for (share, acc, random) in &cmp {

@@ -102,7 +102,11 @@ pub fn accuracy_vs_share(path: &Path, title: &str, series: &[Series]) -> anyhow:
                 .draw_series(
                     s.points
                         .iter()
-                        .map(|&p| Circle::new(p, 7, ShapeStyle::from(color).filled())),
+                        // Earlier points are drawn larger, so one that a
+                        // later point lands on still shows around it.
+                        .map(|&p| {
+                            Circle::new(p, 11 - i.min(6) as i32, ShapeStyle::from(color).filled())
+                        }),
                 )
                 .map_err(err)?
                 .label(s.name.as_str())

@@ -354,37 +354,16 @@ fn router_train_and_eval_report_on_unseen_prompts() {
     let dir = tempfile::tempdir().unwrap();
     let data = routing_fixture(dir.path());
     let router = dir.path().join("router.json");
-    let out = tandem()
-        .args(["router", "train", "--k", "4", "--holdout", "0.25", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&router)
-        .output()
-        .unwrap();
+    let train = ["train", "--k", "4", "--holdout", "0.25"];
+    let out = router_ok(&train, &data, "--out", &router);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         stdout.contains("APGR") && stdout.contains("local@95"),
         "{stdout}"
     );
     assert!(router.is_file());
 
-    let out = tandem()
-        .args(["router", "eval", "--json", "--data"])
-        .arg(&data)
-        .arg("--router")
-        .arg(&router)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = router_ok(&["eval", "--json"], &data, "--router", &router);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Only the 12 held-out prompts are scored, and the classes separate:
     // every easy prompt stays local (with the strong model always right,
@@ -403,13 +382,7 @@ fn router_train_and_eval_report_on_unseen_prompts() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&table, &bytes).unwrap();
-    let out = tandem()
-        .args(["router", "eval", "--data"])
-        .arg(&data)
-        .arg("--router")
-        .arg(&router)
-        .output()
-        .unwrap();
+    let out = router_run(&["eval"], &data, "--router", &router);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("is not the table"),
@@ -419,32 +392,59 @@ fn router_train_and_eval_report_on_unseen_prompts() {
 
     // Trained on the encoder's own vectors, a router needs no table.
     std::fs::remove_file(&table).unwrap();
-    let out = tandem()
-        .args(["router", "train", "--vectors", "encoder", "--k", "4"])
-        .args(["--holdout", "0.25", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&router)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    router_ok(
+        &[
+            "train",
+            "--vectors",
+            "encoder",
+            "--k",
+            "4",
+            "--holdout",
+            "0.25",
+        ],
+        &data,
+        "--out",
+        &router,
     );
     assert!(!table.exists());
-    let out = tandem()
-        .args(["router", "eval", "--json", "--data"])
-        .arg(&data)
-        .arg("--router")
-        .arg(&router)
+    // Replayed as traffic, the memory of outcomes is measured beside it.
+    let out = router_ok(&["eval", "--json", "--online"], &data, "--router", &router);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["online_with_memory"]["prompts"], 12, "{v}");
+}
+
+/// `tandem router ARGS --data DATA FLAG PATH`.
+fn router_run(
+    args: &[&str],
+    data: &std::path::Path,
+    flag: &str,
+    path: &std::path::Path,
+) -> std::process::Output {
+    tandem()
+        .arg("router")
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .arg(flag)
+        .arg(path)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`router_run`], which must succeed.
+fn router_ok(
+    args: &[&str],
+    data: &std::path::Path,
+    flag: &str,
+    path: &std::path::Path,
+) -> std::process::Output {
+    let out = router_run(args, data, flag, path);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 #[test]
@@ -608,28 +608,16 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
 
     // `tandem router train` reads the labels as they are.
     let router = dir.path().join("router.json");
-    let out = tandem()
-        .args([
-            "router",
-            "train",
-            "--vectors",
-            "encoder",
-            "--k",
-            "2",
-            "--holdout",
-            "0",
-            "--data",
-        ])
-        .arg(&labels)
-        .arg("--out")
-        .arg(&router)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let train = [
+        "train",
+        "--vectors",
+        "encoder",
+        "--k",
+        "2",
+        "--holdout",
+        "0",
+    ];
+    router_ok(&train, &labels, "--out", &router);
     assert!(router.is_file());
     server.stop().await;
 }

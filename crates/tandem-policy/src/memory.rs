@@ -46,7 +46,7 @@ fn d_max() -> usize {
     20_000
 }
 fn d_similarity() -> f32 {
-    0.9
+    0.95
 }
 fn d_k() -> usize {
     16

@@ -105,6 +105,24 @@ pub struct Item {
     pub reference: Option<Reference>,
 }
 
+/// One user message, answered greedily (so labels are reproducible).
+pub fn greedy_request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        model: model.to_owned(),
+        input: Input::Chat {
+            messages: vec![Message::new("user", prompt)],
+            continue_from: None,
+        },
+        sampling: Sampling::greedy(),
+        max_tokens: Some(max_tokens),
+        stop: Vec::new(),
+        logprobs: None,
+        stream: false,
+        include_usage: false,
+        extra: Default::default(),
+    }
+}
+
 /// How a label was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -168,22 +186,9 @@ impl Labeler {
         }
     }
 
-    /// The request for one side: greedy, so labels are reproducible.
+    /// The request for one side.
     pub fn request(&self, model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
-        GenerateRequest {
-            model: model.to_owned(),
-            input: Input::Chat {
-                messages: vec![Message::new("user", prompt)],
-                continue_from: None,
-            },
-            sampling: Sampling::greedy(),
-            max_tokens: Some(max_tokens),
-            stop: Vec::new(),
-            logprobs: None,
-            stream: false,
-            include_usage: false,
-            extra: Default::default(),
-        }
+        greedy_request(model, prompt, max_tokens)
     }
 
     fn context(&self) -> RequestContext {

@@ -636,3 +636,33 @@ async fn cascade_outcomes_teach_the_router_and_survive_a_restart() {
     server.stop().await;
     base.server.stop().await;
 }
+
+/// The router's prior moves the cascade's bar: an answer that would be
+/// escalated stays when the router found the prompt easy enough.
+#[tokio::test]
+async fn the_routers_prior_moves_the_cascades_bar() {
+    let asked = ["Good morning! Tell me a nice greeting for a birthday card."];
+    let bar = |prior: f32| PolicyConfig {
+        cascade: true,
+        // No answer reaches this on its own.
+        cascade_threshold: 0.0,
+        cascade_prior: prior,
+        ..PolicyConfig::default()
+    };
+    for (prior, kept) in [(0.0, false), (1000.0, true)] {
+        let r = rig_with(bar(prior), None, None, false).await;
+        let (scorer, table) = toy_static_router(&asked);
+        r.dispatcher
+            .set_scorer(Arc::new(scorer), RouterInput::Static(table));
+        let out = r.chat(asked[0], &[]).await;
+        assert_eq!(out.status, 200, "{}", out.body);
+        let cascade = out.header("x-tandem-cascade");
+        assert_eq!(
+            cascade.starts_with("kept"),
+            kept,
+            "prior {prior}: {cascade}"
+        );
+        assert_eq!(r.capture.captured().is_empty(), kept);
+        r.server.stop().await;
+    }
+}

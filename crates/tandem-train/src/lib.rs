@@ -569,16 +569,20 @@ pub fn metrics(scores: &[f32], data: &[Example]) -> Metrics {
     }
 }
 
+/// The prompts of `data` the model was not trained on.
+fn unseen(model: &RouterModel, data: &[Example]) -> Vec<Example> {
+    let seen: std::collections::HashSet<&str> =
+        model.trained_on.iter().map(String::as_str).collect();
+    data.iter()
+        .filter(|e| !seen.contains(e.id.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Metrics overall and per source, on `data` (prompts the model was not
 /// trained on; others are skipped).
 pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String, Metrics)>) {
-    let seen: std::collections::HashSet<&str> =
-        model.trained_on.iter().map(String::as_str).collect();
-    let unseen: Vec<Example> = data
-        .iter()
-        .filter(|e| !seen.contains(e.id.as_str()))
-        .cloned()
-        .collect();
+    let unseen = unseen(model, data);
     let scores: Vec<f32> = unseen
         .iter()
         .map(|e| model.score(&e.embedding, &e.features))
@@ -609,13 +613,7 @@ pub fn evaluate_online(
     cfg: &tandem_policy::memory::MemoryConfig,
 ) -> (Metrics, Metrics) {
     use tandem_policy::memory::{Outcome, Outcomes, blend};
-    let seen: std::collections::HashSet<&str> =
-        model.trained_on.iter().map(String::as_str).collect();
-    let unseen: Vec<Example> = data
-        .iter()
-        .filter(|e| !seen.contains(e.id.as_str()))
-        .cloned()
-        .collect();
+    let unseen = unseen(model, data);
     let mut memory = Outcomes::new(cfg.max_entries);
     let (mut alone, mut with) = (Vec::new(), Vec::new());
     for e in &unseen {

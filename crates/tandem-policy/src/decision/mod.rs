@@ -172,6 +172,12 @@ pub struct PolicyConfig {
     /// Threshold for that early look (default: `cascade_threshold`).
     #[serde(default)]
     pub cascade_early_threshold: Option<f32>,
+    /// How much the learned router's opinion moves the cascade's bar: a
+    /// request's answer must reach `cascade_threshold + cascade_prior ×
+    /// (difficulty − the router's threshold)` (early look too), so a prompt
+    /// the router finds hard needs a surer answer to stay. 0: off.
+    #[serde(default)]
+    pub cascade_prior: f32,
     /// Learning from the cascade's outcomes (`[router.memory]`).
     #[serde(default)]
     pub memory: crate::memory::MemoryConfig,

@@ -34,10 +34,19 @@ impl Dispatcher {
         let mut local_req = req.clone();
         let client_logprobs = req.logprobs.is_some();
         local_req.logprobs.get_or_insert(LogprobRequest { top: 0 });
-        let threshold = self.policy.cascade_threshold;
+        // The router's prior moves the bar: hard-looking prompts need a
+        // surer answer to stay on the device, easy-looking ones less.
+        let shift = p
+            .difficulty
+            .map_or(0.0, |(d, t)| self.policy.cascade_prior * (d - t));
+        let threshold = self.policy.cascade_threshold + shift;
         let early = Early {
             tokens: self.policy.cascade_early_tokens,
-            threshold: self.policy.cascade_early_threshold.unwrap_or(threshold),
+            threshold: self
+                .policy
+                .cascade_early_threshold
+                .unwrap_or(self.policy.cascade_threshold)
+                + shift,
         };
         let watched = match self
             .start_leg(Locality::Local, &local_req, &ctx, false, &p)
