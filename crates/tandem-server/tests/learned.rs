@@ -594,6 +594,18 @@ async fn cascade_outcomes_teach_the_router_and_survive_a_restart() {
         assert!(tries < 10, "the memory never moved the router");
     }
     assert_eq!(memory.len(), tries);
+    // The dry run reads the same memory.
+    let explained = post_json(
+        &server.url("/v1/tandem/route"),
+        &json!({"messages": [{"role": "user", "content": asked}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        explained.body["backend"], "cloud:cloud",
+        "{}",
+        explained.body
+    );
     // Another partition (privacy mode) learned nothing yet.
     let other = chat(asked, vec![("x-tandem-privacy", "off")]).await;
     assert!(

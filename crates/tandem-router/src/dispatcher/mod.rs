@@ -289,7 +289,15 @@ impl Dispatcher {
             };
             match v {
                 Some(Ok(v)) => {
-                    features.difficulty = Some(scorer.score(&v, text));
+                    let d = scorer.score(&v, text);
+                    features.difficulty = Some(match self.memory() {
+                        Some(m) if !checked.maybe_private() => tandem_policy::memory::blend(
+                            d,
+                            m.estimate(&self.partition(ctx, &features), &v),
+                            m.config().prior,
+                        ),
+                        _ => d,
+                    });
                     features.difficulty_threshold = scorer.threshold(ctx.quality);
                 }
                 Some(Err(err)) => tracing::warn!("router embedding failed: {err}"),
@@ -536,9 +544,6 @@ impl Dispatcher {
             decision_us: t0.elapsed().as_micros() as u64,
             difficulty,
             cache: cache_state,
-            ..placement
-        };
-        let placement = leg::Placement {
             memory: remembered,
             ..placement
         };
