@@ -7,7 +7,8 @@
 //! personal-data detection against Presidio ([`privacy`]), tool calls and
 //! structured outputs, constrained against free decoding ([`tools`]), and
 //! the engine served over HTTP against llama.cpp's own server ([`server`]),
-//! and a soak under a faulty upstream ([`soak`]).
+//! a soak under a faulty upstream ([`soak`]), and the dashboard page's
+//! weight and first paint in a browser ([`ui`]).
 //!
 //! `tandem bench` calls [`run`]. Nothing here is on a request path; timing
 //! assertions belong here, never in tests.
@@ -27,6 +28,7 @@ mod setup;
 pub mod soak;
 pub mod speculative;
 pub mod tools;
+pub mod ui;
 
 use clap::Args;
 
@@ -67,6 +69,9 @@ pub enum BenchKind {
     /// Mixed traffic against a device Tandem whose upstream fails in turn:
     /// every request's fate, handoffs, and the server's memory over time.
     Soak(soak::SoakArgs),
+    /// The dashboard page: its weight and time to first paint in headless
+    /// Chromium.
+    Ui(ui::UiArgs),
 }
 
 /// Runs the benchmark `args` names.
@@ -82,5 +87,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchKind::Tools(t)) => tools::run(t).await,
         Some(BenchKind::Server(s)) => server::run(s).await,
         Some(BenchKind::Soak(s)) => soak::run(s).await,
+        Some(BenchKind::Ui(u)) => ui::run(u).await,
     }
 }

@@ -288,6 +288,8 @@ pub struct Config {
     pub signals: SignalsSection,
     #[serde(default)]
     pub speculative: tandem_router::SpeculativeConfig,
+    #[serde(default)]
+    pub telemetry: tandem_telemetry::TelemetryConfig,
 }
 
 /// The file to read: `--config`, else `$TANDEM_CONFIG`, else

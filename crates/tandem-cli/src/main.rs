@@ -8,6 +8,7 @@ mod ops;
 mod router_cmd;
 mod router_label;
 mod serve;
+mod top;
 
 use clap::{Args, Parser, Subcommand};
 use tandem_engine::Threads;
@@ -57,6 +58,9 @@ enum Command {
     /// Train and evaluate the learned router.
     #[command(subcommand)]
     Router(router_cmd::RouterCommand),
+    /// Follow a running Tandem's requests live in the terminal (the
+    /// dashboard's feed; /ui in a browser).
+    Top(top::TopArgs),
     /// Start a device and a cloud Tandem on this machine and show requests
     /// being placed on each.
     Demo(demo::DemoArgs),
@@ -136,5 +140,6 @@ fn main() -> anyhow::Result<()> {
         Command::Router(c) => rt.block_on(router_cmd::run(c)),
         Command::Cache(c) => rt.block_on(ops::cache(c)),
         Command::Demo(a) => rt.block_on(demo::run(a)),
+        Command::Top(a) => rt.block_on(top::top(a)),
     }
 }

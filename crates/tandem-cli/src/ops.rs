@@ -19,7 +19,7 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = reqwest::Client::new()
             .request(method, format!("{}{path}", self.url.trim_end_matches('/')));
         if let Some(k) = &self.key {

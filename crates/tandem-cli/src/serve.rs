@@ -307,6 +307,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(l) = dispatcher.ledger() {
         tracing::info!("egress ledger: {}", l.path().display());
     }
+    let telemetry = tandem_telemetry::Telemetry::start(&cfg.telemetry, dispatcher.activity())
+        .map_err(anyhow::Error::msg)?;
+    if let Some(endpoint) = cfg
+        .telemetry
+        .otlp_endpoint
+        .as_deref()
+        .filter(|_| telemetry.is_some())
+    {
+        tracing::info!(
+            "traces: OTLP ({}) to {endpoint}",
+            cfg.telemetry.otlp_protocol
+        );
+    }
     let state = AppState::new(dispatcher.clone(), limits);
     let addr = SocketAddr::new(host, cfg.server.port.unwrap_or(8080));
     let listener = tokio::net::TcpListener::bind(addr)
@@ -315,6 +328,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     print_banner(&addr, &dispatcher, args.role);
     tandem_server::serve(listener, state, shutdown_signal()).await?;
+    if let Some(t) = telemetry {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     if let Some(l) = dispatcher.ledger() {
         l.flush();
     }
@@ -368,6 +384,9 @@ fn print_banner(addr: &SocketAddr, d: &Dispatcher, role: Role) {
     println!();
     println!(
         "x-tandem-* response headers say where each request ran and why; metrics at http://{addr}/metrics."
+    );
+    println!(
+        "Dashboard: http://{addr}/ui (live requests, device, upstreams, ledger); `tandem top` in a terminal."
     );
     println!("Press Ctrl-C to stop.");
 }

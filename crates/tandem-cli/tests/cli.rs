@@ -158,6 +158,63 @@ fn serve_prints_how_to_call_it_and_answers() {
             .contains("Paris"),
         "{v}"
     );
+    // `tandem top` shows that request, where it ran and why; live, the next.
+    let root = base.trim_end_matches("/v1").to_owned();
+    let once = tandem()
+        .args(["top", "--once", "--url", &root])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&once.stdout);
+    assert!(
+        once.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    assert!(
+        shown.contains("1 requests — 1 on the device (100%)"),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains(" local ") && l.contains(SMOLLM2) && l.contains("named_model")),
+        "{shown}"
+    );
+    let mut live = tandem()
+        .args(["top", "--json", "--url", &root])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut live_lines = BufReader::new(live.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&live_lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["seq"], 1, "{first}");
+    let reply = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{base}/chat/completions"))
+            .header("x-request-id", "top-live-1")
+            .json(&serde_json::json!({
+                "model": SMOLLM2, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Say hi."}]
+            }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(reply.is_success());
+    let next: serde_json::Value =
+        serde_json::from_str(&live_lines.next().unwrap().unwrap()).unwrap();
+    let _ = live.kill();
+    let _ = live.wait();
+    assert_eq!(
+        (next["request_id"].as_str(), next["side"].as_str()),
+        (Some("top-live-1"), Some("local")),
+        "{next}"
+    );
+    assert!(!next.to_string().contains("Say hi"), "{next}");
+
     // SIGTERM with a long answer streaming: the stream gets the grace
     // period (1 s here), then the server exits cleanly.
     let stream_url = format!("{base}/chat/completions");

@@ -11,11 +11,13 @@ fn script() -> PathBuf {
 }
 
 /// A `dpkg-query` that knows `installed` as installed and `removed` as
-/// removed with its configuration left behind (what `apt-get remove` leaves).
-fn shim(dir: &Path, installed: &[&str], removed: &[&str]) {
+/// removed with its configuration left behind (what `apt-get remove` leaves);
+/// an installed `nodejs` provides npm when `nodejs_provides_npm`.
+fn shim(dir: &Path, installed: &[&str], removed: &[&str], nodejs_provides_npm: bool) {
     let body = format!(
         r#"#!/bin/sh
 for a; do pkg="$a"; done
+case "$*" in *Provides*) [ "$pkg" = nodejs ] && [ {provides} = 1 ] && printf 'nodejs-dev, nodejs-legacy, npm (= 10.8.2)'; exit 0 ;; esac
 case " {installed} " in *" $pkg "*) printf 'install ok installed'; exit 0 ;; esac
 case " {removed} " in *" $pkg "*) printf 'deinstall ok config-files'; exit 0 ;; esac
 echo "dpkg-query: no packages found matching $pkg" >&2
@@ -23,6 +25,7 @@ exit 1
 "#,
         installed = installed.join(" "),
         removed = removed.join(" "),
+        provides = u8::from(nodejs_provides_npm),
     );
     let path = dir.join("dpkg-query");
     std::fs::write(&path, body).expect("write shim");
@@ -34,8 +37,17 @@ exit 1
 }
 
 fn dry_run(installed: &[&str], removed: &[&str], groups: &[&str]) -> String {
+    dry_run_with(installed, removed, groups, false)
+}
+
+fn dry_run_with(
+    installed: &[&str],
+    removed: &[&str],
+    groups: &[&str],
+    npm_in_nodejs: bool,
+) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
-    shim(dir.path(), installed, removed);
+    shim(dir.path(), installed, removed, npm_in_nodejs);
     let path = format!(
         "{}:{}",
         dir.path().display(),
@@ -60,7 +72,7 @@ fn dry_run(installed: &[&str], removed: &[&str], groups: &[&str]) -> String {
 fn a_machine_without_the_packages_gets_them_all() {
     assert_eq!(
         dry_run(&[], &[], &["build", "test"]),
-        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip fonts-dejavu-core"
+        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip fonts-dejavu-core nodejs npm chromium"
     );
 }
 
@@ -91,6 +103,9 @@ fn removed_packages_count_as_missing_and_a_complete_machine_needs_nothing() {
         "python3-venv",
         "python3-pip",
         "fonts-dejavu-core",
+        "nodejs",
+        "npm",
+        "chromium",
     ];
     assert_eq!(
         dry_run(&all, &["libclang-dev"], &["build", "test"]),
@@ -106,5 +121,26 @@ fn removed_packages_count_as_missing_and_a_complete_machine_needs_nothing() {
     assert_eq!(
         dry_run(&[], &[], &[]),
         "would install: build-essential cmake libclang-dev"
+    );
+}
+
+/// NodeSource's nodejs carries npm (and declares it); Debian's does not.
+#[test]
+fn npm_comes_with_nodesource_nodejs_or_as_a_package() {
+    let base = [
+        "python3",
+        "python3-venv",
+        "python3-pip",
+        "fonts-dejavu-core",
+    ];
+    let mut with_node = base.to_vec();
+    with_node.push("nodejs");
+    assert_eq!(
+        dry_run_with(&with_node, &[], &["test"], true),
+        "would install: chromium"
+    );
+    assert_eq!(
+        dry_run_with(&with_node, &[], &["test"], false),
+        "would install: npm chromium"
     );
 }

@@ -305,6 +305,7 @@ pub struct Ledger {
     tx: mpsc::SyncSender<Msg>,
     path: PathBuf,
     repairs: std::sync::Arc<Vec<String>>,
+    key: LedgerKey,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -446,20 +447,37 @@ impl Ledger {
         }
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let thread_path = path.clone();
+        let writer_key = key.clone();
         std::thread::Builder::new()
             .name("tandem-ledger".into())
-            .spawn(move || writer(file, thread_path, key, rx, seq, prev))
+            .spawn(move || writer(file, thread_path, writer_key, rx, seq, prev))
             .map_err(io_err(&path))?;
         Ok(Ledger {
             tx,
             path,
             repairs: std::sync::Arc::new(repairs),
+            key,
         })
     }
 
     /// The ledger file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Checks the chain as written so far (after writing out what is
+    /// queued) and returns, with the outcome, the last `tail` entries.
+    /// Reads the whole file: blocking, call it off async workers.
+    pub fn check(&self, tail: usize) -> (Result<Verified, LedgerError>, Vec<Entry>) {
+        self.flush();
+        match read(&self.path) {
+            Ok(mut entries) => {
+                let verified = verify_entries(&entries, &self.key, None);
+                let keep = entries.split_off(entries.len().saturating_sub(tail));
+                (verified, keep)
+            }
+            Err(e) => (Err(e), Vec::new()),
+        }
     }
 
     /// What [`open`](Self::open) had to repair.

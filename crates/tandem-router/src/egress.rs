@@ -62,6 +62,8 @@ impl Egress {
 pub(crate) struct Requester {
     pub request_id: String,
     pub key: Option<String>,
+    /// Where the request's cost is noted for the operator's view.
+    pub trace: crate::activity::Trace,
 }
 
 /// The ledger duty of one exchange: settled once, when the exchange ends —
@@ -115,6 +117,7 @@ impl EgressRecord {
         let e = &self.egress;
         e.spend.add(self.who.key.as_deref(), cost);
         e.metrics.cost_usd.inc_by(cost);
+        self.who.trace.spent(cost);
         e.metrics.count_tokens("cloud", prompt, completion);
         if let Some(l) = &e.ledger {
             let x = &self.exchange;

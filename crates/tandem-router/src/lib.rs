@@ -15,6 +15,7 @@
 //! - [`learned`]: the learned router's file and the vectors it reads.
 //! - [`label`]: labels for the router from the device and cloud models.
 //! - [`memory`]: the cascade's outcomes, remembered for the router.
+//! - [`activity`]: each request's event for the operator's live view.
 //! - [`access`]: gateway keys, rate limits, daily spending.
 //! - [`speculative`]: drafting on the device; verification sessions (cloud role).
 //! - [`metrics`]: the Prometheus registry of one gateway.
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod activity;
 pub mod cache;
 mod dispatcher;
 mod egress;

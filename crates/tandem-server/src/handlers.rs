@@ -104,6 +104,7 @@ fn context(
         quality,
         cache_skip,
         mode,
+        trace: Default::default(),
     })
 }
 
@@ -507,34 +508,7 @@ pub async fn health(State(state): State<AppState>, headers: HeaderMap) -> Json<V
         return Json(json!({"status": "ok"}));
     }
     let network = d.signals().network();
-    let backends: Vec<Value> = d
-        .backends()
-        .map(|b| {
-            let name = b.name();
-            let mut v = json!({
-                "name": name,
-                "locality": b.locality(),
-                "models": b.models().into_iter().map(|m| m.id).collect::<Vec<_>>(),
-                "load": b.load(),
-                "capabilities": b.capabilities().features,
-            });
-            match b.locality() {
-                tandem_api::Locality::Local => {
-                    let m = b.models();
-                    v["model"] = json!(m.first().map(|m| m.id.clone()));
-                    v["context_length"] = json!(m.first().and_then(|m| m.context_length));
-                }
-                tandem_api::Locality::Cloud => {
-                    let h = b.health();
-                    v["breaker"] = json!(h.breaker);
-                    v["reachable"] = json!(d.signals().reachable(name));
-                    v["rtt_ms"] = json!(network.upstreams.get(name).and_then(|u| u.rtt_ms));
-                    v["latency"] = json!({"ttft_ms": h.ttft_ms, "tokens_per_s": h.tokens_per_s});
-                }
-            }
-            v
-        })
-        .collect();
+    let backends = crate::ui::backends(&state);
     Json(json!({
         "status": "ok",
         "backends": backends,

@@ -1,7 +1,8 @@
 //! Tandem's HTTP face: OpenAI's API (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/models`), Tandem's own routes (`/v1/tandem/route`
 //! for dry runs, `/v1/tandem/signals`, `/v1/tandem/spec/sessions` for
-//! devices' speculative decoding), `/metrics` and `/healthz`.
+//! devices' speculative decoding), `/metrics`, `/healthz`, and the
+//! operator's dashboard at `/ui`.
 //!
 //! Handlers only translate: wire request → [`tandem_api::GenerateRequest`]
 //! → [`Dispatcher`] → wire response, with the routing decision in
@@ -15,6 +16,7 @@ mod error;
 mod guard;
 mod handlers;
 mod sse;
+mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +34,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::{HttpError, OpenAiJson};
+
+/// Bytes of the dashboard page (`/ui`), markup, style and script together.
+pub const UI_PAGE_BYTES: usize = ui::PAGE.len();
 
 /// Limits of the HTTP server. Every one is bounded by default; the
 /// README's table lists them.
@@ -91,6 +96,9 @@ pub struct AppState {
     pub(crate) dispatcher: Arc<Dispatcher>,
     pub(crate) started: u64,
     config: ServerConfig,
+    /// Turns true when the server starts shutting down: long-lived feeds end.
+    pub(crate) closing: tokio::sync::watch::Receiver<bool>,
+    close: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -103,10 +111,13 @@ pub(crate) fn unix_now() -> u64 {
 impl AppState {
     /// State over `dispatcher`.
     pub fn new(dispatcher: Arc<Dispatcher>, config: ServerConfig) -> Self {
+        let (close, closing) = tokio::sync::watch::channel(false);
         Self {
             dispatcher,
             started: unix_now(),
             config,
+            closing,
+            close: Arc::new(close),
         }
     }
 
@@ -132,6 +143,10 @@ pub const ENDPOINTS: &[&str] = &[
     "DELETE /v1/tandem/spec/sessions/{id}",
     "GET /metrics",
     "GET /healthz",
+    "GET /ui",
+    "GET /ui/api/feed",
+    "GET /ui/api/state",
+    "GET /ui/api/ledger",
 ];
 
 async fn unknown_route(method: Method, uri: Uri) -> HttpError {
@@ -205,6 +220,9 @@ pub fn app(state: AppState) -> Router {
             axum::routing::delete(handlers::spec_close),
         )
         .route("/metrics", get(handlers::metrics))
+        .route("/ui/api/feed", get(ui::feed))
+        .route("/ui/api/state", get(ui::state))
+        .route("/ui/api/ledger", get(ui::ledger))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let cors = guard::cors(
         &state.config.cors_origins,
@@ -213,6 +231,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(protected)
         .route("/healthz", get(handlers::health))
+        .route("/ui", get(ui::page))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(limit))
@@ -235,5 +254,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let config = state.config.clone();
+    let close = state.close.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = close.send(true);
+    };
     conn::serve(listener, app(state), &config, shutdown).await
 }

@@ -499,6 +499,11 @@ async fn every_listed_endpoint_is_routed() {
                 .await
                 .unwrap();
             let status = r.status().as_u16();
+            if path == "/ui/api/feed" {
+                // A live feed has no end to read to.
+                assert_eq!(status, 200, "{method} {path}");
+                continue;
+            }
             let body = r.text().await.unwrap_or_default();
             assert!(
                 !body.contains("Unknown request URL"),

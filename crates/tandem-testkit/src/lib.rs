@@ -168,6 +168,51 @@ pub fn python_with(packages: &[&str]) -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot make a Python environment with {packages:?}: {e}"))
 }
 
+/// The Playwright driver the browser tests use (`playwright-core` only: it
+/// drives the system's Chromium and downloads no browser of its own).
+pub const PLAYWRIGHT: &str = "playwright-core@1.64.1";
+
+/// A `node_modules` folder with `packages` (npm specs) installed, under
+/// `target/` (made once, reused): the folder to put on `NODE_PATH`.
+pub fn node_with(packages: &[&str]) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-node");
+    std::fs::create_dir_all(&root).expect("create target/test-node");
+    let lock = std::fs::File::create(root.join(".lock")).expect("lock target/test-node");
+    lock.lock().expect("lock target/test-node");
+    let mut names: Vec<&str> = packages.to_vec();
+    names.sort_unstable();
+    let stamp = root.join(format!(
+        "installed-{}",
+        names.join("+").replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '.',
+            "_"
+        )
+    ));
+    if !stamp.is_file() {
+        let out = std::process::Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--no-save",
+                "--prefix",
+            ])
+            .arg(&root)
+            .args(packages)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run npm (scripts/install-deps test installs it): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "npm install {packages:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(&stamp, b"").expect("stamp target/test-node");
+    }
+    root.join("node_modules")
+}
+
 /// An HTTP reply read as JSON, with its status and headers.
 pub struct Reply {
     /// The HTTP status.

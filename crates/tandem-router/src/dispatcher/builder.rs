@@ -173,6 +173,7 @@ impl DispatcherBuilder {
                 metrics,
             )),
             speculative: self.speculative,
+            activity: Arc::new(crate::activity::Activity::new()),
         }))
     }
 }

@@ -73,6 +73,12 @@ impl Dispatcher {
         {
             memory.record(partition, v, !keep);
         }
+        ctx.trace.leg_ended(match (&local, early_stop) {
+            (_, Some(_)) => "escalated early",
+            (Err(_), _) => "error",
+            (Ok(_), _) if keep => "kept",
+            (Ok(_), _) => "escalated",
+        });
         let mut outcome = match (confidence, early_stop) {
             (_, Some(c)) => format!(
                 "escalated early: confidence {c:.3} < {:.3} after {} tokens",

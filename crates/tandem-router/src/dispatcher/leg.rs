@@ -67,6 +67,7 @@ impl Dispatcher {
         Requester {
             request_id: ctx.request_id.clone(),
             key: ctx.caller.as_ref().map(|c| c.config.name.clone()),
+            trace: ctx.trace.clone(),
         }
     }
 
@@ -95,8 +96,41 @@ impl Dispatcher {
         Ok((out, redaction))
     }
 
-    /// Starts the answer on one side.
+    /// Starts the answer on one side, noting the attempt on the request's
+    /// trace.
     pub(super) async fn start_leg(
+        self: &Arc<Self>,
+        side: Locality,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+        redact: bool,
+        p: &Placement,
+    ) -> Result<Leg, ApiError> {
+        let started = self.open_leg(side, req, ctx, redact, p).await;
+        match &started {
+            Ok(leg) => ctx.trace.leg_started(&leg.label, &leg.model),
+            Err(e) => {
+                let (label, model) = match side {
+                    Locality::Local => (
+                        "local".to_owned(),
+                        self.local(p.local_i)
+                            .map(|l| l.model_for(&req.model))
+                            .unwrap_or_default(),
+                    ),
+                    Locality::Cloud => self.cloud(p.cloud_i).map_or_else(
+                        || ("cloud".to_owned(), String::new()),
+                        |c| (format!("cloud:{}", c.name()), c.model_for(&req.model)),
+                    ),
+                };
+                ctx.trace.leg_started(&label, &model);
+                ctx.trace
+                    .leg_ended(&format!("error: {}", crate::metrics::cause_label(e)));
+            }
+        }
+        started
+    }
+
+    async fn open_leg(
         self: &Arc<Self>,
         side: Locality,
         req: &GenerateRequest,
@@ -216,6 +250,8 @@ impl Dispatcher {
             who: Self::requester(ctx),
         })
         .await?;
+        ctx.trace
+            .leg_started(&format!("cloud:{} (speculative)", cloud.name()), &model);
         Ok(Leg {
             side: Locality::Cloud,
             label: format!("cloud:{}", cloud.name()),
@@ -361,6 +397,7 @@ impl Dispatcher {
                             .fallback
                             .filter(|_| !handed_off && !called)
                             .filter(|&to| disp.can_take_over(to, &sup, &text));
+                        sup.ctx.trace.leg_ended(&format!("error: {}", crate::metrics::cause_label(&e)));
                         let Some(to) = to else {
                             if let Some(c) = leg.egress.as_mut() {
                                 c.settle(&format!("error: {}", e.message), None);
@@ -392,6 +429,8 @@ impl Dispatcher {
                             Ok(next) => {
                                 tracing::info!(from = from.as_str(), to = to.as_str(), chars = text.len(), "handoff: {}", e.message);
                                 disp.count_move(false, from, to, &e);
+                                sup.ctx.trace.handed_off(from.as_str(), to.as_str(), &crate::metrics::cause_label(&e));
+                                sup.ctx.trace.redacted(&next.redacted);
                                 handed_off = true;
                                 leg = next;
                             }
@@ -418,6 +457,10 @@ impl Dispatcher {
         handed_off: bool,
     ) {
         let total = sup.placement.t0.elapsed();
+        sup.ctx.trace.leg_ended("ok");
+        if handed_off {
+            sup.ctx.trace.answered(&leg.label, &leg.model);
+        }
         let m = self.metrics();
         let label = BackendLabels {
             backend: leg.label.clone(),
@@ -456,6 +499,7 @@ impl Dispatcher {
                         usage.completion_tokens,
                     );
                     m.cost_saved_usd.inc_by(saved);
+                    sup.ctx.trace.saved(saved);
                 }
                 if let Some(ttft) = first_at
                     && !handed_off

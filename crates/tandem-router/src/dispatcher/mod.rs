@@ -26,6 +26,7 @@ use tandem_policy::privacy::Detector;
 use tandem_policy::{Decision, PolicyConfig, RefusalKind, Scorer, decide};
 
 use crate::access::Access;
+use crate::activity::Activity;
 use crate::cache::SemanticCache;
 use crate::egress::Egress;
 use crate::learned::RouterInput;
@@ -77,6 +78,7 @@ pub struct Dispatcher {
     semantics: Semantics,
     speculative: SpeculativeConfig,
     verifier: Arc<Verifier>,
+    activity: Arc<Activity>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -107,6 +109,11 @@ impl Dispatcher {
             self.metrics().local_queued.set(load.queued as i64);
         }
         self.metrics().render()
+    }
+
+    /// Each request's event, live and recent, for the operator's view.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// The signals the policy reads.
@@ -157,6 +164,11 @@ impl Dispatcher {
             .scorer
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some((scorer, input));
+    }
+
+    /// Whether a learned router scores requests.
+    pub fn has_router(&self) -> bool {
+        self.scorer().is_some()
     }
 
     fn scorer(&self) -> Option<(Arc<dyn Scorer>, RouterInput)> {
@@ -362,8 +374,29 @@ impl Dispatcher {
         self.clouds.get(i)
     }
 
-    /// Places the request and starts the answer.
+    /// Places the request and starts the answer. However it ends, the
+    /// request becomes one event in [`activity`](Self::activity).
     pub async fn dispatch(
+        self: &Arc<Self>,
+        req: GenerateRequest,
+        mut ctx: RequestContext,
+    ) -> Result<Dispatched, ApiError> {
+        // A context cloned from an earlier request's starts a trace of its own.
+        ctx.trace = crate::activity::Trace::default();
+        let watch = self.activity.begin(&req, &ctx);
+        match self.place(req, ctx).await {
+            Ok(d) => Ok(Dispatched {
+                stream: watch.follow(d.stream, &d.route),
+                route: d.route,
+            }),
+            Err(e) => {
+                watch.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn place(
         self: &Arc<Self>,
         req: GenerateRequest,
         ctx: RequestContext,
@@ -527,6 +560,7 @@ impl Dispatcher {
             });
             (d, t)
         });
+        ctx.trace.decided(&features, &view);
         let decision = match decide(&features, &view, &self.policy) {
             Ok(d) => d,
             Err(r) => {
@@ -592,6 +626,10 @@ impl Dispatcher {
         let spec = speculation == Some(Speculation::On);
         // A local start the decision did not keep stops here, before the
         // other side is contacted.
+        if early.is_some() && decision.side != Locality::Local {
+            ctx.trace
+                .leg_ended("dropped: the decision placed it in the cloud");
+        }
         let first = match early.filter(|_| decision.side == Locality::Local) {
             Some(leg) => Ok(leg),
             None if spec => {

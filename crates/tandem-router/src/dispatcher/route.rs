@@ -55,6 +55,10 @@ pub struct RequestContext {
     /// `x-tandem-mode`; default: the configuration's (`[router] cascade`,
     /// `[speculative] default`).
     pub mode: Option<Mode>,
+    /// What the dispatcher notes on the request's way, for its
+    /// [`RequestEvent`](crate::activity::RequestEvent); each dispatch starts
+    /// a fresh one.
+    pub trace: crate::activity::Trace,
 }
 
 /// What the semantic cache did for a request.

@@ -54,7 +54,13 @@ struct Tally {
     accepted: u64,
     /// Tokens the target produced (accepted drafts and its own).
     from_target: u32,
+    /// Each round's span, drafted and accepted tokens, for the trace (the
+    /// first ones, bounded).
+    log: Vec<(Instant, Instant, u32, u32)>,
 }
+
+/// Rounds of one answer kept for its trace.
+const ROUNDS_TRACED: usize = 256;
 
 /// Opens both sessions and starts drafting. Errors here come before any
 /// generation: a request the engine refuses, a vocabulary mismatch, an
@@ -138,6 +144,15 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
                 &mut tally,
             )
             .await;
+        who.trace.speculated(
+            crate::activity::SpeculativeTally {
+                rounds: tally.rounds,
+                drafted: tally.drafted,
+                accepted: tally.accepted,
+                traced: Vec::new(),
+            },
+            &tally.log,
+        );
         let mut leg = EgressRecord::new(egress, price, Arc::new(exchange), redacted, who);
         let m = &metrics;
         m.count_spec("rounds", tally.rounds);
@@ -392,6 +407,14 @@ impl Run {
                     tally.rounds += 1;
                     tally.drafted += draft.len() as u64;
                     tally.accepted += accepted as u64;
+                    if tally.log.len() < ROUNDS_TRACED {
+                        tally.log.push((
+                            round,
+                            Instant::now(),
+                            draft.len() as u32,
+                            accepted as u32,
+                        ));
+                    }
                     tally.from_target += accepted as u32 + 1;
                     in_target = v.pos;
                     if accepted == draft.len() && ahead.first() == Some(&v.next) {
