@@ -6,10 +6,10 @@
 //! and the median and worst time to first contentful paint, to
 //! DOMContentLoaded and to the load event.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use serde_json::Value;
 
@@ -53,41 +53,6 @@ const { chromium } = require("playwright-core");
 })().catch((e) => { console.error(String(e)); process.exit(1); });
 "#;
 
-/// `playwright-core`, installed under `dir` when missing.
-fn playwright(dir: &Path) -> anyhow::Result<PathBuf> {
-    let modules = dir.join("node_modules");
-    let stamp = dir.join(format!(
-        "installed-{}",
-        tandem_testkit::PLAYWRIGHT.replace('@', "_")
-    ));
-    if stamp.is_file() {
-        return Ok(modules);
-    }
-    std::fs::create_dir_all(dir)?;
-    eprintln!(
-        "installing {} under {}",
-        tandem_testkit::PLAYWRIGHT,
-        dir.display()
-    );
-    let status = Command::new("npm")
-        .args([
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--no-save",
-            "--prefix",
-        ])
-        .arg(dir)
-        .arg(tandem_testkit::PLAYWRIGHT)
-        .status()
-        .context("cannot run npm (scripts/install-deps test installs Node.js, npm and Chromium)")?;
-    if !status.success() {
-        bail!("npm install {} failed", tandem_testkit::PLAYWRIGHT);
-    }
-    std::fs::write(&stamp, b"")?;
-    Ok(modules)
-}
-
 fn stats(xs: &mut [f64]) -> (f64, f64) {
     xs.sort_by(f64::total_cmp);
     let median = xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN);
@@ -103,7 +68,16 @@ pub async fn run(a: UiArgs) -> anyhow::Result<()> {
         );
     }
     let home = tandem_catalog::default_home().join("bench").join("node");
-    let modules = tokio::task::spawn_blocking(move || playwright(&home)).await??;
+    eprintln!(
+        "Playwright's driver: {} under {}",
+        tandem_testkit::PLAYWRIGHT,
+        home.display()
+    );
+    let modules = tokio::task::spawn_blocking(move || {
+        tandem_testkit::node_modules_in(&home, &[tandem_testkit::PLAYWRIGHT])
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
     // A gateway with no backend: the page and its data routes are all there is.
     let dispatcher = tandem_router::Dispatcher::builder()
         .build()

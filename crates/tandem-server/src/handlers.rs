@@ -517,7 +517,7 @@ pub async fn health(State(state): State<AppState>, headers: HeaderMap) -> Json<V
     }))
 }
 
-fn require_admin(
+pub(crate) fn require_admin(
     caller: &Option<axum::Extension<Arc<Caller>>>,
     state: &AppState,
 ) -> Result<(), ApiError> {

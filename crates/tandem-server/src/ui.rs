@@ -28,6 +28,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
 use crate::error::HttpError;
+use crate::handlers::require_admin;
 
 /// The page: markup, style and script in one file.
 pub const PAGE: &str = include_str!("ui/index.html");
@@ -53,19 +54,6 @@ pub async fn page() -> Response {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     (h, PAGE).into_response()
-}
-
-fn require_admin(
-    caller: &Option<axum::Extension<Arc<Caller>>>,
-    state: &AppState,
-) -> Result<(), HttpError> {
-    if state.dispatcher.access().is_open() || caller.as_ref().is_some_and(|c| c.config.admin) {
-        Ok(())
-    } else {
-        Err(HttpError(ApiError::forbidden(
-            "the dashboard's data needs an admin key",
-        )))
-    }
 }
 
 fn event(name: &str, value: &impl serde::Serialize) -> SseEvent {

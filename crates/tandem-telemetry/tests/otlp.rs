@@ -200,6 +200,8 @@ async fn each_request_is_a_trace_with_genai_attributes_and_nothing_personal() {
 
     let r = root(&drafted);
     assert_eq!(attr(&r.attributes, "tandem.speculative"), "on");
+    // The exchange is settled before the answer's end reaches the client.
+    assert!(attr(&r.attributes, "tandem.cost_usd").as_f64().unwrap() > 0.0);
     let leg = children(r)
         .into_iter()
         .find(|s| attr(&s.attributes, "tandem.backend") == "cloud:cloud (speculative)")

@@ -176,9 +176,16 @@ pub const PLAYWRIGHT: &str = "playwright-core@1.64.1";
 /// `target/` (made once, reused): the folder to put on `NODE_PATH`.
 pub fn node_with(packages: &[&str]) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-node");
-    std::fs::create_dir_all(&root).expect("create target/test-node");
-    let lock = std::fs::File::create(root.join(".lock")).expect("lock target/test-node");
-    lock.lock().expect("lock target/test-node");
+    node_modules_in(&root, packages).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `packages` (npm specs) installed under `root` once (a lock keeps
+/// concurrent callers to one install); the `node_modules` folder.
+pub fn node_modules_in(root: &std::path::Path, packages: &[&str]) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    let lock = std::fs::File::create(root.join(".lock"))
+        .and_then(|l| l.lock().map(|()| l))
+        .map_err(|e| format!("locking {}: {e}", root.display()))?;
     let mut names: Vec<&str> = packages.to_vec();
     names.sort_unstable();
     let stamp = root.join(format!(
@@ -197,20 +204,20 @@ pub fn node_with(packages: &[&str]) -> PathBuf {
                 "--no-save",
                 "--prefix",
             ])
-            .arg(&root)
+            .arg(root)
             .args(packages)
             .output()
-            .unwrap_or_else(|e| {
-                panic!("cannot run npm (scripts/install-deps test installs it): {e}")
-            });
-        assert!(
-            out.status.success(),
-            "npm install {packages:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::write(&stamp, b"").expect("stamp target/test-node");
+            .map_err(|e| format!("cannot run npm (scripts/install-deps test installs it): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "npm install {packages:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::fs::write(&stamp, b"").map_err(|e| format!("stamping {}: {e}", root.display()))?;
     }
-    root.join("node_modules")
+    drop(lock);
+    Ok(root.join("node_modules"))
 }
 
 /// An HTTP reply read as JSON, with its status and headers.

@@ -128,6 +128,7 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
         draft,
         tx,
         piece: Vec::with_capacity(32),
+        finished: None,
     };
     tokio::spawn(async move {
         let mut run = run;
@@ -181,9 +182,9 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
             tokens = run.generated,
             "speculative answer: {outcome}"
         );
+        let close = !matches!(outcome, Outcome::Alone { .. });
         match outcome {
             Outcome::Done => {
-                cloud.close(&opened.session).await;
                 leg.settle(&format!("ok (speculative: {summary})"), Some(usage));
             }
             Outcome::Alone { cause } => {
@@ -193,16 +194,20 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
                 );
             }
             Outcome::Gone => {
-                cloud.close(&opened.session).await;
                 leg.settle(
                     &format!("client went away (speculative: {summary})"),
                     Some(usage),
                 );
             }
             Outcome::Failed(e) => {
-                cloud.close(&opened.session).await;
                 leg.settle(&format!("error: {}", e.message), Some(usage));
             }
+        }
+        if let Some(f) = run.finished.take() {
+            let _ = run.tx.send(Ok(Event::Finish(f)));
+        }
+        if close {
+            cloud.close(&opened.session).await;
         }
     });
     Ok(Box::pin(UnboundedReceiverStream::new(rx)))
@@ -242,6 +247,9 @@ struct Run {
     rng: fastrand::Rng,
     tx: UnboundedSender<Result<Event, ApiError>>,
     piece: Vec<u8>,
+    /// The answer's end, sent once the exchange is accounted: whoever
+    /// reads the finish sees its cost settled.
+    finished: Option<Finish>,
 }
 
 /// Whether the answer is complete after a token.
@@ -524,10 +532,10 @@ impl Run {
             let rest = self.text.finish();
             self.send(rest.delta);
         }
-        let _ = self.tx.send(Ok(Event::Finish(Finish {
+        self.finished = Some(Finish {
             reason,
             usage: Usage::new(self.prompt_len, self.generated),
-        })));
+        });
     }
 
     fn fail(&mut self, e: ApiError) -> Outcome {
