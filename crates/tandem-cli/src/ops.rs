@@ -108,6 +108,9 @@ pub async fn route(cmd: RouteCommand) -> anyhow::Result<()> {
         ),
         None => println!("refused: {}", v["refusal"].as_str().unwrap_or("?")),
     }
+    if let Some(r) = v["replica"].as_str() {
+        println!("  upstream {r}");
+    }
     for r in v["decision"]["reasons"].as_array().into_iter().flatten() {
         println!(
             "  {:<8} {:<6} {:<13} {}",

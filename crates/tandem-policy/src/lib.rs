@@ -3,7 +3,8 @@
 //! carries and how it is replaced and restored ([`privacy`]), the state the
 //! decision reads ([`signals`]), and the learned router's model that scores
 //! how hard a prompt is ([`learned`], [`scoring`]), and what the cascade's
-//! outcomes add to it ([`memory`]).
+//! outcomes add to it ([`memory`]), and the order in which upstreams that
+//! serve the same model are tried ([`balance`]).
 //!
 //! Not here, on purpose: anything that does I/O or waits — reading the
 //! device, probing upstreams, running models, writing the ledger. That is
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod balance;
 mod decision;
 pub mod learned;
 pub mod memory;

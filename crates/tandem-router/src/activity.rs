@@ -122,6 +122,8 @@ pub struct RequestEvent {
     pub speculative: Option<String>,
     /// The side that failed before the first token, and why.
     pub failover: Option<String>,
+    /// Which of several upstreams serving the model was chosen, and why.
+    pub replica: Option<String>,
     /// The side that broke off mid-answer and the one that continued.
     pub handoff: Option<String>,
     /// What remembered cascade outcomes said.
@@ -301,6 +303,7 @@ impl Activity {
                 cascade: None,
                 speculative: None,
                 failover: None,
+                replica: None,
                 handoff: None,
                 memory: None,
                 stream: req.stream,
@@ -487,6 +490,7 @@ impl Watch {
         e.cascade.clone_from(&route.cascade);
         e.speculative = route.speculative.as_ref().map(ToString::to_string);
         e.failover.clone_from(&route.failover);
+        e.replica.clone_from(&route.replica);
         e.memory.clone_from(&route.memory);
         e.decision = Some(route.decision.clone());
     }
@@ -654,6 +658,7 @@ mod tests {
             },
             redacted: BTreeMap::new(),
             failover: None,
+            replica: None,
             decision_us: 7,
             difficulty: None,
             cache: None,

@@ -155,6 +155,9 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
     if let Some(f) = &route.failover {
         set(&mut h, "x-tandem-failover", f);
     }
+    if let Some(r) = &route.replica {
+        set(&mut h, "x-tandem-replica", r);
+    }
     if let Some((score, threshold)) = route.difficulty {
         set(
             &mut h,

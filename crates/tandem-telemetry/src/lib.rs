@@ -277,6 +277,9 @@ pub fn record(tracer: &SdkTracer, e: &RequestEvent, include_key: bool) {
     if let Some(c) = &e.cache {
         attrs.push(kv("tandem.cache", c.clone()));
     }
+    if let Some(r) = &e.replica {
+        attrs.push(kv("tandem.replica", r.clone()));
+    }
     if let Some(c) = &e.cascade {
         attrs.push(kv("tandem.cascade", c.clone()));
     }

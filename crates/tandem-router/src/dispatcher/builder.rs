@@ -137,6 +137,7 @@ impl DispatcherBuilder {
             }
         }
         let metrics = Arc::new(Metrics::new());
+        let in_flight = self.clouds.iter().map(|_| Arc::default()).collect();
         let sessions = self.locals.iter().filter_map(|l| l.sessions()).collect();
         Ok(Arc::new(Dispatcher {
             sessions,
@@ -174,6 +175,7 @@ impl DispatcherBuilder {
             )),
             speculative: self.speculative,
             activity: Arc::new(crate::activity::Activity::new()),
+            in_flight,
         }))
     }
 }

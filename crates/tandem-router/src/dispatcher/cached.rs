@@ -76,6 +76,7 @@ impl Dispatcher {
             },
             redacted: BTreeMap::new(),
             failover: None,
+            replica: None,
             decision_us: t0.elapsed().as_micros() as u64,
             difficulty: None,
             cache: Some(CacheOutcome::Hit {

@@ -163,6 +163,7 @@ impl Dispatcher {
                         egress: None,
                         redacted: Default::default(),
                         speculative: false,
+                        _flight: None,
                     },
                     None,
                 )

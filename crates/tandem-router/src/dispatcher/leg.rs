@@ -32,6 +32,26 @@ pub(super) struct Placement {
     pub cache: Option<CacheOutcome>,
     /// What the cascade's remembered outcomes said, when they moved the score.
     pub memory: Option<String>,
+    /// Every upstream that could serve it, in the order to try them.
+    pub cloud_chain: Vec<usize>,
+    /// Why the first upstream was chosen over the others.
+    pub replica: Option<String>,
+}
+
+/// A request counted in flight on an upstream for as long as it lives.
+pub(crate) struct Flight(Arc<std::sync::atomic::AtomicU32>);
+
+impl Flight {
+    fn new(count: &Arc<std::sync::atomic::AtomicU32>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Flight(count.clone())
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A side that is serving the answer now.
@@ -49,6 +69,8 @@ pub(crate) struct Leg {
     /// Drafted here and verified in the cloud; the drafting task does its
     /// own accounting.
     pub speculative: bool,
+    /// Counts the request as in flight on its upstream.
+    pub _flight: Option<Flight>,
 }
 
 /// What supervising an answer needs beyond the leg.
@@ -156,6 +178,7 @@ impl Dispatcher {
                     egress: None,
                     redacted: Default::default(),
                     speculative: false,
+                    _flight: None,
                 })
             }
             Locality::Cloud => {
@@ -171,6 +194,8 @@ impl Dispatcher {
                         &redaction.classes,
                     )
                     .await?;
+                // Counted from before the start: a burst sees its own load.
+                let flight = self.in_flight.get(p.cloud_i).map(Flight::new);
                 let started = cloud.start(out).await;
                 let exchange = started
                     .exchange
@@ -194,6 +219,7 @@ impl Dispatcher {
                             egress: Some(record),
                             redacted: redaction.classes,
                             speculative: false,
+                            _flight: flight,
                         })
                     }
                     Err(e) => {
@@ -261,6 +287,7 @@ impl Dispatcher {
             egress: None,
             redacted: redaction.classes,
             speculative: true,
+            _flight: self.in_flight.get(p.cloud_i).map(Flight::new),
         })
     }
 
@@ -272,6 +299,7 @@ impl Dispatcher {
             decision: decision.clone(),
             redacted: leg.redacted.clone(),
             failover: None,
+            replica: p.replica.clone().filter(|_| leg.side == Locality::Cloud),
             decision_us: p.decision_us,
             difficulty: p.difficulty,
             cache: p.cache,

@@ -79,6 +79,9 @@ pub struct Dispatcher {
     speculative: SpeculativeConfig,
     verifier: Arc<Verifier>,
     activity: Arc<Activity>,
+    /// Requests each cloud upstream is serving now (by index), for the
+    /// balancer.
+    in_flight: Vec<Arc<std::sync::atomic::AtomicU32>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -289,6 +292,8 @@ impl Dispatcher {
             view,
             named,
             cloud,
+            replica,
+            ..
         } = self.plan(req, ctx, &checked)?;
         if named.is_none()
             && !self.clouds.is_empty()
@@ -321,11 +326,13 @@ impl Dispatcher {
         Ok(match result {
             Ok(d) => {
                 let (backend, model) = self.target(d.side, named, cloud, req);
+                let replica = replica.filter(|_| d.side == Locality::Cloud);
                 Explanation {
                     backend: Some(backend),
                     model: Some(model),
                     decision: Some(d),
                     refusal: None,
+                    replica,
                     features,
                     view,
                     decision_us,
@@ -336,6 +343,7 @@ impl Dispatcher {
                 model: None,
                 decision: None,
                 refusal: Some(r.message()),
+                replica: None,
                 features,
                 view,
                 decision_us,
@@ -364,6 +372,11 @@ impl Dispatcher {
                 None => ("cloud".into(), String::new()),
             },
         }
+    }
+
+    fn cloud_name(&self, i: usize) -> String {
+        self.cloud(i)
+            .map_or_else(String::new, |c| c.name().to_owned())
     }
 
     fn local(&self, i: usize) -> Option<&Arc<dyn Backend>> {
@@ -408,6 +421,8 @@ impl Dispatcher {
             view,
             named,
             cloud,
+            cloud_chain,
+            replica,
         } = self.plan(&req, &ctx, &checked)?;
         // A named model that cannot do what is asked is a 400 naming the
         // field, whatever the backend would have done with it (ignoring a
@@ -479,6 +494,8 @@ impl Dispatcher {
             difficulty: None,
             cache: None,
             memory: None,
+            cloud_chain,
+            replica,
         };
         let mut early = None;
         let embedding = match (text, self.embedder().cloned()) {
@@ -657,6 +674,36 @@ impl Dispatcher {
                     .await
             }
         };
+        // Another upstream serving the model (a replica, then another
+        // provider) before the other side.
+        let mut placement = placement;
+        let mut first = first;
+        let mut moves: Vec<String> = Vec::new();
+        if decision.side == Locality::Cloud && !spec {
+            let mut tried = vec![placement.cloud_i];
+            while let Err(e) = &first {
+                if e.is_client_error() && e.status != 429 {
+                    break;
+                }
+                let Some(next) = placement
+                    .cloud_chain
+                    .iter()
+                    .copied()
+                    .find(|i| !tried.contains(i))
+                else {
+                    break;
+                };
+                let (from, to) = (self.cloud_name(placement.cloud_i), self.cloud_name(next));
+                tracing::info!(from, to, "failover to another upstream: {}", e.message);
+                self.count_move(true, Locality::Cloud, Locality::Cloud, e);
+                moves.push(format!("cloud:{from} -> cloud:{to}: {}", e.message));
+                tried.push(next);
+                placement.cloud_i = next;
+                first = self
+                    .start_leg(Locality::Cloud, &req, &ctx, decision.redact, &placement)
+                    .await;
+            }
+        }
         let mut failover = None;
         let leg = match (first, decision.fallback) {
             (Ok(leg), _) => leg,
@@ -687,9 +734,10 @@ impl Dispatcher {
             speculation = Some(Speculation::Off("the cloud could not be reached".into()));
         }
         let mut route = self.route_info(&leg, &decision, &placement);
-        route.failover = failover.clone();
+        let all_moves: Vec<String> = moves.iter().chain(&failover).cloned().collect();
+        route.failover = (!all_moves.is_empty()).then(|| all_moves.join("; "));
         route.speculative = speculation;
-        let reason = if failover.is_some() {
+        let reason = if route.failover.is_some() {
             "failover"
         } else if leg.speculative {
             "speculative"

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tandem_api::{ApiError, Feature, GenerateRequest, Locality};
+use tandem_policy::balance::{self, Replica};
 use tandem_policy::privacy::scan_request;
 use tandem_policy::{CloudView, Features, LocalView, PrivacyMode, Spend, View};
 
@@ -39,8 +40,12 @@ pub(super) struct Plan {
     pub view: View,
     /// The side and backend a concrete model name points at.
     pub named: Option<(Locality, usize)>,
-    /// The cloud upstream this request would use.
+    /// The cloud upstream this request would use: the first of `cloud_chain`.
     pub cloud: Option<usize>,
+    /// Every upstream that could serve it, in the order to try them.
+    pub cloud_chain: Vec<usize>,
+    /// Why the first was chosen over the others, when there are others.
+    pub replica: Option<String>,
 }
 
 /// The local backend a request uses.
@@ -125,19 +130,62 @@ impl Dispatcher {
         (chars / 4) as u32 + 8
     }
 
-    /// The cloud upstream a request would use, if any: the named one, else
-    /// the first that is up.
-    fn cloud_candidate(&self, named: Option<(Locality, usize)>) -> Option<usize> {
-        if let Some((Locality::Cloud, i)) = named {
-            return Some(i);
+    /// The upstreams a request could use, in the order to try them
+    /// ([`tandem_policy::balance`]): those serving the named model, or for
+    /// the virtual model every upstream, replicas of one model grouped in
+    /// the configured order of their models. With the reason for the first
+    /// when there is a choice.
+    fn cloud_chain(
+        &self,
+        named: Option<(Locality, usize)>,
+        req: &GenerateRequest,
+    ) -> (Vec<usize>, Option<String>) {
+        let candidates: Vec<usize> = match named {
+            Some((Locality::Local, _)) => return (Vec::new(), None),
+            Some((Locality::Cloud, _)) => self
+                .clouds
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.models().iter().any(|m| m.id == req.model))
+                .map(|(i, _)| i)
+                .collect(),
+            None => (0..self.clouds.len()).collect(),
+        };
+        let mut models: Vec<String> = Vec::new();
+        let mut replicas = Vec::with_capacity(candidates.len());
+        for &i in &candidates {
+            let Some(c) = self.cloud(i) else { continue };
+            let model = c.model_for(&req.model);
+            let deployment = models.iter().position(|m| *m == model).unwrap_or_else(|| {
+                models.push(model);
+                models.len() - 1
+            });
+            let health = c.health();
+            let unusable = if health.breaker_open {
+                Some("breaker open".to_owned())
+            } else if !self.hub.reachable(c.name()) {
+                Some("unreachable".to_owned())
+            } else {
+                None
+            };
+            replicas.push(Replica {
+                name: c.name().to_owned(),
+                deployment: deployment as u32,
+                unusable,
+                in_flight: self
+                    .in_flight
+                    .get(i)
+                    .map_or(0, |f| f.load(std::sync::atomic::Ordering::Relaxed)),
+                ttft_ms: health.ttft_ms,
+            });
         }
-        if self.clouds.is_empty() {
-            return None;
-        }
-        self.clouds
+        let order = balance::order(&replicas);
+        let chain = order
             .iter()
-            .position(|c| !c.health().breaker_open && self.hub.reachable(c.name()))
-            .or(Some(0))
+            .filter_map(|&k| candidates.get(k).copied())
+            .collect();
+        let why = (replicas.len() > 1).then(|| balance::describe(&replicas, &order));
+        (chain, why)
     }
 
     fn view(
@@ -224,10 +272,8 @@ impl Dispatcher {
             Some((Locality::Cloud, _)) => None,
             None => (!self.locals.is_empty()).then_some(0),
         };
-        let cloud = match named {
-            Some((Locality::Local, _)) => None,
-            _ => self.cloud_candidate(named),
-        };
+        let (cloud_chain, replica) = self.cloud_chain(named, req);
+        let cloud = cloud_chain.first().copied();
         let mode = self.privacy_mode(ctx);
         let (pii, pii_unchecked) = match (mode, checked) {
             (PrivacyMode::Off, _) => (BTreeMap::new(), None),
@@ -254,6 +300,8 @@ impl Dispatcher {
             view,
             named,
             cloud,
+            cloud_chain,
+            replica,
         })
     }
 }

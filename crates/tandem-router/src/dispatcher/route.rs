@@ -118,6 +118,8 @@ pub struct RouteInfo {
     pub redacted: BTreeMap<String, u32>,
     /// Set when the first side failed before its first token.
     pub failover: Option<String>,
+    /// Which of several upstreams serving the model was chosen, and why.
+    pub replica: Option<String>,
     /// Microseconds spent deciding.
     pub decision_us: u64,
     /// The learned router's difficulty score and the threshold it was held to.
@@ -143,6 +145,9 @@ pub struct Explanation {
     pub decision: Option<Decision>,
     /// Why it would be refused.
     pub refusal: Option<String>,
+    /// Which of several upstreams serving the model would be tried first,
+    /// and why.
+    pub replica: Option<String>,
     /// What the request needs, as the policy saw it.
     pub features: Features,
     /// The state of the world, as the policy saw it.
