@@ -86,7 +86,7 @@ pub struct RunStats {
 }
 
 /// Kills the child when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -136,7 +136,7 @@ fn which_taskset() -> Option<PathBuf> {
 }
 
 /// The fast upstream: answers every chat request at once with a canned body.
-fn start_upstream() -> anyhow::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
+pub(crate) fn start_upstream() -> anyhow::Result<(SocketAddr, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("bench-upstream".into())
@@ -186,6 +186,17 @@ fn start_upstream() -> anyhow::Result<(SocketAddr, std::thread::JoinHandle<()>)>
 /// Open-loop load: request i is due at start + i/rate whatever happened
 /// to the ones before it.
 fn load(url: &str, rate: u32, seconds: u64, label: &str) -> anyhow::Result<RunStats> {
+    load_with(url, None, rate, seconds, label)
+}
+
+/// [`load`] with a gateway key.
+pub(crate) fn load_with(
+    url: &str,
+    key: Option<&str>,
+    rate: u32,
+    seconds: u64,
+    label: &str,
+) -> anyhow::Result<RunStats> {
     pin_here();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -221,22 +232,21 @@ fn load(url: &str, rate: u32, seconds: u64, label: &str) -> anyhow::Result<RunSt
         if due > now {
             std::thread::sleep(due - now);
         }
-        let (client, url, body, hist, errors, first_error) = (
+        let (client, url, body, hist, errors, first_error, auth) = (
             client.clone(),
             url.to_owned(),
             body.clone(),
             hist.clone(),
             errors.clone(),
             first_error.clone(),
+            key.map(|k| format!("Bearer {k}")).unwrap_or_default(),
         );
         tasks.push(rt.spawn(async move {
-            let outcome = match client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-            {
+            let mut req = client.post(url).header("content-type", "application/json");
+            if !auth.is_empty() {
+                req = req.header("authorization", auth);
+            }
+            let outcome = match req.body(body).send().await {
                 Ok(r) if r.status().is_success() => {
                     r.bytes().await.map(|_| ()).map_err(|e| e.to_string())
                 }
@@ -320,7 +330,7 @@ fn load_gateway(
     Ok(s)
 }
 
-fn wait_http(url: &str, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) fn wait_http(url: &str, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(s) = child.try_wait()? {
@@ -344,7 +354,19 @@ fn wait_http(url: &str, child: &mut Child, timeout: Duration) -> anyhow::Result<
 }
 
 fn start_tandem(dir: &Path, upstream: SocketAddr) -> anyhow::Result<(Proc, String)> {
-    let config = dir.join("gateway.toml");
+    start_tandem_with(dir, upstream, "gateway", true, "")
+}
+
+/// A gateway process named `name` (its files in `dir`), with its egress
+/// ledger or not, and `extra` appended to its configuration.
+pub(crate) fn start_tandem_with(
+    dir: &Path,
+    upstream: SocketAddr,
+    name: &str,
+    ledger: bool,
+    extra: &str,
+) -> anyhow::Result<(Proc, String)> {
+    let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
@@ -363,9 +385,12 @@ price_input_per_mtok = 0.15
 price_output_per_mtok = 0.60
 
 [ledger]
+enabled = {ledger}
 path = "{}"
+
+{extra}
 "#,
-            dir.join("ledger.jsonl").display()
+            dir.join(format!("{name}-ledger.jsonl")).display()
         ),
     )?;
     let exe = std::env::current_exe()?;
@@ -411,7 +436,7 @@ fn litellm_python(home: &Path) -> anyhow::Result<PathBuf> {
     Ok(python.with_file_name("litellm"))
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -447,7 +472,7 @@ fn start_litellm(home: &Path, dir: &Path, upstream: SocketAddr) -> anyhow::Resul
     Ok((proc, format!("{base}/v1/chat/completions")))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         return f64::NAN;

@@ -25,6 +25,7 @@ pub mod process;
 pub mod router;
 pub mod server;
 mod setup;
+pub mod shared;
 pub mod soak;
 pub mod speculative;
 pub mod tools;
@@ -72,6 +73,9 @@ pub enum BenchKind {
     /// The dashboard page: its weight and time to first paint in headless
     /// Chromium.
     Ui(ui::UiArgs),
+    /// Keys, rate limits and budgets in Redis against in process, and two
+    /// gateway replicas against one.
+    Shared(shared::SharedArgs),
 }
 
 /// Runs the benchmark `args` names.
@@ -88,5 +92,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(BenchKind::Server(s)) => server::run(s).await,
         Some(BenchKind::Soak(s)) => soak::run(s).await,
         Some(BenchKind::Ui(u)) => ui::run(u).await,
+        Some(BenchKind::Shared(s)) => tokio::task::spawn_blocking(move || shared::run(s)).await?,
     }
 }

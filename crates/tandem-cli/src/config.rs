@@ -290,6 +290,8 @@ pub struct Config {
     pub speculative: tandem_router::SpeculativeConfig,
     #[serde(default)]
     pub telemetry: tandem_telemetry::TelemetryConfig,
+    #[serde(default)]
+    pub shared: tandem_router::shared::SharedConfig,
 }
 
 /// The file to read: `--config`, else `$TANDEM_CONFIG`, else

@@ -269,7 +269,27 @@ pub async fn build_dispatcher(
         }
         b = b.ledger(ledger);
     }
+    if cfg.shared.redis_url.is_some() {
+        if cfg.keys.iter().all(|k| !k.admin) {
+            bail!(
+                "[shared] needs at least one admin key in [[keys]] (see `tandem keys new NAME --admin`): \
+                 replicas sharing state are never open, and keys are made through the admin API"
+            );
+        }
+        let store = tandem_redis::RedisState::new(&cfg.shared, cfg.cache.max_entries)
+            .map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "shared state: {} (when unreachable: {})",
+            tandem_router::shared::SharedStore::describe(&store),
+            cfg.shared.on_unavailable.as_str()
+        );
+        b = b.shared(tandem_router::shared::Shared::new(
+            Arc::new(store),
+            cfg.shared.clone(),
+        ));
+    }
     let d = b.build().map_err(anyhow::Error::msg)?;
+    d.start_shared().await;
     if let Some(r) = scorer {
         d.set_scorer(Arc::new(r.scorer), r.input);
     }

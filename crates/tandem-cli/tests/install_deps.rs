@@ -72,7 +72,7 @@ fn dry_run_with(
 fn a_machine_without_the_packages_gets_them_all() {
     assert_eq!(
         dry_run(&[], &[], &["build", "test"]),
-        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip fonts-dejavu-core nodejs npm chromium"
+        "would install: build-essential cmake libclang-dev python3 python3-venv python3-pip fonts-dejavu-core nodejs npm chromium redis-server"
     );
 }
 
@@ -106,6 +106,7 @@ fn removed_packages_count_as_missing_and_a_complete_machine_needs_nothing() {
         "nodejs",
         "npm",
         "chromium",
+        "redis-server",
     ];
     assert_eq!(
         dry_run(&all, &["libclang-dev"], &["build", "test"]),
@@ -137,10 +138,10 @@ fn npm_comes_with_nodesource_nodejs_or_as_a_package() {
     with_node.push("nodejs");
     assert_eq!(
         dry_run_with(&with_node, &[], &["test"], true),
-        "would install: chromium"
+        "would install: chromium redis-server"
     );
     assert_eq!(
         dry_run_with(&with_node, &[], &["test"], false),
-        "would install: npm chromium"
+        "would install: npm chromium redis-server"
     );
 }

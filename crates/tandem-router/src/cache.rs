@@ -318,9 +318,8 @@ impl SemanticCache {
     }
 
     /// Keeps an answer, evicting the least recently used past the bound.
-    pub fn insert(&self, key: &CacheKey, embedding: Vec<f32>, answer: Cached) {
-        let mut inner = self.lock();
-        inner.clock += 1;
+    /// Returns the entry as written to the file (what replicas share).
+    pub fn insert(&self, key: &CacheKey, embedding: Vec<f32>, answer: Cached) -> Option<String> {
         let entry = Entry {
             partition: key.partition.clone(),
             context: key.context.clone(),
@@ -331,8 +330,27 @@ impl SemanticCache {
             backend: answer.backend,
             model: answer.model,
             created: now(),
-            used: inner.clock,
+            used: 0,
         };
+        self.keep(entry)
+    }
+
+    /// Keeps an entry another replica wrote (a line of its file); `false`
+    /// when the line is not one.
+    pub fn absorb(&self, line: &str) -> bool {
+        match serde_json::from_str::<Entry>(line) {
+            Ok(e) if !e.embedding.is_empty() => {
+                self.keep(e);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn keep(&self, mut entry: Entry) -> Option<String> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        entry.used = inner.clock;
         inner.entries.retain(|e| {
             !(e.partition == entry.partition && e.context == entry.context && e.text == entry.text)
         });
@@ -349,17 +367,18 @@ impl SemanticCache {
                 inner.entries.swap_remove(oldest);
             }
         }
-        let Some(path) = &self.path else { return };
+        let Some(path) = &self.path else { return line };
         let result = if inner.lines + 1 > 2 * self.config.max_entries.max(1) {
             Self::rewrite(path, &inner.entries).map(|n| inner.lines = n)
-        } else if let Some(line) = line {
-            Self::append(path, &line).map(|()| inner.lines += 1)
+        } else if let Some(line) = &line {
+            Self::append(path, line).map(|()| inner.lines += 1)
         } else {
             Ok(())
         };
         if let Err(e) = result {
             tracing::warn!("writing the cache to {}: {e}", path.display());
         }
+        line
     }
 
     fn append(path: &Path, line: &str) -> std::io::Result<()> {

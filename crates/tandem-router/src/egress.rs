@@ -11,14 +11,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use tandem_api::{Exchange, Price, Usage};
 use tandem_ledger::{Egress as LedgerEntry, Ledger};
 
-use crate::access::SpendTracker;
+use crate::access::{Reservation, SpendTracker};
 use crate::metrics::Metrics;
 
 /// Where egress is accounted: the ledger, the spending tracker, the metrics.
 #[derive(Debug)]
 pub(crate) struct Egress {
     pub ledger: Option<Ledger>,
-    pub spend: SpendTracker,
+    pub spend: Arc<SpendTracker>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -77,6 +77,8 @@ pub(crate) struct EgressRecord {
     /// Pieces of the answer received, a stand-in for tokens when the
     /// upstream reports no usage.
     pub deltas: u32,
+    /// What the budget holds for this exchange until it settles.
+    pub reservation: Option<Reservation>,
     settled: bool,
 }
 
@@ -95,6 +97,7 @@ impl EgressRecord {
             redacted,
             who,
             deltas: 0,
+            reservation: None,
             settled: false,
         }
     }
@@ -115,7 +118,8 @@ impl EgressRecord {
             0.0
         };
         let e = &self.egress;
-        e.spend.add(self.who.key.as_deref(), cost);
+        e.spend
+            .settle(self.who.key.as_deref(), self.reservation.take(), cost);
         e.metrics.cost_usd.inc_by(cost);
         self.who.trace.spent(cost);
         e.metrics.count_tokens("cloud", prompt, completion);

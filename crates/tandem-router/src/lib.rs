@@ -17,6 +17,7 @@
 //! - [`memory`]: the cascade's outcomes, remembered for the router.
 //! - [`activity`]: each request's event for the operator's live view.
 //! - [`access`]: gateway keys, rate limits, daily spending.
+//! - [`shared`]: what gateway replicas share (keys, limits, spending, cache) in a store such as Redis.
 //! - [`speculative`]: drafting on the device; verification sessions (cloud role).
 //! - [`metrics`]: the Prometheus registry of one gateway.
 //!
@@ -35,6 +36,7 @@ pub mod learned;
 pub mod memory;
 pub mod metrics;
 mod recognizer;
+pub mod shared;
 pub mod signals;
 pub mod speculative;
 

@@ -133,6 +133,10 @@ pub struct Metrics {
     pub local_active: Gauge,
     /// Local requests waiting.
     pub local_queued: Gauge,
+    /// 1 while the shared state store answers (and when there is none).
+    pub shared_up: Gauge,
+    /// Calls to the shared state store that failed or timed out.
+    pub shared_errors: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -253,8 +257,23 @@ impl Metrics {
             "Requests waiting for the local engine",
             local_queued.clone(),
         );
+        let shared_up = Gauge::default();
+        shared_up.set(1);
+        registry.register(
+            "shared_state_up",
+            "Whether the shared state store (Redis) answered the last call; 1 when there is none",
+            shared_up.clone(),
+        );
+        let shared_errors = Counter::default();
+        registry.register(
+            "shared_state_errors",
+            "Calls to the shared state store that failed or timed out",
+            shared_errors.clone(),
+        );
         Self {
             registry,
+            shared_up,
+            shared_errors,
             requests,
             refused,
             tokens,

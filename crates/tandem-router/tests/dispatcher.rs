@@ -175,6 +175,34 @@ async fn the_cascade_keeps_a_sure_answer_and_escalates_an_unsure_one() {
 }
 
 #[tokio::test]
+async fn an_escalation_goes_on_to_another_replica_before_keeping_the_local_answer() {
+    let local = Scripted::local("small", vec![Step::Confident(pieces("Guess.", 2), -3.0)]);
+    // Two replicas of one model: the first refuses, the second answers.
+    let a = Scripted::cloud("a", "big", vec![Step::Refuse(err(503))]);
+    let b = Scripted::cloud("b", "big", vec![Step::Answer(pieces("Certainly.", 4))]);
+    let d = Dispatcher::builder()
+        .local_arc(local.clone() as Arc<dyn Backend>)
+        .cloud_arc(a.clone() as Arc<dyn Backend>)
+        .cloud_arc(b.clone() as Arc<dyn Backend>)
+        .build()
+        .expect("dispatcher");
+    let ctx = RequestContext {
+        mode: Some(Mode::Cascade),
+        ..RequestContext::default()
+    };
+    let (text, e, route) = run(&d, chat("q"), ctx).await;
+    assert!(e.is_none());
+    assert_eq!(
+        (text.as_str(), route.backend.as_str()),
+        ("Certainly.", "cloud:b")
+    );
+    assert!(route.cascade.unwrap_or_default().starts_with("escalated"));
+    let moved = route.failover.unwrap_or_default();
+    assert!(moved.starts_with("cloud:a -> cloud:b"), "{moved}");
+    assert_eq!((a.received().len(), b.received().len()), (1, 1));
+}
+
+#[tokio::test]
 async fn the_cascade_escalates_early_and_stops_the_device() {
     // 200 unsure pieces: judged after the first 8, the rest never made.
     let unsure: Vec<String> = (0..200).map(|i| format!("w{i} ")).collect();

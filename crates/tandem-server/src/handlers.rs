@@ -517,6 +517,7 @@ pub async fn health(State(state): State<AppState>, headers: HeaderMap) -> Json<V
         "backends": backends,
         "device": d.signals().device(),
         "metered": network.metered,
+        "shared_state": d.shared().map(|s| s.status()),
     }))
 }
 

@@ -15,6 +15,7 @@ mod conn;
 mod error;
 mod guard;
 mod handlers;
+mod keys;
 mod sse;
 mod ui;
 
@@ -178,8 +179,14 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match state.dispatcher.access().authenticate(header) {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match state
+        .dispatcher
+        .access()
+        .authenticate(header.as_deref())
+        .await
+    {
         Ok(caller) => {
             if let Some(c) = caller {
                 req.extensions_mut().insert(c);
@@ -218,6 +225,11 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/tandem/spec/sessions/{id}",
             axum::routing::delete(handlers::spec_close),
+        )
+        .route("/v1/tandem/keys", get(keys::list).post(keys::create))
+        .route(
+            "/v1/tandem/keys/{name}",
+            axum::routing::patch(keys::update).delete(keys::revoke),
         )
         .route("/metrics", get(handlers::metrics))
         .route("/ui/api/feed", get(ui::feed))

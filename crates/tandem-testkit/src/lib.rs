@@ -2,12 +2,14 @@
 //! the real catalog (once per machine; parallel test binaries wait on the
 //! catalog's lock), Tandem servers on loopback ports, a capturing upstream
 //! that records what leaves and injects faults ([`capture`]), scripted
-//! backends for testing without a model ([`scripted`]), and real clients
+//! backends for testing without a model ([`scripted`]), a real Redis
+//! ([`redis`]), and real clients
 //! (Python environments with the `openai` SDK and others).
 
 #![warn(missing_docs)]
 
 pub mod capture;
+pub mod redis;
 pub mod scripted;
 
 use std::collections::BTreeMap;

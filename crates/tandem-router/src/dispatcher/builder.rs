@@ -15,6 +15,7 @@ use crate::cache::SemanticCache;
 use crate::egress::Egress;
 use crate::memory::OutcomeMemory;
 use crate::metrics::Metrics;
+use crate::shared::Shared;
 use crate::signals::SignalHub;
 use crate::speculative::{SpeculativeConfig, Verifier};
 
@@ -33,6 +34,7 @@ pub struct DispatcherBuilder {
     memory: Option<Arc<OutcomeMemory>>,
     speculative: SpeculativeConfig,
     recognizer: Option<Result<Arc<dyn EntityRecognizer>, String>>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl DispatcherBuilder {
@@ -127,16 +129,33 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Keys, rate limits, spending and the cache's entries kept in a store
+    /// shared with other replicas (see [`Dispatcher::start_shared`]).
+    pub fn shared(mut self, s: Arc<Shared>) -> Self {
+        self.shared = Some(s);
+        self
+    }
+
     /// Checks the configuration and builds the dispatcher.
     pub fn build(self) -> Result<Arc<Dispatcher>, String> {
-        let spend = SpendTracker::default();
-        if let Some(l) = &self.ledger {
+        let spend = Arc::new(match &self.shared {
+            Some(s) => SpendTracker::shared(s.clone()),
+            None => SpendTracker::default(),
+        });
+        // With a shared store, spending is the store's (the ledger of one
+        // replica is not the deployment's).
+        if let Some(l) = self.ledger.as_ref().filter(|_| self.shared.is_none()) {
             match tandem_ledger::read(l.path()) {
                 Ok(entries) => spend.seed_from_ledger(&entries),
                 Err(e) => return Err(format!("reading the ledger: {e}")),
             }
         }
         let metrics = Arc::new(Metrics::new());
+        let mut access = Access::new(&self.keys)?;
+        if let Some(s) = &self.shared {
+            s.attach_metrics(metrics.clone());
+            access = access.with_shared(s.clone(), spend.clone());
+        }
         let in_flight = self.clouds.iter().map(|_| Arc::default()).collect();
         let sessions = self.locals.iter().filter_map(|l| l.sessions()).collect();
         Ok(Arc::new(Dispatcher {
@@ -158,7 +177,7 @@ impl DispatcherBuilder {
                 spend,
                 metrics: metrics.clone(),
             }),
-            access: Access::new(&self.keys)?,
+            access,
             local_speed: Mutex::new(Speed::default()),
             semantics: Semantics {
                 embedder: self.embedder,
@@ -176,6 +195,8 @@ impl DispatcherBuilder {
             speculative: self.speculative,
             activity: Arc::new(crate::activity::Activity::new()),
             in_flight,
+            shared: self.shared,
+            config_keys: self.keys,
         }))
     }
 }

@@ -120,6 +120,7 @@ impl Dispatcher {
         let (Some((key, embedding)), Some(cache)) = (store, self.cache().cloned()) else {
             return stream;
         };
+        let shared = self.shared.clone();
         Box::pin(async_stream::stream! {
             let mut stream = stream;
             let mut text = String::new();
@@ -134,7 +135,7 @@ impl Dispatcher {
                     }
                     Ok(Event::Finish(_)) if called => {}
                     Ok(Event::Finish(f)) => {
-                        cache.insert(&key, embedding.clone(), Cached {
+                        let line = cache.insert(&key, embedding.clone(), Cached {
                             text: std::mem::take(&mut text),
                             finish: f.reason,
                             usage: f.usage,
@@ -142,6 +143,14 @@ impl Dispatcher {
                             model: model.clone(),
                             similarity: 1.0,
                         });
+                        if let (Some(line), Some(shared)) = (line, shared.clone()) {
+                            tokio::spawn(async move {
+                                let origin = shared.origin.clone();
+                                let _ = shared
+                                    .call("cache put", shared.store().cache_put(&origin, &line))
+                                    .await;
+                            });
+                        }
                     }
                     Err(_) => {}
                 }

@@ -27,7 +27,7 @@ impl Dispatcher {
         req: GenerateRequest,
         ctx: RequestContext,
         decision: Decision,
-        p: Placement,
+        mut p: Placement,
         store: Option<(CacheKey, Vec<f32>)>,
         recall: Option<(String, Vec<f32>)>,
     ) -> Result<Dispatched, ApiError> {
@@ -90,13 +90,18 @@ impl Dispatcher {
         };
         let mut failover = None;
         let mut local_again = None;
+        let mut moves = Vec::new();
         let leg = if keep {
             None
         } else {
-            match self
+            let started = self
                 .start_leg(Locality::Cloud, &req, &ctx, decision.redact, &p)
-                .await
-            {
+                .await;
+            // An escalation, too, goes on to another replica before giving up.
+            let started = self
+                .across_upstreams(started, &req, &ctx, decision.redact, &mut p, &mut moves)
+                .await;
+            match started {
                 Ok(leg) => Some(leg),
                 Err(e) if local.is_ok() => {
                     failover = Some(format!("cloud -> local: {}", e.message));
@@ -170,7 +175,8 @@ impl Dispatcher {
             }
         };
         let mut route = self.route_info(&leg, &decision, &p);
-        route.failover = failover;
+        let all_moves: Vec<String> = moves.into_iter().chain(failover).collect();
+        route.failover = (!all_moves.is_empty()).then(|| all_moves.join("; "));
         route.cascade = Some(outcome);
         let sup = Supervision {
             req,

@@ -93,6 +93,41 @@ impl Dispatcher {
         }
     }
 
+    /// Holds what the request may cost against today's budgets before it
+    /// leaves; a budget another request (here or on another replica) has
+    /// just used up refuses it with 429 `insufficient_quota`, which the
+    /// caller may fail over to the device.
+    async fn reserve(
+        &self,
+        ctx: &RequestContext,
+        cloud: &Arc<dyn tandem_api::Backend>,
+        req: &GenerateRequest,
+        p: &Placement,
+    ) -> Result<Option<crate::access::Reservation>, ApiError> {
+        let key = ctx.caller.as_ref().map(|c| c.config.name.as_str());
+        let budgets = crate::access::Budgets {
+            total: self.policy.daily_budget_usd,
+            key: ctx.caller.as_ref().and_then(|c| c.config.daily_budget_usd),
+        };
+        // The most the answer may cost: its prompt and every token it may
+        // write (the policy's own estimate caps an unbounded answer).
+        let completion = req.max_tokens.unwrap_or(1024);
+        let usd = cloud.price().cost(p.prompt_estimate, completion);
+        match self.egress.spend.reserve(key, usd, budgets).await? {
+            Some(r) => Ok(Some(r)),
+            None => Err(ApiError::rate_limited(
+                "the daily budget is spent (by requests finished and in flight)",
+            )
+            .with_code("insufficient_quota")),
+        }
+    }
+
+    /// Gives back a reservation for a request that did not leave.
+    fn release(&self, ctx: &RequestContext, r: Option<crate::access::Reservation>) {
+        let key = ctx.caller.as_ref().map(|c| c.config.name.as_str());
+        self.egress.spend.settle(key, r, 0.0);
+    }
+
     /// The request as it may leave the device, and what was taken out.
     pub(super) fn outgoing(
         &self,
@@ -186,14 +221,20 @@ impl Dispatcher {
                     .cloud(p.cloud_i)
                     .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
                 let (out, redaction) = self.outgoing(req, redact)?;
-                self.egress
+                let reservation = self.reserve(ctx, cloud, req, p).await?;
+                if let Err(e) = self
+                    .egress
                     .sending(
                         &Self::requester(ctx),
                         cloud.name(),
                         &cloud.model_for(&req.model),
                         &redaction.classes,
                     )
-                    .await?;
+                    .await
+                {
+                    self.release(ctx, reservation);
+                    return Err(e);
+                }
                 // Counted from before the start: a burst sees its own load.
                 let flight = self.in_flight.get(p.cloud_i).map(Flight::new);
                 let started = cloud.start(out).await;
@@ -207,6 +248,7 @@ impl Dispatcher {
                     redaction.classes.clone(),
                     Self::requester(ctx),
                 );
+                record.reservation = reservation;
                 match started.result {
                     Ok(stream) => {
                         self.signals().record_answer(cloud.name());
@@ -255,14 +297,20 @@ impl Dispatcher {
         })?;
         let (out, redaction) = self.outgoing(req, redact)?;
         let model = cloud.model_for(&req.model);
-        self.egress
+        let reservation = self.reserve(ctx, cloud, req, p).await?;
+        if let Err(e) = self
+            .egress
             .sending(
                 &Self::requester(ctx),
                 cloud.name(),
                 &model,
                 &redaction.classes,
             )
-            .await?;
+            .await
+        {
+            self.release(ctx, reservation);
+            return Err(e);
+        }
         let stream = crate::speculative::start(crate::speculative::SpecJob {
             egress: self.egress.clone(),
             config: self.speculative.clone(),
@@ -274,8 +322,10 @@ impl Dispatcher {
             req: out,
             redacted: redaction.classes.clone(),
             who: Self::requester(ctx),
+            reservation,
         })
-        .await?;
+        .await
+        .inspect_err(|_| self.release(ctx, reservation))?;
         ctx.trace
             .leg_started(&format!("cloud:{} (speculative)", cloud.name()), &model);
         Ok(Leg {

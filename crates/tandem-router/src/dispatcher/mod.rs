@@ -32,6 +32,7 @@ use crate::egress::Egress;
 use crate::learned::RouterInput;
 use crate::memory::OutcomeMemory;
 use crate::metrics::{Metrics, OutcomeLabels};
+use crate::shared::Shared;
 use crate::signals::SignalHub;
 use crate::speculative::{SpeculativeConfig, Verifier};
 
@@ -82,6 +83,10 @@ pub struct Dispatcher {
     /// Requests each cloud upstream is serving now (by index), for the
     /// balancer.
     in_flight: Vec<Arc<std::sync::atomic::AtomicU32>>,
+    /// The store replicas share, if any.
+    shared: Option<Arc<Shared>>,
+    /// The configuration file's keys, written to the shared store.
+    config_keys: Vec<crate::access::KeyConfig>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -117,6 +122,36 @@ impl Dispatcher {
     /// Each request's event, live and recent, for the operator's view.
     pub fn activity(&self) -> &Arc<Activity> {
         &self.activity
+    }
+
+    /// The store replicas share, if any.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
+    /// Connects to the shared store: writes the configuration file's keys,
+    /// reads the registry and the cache's entries once (so the first
+    /// request finds them), then keeps reading them in the background and
+    /// writes spending kept while the store was away. Nothing to do
+    /// without a store; a store that cannot be reached now is retried.
+    pub async fn start_shared(self: &Arc<Self>) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let mut sync = SharedSync {
+            seeded: false,
+            cursor: "0".into(),
+        };
+        sync.round(self, &shared).await;
+        let weak = Arc::downgrade(self);
+        let every = Duration::from_millis(shared.config().sync_ms.max(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(d) = weak.upgrade() else { break };
+                sync.round(&d, &shared).await;
+            }
+        });
     }
 
     /// The signals the policy reads.
@@ -677,33 +712,20 @@ impl Dispatcher {
         // Another upstream serving the model (a replica, then another
         // provider) before the other side.
         let mut placement = placement;
-        let mut first = first;
         let mut moves: Vec<String> = Vec::new();
-        if decision.side == Locality::Cloud && !spec {
-            let mut tried = vec![placement.cloud_i];
-            while let Err(e) = &first {
-                if e.is_client_error() && e.status != 429 {
-                    break;
-                }
-                let Some(next) = placement
-                    .cloud_chain
-                    .iter()
-                    .copied()
-                    .find(|i| !tried.contains(i))
-                else {
-                    break;
-                };
-                let (from, to) = (self.cloud_name(placement.cloud_i), self.cloud_name(next));
-                tracing::info!(from, to, "failover to another upstream: {}", e.message);
-                self.count_move(true, Locality::Cloud, Locality::Cloud, e);
-                moves.push(format!("cloud:{from} -> cloud:{to}: {}", e.message));
-                tried.push(next);
-                placement.cloud_i = next;
-                first = self
-                    .start_leg(Locality::Cloud, &req, &ctx, decision.redact, &placement)
-                    .await;
-            }
-        }
+        let first = if decision.side == Locality::Cloud && !spec {
+            self.across_upstreams(
+                first,
+                &req,
+                &ctx,
+                decision.redact,
+                &mut placement,
+                &mut moves,
+            )
+            .await
+        } else {
+            first
+        };
         let mut failover = None;
         let leg = match (first, decision.fallback) {
             (Ok(leg), _) => leg,
@@ -758,6 +780,48 @@ impl Dispatcher {
         Ok(self.run_leg(leg, sup, route, store))
     }
 
+    /// A cloud start that failed before its first token goes on to the
+    /// next upstream of the placement's chain (a replica, then another
+    /// provider) until one starts or none is left; each move is noted.
+    async fn across_upstreams(
+        self: &Arc<Self>,
+        first: Result<leg::Leg, ApiError>,
+        req: &GenerateRequest,
+        ctx: &RequestContext,
+        redact: bool,
+        placement: &mut leg::Placement,
+        moves: &mut Vec<String>,
+    ) -> Result<leg::Leg, ApiError> {
+        let mut first = first;
+        let mut tried = vec![placement.cloud_i];
+        while let Err(e) = &first {
+            // A spent budget is spent on every upstream.
+            if (e.is_client_error() && e.status != 429)
+                || e.code.as_deref() == Some("insufficient_quota")
+            {
+                break;
+            }
+            let Some(next) = placement
+                .cloud_chain
+                .iter()
+                .copied()
+                .find(|i| !tried.contains(i))
+            else {
+                break;
+            };
+            let (from, to) = (self.cloud_name(placement.cloud_i), self.cloud_name(next));
+            tracing::info!(from, to, "failover to another upstream: {}", e.message);
+            self.count_move(true, Locality::Cloud, Locality::Cloud, e);
+            moves.push(format!("cloud:{from} -> cloud:{to}: {}", e.message));
+            tried.push(next);
+            placement.cloud_i = next;
+            first = self
+                .start_leg(Locality::Cloud, req, ctx, redact, placement)
+                .await;
+        }
+        first
+    }
+
     fn count_cache(&self, outcome: &str) {
         self.metrics()
             .cache
@@ -765,6 +829,52 @@ impl Dispatcher {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+}
+
+/// Where the background reading of the shared store stands.
+struct SharedSync {
+    seeded: bool,
+    /// The last cache log entry read.
+    cursor: String,
+}
+
+impl SharedSync {
+    async fn round(&mut self, d: &Dispatcher, shared: &Shared) {
+        if !self.seeded {
+            self.seeded = shared
+                .call("seed keys", shared.store().seed_keys(&d.config_keys))
+                .await
+                .is_ok();
+            if !self.seeded {
+                return;
+            }
+        }
+        let Ok(keys) = shared.call("keys", shared.store().keys()).await else {
+            return;
+        };
+        d.access.mirror(keys);
+        shared.flush_pending().await;
+        let Some(cache) = d.cache() else { return };
+        const BATCH: usize = 500;
+        loop {
+            let Ok(lines) = shared
+                .call("cache read", shared.store().cache_read(&self.cursor, BATCH))
+                .await
+            else {
+                return;
+            };
+            let n = lines.len();
+            for l in lines {
+                if l.origin != shared.origin && !cache.absorb(&l.entry) {
+                    tracing::warn!("a shared cache entry could not be read; skipped");
+                }
+                self.cursor = l.id;
+            }
+            if n < BATCH {
+                return;
+            }
+        }
     }
 }
 

@@ -40,6 +40,8 @@ pub(crate) struct SpecJob {
     pub req: GenerateRequest,
     pub redacted: BTreeMap<String, u32>,
     pub who: Requester,
+    /// What the budget holds for the session until it settles.
+    pub reservation: Option<crate::access::Reservation>,
 }
 
 #[derive(Default)]
@@ -77,6 +79,7 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
         req,
         redacted,
         who,
+        reservation,
     } = job;
     let mut local_req = req.clone();
     local_req.model = engine.model_id().to_owned();
@@ -155,6 +158,7 @@ pub(crate) async fn start(job: SpecJob) -> Result<EventStream, ApiError> {
             &tally.log,
         );
         let mut leg = EgressRecord::new(egress, price, Arc::new(exchange), redacted, who);
+        leg.reservation = reservation;
         let m = &metrics;
         m.count_spec("rounds", tally.rounds);
         m.count_spec("drafted", tally.drafted);
