@@ -294,7 +294,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
 }
 
 enum Msg {
-    Record(Box<Egress>),
+    /// An entry, and whom to tell once it is on disk (a durable record: it
+    /// is one message, so that the writer knows at once not to wait for
+    /// more entries before syncing).
+    Record(Box<Egress>, Option<mpsc::Sender<()>>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -489,7 +492,7 @@ impl Ledger {
     /// that has stopped keeping up (back-pressure rather than unbounded
     /// memory).
     pub fn record(&self, egress: Egress) {
-        if self.tx.send(Msg::Record(Box::new(egress))).is_err() {
+        if self.tx.send(Msg::Record(Box::new(egress), None)).is_err() {
             tracing::error!("ledger writer has stopped; an egress record was lost");
         }
     }
@@ -498,8 +501,13 @@ impl Ledger {
     /// entry that must exist before bytes leave. Blocks; call it off async
     /// workers.
     pub fn record_durable(&self, egress: Egress) -> Result<(), LedgerError> {
-        self.record(egress);
-        if self.flush() {
+        let (tx, rx) = mpsc::channel();
+        if self
+            .tx
+            .send(Msg::Record(Box::new(egress), Some(tx)))
+            .is_ok()
+            && rx.recv().is_ok()
+        {
             Ok(())
         } else {
             Err(LedgerError::Io {
@@ -546,18 +554,37 @@ fn writer(
             }
         };
         // Let more entries arrive, then take them all: one write and one
-        // sync serve many. Sleeping (rather than waiting on the channel)
-        // matters: senders wake a parked receiver with a system call each.
+        // sync serve many. An entry that a request waits for (durable) or a
+        // flush ends the wait at once: the sync then serves what came so far.
+        let urgent = |m: &Msg| matches!(m, Msg::Flush(_) | Msg::Record(_, Some(_)));
         let mut batch: Vec<Msg> = first.into_iter().collect();
-        if !batch.iter().any(|m| matches!(m, Msg::Flush(_))) {
-            std::thread::sleep(GATHER);
+        if !batch.iter().any(urgent) {
+            let deadline = Instant::now() + GATHER;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(m) => {
+                        let stop = urgent(&m);
+                        batch.push(m);
+                        if stop {
+                            break;
+                        }
+                    }
+                    // Timed out, or every sender is gone (seen next round).
+                    Err(_) => break,
+                }
+            }
         }
         while let Ok(m) = rx.try_recv() {
             batch.push(m);
         }
         for m in batch {
             match m {
-                Msg::Record(egress) => {
+                Msg::Record(egress, ack) => {
+                    waiting.extend(ack);
                     let time_ms = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map(|d| d.as_millis() as u64)

@@ -23,15 +23,16 @@ use std::time::Duration;
 use redis::AsyncCommands as _;
 use redis::aio::ConnectionManager;
 use tandem_router::access::KeyConfig;
-use tandem_router::shared::{Admission, CacheLine, SharedConfig, SharedStore, SpendNow};
+use tandem_router::shared::{Admission, AdmitAsk, CacheLine, SharedConfig, SharedStore, SpendNow};
 use tokio::sync::OnceCell;
 
 /// Spending of a day is kept for two more (a day ends at UTC midnight on
 /// every replica at once, but clocks differ a little).
 const SPEND_TTL_S: i64 = 3 * 86_400;
 
-/// KEYS: keys, rate:<hash>, spend:<day>. Returns {verdict, config, spent
-/// in all, spent by the key} (spent counts what is reserved).
+/// KEYS: keys, rate:<hash>, spend:<day>. ARGV: hash, advance, budget, TTL.
+/// Returns {verdict, config, spent in all, spent by the key, advance held}
+/// (spent counts what is reserved, the advance included).
 const ADMIT: &str = r"
 local cfg = redis.call('HGET', KEYS[1], ARGV[1])
 if not cfg then return {0} end
@@ -42,10 +43,28 @@ local function spent()
   local function n(x) return tonumber(x or '0') or 0 end
   return tostring(n(v[1]) + n(v[2])), tostring(n(v[3]) + n(v[4]))
 end
+-- ARGV[2]: the advance to hold; ARGV[3]: the gateway's budget ('' none).
+local function advance()
+  local want = tonumber(ARGV[2]) or 0
+  if want <= 0 then return 0 end
+  local kb = k['daily_budget_usd']
+  if kb == cjson.null then kb = nil end
+  local gb = tonumber(ARGV[3])
+  if kb == nil and gb == nil then return 0 end
+  local v = redis.call('HMGET', KEYS[3], 'spent', 'held', 'spent:' .. k['name'], 'held:' .. k['name'])
+  local function n(x) return tonumber(x or '0') or 0 end
+  if gb ~= nil and n(v[1]) + n(v[2]) >= gb then return 0 end
+  if kb ~= nil and n(v[3]) + n(v[4]) >= tonumber(kb) then return 0 end
+  redis.call('HINCRBYFLOAT', KEYS[3], 'held', want)
+  redis.call('HINCRBYFLOAT', KEYS[3], 'held:' .. k['name'], want)
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  return want
+end
 local rpm = k['rate_limit_per_minute']
 if rpm == nil or rpm == cjson.null then
+  local held = advance()
   local total, mine = spent()
-  return {1, cfg, total, mine}
+  return {1, cfg, total, mine, tostring(held)}
 end
 local cap = math.max(tonumber(rpm), 1)
 local t = redis.call('TIME')
@@ -61,8 +80,10 @@ if tokens >= 1 then
 end
 redis.call('HSET', KEYS[2], 'tokens', string.format('%.6f', tokens), 'last', now)
 redis.call('PEXPIRE', KEYS[2], 120000)
+local held = 0
+if verdict == 1 then held = advance() end
 local total, mine = spent()
-return {verdict, cfg, total, mine}
+return {verdict, cfg, total, mine, tostring(held)}
 ";
 
 const SEED: &str = r"
@@ -223,14 +244,17 @@ impl SharedStore for RedisState {
         self.where_.clone()
     }
 
-    async fn admit(&self, hash: &str, day: u64) -> Result<Admission, String> {
+    async fn admit(&self, hash: &str, ask: &AdmitAsk) -> Result<Admission, String> {
         let mut c = self.conn().await?;
         let v: Vec<redis::Value> = self
             .admit
             .key(self.key("keys"))
             .key(self.key(&format!("rate:{hash}")))
-            .key(self.key(&format!("spend:{day}")))
+            .key(self.key(&format!("spend:{}", ask.day)))
             .arg(hash)
+            .arg(format!("{:.12}", ask.advance_usd.max(0.0)))
+            .arg(ask.budget.map(|b| format!("{b:.12}")).unwrap_or_default())
+            .arg(SPEND_TTL_S)
             .invoke_async(&mut c)
             .await
             .map_err(err)?;
@@ -246,6 +270,7 @@ impl SharedStore for RedisState {
                     total: number(2),
                     key: number(3),
                 },
+                number(4),
             )),
             (Some(redis::Value::Int(2)), Some(cfg)) => Ok(Admission::Limited(parse_key(&cfg)?)),
             (Some(redis::Value::Int(_)), _) => Ok(Admission::Unknown),

@@ -77,10 +77,57 @@ struct Bucket {
 pub struct Caller {
     /// The key's configuration.
     pub config: KeyConfig,
-    bucket: Mutex<Bucket>,
+    bucket: Arc<Mutex<Bucket>>,
+    /// What this key's last cloud requests were reserved for (f64 bits):
+    /// the advance its next admission asks the shared store to hold.
+    typical: Arc<std::sync::atomic::AtomicU64>,
+    /// Held for this request when it was admitted (shared store only).
+    advance: Option<Arc<Advance>>,
+}
+
+/// Money the shared store held for one request when it admitted it, so
+/// that its cloud leg need not ask again; given back when the request ends
+/// without using it.
+#[derive(Debug)]
+pub struct Advance {
+    spend: Arc<SpendTracker>,
+    key: String,
+    held: Mutex<Option<Reservation>>,
+}
+
+impl Advance {
+    fn take(&self) -> Option<Reservation> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Drop for Advance {
+    fn drop(&mut self) {
+        if let Some(r) = self.take() {
+            self.spend.settle(Some(&self.key), Some(r), 0.0);
+        }
+    }
 }
 
 impl Caller {
+    /// The money held for this request at admission, if any (taken once).
+    pub fn take_advance(&self) -> Option<Reservation> {
+        self.advance.as_ref().and_then(|a| a.take())
+    }
+
+    /// Notes what a cloud request of this key was reserved for: the next
+    /// admission's advance is about the largest of the recent ones.
+    pub fn note_reserved(&self, usd: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let before = f64::from_bits(self.typical.load(Relaxed));
+        let next = usd.max(before * 0.95);
+        self.typical.store(next.to_bits(), Relaxed);
+    }
+
+    fn typical(&self) -> f64 {
+        f64::from_bits(self.typical.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn take_token(&self) -> bool {
         let Some(rpm) = self.config.rate_limit_per_minute else {
             return true;
@@ -110,6 +157,8 @@ pub struct Access {
     shared: Option<Arc<Shared>>,
     /// Where the spending read with each admission goes.
     spend: Option<Arc<SpendTracker>>,
+    /// The gateway's daily budget, which admissions hold advances against.
+    budget: Option<f64>,
 }
 
 fn checked_hash(k: &KeyConfig) -> Result<String, String> {
@@ -127,10 +176,12 @@ fn fresh_caller(config: KeyConfig) -> Arc<Caller> {
     let cap = f64::from(config.rate_limit_per_minute.unwrap_or(0).max(1));
     Arc::new(Caller {
         config,
-        bucket: Mutex::new(Bucket {
+        bucket: Arc::new(Mutex::new(Bucket {
             tokens: cap,
             last: Instant::now(),
-        }),
+        })),
+        typical: Arc::default(),
+        advance: None,
     })
 }
 
@@ -204,14 +255,22 @@ impl Access {
             by_hash: RwLock::new(by_hash),
             shared: None,
             spend: None,
+            budget: None,
         })
     }
 
     /// Keys live in a shared store from now on; the spending each
-    /// admission reads from it goes to `spend`.
-    pub fn with_shared(mut self, shared: Arc<Shared>, spend: Arc<SpendTracker>) -> Self {
+    /// admission reads from it goes to `spend`, and admissions hold an
+    /// advance against `budget` (the gateway's) and each key's own.
+    pub fn with_shared(
+        mut self,
+        shared: Arc<Shared>,
+        spend: Arc<SpendTracker>,
+        budget: Option<f64>,
+    ) -> Self {
         self.shared = Some(shared);
         self.spend = Some(spend);
+        self.budget = budget;
         self
     }
 
@@ -282,8 +341,16 @@ impl Access {
         let hash = hash_key(key);
         if let Some(shared) = &self.shared {
             let day = today();
+            // What this key's cloud requests were recently reserved for,
+            // held now in the same round trip as the admission.
+            let advance = self.read().get(&hash).map_or(0.0, |c| c.typical());
+            let ask = crate::shared::AdmitAsk {
+                day,
+                advance_usd: advance,
+                budget: self.budget,
+            };
             match shared
-                .call_now("admit", shared.store().admit(&hash, day))
+                .call_now("admit", shared.store().admit(&hash, &ask))
                 .await
             {
                 Ok(Admission::Unknown) => {
@@ -291,11 +358,39 @@ impl Access {
                     return Err(ApiError::unauthorized("invalid API key"));
                 }
                 Ok(Admission::Limited(config)) => return Err(limited(&config)),
-                Ok(Admission::Admitted(config, spent)) => {
-                    if let Some(s) = &self.spend {
-                        s.observe(day, &config.name, spent);
+                Ok(Admission::Admitted(config, spent, held)) => {
+                    let caller = self.remember(&hash, config);
+                    let Some(spend) = &self.spend else {
+                        return Ok(Some(caller));
+                    };
+                    // The policy sees what others spent and hold, not
+                    // this request's own advance.
+                    spend.observe(
+                        day,
+                        &caller.config.name,
+                        crate::shared::SpendNow {
+                            total: spent.total - held,
+                            key: spent.key - held,
+                        },
+                    );
+                    if held <= 0.0 {
+                        return Ok(Some(caller));
                     }
-                    return Ok(Some(self.remember(&hash, config)));
+                    let advance = Arc::new(Advance {
+                        spend: spend.clone(),
+                        key: caller.config.name.clone(),
+                        held: Mutex::new(Some(Reservation {
+                            day,
+                            usd: held,
+                            shared: true,
+                        })),
+                    });
+                    return Ok(Some(Arc::new(Caller {
+                        config: caller.config.clone(),
+                        bucket: caller.bucket.clone(),
+                        typical: caller.typical.clone(),
+                        advance: Some(advance),
+                    })));
                 }
                 Err(e) if shared.closed() => return Err(shared.unavailable(&e)),
                 // Fail open: this replica's copy of the keys and its own
@@ -470,6 +565,13 @@ pub struct Reservation {
     usd: f64,
     /// Held in the shared store (else only here).
     shared: bool,
+}
+
+impl Reservation {
+    /// Whether it holds at least `usd`.
+    pub fn covers(&self, usd: f64) -> bool {
+        self.usd >= usd
+    }
 }
 
 /// The budgets that apply to one request.

@@ -85,11 +85,23 @@ impl Default for SharedConfig {
 pub enum Admission {
     /// No such key (never made, or revoked).
     Unknown,
-    /// The key, within its rate limit (one request counted), and today's
-    /// spending (all keys, this key) as the store has it now.
-    Admitted(KeyConfig, SpendNow),
+    /// The key, within its rate limit (one request counted); today's
+    /// spending (all keys, this key) as the store has it now; and the
+    /// advance held for the request (0: none).
+    Admitted(KeyConfig, SpendNow, f64),
     /// The key, over its rate limit (nothing counted).
     Limited(KeyConfig),
+}
+
+/// What an admission asks of the store besides the key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdmitAsk {
+    /// The UTC day (days since 1970) whose spending is read.
+    pub day: u64,
+    /// To hold for the request when a budget applies (0: nothing).
+    pub advance_usd: f64,
+    /// The gateway's daily budget (the key's is in its configuration).
+    pub budget: Option<f64>,
 }
 
 /// Today's spending, USD: settled plus reserved by requests in flight.
@@ -120,9 +132,10 @@ pub trait SharedStore: Send + Sync {
     /// Where it is, for people (no credentials).
     fn describe(&self) -> String;
     /// Looks a key up by its hash and, when it has a rate limit, takes one
-    /// request from it; reads the spending of UTC day `day` in the same
-    /// round trip.
-    async fn admit(&self, hash: &str, day: u64) -> Result<Admission, String>;
+    /// request from it; reads the spending of the day and, when a budget
+    /// applies and is not reached, holds the advance asked for — all in
+    /// one round trip.
+    async fn admit(&self, hash: &str, ask: &AdmitAsk) -> Result<Admission, String>;
     /// Every key.
     async fn keys(&self) -> Result<Vec<KeyConfig>, String>;
     /// Writes the configuration file's keys (overwriting those of the same

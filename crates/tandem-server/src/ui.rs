@@ -164,6 +164,7 @@ pub async fn state(
             "cache": d.cache().is_some(),
         },
         "ledger": d.ledger().map(|l| l.path().display().to_string()),
+        "shared_state": d.shared().map(|s| s.status()),
     })))
 }
 

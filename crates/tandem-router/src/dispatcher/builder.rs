@@ -154,7 +154,7 @@ impl DispatcherBuilder {
         let mut access = Access::new(&self.keys)?;
         if let Some(s) = &self.shared {
             s.attach_metrics(metrics.clone());
-            access = access.with_shared(s.clone(), spend.clone());
+            access = access.with_shared(s.clone(), spend.clone(), self.policy.daily_budget_usd);
         }
         let in_flight = self.clouds.iter().map(|_| Arc::default()).collect();
         let sessions = self.locals.iter().filter_map(|l| l.sessions()).collect();

@@ -113,6 +113,15 @@ impl Dispatcher {
         // write (the policy's own estimate caps an unbounded answer).
         let completion = req.max_tokens.unwrap_or(1024);
         let usd = cloud.price().cost(p.prompt_estimate, completion);
+        if let Some(c) = &ctx.caller {
+            c.note_reserved(usd);
+            // Held at admission, and enough: no second round trip.
+            match c.take_advance() {
+                Some(a) if a.covers(usd) => return Ok(Some(a)),
+                Some(a) => self.egress.spend.settle(key, Some(a), 0.0),
+                None => {}
+            }
+        }
         match self.egress.spend.reserve(key, usd, budgets).await? {
             Some(r) => Ok(Some(r)),
             None => Err(ApiError::rate_limited(
