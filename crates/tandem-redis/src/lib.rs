@@ -224,6 +224,24 @@ impl RedisState {
     fn registry(&self) -> [String; 3] {
         [self.key("keys"), self.key("keynames"), self.key("revoked")]
     }
+
+    /// Runs a registry script on one key's name, hash and configuration;
+    /// whether it did what it was asked.
+    async fn write_key(&self, script: &redis::Script, key: &KeyConfig) -> Result<bool, String> {
+        let mut c = self.conn().await?;
+        let [k1, k2, k3] = self.registry();
+        let done: i64 = script
+            .key(k1)
+            .key(k2)
+            .key(k3)
+            .arg(&key.name)
+            .arg(&key.hash)
+            .arg(config_json(key)?)
+            .invoke_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(done == 1)
+    }
 }
 
 fn err(e: redis::RedisError) -> String {
@@ -301,37 +319,11 @@ impl SharedStore for RedisState {
     }
 
     async fn create_key(&self, key: &KeyConfig) -> Result<bool, String> {
-        let mut c = self.conn().await?;
-        let [k1, k2, k3] = self.registry();
-        let made: i64 = self
-            .create
-            .key(k1)
-            .key(k2)
-            .key(k3)
-            .arg(&key.name)
-            .arg(&key.hash)
-            .arg(config_json(key)?)
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
-        Ok(made == 1)
+        self.write_key(&self.create, key).await
     }
 
     async fn update_key(&self, key: &KeyConfig) -> Result<bool, String> {
-        let mut c = self.conn().await?;
-        let [k1, k2, k3] = self.registry();
-        let found: i64 = self
-            .update
-            .key(k1)
-            .key(k2)
-            .key(k3)
-            .arg(&key.name)
-            .arg(&key.hash)
-            .arg(config_json(key)?)
-            .invoke_async(&mut c)
-            .await
-            .map_err(err)?;
-        Ok(found == 1)
+        self.write_key(&self.update, key).await
     }
 
     async fn revoke_key(&self, name: &str) -> Result<bool, String> {

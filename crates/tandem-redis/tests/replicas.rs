@@ -5,7 +5,7 @@
 //! mid-test gives the configured behaviour (fail open with this replica's
 //! own limits, or fail closed) and loses no spending when it returns.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -18,7 +18,7 @@ use tandem_router::cache::{CacheConfig, SemanticCache};
 use tandem_router::shared::{OnUnavailable, Shared, SharedConfig, SharedStore};
 use tandem_testkit::redis::RedisServer;
 use tandem_testkit::scripted::{Scripted, Step};
-use tandem_testkit::{MINILM, TestServer, model_path};
+use tandem_testkit::{MINILM, TestServer};
 
 /// What one answer of the scripted upstream costs: 10 prompt tokens at
 /// $1/M and 2 completion tokens at $2/M.
@@ -34,12 +34,7 @@ fn prompt(tag: &str) -> String {
 }
 
 fn embedder() -> Arc<Embedder> {
-    static E: OnceLock<Arc<Embedder>> = OnceLock::new();
-    E.get_or_init(|| {
-        let main = model_path(MINILM);
-        Arc::new(Embedder::load(main.parent().expect("folder")).expect("embedder"))
-    })
-    .clone()
+    tandem_testkit::shared_embedder()
 }
 
 struct Admin {

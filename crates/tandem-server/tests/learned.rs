@@ -4,7 +4,7 @@
 //! upstream that echoes the question, so every byte that leaves is counted.
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
@@ -16,9 +16,7 @@ use tandem_router::Dispatcher;
 use tandem_router::cache::{CacheConfig, SemanticCache};
 use tandem_router::learned::RouterInput;
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{
-    MINILM, Reply, SMOLLM2, TestServer, model_path, post_json, shared_engine, sse_text,
-};
+use tandem_testkit::{MINILM, Reply, SMOLLM2, TestServer, post_json, shared_engine, sse_text};
 use tandem_train::{Calibration, Example};
 
 fn device_engine() -> LocalEngine {
@@ -26,12 +24,7 @@ fn device_engine() -> LocalEngine {
 }
 
 fn embedder() -> Arc<Embedder> {
-    static E: OnceLock<Arc<Embedder>> = OnceLock::new();
-    E.get_or_init(|| {
-        let main = model_path(MINILM);
-        Arc::new(Embedder::load(main.parent().expect("folder")).expect("embedder"))
-    })
-    .clone()
+    tandem_testkit::shared_embedder()
 }
 
 /// Cloud first, so only the feature under test keeps a request home.

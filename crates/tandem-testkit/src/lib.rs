@@ -35,6 +35,18 @@ pub const MINILM: &str = "all-minilm-l6-v2";
 /// The personal-data recognizer.
 pub const RAMPART: &str = "rampart-pii";
 
+/// The MiniLM sentence embedder, loaded once per test binary.
+pub fn shared_embedder() -> Arc<tandem_embed::Embedder> {
+    static E: std::sync::OnceLock<Arc<tandem_embed::Embedder>> = std::sync::OnceLock::new();
+    E.get_or_init(|| {
+        let main = model_path(MINILM);
+        Arc::new(
+            tandem_embed::Embedder::load(main.parent().expect("model folder")).expect("embedder"),
+        )
+    })
+    .clone()
+}
+
 /// Path of a catalog model, pulling it into `$TANDEM_HOME` if needed.
 /// Panics with the reason if it cannot be had: a test without its model
 /// must fail, not pass vacuously.
