@@ -245,7 +245,12 @@ async fn streams_tps(
     n: usize,
 ) -> Result<f64, ApiError> {
     let t0 = Instant::now();
-    let runs = (0..n).map(|_| engine_run(engine, request(engine.model_id(), prompt, n_gen)));
+    // Each stream's prompt opens differently: none is read from another's
+    // (or an earlier run's) cached prefix.
+    let runs = (0..n).map(|_| {
+        let p = format!("[{}] {prompt}", fastrand::u32(..));
+        engine_run(engine, request(engine.model_id(), &p, n_gen))
+    });
     let results = futures::future::join_all(runs).await;
     let mut tokens = 0u64;
     for r in results {
@@ -289,6 +294,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, EngineError> {
     let (mut rp, mut rd, mut ep, mut ed) = (vec![], vec![], vec![], vec![]);
     let decode_steps = (cfg.gen_tokens.max(2) - 1) as f64;
     for _ in 0..cfg.runs {
+        // The engine keeps a finished request's prefix cached: every run's
+        // prompt opens with its own marker so that both sides read it all.
+        let prompt = format!("[{}] {prompt}", fastrand::u32(..));
+        let tokens = model.vocab().tokenize(prompt.as_bytes(), add_bos, true);
         let (prefill, decode) = reference_run(&model, &tokens, cfg.gen_tokens, cfg.threads)?;
         rp.push(tokens.len() as f64 / prefill.as_secs_f64());
         rd.push(decode_steps / decode.as_secs_f64());

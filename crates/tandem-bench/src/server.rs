@@ -300,6 +300,11 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
         "4096",
     ])?;
     wait_healthy(&tandem_url, &mut tandem.0).await?;
+    // Its log, for when it stops answering.
+    let log_path = std::env::temp_dir().join("tandem-bench-llama-server.log");
+    let llama_log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    eprintln!("llama-server's log: {}", log_path.display());
     let libdir = bin.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut llama = Server(
         Command::new(&bin)
@@ -322,12 +327,17 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
                 &lp.to_string(),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(llama_log)
             .spawn()
             .context("starting llama-server")?,
     );
     wait_for(&llama_url, "/health", &mut llama.0).await?;
-    let client = reqwest::Client::new();
+    // A fresh connection per request, for both: llama-server closes a
+    // kept-alive connection after its hundredth request, and a pooled client
+    // then sends the next one into the closing socket.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
     let servers = [
         ("tandem", tandem_url.as_str()),
         ("llama-server", llama_url.as_str()),

@@ -32,7 +32,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::load::LoadMonitor;
 use crate::runtime;
-use crate::sampling::{logprobs, sampler_chain};
+use crate::sampling::{Greedy, logprobs, sampler_chain};
 use crate::{Stats, Threads};
 
 /// A request ready for the engine: tokenized and checked against the context.
@@ -79,7 +79,7 @@ struct Slot {
     max_new: u32,
     ignore_eos: bool,
     top_logprobs: Option<u8>,
-    sampler: LlamaSampler,
+    sampler: Picker,
     text: TextAssembler,
     tx: UnboundedSender<Result<Event, ApiError>>,
     /// Row of this step's batch whose logits belong to this sequence.
@@ -205,12 +205,14 @@ pub(crate) fn run(
     let mut queue: VecDeque<Job> = VecDeque::new();
     let mut cache = PromptCache::new(slots.len());
     let mut piece = Vec::with_capacity(32);
+    let mut busy = BusyPeriod::default();
 
     loop {
         // ---- intake
         let idle = slots.iter().all(Option::is_none) && queue.is_empty();
         let mut abort: Option<String> = None;
         if idle {
+            busy.report();
             match rx.recv() {
                 Ok(Command::Run(job)) => queue.push_back(job),
                 Ok(Command::AbortAll(_)) => continue,
@@ -287,10 +289,7 @@ pub(crate) fn run(
                 .fetch_add(reuse as u64, Ordering::Relaxed);
             slots[i] = Some(Slot {
                 seq,
-                sampler: with_constraints(
-                    job.constraints,
-                    sampler_chain(&job.sampling, n_vocab, job.max_new),
-                ),
+                sampler: picker(job.constraints, &job.sampling, n_vocab, job.max_new),
                 text: TextAssembler::new(job.stop),
                 prompt: job.tokens,
                 cached: reuse,
@@ -355,7 +354,10 @@ pub(crate) fn run(
         }
 
         // ---- decode
-        if let Err(e) = ctx.decode(&mut batch) {
+        let t_decode = std::time::Instant::now();
+        let decoded = ctx.decode(&mut batch);
+        busy.decoded(t_decode, batch.n_tokens());
+        if let Err(e) = decoded {
             tracing::error!("decode failed: {e}");
             for slot in slots.iter_mut() {
                 if let Some(s) = slot.as_ref() {
@@ -386,7 +388,9 @@ pub(crate) fn run(
             }
             s.n_past += s.in_batch as u32;
             let Some(row) = s.logits_row else { continue };
+            let t_sample = std::time::Instant::now();
             let outcome = sample_step(s, &ctx, row, &vocab, &mut piece, &cfg, &stats);
+            busy.sample += t_sample.elapsed();
             if let Outcome::Done = outcome {
                 release(slot, &mut cache, &stats);
             }
@@ -394,14 +398,79 @@ pub(crate) fn run(
     }
 }
 
+/// Where a busy period's time went, logged at debug level when the engine
+/// goes idle: time in llama.cpp's decode against the rest of the loop
+/// (batch building, sampling, sending) shows per-step overhead.
+#[derive(Default)]
+struct BusyPeriod {
+    start: Option<std::time::Instant>,
+    steps: u64,
+    tokens: u64,
+    decode: std::time::Duration,
+    sample: std::time::Duration,
+}
+
+impl BusyPeriod {
+    fn decoded(&mut self, t0: std::time::Instant, tokens: i32) {
+        self.start.get_or_insert(t0);
+        self.steps += 1;
+        self.tokens += u64::try_from(tokens).unwrap_or(0);
+        self.decode += t0.elapsed();
+    }
+
+    fn report(&mut self) {
+        if let Some(start) = self.start.take() {
+            let total = start.elapsed();
+            tracing::debug!(
+                steps = self.steps,
+                tokens = self.tokens,
+                decode_ms = self.decode.as_secs_f64() * 1e3,
+                sample_ms = self.sample.as_secs_f64() * 1e3,
+                other_ms = total.saturating_sub(self.decode).as_secs_f64() * 1e3,
+                "engine busy period"
+            );
+        }
+        *self = Self::default();
+    }
+}
+
+/// How a sequence chooses its next token.
+enum Picker {
+    /// Unconstrained greedy decoding, without llama.cpp's candidate array.
+    Greedy(Greedy),
+    /// llama.cpp's sampler chain.
+    Chain(LlamaSampler),
+}
+
+impl Picker {
+    fn pick(&mut self, ctx: &LlamaContext<'_>, row: i32) -> LlamaToken {
+        match self {
+            Picker::Greedy(g) => {
+                let tok = LlamaToken(g.pick(ctx.get_logits_ith(row)) as i32);
+                g.accept(tok.0);
+                tok
+            }
+            Picker::Chain(c) => c.sample(ctx, row),
+        }
+    }
+}
+
 /// A grammar masks before any other sampler sees the logits, so
 /// penalties and top-k choose among tokens the grammar allows.
-fn with_constraints(mut constraints: Vec<LlamaSampler>, chain: LlamaSampler) -> LlamaSampler {
+fn picker(
+    mut constraints: Vec<LlamaSampler>,
+    sampling: &Sampling,
+    n_vocab: i32,
+    max_new: u32,
+) -> Picker {
     if constraints.is_empty() {
-        return chain;
+        return match Greedy::for_sampling(sampling, max_new) {
+            Some(g) => Picker::Greedy(g),
+            None => Picker::Chain(sampler_chain(sampling, n_vocab, max_new)),
+        };
     }
-    constraints.push(chain);
-    LlamaSampler::chain_simple(constraints)
+    constraints.push(sampler_chain(sampling, n_vocab, max_new));
+    Picker::Chain(LlamaSampler::chain_simple(constraints))
 }
 
 fn sample_step(
@@ -413,7 +482,7 @@ fn sample_step(
     cfg: &SchedulerConfig,
     stats: &Stats,
 ) -> Outcome {
-    let tok = s.sampler.sample(ctx, row);
+    let tok = s.sampler.pick(ctx, row);
     s.generated += 1;
     stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
 

@@ -472,3 +472,56 @@ async fn sliding_window_models_reuse_safely() {
     assert_eq!(second.text, reference.text);
     assert!(second.text.contains("Berlin"), "{:?}", second.text);
 }
+
+/// Requests with shared and distinct prefixes, more than there are
+/// sequences, decoded together: each answers as a cold engine answers it,
+/// and the conversations' next turns find their histories.
+#[tokio::test]
+async fn shared_and_distinct_prefixes_interleave_correctly() {
+    let mut cfg = EngineConfig::new(QWEN_05B, model_path(QWEN_05B));
+    cfg.parallel = 2;
+    cfg.context = Some(2048);
+    cfg.threads = Threads::Fixed(2);
+    let warm = LocalEngine::load(cfg.clone()).unwrap();
+    // A conversation without the travel agency's system prompt (the
+    // template's own instead), so that it shares almost nothing with one
+    // that has it.
+    let plain = |turns: &[(&str, &str)], next: &str| {
+        let mut req = conversation(QWEN_05B, turns, next);
+        if let Input::Chat { messages, .. } = &mut req.input {
+            messages.remove(0);
+        }
+        req
+    };
+
+    // Two conversations, each left cached in its own sequence.
+    let (qa, qb) = (
+        "Which city is the capital of Portugal?",
+        "What currency does Japan use?",
+    );
+    let a = answer(&warm, conversation(QWEN_05B, &[], qa)).await;
+    let b = answer(&warm, plain(&[], qb)).await;
+    let requests = [
+        conversation(
+            QWEN_05B,
+            &[(qa, a.text.as_str())],
+            "And its most famous dish?",
+        ),
+        plain(&[(qb, b.text.as_str())], "Can I pay by card there?"),
+        // Shares the system prompt with the first.
+        conversation(QWEN_05B, &[], "Name one museum in Madrid."),
+        plain(&[], "Count from one to five in French."),
+    ];
+    let got = futures::future::join_all(requests.iter().map(|r| answer(&warm, r.clone()))).await;
+    let cached: Vec<u32> = got.iter().map(|g| g.finish.usage.cached_tokens()).collect();
+    assert!(
+        cached[0] > 30 && cached[1] > 30,
+        "each next turn finds its history: {cached:?}"
+    );
+
+    let cold = LocalEngine::load(cfg).unwrap();
+    for (req, g) in requests.into_iter().zip(&got) {
+        let reference = answer(&cold, req).await;
+        same_up_to_near_ties(g, &reference);
+    }
+}
