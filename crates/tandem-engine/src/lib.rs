@@ -463,6 +463,7 @@ impl LocalEngine {
                         self.inner.model.clone(),
                         self.inner.session_cfg,
                         &self.inner.id,
+                        self.inner.stats.clone(),
                     )
                     .map_err(ApiError::unavailable)?;
                     *guard = Some(tx.clone());
@@ -473,11 +474,11 @@ impl LocalEngine {
         let (reply, rx) = tokio::sync::oneshot::channel();
         tx.send(SessionCmd::Open(reply))
             .map_err(|_| ApiError::internal("the session thread has stopped"))?;
-        let seq = rx
+        let id = rx
             .await
             .map_err(|_| ApiError::internal("the session thread has stopped"))??;
         Ok(Session {
-            seq,
+            id,
             tx,
             context: self.inner.ctx_per_seq,
         })

@@ -525,3 +525,68 @@ async fn shared_and_distinct_prefixes_interleave_correctly() {
         same_up_to_near_ties(g, &reference);
     }
 }
+
+/// The first step of a speculative session reads only what a finished
+/// session's cells do not already hold, and gives the logits a fresh engine
+/// gives; a session still open is never read from.
+#[tokio::test]
+async fn sessions_reuse_what_finished_sessions_left() {
+    use tandem_api::{KvSession, SessionModel};
+    let mut cfg = EngineConfig::new(QWEN_05B, model_path(QWEN_05B));
+    cfg.parallel = 1;
+    cfg.sessions = 2;
+    cfg.context = Some(1024);
+    cfg.threads = Threads::Fixed(2);
+    let warm = LocalEngine::load(cfg.clone()).unwrap();
+    let prompt = SessionModel::prepare(
+        &warm,
+        &conversation(QWEN_05B, &[], "Name a river in Spain."),
+    )
+    .unwrap()
+    .tokens;
+    let n = prompt.len();
+    let argmax = |row: &[f32]| tandem_engine::sampling::argmax(row);
+
+    let first = warm.open_session().await.unwrap();
+    let rows = first.eval(0, prompt.clone(), 1).await.unwrap();
+    let next = argmax(&rows[0]) as i32;
+    first.eval(n as u32, vec![next], 1).await.unwrap();
+    // Open while the first is: nothing to reuse.
+    let second = warm.open_session().await.unwrap();
+    second.eval(0, prompt.clone(), 1).await.unwrap();
+    assert_eq!(warm.stats().cached_prompt_tokens, 0);
+    drop(first);
+    drop(second);
+
+    // The same prompt and one more token: all but the rows asked for are
+    // found in one of the finished sessions' cells.
+    let mut longer = prompt.clone();
+    longer.push(next);
+    let third = warm.open_session().await.unwrap();
+    let got = third.eval(0, longer.clone(), 2).await.unwrap();
+    assert_eq!(warm.stats().cached_prompt_tokens, (n - 1) as u64);
+
+    let cold = LocalEngine::load(cfg).unwrap();
+    let fresh = cold.open_session().await.unwrap();
+    let want = fresh.eval(0, longer, 2).await.unwrap();
+    // Cells read in other batch shapes differ in the last bits (see
+    // `same_up_to_near_ties`): the distributions agree closely; a stale or
+    // misplaced cell would change them wholesale.
+    let probs = |row: &[f32]| {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = row.iter().map(|l| (l - max).exp()).sum();
+        row.iter()
+            .map(|l| (l - max).exp() / z)
+            .collect::<Vec<f32>>()
+    };
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(argmax(g), argmax(w));
+        let (pg, pw) = (probs(g), probs(w));
+        let worst = pg
+            .iter()
+            .zip(&pw)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 0.03, "probabilities differ by {worst}");
+    }
+}
