@@ -570,23 +570,26 @@ fn release(slot: &mut Option<Slot>, cache: &mut PromptCache, stats: &Stats) {
     }
 }
 
-/// How many of a prompt's first `shared` tokens sequence `seq` can keep:
-/// its cells past them are dropped. At least one prompt token is always
-/// read again, for the logits of the first answer token. A model whose
-/// cache lost early cells (sliding-window attention) or cannot drop a tail
-/// (recurrent state) starts over.
+/// How many of a prompt's first `shared` tokens sequence `seq` can keep.
+/// At least one prompt token is always read again, for the logits of the
+/// first answer token.
 fn reusable(ctx: &mut LlamaContext<'_>, seq: i32, shared: usize, prompt_len: usize) -> usize {
-    let keep = shared.min(prompt_len.saturating_sub(1));
-    let seq_u = seq as u32;
+    keep_prefix(ctx, seq as u32, shared.min(prompt_len.saturating_sub(1)))
+}
+
+/// Keeps sequence `seq`'s first `keep` cells and drops the rest; returns
+/// how many were kept. A model whose cache lost early cells (sliding-window
+/// attention) or cannot drop a tail (recurrent state) starts over: 0.
+pub(crate) fn keep_prefix(ctx: &mut LlamaContext<'_>, seq: u32, keep: usize) -> usize {
     if keep > 0
-        && ctx.kv_cache_seq_pos_min(seq) == 0
+        && ctx.kv_cache_seq_pos_min(seq as i32) == 0
         && ctx
-            .clear_kv_cache_seq(Some(seq_u), u32::try_from(keep).ok(), None)
+            .clear_kv_cache_seq(Some(seq), u32::try_from(keep).ok(), None)
             .unwrap_or(false)
     {
         return keep;
     }
-    let _ = ctx.clear_kv_cache_seq(Some(seq_u), None, None);
+    let _ = ctx.clear_kv_cache_seq(Some(seq), None, None);
     0
 }
 

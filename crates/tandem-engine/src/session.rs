@@ -24,6 +24,7 @@ use tandem_api::ApiError;
 use tokio::sync::oneshot;
 
 use crate::load::LoadMonitor;
+use crate::scheduler::keep_prefix;
 use crate::{Stats, Threads, runtime};
 use std::sync::atomic::Ordering;
 
@@ -151,9 +152,9 @@ fn run(
                     let skip = match (first, keep) {
                         (true, 0) => {
                             let shared = seqs.shared(seq, &tokens).min(tokens.len() - rows);
-                            keepable(&mut ctx, seq, shared)
+                            keep_prefix(&mut ctx, seq, shared)
                         }
-                        (true, _) => keepable(&mut ctx, seq, 0),
+                        (true, _) => keep_prefix(&mut ctx, seq, 0),
                         (false, _) => 0,
                     };
                     stats
@@ -178,22 +179,6 @@ fn run(
             }
         }
     }
-}
-
-/// How many of its first `shared` cells sequence `seq` can keep: the rest
-/// are dropped. A cache that lost early cells (sliding window) or cannot
-/// drop a tail starts over.
-fn keepable(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, seq: u32, shared: usize) -> usize {
-    if shared > 0
-        && ctx.kv_cache_seq_pos_min(seq as i32) == 0
-        && ctx
-            .clear_kv_cache_seq(Some(seq), u32::try_from(shared).ok(), None)
-            .unwrap_or(false)
-    {
-        return shared;
-    }
-    let _ = ctx.clear_kv_cache_seq(Some(seq), None, None);
-    0
 }
 
 /// The session thread's sequences: which open session (if any) each one
