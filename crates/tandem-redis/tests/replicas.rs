@@ -463,6 +463,15 @@ async fn redis_stopped_mid_test_fails_open_or_closed_as_configured_and_loses_not
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("back and flushed {:?} after Redis returned", t0.elapsed());
+    // Each replica learns that Redis is back from its own background sync;
+    // until then the closed one keeps refusing.
+    while health(&closed, &admin).await["shared_state"]["reachable"] != true {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "closed replica not back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let s = spent(&redis, "t4:", "app").await;
     assert!(
         (s - f64::from(2 + during) * COST).abs() < 1e-9,
