@@ -121,6 +121,16 @@ async fn llama_server(dir: &Path) -> anyhow::Result<PathBuf> {
                 "-DLLAMA_BUILD_EXAMPLES=OFF",
                 "-DLLAMA_BUILD_SERVER=ON",
             ])
+            // Built as Tandem's own llama.cpp is (see .cargo/config.toml):
+            // without the AMX kernels, which crash on Sapphire Rapids.
+            .args(if cfg!(target_arch = "x86_64") {
+                &[
+                    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+                    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+                ][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null()),
     )?;
     run_cmd(
