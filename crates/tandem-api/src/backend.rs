@@ -141,6 +141,14 @@ pub enum Feature {
     BestOf,
     /// `suffix` (completions): text that follows the insertion.
     Suffix,
+    /// Image content parts (`image_url`).
+    Images,
+    /// Audio content parts (`input_audio`).
+    Audio,
+    /// File content parts (`file`).
+    Files,
+    /// Content parts of another type than text, image, audio or file.
+    OtherContent,
 }
 
 impl Feature {
@@ -156,6 +164,7 @@ impl Feature {
             Feature::LogitBias => "logit_bias",
             Feature::BestOf => "best_of",
             Feature::Suffix => "suffix",
+            Feature::Images | Feature::Audio | Feature::Files | Feature::OtherContent => "messages",
         }
     }
 
@@ -171,16 +180,36 @@ impl Feature {
             Feature::LogitBias => "logit_bias",
             Feature::BestOf => "best_of",
             Feature::Suffix => "suffix (insertion)",
+            Feature::Images => "image input",
+            Feature::Audio => "audio input",
+            Feature::Files => "file input",
+            Feature::OtherContent => "content parts other than text",
         }
     }
 
     /// What `req` needs, in a stable order.
     pub fn needed_by(req: &GenerateRequest) -> Vec<Feature> {
         let mut needs = Vec::new();
-        if let Input::Chat { continue_from, .. } = &req.input {
+        if let Input::Chat {
+            messages,
+            continue_from,
+        } = &req.input
+        {
             needs.push(Feature::Chat);
             if continue_from.is_some() {
                 needs.push(Feature::Continuation);
+            }
+            for part in messages.iter().filter_map(|m| m.parts.as_ref()).flatten() {
+                let f = match part.kind.as_str() {
+                    "text" => continue,
+                    "image_url" => Feature::Images,
+                    "input_audio" => Feature::Audio,
+                    "file" => Feature::Files,
+                    _ => Feature::OtherContent,
+                };
+                if !needs.contains(&f) {
+                    needs.push(f);
+                }
             }
         }
         let present = |k: &str| req.extra.get(k).is_some_and(|v| !v.is_null());

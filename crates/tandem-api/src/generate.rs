@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::openai::ContentPart;
+
 /// One generation request, already validated, independent of the wire format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -68,6 +70,13 @@ pub struct Message {
     /// An optional participant name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The content parts as sent, when they are more than text (images,
+    /// audio, files): an upstream gets them as they were, in their order.
+    /// `content` then holds the text parts joined, which is what a local
+    /// model reads; detectors and redaction work on the parts, which are
+    /// what leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<Vec<ContentPart>>,
     /// Other fields (`tool_calls`, `tool_call_id`...), kept as sent.
     #[serde(default, flatten)]
     pub extra: Map<String, Value>,
@@ -80,6 +89,7 @@ impl Message {
             role: role.to_owned(),
             content: content.into(),
             name: None,
+            parts: None,
             extra: Map::new(),
         }
     }

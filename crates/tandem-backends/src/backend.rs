@@ -50,6 +50,10 @@ impl Backend for CloudBackend {
             Feature::LogitBias,
             Feature::BestOf,
             Feature::Suffix,
+            Feature::Images,
+            Feature::Audio,
+            Feature::Files,
+            Feature::OtherContent,
         ];
         if self.inner.cfg.continuation == Continuation::Prefill {
             f.push(Feature::Continuation);

@@ -65,8 +65,8 @@ pub struct CacheKey {
 
 impl CacheKey {
     /// `None` when the request is not one to cache: logprobs, tools,
-    /// structured output or token biases asked for, several choices, or a
-    /// continuation.
+    /// structured output or token biases asked for, several choices, a
+    /// continuation, or content parts other than text.
     pub fn new(req: &GenerateRequest, key: Option<&str>, privacy: &str) -> Option<CacheKey> {
         if req.logprobs.is_some()
             || ["tools", "functions", "response_format", "logit_bias"]
@@ -103,7 +103,9 @@ impl CacheKey {
                     return None;
                 }
                 let (last, before) = messages.split_last()?;
-                if last.role != "user" {
+                // Images, audio and files are not in the key: two requests
+                // with the same words may show different pictures.
+                if last.role != "user" || messages.iter().any(|m| m.parts.is_some()) {
                     return None;
                 }
                 field("chat");

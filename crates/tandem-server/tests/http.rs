@@ -384,6 +384,15 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
             Some("tools"),
         ),
         (
+            "an image for a local model that reads text only",
+            serde_json::to_vec(&json!({"model": SMOLLM2, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}))
+            .unwrap(),
+            400,
+            Some("messages"),
+        ),
+        (
             "logit_bias naming no token of the model",
             serde_json::to_vec(&chat_body("x", json!({"logit_bias": {"99999999": -100}}))).unwrap(),
             400,

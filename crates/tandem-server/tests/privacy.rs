@@ -293,3 +293,104 @@ async fn the_dry_run_says_what_was_found_but_not_the_values() {
     let text = r.body.to_string();
     assert!(!text.contains("jane.doe") && !text.contains("Müller"));
 }
+
+/// A data URL whose base64 happens to hold a secret-shaped run: it is an
+/// image, not text, and must leave (when it may) byte for byte.
+const IMAGE: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+
+fn with_media(stream: bool) -> Value {
+    json!({
+        "model": "tandem/auto",
+        "stream": stream,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Who is this? Mail jane.doe@example.com. "},
+            {"type": "image_url", "image_url": {"url": IMAGE, "detail": "low"}},
+            {"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZFZm10IBAAAAABAAEA", "format": "wav"}},
+            {"type": "text", "text": "Thanks."},
+        ]}],
+    })
+}
+
+#[tokio::test]
+async fn images_and_audio_leave_as_sent_and_only_as_privacy_allows() {
+    let s = setup(Ok(())).await;
+    let url = s.device.url("/v1/chat/completions");
+    let sent_parts = with_media(false)["messages"][0]["content"].clone();
+    let want = "ECHO: Who is this? Mail jane.doe@example.com. Thanks.";
+
+    // Privacy off: the parts reach the upstream exactly as sent, in order.
+    let r = post_json(&url, &with_media(false), &[("x-tandem-privacy", "off")]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.header("x-tandem-backend").starts_with("cloud"));
+    assert_eq!(
+        s.capture.captured()[0].json()["messages"][0]["content"],
+        sent_parts
+    );
+
+    // Redact: the text parts go out with placeholders, the image and the
+    // audio untouched; the answer comes back with the original, streamed
+    // or not.
+    for stream in [false, true] {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .header("x-tandem-privacy", "redact")
+            .json(&with_media(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let redacted = r.headers()["x-tandem-redacted"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        // Only what was replaced is named there; the media went as sent.
+        assert_eq!(redacted, "email=1");
+        let raw = r.text().await.unwrap();
+        let text = if stream {
+            sse_text(&raw)
+        } else {
+            let v: Value = serde_json::from_str(&raw).unwrap();
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(text, want);
+        let out = s.capture.captured().last().unwrap().json();
+        let parts = &out["messages"][0]["content"];
+        assert!(
+            parts[0]["text"].as_str().unwrap().contains("[EMAIL_"),
+            "{parts}"
+        );
+        assert!(!out.to_string().contains("jane.doe"));
+        assert_eq!(parts[1], sent_parts[1]);
+        assert_eq!(parts[2], sent_parts[2]);
+        assert_eq!(parts[3], sent_parts[3]);
+    }
+    let before = s.capture.captured().len();
+    // The decision counts what could not be read, as it counts findings.
+    let r = post_json(
+        &s.device.url("/v1/tandem/route"),
+        &with_media(false),
+        &[("x-tandem-privacy", "redact")],
+    )
+    .await;
+    assert_eq!(r.body["features"]["pii"]["image"], 1, "{:?}", r.body);
+    assert_eq!(r.body["features"]["pii"]["audio"], 1);
+    assert_eq!(r.body["features"]["pii"]["email"], 1);
+
+    // Strict: what cannot be read cannot be shown to be free of personal
+    // data, so it stays home — and the local model cannot look at images.
+    let r = post_json(
+        &url,
+        &json!({"model": "tandem/auto", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}),
+        &[("x-tandem-privacy", "strict")],
+    )
+    .await;
+    assert!((400..500).contains(&r.status), "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("image"), "{message}");
+    assert_eq!(s.capture.captured().len(), before, "nothing may leave");
+}

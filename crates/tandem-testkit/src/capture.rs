@@ -301,14 +301,22 @@ async fn forward(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// The text of the request's last user message.
+/// The text of the request's last user message (its text parts joined,
+/// when it has parts).
 fn last_user(req: &Value) -> String {
-    req["messages"]
+    let content = req["messages"]
         .as_array()
         .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or("")
-        .to_owned()
+        .map(|m| &m["content"]);
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|p| p["type"] == "text")
+            .filter_map(|p| p["text"].as_str())
+            .collect(),
+        _ => String::new(),
+    }
 }
 
 fn echo(body: &[u8]) -> Response {

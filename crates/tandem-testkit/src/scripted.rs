@@ -66,6 +66,10 @@ impl Scripted {
             Feature::LogitBias,
             Feature::BestOf,
             Feature::Suffix,
+            Feature::Images,
+            Feature::Audio,
+            Feature::Files,
+            Feature::OtherContent,
         ]);
         s_mut.price = Price {
             input_per_mtok: 1.0,

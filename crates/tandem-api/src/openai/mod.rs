@@ -138,7 +138,7 @@ pub enum MessageContent {
 }
 
 /// One part of a multi-part message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContentPart {
     /// The part type (`text`, `image_url`, ...).
     #[serde(rename = "type")]

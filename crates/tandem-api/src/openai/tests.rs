@@ -29,6 +29,60 @@ fn content_parts_are_joined() {
 }
 
 #[test]
+fn images_audio_and_files_are_kept_in_order_for_upstreams() {
+    let g = chat(
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"what is "},{"type":"image_url","image_url":{"url":"https://e.com/a.png","detail":"low"}},{"type":"text","text":"this?"},{"type":"input_audio","input_audio":{"data":"UklG","format":"wav"}},{"type":"file","file":{"file_id":"f1"}}]}]}"#,
+    )
+    .unwrap();
+    let needs = crate::Feature::needed_by(&g);
+    for f in [
+        crate::Feature::Images,
+        crate::Feature::Audio,
+        crate::Feature::Files,
+    ] {
+        assert!(needs.contains(&f), "{f:?} not in {needs:?}");
+    }
+    let Input::Chat { messages, .. } = &g.input else {
+        panic!()
+    };
+    // A local model reads the text; an upstream gets the parts as sent.
+    assert_eq!(messages[0].content, "what is this?");
+    let back = serde_json::to_value(g.to_chat_request("up")).unwrap();
+    let parts = &back["messages"][0]["content"];
+    assert_eq!(
+        parts[0],
+        serde_json::json!({"type": "text", "text": "what is "})
+    );
+    assert_eq!(
+        parts[1],
+        serde_json::json!({"type": "image_url", "image_url": {"url": "https://e.com/a.png", "detail": "low"}})
+    );
+    assert_eq!(parts[3]["input_audio"]["format"], "wav");
+    assert_eq!(parts[4]["file"]["file_id"], "f1");
+    // An image alone is content enough.
+    assert!(
+        chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://e.com/a.png"}}]}]}"#)
+            .is_ok()
+    );
+    // Text parts alone stay plain text.
+    let g = chat(
+        r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"}]}]}"#,
+    )
+    .unwrap();
+    assert_eq!(crate::Feature::needed_by(&g), vec![crate::Feature::Chat]);
+}
+
+#[test]
+fn malformed_parts_name_their_place() {
+    let e = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}"#)
+        .unwrap_err();
+    assert_eq!(e.status, 400);
+    assert_eq!(e.param.as_deref(), Some("messages[0].content[0].text"));
+    let e = chat(r#"{"model":"m","messages":[{"role":"user","content":[]}]}"#).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("messages[0]"));
+}
+
+#[test]
 fn bad_values_name_their_param() {
     let cases = [
         (r#"{"model":"m","messages":[]}"#, "messages"),

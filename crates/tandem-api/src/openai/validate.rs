@@ -176,7 +176,8 @@ fn check_known_fields(param: &str, role: &str, extra: &Map<String, Value>) -> Re
 }
 
 impl ChatMessage {
-    /// Flattens the content to text; non-text parts are refused.
+    /// Flattens the content to text; parts that are more than text (images,
+    /// audio, files) are kept as sent for upstreams.
     fn into_message(self, index: usize) -> Result<Message, ApiError> {
         let param = format!("messages[{index}]");
         let role = match self.role.as_str() {
@@ -192,26 +193,34 @@ impl ChatMessage {
                 ));
             }
         };
-        let content = match self.content {
-            None => String::new(),
-            Some(MessageContent::Text(t)) => t,
+        let (content, parts) = match self.content {
+            None => (String::new(), None),
+            Some(MessageContent::Text(t)) => (t, None),
             Some(MessageContent::Parts(parts)) => {
                 let mut text = String::new();
-                for part in parts {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
+                for (i, part) in parts.iter().enumerate() {
+                    match (part.kind.as_str(), &part.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        ("text", None) => {
                             return Err(ApiError::invalid_param(
-                                &param,
-                                format!("content parts of type `{kind}` are not supported"),
+                                &format!("{param}.content[{i}].text"),
+                                "a part of type `text` needs a `text` string",
                             ));
                         }
+                        ("", _) => {
+                            return Err(ApiError::invalid_param(
+                                &format!("{param}.content[{i}].type"),
+                                "a content part needs a `type`",
+                            ));
+                        }
+                        _ => {}
                     }
                 }
-                text
+                let more_than_text = parts.iter().any(|p| p.kind != "text");
+                (text, more_than_text.then_some(parts))
             }
         };
-        if content.is_empty() && role != "assistant" {
+        if content.is_empty() && parts.is_none() && role != "assistant" {
             return Err(ApiError::invalid_param(
                 &param,
                 format!("{param} has empty content"),
@@ -222,6 +231,7 @@ impl ChatMessage {
             role,
             content,
             name: self.name,
+            parts,
             extra: self.extra,
         })
     }
@@ -385,7 +395,10 @@ impl GenerateRequest {
                 .iter()
                 .map(|m| ChatMessage {
                     role: m.role.clone(),
-                    content: Some(MessageContent::Text(m.content.clone())),
+                    content: Some(match &m.parts {
+                        Some(parts) => MessageContent::Parts(parts.clone()),
+                        None => MessageContent::Text(m.content.clone()),
+                    }),
                     name: m.name.clone(),
                     extra: m.extra.clone(),
                 })

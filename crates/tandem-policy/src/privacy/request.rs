@@ -3,10 +3,17 @@
 //! tool results, content parts, per-message and top-level extra fields (the
 //! keys of JSON objects included), stop sequences — scanned and redacted in
 //! the same places, so that what is checked is what is sent.
+//!
+//! Images, audio and files cannot be read for personal data: each such part
+//! counts as a finding of its own class (`image`, `audio`, `file`), so that
+//! strict mode keeps it on the device. Their payloads (`data:` URLs, base64
+//! audio and files) are not text and are neither scanned nor rewritten;
+//! everything else such a part carries (a URL, a file name) is.
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
+use tandem_api::openai::ContentPart;
 use tandem_api::{GenerateRequest, Input};
 
 use super::{Detector, Redaction, Unavailable};
@@ -43,6 +50,80 @@ fn json_strings(
     }
 }
 
+/// The class a content part counts as, when it is not text.
+fn media_class(part: &ContentPart) -> Option<&'static str> {
+    match part.kind.as_str() {
+        "text" => None,
+        "image_url" => Some("image"),
+        "input_audio" => Some("audio"),
+        "file" => Some("file"),
+        _ => Some("other_content"),
+    }
+}
+
+/// Whether `key` of the object under `field` of a part is its binary
+/// payload, which is not text.
+fn is_payload(kind: &str, field: &str, key: &str, value: &Value) -> bool {
+    match (kind, field, key) {
+        ("image_url", "image_url", "url") => value.as_str().is_some_and(|u| u.starts_with("data:")),
+        ("input_audio", "input_audio", "data") | ("file", "file", "file_data") => true,
+        _ => false,
+    }
+}
+
+fn part_strings(
+    part: &ContentPart,
+    f: &mut dyn FnMut(&str) -> Result<(), Unavailable>,
+) -> Result<(), Unavailable> {
+    if let Some(t) = &part.text {
+        f(t)?;
+    }
+    for (field, v) in &part.extra {
+        f(field)?;
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    f(k)?;
+                    if !is_payload(&part.kind, field, k, x) {
+                        json_strings(x, f)?;
+                    }
+                }
+            }
+            other => json_strings(other, f)?,
+        }
+    }
+    Ok(())
+}
+
+fn redact_part(
+    detector: &Detector,
+    part: &mut ContentPart,
+    r: &mut Redaction,
+) -> Result<(), Unavailable> {
+    if let Some(t) = part.text.as_mut() {
+        *t = r.redact(detector, t)?;
+    }
+    let extra = std::mem::take(&mut part.extra);
+    for (field, mut v) in extra {
+        match &mut v {
+            Value::Object(o) => {
+                let old = std::mem::take(o);
+                let mut new = Map::new();
+                for (k, mut x) in old {
+                    if !is_payload(&part.kind, &field, &k, &x) {
+                        redact_json(detector, &mut x, r)?;
+                    }
+                    new.insert(r.redact(detector, &k)?, x);
+                }
+                *o = new;
+            }
+            other => redact_json(detector, other, r)?,
+        }
+        part.extra.insert(r.redact(detector, &field)?, v);
+    }
+    Ok(())
+}
+
 fn strings(
     req: &GenerateRequest,
     f: &mut dyn FnMut(&str) -> Result<(), Unavailable>,
@@ -53,7 +134,12 @@ fn strings(
             continue_from,
         } => {
             for m in messages {
-                f(&m.content)?;
+                // With parts, the parts are what leaves; `content` is
+                // their text again.
+                match &m.parts {
+                    Some(parts) => parts.iter().try_for_each(|p| part_strings(p, f))?,
+                    None => f(&m.content)?,
+                }
                 if let Some(n) = &m.name {
                     f(n)?;
                 }
@@ -84,6 +170,12 @@ pub fn scan_request(detector: &Detector, req: &GenerateRequest) -> Result<Scan, 
         }
         Ok(())
     })?;
+    if let Input::Chat { messages, .. } = &req.input {
+        let parts = messages.iter().filter_map(|m| m.parts.as_ref()).flatten();
+        for class in parts.filter_map(media_class) {
+            *scan.classes.entry(class.to_owned()).or_insert(0) += 1;
+        }
+    }
     Ok(scan)
 }
 
@@ -119,7 +211,19 @@ pub fn redact_request(
             continue_from,
         } => {
             for m in messages.iter_mut() {
-                m.content = r.redact(detector, &m.content)?;
+                match m.parts.as_mut() {
+                    Some(parts) => {
+                        let mut text = String::new();
+                        for p in parts.iter_mut() {
+                            redact_part(detector, p, r)?;
+                            if let (Some(t), "text") = (&p.text, p.kind.as_str()) {
+                                text.push_str(t);
+                            }
+                        }
+                        m.content = text;
+                    }
+                    None => m.content = r.redact(detector, &m.content)?,
+                }
                 if let Some(n) = m.name.as_mut() {
                     *n = r.redact(detector, n)?;
                 }

@@ -314,6 +314,63 @@ fn every_field_a_request_carries_is_scanned_and_redacted() {
     assert!(scan_request(&d, &req).unwrap().is_empty());
 }
 
+#[test]
+fn content_parts_are_scanned_and_redacted_but_payloads_are_not_text() {
+    let d = detector();
+    let mut req = request();
+    let parts: Vec<tandem_api::openai::ContentPart> = serde_json::from_value(serde_json::json!([
+        {"type": "text", "text": "Mail amy@corp.com about "},
+        {"type": "image_url", "image_url": {"url": "https://img.example/bob@corp.com.png"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AKIAIOSFODNN7EXAMPLE+amy@corp.com"}},
+        {"type": "input_audio", "input_audio": {"data": "amy@corp.com", "format": "wav"}},
+        {"type": "text", "text": "this."},
+    ]))
+    .unwrap();
+    let Input::Chat { messages, .. } = &mut req.input else {
+        panic!()
+    };
+    messages[0].content = "Mail amy@corp.com about this.".into();
+    messages[0].parts = Some(parts);
+    let scan = scan_request(&d, &req).unwrap();
+    // The text part's email, the URL's; not the payloads (nor `content`
+    // again: it is the text parts).
+    assert_eq!(scan.classes.get("email"), Some(&6), "{scan:?}");
+    assert_eq!(scan.classes.get("image"), Some(&2));
+    assert_eq!(scan.classes.get("audio"), Some(&1));
+    assert!(!scan.classes.contains_key("secret"), "{scan:?}");
+    let mut r = Redaction::default();
+    redact_request(&d, &mut req, &mut r).unwrap();
+    let Input::Chat { messages, .. } = &req.input else {
+        panic!()
+    };
+    let sent = serde_json::to_value(req.to_chat_request("m")).unwrap();
+    let parts = &sent["messages"][0]["content"];
+    assert!(
+        !parts[0]["text"].as_str().unwrap().contains("amy@"),
+        "{parts}"
+    );
+    assert!(
+        !parts[1]["image_url"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("bob@")
+    );
+    assert_eq!(
+        parts[2]["image_url"]["url"],
+        "data:image/png;base64,AKIAIOSFODNN7EXAMPLE+amy@corp.com"
+    );
+    assert_eq!(parts[3]["input_audio"]["data"], "amy@corp.com");
+    // What a local model would read is the redacted text parts.
+    assert_eq!(
+        messages[0].content,
+        format!(
+            "{}{}",
+            parts[0]["text"].as_str().unwrap(),
+            parts[4]["text"].as_str().unwrap()
+        )
+    );
+}
+
 struct Failing;
 
 impl EntityRecognizer for Failing {

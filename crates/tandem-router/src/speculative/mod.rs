@@ -104,5 +104,11 @@ pub fn ineligible(req: &GenerateRequest) -> Option<&'static str> {
     {
         return Some("n > 1");
     }
+    // The draft model reads only the text.
+    if let tandem_api::Input::Chat { messages, .. } = &req.input
+        && messages.iter().any(|m| m.parts.is_some())
+    {
+        return Some("content parts other than text");
+    }
     None
 }
