@@ -382,8 +382,10 @@ fn conversation(model: &str, turns: &[(&str, &str)], next: &str) -> GenerateRequ
 
 /// llama.cpp's CPU kernels give logits that depend slightly on the shape
 /// of the batch a token was read in: the same prompt read in chunks of 7 or
-/// of 512 tokens differs by up to 0.08 in a token's log-probability and can
-/// pick the other of two near-tied tokens (measured on this model; llama.cpp
+/// of 512 tokens differs by up to 0.08 in a token's log-probability on AVX2
+/// (AMD EPYC), and read 4 tokens at a time instead of 512 by up to 0.15 on
+/// AVX-512 (Xeon), two cold engines, no reuse; one token at a time can pick
+/// the other of two near-tied tokens (measured on this model; llama.cpp
 /// documents the same for its server's `cache_prompt`). Reused cells were
 /// read in other shapes than a cold prefill, so two greedy answers agree
 /// token for token up to the first near-tie of the reference, where either
@@ -401,7 +403,7 @@ fn same_up_to_near_ties(got: &Answer, reference: &Answer) {
             return;
         }
         assert!(
-            (g.logprob - r.logprob).abs() < 0.15,
+            (g.logprob - r.logprob).abs() < 0.25,
             "token {i} {:?}: logprob {} vs {}",
             g.token,
             g.logprob,

@@ -65,18 +65,14 @@ pub struct CacheKey {
 
 impl CacheKey {
     /// `None` when the request is not one to cache: logprobs, tools,
-    /// structured output or token biases asked for, several choices, a
-    /// continuation, or content parts other than text.
+    /// structured output or token biases asked for, a continuation, or
+    /// content parts other than text. (Several choices skip the cache
+    /// where they are made, one request each.)
     pub fn new(req: &GenerateRequest, key: Option<&str>, privacy: &str) -> Option<CacheKey> {
         if req.logprobs.is_some()
             || ["tools", "functions", "response_format", "logit_bias"]
                 .iter()
                 .any(|f| req.extra.get(*f).is_some_and(|v| !v.is_null()))
-            || req
-                .extra
-                .get("n")
-                .and_then(|v| v.as_u64())
-                .is_some_and(|n| n > 1)
         {
             return None;
         }

@@ -181,20 +181,30 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
 }
 
 struct Started {
-    events: tandem_api::EventStream,
+    /// One answer per choice.
+    events: Vec<tandem_api::EventStream>,
     headers: HeaderMap,
     meta: StreamMeta,
     streaming: bool,
 }
 
+/// Starts one answer; `choice` is its index when it is one of several.
 async fn start(
     state: &AppState,
     req: GenerateRequest,
     headers: &HeaderMap,
     caller: Option<axum::Extension<Arc<Caller>>>,
     id_prefix: &str,
+    choice: Option<u32>,
 ) -> Result<Started, HttpError> {
-    let ctx = context(headers, caller)?;
+    let mut ctx = context(headers, caller)?;
+    if let Some(i) = choice {
+        // Each choice is a draw of its own, not a cached answer.
+        ctx.cache_skip = true;
+        if i > 0 {
+            ctx.request_id = format!("{}-{i}", ctx.request_id);
+        }
+    }
     let request_id = ctx.request_id.clone();
     let requested = req.model.clone();
     let logprobs = req.logprobs.is_some();
@@ -213,7 +223,7 @@ async fn start(
         set(&mut headers, "x-tandem-requested-model", &requested);
     }
     Ok(Started {
-        events: with_deadline(d.stream, state.config.stream_deadline),
+        events: vec![with_deadline(d.stream, state.config.stream_deadline)],
         headers,
         meta: StreamMeta {
             id: new_id(id_prefix),
@@ -226,39 +236,84 @@ async fn start(
     })
 }
 
+/// `n` answers to `req`, started together. The first is routed as any
+/// request; the others go by name to the model that took it (so they are
+/// not routed again) and skip the answer cache, so each is a draw of its
+/// own; a client's seed becomes seed, seed + 1, ... so that seeded choices
+/// differ and stay repeatable. On a cloud upstream each is a request of its
+/// own (the prompt is sent, and billed, `n` times).
+async fn start_n(
+    state: &AppState,
+    req: GenerateRequest,
+    headers: &HeaderMap,
+    caller: Option<axum::Extension<Arc<Caller>>>,
+    id_prefix: &str,
+    n: u32,
+) -> Result<Started, HttpError> {
+    if n <= 1 {
+        return start(state, req, headers, caller, id_prefix, None).await;
+    }
+    let mut first = start(
+        state,
+        req.clone(),
+        headers,
+        caller.clone(),
+        id_prefix,
+        Some(0),
+    )
+    .await?;
+    let others = (1..n).map(|i| {
+        let mut r = req.clone();
+        r.model = first.meta.model.clone();
+        r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i));
+        start(state, r, headers, caller.clone(), id_prefix, Some(i))
+    });
+    for other in futures::future::try_join_all(others).await? {
+        first.events.extend(other.events);
+    }
+    Ok(first)
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     caller: Option<axum::Extension<Arc<Caller>>>,
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, HttpError> {
+    let n = body.choices()?;
     let req = body.into_generate()?;
-    let s = start(&state, req, &headers, caller, "chatcmpl").await?;
+    let s = start_n(&state, req, &headers, caller, "chatcmpl", n).await?;
     if s.streaming {
         return Ok((s.headers, sse::chat(s.events, s.meta)).into_response());
     }
-    let answer = Answer::collect(s.events).await?;
+    let answers = futures::future::try_join_all(s.events.into_iter().map(Answer::collect)).await?;
+    let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
+    let logprobs = s.meta.logprobs;
     let body = ChatCompletion {
         id: s.meta.id,
         object: "chat.completion".into(),
         created: s.meta.created,
         model: s.meta.model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                // With tool calls and no text, OpenAI's content is null.
-                content: (!answer.text.is_empty() || answer.tool_calls.is_empty())
-                    .then_some(answer.text),
-                tool_calls: (!answer.tool_calls.is_empty()).then_some(answer.tool_calls),
-                extra: answer.extra,
-            },
-            logprobs: s.meta.logprobs.then_some(ChoiceLogprobs {
-                content: Some(answer.tokens),
-            }),
-            finish_reason: Some(answer.finish.reason),
-        }],
-        usage: Some(answer.finish.usage),
+        choices: answers
+            .into_iter()
+            .zip(0u32..)
+            .map(|(answer, index)| ChatChoice {
+                index,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    // With tool calls and no text, OpenAI's content is null.
+                    content: (!answer.text.is_empty() || answer.tool_calls.is_empty())
+                        .then_some(answer.text),
+                    tool_calls: (!answer.tool_calls.is_empty()).then_some(answer.tool_calls),
+                    extra: answer.extra,
+                },
+                logprobs: logprobs.then_some(ChoiceLogprobs {
+                    content: Some(answer.tokens),
+                }),
+                finish_reason: Some(answer.finish.reason),
+            })
+            .collect(),
+        usage: Some(usage),
     };
     Ok((s.headers, Json(body)).into_response())
 }
@@ -269,29 +324,35 @@ pub async fn completions(
     caller: Option<axum::Extension<Arc<Caller>>>,
     OpenAiJson(body): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, HttpError> {
+    let n = body.choices()?;
     let req = body.into_generate()?;
-    let s = start(&state, req, &headers, caller, "cmpl").await?;
+    let s = start_n(&state, req, &headers, caller, "cmpl", n).await?;
     if s.streaming {
         return Ok((s.headers, sse::completion(s.events, s.meta)).into_response());
     }
-    let answer = Answer::collect(s.events).await?;
-    let logprobs = s.meta.logprobs.then(|| {
-        let mut l = LegacyLogprobs::default();
-        l.extend(&answer.tokens, 0);
-        l
-    });
+    let answers = futures::future::try_join_all(s.events.into_iter().map(Answer::collect)).await?;
+    let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
+    let want_logprobs = s.meta.logprobs;
     let body = Completion {
         id: s.meta.id,
         object: "text_completion".into(),
         created: s.meta.created,
         model: s.meta.model,
-        choices: vec![CompletionChoice {
-            index: 0,
-            text: answer.text,
-            logprobs,
-            finish_reason: Some(answer.finish.reason),
-        }],
-        usage: Some(answer.finish.usage),
+        choices: answers
+            .into_iter()
+            .zip(0u32..)
+            .map(|(answer, index)| CompletionChoice {
+                index,
+                logprobs: want_logprobs.then(|| {
+                    let mut l = LegacyLogprobs::default();
+                    l.extend(&answer.tokens, 0);
+                    l
+                }),
+                text: answer.text,
+                finish_reason: Some(answer.finish.reason),
+            })
+            .collect(),
+        usage: Some(usage),
     };
     Ok((s.headers, Json(body)).into_response())
 }

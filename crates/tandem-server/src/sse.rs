@@ -15,6 +15,25 @@ use tandem_api::openai::{
 };
 use tandem_api::{ApiError, Event, EventStream, FinishReason, Usage};
 
+/// The events of several answers, as they come, each with its choice index.
+fn merged(streams: Vec<EventStream>) -> impl Stream<Item = (u32, Result<Event, ApiError>)> + Send {
+    futures::stream::select_all(
+        streams
+            .into_iter()
+            .zip(0u32..)
+            .map(|(s, i)| s.map(move |e| (i, e)).boxed()),
+    )
+}
+
+/// The usage of `n` answers to one prompt: the prompt as read once (as
+/// OpenAI counts it), the completions together.
+pub fn total_usage(usages: &[Usage]) -> Usage {
+    let mut total = usages.first().copied().unwrap_or_default();
+    total.completion_tokens = usages.iter().map(|u| u.completion_tokens).sum();
+    total.total_tokens = total.prompt_tokens + total.completion_tokens;
+    total
+}
+
 pub struct StreamMeta {
     pub id: String,
     pub created: u64,
@@ -54,8 +73,11 @@ fn sse(s: impl Stream<Item = SseEvent> + Send + 'static) -> SseBody {
     Sse::new(s.map(Ok).boxed()).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
 }
 
-pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
-    let chunk = move |delta: ChunkDelta,
+/// One answer per stream, choice `i` from `streams[i]`, interleaved as the
+/// pieces come; the stream ends when every choice has finished.
+pub fn chat(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
+    let chunk = move |index: u32,
+                      delta: ChunkDelta,
                       logprobs: Option<ChoiceLogprobs>,
                       finish: Option<FinishReason>,
                       usage: Option<Usage>| {
@@ -68,7 +90,7 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
                 Vec::new()
             } else {
                 vec![ChunkChoice {
-                    index: 0,
+                    index,
                     delta,
                     logprobs,
                     finish_reason: finish,
@@ -78,12 +100,18 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
         }
     };
     let (want_logprobs, include_usage) = (meta.logprobs, meta.include_usage);
+    let n = streams.len();
+    let mut events = merged(streams);
     sse(async_stream::stream! {
-        yield data(&chunk(
-            ChunkDelta { role: Some("assistant".into()), content: Some(String::new()), ..ChunkDelta::default() },
-            None, None, None,
-        ));
-        while let Some(event) = events.next().await {
+        for index in (0u32..).take(n) {
+            yield data(&chunk(
+                index,
+                ChunkDelta { role: Some("assistant".into()), content: Some(String::new()), ..ChunkDelta::default() },
+                None, None, None,
+            ));
+        }
+        let mut usages = Vec::with_capacity(n);
+        while let Some((index, event)) = events.next().await {
             match event {
                 Ok(Event::Delta(d)) => {
                     let logprobs = want_logprobs.then_some(ChoiceLogprobs { content: Some(d.tokens) });
@@ -93,24 +121,29 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
                         // A piece of reasoning alone carries no content.
                         let content = (!d.text.is_empty() || d.extra.is_empty()).then_some(d.text);
                         yield data(&chunk(
+                            index,
                             ChunkDelta { content, extra: d.extra, ..ChunkDelta::default() },
                             logprobs, None, None,
                         ));
                     }
                     if !d.tool_calls.is_empty() {
                         yield data(&chunk(
+                            index,
                             ChunkDelta { tool_calls: Some(d.tool_calls), ..ChunkDelta::default() },
                             None, None, None,
                         ));
                     }
                 }
                 Ok(Event::Finish(f)) => {
-                    yield data(&chunk(ChunkDelta::default(), None, Some(f.reason), None));
-                    if include_usage {
-                        yield data(&chunk(ChunkDelta::default(), None, None, Some(f.usage)));
+                    yield data(&chunk(index, ChunkDelta::default(), None, Some(f.reason), None));
+                    usages.push(f.usage);
+                    if usages.len() == n {
+                        if include_usage {
+                            yield data(&chunk(0, ChunkDelta::default(), None, None, Some(total_usage(&usages))));
+                        }
+                        yield done();
+                        return;
                     }
-                    yield done();
-                    return;
                 }
                 Err(e) => {
                     yield error(&e);
@@ -122,8 +155,10 @@ pub fn chat(mut events: EventStream, meta: StreamMeta) -> SseBody {
     })
 }
 
-pub fn completion(mut events: EventStream, meta: StreamMeta) -> SseBody {
-    let chunk = move |text: String,
+/// As [`chat`], for the legacy completions API.
+pub fn completion(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
+    let chunk = move |index: u32,
+                      text: String,
                       logprobs: Option<LegacyLogprobs>,
                       finish: Option<FinishReason>,
                       usage: Option<Usage>| {
@@ -136,7 +171,7 @@ pub fn completion(mut events: EventStream, meta: StreamMeta) -> SseBody {
                 Vec::new()
             } else {
                 vec![CompletionChoice {
-                    index: 0,
+                    index,
                     text,
                     logprobs,
                     finish_reason: finish,
@@ -146,26 +181,36 @@ pub fn completion(mut events: EventStream, meta: StreamMeta) -> SseBody {
         }
     };
     let (want_logprobs, include_usage) = (meta.logprobs, meta.include_usage);
+    let n = streams.len();
+    let mut events = merged(streams);
     sse(async_stream::stream! {
-        let mut offset = 0;
-        while let Some(event) = events.next().await {
+        let mut offsets = vec![0usize; n];
+        let mut usages = Vec::with_capacity(n);
+        while let Some((index, event)) = events.next().await {
             match event {
                 Ok(Event::Delta(d)) => {
+                    let offset = offsets.get_mut(index as usize);
+                    let at = offset.as_deref().copied().unwrap_or(0);
                     let logprobs = want_logprobs.then(|| {
                         let mut l = LegacyLogprobs::default();
-                        l.extend(&d.tokens, offset);
+                        l.extend(&d.tokens, at);
                         l
                     });
-                    offset += d.text.len();
-                    yield data(&chunk(d.text, logprobs, None, None));
+                    if let Some(o) = offset {
+                        *o += d.text.len();
+                    }
+                    yield data(&chunk(index, d.text, logprobs, None, None));
                 }
                 Ok(Event::Finish(f)) => {
-                    yield data(&chunk(String::new(), None, Some(f.reason), None));
-                    if include_usage {
-                        yield data(&chunk(String::new(), None, None, Some(f.usage)));
+                    yield data(&chunk(index, String::new(), None, Some(f.reason), None));
+                    usages.push(f.usage);
+                    if usages.len() == n {
+                        if include_usage {
+                            yield data(&chunk(0, String::new(), None, None, Some(total_usage(&usages))));
+                        }
+                        yield done();
+                        return;
                     }
-                    yield done();
-                    return;
                 }
                 Err(e) => {
                     yield error(&e);

@@ -368,8 +368,8 @@ async fn bad_input_gets_clear_4xx_and_server_keeps_serving() {
             Some("messages[0]"),
         ),
         (
-            "n > 1",
-            serde_json::to_vec(&chat_body("x", json!({"n": 3}))).unwrap(),
+            "n above OpenAI's 128",
+            serde_json::to_vec(&chat_body("x", json!({"n": 129}))).unwrap(),
             400,
             Some("n"),
         ),
@@ -601,4 +601,85 @@ async fn client_leaving_mid_stream_frees_the_engine() {
     )
     .await;
     assert_eq!(status, 200);
+}
+
+/// `n` choices: seeded draws that differ from each other and repeat
+/// exactly, whole or streamed (interleaved by index), chat and legacy
+/// completions, with the completions' tokens added up.
+#[tokio::test]
+async fn several_choices_are_separate_repeatable_draws() {
+    let s = server().await;
+    let body = chat_body(
+        "Write one sentence about the sea.",
+        json!({"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 24}),
+    );
+    let (status, v) = post(&s, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{v}");
+    let texts: Vec<String> = choices
+        .iter()
+        .zip(0..)
+        .map(|(c, i)| {
+            assert_eq!(c["index"], i, "{v}");
+            c["message"]["content"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "three seeded draws, all the same: {texts:?}"
+    );
+    let completion: u64 = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion > 24, "the three completions together: {v}");
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + completion
+    );
+
+    // The same seeds, streamed: each index reassembles to its whole answer.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let raw = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut pieces = vec![String::new(); 3];
+    let mut finished = [0; 3];
+    let mut usage = Value::Null;
+    let data = sse_data(&raw);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    for d in &data[..data.len() - 1] {
+        let c: Value = serde_json::from_str(d).unwrap();
+        if !c["usage"].is_null() {
+            usage = c["usage"].clone();
+        }
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            pieces[i].push_str(ch["delta"]["content"].as_str().unwrap_or(""));
+            if ch["finish_reason"].is_string() {
+                finished[i] += 1;
+            }
+        }
+    }
+    assert_eq!(pieces, texts, "{raw}");
+    assert_eq!(finished, [1, 1, 1], "{raw}");
+    assert_eq!(usage["completion_tokens"].as_u64(), Some(completion));
+
+    let (status, v) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": SMOLLM2, "prompt": "The sea is", "n": 2, "max_tokens": 8,
+            "temperature": 1.0, "seed": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["index"], 0);
+    assert_eq!(v["choices"][1]["index"], 1);
+    assert!(v["choices"][1]["text"].is_string());
 }

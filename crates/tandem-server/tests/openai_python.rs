@@ -126,3 +126,46 @@ async fn langchain_binds_tools_and_structures_output() {
         assert!(p["languages"].is_array(), "{method}: {v}");
     }
 }
+
+/// `litellm` (its SDK, as an app calls a provider) with tools, streamed
+/// tool-call deltas, the call → result → answer loop and a Pydantic
+/// response format, on the device.
+#[tokio::test]
+async fn litellm_calls_tools_and_structures_output() {
+    let python = python_with(&["openai==3.57.0", "litellm==1.80.0"]);
+    let s = qwen_server().await;
+    let v = run_client(&python, "litellm_client.py", &s, QWEN_05B).await;
+    assert_eq!(v["whole"]["finish"], "tool_calls", "{v}");
+    let call = &v["whole"]["calls"][0];
+    assert_eq!(call["name"], "get_weather", "{v}");
+    // Lisbon, or its own name: the model's choice.
+    assert!(
+        call["arguments"]["city"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("Lisb")),
+        "{v}"
+    );
+    assert!(call["id"].as_str().is_some_and(|id| !id.is_empty()), "{v}");
+    assert_eq!(v["stream"]["finish"], "tool_calls", "{v}");
+    assert_eq!(v["stream"]["calls"][0]["name"], "get_weather", "{v}");
+    assert_eq!(
+        v["stream"]["calls"][0]["arguments"], call["arguments"],
+        "{v}"
+    );
+    assert_eq!(v["loop"]["finish"], "stop", "{v}");
+    assert!(
+        v["loop"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("23"),
+        "the answer uses the tool's result: {v}"
+    );
+    let p = &v["structured"];
+    assert!(p.get("error").is_none(), "{v}");
+    assert!(
+        p["name"].as_str().unwrap_or_default().contains("Curie"),
+        "{v}"
+    );
+    assert!(p["age"].is_i64(), "{v}");
+    assert!(p["languages"].is_array(), "{v}");
+}

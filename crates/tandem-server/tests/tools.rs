@@ -143,3 +143,34 @@ async fn redacted_tool_call_arguments_come_back_with_the_originals() {
     assert!(sent.contains("[EMAIL_1]"), "{sent}");
     assert!(!sent.contains("jane.doe@example.com"));
 }
+
+#[tokio::test]
+async fn several_choices_from_the_cloud_each_carry_the_call() {
+    let (device, capture) = setup().await;
+    let mut b = body(false);
+    b["n"] = json!(2);
+    let r = post_json(
+        &device.url("/v1/chat/completions"),
+        &b,
+        &[("x-tandem-privacy", "off")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let choices = r.body["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2, "{:?}", r.body);
+    for (c, i) in choices.iter().zip(0..) {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["finish_reason"], "tool_calls");
+        let calls: Vec<ToolCall> =
+            serde_json::from_value(c["message"]["tool_calls"].clone()).expect("tool_calls");
+        assert_eq!(arguments_text(&calls[0]), ASK);
+    }
+    // One request per choice to the same upstream, none asking for `n`.
+    let sent = capture.captured();
+    assert_eq!(sent.len(), 2);
+    for c in &sent {
+        let v = c.json();
+        assert!(v.get("n").is_none(), "{v}");
+        assert_eq!(v["model"], "big");
+    }
+}

@@ -112,7 +112,11 @@ fn bad_values_name_their_param() {
             "top_logprobs",
         ),
         (
-            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#,
+            "n",
+        ),
+        (
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":129}"#,
             "n",
         ),
     ];

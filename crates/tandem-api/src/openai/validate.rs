@@ -33,12 +33,16 @@ fn check_max_tokens(param: &str, v: Option<i64>) -> Result<Option<u32>, ApiError
     }
 }
 
-fn check_n(n: Option<i64>) -> Result<(), ApiError> {
+/// OpenAI's limit on `n`.
+const MAX_CHOICES: u32 = 128;
+
+fn check_n(n: Option<i64>) -> Result<u32, ApiError> {
     match n {
-        None | Some(1) => Ok(()),
+        None => Ok(1),
+        Some(x) if (1..=i64::from(MAX_CHOICES)).contains(&x) => Ok(x as u32),
         Some(x) => Err(ApiError::invalid_param(
             "n",
-            format!("only n=1 is supported, got {x}"),
+            format!("n must be between 1 and {MAX_CHOICES}, got {x}"),
         )),
     }
 }
@@ -238,6 +242,11 @@ impl ChatMessage {
 }
 
 impl ChatCompletionRequest {
+    /// How many choices are asked for (`n`, 1 when absent), checked.
+    pub fn choices(&self) -> Result<u32, ApiError> {
+        check_n(self.n)
+    }
+
     /// Checks every field and builds the internal request.
     pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
         let model = required_model(self.model)?;
@@ -324,6 +333,11 @@ impl ChatCompletionRequest {
 }
 
 impl CompletionRequest {
+    /// How many choices are asked for (`n`, 1 when absent), checked.
+    pub fn choices(&self) -> Result<u32, ApiError> {
+        check_n(self.n)
+    }
+
     /// Checks every field and builds the internal request.
     pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
         let model = required_model(self.model)?;

@@ -96,14 +96,6 @@ pub fn ineligible(req: &GenerateRequest) -> Option<&'static str> {
     if present("logit_bias") {
         return Some("logit biases");
     }
-    if req
-        .extra
-        .get("n")
-        .and_then(serde_json::Value::as_u64)
-        .is_some_and(|n| n > 1)
-    {
-        return Some("n > 1");
-    }
     // The draft model reads only the text.
     if let tandem_api::Input::Chat { messages, .. } = &req.input
         && messages.iter().any(|m| m.parts.is_some())
