@@ -1,9 +1,10 @@
 //! The official `openai` Python package (from PyPI) against a real server.
 
 use serde_json::Value;
+use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::{EngineConfig, LocalEngine};
 use tandem_router::Dispatcher;
-use tandem_testkit::{QWEN_05B, SMOLLM2, TestServer, model_path, python_with};
+use tandem_testkit::{QWEN_05B, SMOLLM2, TestServer, model_path, python_with, shared_engine};
 
 #[tokio::test]
 async fn openai_python_client_chats_streams_and_completes() {
@@ -60,7 +61,30 @@ async fn openai_python_client_calls_tools_and_parses_structured_output() {
     let python = python_with(&["openai==3.57.0"]);
     let s = qwen_server().await;
     let v = run_client(&python, "tools_client.py", &s, QWEN_05B).await;
+    check_tools_client(&v);
+}
 
+/// The same client through a device Tandem (SmolLM2, no tools in its
+/// template) whose cloud is a cloud-role Tandem serving Qwen: tools, their
+/// streamed deltas, schemas and refusals cross the wire both ways.
+#[tokio::test]
+async fn openai_python_client_calls_tools_through_a_cloud_role_tandem() {
+    let python = python_with(&["openai==3.57.0"]);
+    let cloud = qwen_server().await;
+    let device = Dispatcher::builder()
+        .local(shared_engine(SMOLLM2, 1024, 2))
+        .cloud(
+            CloudBackend::new(UpstreamConfig::new("cloud", &cloud.url("/v1"), &[QWEN_05B]))
+                .expect("upstream"),
+        )
+        .build()
+        .expect("dispatcher");
+    let device = TestServer::start(device).await;
+    let v = run_client(&python, "tools_client.py", &device, QWEN_05B).await;
+    check_tools_client(&v);
+}
+
+fn check_tools_client(v: &Value) {
     assert_eq!(v["auto"]["finish"], "tool_calls", "{v}");
     let call = &v["auto"]["calls"][0];
     assert_eq!(call["name"], "get_weather", "{v}");

@@ -96,7 +96,10 @@ async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
     assert_eq!(calls[0].function.name, "lookup");
     assert_eq!(arguments_text(&calls[0]), ASK);
     // Fields Tandem does not interpret pass through; a null says nothing.
-    assert_eq!(choice["message"]["reasoning_content"], "Looking it up.");
+    assert_eq!(
+        choice["message"]["reasoning_content"],
+        format!("Looking up: {ASK}")
+    );
     assert!(choice["message"].get("refusal").is_none(), "{choice}");
 
     let (calls, finish, chunks) = streamed_calls(&url, "off").await;
@@ -109,7 +112,7 @@ async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
         .collect();
-    assert_eq!(reasoning, "Looking it up.", "{chunks:?}");
+    assert_eq!(reasoning, format!("Looking up: {ASK}"), "{chunks:?}");
     // Every chunk is a complete OpenAI chunk, whatever the upstream left out.
     for c in &chunks {
         assert!(c["id"].as_str().is_some_and(|id| !id.is_empty()), "{c}");
@@ -130,9 +133,20 @@ async fn redacted_tool_call_arguments_come_back_with_the_originals() {
             .expect("tool_calls");
     assert_eq!(arguments_text(&calls[0]), ASK);
 
+    // So does the reasoning beside the call.
+    assert_eq!(
+        r.body["choices"][0]["message"]["reasoning_content"],
+        format!("Looking up: {ASK}")
+    );
+
     let (calls, _, chunks) = streamed_calls(&url, "redact").await;
     assert_eq!(calls.len(), 1, "{chunks:?}");
     assert_eq!(arguments_text(&calls[0]), ASK);
+    let reasoning: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, format!("Looking up: {ASK}"), "{chunks:?}");
 
     // What left had a placeholder, never the address.
     let sent: String = capture

@@ -40,7 +40,8 @@ pub enum Mode {
     /// message as its `text` argument: streamed, the arguments come three
     /// characters a chunk; and the answer leaves out `id`, `created` and
     /// `object`, as some OpenAI-compatible servers do, and carries
-    /// `reasoning_content` (two streamed pieces) and a null `refusal`.
+    /// `reasoning_content` ("Looking up: " and the message, streamed three
+    /// characters a chunk) and a null `refusal`.
     EchoTool,
     /// Forward the first `requests` requests (counting from the start),
     /// then answer every later one with 503: a cloud that goes away.
@@ -360,12 +361,13 @@ fn echo_tool(body: &[u8]) -> Response {
         .unwrap_or("echo")
         .to_owned();
     let args = json!({"text": last_user}).to_string();
+    let reasoning = format!("Looking up: {last_user}");
     let model = req["model"].as_str().unwrap_or("echo").to_owned();
     if req["stream"] != json!(true) {
         return axum::Json(json!({
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
-                "refusal": null, "reasoning_content": "Looking it up.",
+                "refusal": null, "reasoning_content": reasoning,
                 "tool_calls": [{"id": "call_1", "type": "function",
                     "function": {"name": name, "arguments": args}}]},
                 "finish_reason": "tool_calls"}],
@@ -373,7 +375,9 @@ fn echo_tool(body: &[u8]) -> Response {
         .into_response();
     }
     let mut sse = String::new();
-    for piece in ["Looking ", "it up."] {
+    let chars: Vec<char> = reasoning.chars().collect();
+    for piece in chars.chunks(3) {
+        let piece: String = piece.iter().collect();
         let chunk = json!({"model": model, "choices": [{"index": 0,
             "delta": {"role": "assistant", "reasoning_content": piece, "refusal": null}}]});
         sse.push_str(&format!("data: {chunk}\n\n"));

@@ -118,6 +118,15 @@ impl Restorer {
         }
     }
 
+    /// A restorer with the same placeholders and nothing held, for another
+    /// stream of text (a message field beside the content).
+    pub fn fresh(&self) -> Restorer {
+        Restorer {
+            held: String::new(),
+            ..self.clone()
+        }
+    }
+
     /// A restorer with the same placeholders and nothing held, for text
     /// that is JSON (a tool call's arguments): originals go back escaped,
     /// so a value with a quote or a backslash keeps the JSON valid.

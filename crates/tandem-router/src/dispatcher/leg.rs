@@ -417,6 +417,10 @@ impl Dispatcher {
             // each call's arguments are a stream of their own.
             let mut call_restorers: std::collections::HashMap<u32, tandem_policy::privacy::Restorer> =
                 std::collections::HashMap::new();
+            // So are the text fields beside the content (`reasoning_content`,
+            // `refusal`...), each a stream of its own.
+            let mut field_restorers: std::collections::BTreeMap<String, tandem_policy::privacy::Restorer> =
+                std::collections::BTreeMap::new();
             let mut called = false;
             let mut first_at: Option<Duration> = None;
             let mut handed_off = false;
@@ -437,6 +441,14 @@ impl Dispatcher {
                                     *args = cr.push(args);
                                 }
                             }
+                            for (field, value) in d.extra.iter_mut() {
+                                if let serde_json::Value::String(piece) = value {
+                                    let fr = field_restorers.entry(field.clone()).or_insert_with(|| r.fresh());
+                                    *piece = fr.push(piece);
+                                }
+                            }
+                            // A piece held back whole says nothing yet.
+                            d.extra.retain(|_, v| v.as_str() != Some(""));
                         }
                         called |= !d.tool_calls.is_empty();
                         if d.is_empty() {
@@ -452,6 +464,14 @@ impl Dispatcher {
                             if !rest.is_empty() {
                                 text.push_str(&rest);
                                 yield Ok(Event::Delta(tandem_api::Delta::text(rest)));
+                            }
+                        }
+                        for (field, r) in field_restorers.iter_mut() {
+                            let rest = r.finish();
+                            if !rest.is_empty() {
+                                let mut extra = serde_json::Map::new();
+                                extra.insert(field.clone(), serde_json::Value::String(rest));
+                                yield Ok(Event::Delta(tandem_api::Delta { extra, ..tandem_api::Delta::default() }));
                             }
                         }
                         let mut held: Vec<_> = call_restorers.iter_mut().map(|(&i, r)| (i, r.finish())).collect();
