@@ -513,6 +513,9 @@ pub struct Answer {
     /// Message fields passed through from an upstream (`refusal`,
     /// `reasoning_content`...): streamed text pieces joined, others as last sent.
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Fields of the upstream's answer beside its choices
+    /// (`system_fingerprint`...), as last sent.
+    pub response: serde_json::Map<String, serde_json::Value>,
     /// How it ended.
     pub finish: Finish,
 }
@@ -527,6 +530,7 @@ pub struct AnswerSoFar {
     pub tokens: Vec<TokenLogprob>,
     tool_calls: Vec<crate::ToolCall>,
     extra: serde_json::Map<String, serde_json::Value>,
+    response: serde_json::Map<String, serde_json::Value>,
 }
 
 impl AnswerSoFar {
@@ -537,6 +541,7 @@ impl AnswerSoFar {
         for piece in &d.tool_calls {
             crate::ToolCall::assemble(&mut self.tool_calls, piece);
         }
+        self.response.extend(d.response);
         for (k, v) in d.extra {
             match (self.extra.get_mut(&k), v) {
                 (Some(serde_json::Value::String(have)), serde_json::Value::String(more)) => {
@@ -556,6 +561,7 @@ impl AnswerSoFar {
             tokens: self.tokens,
             tool_calls: self.tool_calls,
             extra: self.extra,
+            response: self.response,
             finish,
         }
     }

@@ -307,6 +307,10 @@ pub struct Delta {
     /// (`refusal`, `reasoning_content`, `annotations`...), passed on to the
     /// client as they came.
     pub extra: Map<String, Value>,
+    /// Fields of the upstream's answer itself, beside its choices
+    /// (`system_fingerprint`, `service_tier`...), passed on to the client.
+    /// Not content: a delta with only these is empty.
+    pub response: Map<String, Value>,
 }
 
 impl Delta {

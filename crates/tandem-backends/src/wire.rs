@@ -121,6 +121,7 @@ impl StreamState {
                 if let Some(u) = c.usage {
                     self.usage = Some(u);
                 }
+                let response = passed_on(c.extra);
                 c.choices.into_iter().next().and_then(|ch| {
                     if let Some(f) = ch.finish_reason {
                         self.finish = Some(f);
@@ -130,6 +131,7 @@ impl StreamState {
                         tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
                         tool_calls: ch.delta.tool_calls.unwrap_or_default(),
                         extra: passed_on(ch.delta.extra),
+                        response,
                     };
                     (!d.is_empty()).then_some(d)
                 })
@@ -141,6 +143,7 @@ impl StreamState {
                 if let Some(u) = c.usage {
                     self.usage = Some(u);
                 }
+                let response = passed_on(c.extra);
                 c.choices.into_iter().next().and_then(|ch| {
                     if let Some(f) = ch.finish_reason {
                         self.finish = Some(f);
@@ -149,6 +152,7 @@ impl StreamState {
                     (!ch.text.is_empty() || !tokens.is_empty()).then_some(Delta {
                         text: ch.text,
                         tokens,
+                        response,
                         ..Delta::default()
                     })
                 })
@@ -175,8 +179,8 @@ impl StreamState {
 }
 
 /// A whole (non-streamed) answer as events.
-/// A message's fields beyond content and tool calls, for the client: the
-/// role is Tandem's to set, and a null says nothing.
+/// Fields beyond those Tandem reads (of a message, or of the answer), for
+/// the client: the role is Tandem's to set, and a null says nothing.
 fn passed_on(mut extra: Map<String, Value>) -> Map<String, Value> {
     extra.remove("role");
     extra.retain(|_, v| !v.is_null());
@@ -190,6 +194,7 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
     // that is not one is looked at for an error object.
     let parsed = match endpoint {
         Endpoint::Chat => serde_json::from_slice::<ChatCompletion>(body).map(|c| {
+            let response = passed_on(c.extra);
             c.choices.into_iter().next().map(|ch| {
                 (
                     Delta {
@@ -200,6 +205,7 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
                             .map(|(i, call)| call.as_delta(i))
                             .collect(),
                         extra: passed_on(ch.message.extra),
+                        response,
                     },
                     ch.finish_reason,
                     c.usage,
@@ -207,11 +213,13 @@ pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>
             })
         }),
         Endpoint::Completions => serde_json::from_slice::<Completion>(body).map(|c| {
+            let response = passed_on(c.extra);
             c.choices.into_iter().next().map(|ch| {
                 (
                     Delta {
                         text: ch.text,
                         tokens: ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
+                        response,
                         ..Delta::default()
                     },
                     ch.finish_reason,

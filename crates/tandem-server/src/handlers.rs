@@ -288,6 +288,10 @@ pub async fn chat_completions(
     }
     let answers = futures::future::try_join_all(s.events.into_iter().map(Answer::collect)).await?;
     let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
+    let response = answers
+        .first()
+        .map(|a| a.response.clone())
+        .unwrap_or_default();
     let logprobs = s.meta.logprobs;
     let body = ChatCompletion {
         id: s.meta.id,
@@ -314,6 +318,7 @@ pub async fn chat_completions(
             })
             .collect(),
         usage: Some(usage),
+        extra: response,
     };
     Ok((s.headers, Json(body)).into_response())
 }
@@ -332,6 +337,10 @@ pub async fn completions(
     }
     let answers = futures::future::try_join_all(s.events.into_iter().map(Answer::collect)).await?;
     let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
+    let response = answers
+        .first()
+        .map(|a| a.response.clone())
+        .unwrap_or_default();
     let want_logprobs = s.meta.logprobs;
     let body = Completion {
         id: s.meta.id,
@@ -353,6 +362,7 @@ pub async fn completions(
             })
             .collect(),
         usage: Some(usage),
+        extra: response,
     };
     Ok((s.headers, Json(body)).into_response())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
+use serde_json::{Map, Value};
 use tandem_api::openai::{
     ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, ChunkDelta, Completion, CompletionChoice,
     LegacyLogprobs,
@@ -80,7 +81,8 @@ pub fn chat(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
                       delta: ChunkDelta,
                       logprobs: Option<ChoiceLogprobs>,
                       finish: Option<FinishReason>,
-                      usage: Option<Usage>| {
+                      usage: Option<Usage>,
+                      response: &Map<String, Value>| {
         ChatCompletionChunk {
             id: meta.id.clone(),
             object: "chat.completion.chunk".into(),
@@ -97,23 +99,30 @@ pub fn chat(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
                 }]
             },
             usage,
+            extra: response.clone(),
         }
     };
     let (want_logprobs, include_usage) = (meta.logprobs, meta.include_usage);
     let n = streams.len();
     let mut events = merged(streams);
     sse(async_stream::stream! {
+        // The upstream's answer-level fields, as last sent, on every chunk
+        // from then on (OpenAI repeats `system_fingerprint` in each).
+        let mut response = Map::new();
         for index in (0u32..).take(n) {
             yield data(&chunk(
                 index,
                 ChunkDelta { role: Some("assistant".into()), content: Some(String::new()), ..ChunkDelta::default() },
-                None, None, None,
+                None, None, None, &response,
             ));
         }
         let mut usages = Vec::with_capacity(n);
         while let Some((index, event)) = events.next().await {
             match event {
                 Ok(Event::Delta(d)) => {
+                    if !d.response.is_empty() {
+                        response = d.response;
+                    }
                     let logprobs = want_logprobs.then_some(ChoiceLogprobs { content: Some(d.tokens) });
                     // OpenAI sends text and tool-call pieces in chunks of
                     // their own; so does Tandem.
@@ -123,23 +132,23 @@ pub fn chat(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
                         yield data(&chunk(
                             index,
                             ChunkDelta { content, extra: d.extra, ..ChunkDelta::default() },
-                            logprobs, None, None,
+                            logprobs, None, None, &response,
                         ));
                     }
                     if !d.tool_calls.is_empty() {
                         yield data(&chunk(
                             index,
                             ChunkDelta { tool_calls: Some(d.tool_calls), ..ChunkDelta::default() },
-                            None, None, None,
+                            None, None, None, &response,
                         ));
                     }
                 }
                 Ok(Event::Finish(f)) => {
-                    yield data(&chunk(index, ChunkDelta::default(), None, Some(f.reason), None));
+                    yield data(&chunk(index, ChunkDelta::default(), None, Some(f.reason), None, &response));
                     usages.push(f.usage);
                     if usages.len() == n {
                         if include_usage {
-                            yield data(&chunk(0, ChunkDelta::default(), None, None, Some(total_usage(&usages))));
+                            yield data(&chunk(0, ChunkDelta::default(), None, None, Some(total_usage(&usages)), &response));
                         }
                         yield done();
                         return;
@@ -161,7 +170,8 @@ pub fn completion(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
                       text: String,
                       logprobs: Option<LegacyLogprobs>,
                       finish: Option<FinishReason>,
-                      usage: Option<Usage>| {
+                      usage: Option<Usage>,
+                      response: &Map<String, Value>| {
         Completion {
             id: meta.id.clone(),
             object: "text_completion".into(),
@@ -178,17 +188,22 @@ pub fn completion(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
                 }]
             },
             usage,
+            extra: response.clone(),
         }
     };
     let (want_logprobs, include_usage) = (meta.logprobs, meta.include_usage);
     let n = streams.len();
     let mut events = merged(streams);
     sse(async_stream::stream! {
+        let mut response = Map::new();
         let mut offsets = vec![0usize; n];
         let mut usages = Vec::with_capacity(n);
         while let Some((index, event)) = events.next().await {
             match event {
                 Ok(Event::Delta(d)) => {
+                    if !d.response.is_empty() {
+                        response = d.response;
+                    }
                     let offset = offsets.get_mut(index as usize);
                     let at = offset.as_deref().copied().unwrap_or(0);
                     let logprobs = want_logprobs.then(|| {
@@ -199,14 +214,14 @@ pub fn completion(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
                     if let Some(o) = offset {
                         *o += d.text.len();
                     }
-                    yield data(&chunk(index, d.text, logprobs, None, None));
+                    yield data(&chunk(index, d.text, logprobs, None, None, &response));
                 }
                 Ok(Event::Finish(f)) => {
-                    yield data(&chunk(index, String::new(), None, Some(f.reason), None));
+                    yield data(&chunk(index, String::new(), None, Some(f.reason), None, &response));
                     usages.push(f.usage);
                     if usages.len() == n {
                         if include_usage {
-                            yield data(&chunk(0, String::new(), None, None, Some(total_usage(&usages))));
+                            yield data(&chunk(0, String::new(), None, None, Some(total_usage(&usages)), &response));
                         }
                         yield done();
                         return;

@@ -101,6 +101,9 @@ async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
         format!("Looking up: {ASK}")
     );
     assert!(choice["message"].get("refusal").is_none(), "{choice}");
+    // So do the answer's own (`system_fingerprint`, `service_tier`).
+    assert_eq!(r.body["system_fingerprint"], "fp_echo", "{:?}", r.body);
+    assert_eq!(r.body["service_tier"], "default");
 
     let (calls, finish, chunks) = streamed_calls(&url, "off").await;
     assert_eq!(finish, "tool_calls");
@@ -113,6 +116,18 @@ async fn tool_calls_from_the_cloud_reach_the_client_whole_and_streamed() {
         .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
         .collect();
     assert_eq!(reasoning, format!("Looking up: {ASK}"), "{chunks:?}");
+    // The fingerprint is on every chunk from the first the upstream sent.
+    let from = chunks
+        .iter()
+        .position(|c| c["system_fingerprint"] == "fp_echo")
+        .expect("a chunk with the fingerprint");
+    assert!(from <= 1, "{chunks:?}");
+    assert!(
+        chunks[from..]
+            .iter()
+            .all(|c| c["system_fingerprint"] == "fp_echo"),
+        "{chunks:?}"
+    );
     // Every chunk is a complete OpenAI chunk, whatever the upstream left out.
     for c in &chunks {
         assert!(c["id"].as_str().is_some_and(|id| !id.is_empty()), "{c}");

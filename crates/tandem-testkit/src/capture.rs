@@ -41,7 +41,8 @@ pub enum Mode {
     /// characters a chunk; and the answer leaves out `id`, `created` and
     /// `object`, as some OpenAI-compatible servers do, and carries
     /// `reasoning_content` ("Looking up: " and the message, streamed three
-    /// characters a chunk) and a null `refusal`.
+    /// characters a chunk) and a null `refusal`, and at the top level
+    /// `system_fingerprint` (and, whole, `service_tier`).
     EchoTool,
     /// Forward the first `requests` requests (counting from the start),
     /// then answer every later one with 503: a cloud that goes away.
@@ -365,7 +366,7 @@ fn echo_tool(body: &[u8]) -> Response {
     let model = req["model"].as_str().unwrap_or("echo").to_owned();
     if req["stream"] != json!(true) {
         return axum::Json(json!({
-            "model": model,
+            "model": model, "system_fingerprint": "fp_echo", "service_tier": "default",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
                 "refusal": null, "reasoning_content": reasoning,
                 "tool_calls": [{"id": "call_1", "type": "function",
@@ -378,7 +379,7 @@ fn echo_tool(body: &[u8]) -> Response {
     let chars: Vec<char> = reasoning.chars().collect();
     for piece in chars.chunks(3) {
         let piece: String = piece.iter().collect();
-        let chunk = json!({"model": model, "choices": [{"index": 0,
+        let chunk = json!({"model": model, "system_fingerprint": "fp_echo", "choices": [{"index": 0,
             "delta": {"role": "assistant", "reasoning_content": piece, "refusal": null}}]});
         sse.push_str(&format!("data: {chunk}\n\n"));
     }

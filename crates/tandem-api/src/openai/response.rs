@@ -32,6 +32,10 @@ pub struct ChatCompletion {
     /// Tokens read and written.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// Fields Tandem does not interpret (`system_fingerprint`,
+    /// `service_tier`...), passed on from an upstream.
+    #[serde(flatten, default)]
+    pub extra: Map<String, Value>,
 }
 
 /// One choice of a chat answer.
@@ -96,6 +100,10 @@ pub struct ChatCompletionChunk {
     /// Tokens read and written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Fields Tandem does not interpret (`system_fingerprint`,
+    /// `service_tier`...), passed on from an upstream.
+    #[serde(flatten, default)]
+    pub extra: Map<String, Value>,
 }
 
 /// One choice of a chunk.
@@ -153,6 +161,10 @@ pub struct Completion {
     /// Tokens read and written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Fields Tandem does not interpret (`system_fingerprint`,
+    /// `service_tier`...), passed on from an upstream.
+    #[serde(flatten, default)]
+    pub extra: Map<String, Value>,
 }
 
 /// One choice of a completion.

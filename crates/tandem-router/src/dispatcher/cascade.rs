@@ -155,6 +155,7 @@ impl Dispatcher {
                             .map(|(i, c)| c.as_delta(i))
                             .collect(),
                         extra: a.extra,
+                        response: a.response,
                     })),
                     Ok(Event::Finish(a.finish)),
                 ];
