@@ -57,7 +57,7 @@ impl Dispatcher {
         };
         let mut early_stop = None;
         let local = match watched {
-            Ok((Watched::Whole(a), model)) => Ok((a, model)),
+            Ok((Watched::Whole(a), model)) => Ok((*a, model)),
             Ok((Watched::Unsure(c), _)) => {
                 early_stop = Some(c);
                 Err(ApiError::internal("escalated early"))
@@ -202,7 +202,7 @@ struct Early {
 
 /// A local answer read to its end, or given up on early.
 enum Watched {
-    Whole(Answer),
+    Whole(Box<Answer>),
     /// The confidence of the first tokens, below the early threshold.
     Unsure(f32),
 }
@@ -224,7 +224,7 @@ async fn watch(mut stream: EventStream, early: Early) -> Result<Watched, ApiErro
                     }
                 }
             }
-            Event::Finish(f) => return Ok(Watched::Whole(so_far.finish(f))),
+            Event::Finish(f) => return Ok(Watched::Whole(Box::new(so_far.finish(f)))),
         }
     }
     Err(ApiError::bad_gateway(
