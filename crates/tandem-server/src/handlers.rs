@@ -274,6 +274,27 @@ async fn start_n(
     Ok(first)
 }
 
+/// Every choice's whole answer, their usage together, and the answer-level
+/// fields (`system_fingerprint`...) of the first.
+async fn whole_choices(
+    events: Vec<tandem_api::EventStream>,
+) -> Result<
+    (
+        Vec<Answer>,
+        tandem_api::Usage,
+        serde_json::Map<String, Value>,
+    ),
+    ApiError,
+> {
+    let answers = futures::future::try_join_all(events.into_iter().map(Answer::collect)).await?;
+    let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
+    let response = answers
+        .first()
+        .map(|a| a.response.clone())
+        .unwrap_or_default();
+    Ok((answers, usage, response))
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -286,12 +307,7 @@ pub async fn chat_completions(
     if s.streaming {
         return Ok((s.headers, sse::chat(s.events, s.meta)).into_response());
     }
-    let answers = futures::future::try_join_all(s.events.into_iter().map(Answer::collect)).await?;
-    let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
-    let response = answers
-        .first()
-        .map(|a| a.response.clone())
-        .unwrap_or_default();
+    let (answers, usage, response) = whole_choices(s.events).await?;
     let logprobs = s.meta.logprobs;
     let body = ChatCompletion {
         id: s.meta.id,
@@ -335,12 +351,7 @@ pub async fn completions(
     if s.streaming {
         return Ok((s.headers, sse::completion(s.events, s.meta)).into_response());
     }
-    let answers = futures::future::try_join_all(s.events.into_iter().map(Answer::collect)).await?;
-    let usage = sse::total_usage(&answers.iter().map(|a| a.finish.usage).collect::<Vec<_>>());
-    let response = answers
-        .first()
-        .map(|a| a.response.clone())
-        .unwrap_or_default();
+    let (answers, usage, response) = whole_choices(s.events).await?;
     let want_logprobs = s.meta.logprobs;
     let body = Completion {
         id: s.meta.id,

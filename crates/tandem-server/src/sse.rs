@@ -236,3 +236,24 @@ pub fn completion(streams: Vec<EventStream>, meta: StreamMeta) -> SseBody {
         yield error(&unfinished());
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_choices_count_the_prompt_once() {
+        let u = |p, c| Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+            prompt_tokens_details: None,
+        };
+        let t = total_usage(&[u(10, 4), u(10, 6), u(10, 1)]);
+        assert_eq!(
+            (t.prompt_tokens, t.completion_tokens, t.total_tokens),
+            (10, 11, 21)
+        );
+        assert_eq!(total_usage(&[]), Usage::default());
+    }
+}
