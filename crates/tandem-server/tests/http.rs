@@ -608,7 +608,9 @@ async fn client_leaving_mid_stream_frees_the_engine() {
 /// completions, with the completions' tokens added up.
 #[tokio::test]
 async fn several_choices_are_separate_repeatable_draws() {
-    let s = server().await;
+    // An engine of its own: its concurrent choices would otherwise take the
+    // sequences whose cached prompts other tests here count on.
+    let s = TestServer::start(local_only(shared_engine(SMOLLM2, 1024, 4))).await;
     let body = chat_body(
         "Write one sentence about the sea.",
         json!({"n": 3, "temperature": 1.0, "seed": 7, "max_tokens": 24}),
