@@ -70,6 +70,15 @@ async fn openai_python_client_calls_tools_and_parses_structured_output() {
 #[tokio::test]
 async fn openai_python_client_calls_tools_through_a_cloud_role_tandem() {
     let python = python_with(&["openai==3.57.0"]);
+    let (device, _cloud) = through_cloud_role().await;
+    let v = run_client(&python, "tools_client.py", &device, QWEN_05B).await;
+    check_tools_client(&v);
+}
+
+/// A device Tandem (SmolLM2, no tools in its template) whose cloud is a
+/// cloud-role Tandem serving Qwen: requests naming Qwen cross the wire.
+/// Returns the device, then the cloud (keep it alive).
+async fn through_cloud_role() -> (TestServer, TestServer) {
     let cloud = qwen_server().await;
     let device = Dispatcher::builder()
         .local(shared_engine(SMOLLM2, 1024, 2))
@@ -79,9 +88,7 @@ async fn openai_python_client_calls_tools_through_a_cloud_role_tandem() {
         )
         .build()
         .expect("dispatcher");
-    let device = TestServer::start(device).await;
-    let v = run_client(&python, "tools_client.py", &device, QWEN_05B).await;
-    check_tools_client(&v);
+    (TestServer::start(device).await, cloud)
 }
 
 fn check_tools_client(v: &Value) {
@@ -131,12 +138,19 @@ fn check_tools_client(v: &Value) {
 }
 
 /// LangChain's `bind_tools` and `with_structured_output` in its three
-/// methods, on the device.
+/// methods, on the device and through a device Tandem to a cloud-role one.
 #[tokio::test]
 async fn langchain_binds_tools_and_structures_output() {
     let python = python_with(&["openai==3.57.0", "langchain-openai==1.7.4"]);
-    let s = qwen_server().await;
-    let v = run_client(&python, "langchain_client.py", &s, QWEN_05B).await;
+    let (device, cloud) = through_cloud_role().await;
+    // On the model's own server, then through a device Tandem to it.
+    for s in [&cloud, &device] {
+        let v = run_client(&python, "langchain_client.py", s, QWEN_05B).await;
+        check_langchain(&v);
+    }
+}
+
+fn check_langchain(v: &Value) {
     assert_eq!(v["bind_tools"][0]["name"], "GetWeather", "{v}");
     assert_eq!(v["bind_tools"][0]["args"]["city"], "Madrid", "{v}");
     for method in ["function_calling", "json_schema", "json_mode"] {
@@ -153,12 +167,19 @@ async fn langchain_binds_tools_and_structures_output() {
 
 /// `litellm` (its SDK, as an app calls a provider) with tools, streamed
 /// tool-call deltas, the call → result → answer loop and a Pydantic
-/// response format, on the device.
+/// response format, on the device and through a device Tandem to a
+/// cloud-role one.
 #[tokio::test]
 async fn litellm_calls_tools_and_structures_output() {
     let python = python_with(&["openai==3.57.0", "litellm==1.80.0"]);
-    let s = qwen_server().await;
-    let v = run_client(&python, "litellm_client.py", &s, QWEN_05B).await;
+    let (device, cloud) = through_cloud_role().await;
+    for s in [&cloud, &device] {
+        let v = run_client(&python, "litellm_client.py", s, QWEN_05B).await;
+        check_litellm(&v);
+    }
+}
+
+fn check_litellm(v: &Value) {
     assert_eq!(v["whole"]["finish"], "tool_calls", "{v}");
     let call = &v["whole"]["calls"][0];
     assert_eq!(call["name"], "get_weather", "{v}");
