@@ -455,6 +455,9 @@ async fn sliding_window_models_reuse_safely() {
     let mut cfg = EngineConfig::new(GEMMA_270M, model_path(GEMMA_270M));
     cfg.parallel = 1;
     cfg.context = Some(1024);
+    // Fixed: following the load would start a new context (and cache)
+    // between requests when the machine's load changes.
+    cfg.threads = Threads::Fixed(2);
     let warm = LocalEngine::load(cfg.clone()).unwrap();
     let base =
         "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of Spain?\nA: Madrid\n";

@@ -87,8 +87,15 @@ async fn stream_reassembles_to_the_non_streamed_answer() {
     // running meanwhile could take the sequence that holds this prompt, and
     // with several free ones the engine keeps the first answer's cells and
     // reads the prompt into an empty one; the cache check below would then
-    // depend on scheduling.
-    let s = TestServer::start(local_only(shared_engine(SMOLLM2, 1536, 1))).await;
+    // depend on scheduling. Its threads are fixed: an engine following the
+    // machine's load starts a new context (and an empty cache) when the
+    // load changes between two requests, as other tests and processes make
+    // it do.
+    let mut cfg = tandem_testkit::engine_config(SMOLLM2);
+    cfg.context = Some(1536);
+    cfg.parallel = 1;
+    cfg.threads = Threads::Fixed(2);
+    let s = TestServer::start(local_only(LocalEngine::load(cfg).expect("engine"))).await;
     let prompt = "Describe the sea in two sentences.";
     let (_, whole) = post(&s, "/v1/chat/completions", &chat_body(prompt, json!({}))).await;
     let body = reqwest::Client::new()
