@@ -56,6 +56,19 @@ pub struct PrivacyArgs {
     /// Print every miss and false positive (classes and kinds only).
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// How the recognizer computes: `int8` as `tandem serve` does, or
+    /// `f32`, the reference (onnxruntime's logits to float precision).
+    #[arg(long, value_enum, default_value_t = Precision::Int8)]
+    pub precision: Precision,
+}
+
+/// The recognizer's arithmetic (`--precision`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Precision {
+    /// 4-bit weights, 8-bit activations, integer products.
+    Int8,
+    /// f32 throughout.
+    F32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -356,7 +369,13 @@ pub async fn run(args: PrivacyArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&home)?;
     eprintln!("generating the labelled set (Faker, 8 locales)...");
     let rows = dataset(&home, &args)?;
-    let classifier = Arc::new(crate::setup::load_classifier().await?);
+    let classifier = Arc::new(
+        crate::setup::load_classifier(match args.precision {
+            Precision::Int8 => tandem_embed::Precision::Int8,
+            Precision::F32 => tandem_embed::Precision::F32,
+        })
+        .await?,
+    );
     let detector = || -> anyhow::Result<Detector> {
         Ok(Detector::new(&[])
             .map_err(anyhow::Error::msg)?
@@ -450,13 +469,14 @@ pub async fn run(args: PrivacyArgs) -> anyhow::Result<()> {
     };
 
     println!(
-        "privacy benchmark: {} rows ({} per kind, {} without personal data), seed {}, {} texts timed per length on {} threads",
+        "privacy benchmark: {} rows ({} per kind, {} without personal data), seed {}, {} texts timed per length on {} threads, recognizer in {:?}",
         rows.len(),
         args.per_kind,
         args.negatives,
         args.seed,
         args.runs,
-        tandem_embed::threads()
+        tandem_embed::threads(),
+        args.precision
     );
     println!();
     println!(

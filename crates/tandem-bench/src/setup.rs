@@ -45,9 +45,15 @@ pub async fn load_embedder() -> anyhow::Result<Arc<Embedder>> {
     ))
 }
 
-/// The personal-data recognizer, pulled if missing.
-pub async fn load_classifier() -> anyhow::Result<tandem_embed::TokenClassifier> {
+/// The personal-data recognizer, pulled if missing, computing at
+/// `precision` (`tandem serve` uses `Int8`).
+pub async fn load_classifier(
+    precision: tandem_embed::Precision,
+) -> anyhow::Result<tandem_embed::TokenClassifier> {
     let r = tandem_catalog::resolve("rampart-pii").await?;
     let dir = r.path.parent().context("model folder")?.to_path_buf();
-    Ok(tokio::task::spawn_blocking(move || tandem_embed::TokenClassifier::load(&dir)).await??)
+    Ok(tokio::task::spawn_blocking(move || {
+        tandem_embed::TokenClassifier::load_with(&dir, precision)
+    })
+    .await??)
 }

@@ -23,6 +23,7 @@
 pub mod bert;
 mod distilled;
 mod onnx;
+pub mod quant;
 
 pub use distilled::{StaticEmbedder, pieces, weighted_mean};
 
@@ -30,6 +31,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
+pub use crate::bert::Precision;
 use crate::bert::{BertWeights, Dense, Encoder, Layer, Norm};
 
 /// Why a model could not be loaded or run.
@@ -277,8 +279,14 @@ const OVERLAP: usize = 64;
 
 impl TokenClassifier {
     /// Loads `model_q4.onnx`, `config.json` and `tokenizer.json` from
-    /// `dir`.
+    /// `dir`, its 4-bit layers computed in integers ([`Precision::Int8`]).
     pub fn load(dir: &Path) -> Result<TokenClassifier, EmbedError> {
+        TokenClassifier::load_with(dir, Precision::Int8)
+    }
+
+    /// Loads it computing at `precision` ([`Precision::F32`] is the
+    /// reference: onnxruntime's logits to float precision).
+    pub fn load_with(dir: &Path, precision: Precision) -> Result<TokenClassifier, EmbedError> {
         let load = |e: &dyn std::fmt::Display| EmbedError::Load(format!("{}: {e}", dir.display()));
         let config: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("config.json")).map_err(|e| load(&e))?,
@@ -305,11 +313,18 @@ impl TokenClassifier {
             return Err(load(&"the head's outputs and id2label differ"));
         }
         Ok(TokenClassifier {
-            encoder: Encoder::new(loaded.weights, threads()).map_err(EmbedError::Load)?,
+            encoder: Encoder::with_precision(loaded.weights, threads(), precision)
+                .map_err(EmbedError::Load)?,
             head: loaded.classifier,
             labels,
             tokenizer: load_tokenizer(&dir.join("tokenizer.json"))?,
         })
+    }
+
+    /// Whether its products run in integers (every layer 4-bit and
+    /// [`Precision::Int8`] asked for).
+    pub fn quantized(&self) -> bool {
+        self.encoder.quantized()
     }
 
     /// The labels, by id.

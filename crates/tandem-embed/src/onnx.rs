@@ -177,11 +177,20 @@ fn matmul_nbits(t: &Tensors, node: &proto::NodeProto, bias: Vec<f32>) -> Result<
             }
         }
     }
+    // The scales by block row, as `Dense::blocks` keeps them, when the
+    // file's blocks are the integer kernels' (32 inputs, whole blocks).
+    let blocks = (block == crate::quant::BLOCK && k.is_multiple_of(block)).then(|| {
+        (0..blocks)
+            .flat_map(|b| (0..n).map(move |out| (b, out)))
+            .map(|(b, out)| scales[out * blocks + b])
+            .collect()
+    });
     Ok(Dense {
         inputs: k,
         outputs: n,
         weight,
         bias,
+        blocks,
     })
 }
 
