@@ -204,7 +204,9 @@ NEGATIVE = [
     "let token = self.next_token()?; let secret = config.secret.clone();",
     "commit 4f2a9c1b8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a Merge branch 'release/2.4.1'",
     "uuid: 123e4567-e89b-12d3-a456-426614174000, trace_id: 5b8aa5a2d2c872e8321cf37308d69df2",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    # Word problems without a person's name: a first name alone is personal
+    # data to Tandem (and to this set's positives).
+    "A shop sold clips to 48 customers in April, and then it sold half as many clips in May.",
     "A rectangle has a perimeter of 56 cm and its length is three times its width. What is its area?",
     "The ISBN 978-3-16-148410-0 and the SKU 4006381333931 refer to the same book.",
     "Coordinates 48.8566, 2.3522 and an elevation of 35 m.",

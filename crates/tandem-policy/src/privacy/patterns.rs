@@ -428,7 +428,7 @@ fn keyed_secret(text: &str, c: &Captures) -> Option<(usize, usize)> {
 /// An AWS secret access key: 40 base64 characters, near a word that says
 /// so, or random-looking enough on its own.
 fn aws_secret(text: &str, c: &Captures) -> Option<(usize, usize)> {
-    let (s, e) = span(c);
+    let (s, e) = c.get(1).map_or_else(|| span(c), |m| (m.start(), m.end()));
     let base64 = |ch: char| ch.is_ascii_alphanumeric() || ch == '/' || ch == '+' || ch == '=';
     if text[..s].chars().next_back().is_some_and(base64)
         || text[e..].chars().next().is_some_and(base64)
@@ -590,7 +590,13 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
             group,
             8,
         ),
-        ("secret", r"\b[A-Za-z0-9/+]{40}", aws_secret, 7),
+        // Not `\b`: a key may start with `+` or `/`, where there is none.
+        (
+            "secret",
+            r"(?:^|[^A-Za-z0-9/+=])([A-Za-z0-9/+]{40})",
+            aws_secret,
+            7,
+        ),
         (
             "secret",
             r#"(?i)\b([a-z0-9_.-]*?(?:password|passwd|passwort|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key|client[_-]?secret|auth[_-]?token|credentials?|passphrase)[a-z0-9_-]*)["']?\s*(?::|=|=>|:=)\s*["']?([^\s"'`,;)}\]]{6,})"#,
@@ -692,10 +698,13 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
             person,
             1,
         ),
-        // Titles belong to the name they introduce ("Prof. Dr. Anna Weber").
+        // Titles belong to the name they introduce ("Prof. Dr. Anna Weber");
+        // those written in lower case mid-sentence ("do pan Adam Wyskiel",
+        // "à madame Claire Petit", "an Herrn Jan Roth") in any case, but
+        // without a full stop, which would make "in a pan. Then" a name.
         (
             "person",
-            r"\b((?:(?:Mr|Mrs|Ms|Miss|Dr|Prof|Univ\.-?Prof|Dipl\.-Ing|Herr|Frau|M\.|Mme|Mlle|Sr|Sra|Srta|Sig|Sig\.ra|Pan|Pani)\.?\s+)+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2}))",
+            r"\b((?:(?:(?:Mr|Mrs|Ms|Miss|Dr|Prof|Univ\.-?Prof|Dipl\.-Ing|Herr|Frau|M\.|Mme|Mlle|Sr|Sra|Srta|Sig|Sig\.ra)\.?|(?i:pan|pani|panna|herrn|monsieur|madame|mademoiselle|señor|señora|señorita|signor|signora|signorina|dott\.ssa|dott\.))\s+)+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2}))",
             titled,
             1,
         ),

@@ -88,6 +88,16 @@ fn finds_each_class() {
         ),
         ("AWS AKIAIOSFODNN7EXAMPLE", "secret", "AKIAIOSFODNN7EXAMPLE"),
         (
+            "My AWS secret key is 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, why?",
+            "secret",
+            "+1ue/3eb68KEwTznt6/lW6gLpqfMau4BVxUPzLnX",
+        ),
+        (
+            "/w6QUCH3ZNDbMm5DIr5DVSFuCSq9ukVQFhkG9Zkk is my AWS secret",
+            "secret",
+            "/w6QUCH3ZNDbMm5DIr5DVSFuCSq9ukVQFhkG9Zkk",
+        ),
+        (
             "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
             "secret",
             "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
@@ -144,6 +154,26 @@ fn finds_each_class() {
         ("My name is Hans Müller.", "person", "Hans Müller"),
         ("Dear Dr. Priya Sharma,", "person", "Dr. Priya Sharma"),
         (
+            "Napisz wiadomość do pan Adam Wyskiel.",
+            "person",
+            "pan Adam Wyskiel",
+        ),
+        (
+            "Wczoraj rozmawiałem z pani Julianna Zaucha o fakturze.",
+            "person",
+            "pani Julianna Zaucha",
+        ),
+        (
+            "Merci à madame Claire Petit.",
+            "person",
+            "madame Claire Petit",
+        ),
+        (
+            "Bitte an Herrn Jan Roth senden.",
+            "person",
+            "Herrn Jan Roth",
+        ),
+        (
             "ship to 1600 Pennsylvania Avenue",
             "address",
             "1600 Pennsylvania Avenue",
@@ -165,6 +195,7 @@ fn code_numbers_and_dates_are_left_alone() {
     let d = detector();
     for text in [
         "order 4111 1111 1111 1112 shipped",
+        "Heat the oil in a pan. Then add the garlic.",
         "version 1.2.3 released",
         "upgrade to v10.2.0.1 today",
         "Upgrade to version 10.2.0.1 fixed the crash; 10.1.4.7 still has it.",
