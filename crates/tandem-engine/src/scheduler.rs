@@ -120,7 +120,7 @@ impl PromptCache {
         }
     }
 
-    /// Forgets everything (a new context holds no cells).
+    /// Forgets everything (after a failed decode the cells are unknown).
     fn clear(&mut self) {
         self.tokens.iter_mut().for_each(Vec::clear);
     }
@@ -218,15 +218,15 @@ pub(crate) fn run(
                 Ok(Command::AbortAll(_)) => continue,
                 Err(_) => return,
             }
-            // Between busy periods no sequence holds KV state, so this is
-            // the moment to follow the machine's load.
+            // Between busy periods no sequence is mid-answer, so this is
+            // the moment to follow the machine's load. The new context takes
+            // over the old one's KV cells: the cached prompts stay cached.
             let want = desired_threads(cfg.threads, &monitor);
             if want != threads {
-                match runtime::new_context(&model, context_params(&cfg, want)) {
+                match runtime::renew_context(&model, context_params(&cfg, want), &ctx) {
                     Ok(c) => {
                         tracing::debug!(from = threads, to = want, "inference threads follow load");
                         ctx = c;
-                        cache.clear();
                         threads = want;
                         stats.threads.store(threads, Ordering::Relaxed);
                     }

@@ -148,10 +148,14 @@ async fn redacted_tool_call_arguments_come_back_with_the_originals() {
             .expect("tool_calls");
     assert_eq!(arguments_text(&calls[0]), ASK);
 
-    // So does the reasoning beside the call.
+    // So does the reasoning beside the call, and a structured field's text.
     assert_eq!(
         r.body["choices"][0]["message"]["reasoning_content"],
         format!("Looking up: {ASK}")
+    );
+    assert_eq!(
+        r.body["choices"][0]["message"]["annotations"][0]["url_citation"]["title"],
+        format!("About {ASK}")
     );
 
     let (calls, _, chunks) = streamed_calls(&url, "redact").await;
@@ -162,6 +166,13 @@ async fn redacted_tool_call_arguments_come_back_with_the_originals() {
         .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
         .collect();
     assert_eq!(reasoning, format!("Looking up: {ASK}"), "{chunks:?}");
+    let titles: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["annotations"][0]["url_citation"]["title"].as_str()
+        })
+        .collect();
+    assert_eq!(titles, vec![format!("About {ASK}")], "{chunks:?}");
 
     // What left had a placeholder, never the address.
     let sent: String = capture

@@ -363,12 +363,16 @@ fn echo_tool(body: &[u8]) -> Response {
         .to_owned();
     let args = json!({"text": last_user}).to_string();
     let reasoning = format!("Looking up: {last_user}");
+    // A structured field beside the content, as web-search models add.
+    let annotations = json!([{"type": "url_citation", "url_citation": {
+        "title": format!("About {last_user}"), "url": "https://example.com/echo",
+        "start_index": 0, "end_index": 0}}]);
     let model = req["model"].as_str().unwrap_or("echo").to_owned();
     if req["stream"] != json!(true) {
         return axum::Json(json!({
             "model": model, "system_fingerprint": "fp_echo", "service_tier": "default",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
-                "refusal": null, "reasoning_content": reasoning,
+                "refusal": null, "reasoning_content": reasoning, "annotations": annotations,
                 "tool_calls": [{"id": "call_1", "type": "function",
                     "function": {"name": name, "arguments": args}}]},
                 "finish_reason": "tool_calls"}],
@@ -393,7 +397,8 @@ fn echo_tool(body: &[u8]) -> Response {
             {"index": 0, "function": {"arguments": piece.iter().collect::<String>()}}]}}]});
         sse.push_str(&format!("data: {chunk}\n\n"));
     }
-    let fin = json!({"model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]});
+    let fin = json!({"model": model, "choices": [{"index": 0, "delta": {"annotations": annotations},
+        "finish_reason": "tool_calls"}]});
     sse.push_str(&format!("data: {fin}\n\ndata: [DONE]\n\n"));
     ([("content-type", "text/event-stream")], sse).into_response()
 }

@@ -445,6 +445,8 @@ impl Dispatcher {
                                 if let serde_json::Value::String(piece) = value {
                                     let fr = field_restorers.entry(field.clone()).or_insert_with(|| r.fresh());
                                     *piece = fr.push(piece);
+                                } else {
+                                    restore_strings(value, r);
                                 }
                             }
                             // A piece held back whole says nothing yet.
@@ -629,5 +631,24 @@ impl Dispatcher {
                 f64::from(completion - 1) / (total - ttft).as_secs_f64(),
             );
         }
+    }
+}
+
+/// Placeholders restored in every string inside a structured field of the
+/// answer (`annotations`' titles and URLs...). Such fields come whole, not
+/// streamed piece by piece, so each string is restored at once.
+fn restore_strings(value: &mut serde_json::Value, r: &tandem_policy::privacy::Restorer) {
+    match value {
+        serde_json::Value::String(s) => {
+            let mut one = r.fresh();
+            let mut out = one.push(s);
+            out.push_str(&one.finish());
+            *s = out;
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| restore_strings(v, r)),
+        serde_json::Value::Object(fields) => {
+            fields.values_mut().for_each(|v| restore_strings(v, r))
+        }
+        _ => {}
     }
 }
