@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tandem_api::{FinishReason, GenerateRequest, Input, Usage};
 
@@ -142,6 +143,13 @@ pub struct Cached {
     pub backend: String,
     /// The model that made it.
     pub model: String,
+    /// Fields of its message beside the text (`reasoning_content`,
+    /// `annotations`...), as the client saw them whole.
+    #[serde(default)]
+    pub extra: Map<String, Value>,
+    /// Fields of the answer beside its choices (`system_fingerprint`...).
+    #[serde(default)]
+    pub response: Map<String, Value>,
     /// How close the prompt was (1 when stored).
     pub similarity: f32,
 }
@@ -157,6 +165,11 @@ struct Entry {
     usage: Usage,
     backend: String,
     model: String,
+    // Older entries have neither: they replay as text alone.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    extra: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    response: Map<String, Value>,
     created: u64,
     #[serde(skip)]
     used: u64,
@@ -311,6 +324,8 @@ impl SemanticCache {
             usage: e.usage,
             backend: e.backend.clone(),
             model: e.model.clone(),
+            extra: e.extra.clone(),
+            response: e.response.clone(),
             similarity,
         })
     }
@@ -327,6 +342,8 @@ impl SemanticCache {
             usage: answer.usage,
             backend: answer.backend,
             model: answer.model,
+            extra: answer.extra,
+            response: answer.response,
             created: now(),
             used: 0,
         };
@@ -456,6 +473,8 @@ mod tests {
             usage: Usage::new(5, 2),
             backend: "cloud:test".into(),
             model: "m".into(),
+            extra: Map::new(),
+            response: Map::new(),
             similarity: 1.0,
         }
     }

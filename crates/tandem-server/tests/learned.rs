@@ -436,6 +436,13 @@ async fn cache_serves_paraphrases_within_a_partition_and_survives_a_restart() {
     );
     assert!(para.header("x-tandem-cache").starts_with("hit"));
     assert_eq!(para.text(), first.text());
+    // The rest of the answer too: its message's other fields and its own.
+    assert_eq!(first.body["system_fingerprint"], "fp_echo");
+    assert_eq!(para.body["system_fingerprint"], "fp_echo");
+    assert_eq!(
+        para.body["choices"][0]["message"]["reasoning_content"],
+        "Echoing."
+    );
     assert_eq!(r.capture.captured().len(), 1);
 
     // Another question is a miss; another privacy partition is a miss.
@@ -498,6 +505,7 @@ async fn cache_serves_paraphrases_within_a_partition_and_survives_a_restart() {
         offline.headers
     );
     assert_eq!(offline.text(), first.text());
+    assert_eq!(offline.body["system_fingerprint"], "fp_echo");
     // The other partition's entry stayed in its partition.
     let offline_off = r
         .chat(

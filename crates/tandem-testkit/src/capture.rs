@@ -328,9 +328,13 @@ fn echo(body: &[u8]) -> Response {
     let model = req["model"].as_str().unwrap_or("echo").to_owned();
     let usage = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
     if req["stream"] != json!(true) {
+        // With a field of the answer and one of the message beside the
+        // content, as OpenAI's and reasoning models' answers have.
         return axum::Json(json!({
             "id": "echo", "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "system_fingerprint": "fp_echo",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
+                "reasoning_content": "Echoing."}, "finish_reason": "stop"}],
             "usage": usage,
         }))
         .into_response();

@@ -96,6 +96,8 @@ impl Dispatcher {
         let events = vec![
             Ok(Event::Delta(tandem_api::Delta {
                 text: hit.text,
+                extra: hit.extra,
+                response: hit.response,
                 ..tandem_api::Delta::default()
             })),
             Ok(Event::Finish(Finish {
@@ -124,6 +126,10 @@ impl Dispatcher {
         Box::pin(async_stream::stream! {
             let mut stream = stream;
             let mut text = String::new();
+            // What the client is shown beside the text, gathered as a whole
+            // answer joins it: text fields piece by piece, others whole.
+            let mut extra = serde_json::Map::new();
+            let mut response = serde_json::Map::new();
             // The cache keeps text answers; a tool call is an action, not
             // an answer to replay.
             let mut called = false;
@@ -132,6 +138,17 @@ impl Dispatcher {
                     Ok(Event::Delta(d)) => {
                         text.push_str(&d.text);
                         called |= !d.tool_calls.is_empty();
+                        for (field, value) in &d.extra {
+                            match (extra.get_mut(field), value) {
+                                (Some(serde_json::Value::String(had)), serde_json::Value::String(more)) => {
+                                    had.push_str(more);
+                                }
+                                _ => {
+                                    extra.insert(field.clone(), value.clone());
+                                }
+                            }
+                        }
+                        response.extend(d.response.iter().map(|(k, v)| (k.clone(), v.clone())));
                     }
                     Ok(Event::Finish(_)) if called => {}
                     Ok(Event::Finish(f)) => {
@@ -141,6 +158,8 @@ impl Dispatcher {
                             usage: f.usage,
                             backend: backend.clone(),
                             model: model.clone(),
+                            extra: std::mem::take(&mut extra),
+                            response: std::mem::take(&mut response),
                             similarity: 1.0,
                         });
                         if let (Some(line), Some(shared)) = (line, shared.clone()) {
