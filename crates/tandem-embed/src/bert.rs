@@ -344,10 +344,19 @@ fn block<const R: usize>(
 }
 
 /// `out[rows] = x[rows] · panel p + bias` for the panels in `panels`.
-fn dense_panels(d: &Packed, x: &[f32], n: usize, panels: std::ops::Range<usize>, out: &mut [f32]) {
+fn dense_panels(
+    d: &Packed,
+    x: &[f32],
+    n: usize,
+    panels: std::ops::Range<usize>,
+    out: &mut [f32],
+    cap: Kernel,
+) {
     assert!(x.len() >= n * d.inputs && out.len() >= n * d.outputs);
     #[cfg(target_arch = "x86_64")]
-    if simd::dense_panels(d, x, n, panels.clone(), out, true) {
+    if cap > Kernel::Portable
+        && simd::dense_panels(d, x, n, panels.clone(), out, cap > Kernel::Avx2)
+    {
         return;
     }
     let k = d.inputs;
@@ -609,10 +618,10 @@ mod simd {
 
 /// `out = x · d + bias` for `n` rows, on up to `threads` cores (each takes
 /// a share of the panels).
-fn dense(d: &Packed, x: &[f32], n: usize, out: &mut [f32], threads: usize) {
+fn dense(d: &Packed, x: &[f32], n: usize, out: &mut [f32], threads: usize, cap: Kernel) {
     let count = d.outputs.div_ceil(LANES);
     if threads <= 1 || n < 8 || count < 2 {
-        dense_panels(d, x, n, 0..count, out);
+        dense_panels(d, x, n, 0..count, out, cap);
         return;
     }
     // Each thread writes its own columns of every row: disjoint, but not
@@ -620,8 +629,8 @@ fn dense(d: &Packed, x: &[f32], n: usize, out: &mut [f32], threads: usize) {
     let half = count / 2;
     let mut right = vec![0f32; n * d.outputs];
     rayon::join(
-        || dense_panels(d, x, n, 0..half, out),
-        || dense_panels(d, x, n, half..count, &mut right),
+        || dense_panels(d, x, n, 0..half, out, cap),
+        || dense_panels(d, x, n, half..count, &mut right, cap),
     );
     for (o, r) in out[..n * d.outputs]
         .chunks_exact_mut(d.outputs)
@@ -793,7 +802,8 @@ pub enum Precision {
     /// f32 throughout, as the reference implementation.
     F32,
     /// 4-bit layers (those with [`Dense::blocks`]) in integers with 8-bit
-    /// activations ([`quant`]); other layers in f32.
+    /// activations ([`quant`]) where the CPU has an integer kernel (x86
+    /// AVX2 or AVX-512 VNNI); other layers, and other CPUs, in f32.
     Int8,
 }
 
@@ -831,6 +841,14 @@ impl Encoder {
         precision: Precision,
     ) -> Result<Encoder, String> {
         weights.check()?;
+        // Without an x86 integer kernel the integer products would run in
+        // plain Rust, ten times slower than f32 there (measured): f32 it is.
+        let kernel = Kernel::best();
+        let precision = if kernel == Kernel::Portable {
+            Precision::F32
+        } else {
+            precision
+        };
         let mut weights = weights;
         let layers = std::mem::take(&mut weights.layers)
             .into_iter()
@@ -847,7 +865,7 @@ impl Encoder {
             weights,
             layers,
             threads: threads.max(1),
-            kernel: Kernel::best(),
+            kernel,
         })
     }
 
@@ -863,7 +881,7 @@ impl Encoder {
     /// `out = x · w + bias` for `n` rows.
     fn dense(&self, w: &Weight, x: &[f32], n: usize, out: &mut [f32]) {
         match w {
-            Weight::F32(p) => dense(p, x, n, out, self.threads),
+            Weight::F32(p) => dense(p, x, n, out, self.threads, Kernel::cap()),
             Weight::Q4(q) => quant::dense(q, x, n, out, self.threads, self.kernel),
         }
     }
@@ -961,11 +979,11 @@ mod tests {
         let b = Dense::from_torch(1, 3, &[1., 0., -1.], vec![2.]);
         let x = [1f32, 1., 1., 0., 1., 2.];
         let mut out = vec![0f32; 2 * 2];
-        dense(&Packed::new(&a), &x, 2, &mut out, 1);
+        dense(&Packed::new(&a), &x, 2, &mut out, 1, Kernel::Avx512Vnni);
         assert_eq!(out, vec![6.5, 14.0, 8.5, 16.0]);
         let ab = Dense::concat(&[a, b]);
         let mut out = vec![0f32; 2 * 3];
-        dense(&Packed::new(&ab), &x, 2, &mut out, 1);
+        dense(&Packed::new(&ab), &x, 2, &mut out, 1, Kernel::Avx512Vnni);
         assert_eq!(out, vec![6.5, 14.0, 2.0, 8.5, 16.0, 0.0]);
         // Many rows and panels, split over two threads, against a loop.
         let (rows, ins, outs) = (37, 50, 70);
@@ -984,7 +1002,7 @@ mod tests {
             .collect();
         let mut got = vec![0f32; rows * outs];
         let packed = Packed::new(&d);
-        dense(&packed, &x, rows, &mut got, 2);
+        dense(&packed, &x, rows, &mut got, 2, Kernel::Avx512Vnni);
         let check = |got: &[f32], what: &str| {
             for r in 0..rows {
                 for o in 0..outs {

@@ -159,8 +159,8 @@ impl Quantized {
     }
 }
 
-/// Which code runs the product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which code runs the product, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
     /// Plain Rust, any CPU.
     Portable,
@@ -171,12 +171,24 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest this CPU runs.
+    /// The fastest this CPU runs, up to [`Kernel::cap`].
     pub fn best() -> Kernel {
+        let cap = Kernel::cap();
         Kernel::available()
-            .last()
-            .copied()
+            .into_iter()
+            .rfind(|k| *k <= cap)
             .unwrap_or(Kernel::Portable)
+    }
+
+    /// The widest kernel the encoders may use: `TANDEM_TEXT_KERNEL`
+    /// (`portable`, `avx2` or `avx512`), to compare kernels on one machine;
+    /// unset, any. It caps the f32 products the same way.
+    pub fn cap() -> Kernel {
+        match std::env::var("TANDEM_TEXT_KERNEL").as_deref() {
+            Ok("portable") => Kernel::Portable,
+            Ok("avx2") => Kernel::Avx2,
+            _ => Kernel::Avx512Vnni,
+        }
     }
 
     /// Every kernel this CPU runs, slowest first.
