@@ -21,6 +21,11 @@ use crate::error::ApiError;
 use crate::generate::{Delta, Event, Finish, GenerateRequest, Input, Sampling, TokenLogprob};
 use crate::speculative::{SpecOpen, SpecOpened, VerifyRequest, VerifyResponse};
 
+/// The error code of a choice a backend was asked for with others
+/// ([`GenerateRequest::choices`]) but did not answer (an upstream that
+/// ignores `n`): nothing of it was sent, so it can be asked for on its own.
+pub const CHOICE_NOT_ANSWERED: &str = "choice_not_answered";
+
 /// Events of one answer. Dropping the stream cancels the generation.
 pub type EventStream = BoxStream<'static, Result<Event, ApiError>>;
 
@@ -347,6 +352,11 @@ pub struct Started {
     pub result: Result<EventStream, ApiError>,
     /// What was sent to reach that outcome, for a backend off the device.
     pub exchange: Option<Arc<Exchange>>,
+    /// The other choices' events (choice 1, 2...), when the backend answered
+    /// [`GenerateRequest::choices`] from the one request; empty when it
+    /// answered the first only. The first choice's finish carries the usage
+    /// of them all; theirs count no tokens.
+    pub more: Vec<EventStream>,
 }
 
 impl Started {
@@ -355,6 +365,7 @@ impl Started {
         Started {
             result,
             exchange: None,
+            more: Vec::new(),
         }
     }
 }

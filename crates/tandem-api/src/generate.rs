@@ -24,6 +24,10 @@ pub struct GenerateRequest {
     pub stream: bool,
     /// A streamed answer ends with a usage chunk.
     pub include_usage: bool,
+    /// Choices asked for (`n`, at least 1). A backend that answers them all
+    /// from one request (an upstream that takes `n`) does so; otherwise the
+    /// first is answered and the others are asked for one by one.
+    pub choices: u32,
     /// Fields Tandem does not interpret, passed on to OpenAI-compatible upstreams.
     pub extra: Map<String, Value>,
 }

@@ -16,9 +16,9 @@ pub mod speculative;
 pub mod text;
 
 pub use backend::{
-    Answer, AnswerSoFar, Backend, BreakerState, Capabilities, DraftVerifier, EventStream, Exchange,
-    Feature, Health, KvSession, Load, Locality, ModelInfo, Prepared, Price, Rows, SessionModel,
-    Started,
+    Answer, AnswerSoFar, Backend, BreakerState, CHOICE_NOT_ANSWERED, Capabilities, DraftVerifier,
+    EventStream, Exchange, Feature, Health, KvSession, Load, Locality, ModelInfo, Prepared, Price,
+    Rows, SessionModel, Started,
 };
 pub use embeddings::{EmbeddingInput, EmbeddingJob, EmbeddingRequest, MAX_EMBEDDING_INPUTS};
 pub use error::{ApiError, ErrorBody, ErrorKind, ErrorObject};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tandem_api::{
-    Backend, Capabilities, DraftVerifier, Feature, GenerateRequest, Health, Locality, ModelInfo,
-    Price, Started,
+    ApiError, Backend, Capabilities, DraftVerifier, Feature, GenerateRequest, Health, Locality,
+    ModelInfo, Price, Started,
 };
 
 use crate::{CloudBackend, Continuation};
@@ -86,9 +86,20 @@ impl Backend for CloudBackend {
         let this = self.clone();
         Box::pin(async move {
             let (result, exchange) = CloudBackend::start(&this, req).await;
+            let (result, more) = match result.map(Vec::into_iter) {
+                Ok(mut choices) => match choices.next() {
+                    Some(first) => (Ok(first), choices.collect()),
+                    None => (
+                        Err(ApiError::internal("an answer with no choice")),
+                        Vec::new(),
+                    ),
+                },
+                Err(e) => (Err(e), Vec::new()),
+            };
             Started {
                 result,
                 exchange: Some(exchange),
+                more,
             }
         })
     }

@@ -15,6 +15,19 @@ pub enum Continuation {
     Prefill,
 }
 
+/// How an upstream answers a request for several choices (`n`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Choices {
+    /// All from one request carrying `n` (OpenAI, vLLM, Tandem): the
+    /// prompt is sent, and billed, once.
+    #[default]
+    OneRequest,
+    /// One request per choice, for an upstream that refuses `n` or answers
+    /// only the first (a llama.cpp server, Ollama).
+    Separate,
+}
+
 fn d_connect() -> u64 {
     3_000
 }
@@ -95,6 +108,9 @@ pub struct UpstreamConfig {
     /// Whether it can continue a partial answer.
     #[serde(default)]
     pub continuation: Continuation,
+    /// How it answers several choices.
+    #[serde(default)]
+    pub choices: Choices,
 }
 
 impl UpstreamConfig {
@@ -118,6 +134,7 @@ impl UpstreamConfig {
             breaker_failures: d_breaker_failures(),
             breaker_cooldown_ms: d_breaker_cooldown(),
             continuation: Continuation::None,
+            choices: Choices::OneRequest,
         }
     }
 

@@ -14,6 +14,7 @@
 
 mod backend;
 mod breaker;
+mod choices;
 mod config;
 mod verifier_client;
 mod wire;
@@ -31,7 +32,7 @@ use tandem_api::openai::{ChatMessage, MessageContent};
 use tandem_api::{ApiError, Event, EventStream, Exchange, GenerateRequest, Input};
 
 pub use breaker::{CircuitBreaker, Pass, TrialGuard};
-pub use config::{Continuation, UpstreamConfig};
+pub use config::{Choices, Continuation, UpstreamConfig};
 pub use tandem_api::BreakerState;
 use wire::{Endpoint, StreamState};
 
@@ -81,6 +82,9 @@ struct Inner {
     key: Option<Secret>,
     breaker: CircuitBreaker,
     latency: Mutex<LatencyStats>,
+    /// Seen answering one choice when asked for several: it is asked for
+    /// one at a time from then on.
+    ignores_n: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An OpenAI-compatible upstream. Cheap to clone.
@@ -189,6 +193,7 @@ impl CloudBackend {
                 client,
                 key,
                 latency: Mutex::new(LatencyStats::default()),
+                ignores_n: Arc::default(),
             }),
         })
     }
@@ -276,13 +281,19 @@ impl CloudBackend {
 
     /// Sends the request, retrying what is worth retrying, and returns the
     /// answer's events once the first one has arrived — together with the
-    /// record of what was sent, whatever the outcome.
+    /// record of what was sent, whatever the outcome. Several choices
+    /// asked of an upstream that takes `n` come from the one request, one
+    /// stream each; otherwise only the first is asked for.
     pub async fn start(
         &self,
-        req: GenerateRequest,
-    ) -> (Result<EventStream, ApiError>, Arc<Exchange>) {
+        mut req: GenerateRequest,
+    ) -> (Result<Vec<EventStream>, ApiError>, Arc<Exchange>) {
         let model = self.upstream_model(&req.model);
         let cfg = &self.inner.cfg;
+        if cfg.choices == Choices::Separate || self.inner.ignores_n.load(Ordering::Relaxed) {
+            req.choices = 1;
+        }
+        let n = req.choices.max(1);
         let (endpoint, body) = match self.body(&req, &model) {
             Ok(b) => b,
             Err(e) => {
@@ -318,7 +329,7 @@ impl CloudBackend {
                 .bytes_out
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
             let result = self
-                .attempt(endpoint, body.clone(), req.stream, &exchange)
+                .attempt(endpoint, body.clone(), req.stream, n > 1, &exchange)
                 .await;
             match result {
                 Ok(stream) => {
@@ -326,7 +337,9 @@ impl CloudBackend {
                         let _held = &trial;
                         e
                     });
-                    return (Ok(stream.boxed()), exchange);
+                    let choices =
+                        choices::split(stream.boxed(), n, &cfg.name, self.inner.ignores_n.clone());
+                    return (Ok(choices), exchange);
                 }
                 Err(Failure::Retry(e, after)) if attempt < cfg.max_retries => {
                     tracing::debug!(upstream = %cfg.name, attempt, "retrying: {}", e.message);
@@ -351,8 +364,9 @@ impl CloudBackend {
         endpoint: Endpoint,
         body: Bytes,
         stream: bool,
+        several: bool,
         exchange: &Arc<Exchange>,
-    ) -> Result<EventStream, Failure> {
+    ) -> Result<choices::Indexed, Failure> {
         let cfg = &self.inner.cfg;
         let url = match endpoint {
             Endpoint::Chat => self.inner.chat_url.clone(),
@@ -427,9 +441,9 @@ impl CloudBackend {
             exchange
                 .bytes_in
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
-            let events = wire::whole_answer(endpoint, &body).map_err(Failure::Upstream)?;
+            let events = wire::whole_answer(endpoint, &body, several).map_err(Failure::Upstream)?;
             self.inner.breaker.success();
-            if let Some(tandem_api::Event::Finish(f)) = events.last() {
+            if let Some(f) = first_finish(&events) {
                 self.observe(t0.elapsed(), f.usage.completion_tokens, Duration::ZERO);
             }
             return Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed());
@@ -457,21 +471,32 @@ impl CloudBackend {
                 })
         };
         let mut sse = wire::without_bom(counted).eventsource().boxed();
-        let mut state = StreamState::default();
+        let mut state = StreamState {
+            several,
+            ..StreamState::default()
+        };
         // Read until the first piece of content (or the end) so that every
         // failure before the first token is still retryable here.
-        let first: Vec<Event> = loop {
+        let ended = |state: &StreamState| {
+            let fin = state.finish();
+            if first_finish(&fin).is_some() {
+                Ok(fin)
+            } else {
+                Err(Failure::Retry(
+                    ApiError::bad_gateway(
+                        "the upstream ended the stream before finishing the answer",
+                    ),
+                    None,
+                ))
+            }
+        };
+        let first: Vec<(u32, Event)> = loop {
             let next = match tokio::time::timeout_at(deadline.into(), sse.next()).await {
                 Err(_) => return Err(timeout_err()),
                 Ok(n) => n,
             };
             match next {
-                None => {
-                    break match state.finish() {
-                        Ok(fin) => vec![fin],
-                        Err(e) => return Err(Failure::Retry(e, None)),
-                    };
-                }
+                None => break ended(&state)?,
                 Some(Err(_)) => {
                     return Err(Failure::Retry(
                         ApiError::bad_gateway(format!(
@@ -480,15 +505,15 @@ impl CloudBackend {
                         None,
                     ));
                 }
-                Some(Ok(ev)) if ev.data.trim() == "[DONE]" => {
-                    break match state.finish() {
-                        Ok(fin) => vec![fin],
-                        Err(e) => return Err(Failure::Retry(e, None)),
-                    };
-                }
+                Some(Ok(ev)) if ev.data.trim() == "[DONE]" => break ended(&state)?,
                 Some(Ok(ev)) => match state.on_data(endpoint, &ev.data) {
-                    Ok(Some(delta)) => break vec![Event::Delta(delta)],
-                    Ok(None) => continue,
+                    Ok(deltas) if deltas.is_empty() => continue,
+                    Ok(deltas) => {
+                        break deltas
+                            .into_iter()
+                            .map(|(i, d)| (i, Event::Delta(d)))
+                            .collect();
+                    }
                     Err(e) => return Err(Failure::Upstream(e)),
                 },
             }
@@ -497,7 +522,7 @@ impl CloudBackend {
         // The upstream is answering: that settles a trial now, not after the
         // whole answer (a long stream would hold the breaker half-open).
         self.inner.breaker.success();
-        if matches!(first.last(), Some(Event::Finish(_))) {
+        if first_finish(&first).is_some() {
             self.observe(ttft, 0, Duration::ZERO);
             return Ok(futures::stream::iter(first.into_iter().map(Ok)).boxed());
         }
@@ -515,6 +540,14 @@ impl CloudBackend {
             .unwrap_or_else(|p| p.into_inner())
             .observe(ttft, tokens, decode);
     }
+}
+
+/// The first choice's closing event among `events`.
+fn first_finish(events: &[(u32, Event)]) -> Option<&tandem_api::Finish> {
+    events.iter().find_map(|(i, e)| match e {
+        Event::Finish(f) if *i == 0 => Some(f),
+        _ => None,
+    })
 }
 
 /// Bytes of an upstream's error body read for its message.
@@ -537,11 +570,11 @@ fn rest_of_stream<S, E>(
     this: CloudBackend,
     mut sse: S,
     mut state: StreamState,
-    first: Vec<Event>,
+    first: Vec<(u32, Event)>,
     endpoint: Endpoint,
     idle: Duration,
     ttft: Duration,
-) -> impl Stream<Item = Result<Event, ApiError>> + Send
+) -> impl Stream<Item = Result<(u32, Event), ApiError>> + Send
 where
     S: Stream<Item = Result<eventsource_stream::Event, E>> + Send + Unpin + 'static,
     E: Send,
@@ -568,11 +601,12 @@ where
                 None => true,
                 Some(Ok(ev)) if ev.data.trim() == "[DONE]" => true,
                 Some(Ok(ev)) => match state.on_data(endpoint, &ev.data) {
-                    Ok(Some(delta)) => {
-                        yield Ok(Event::Delta(delta));
+                    Ok(deltas) => {
+                        for (i, d) in deltas {
+                            yield Ok((i, Event::Delta(d)));
+                        }
                         false
                     }
-                    Ok(None) => false,
                     Err(e) => {
                         this.inner.breaker.failure();
                         yield Err(e);
@@ -586,17 +620,20 @@ where
                 }
             };
             if done {
-                match state.finish() {
-                    Ok(fin) => {
+                let fin = state.finish();
+                match first_finish(&fin) {
+                    Some(f) => {
                         this.inner.breaker.success();
-                        if let Event::Finish(f) = &fin {
-                            this.observe(ttft, f.usage.completion_tokens, started.elapsed());
+                        this.observe(ttft, f.usage.completion_tokens, started.elapsed());
+                        for e in fin {
+                            yield Ok(e);
                         }
-                        yield Ok(fin);
                     }
-                    Err(e) => {
+                    None => {
                         this.inner.breaker.failure();
-                        yield Err(e);
+                        yield Err(ApiError::bad_gateway(
+                            "the upstream ended the stream before finishing the answer",
+                        ));
                     }
                 }
                 return;

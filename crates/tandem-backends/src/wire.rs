@@ -64,10 +64,14 @@ where
 /// State across the chunks of one streamed answer.
 #[derive(Debug, Default)]
 pub(crate) struct StreamState {
-    pub finish: Option<FinishReason>,
+    /// Each choice's finish reason, as it came.
+    pub finish: std::collections::BTreeMap<u32, FinishReason>,
     pub usage: Option<Usage>,
     /// Chunks with content, a stand-in for tokens when no usage is sent.
     pub content_chunks: u32,
+    /// Whether the answer has several choices, told apart by `index`; one
+    /// choice is read whatever index an upstream gives it.
+    pub several: bool,
 }
 
 fn legacy_to_tokens(l: LegacyLogprobs) -> Vec<TokenLogprob> {
@@ -102,80 +106,111 @@ fn upstream_error(v: &Value) -> Option<ApiError> {
 }
 
 impl StreamState {
-    /// One SSE `data:` payload. Returns the content it carried, if any.
+    /// One SSE `data:` payload. Returns the content it carried, if any,
+    /// with the index of the choice it belongs to.
     pub(crate) fn on_data(
         &mut self,
         endpoint: Endpoint,
         data: &str,
-    ) -> Result<Option<Delta>, ApiError> {
+    ) -> Result<Vec<(u32, Delta)>, ApiError> {
         let v: Value = serde_json::from_str(data)
             .map_err(|e| ApiError::bad_gateway(format!("upstream sent invalid JSON: {e}")))?;
         if let Some(e) = upstream_error(&v) {
             return Err(e);
         }
-        let delta = match endpoint {
+        let unexpected = |e: serde_json::Error| {
+            ApiError::bad_gateway(format!("upstream sent an unexpected chunk: {e}"))
+        };
+        let several = self.several;
+        let index = |i: u32| if several { i } else { 0 };
+        let mut deltas = Vec::new();
+        match endpoint {
             Endpoint::Chat => {
-                let c: ChatCompletionChunk = serde_json::from_value(v).map_err(|e| {
-                    ApiError::bad_gateway(format!("upstream sent an unexpected chunk: {e}"))
-                })?;
+                let c: ChatCompletionChunk = serde_json::from_value(v).map_err(unexpected)?;
                 if let Some(u) = c.usage {
                     self.usage = Some(u);
                 }
                 let response = passed_on(c.extra);
-                c.choices.into_iter().next().and_then(|ch| {
+                // One choice: the first of the chunk, as before `n` was read.
+                let take = if several { c.choices.len() } else { 1 };
+                for ch in c.choices.into_iter().take(take) {
+                    let i = index(ch.index);
                     if let Some(f) = ch.finish_reason {
-                        self.finish = Some(f);
+                        self.finish.insert(i, f);
                     }
                     let d = Delta {
                         text: ch.delta.content.unwrap_or_default(),
                         tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
                         tool_calls: ch.delta.tool_calls.unwrap_or_default(),
                         extra: passed_on(ch.delta.extra),
-                        response,
+                        response: response.clone(),
                     };
-                    (!d.is_empty()).then_some(d)
-                })
+                    if !d.is_empty() {
+                        deltas.push((i, d));
+                    }
+                }
             }
             Endpoint::Completions => {
-                let c: Completion = serde_json::from_value(v).map_err(|e| {
-                    ApiError::bad_gateway(format!("upstream sent an unexpected chunk: {e}"))
-                })?;
+                let c: Completion = serde_json::from_value(v).map_err(unexpected)?;
                 if let Some(u) = c.usage {
                     self.usage = Some(u);
                 }
                 let response = passed_on(c.extra);
-                c.choices.into_iter().next().and_then(|ch| {
+                let take = if several { c.choices.len() } else { 1 };
+                for ch in c.choices.into_iter().take(take) {
+                    let i = index(ch.index);
                     if let Some(f) = ch.finish_reason {
-                        self.finish = Some(f);
+                        self.finish.insert(i, f);
                     }
                     let tokens = ch.logprobs.map(legacy_to_tokens).unwrap_or_default();
-                    (!ch.text.is_empty() || !tokens.is_empty()).then_some(Delta {
-                        text: ch.text,
-                        tokens,
-                        response,
-                        ..Delta::default()
-                    })
-                })
+                    if !ch.text.is_empty() || !tokens.is_empty() {
+                        deltas.push((
+                            i,
+                            Delta {
+                                text: ch.text,
+                                tokens,
+                                response: response.clone(),
+                                ..Delta::default()
+                            },
+                        ));
+                    }
+                }
             }
-        };
-        if delta.is_some() {
+        }
+        if !deltas.is_empty() {
             self.content_chunks += 1;
         }
-        Ok(delta)
+        Ok(deltas)
     }
 
-    /// The closing event, once the stream has ended normally.
-    pub(crate) fn finish(&self) -> Result<Event, ApiError> {
-        let reason = self.finish.ok_or_else(|| {
-            ApiError::bad_gateway("the upstream ended the stream before finishing the answer")
-        })?;
-        Ok(Event::Finish(Finish {
-            reason,
-            usage: self
-                .usage
-                .unwrap_or_else(|| Usage::new(0, self.content_chunks)),
-        }))
+    /// The closing events of the choices that finished, once the stream
+    /// has ended normally. The first choice's carries the usage of the
+    /// whole answer; the others' count no tokens (an upstream counts them
+    /// together).
+    pub(crate) fn finish(&self) -> Vec<(u32, Event)> {
+        let usage = self
+            .usage
+            .unwrap_or_else(|| Usage::new(0, self.content_chunks));
+        shared_usage(self.finish.iter().map(|(&i, &reason)| (i, reason)), usage)
     }
+}
+
+/// Finish events for `(index, reason)` pairs, the answer's usage on the
+/// lowest index.
+fn shared_usage(
+    finishes: impl Iterator<Item = (u32, FinishReason)>,
+    usage: Usage,
+) -> Vec<(u32, Event)> {
+    let mut out: Vec<(u32, Event)> = Vec::new();
+    for (i, reason) in finishes {
+        let usage = if out.is_empty() {
+            usage
+        } else {
+            Usage::new(usage.prompt_tokens, 0)
+        };
+        out.push((i, Event::Finish(Finish { reason, usage })));
+    }
+    out
 }
 
 /// A whole (non-streamed) answer as events.
@@ -187,63 +222,91 @@ fn passed_on(mut extra: Map<String, Value>) -> Map<String, Value> {
     extra
 }
 
-pub(crate) fn whole_answer(endpoint: Endpoint, body: &[u8]) -> Result<Vec<Event>, ApiError> {
+pub(crate) fn whole_answer(
+    endpoint: Endpoint,
+    body: &[u8],
+    several: bool,
+) -> Result<Vec<(u32, Event)>, ApiError> {
     let bad =
         |e: serde_json::Error| ApiError::bad_gateway(format!("unexpected upstream answer: {e}"));
     // The common case parses straight into the answer type; only a body
     // that is not one is looked at for an error object.
-    let parsed = match endpoint {
+    type Choice = (u32, Delta, Option<FinishReason>);
+    let parsed: Result<(Vec<Choice>, Option<Usage>), serde_json::Error> = match endpoint {
         Endpoint::Chat => serde_json::from_slice::<ChatCompletion>(body).map(|c| {
             let response = passed_on(c.extra);
-            c.choices.into_iter().next().map(|ch| {
-                (
-                    Delta {
-                        text: ch.message.content.unwrap_or_default(),
-                        tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
-                        tool_calls: (0u32..)
-                            .zip(ch.message.tool_calls.unwrap_or_default())
-                            .map(|(i, call)| call.as_delta(i))
-                            .collect(),
-                        extra: passed_on(ch.message.extra),
-                        response,
-                    },
-                    ch.finish_reason,
-                    c.usage,
-                )
-            })
+            let choices = c
+                .choices
+                .into_iter()
+                .map(|ch| {
+                    (
+                        ch.index,
+                        Delta {
+                            text: ch.message.content.unwrap_or_default(),
+                            tokens: ch.logprobs.and_then(|l| l.content).unwrap_or_default(),
+                            tool_calls: (0u32..)
+                                .zip(ch.message.tool_calls.unwrap_or_default())
+                                .map(|(i, call)| call.as_delta(i))
+                                .collect(),
+                            extra: passed_on(ch.message.extra),
+                            response: response.clone(),
+                        },
+                        ch.finish_reason,
+                    )
+                })
+                .collect();
+            (choices, c.usage)
         }),
         Endpoint::Completions => serde_json::from_slice::<Completion>(body).map(|c| {
             let response = passed_on(c.extra);
-            c.choices.into_iter().next().map(|ch| {
-                (
-                    Delta {
-                        text: ch.text,
-                        tokens: ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
-                        response,
-                        ..Delta::default()
-                    },
-                    ch.finish_reason,
-                    c.usage,
-                )
-            })
+            let choices = c
+                .choices
+                .into_iter()
+                .map(|ch| {
+                    (
+                        ch.index,
+                        Delta {
+                            text: ch.text,
+                            tokens: ch.logprobs.map(legacy_to_tokens).unwrap_or_default(),
+                            response: response.clone(),
+                            ..Delta::default()
+                        },
+                        ch.finish_reason,
+                    )
+                })
+                .collect();
+            (choices, c.usage)
         }),
     };
-    let (delta, reason, usage) = match parsed {
-        Ok(Some(answer)) => answer,
-        Ok(None) => return Err(ApiError::bad_gateway("upstream answer has no choices")),
+    let (mut choices, usage) = match parsed {
+        Ok(answer) => answer,
         Err(e) => {
             let v: Value = serde_json::from_slice(body)
                 .map_err(|e| ApiError::bad_gateway(format!("upstream sent invalid JSON: {e}")))?;
             return Err(upstream_error(&v).unwrap_or_else(|| bad(e)));
         }
     };
-    Ok(vec![
-        Event::Delta(delta),
-        Event::Finish(Finish {
-            reason: reason.unwrap_or(FinishReason::Stop),
-            usage: usage.unwrap_or_default(),
-        }),
-    ])
+    if choices.is_empty() {
+        return Err(ApiError::bad_gateway("upstream answer has no choices"));
+    }
+    if several {
+        choices.sort_by_key(|c| c.0);
+        choices.dedup_by_key(|c| c.0);
+    } else {
+        choices.truncate(1);
+        choices[0].0 = 0;
+    }
+    let finishes = shared_usage(
+        choices
+            .iter()
+            .map(|(i, _, reason)| (*i, reason.unwrap_or(FinishReason::Stop))),
+        usage.unwrap_or_default(),
+    );
+    Ok(choices
+        .into_iter()
+        .map(|(i, delta, _)| (i, Event::Delta(delta)))
+        .chain(finishes)
+        .collect())
 }
 
 #[cfg(test)]
@@ -253,8 +316,8 @@ mod tests {
     #[test]
     fn answers_missing_bookkeeping_fields_are_read() {
         let body = br#"{"choices":[{"message":{"content":"Paris"},"finish_reason":"stop"}]}"#;
-        let events = whole_answer(Endpoint::Chat, body).expect("lenient");
-        assert_eq!(events[0], Event::Delta(Delta::text("Paris")));
+        let events = whole_answer(Endpoint::Chat, body, false).expect("lenient");
+        assert_eq!(events[0], (0, Event::Delta(Delta::text("Paris"))));
         let mut s = StreamState::default();
         let d = s
             .on_data(
@@ -262,17 +325,86 @@ mod tests {
                 r#"{"choices":[{"delta":{"content":"Pa"}}]}"#,
             )
             .expect("lenient chunk");
-        assert_eq!(d.map(|d| d.text), Some("Pa".into()));
+        assert_eq!(d, vec![(0, Delta::text("Pa"))]);
         s.on_data(
             Endpoint::Chat,
             r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
         )
         .expect("lenient chunk");
-        assert!(matches!(s.finish(), Ok(Event::Finish(_))));
+        assert!(matches!(s.finish()[..], [(0, Event::Finish(_))]));
         let body = br#"{"choices":[{"text":"4","finish_reason":"length"}]}"#;
-        assert!(whole_answer(Endpoint::Completions, body).is_ok());
+        assert!(whole_answer(Endpoint::Completions, body, false).is_ok());
         // What is not an answer is still an error.
-        assert!(whole_answer(Endpoint::Chat, br#"{"choices":[]}"#).is_err());
+        assert!(whole_answer(Endpoint::Chat, br#"{"choices":[]}"#, false).is_err());
+    }
+
+    #[test]
+    fn several_choices_are_told_apart_and_share_one_usage() {
+        let mut s = StreamState {
+            several: true,
+            ..StreamState::default()
+        };
+        let d = s
+            .on_data(
+                Endpoint::Chat,
+                r#"{"choices":[{"index":1,"delta":{"content":"b"}},{"index":0,"delta":{"content":"a"}}]}"#,
+            )
+            .expect("chunk");
+        assert_eq!(d, vec![(1, Delta::text("b")), (0, Delta::text("a"))]);
+        for data in [
+            r#"{"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#,
+        ] {
+            s.on_data(Endpoint::Chat, data).expect("chunk");
+        }
+        let f = s.finish();
+        assert_eq!(
+            f,
+            vec![
+                (
+                    0,
+                    Event::Finish(Finish {
+                        reason: FinishReason::Stop,
+                        usage: Usage::new(7, 5)
+                    })
+                ),
+                (
+                    1,
+                    Event::Finish(Finish {
+                        reason: FinishReason::Length,
+                        usage: Usage::new(7, 0)
+                    })
+                ),
+            ]
+        );
+        // Read as one choice, only the first of each chunk counts.
+        let mut one = StreamState::default();
+        let d = one
+            .on_data(
+                Endpoint::Chat,
+                r#"{"choices":[{"index":1,"delta":{"content":"b"}},{"index":0,"delta":{"content":"a"}}]}"#,
+            )
+            .expect("chunk");
+        assert_eq!(d, vec![(0, Delta::text("b"))]);
+
+        let body = br#"{"choices":[{"index":1,"text":"y","finish_reason":"stop"},{"index":0,"text":"x","finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let events = whole_answer(Endpoint::Completions, body, true).expect("two choices");
+        let deltas: Vec<_> = events
+            .iter()
+            .filter_map(|(i, e)| match e {
+                Event::Delta(d) => Some((*i, d.text.clone())),
+                Event::Finish(_) => None,
+            })
+            .collect();
+        assert_eq!(deltas, vec![(0, "x".to_owned()), (1, "y".to_owned())]);
+        assert!(events.contains(&(
+            1,
+            Event::Finish(Finish {
+                reason: FinishReason::Stop,
+                usage: Usage::new(3, 0)
+            })
+        )));
     }
 }
 
@@ -326,7 +458,7 @@ mod fuzz {
     }
 
     /// What a stream of `chunks` reads as, for both endpoints.
-    fn read(chunks: Vec<Vec<u8>>, endpoint: Endpoint) -> Vec<String> {
+    fn read(chunks: Vec<Vec<u8>>, endpoint: Endpoint, several: bool) -> Vec<String> {
         let stream = without_bom(futures::stream::iter(
             chunks
                 .into_iter()
@@ -334,7 +466,10 @@ mod fuzz {
         ));
         futures::executor::block_on(async {
             let mut events = Box::pin(stream.eventsource());
-            let mut state = StreamState::default();
+            let mut state = StreamState {
+                several,
+                ..StreamState::default()
+            };
             let mut out = Vec::new();
             while let Some(e) = events.next().await {
                 match e {
@@ -382,10 +517,12 @@ mod fuzz {
             }
             chunks.push(bytes[from..].to_vec());
             for endpoint in [Endpoint::Chat, Endpoint::Completions] {
-                let whole = read(vec![bytes.clone()], endpoint);
-                let cut = read(chunks.clone(), endpoint);
-                prop_assert_eq!(whole, cut);
-                let _ = whole_answer(endpoint, &bytes);
+                for several in [false, true] {
+                    let whole = read(vec![bytes.clone()], endpoint, several);
+                    let cut = read(chunks.clone(), endpoint, several);
+                    prop_assert_eq!(whole, cut);
+                    let _ = whole_answer(endpoint, &bytes, several);
+                }
             }
         }
     }

@@ -243,6 +243,7 @@ const MAX_TOKENS: u32 = 24;
 
 fn request(model: &str, prompt: &str) -> GenerateRequest {
     GenerateRequest {
+        choices: 1,
         logprobs: Some(LogprobRequest { top: 0 }),
         ..greedy_request(model, prompt, MAX_TOKENS)
     }

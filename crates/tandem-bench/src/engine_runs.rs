@@ -193,6 +193,7 @@ fn reference_batch_tps(
 
 fn request(model: &str, prompt: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
+        choices: 1,
         model: model.to_owned(),
         input: Input::Text(prompt.to_owned()),
         sampling: Sampling {

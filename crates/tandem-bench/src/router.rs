@@ -213,6 +213,7 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
     let mut ttfts = Vec::new();
     for p in prompts.iter().cycle().take(prompts.len().clamp(5, 30)) {
         let req = GenerateRequest {
+            choices: 1,
             model: engine.model_id().to_owned(),
             input: Input::Chat {
                 messages: vec![Message::new("user", p.as_str())],

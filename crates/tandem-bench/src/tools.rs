@@ -230,6 +230,7 @@ async fn generate(
     max_tokens: u32,
 ) -> anyhow::Result<Run> {
     let req = GenerateRequest {
+        choices: 1,
         model: engine.model_id().to_owned(),
         input: Input::Chat {
             messages,

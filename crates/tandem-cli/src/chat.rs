@@ -62,6 +62,7 @@ fn request(model: &str, input: Input, g: GenArgs) -> anyhow::Result<GenerateRequ
         bail!("--temperature must be between 0 and 2");
     }
     Ok(GenerateRequest {
+        choices: 1,
         model: model.to_owned(),
         input,
         sampling: Sampling {

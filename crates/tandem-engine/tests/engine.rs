@@ -32,6 +32,7 @@ fn private(parallel: u32, max_queue: usize) -> LocalEngine {
 
 fn chat(model: &str, user: &str) -> GenerateRequest {
     GenerateRequest {
+        choices: 1,
         model: model.into(),
         input: Input::Chat {
             messages: vec![Message::new("user", user)],

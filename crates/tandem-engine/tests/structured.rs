@@ -23,6 +23,7 @@ fn qwen() -> &'static LocalEngine {
 
 fn request(messages: Vec<Message>, extra: Value) -> GenerateRequest {
     GenerateRequest {
+        choices: 1,
         model: QWEN_05B.into(),
         input: Input::Chat {
             messages,

@@ -670,6 +670,7 @@ mod tests {
 
     fn request() -> GenerateRequest {
         GenerateRequest {
+            choices: 1,
             model: "tandem/auto".into(),
             input: tandem_api::Input::Text("hi".into()),
             sampling: tandem_api::Sampling::default(),

@@ -451,6 +451,7 @@ mod tests {
 
     fn req(msgs: &[(&str, &str)]) -> GenerateRequest {
         GenerateRequest {
+            choices: 1,
             model: "tandem/auto".into(),
             input: Input::Chat {
                 messages: msgs.iter().map(|(r, c)| Message::new(r, *c)).collect(),

@@ -108,6 +108,7 @@ pub struct Item {
 /// One user message, answered greedily (so labels are reproducible).
 pub fn greedy_request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
+        choices: 1,
         model: model.to_owned(),
         input: Input::Chat {
             messages: vec![Message::new("user", prompt)],

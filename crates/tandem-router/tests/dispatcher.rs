@@ -12,6 +12,7 @@ use tandem_testkit::scripted::{Scripted, Step, pieces};
 
 fn chat(text: &str) -> GenerateRequest {
     GenerateRequest {
+        choices: 1,
         model: "tandem/auto".into(),
         input: Input::Chat {
             messages: vec![Message::new("user", text)],

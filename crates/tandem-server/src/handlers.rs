@@ -222,8 +222,12 @@ async fn start(
     if model != requested {
         set(&mut headers, "x-tandem-requested-model", &requested);
     }
+    let deadline = state.config.stream_deadline;
     Ok(Started {
-        events: vec![with_deadline(d.stream, state.config.stream_deadline)],
+        events: std::iter::once(d.stream)
+            .chain(d.more)
+            .map(|s| with_deadline(s, deadline))
+            .collect(),
         headers,
         meta: StreamMeta {
             id: new_id(id_prefix),
@@ -237,11 +241,12 @@ async fn start(
 }
 
 /// `n` answers to `req`, started together. The first is routed as any
-/// request; the others go by name to the model that took it (so they are
+/// request, asking for all `n`: an upstream that takes `n` answers them
+/// all from that one request (the prompt sent, and billed, once). Those it
+/// did not answer go by name to the model that took the first (so they are
 /// not routed again) and skip the answer cache, so each is a draw of its
 /// own; a client's seed becomes seed, seed + 1, ... so that seeded choices
-/// differ and stay repeatable. On a cloud upstream each is a request of its
-/// own (the prompt is sent, and billed, `n` times).
+/// differ and stay repeatable.
 async fn start_n(
     state: &AppState,
     req: GenerateRequest,
@@ -262,8 +267,10 @@ async fn start_n(
         Some(0),
     )
     .await?;
-    let others = (1..n).map(|i| {
+    let answered = u32::try_from(first.events.len()).unwrap_or(u32::MAX);
+    let others = (answered..n).map(|i| {
         let mut r = req.clone();
+        r.choices = 1;
         r.model = first.meta.model.clone();
         r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i));
         start(state, r, headers, caller.clone(), id_prefix, Some(i))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tandem_backends::{CloudBackend, Continuation, UpstreamConfig};
+use tandem_backends::{Choices, CloudBackend, Continuation, UpstreamConfig};
 use tandem_engine::{EngineConfig, LocalEngine, Threads};
 use tandem_ledger::Ledger;
 use tandem_policy::{PolicyConfig, PrivacyMode, Rule};
@@ -298,6 +298,165 @@ async fn redact_mode_sends_placeholders_and_restores_the_answer() {
         h.metrics()
             .await
             .contains("tandem_pii_redactions_total{class=\"email\"}")
+    );
+}
+
+/// Choice index -> (text, finish_reason) of a streamed answer's chunks.
+fn by_choice(chunks: &[Value]) -> std::collections::BTreeMap<u64, (String, Option<String>)> {
+    let mut out = std::collections::BTreeMap::<u64, (String, Option<String>)>::new();
+    for choice in chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+    {
+        let e = out.entry(choice["index"].as_u64().unwrap()).or_default();
+        e.0.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        if let Some(f) = choice["finish_reason"].as_str() {
+            e.1 = Some(f.to_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn several_choices_leave_as_one_request_and_come_back_restored() {
+    let h = Setup::new(Mode::Echo).start().await;
+    let secret = "maria.keller@example.com";
+    let prompt = format!("Write to {secret} about the invoice.");
+    let redact = [("x-tandem-privacy", "redact")];
+    let r = h.chat(&prompt, &redact, json!({"n": 3})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+    let sent = h.capture.captured();
+    assert_eq!(sent.len(), 1, "one request for three choices");
+    assert_eq!(sent[0].json()["n"], 3);
+    assert!(
+        !contains(&h.capture.all_bytes(), secret),
+        "{secret} left the device"
+    );
+    let choices = r.body["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{}", r.body);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i as u64);
+        let want = match i {
+            0 => format!("ECHO: {prompt}"),
+            i => format!("ECHO {i}: {prompt}"),
+        };
+        // Each choice's placeholders are restored, as the first's are.
+        assert_eq!(c["message"]["content"], want.as_str(), "{}", r.body);
+        assert_eq!(c["message"]["reasoning_content"], "Echoing.");
+        assert_eq!(c["finish_reason"], "stop");
+    }
+    // The prompt counted (and billed) once, the completions together.
+    assert_eq!(r.body["usage"]["prompt_tokens"], 10, "{}", r.body);
+    assert_eq!(r.body["usage"]["completion_tokens"], 15, "{}", r.body);
+    let ledger = h.ledger();
+    assert_eq!(ledger.len(), 1, "one exchange in the ledger");
+
+    let (_, chunks, done) = h
+        .stream(
+            &prompt,
+            &redact,
+            json!({"n": 3, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert!(done);
+    assert_eq!(
+        h.capture.captured().len(),
+        2,
+        "one request for three streamed choices"
+    );
+    let streamed = by_choice(&chunks);
+    assert_eq!(streamed.len(), 3, "{chunks:?}");
+    for (i, c) in choices.iter().enumerate() {
+        let (text, finish) = &streamed[&(i as u64)];
+        assert_eq!(text, c["message"]["content"].as_str().unwrap());
+        assert_eq!(finish.as_deref(), Some("stop"));
+    }
+    let usage = chunks
+        .iter()
+        .rev()
+        .find(|c| c["usage"].is_object())
+        .expect("usage chunk");
+    assert_eq!(usage["usage"]["completion_tokens"], 15, "{usage}");
+    assert_eq!(h.ledger().len(), 2);
+
+    // An upstream set to take one choice per request gets one request each.
+    let h = Setup {
+        upstream: Box::new(|u| u.choices = Choices::Separate),
+        ..Setup::new(Mode::Echo)
+    }
+    .start()
+    .await;
+    let r = h.chat("Name a colour.", &[], json!({"n": 2})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sent = h.capture.captured();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|c| c.json().get("n").is_none()));
+    assert_eq!(r.body["choices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        r.body["choices"][1]["message"]["content"],
+        "ECHO: Name a colour."
+    );
+}
+
+#[tokio::test]
+async fn several_choices_from_a_cloud_tandem_come_from_one_request() {
+    // A real model upstream: the cloud-role Tandem draws both choices.
+    let h = Setup::new(Mode::Forward).start().await;
+    let r = h
+        .chat(
+            "Write one sentence about the sea.",
+            &[],
+            json!({"n": 2, "temperature": 1.0, "seed": 5, "max_tokens": 16}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tandem-backend"), "cloud:cloud");
+    let sent = h.capture.captured();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].json()["n"], 2);
+    let choices = r.body["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2, "{}", r.body);
+    for c in choices {
+        assert!(
+            !c["message"]["content"].as_str().unwrap_or("").is_empty(),
+            "{}",
+            r.body
+        );
+    }
+    let u = &r.body["usage"];
+    assert!(
+        u["completion_tokens"].as_u64().unwrap() > 16,
+        "both choices counted: {u}"
+    );
+}
+
+#[tokio::test]
+async fn several_choices_cut_mid_stream_are_each_continued_locally() {
+    let h = Setup::new(Mode::KillAfter(6)).start().await;
+    let (_, chunks, done) = h
+        .stream(
+            "Write a short poem about the sea.",
+            &[],
+            json!({"n": 2, "max_tokens": 40}),
+        )
+        .await;
+    assert!(done, "the client saw one complete stream: {chunks:?}");
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{chunks:?}"
+    );
+    assert_eq!(h.capture.captured().len(), 1);
+    let streamed = by_choice(&chunks);
+    assert_eq!(streamed.len(), 2, "{chunks:?}");
+    for (i, (text, finish)) in &streamed {
+        assert!(finish.is_some(), "choice {i} finished: {chunks:?}");
+        assert!(text.len() > 8, "choice {i} went on after the cut: {text:?}");
+    }
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 2"),
+        "{m}"
     );
 }
 

@@ -326,6 +326,7 @@ async fn the_verify_endpoint_refuses_bad_rounds_with_clear_errors() {
     let verify = format!("{sessions}/{id}/verify");
     let prompt = drafter()
         .prepare(&tandem_api::GenerateRequest {
+            choices: 1,
             model: QWEN_05B.into(),
             input: tandem_api::Input::Text("def add(a, b):".into()),
             sampling: tandem_api::Sampling::greedy(),

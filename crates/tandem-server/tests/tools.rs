@@ -205,12 +205,21 @@ async fn several_choices_from_the_cloud_each_carry_the_call() {
             serde_json::from_value(c["message"]["tool_calls"].clone()).expect("tool_calls");
         assert_eq!(arguments_text(&calls[0]), ASK);
     }
-    // One request per choice to the same upstream, none asking for `n`.
+    // The upstream ignores `n` (it answers one choice): the missing choice
+    // is asked of it on its own, and from then on every choice is.
     let sent = capture.captured();
     assert_eq!(sent.len(), 2);
-    for c in &sent {
-        let v = c.json();
-        assert!(v.get("n").is_none(), "{v}");
-        assert_eq!(v["model"], "big");
-    }
+    assert_eq!(sent[0].json()["n"], 2);
+    assert!(sent[1].json().get("n").is_none(), "{}", sent[1].json());
+    assert!(sent.iter().all(|c| c.json()["model"] == "big"));
+    let again = post_json(
+        &device.url("/v1/chat/completions"),
+        &b,
+        &[("x-tandem-privacy", "off")],
+    )
+    .await;
+    assert_eq!(again.body["choices"].as_array().map(Vec::len), Some(2));
+    let sent = capture.captured();
+    assert_eq!(sent.len(), 4);
+    assert!(sent[2..].iter().all(|c| c.json().get("n").is_none()));
 }

@@ -34,7 +34,8 @@ pub enum Mode {
         times: usize,
     },
     /// Answer with "ECHO: " and the last user message, streamed three
-    /// characters a chunk (so placeholders arrive split).
+    /// characters a chunk (so placeholders arrive split); with `n`, every
+    /// choice past the first says "ECHO i: ", their chunks interleaved.
     Echo,
     /// Answer by calling the request's first tool with the last user
     /// message as its `text` argument: streamed, the arguments come three
@@ -324,35 +325,59 @@ fn last_user(req: &Value) -> String {
 fn echo(body: &[u8]) -> Response {
     let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let last_user = last_user(&req);
-    let text = format!("ECHO: {last_user}");
+    // With `n`, choice i (past the first) says "ECHO i: ".
+    let n = req["n"].as_u64().unwrap_or(1).clamp(1, 128);
+    let texts: Vec<String> = (0..n)
+        .map(|i| match i {
+            0 => format!("ECHO: {last_user}"),
+            i => format!("ECHO {i}: {last_user}"),
+        })
+        .collect();
     let model = req["model"].as_str().unwrap_or("echo").to_owned();
-    let usage = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
+    let usage =
+        json!({"prompt_tokens": 10, "completion_tokens": 5 * n, "total_tokens": 10 + 5 * n});
     if req["stream"] != json!(true) {
         // With a field of the answer and one of the message beside the
         // content, as OpenAI's and reasoning models' answers have.
+        let choices: Vec<Value> = texts
+            .iter()
+            .zip(0..)
+            .map(|(text, i)| {
+                json!({"index": i, "message": {"role": "assistant", "content": text,
+                    "reasoning_content": "Echoing."}, "finish_reason": "stop"})
+            })
+            .collect();
         return axum::Json(json!({
             "id": "echo", "object": "chat.completion", "created": 0, "model": model,
             "system_fingerprint": "fp_echo",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
-                "reasoning_content": "Echoing."}, "finish_reason": "stop"}],
+            "choices": choices,
             "usage": usage,
         }))
         .into_response();
     }
     let mut sse = String::new();
-    let chars: Vec<char> = text.chars().collect();
-    for piece in chars.chunks(3) {
-        let chunk = json!({
-            "id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model,
-            "choices": [{"index": 0, "delta": {"content": piece.iter().collect::<String>()}, "finish_reason": null}],
-        });
-        sse.push_str(&format!("data: {chunk}\n\n"));
+    let chars: Vec<Vec<char>> = texts.iter().map(|t| t.chars().collect()).collect();
+    let longest = chars.iter().map(Vec::len).max().unwrap_or(0);
+    // The choices' pieces interleave, three characters a chunk.
+    for at in (0..longest).step_by(3) {
+        for (i, c) in chars.iter().enumerate() {
+            let Some(piece) = c.get(at..(at + 3).min(c.len())) else {
+                continue;
+            };
+            let chunk = json!({
+                "id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [{"index": i, "delta": {"content": piece.iter().collect::<String>()}, "finish_reason": null}],
+            });
+            sse.push_str(&format!("data: {chunk}\n\n"));
+        }
     }
-    let fin = json!({
-        "id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model,
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-    });
-    sse.push_str(&format!("data: {fin}\n\n"));
+    for i in 0..n {
+        let fin = json!({
+            "id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}],
+        });
+        sse.push_str(&format!("data: {fin}\n\n"));
+    }
     let use_chunk = json!({"id": "echo", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
     sse.push_str(&format!("data: {use_chunk}\n\ndata: [DONE]\n\n"));
     ([("content-type", "text/event-stream")], sse).into_response()

@@ -203,6 +203,7 @@ impl Backend for Scripted {
                     return Started {
                         result: Err(e),
                         exchange,
+                        more: Vec::new(),
                     };
                 }
                 Step::Answer(p) => (with(p, None), None),
@@ -232,6 +233,7 @@ impl Backend for Scripted {
             Started {
                 result: Ok(Box::pin(stream)),
                 exchange,
+                more: Vec::new(),
             }
         })
     }

@@ -280,7 +280,7 @@ impl ChatCompletionRequest {
             }
             _ => None,
         };
-        check_n(self.n)?;
+        let choices = check_n(self.n)?;
         let max_tokens = match self.max_completion_tokens {
             Some(_) => check_max_tokens("max_completion_tokens", self.max_completion_tokens)?,
             None => check_max_tokens("max_tokens", self.max_tokens)?,
@@ -306,6 +306,7 @@ impl ChatCompletionRequest {
         };
         let stream = self.stream.unwrap_or(false);
         Ok(GenerateRequest {
+            choices,
             model,
             input: Input::Chat {
                 messages,
@@ -363,7 +364,7 @@ impl CompletionRequest {
         if self.echo == Some(true) {
             return Err(ApiError::invalid_param("echo", "echo is not supported"));
         }
-        check_n(self.n)?;
+        let choices = check_n(self.n)?;
         let logprobs = match self.logprobs {
             None => None,
             Some(n) if (0..=5).contains(&n) => Some(LogprobRequest { top: n as u8 }),
@@ -375,6 +376,7 @@ impl CompletionRequest {
             }
         };
         Ok(GenerateRequest {
+            choices,
             model,
             input: Input::Text(prompt),
             sampling: sampling(SamplingFields {
@@ -446,7 +448,7 @@ impl GenerateRequest {
             top_logprobs: self
                 .logprobs
                 .and_then(|l| (l.top > 0).then_some(i64::from(l.top))),
-            n: None,
+            n: (self.choices > 1).then_some(i64::from(self.choices)),
             ignore_eos: self.sampling.ignore_eos.then_some(true),
             extra: self.extra.clone(),
         }
@@ -472,7 +474,7 @@ impl GenerateRequest {
             presence_penalty: nonzero(self.sampling.presence_penalty),
             frequency_penalty: nonzero(self.sampling.frequency_penalty),
             logprobs: self.logprobs.map(|l| i64::from(l.top.min(5))),
-            n: None,
+            n: (self.choices > 1).then_some(i64::from(self.choices)),
             echo: None,
             ignore_eos: self.sampling.ignore_eos.then_some(true),
             extra: self.extra.clone(),

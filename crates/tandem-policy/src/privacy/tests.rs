@@ -304,6 +304,7 @@ fn request() -> GenerateRequest {
         serde_json::json!({"owner@corp.com": "key holder"}),
     );
     GenerateRequest {
+        choices: 1,
         model: "m".into(),
         input: Input::Chat {
             messages: vec![user, assistant, tool],

@@ -108,6 +108,7 @@ impl Dispatcher {
         Dispatched {
             stream: Box::pin(futures::stream::iter(events)),
             route,
+            more: Vec::new(),
         }
     }
 

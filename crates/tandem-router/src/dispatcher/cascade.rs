@@ -169,6 +169,8 @@ impl Dispatcher {
                         egress: None,
                         redacted: Default::default(),
                         speculative: false,
+                        more: Vec::new(),
+                        sibling: false,
                         _flight: None,
                     },
                     None,

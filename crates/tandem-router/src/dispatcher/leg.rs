@@ -69,6 +69,11 @@ pub(crate) struct Leg {
     /// Drafted here and verified in the cloud; the drafting task does its
     /// own accounting.
     pub speculative: bool,
+    /// The other choices the backend answered with this one.
+    pub more: Vec<EventStream>,
+    /// A further choice of another leg's request: that leg accounts for
+    /// the exchange.
+    pub sibling: bool,
     /// Counts the request as in flight on its upstream.
     pub _flight: Option<Flight>,
 }
@@ -82,6 +87,28 @@ pub(super) struct Supervision {
     /// The label the metrics count the answer under.
     pub reason: &'static str,
     pub placement: Placement,
+}
+
+impl Supervision {
+    /// The supervision of choice `i` of the same request: its own seed (as
+    /// a separate request for it would have), and notes kept off the
+    /// request's trace, which follows the first choice.
+    fn for_choice(&self, i: u32) -> Supervision {
+        let mut req = self.req.clone();
+        req.choices = 1;
+        req.sampling.seed = req.sampling.seed.map(|s| s.wrapping_add(i));
+        let mut ctx = self.ctx.clone();
+        ctx.request_id = format!("{}-{i}", ctx.request_id);
+        ctx.trace = crate::activity::Trace::default();
+        Supervision {
+            req,
+            ctx,
+            fallback: self.fallback,
+            redact: self.redact,
+            reason: self.reason,
+            placement: self.placement.clone(),
+        }
+    }
 }
 
 impl Dispatcher {
@@ -110,8 +137,12 @@ impl Dispatcher {
             key: ctx.caller.as_ref().and_then(|c| c.config.daily_budget_usd),
         };
         // The most the answer may cost: its prompt and every token it may
-        // write (the policy's own estimate caps an unbounded answer).
-        let completion = req.max_tokens.unwrap_or(1024);
+        // write, in every choice asked of the upstream (the policy's own
+        // estimate caps an unbounded answer).
+        let completion = req
+            .max_tokens
+            .unwrap_or(1024)
+            .saturating_mul(req.choices.max(1));
         let usd = cloud.price().cost(p.prompt_estimate, completion);
         if let Some(c) = &ctx.caller {
             c.note_reserved(usd);
@@ -222,6 +253,8 @@ impl Dispatcher {
                     egress: None,
                     redacted: Default::default(),
                     speculative: false,
+                    more: Vec::new(),
+                    sibling: false,
                     _flight: None,
                 })
             }
@@ -258,6 +291,7 @@ impl Dispatcher {
                     Self::requester(ctx),
                 );
                 record.reservation = reservation;
+                let more = started.more;
                 match started.result {
                     Ok(stream) => {
                         self.signals().record_answer(cloud.name());
@@ -270,6 +304,8 @@ impl Dispatcher {
                             egress: Some(record),
                             redacted: redaction.classes,
                             speculative: false,
+                            more,
+                            sibling: false,
                             _flight: flight,
                         })
                     }
@@ -346,6 +382,8 @@ impl Dispatcher {
             egress: None,
             redacted: redaction.classes,
             speculative: true,
+            more: Vec::new(),
+            sibling: false,
             _flight: self.in_flight.get(p.cloud_i).map(Flight::new),
         })
     }
@@ -369,10 +407,12 @@ impl Dispatcher {
     }
 
     /// Supervises the leg and, when the answer is one to keep, tees it
-    /// into the cache.
+    /// into the cache. Further choices the backend answered with it are
+    /// supervised each on its own: placeholders restored, a break handed
+    /// over, as for the first.
     pub(super) fn run_leg(
         self: &Arc<Self>,
-        leg: Leg,
+        mut leg: Leg,
         sup: Supervision,
         route: RouteInfo,
         store: Option<(CacheKey, Vec<f32>)>,
@@ -380,9 +420,33 @@ impl Dispatcher {
         let keep =
             leg.side == Locality::Cloud || self.cache().is_some_and(|c| c.config().local_answers);
         let store = store.filter(|_| keep);
+        let more = std::mem::take(&mut leg.more)
+            .into_iter()
+            .zip(1u32..)
+            .map(|(stream, i)| {
+                let sibling = Leg {
+                    side: leg.side,
+                    label: leg.label.clone(),
+                    model: leg.model.clone(),
+                    stream,
+                    restorer: leg.restorer.as_ref().map(Restorer::fresh),
+                    egress: None,
+                    redacted: leg.redacted.clone(),
+                    speculative: false,
+                    more: Vec::new(),
+                    sibling: true,
+                    _flight: None,
+                };
+                self.supervise(sibling, sup.for_choice(i))
+            })
+            .collect();
         let stream = self.supervise(leg, sup);
         let stream = self.keep_answer(stream, store, route.backend.clone(), route.model.clone());
-        Dispatched { stream, route }
+        Dispatched {
+            stream,
+            route,
+            more,
+        }
     }
 
     pub(super) fn count_move(&self, failover: bool, from: Locality, to: Locality, e: &ApiError) {
@@ -500,6 +564,24 @@ impl Dispatcher {
                             Some(Err(e)) => e,
                             _ => ApiError::bad_gateway("the answer ended without finishing"),
                         };
+                        // A choice the upstream left out (it ignored `n`) is
+                        // asked of it on its own: nothing of it was sent.
+                        if e.code.as_deref() == Some(tandem_api::CHOICE_NOT_ANSWERED)
+                            && leg.sibling
+                            && text.is_empty()
+                        {
+                            let redact = leg.side == Locality::Cloud && sup.redact;
+                            match disp.start_leg(leg.side, &sup.req, &sup.ctx, redact, &sup.placement).await {
+                                Ok(next) => {
+                                    leg = next;
+                                    continue;
+                                }
+                                Err(e2) => {
+                                    yield Err(e2);
+                                    return;
+                                }
+                            }
+                        }
                         // A tool call half sent cannot be continued by
                         // another model: the client gets the error.
                         let to = sup
@@ -565,6 +647,9 @@ impl Dispatcher {
         first_at: Option<Duration>,
         handed_off: bool,
     ) {
+        if leg.sibling {
+            return;
+        }
         let total = sup.placement.t0.elapsed();
         sup.ctx.trace.leg_ended("ok");
         if handed_off {

@@ -436,6 +436,7 @@ impl Dispatcher {
             Ok(d) => Ok(Dispatched {
                 stream: watch.follow(d.stream, &d.route),
                 route: d.route,
+                more: d.more,
             }),
             Err(e) => {
                 watch.failed(&e);

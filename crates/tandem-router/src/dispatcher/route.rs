@@ -160,6 +160,11 @@ pub struct Explanation {
 pub struct Dispatched {
     /// The answer's events.
     pub stream: EventStream,
+    /// The other choices' events (choice 1, 2...), when the backend that
+    /// took the first answered [`choices`](tandem_api::GenerateRequest::choices)
+    /// from the same request (an upstream that takes `n`); empty when only
+    /// the first was answered.
+    pub more: Vec<EventStream>,
     /// Where it went and why.
     pub route: RouteInfo,
 }
