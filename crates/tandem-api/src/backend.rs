@@ -411,6 +411,14 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// Choices of [`GenerateRequest::choices`] that one [`start`](Self::start)
+    /// answers (the others are asked for one by one): all of them for an
+    /// upstream that takes `n`, else 1.
+    fn choices_per_request(&self, req: &GenerateRequest) -> u32 {
+        let _ = req;
+        1
+    }
+
     /// Is it reachable, and how long does a round trip take? `None`: there
     /// is nothing to probe (a local model).
     fn probe(&self, _timeout: Duration) -> Option<BoxFuture<'static, Result<Duration, String>>> {

@@ -75,6 +75,10 @@ impl Backend for CloudBackend {
         self.inner.cfg.price()
     }
 
+    fn choices_per_request(&self, req: &GenerateRequest) -> u32 {
+        self.choices_asked(req)
+    }
+
     fn probe(&self, timeout: Duration) -> Option<BoxFuture<'static, Result<Duration, String>>> {
         let this = self.clone();
         Some(Box::pin(async move {
@@ -106,5 +110,32 @@ impl Backend for CloudBackend {
 
     fn verifier(&self) -> Option<Arc<dyn DraftVerifier>> {
         Some(Arc::new(self.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Choices, UpstreamConfig};
+
+    #[test]
+    fn choices_per_request_follow_the_setting() {
+        let req: tandem_api::openai::ChatCompletionRequest =
+            serde_json::from_value(serde_json::json!({
+                "model": "m", "n": 3, "messages": [{"role": "user", "content": "hi"}]
+            }))
+            .expect("request");
+        let req = req.into_generate().expect("valid");
+        let mut cfg = UpstreamConfig::new("up", "http://127.0.0.1:9/v1", &["m"]);
+        let one_request = CloudBackend::new(cfg.clone()).expect("backend");
+        assert_eq!(one_request.choices_per_request(&req), 3);
+        one_request
+            .inner
+            .ignores_n
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(one_request.choices_per_request(&req), 1);
+        cfg.choices = Choices::Separate;
+        let separate = CloudBackend::new(cfg).expect("backend");
+        assert_eq!(separate.choices_per_request(&req), 1);
     }
 }

@@ -279,6 +279,18 @@ impl CloudBackend {
         }
     }
 
+    /// Choices of `req` asked of the upstream in one request: all, unless
+    /// it is set to take one at a time or was seen ignoring `n`.
+    fn choices_asked(&self, req: &GenerateRequest) -> u32 {
+        if self.inner.cfg.choices == Choices::Separate
+            || self.inner.ignores_n.load(Ordering::Relaxed)
+        {
+            1
+        } else {
+            req.choices.max(1)
+        }
+    }
+
     /// Sends the request, retrying what is worth retrying, and returns the
     /// answer's events once the first one has arrived — together with the
     /// record of what was sent, whatever the outcome. Several choices
@@ -290,10 +302,8 @@ impl CloudBackend {
     ) -> (Result<Vec<EventStream>, ApiError>, Arc<Exchange>) {
         let model = self.upstream_model(&req.model);
         let cfg = &self.inner.cfg;
-        if cfg.choices == Choices::Separate || self.inner.ignores_n.load(Ordering::Relaxed) {
-            req.choices = 1;
-        }
-        let n = req.choices.max(1);
+        req.choices = self.choices_asked(&req);
+        let n = req.choices;
         let (endpoint, body) = match self.body(&req, &model) {
             Ok(b) => b,
             Err(e) => {

@@ -137,12 +137,12 @@ impl Dispatcher {
             key: ctx.caller.as_ref().and_then(|c| c.config.daily_budget_usd),
         };
         // The most the answer may cost: its prompt and every token it may
-        // write, in every choice asked of the upstream (the policy's own
-        // estimate caps an unbounded answer).
+        // write, in every choice this request asks of the upstream (the
+        // policy's own estimate caps an unbounded answer).
         let completion = req
             .max_tokens
             .unwrap_or(1024)
-            .saturating_mul(req.choices.max(1));
+            .saturating_mul(cloud.choices_per_request(req));
         let usd = cloud.price().cost(p.prompt_estimate, completion);
         if let Some(c) = &ctx.caller {
             c.note_reserved(usd);
