@@ -18,7 +18,7 @@ use clap::Args;
 use tandem_api::{Answer, Backend, GenerateRequest, LogprobRequest};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
-use tandem_policy::learned::{ModelKind, TrainConfig, text_features};
+use tandem_policy::learned::{ModelKind, TextView, TrainConfig};
 use tandem_policy::{PolicyConfig, Scorer};
 use tandem_router::label::{Item, Labeler, Outcome, Reference, greedy_request};
 use tandem_router::{Dispatcher, RequestContext, confidence};
@@ -394,7 +394,7 @@ async fn own_router(
             source: "bench".into(),
             topic: "bench".into(),
             embedding: embedder.embed_one(&q.prompt)?,
-            features: text_features(&q.prompt),
+            text: TextView::of(&q.prompt),
             weak: l.weak_correct,
             strong: l.strong_correct,
         });
@@ -584,7 +584,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             None => None,
         };
         let own = match &own {
-            Some(m) => Some(m.score(&embedder.embed_one(&q.prompt)?, &text_features(&q.prompt))),
+            Some(m) => Some(m.score(&embedder.embed_one(&q.prompt)?, &TextView::of(&q.prompt))),
             None => None,
         };
         let row = Row {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 use tandem_embed::{Embedder, StaticEmbedder};
-use tandem_policy::learned::{ModelKind, StaticVectors, TrainConfig, text_features};
+use tandem_policy::learned::{ModelKind, StaticVectors, TextView, TrainConfig};
 use tandem_router::learned::{LoadedRouter, RouterInput};
 use tandem_train::{self as learned, Calibration, Example};
 
@@ -49,6 +49,12 @@ pub struct TrainArgs {
     pub lambda: f32,
     #[arg(long, default_value_t = 0.05)]
     pub topic_temperature: f32,
+    /// L2 penalty of the lexical ridge (words and word pairs).
+    #[arg(long, default_value_t = 3.0)]
+    pub lexical_lambda: f32,
+    /// Fewest training prompts the lexical ridge is fitted on.
+    #[arg(long, default_value_t = 100, hide = true)]
+    pub lexical_from: usize,
     /// `quality=0.95` (share of the strong model's accuracy) or `share=0.4`
     /// (share sent to the cloud).
     #[arg(long, default_value = "quality=0.95")]
@@ -214,7 +220,7 @@ fn examples(
         .zip(vectors)
         .map(|(r, embedding)| {
             let e = Example {
-                features: text_features(&r.prompt),
+                text: TextView::of(&r.prompt),
                 topic: r.subject.clone().unwrap_or_else(|| r.source.clone()),
                 id: r.id,
                 source: r.source,
@@ -406,6 +412,9 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 temperature: a.temperature,
                 ridge_lambda: a.lambda,
                 topic_temperature: a.topic_temperature,
+                lexical_lambda: a.lexical_lambda,
+                lexical_from: a.lexical_from,
+                ..TrainConfig::default()
             };
             if train_set.is_empty() {
                 bail!("nothing left to train on: lower --holdout");

@@ -8,7 +8,10 @@
 //!   *kind* of question is;
 //! - ridge regression on the embedding plus a few surface features (length,
 //!   how many numbers) — how hard *this* question is within its kind;
-//! - similarity-weighted k-nearest neighbours (optional).
+//! - similarity-weighted k-nearest neighbours (optional);
+//! - a lexical ridge: the same regression over the prompt's words and
+//!   word pairs (TF-IDF), which sees what a mean of word vectors blurs —
+//!   "NOT", "EXCEPT", "Statement 1", a unit, a kind of problem.
 //!
 //! Several parts average their ranks. A raw score is turned into its
 //! percentile among the training scores, so a threshold of 0.6 means "keep
@@ -33,6 +36,8 @@ pub enum ModelKind {
     Ensemble,
     /// Topics, ridge and neighbours.
     All,
+    /// The lexical ridge alone.
+    Lexical,
 }
 
 impl ModelKind {
@@ -48,6 +53,10 @@ impl ModelKind {
     pub fn topics(self) -> bool {
         matches!(self, Self::Topics | Self::Ensemble | Self::All)
     }
+    /// Uses the lexical ridge.
+    pub fn lexical(self) -> bool {
+        matches!(self, Self::Lexical | Self::Ensemble | Self::All)
+    }
 }
 
 impl std::str::FromStr for ModelKind {
@@ -59,8 +68,9 @@ impl std::str::FromStr for ModelKind {
             "topics" => Ok(Self::Topics),
             "ensemble" => Ok(Self::Ensemble),
             "all" => Ok(Self::All),
+            "lexical" => Ok(Self::Lexical),
             o => Err(format!(
-                "model must be knn, ridge, topics, ensemble or all, got `{o}`"
+                "model must be knn, ridge, topics, lexical, ensemble or all, got `{o}`"
             )),
         }
     }
@@ -80,10 +90,34 @@ pub struct TrainConfig {
     /// Sharpness of the soft assignment to topics.
     #[serde(default = "d_topic_temperature")]
     pub topic_temperature: f32,
+    /// L2 penalty of the lexical ridge.
+    #[serde(default = "d_lexical_lambda")]
+    pub lexical_lambda: f32,
+    /// Words and pairs in fewer training prompts than this are not read.
+    #[serde(default = "d_lexical_min_prompts")]
+    pub lexical_min_prompts: u32,
+    /// The lexical ridge is fitted from this many training prompts on
+    /// (measured from 100 up, where it helps a little or not at all; below,
+    /// few words are in 3 prompts, and 5-fold scores are fitted on a
+    /// handful).
+    #[serde(default = "d_lexical_from")]
+    pub lexical_from: usize,
 }
 
 fn d_topic_temperature() -> f32 {
     0.05
+}
+
+fn d_lexical_lambda() -> f32 {
+    3.0
+}
+
+fn d_lexical_min_prompts() -> u32 {
+    3
+}
+
+fn d_lexical_from() -> usize {
+    100
 }
 
 impl Default for TrainConfig {
@@ -94,6 +128,9 @@ impl Default for TrainConfig {
             temperature: 0.05,
             ridge_lambda: 10.0,
             topic_temperature: d_topic_temperature(),
+            lexical_lambda: d_lexical_lambda(),
+            lexical_min_prompts: d_lexical_min_prompts(),
+            lexical_from: d_lexical_from(),
         }
     }
 }
@@ -138,6 +175,113 @@ pub struct Topics {
     pub gains: Vec<f32>,
 }
 
+/// Ridge regression of the gain on the prompt's TF-IDF vector: sublinear
+/// term counts times smoothed inverse document frequencies, L2-normalised,
+/// over the words and word pairs of at least `min_prompts` training
+/// prompts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Lexical {
+    /// The terms read, sorted ([`TextView::terms`] keys).
+    #[serde(with = "b64_u64")]
+    pub keys: Vec<u64>,
+    /// Each term's inverse document frequency.
+    #[serde(with = "b64_f32")]
+    pub idf: Vec<f32>,
+    /// Each term's weight.
+    #[serde(with = "b64_f32")]
+    pub weights: Vec<f32>,
+    /// The intercept.
+    pub bias: f32,
+}
+
+impl Lexical {
+    /// The prompt's known terms, as (index, TF-IDF value), L2-normalised.
+    pub fn row(&self, terms: &[(u64, u32)]) -> Vec<(usize, f32)> {
+        let mut row: Vec<(usize, f32)> = terms
+            .iter()
+            .filter_map(|&(key, count)| {
+                let i = self.keys.binary_search(&key).ok()?;
+                let idf = *self.idf.get(i)?;
+                Some((i, (1.0 + (count as f32).ln()) * idf))
+            })
+            .collect();
+        let norm = row.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            for (_, v) in &mut row {
+                *v /= norm;
+            }
+        }
+        row
+    }
+
+    /// The predicted gain.
+    pub fn score(&self, terms: &[(u64, u32)]) -> f32 {
+        self.bias
+            + self
+                .row(terms)
+                .iter()
+                .map(|&(i, v)| self.weights.get(i).map_or(0.0, |w| w * v))
+                .sum::<f32>()
+    }
+}
+
+/// What the router reads off a prompt's text besides its embedding.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TextView {
+    /// Surface features: [`text_features`].
+    pub features: Vec<f32>,
+    /// Its words (lower-cased runs of two or more letters or digits) and
+    /// pairs of neighbouring words, hashed, with their counts, sorted by
+    /// hash.
+    pub terms: Vec<(u64, u32)>,
+}
+
+impl TextView {
+    /// Reads `text`.
+    pub fn of(text: &str) -> TextView {
+        TextView {
+            features: text_features(text),
+            terms: terms(text),
+        }
+    }
+}
+
+/// FNV-1a: stable across builds and platforms, as a saved router needs.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (n, part) in parts.iter().enumerate() {
+        if n > 0 {
+            h ^= u64::from(b' ');
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        for &b in part.as_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The hashed words and word pairs of `text` with their counts.
+pub fn terms(text: &str) -> Vec<(u64, u32)> {
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| w.chars().nth(1).is_some())
+        .collect();
+    let mut keys: Vec<u64> = words.iter().map(|w| fnv1a(&[w])).collect();
+    keys.extend(words.windows(2).map(fnv1a));
+    keys.sort_unstable();
+    let mut out: Vec<(u64, u32)> = Vec::with_capacity(keys.len());
+    for k in keys {
+        match out.last_mut() {
+            Some((last, n)) if *last == k => *n += 1,
+            _ => out.push((k, 1)),
+        }
+    }
+    out
+}
+
 /// A trained router, as saved to disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouterModel {
@@ -159,6 +303,9 @@ pub struct RouterModel {
     /// The topic prior.
     #[serde(default)]
     pub topics: Option<Topics>,
+    /// The lexical ridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<Lexical>,
     /// Sorted scores of each part on the training prompts, for putting the
     /// parts on one scale in the ensemble.
     pub knn_cdf: Vec<f32>,
@@ -167,6 +314,10 @@ pub struct RouterModel {
     /// See `knn_cdf`.
     #[serde(default)]
     pub topics_cdf: Vec<f32>,
+    /// See `knn_cdf` (scores of each training prompt from a ridge fitted
+    /// without it: the lexical ridge nearly fits its own training prompts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lexical_cdf: Vec<f32>,
     /// Sorted raw scores of the training prompts (for percentiles).
     pub cdf: Vec<f32>,
     /// Percentile above which prompts go to the cloud (calibrated).
@@ -209,6 +360,43 @@ pub(crate) mod b64 {
         Ok(bytes.into_iter().map(|b| b as i8).collect())
     }
 }
+
+macro_rules! b64_le {
+    ($name:ident, $t:ty) => {
+        pub(crate) mod $name {
+            use base64::Engine;
+            use serde::{Deserialize, Deserializer, Serializer};
+
+            const SIZE: usize = std::mem::size_of::<$t>();
+
+            pub fn serialize<S: Serializer>(v: &[$t], s: S) -> Result<S::Ok, S::Error> {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<$t>, D::Error> {
+                let s = String::deserialize(d)?;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(serde::de::Error::custom)?;
+                if bytes.len() % SIZE != 0 {
+                    return Err(serde::de::Error::custom("truncated array"));
+                }
+                Ok(bytes
+                    .chunks_exact(SIZE)
+                    .map(|c| {
+                        let mut a = [0u8; SIZE];
+                        a.copy_from_slice(c);
+                        <$t>::from_le_bytes(a)
+                    })
+                    .collect())
+            }
+        }
+    };
+}
+
+b64_le!(b64_u64, u64);
+b64_le!(b64_f32, f32);
 
 /// 8 bits a dimension, as the neighbours store vectors.
 pub fn quantise(v: &[f32]) -> impl Iterator<Item = i8> + '_ {
@@ -312,11 +500,12 @@ pub fn percentile(sorted: &[f32], v: f32) -> f32 {
 impl RouterModel {
     /// One part alone is its own score; several average their ranks (they
     /// score on different scales).
-    pub fn combine(&self, knn: Option<f32>, ridge: Option<f32>, topics: Option<f32>) -> f32 {
+    pub fn combine(&self, parts: Parts) -> f32 {
         let parts: Vec<(f32, &[f32])> = [
-            (knn, self.knn_cdf.as_slice()),
-            (ridge, self.ridge_cdf.as_slice()),
-            (topics, self.topics_cdf.as_slice()),
+            (parts.knn, self.knn_cdf.as_slice()),
+            (parts.ridge, self.ridge_cdf.as_slice()),
+            (parts.topics, self.topics_cdf.as_slice()),
+            (parts.lexical, self.lexical_cdf.as_slice()),
         ]
         .into_iter()
         .filter_map(|(v, cdf)| v.map(|v| (v, cdf)))
@@ -330,24 +519,28 @@ impl RouterModel {
         }
     }
 
-    /// Expected-gain score; higher means the cloud helps more. `features`
-    /// are the prompt's [`text_features`].
-    pub fn raw_score(&self, embedding: &[f32], features: &[f32]) -> f32 {
-        let k = self
-            .knn
-            .as_ref()
-            .map(|k| k.score(embedding, &self.config, None));
-        let r = self.ridge.as_ref().map(|r| r.score(embedding, features));
-        let t = self
-            .topics
-            .as_ref()
-            .map(|t| t.score(embedding, self.config.topic_temperature));
-        self.combine(k, r, t)
+    /// Expected-gain score; higher means the cloud helps more.
+    pub fn raw_score(&self, embedding: &[f32], text: &TextView) -> f32 {
+        self.combine(Parts {
+            knn: self
+                .knn
+                .as_ref()
+                .map(|k| k.score(embedding, &self.config, None)),
+            ridge: self
+                .ridge
+                .as_ref()
+                .map(|r| r.score(embedding, &text.features)),
+            topics: self
+                .topics
+                .as_ref()
+                .map(|t| t.score(embedding, self.config.topic_temperature)),
+            lexical: self.lexical.as_ref().map(|l| l.score(&text.terms)),
+        })
     }
 
     /// Difficulty in [0, 1]: the share of training prompts that score lower.
-    pub fn score(&self, embedding: &[f32], features: &[f32]) -> f32 {
-        percentile(&self.cdf, self.raw_score(embedding, features))
+    pub fn score(&self, embedding: &[f32], text: &TextView) -> f32 {
+        percentile(&self.cdf, self.raw_score(embedding, text))
     }
 
     /// The threshold for a quality knob in [0, 1]: the share of the gap
@@ -359,6 +552,19 @@ impl RouterModel {
         let i = (quality.clamp(0.0, 1.0) * 100.0).round() as usize;
         self.quality_thresholds[i.min(self.quality_thresholds.len() - 1)]
     }
+}
+
+/// Each part's score of one prompt (`None`: the router has no such part).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Parts {
+    /// The neighbours'.
+    pub knn: Option<f32>,
+    /// The ridge's.
+    pub ridge: Option<f32>,
+    /// The topic prior's.
+    pub topics: Option<f32>,
+    /// The lexical ridge's.
+    pub lexical: Option<f32>,
 }
 
 /// The router in the request path (the dispatcher embeds the prompt).
@@ -392,7 +598,7 @@ impl LearnedScorer {
 
 impl Scorer for LearnedScorer {
     fn score(&self, embedding: &[f32], text: &str) -> f32 {
-        self.model.score(embedding, &text_features(text))
+        self.model.score(embedding, &TextView::of(text))
     }
 
     fn threshold(&self, quality: Option<f32>) -> Option<f32> {
@@ -427,4 +633,49 @@ pub fn text_features(text: &str) -> Vec<f32> {
         text.matches('\n').count() as f32 / 10.0,
         ln(text.split_whitespace().count()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terms_are_words_and_pairs_counted_whatever_the_case() {
+        let t = terms("Which is NOT a prime? which is not");
+        let count = |parts: &[&str]| {
+            t.iter()
+                .find(|(k, _)| *k == fnv1a(parts))
+                .map_or(0, |(_, n)| *n)
+        };
+        assert_eq!(count(&["which"]), 2);
+        assert_eq!(count(&["not"]), 2);
+        assert_eq!(count(&["is", "not"]), 2);
+        assert_eq!(count(&["prime", "which"]), 1);
+        // One-letter words are not read, and pairs skip over them.
+        assert_eq!(count(&["a"]), 0);
+        assert_eq!(count(&["not", "prime"]), 1);
+        assert!(t.windows(2).all(|w| w[0].0 < w[1].0));
+        // Stable across builds: a saved router's keys must still match.
+        assert_eq!(fnv1a(&["prime"]), 0x2f11_7324_8c85_8040);
+    }
+
+    #[test]
+    fn any_text_is_read_and_scored() {
+        let mut known = [(fnv1a(&["zürich"]), 1.0), (fnv1a(&["日本語"]), -1.0)];
+        known.sort_by_key(|k| k.0);
+        let lex = Lexical {
+            keys: known.iter().map(|k| k.0).collect(),
+            idf: vec![2.0, 2.0],
+            weights: known.iter().map(|k| k.1).collect(),
+            bias: 0.5,
+        };
+        assert!((lex.score(&terms("ZÜRICH")) - 1.5).abs() < 1e-6);
+        assert!((lex.score(&terms("日本語")) + 0.5).abs() < 1e-6);
+        for text in ["", " ", "\u{0}\u{FFFF}", "a", "ß ß ß", "🙂🙂 x"] {
+            assert!(lex.score(&terms(text)).is_finite());
+        }
+        let back: Lexical = serde_json::from_str(&serde_json::to_string(&lex).unwrap()).unwrap();
+        assert_eq!(back.keys, lex.keys);
+        assert_eq!(back.weights, lex.weights);
+    }
 }

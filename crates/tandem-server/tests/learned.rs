@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_embed::{Embedder, StaticEmbedder, cosine};
 use tandem_engine::LocalEngine;
-use tandem_policy::learned::{LearnedScorer, ModelKind, TrainConfig, text_features};
+use tandem_policy::learned::{LearnedScorer, ModelKind, TextView, TrainConfig};
 use tandem_policy::{PolicyConfig, Rule};
 use tandem_router::Dispatcher;
 use tandem_router::cache::{CacheConfig, SemanticCache};
@@ -220,7 +220,7 @@ fn train_toy(embed: impl Fn(&str) -> Vec<f32>, dim: usize) -> LearnedScorer {
             source: if is_hard { "math" } else { "chat" }.into(),
             topic: if is_hard { "math" } else { "chat" }.into(),
             embedding: embed(text),
-            features: text_features(text),
+            text: TextView::of(text),
             weak: !is_hard,
             strong: true,
         });

@@ -12,7 +12,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use tandem_policy::learned::{
-    Neighbours, Ridge, RouterModel, Topics, TrainConfig, percentile, quantise,
+    Lexical, ModelKind, Neighbours, Parts, Ridge, RouterModel, TextView, Topics, TrainConfig,
+    percentile, quantise,
 };
 
 /// One labelled prompt, embedded.
@@ -26,8 +27,8 @@ pub struct Example {
     pub topic: String,
     /// The prompt's embedding.
     pub embedding: Vec<f32>,
-    /// `tandem_policy::learned::text_features` of the prompt.
-    pub features: Vec<f32>,
+    /// What the router reads off the prompt's text.
+    pub text: TextView,
     /// The weak (local) model answered it correctly.
     pub weak: bool,
     /// The strong (cloud) model answered it correctly.
@@ -53,16 +54,20 @@ fn neighbours(train: &[Example]) -> Neighbours {
 /// Least squares with an L2 penalty, by Cholesky on the normal equations.
 fn fit_ridge(train: &[Example], lambda: f32) -> Option<Ridge> {
     let first = train.first()?;
-    let nf = first.features.len();
+    let nf = first.text.features.len();
     let mut feature_mean = vec![0f32; nf];
     let mut feature_std = vec![0f32; nf];
     for e in train {
-        for (m, &v) in feature_mean.iter_mut().zip(&e.features) {
+        for (m, &v) in feature_mean.iter_mut().zip(&e.text.features) {
             *m += v / train.len() as f32;
         }
     }
     for e in train {
-        for ((sd, &m), &v) in feature_std.iter_mut().zip(&feature_mean).zip(&e.features) {
+        for ((sd, &m), &v) in feature_std
+            .iter_mut()
+            .zip(&feature_mean)
+            .zip(&e.text.features)
+        {
             *sd += (v - m).powi(2) / train.len() as f32;
         }
     }
@@ -82,7 +87,7 @@ fn fit_ridge(train: &[Example], lambda: f32) -> Option<Ridge> {
     let mean_gain = train.iter().map(|e| f64::from(e.gain())).sum::<f64>() / train.len() as f64;
     let mut x = vec![0f64; n];
     for e in train {
-        for (xi, v) in x.iter_mut().zip(r.input(&e.embedding, &e.features)) {
+        for (xi, v) in x.iter_mut().zip(r.input(&e.embedding, &e.text.features)) {
             *xi = f64::from(v);
         }
         x[d] = 1.0;
@@ -108,6 +113,138 @@ fn fit_ridge(train: &[Example], lambda: f32) -> Option<Ridge> {
     r.weights = w[..d].iter().map(|&v| v as f32).collect();
     r.bias = (w[d] + mean_gain) as f32;
     Some(r)
+}
+
+/// How many parts the lexical ridge's out-of-fold training scores are
+/// computed in.
+const LEXICAL_FOLDS: usize = 5;
+
+/// The lexical ridge: TF-IDF over the terms of at least `min_prompts`
+/// training prompts, weights by conjugate gradients on the centred normal
+/// equations (the matrix is sparse and too wide for Cholesky).
+fn fit_lexical(train: &[Example], lambda: f32, min_prompts: u32) -> Option<Lexical> {
+    if train.is_empty() {
+        return None;
+    }
+    let mut df: HashMap<u64, u32> = HashMap::new();
+    for e in train {
+        for &(k, _) in &e.text.terms {
+            *df.entry(k).or_default() += 1;
+        }
+    }
+    let mut keys: Vec<u64> = df
+        .iter()
+        .filter(|&(_, &n)| n >= min_prompts.max(1))
+        .map(|(&k, _)| k)
+        .collect();
+    keys.sort_unstable();
+    let n = train.len() as f64;
+    let idf: Vec<f32> = keys
+        .iter()
+        .map(|k| ((1.0 + n) / (1.0 + f64::from(df[k]))).ln() as f32 + 1.0)
+        .collect();
+    let mut lex = Lexical {
+        weights: vec![0.0; keys.len()],
+        keys,
+        idf,
+        bias: 0.0,
+    };
+    let rows: Vec<Vec<(usize, f32)>> = train.iter().map(|e| lex.row(&e.text.terms)).collect();
+    let y: Vec<f64> = train.iter().map(|e| f64::from(e.gain())).collect();
+    let y_mean = y.iter().sum::<f64>() / n;
+    let d = lex.keys.len();
+    let mut mean = vec![0f64; d];
+    for row in &rows {
+        for &(i, v) in row {
+            mean[i] += f64::from(v) / n;
+        }
+    }
+    // A v for A = Xcᵀ Xc + λ I, Xc = X minus its column means.
+    let apply = |v: &[f64]| -> Vec<f64> {
+        let shift: f64 = mean.iter().zip(v).map(|(m, x)| m * x).sum();
+        let mut out: Vec<f64> = v.iter().map(|x| f64::from(lambda) * x).collect();
+        let mut total = 0.0;
+        for row in &rows {
+            let xv = row.iter().map(|&(i, x)| f64::from(x) * v[i]).sum::<f64>() - shift;
+            for &(i, x) in row {
+                out[i] += f64::from(x) * xv;
+            }
+            total += xv;
+        }
+        for (o, m) in out.iter_mut().zip(&mean) {
+            *o -= m * total;
+        }
+        out
+    };
+    let mut b = vec![0f64; d];
+    for (row, &yi) in rows.iter().zip(&y) {
+        for &(i, x) in row {
+            b[i] += f64::from(x) * (yi - y_mean);
+        }
+    }
+    // Xcᵀ(y − ȳ) = Xᵀ(y − ȳ): the centred targets sum to zero.
+    let w = conjugate_gradient(apply, &b, 1e-6, 1000);
+    lex.bias = (y_mean - mean.iter().zip(&w).map(|(m, x)| m * x).sum::<f64>()) as f32;
+    lex.weights = w.iter().map(|&x| x as f32).collect();
+    Some(lex)
+}
+
+/// Solves `A x = b` for a symmetric positive definite `A` given as a
+/// product, to a relative residual of `tol`.
+fn conjugate_gradient(
+    apply: impl Fn(&[f64]) -> Vec<f64>,
+    b: &[f64],
+    tol: f64,
+    max_iter: usize,
+) -> Vec<f64> {
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut x = vec![0f64; b.len()];
+    let mut r = b.to_vec();
+    let mut p = r.clone();
+    let mut rr = dot(&r, &r);
+    let stop = tol * tol * rr;
+    for _ in 0..max_iter {
+        if rr <= stop || rr == 0.0 {
+            break;
+        }
+        let ap = apply(&p);
+        let alpha = rr / dot(&p, &ap);
+        for ((xi, ri), (pi, api)) in x.iter_mut().zip(r.iter_mut()).zip(p.iter().zip(&ap)) {
+            *xi += alpha * pi;
+            *ri -= alpha * api;
+        }
+        let next = dot(&r, &r);
+        let beta = next / rr;
+        rr = next;
+        for (pi, ri) in p.iter_mut().zip(&r) {
+            *pi = ri + beta * *pi;
+        }
+    }
+    x
+}
+
+/// Each training prompt's lexical score from a ridge fitted on the other
+/// folds: what an unseen prompt would get, for the part's scale.
+fn lexical_out_of_fold(train: &[Example], config: &TrainConfig) -> Vec<f32> {
+    let mut out = vec![0f32; train.len()];
+    for fold in 0..LEXICAL_FOLDS {
+        let rest: Vec<Example> = train
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % LEXICAL_FOLDS != fold)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let Some(lex) = fit_lexical(&rest, config.lexical_lambda, config.lexical_min_prompts)
+        else {
+            continue;
+        };
+        for (i, e) in train.iter().enumerate() {
+            if i % LEXICAL_FOLDS == fold {
+                out[i] = lex.score(&e.text.terms);
+            }
+        }
+    }
+    out
 }
 
 /// Topic centroids with each topic's mean gain (shrunk towards the overall
@@ -333,6 +470,14 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     } else {
         None
     };
+    // Asked for alone, it is fitted whatever the size: there is no other part.
+    let lexical = if config.kind.lexical()
+        && (config.kind == ModelKind::Lexical || train.len() >= config.lexical_from)
+    {
+        fit_lexical(train, config.lexical_lambda, config.lexical_min_prompts)
+    } else {
+        None
+    };
     let mut model = RouterModel {
         version: 1,
         embedder: "all-minilm-l6-v2".into(),
@@ -341,9 +486,11 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
         knn,
         ridge,
         topics,
+        lexical,
         knn_cdf: Vec::new(),
         ridge_cdf: Vec::new(),
         topics_cdf: Vec::new(),
+        lexical_cdf: Vec::new(),
         cdf: Vec::new(),
         threshold: 0.5,
         calibrated_for: String::new(),
@@ -362,7 +509,7 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     let ridge: Option<Vec<f32>> = model.ridge.as_ref().map(|r| {
         train
             .iter()
-            .map(|e| r.score(&e.embedding, &e.features))
+            .map(|e| r.score(&e.embedding, &e.text.features))
             .collect()
     });
     let topics: Option<Vec<f32>> = model.topics.as_ref().map(|t| {
@@ -371,6 +518,10 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
             .map(|e| t.score(&e.embedding, model.config.topic_temperature))
             .collect()
     });
+    let lexical: Option<Vec<f32>> = model
+        .lexical
+        .as_ref()
+        .map(|_| lexical_out_of_fold(train, &model.config));
     let sorted = |v: &Option<Vec<f32>>| {
         let mut s = v.clone().unwrap_or_default();
         s.sort_by(f32::total_cmp);
@@ -379,13 +530,15 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     model.knn_cdf = sorted(&knn);
     model.ridge_cdf = sorted(&ridge);
     model.topics_cdf = sorted(&topics);
+    model.lexical_cdf = sorted(&lexical);
     let raw: Vec<f32> = (0..train.len())
         .map(|i| {
-            model.combine(
-                knn.as_ref().map(|k| k[i]),
-                ridge.as_ref().map(|r| r[i]),
-                topics.as_ref().map(|t| t[i]),
-            )
+            model.combine(Parts {
+                knn: knn.as_ref().map(|k| k[i]),
+                ridge: ridge.as_ref().map(|r| r[i]),
+                topics: topics.as_ref().map(|t| t[i]),
+                lexical: lexical.as_ref().map(|l| l[i]),
+            })
         })
         .collect();
     let mut cdf = raw.clone();
@@ -585,7 +738,7 @@ pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String,
     let unseen = unseen(model, data);
     let scores: Vec<f32> = unseen
         .iter()
-        .map(|e| model.score(&e.embedding, &e.features))
+        .map(|e| model.score(&e.embedding, &e.text))
         .collect();
     let overall = metrics(&scores, &unseen);
     let mut by_source: HashMap<&str, (Vec<f32>, Vec<Example>)> = HashMap::new();
@@ -617,7 +770,7 @@ pub fn evaluate_online(
     let mut memory = Outcomes::new(cfg.max_entries);
     let (mut alone, mut with) = (Vec::new(), Vec::new());
     for e in &unseen {
-        let d = model.score(&e.embedding, &e.features);
+        let d = model.score(&e.embedding, &e.text);
         alone.push(d);
         with.push(blend(d, memory.estimate("", &e.embedding, cfg), cfg.prior));
         memory.push(Outcome::new("", &e.embedding, !e.weak));
