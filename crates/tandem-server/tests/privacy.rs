@@ -394,3 +394,45 @@ async fn images_and_audio_leave_as_sent_and_only_as_privacy_allows() {
     assert!(message.contains("image"), "{message}");
     assert_eq!(s.capture.captured().len(), before, "nothing may leave");
 }
+
+/// Names at the end of a sentence after a preposition, where the model
+/// alone reads a town or nothing: read again on their own, they are found;
+/// places and product names in the same position are not taken for names.
+#[test]
+fn names_after_a_preposition_are_found_and_places_are_not() {
+    use tandem_policy::privacy::Detector;
+    let d = Detector::new(&[])
+        .unwrap()
+        .with_recognizer(Arc::new(ModelRecognizer(classifier())));
+    for (text, name) in [
+        (
+            "Merci de transmettre le dossier à Thomas Marin.",
+            "Thomas Marin",
+        ),
+        ("Proszę przekazać umowę do Rozalia Wita.", "Rozalia Wita"),
+        (
+            "Per favore inoltra il contratto a Massimo Leone.",
+            "Massimo Leone",
+        ),
+        (
+            "Merci de transmettre le dossier à Margot de la Langlois.",
+            "Margot de la Langlois",
+        ),
+    ] {
+        let found = d.find(text).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|f| f.class == "person" && &text[f.start..f.end] == name),
+            "{text}: {found:?}"
+        );
+    }
+    for text in [
+        "Deploy the service to Google Cloud today.",
+        "The conference moved to Monte Carlo.",
+        "Open the project in Visual Studio Code.",
+        "We shipped the parcels to Rio de Janeiro.",
+    ] {
+        assert!(d.find(text).unwrap().is_empty(), "{text}");
+    }
+}

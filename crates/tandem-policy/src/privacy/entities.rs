@@ -338,6 +338,128 @@ fn extend_name(text: &str, end: usize, words: usize) -> usize {
     end
 }
 
+/// At most this many spans of one text are read again on their own.
+pub const MAX_REREADS: usize = 8;
+/// Longest run of words read again (given names, surname, particles).
+const REREAD_WORDS: usize = 5;
+
+/// Words that may stand inside a name between its capitalised parts
+/// ("Margot de la Langlois", "Ludwig van Beethoven").
+const NAME_PARTICLES: &[&str] = &[
+    "de", "del", "della", "di", "da", "la", "le", "van", "von", "der", "den", "dos", "das", "du",
+    "des", "y",
+];
+
+/// Runs of capitalised words the model did not take for a name, inside a
+/// sentence after a lower-case word, to be read again on their own. At the
+/// end of a sentence after a preposition the model reads a town where a
+/// name stands ("Envoyez le contrat à Thomas Marin." gives "Thomas Marin"
+/// as a city); without the sentence, a name reads as a name and "Rio
+/// Grande", "Visual Studio" or "Deutsche Bank" read as nothing of the kind.
+pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
+    let words = words(text);
+    let named = |start: usize, end: usize| {
+        entities.iter().any(|e| {
+            matches!(Class::of(&e.label), Some(Class::Person))
+                && e.score >= STRONG
+                && e.start < end
+                && start < e.end
+        })
+    };
+    let capital = |w: &str| {
+        let mut cs = w.chars();
+        cs.next().is_some_and(char::is_uppercase)
+            && w.chars().count() >= 2
+            && cs.any(char::is_lowercase)
+            && !w.chars().skip(1).any(char::is_uppercase)
+    };
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < words.len() {
+        let (prev, (start, first)) = (words[i - 1].1, words[i]);
+        let after_lower = prev.chars().next().is_some_and(char::is_lowercase)
+            && text.get(words[i - 1].0 + prev.len()..start) == Some(" ");
+        if !(after_lower && capital(first)) {
+            i += 1;
+            continue;
+        }
+        // Extend over capitalised words and particles joined by one space.
+        let mut last = i;
+        let mut capitals = 1;
+        let mut j = i + 1;
+        while j < words.len() && j - i < REREAD_WORDS {
+            let (at, w) = words[j];
+            let (pat, pw) = words[j - 1];
+            if text.get(pat + pw.len()..at) != Some(" ") {
+                break;
+            }
+            if capital(w) {
+                capitals += 1;
+                last = j;
+            } else if !NAME_PARTICLES.contains(&w) {
+                break;
+            }
+            j += 1;
+        }
+        let end = words[last].0 + words[last].1.len();
+        if capitals >= 2 && !named(start, end) {
+            out.push((start, end));
+        }
+        i = last + 1;
+    }
+    out
+}
+
+/// The words of `text` (letters, apostrophes and inner hyphens) with their
+/// byte offsets.
+fn words(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in text
+        .char_indices()
+        .chain(std::iter::once((text.len(), ' ')))
+    {
+        let inside = c.is_alphabetic() || c == '\'' || c == '-';
+        match (inside, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                let w = text[s..i].trim_matches(|c| c == '-' || c == '\'');
+                if !w.is_empty() {
+                    let lead = text[s..i].len() - text[s..i].trim_start_matches(['-', '\'']).len();
+                    out.push((s + lead, w));
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A given name this sure, read alone, makes a name of the capitalised
+/// words joined to it by particles ("Margot de la Langlois", where the model
+/// labels only "Margot"); places joined by particles ("Rio de Janeiro",
+/// "Castilla y León") do not start with one.
+const SURE_GIVEN: f32 = 0.9;
+
+/// Whether a span read on its own (`entities` of `span` alone) is a
+/// person's name: a sure given name at its start, with a surname after it,
+/// spanning more than one word, or very sure and followed by particles.
+pub fn person_alone(span: &str, entities: &[Entity]) -> bool {
+    let first_end = span.find(' ').unwrap_or(span.len());
+    let particles = span.split(' ').skip(1).any(|w| NAME_PARTICLES.contains(&w));
+    entities.iter().any(|g| {
+        g.label == "GIVEN_NAME"
+            && g.score >= STRONG
+            && g.start == 0
+            && (g.end > first_end
+                || (particles && g.score >= SURE_GIVEN)
+                || entities
+                    .iter()
+                    .any(|s| s.label == "SURNAME" && s.score >= WEAK && s.start >= g.end))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +657,85 @@ mod tests {
                 for h in hits(t, &ents) {
                     assert!(t.get(h.start..h.end).is_some());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn capitalised_runs_after_a_lower_case_word_are_read_again() {
+        let got = |t: &str, ents: &[Entity]| -> Vec<String> {
+            rereads(t, ents)
+                .into_iter()
+                .map(|(s, e)| t[s..e].to_owned())
+                .collect()
+        };
+        let t = "Envoyez le contrat à Thomas Marin.";
+        assert_eq!(
+            got(t, &[e(t, "CITY", "Thomas Marin", 0.67)]),
+            ["Thomas Marin"]
+        );
+        let t = "Merci de transmettre le dossier à Margot de la Langlois.";
+        assert_eq!(got(t, &[]), ["Margot de la Langlois"]);
+        // Not a sentence's first words, one capitalised word, or a name
+        // the model already found.
+        assert!(got("Thomas Marin called.", &[]).is_empty());
+        assert!(got("Send it to Paris.", &[]).is_empty());
+        let t = "Send it to Anna Weber.";
+        assert!(got(t, &[e(t, "GIVEN_NAME", "Anna", 0.9)]).is_empty());
+        // Code and shouting are not names.
+        assert!(got("call getUserName or HTTP_PROXY now", &[]).is_empty());
+        assert!(got("it runs on NEW YORK time", &[]).is_empty());
+        // After punctuation a clause starts: not read again.
+        assert!(got("as they said: Good Morning", &[]).is_empty());
+    }
+
+    #[test]
+    fn a_name_alone_is_a_sure_given_name_then_a_surname() {
+        let t = "Thomas Marin";
+        assert!(person_alone(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Thomas", 0.97),
+                e(t, "SURNAME", "Marin", 0.72)
+            ]
+        ));
+        let t = "Massimo Leone";
+        assert!(person_alone(
+            t,
+            &[e(t, "GIVEN_NAME", "Massimo Leone", 0.75)]
+        ));
+        let t = "Margot de la Langlois";
+        assert!(person_alone(t, &[e(t, "GIVEN_NAME", "Margot", 0.98)]));
+        let t = "Castilla y León";
+        assert!(!person_alone(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Castilla", 0.62),
+                e(t, "GIVEN_NAME", "León", 0.99)
+            ]
+        ));
+        let t = "Victoria Station";
+        assert!(!person_alone(t, &[e(t, "GIVEN_NAME", "Victoria", 0.95)]));
+        let t = "Rio Grande";
+        assert!(!person_alone(t, &[e(t, "CITY", "Rio Grande", 0.61)]));
+        let t = "Reggio Emilia";
+        assert!(!person_alone(t, &[e(t, "GIVEN_NAME", "Emilia", 0.9)]));
+        assert!(!person_alone("Hello World", &[]));
+    }
+
+    #[test]
+    fn rereads_take_any_text() {
+        for t in [
+            "",
+            " ",
+            "a Ü",
+            "à\u{0}Ab Cd",
+            "x -Ab Cd-",
+            "ß Ÿÿ Ǆǆ",
+            "to 'Ab 'Cd'",
+        ] {
+            for (s, e) in rereads(t, &[]) {
+                assert!(t.get(s..e).is_some());
             }
         }
     }

@@ -280,6 +280,22 @@ impl Detector {
         if let Some(r) = &self.recognizer {
             let entities = r.recognize(text).map_err(Unavailable)?;
             hits.extend(entities::hits(text, &entities));
+            for (start, end) in entities::rereads(text, &entities)
+                .into_iter()
+                .take(entities::MAX_REREADS)
+            {
+                let Some(span) = text.get(start..end) else {
+                    continue;
+                };
+                if entities::person_alone(span, &r.recognize(span).map_err(Unavailable)?) {
+                    hits.push(patterns::Hit {
+                        class: "person".into(),
+                        start,
+                        end,
+                        priority: 1,
+                    });
+                }
+            }
         }
         let out = resolve(text, hits);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
