@@ -26,21 +26,8 @@ pub(crate) fn split(
     upstream: &str,
     ignores_n: Arc<AtomicBool>,
 ) -> Vec<EventStream> {
-    let unfinished = |i: u32, seen: bool| {
-        if seen || n == 1 {
-            ApiError::bad_gateway(format!(
-                "upstream `{upstream}` ended the stream before finishing the answer"
-            ))
-        } else {
-            ApiError::bad_gateway(format!(
-                "upstream `{upstream}` answered no choice {i} of the {n} asked for"
-            ))
-            .with_code(CHOICE_NOT_ANSWERED)
-        }
-    };
-    let name = upstream.to_owned();
     if n <= 1 {
-        let cut = unfinished(0, true);
+        let cut = unfinished(upstream, n, 0, true);
         return vec![Box::pin(async_stream::stream! {
             let mut events = events;
             while let Some(e) = events.next().await {
@@ -61,9 +48,8 @@ pub(crate) fn split(
             yield Err(cut);
         })];
     }
+    let name = upstream.to_owned();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
-    let messages: Vec<ApiError> = (0..n).map(|i| unfinished(i, false)).collect();
-    let broke: Vec<ApiError> = (0..n).map(|i| unfinished(i, true)).collect();
     tokio::spawn(async move {
         let mut events = events;
         // Per choice: whether it has had an event, and whether it is over.
@@ -103,14 +89,9 @@ pub(crate) fn split(
                             "the upstream ignores `n`: choices are asked for one by one from now"
                         );
                     }
-                    for (((tx, o), s), (never, cut)) in senders
-                        .iter()
-                        .zip(&over)
-                        .zip(&seen)
-                        .zip(messages.iter().zip(&broke))
-                    {
+                    for (i, ((tx, o), s)) in (0u32..).zip(senders.iter().zip(&over).zip(&seen)) {
                         if !o {
-                            let _ = tx.send(Err(if *s { cut.clone() } else { never.clone() }));
+                            let _ = tx.send(Err(unfinished(&name, n, i, *s)));
                         }
                     }
                     return;
@@ -125,6 +106,22 @@ pub(crate) fn split(
                 .boxed()
         })
         .collect()
+}
+
+/// The error that ends choice `i` of `n` when the upstream stops before
+/// finishing it: cut short when it had begun (or was the only one asked
+/// for), never answered otherwise.
+fn unfinished(upstream: &str, n: u32, i: u32, seen: bool) -> ApiError {
+    if seen || n == 1 {
+        ApiError::bad_gateway(format!(
+            "upstream `{upstream}` ended the stream before finishing the answer"
+        ))
+    } else {
+        ApiError::bad_gateway(format!(
+            "upstream `{upstream}` answered no choice {i} of the {n} asked for"
+        ))
+        .with_code(CHOICE_NOT_ANSWERED)
+    }
 }
 
 /// Resolves once every receiver has gone.

@@ -22,8 +22,8 @@ const WEAK: f32 = 0.25;
 /// ("Cuesta de Pascual Sans" when the model saw "Sans").
 const STREET_WORDS_BACK: usize = 4;
 /// At most this many capitalised words a name is extended over forwards
-/// (a surname the model did not label).
-const NAME_WORDS_FORWARD: usize = 2;
+/// (surnames the model did not label: "Cipriano Barranco Gallart").
+const NAME_WORDS_FORWARD: usize = 3;
 
 /// Words that join the parts of a street's name in the languages the model
 /// reads ("Calle de la Paz", "Via della Repubblica", "Rue des Lilas").
@@ -152,7 +152,23 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
         let mut start = first.start;
         let mut end = g.iter().map(|p| p.end).max().unwrap_or(last.end);
         match class {
-            Class::Person => end = with_degree(text, extend_name(text, end, NAME_WORDS_FORWARD)),
+            Class::Person => {
+                // Inside an identifier ("l" of `np.linalg`) it is not a name.
+                let inside_word = text[..start]
+                    .chars()
+                    .next_back()
+                    .is_some_and(char::is_alphanumeric);
+                if inside_word || glued(text, start, end) {
+                    continue;
+                }
+                // A span may stop inside a word ("Dev" of "Devaux", its
+                // last piece labelled otherwise): the whole word is the name's.
+                let word_end = text[end..]
+                    .char_indices()
+                    .find(|(_, c)| !(c.is_alphabetic() || *c == '\'' || *c == '-'))
+                    .map_or(text.len(), |(i, _)| end + i);
+                end = with_degree(text, extend_name(text, word_end, NAME_WORDS_FORWARD, true))
+            }
             Class::Phone => {
                 (start, end) = extend_phone(text, start, end);
                 if !is_phone(text, start, end) {
@@ -166,7 +182,7 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
                 // A postcode is followed by its town ("54-964 Częstochowa")
                 // even when the model did not label it.
                 if last.label == "ZIP_CODE" {
-                    end = extend_name(text, end, 1);
+                    end = extend_name(text, end, 1, false);
                 }
                 if matches!(first.label, "STREET_NAME" | "BUILDING_NUMBER") {
                     start = extend_street(text, start);
@@ -315,11 +331,15 @@ fn with_degree(text: &str, end: usize) -> usize {
 }
 
 /// Extends a name's end over up to `words` following capitalised words (a
-/// surname the model was unsure of, a town after its postcode).
-fn extend_name(text: &str, end: usize, words: usize) -> usize {
+/// surname the model was unsure of, a town after its postcode); with
+/// `particles`, also over name particles that a capitalised word follows
+/// ("Lucas Devaux Le De Oliveira", "Juan de la Cruz").
+fn extend_name(text: &str, end: usize, words: usize, particles: bool) -> usize {
     let mut end = end;
-    for _ in 0..words {
-        let Some(rest) = text[end..].strip_prefix(' ') else {
+    let mut at = end;
+    let mut taken = 0;
+    while taken < words {
+        let Some(rest) = text[at..].strip_prefix(' ') else {
             break;
         };
         let len: usize = rest
@@ -330,10 +350,15 @@ fn extend_name(text: &str, end: usize, words: usize) -> usize {
         let word = &rest[..len];
         let capital = word.chars().next().is_some_and(char::is_uppercase);
         let lower_after_first = word.chars().skip(1).all(|c| !c.is_uppercase());
-        if len < 2 || !capital || !lower_after_first {
+        if len >= 2 && capital && lower_after_first {
+            at += 1 + len;
+            end = at;
+            taken += 1;
+        } else if particles && NAME_PARTICLES.contains(&word) {
+            at += 1 + len;
+        } else {
             break;
         }
-        end += 1 + len;
     }
     end
 }
@@ -507,6 +532,59 @@ mod tests {
         assert_eq!(
             spans(t, &[e(t, "GIVEN_NAME", "Natalia", 1.0)]),
             vec![("person".into(), "Natalia".into())]
+        );
+    }
+
+    #[test]
+    fn surnames_with_particles_are_taken_whole() {
+        let t = "Écris un message pour Lucas Devaux Le De Oliveira.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Lucas", 0.99),
+                e(t, "SURNAME", "Devaux", 0.65),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![("person".into(), "Lucas Devaux Le De Oliveira".into())]
+        );
+        // The model's span may stop inside a word.
+        let t = "Écris un message pour Lucas Devaux Le De Oliveira.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Lucas", 0.97),
+                e(t, "SURNAME", "Dev", 0.48),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![("person".into(), "Lucas Devaux Le De Oliveira".into())]
+        );
+        let t = "Ask Juan de la Cruz about it.";
+        assert_eq!(
+            spans(t, &[e(t, "GIVEN_NAME", "Juan", 0.95)]),
+            vec![("person".into(), "Juan de la Cruz".into())]
+        );
+        // A particle that no capitalised word follows is not the name's.
+        let t = "Ask Juan de la casa.";
+        assert_eq!(
+            spans(t, &[e(t, "GIVEN_NAME", "Juan", 0.95)]),
+            vec![("person".into(), "Juan".into())]
+        );
+    }
+
+    #[test]
+    fn names_inside_identifiers_are_not_names() {
+        let t = "print(np.linalg.det(matrix))";
+        assert!(spans(t, &[e(t, "GIVEN_NAME", "l", 0.6)]).is_empty());
+        let t = "call user_Anna now";
+        assert!(spans(t, &[e(t, "GIVEN_NAME", "Anna", 0.9)]).is_empty());
+        let t = "O'Neill said hi to Anna.";
+        assert_eq!(
+            spans(t, &[e(t, "GIVEN_NAME", "Anna", 0.9)]),
+            vec![("person".into(), "Anna".into())]
         );
     }
 
