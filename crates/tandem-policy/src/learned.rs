@@ -598,7 +598,16 @@ impl LearnedScorer {
 
 impl Scorer for LearnedScorer {
     fn score(&self, embedding: &[f32], text: &str) -> f32 {
-        self.model.score(embedding, &TextView::of(text))
+        // The terms are read only when the router has a part that uses them.
+        let view = TextView {
+            features: text_features(text),
+            terms: if self.model.lexical.is_some() {
+                terms(text)
+            } else {
+                Vec::new()
+            },
+        };
+        self.model.score(embedding, &view)
     }
 
     fn threshold(&self, quality: Option<f32>) -> Option<f32> {

@@ -122,7 +122,7 @@ const LEXICAL_FOLDS: usize = 5;
 /// The lexical ridge: TF-IDF over the terms of at least `min_prompts`
 /// training prompts, weights by conjugate gradients on the centred normal
 /// equations (the matrix is sparse and too wide for Cholesky).
-fn fit_lexical(train: &[Example], lambda: f32, min_prompts: u32) -> Option<Lexical> {
+fn fit_lexical(train: &[&Example], lambda: f32, min_prompts: u32) -> Option<Lexical> {
     if train.is_empty() {
         return None;
     }
@@ -228,11 +228,11 @@ fn conjugate_gradient(
 fn lexical_out_of_fold(train: &[Example], config: &TrainConfig) -> Vec<f32> {
     let mut out = vec![0f32; train.len()];
     for fold in 0..LEXICAL_FOLDS {
-        let rest: Vec<Example> = train
+        let rest: Vec<&Example> = train
             .iter()
             .enumerate()
             .filter(|(i, _)| i % LEXICAL_FOLDS != fold)
-            .map(|(_, e)| e.clone())
+            .map(|(_, e)| e)
             .collect();
         let Some(lex) = fit_lexical(&rest, config.lexical_lambda, config.lexical_min_prompts)
         else {
@@ -474,7 +474,8 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     let lexical = if config.kind.lexical()
         && (config.kind == ModelKind::Lexical || train.len() >= config.lexical_from)
     {
-        fit_lexical(train, config.lexical_lambda, config.lexical_min_prompts)
+        let all: Vec<&Example> = train.iter().collect();
+        fit_lexical(&all, config.lexical_lambda, config.lexical_min_prompts)
     } else {
         None
     };
