@@ -251,6 +251,18 @@ pub struct Labelled {
     pub score: f32,
 }
 
+/// A word piece's probability of belonging to each group of labels asked
+/// for ([`TokenClassifier::masses`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mass {
+    /// Byte offset where the piece starts.
+    pub start: usize,
+    /// Byte offset where it ends.
+    pub end: usize,
+    /// One probability per group, in the order asked.
+    pub mass: Vec<f32>,
+}
+
 /// Word-piece ids of a text and the byte span of each.
 pub type Pieces = (Vec<u32>, Vec<(usize, usize)>);
 
@@ -363,16 +375,18 @@ impl TokenClassifier {
         out
     }
 
-    /// The most likely label of every word piece of `ids` (no `[CLS]` or
-    /// `[SEP]`), with its probability, read in windows.
-    pub fn label_pieces(&self, ids: &[u32]) -> Vec<(usize, f32)> {
+    /// The label probabilities of every word piece of `ids` (no `[CLS]` or
+    /// `[SEP]`), `ids.len() × labels`, read in windows: each piece takes
+    /// them from the window where it sits farthest from an edge.
+    pub fn piece_probabilities(&self, ids: &[u32]) -> Vec<f32> {
         let (cls, sep) = specials(&self.tokenizer);
         let k = self.head.outputs;
         let window = WINDOW
             .min(self.encoder.max_positions().saturating_sub(2))
             .max(8);
         let stride = window - OVERLAP.min(window / 2);
-        let mut best: Vec<(usize, f32, usize)> = vec![(0, 0.0, 0); ids.len()];
+        let mut probs = vec![0f32; ids.len() * k];
+        let mut centrality = vec![0usize; ids.len()];
         let mut start = 0;
         loop {
             let end = (start + window).min(ids.len());
@@ -384,27 +398,82 @@ impl TokenClassifier {
             for (j, row) in logits.chunks_exact(k).skip(1).take(end - start).enumerate() {
                 let i = start + j;
                 // How far this piece is from the window's nearer edge.
-                let centrality = (j + 1).min(end - start - j);
-                if centrality <= best[i].2 {
+                let c = (j + 1).min(end - start - j);
+                let (Some(best), Some(out)) =
+                    (centrality.get_mut(i), probs.get_mut(i * k..(i + 1) * k))
+                else {
+                    continue;
+                };
+                if c <= *best {
                     continue;
                 }
+                *best = c;
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
-                let (arg, _) = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (c, &v)| if v > b.1 { (c, v) } else { b },
-                    );
-                best[i] = (arg, 1.0 / sum, centrality);
+                let mut sum = 0f32;
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                for o in out.iter_mut() {
+                    *o /= sum;
+                }
             }
             if end == ids.len() {
                 break;
             }
             start += stride;
         }
-        best.into_iter().map(|(l, p, _)| (l, p)).collect()
+        probs
+    }
+
+    /// The most likely label of every word piece of `ids` (no `[CLS]` or
+    /// `[SEP]`), with its probability.
+    pub fn label_pieces(&self, ids: &[u32]) -> Vec<(usize, f32)> {
+        self.piece_probabilities(ids)
+            .chunks_exact(self.head.outputs.max(1))
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (c, &p)| if p > b.1 { (c, p) } else { b },
+                    )
+            })
+            .collect()
+    }
+
+    /// Every word piece of `text` with, for each group of label kinds
+    /// (`["GIVEN_NAME", "SURNAME"]`, without `B-`/`I-`), the probability
+    /// that the piece is one of them: how much of the model's belief goes
+    /// to a kind even where another label wins by a little.
+    pub fn masses(&self, text: &str, groups: &[&[&str]]) -> Result<Vec<Mass>, EmbedError> {
+        let (ids, offsets) = self.tokenize(text)?;
+        let k = self.head.outputs.max(1);
+        let member: Vec<Vec<bool>> = groups
+            .iter()
+            .map(|g| {
+                self.labels
+                    .iter()
+                    .map(|l| {
+                        let kind = l.split_once('-').map_or(l.as_str(), |(_, kind)| kind);
+                        l != "O" && g.contains(&kind)
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(self
+            .piece_probabilities(&ids)
+            .chunks_exact(k)
+            .zip(offsets)
+            .map(|(row, (start, end))| Mass {
+                start,
+                end,
+                mass: member
+                    .iter()
+                    .map(|m| row.iter().zip(m).filter(|(_, x)| **x).map(|(p, _)| p).sum())
+                    .collect(),
+            })
+            .collect())
     }
 
     /// The labelled spans of `text`: consecutive word pieces with one label

@@ -103,3 +103,41 @@ fn names_and_addresses_come_back_as_spans() {
         "{spans:?}"
     );
 }
+
+#[test]
+fn masses_sum_the_labels_of_each_group() {
+    let dir = model_path(RAMPART);
+    let c = TokenClassifier::load(dir.parent().unwrap()).expect("load");
+    let text = "My name is Hans Müller and I live at Hauptstraße 5, 10115 Berlin.";
+    let names: &[&str] = &["GIVEN_NAME", "SURNAME"];
+    let pieces = c.masses(text, &[names, &["CITY"], &[]]).unwrap();
+    let (ids, offsets) = c.tokenize(text).unwrap();
+    assert_eq!(pieces.len(), ids.len());
+    let probs = c.piece_probabilities(&ids);
+    let k = c.labels().len();
+    for (i, (p, &(start, end))) in pieces.iter().zip(&offsets).enumerate() {
+        assert_eq!((p.start, p.end), (start, end));
+        let row = &probs[i * k..(i + 1) * k];
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        let named: f32 = c
+            .labels()
+            .iter()
+            .zip(row)
+            .filter(|(l, _)| names.iter().any(|n| l.ends_with(n)))
+            .map(|(_, p)| p)
+            .sum();
+        assert!((p.mass[0] - named).abs() < 1e-5);
+        assert_eq!(p.mass[2], 0.0);
+    }
+    let word = |w: &str| {
+        let at = text.find(w).unwrap();
+        pieces
+            .iter()
+            .find(|p| p.start == at)
+            .map(|p| p.mass.clone())
+            .unwrap()
+    };
+    assert!(word("Hans")[0] > 0.9 && word("Müller")[0] > 0.9);
+    assert!(word("Berlin")[1] > 0.9 && word("Berlin")[0] < 0.1);
+    assert!(word("name")[0] < 0.1);
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tandem_embed::TokenClassifier;
-use tandem_policy::privacy::{Entity, EntityRecognizer};
+use tandem_policy::privacy::{Entity, EntityRecognizer, NamePiece};
 
 /// A loaded token classifier, recognizing for the detector.
 #[derive(Debug, Clone)]
@@ -23,6 +23,24 @@ impl EntityRecognizer for ModelRecognizer {
                 })
                 .collect()),
             // The error's own words might quote the input: not repeated.
+            Err(_) => Err("the personal-data model could not read the text".into()),
+        }
+    }
+
+    fn name_pieces(&self, text: &str) -> Result<Vec<NamePiece>, String> {
+        match self
+            .0
+            .masses(text, &[&["GIVEN_NAME", "SURNAME"], &["GIVEN_NAME"]])
+        {
+            Ok(pieces) => Ok(pieces
+                .into_iter()
+                .map(|m| NamePiece {
+                    start: m.start,
+                    end: m.end,
+                    person: m.mass.first().copied().unwrap_or(0.0),
+                    given: m.mass.get(1).copied().unwrap_or(0.0),
+                })
+                .collect()),
             Err(_) => Err("the personal-data model could not read the text".into()),
         }
     }

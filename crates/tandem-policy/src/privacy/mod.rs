@@ -149,11 +149,45 @@ pub struct Entity {
     pub score: f32,
 }
 
+/// A word piece and how likely the model finds it part of a person's name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamePiece {
+    /// Byte offset where the piece starts.
+    pub start: usize,
+    /// Byte offset where it ends.
+    pub end: usize,
+    /// Probability that it is part of a name (given name or surname).
+    pub person: f32,
+    /// Probability that it is part of a given name.
+    pub given: f32,
+}
+
 /// A model that labels spans of text (the personal-data token classifier).
 pub trait EntityRecognizer: Send + Sync {
     /// The labelled spans of `text`. An error means the text could not be
     /// checked; the detector then fails closed.
     fn recognize(&self, text: &str) -> Result<Vec<Entity>, String>;
+
+    /// The word pieces of `text` with the model's belief that each is part
+    /// of a name, summed over the name labels, so a piece split between
+    /// "given name" and "surname" (or narrowly beaten by "no label") still
+    /// counts. By default, the labelled spans of [`recognize`](Self::recognize)
+    /// at their scores.
+    fn name_pieces(&self, text: &str) -> Result<Vec<NamePiece>, String> {
+        Ok(self
+            .recognize(text)?
+            .into_iter()
+            .filter_map(|e| {
+                let given = e.label == "GIVEN_NAME";
+                (given || e.label == "SURNAME").then_some(NamePiece {
+                    start: e.start,
+                    end: e.end,
+                    person: e.score,
+                    given: if given { e.score } else { 0.0 },
+                })
+            })
+            .collect())
+    }
 }
 
 /// A detector could not check a text: the reason, never the text.
@@ -287,7 +321,19 @@ impl Detector {
                 let Some(span) = text.get(start..end) else {
                     continue;
                 };
-                if entities::person_alone(span, &r.recognize(span).map_err(Unavailable)?) {
+                let alone = |s: &str| -> Result<bool, Unavailable> {
+                    // A second reading of the model's belief only where
+                    // the labels alone do not make a name.
+                    Ok(
+                        entities::person_alone(s, &r.recognize(s).map_err(Unavailable)?)
+                            || entities::name_alone(s, &r.name_pieces(s).map_err(Unavailable)?),
+                    )
+                };
+                // A given name and two surnames ("Salvador Pedraza Manuel")
+                // may read as nothing where its first two words read as a
+                // name: the rest of the run is that name's.
+                let head = entities::leading_pair(span).and_then(|end| span.get(..end));
+                if alone(span)? || head.map_or(Ok(false), alone)? {
                     hits.push(patterns::Hit {
                         class: "person".into(),
                         start,
