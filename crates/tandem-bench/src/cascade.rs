@@ -57,6 +57,16 @@ pub struct CascadeArgs {
     /// a router of its own; 0 skips it.
     #[arg(long, default_value_t = 160)]
     pub train_questions: usize,
+    /// Tokens each answer may have. Most questions ask for the bare number
+    /// or letter; on the longer word problems both models tend to reason
+    /// first, and a small cap cuts them off before their answer.
+    #[arg(long, default_value_t = 24)]
+    pub max_tokens: u32,
+    /// Report on the figures a run saved (its `.rows.json`) instead of
+    /// asking the models again (the shared router's row and the live pass
+    /// are left out).
+    #[arg(long)]
+    pub rows: Option<std::path::PathBuf>,
     /// Where the chart of accuracy against cloud share is written (PNG).
     #[arg(long, default_value = "cascade.png")]
     pub chart: std::path::PathBuf,
@@ -167,6 +177,9 @@ const MCQ_TRAIN: &[(&str, char)] = &[
 /// The seed offset of the questions the router's own labels come from.
 const TRAIN_SEED: u64 = 1_000_003;
 
+/// Kinds of question, asked in turn.
+const KINDS: usize = 8;
+
 /// Arithmetic word problems from one- to three-step, and multiple-choice
 /// questions: the local model gets the easy ones, not all the hard ones.
 fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question> {
@@ -178,7 +191,7 @@ fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question
     };
     let mut mcq = mcqs.iter().cycle();
     for i in 0..n {
-        let q = match i % 8 {
+        let q = match i % KINDS {
             0 => {
                 let (a, b) = (rng.i64(10..100), rng.i64(10..100));
                 number(format!("What is {a} + {b}?"), a + b)
@@ -238,18 +251,28 @@ fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question
     out
 }
 
-/// Answers are short: a number or a letter.
-const MAX_TOKENS: u32 = 24;
-
-fn request(model: &str, prompt: &str) -> GenerateRequest {
+fn request(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         choices: 1,
         logprobs: Some(LogprobRequest { top: 0 }),
-        ..greedy_request(model, prompt, MAX_TOKENS)
+        ..greedy_request(model, prompt, max_tokens)
     }
 }
 
-#[derive(Default, serde::Serialize)]
+/// What a run saves beside its chart (`.rows.json`): every question's
+/// figures and the routers' thresholds, enough to report again.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Saved {
+    /// The shared-label router's threshold, when there was one.
+    router_threshold: Option<f32>,
+    /// The own-label router's threshold, when it was trained.
+    own_threshold: Option<f32>,
+    rows: Vec<Row>,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 struct Row {
     weak: bool,
     strong: bool,
@@ -336,6 +359,20 @@ fn mix(rows: &[&Row], escalate: impl Fn(&Row) -> bool) -> (f64, f64) {
     (correct / n, cloud / n)
 }
 
+/// Two halves for cross-validation, each with every kind of question alike:
+/// whole rounds of the kinds go to one half or the other. (Alternate
+/// questions would give one half the even kinds and the other the odd
+/// ones, whose accuracies differ, and a threshold chosen on one half would
+/// not carry over to the other.)
+fn halves<'a, T>(all: &[&'a T]) -> (Vec<&'a T>, Vec<&'a T>) {
+    let (a, b): (Vec<_>, Vec<_>) = all
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| (i / KINDS).is_multiple_of(2));
+    let strip = |v: Vec<(usize, &&'a T)>| v.into_iter().map(|(_, r)| *r).collect();
+    (strip(a), strip(b))
+}
+
 /// The highest confidence threshold that still escalates as few answers as
 /// reach `quality` times the strong model's accuracy on `rows`.
 fn calibrate(rows: &[&Row], quality: f64) -> f32 {
@@ -370,7 +407,7 @@ async fn own_router(
         .build()
         .map_err(anyhow::Error::msg)?;
     let mut labeler = Labeler::new(d, &args.weak, &args.strong);
-    labeler.max_tokens = MAX_TOKENS;
+    labeler.max_tokens = args.max_tokens;
     let qs = questions(
         args.train_questions,
         args.seed.wrapping_add(TRAIN_SEED),
@@ -517,6 +554,15 @@ fn calibrate_prior(
 
 /// Runs the benchmark and prints its table.
 pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.rows {
+        let saved: Saved = serde_json::from_slice(
+            &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("{} is not a run's rows", path.display()))?;
+        let threshold = report(&args, &saved);
+        println!("\nSet `[router] cascade_threshold = {threshold:.3}` to use this calibration.");
+        return Ok(());
+    }
     let qs = questions(args.questions, args.seed, MCQ);
     let cloud_url = format!("http://127.0.0.1:{}", args.cloud_port);
     eprintln!(
@@ -570,9 +616,10 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::with_capacity(qs.len());
     for (i, q) in qs.iter().enumerate() {
-        let (weak, first_s, total_s) = timed(local.submit(request(&args.weak, &q.prompt))?).await?;
+        let (weak, first_s, total_s) =
+            timed(local.submit(request(&args.weak, &q.prompt, args.max_tokens))?).await?;
         let strong_stream = cloud
-            .generate(request(&args.strong, &q.prompt))
+            .generate(request(&args.strong, &q.prompt, args.max_tokens))
             .await
             .context("the cloud side")?;
         let strong = Answer::collect(strong_stream).await?;
@@ -611,16 +658,66 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     }
 
     // Every question's figures, for analyses the table does not make.
+    let saved = Saved {
+        router_threshold: scorer.as_ref().map(|r| r.scorer.model().threshold),
+        own_threshold: own.as_ref().map(|m| m.threshold),
+        rows,
+    };
     let dump = args.chart.with_extension("rows.json");
-    if let Err(e) = std::fs::write(&dump, serde_json::to_vec(&rows)?) {
+    if let Err(e) = std::fs::write(&dump, serde_json::to_vec(&saved)?) {
         eprintln!("{}: {e}", dump.display());
     }
-    let all: Vec<&Row> = rows.iter().collect();
+    let threshold = report(&args, &saved);
+    let k = args.early_tokens;
+    // The same cascade, live through the dispatcher.
+    let policy = PolicyConfig {
+        cascade: true,
+        cascade_threshold: threshold,
+        cascade_early_tokens: k,
+        ..PolicyConfig::default()
+    };
+    let d: Arc<Dispatcher> = Dispatcher::builder()
+        .policy(policy)
+        .local(local)
+        .cloud(cloud)
+        .build()
+        .map_err(anyhow::Error::msg)?;
+    let (mut correct, mut escalated) = (0usize, 0usize);
+    for q in &qs {
+        let mut req = request("tandem/auto", &q.prompt, args.max_tokens);
+        req.logprobs = None;
+        let out = d.dispatch(req, RequestContext::default()).await?;
+        if out.route.backend != "local" {
+            escalated += 1;
+        }
+        let answer = Answer::collect(out.stream).await?;
+        correct += usize::from(q.answer.passes(&answer.text));
+    }
+    let n = qs.len().max(1) as f64;
+    println!(
+        "{:<34} {:>9.3} {:>12.3}",
+        format!("early cascade live (t {threshold:.3}, k={k})"),
+        correct as f64 / n,
+        escalated as f64 / n
+    );
+    println!(
+        "\nconfidence = mean token log-probability of the local answer; target {:.0}% of the cloud's accuracy.\n\
+         Set `[router] cascade_threshold = {threshold:.3}` to use this calibration.",
+        args.quality * 100.0
+    );
+    drop(cloud_proc);
+    Ok(())
+}
+
+/// Prints the table (and draws the chart) for `rows`, and returns the
+/// cascade threshold calibrated on all of them.
+fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
+    let router_t = saved.router_threshold;
+    let all: Vec<&Row> = saved.rows.iter().collect();
     let (local_acc, _) = mix(&all, |_| false);
     let (cloud_acc, _) = mix(&all, |_| true);
     // Two folds: calibrate on one half, score the other.
-    let a: Vec<&Row> = all.iter().step_by(2).copied().collect();
-    let b: Vec<&Row> = all.iter().skip(1).step_by(2).copied().collect();
+    let (a, b) = halves(&all);
     let (ta, tb) = (calibrate(&a, args.quality), calibrate(&b, args.quality));
     let (acc_b, share_b) = mix(&b, |r| r.confidence < ta);
     let (acc_a, share_a) = mix(&a, |r| r.confidence < tb);
@@ -643,8 +740,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         Series::point("device only", 0.0, local_acc),
         Series::point("cloud only", 1.0, cloud_acc),
     ];
-    if let Some(r) = &scorer {
-        let t = r.scorer.model().threshold;
+    if let Some(t) = router_t {
         let (acc, share) = mix(&all, |r| r.difficulty.is_some_and(|d| d >= t));
         println!(
             "{:<34} {:>9.3} {:>12.3}",
@@ -665,7 +761,6 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     // device nothing).
     let k = args.early_tokens;
     let folds = [(&a, tb), (&b, ta)];
-    let router_t = scorer.as_ref().map(|r| r.scorer.model().threshold);
     let routed = |r: &Row| router_t.is_some_and(|t| r.difficulty.is_some_and(|d| d >= t));
     let mut early = (0.0, 0.0);
     let mut both = (0.0, 0.0);
@@ -727,9 +822,8 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     // The router trained on this pair's own labels: alone, against random
     // routing at every share, and in front of the early cascade with both
     // thresholds chosen together on one fold and scored on the other.
-    if let Some(model) = &own {
+    if let Some(t) = saved.own_threshold {
         let score = |r: &Row| r.own.unwrap_or(0.0);
-        let t = model.threshold;
         let (acc, share) = mix(&all, |r| score(r) >= t);
         println!(
             "{:<34} {:>9.3} {:>12.3}",
@@ -774,7 +868,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             mean(own_s, own_n) / mean(full_s, full_n).max(1e-9)
         );
         // The router's score as the cascade's prior: one bar, moved by it.
-        let tr = model.threshold;
+        let tr = t;
         let fold_b = calibrate_prior(&b, args.quality, k, tr, score);
         let fold_a = calibrate_prior(&a, args.quality, k, tr, score);
         let (mut acc, mut share) = (0.0, 0.0);
@@ -838,44 +932,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         Err(e) => eprintln!("no chart: {e:#}"),
     }
 
-    // The same cascade, live through the dispatcher.
-    let policy = PolicyConfig {
-        cascade: true,
-        cascade_threshold: threshold,
-        cascade_early_tokens: k,
-        ..PolicyConfig::default()
-    };
-    let d: Arc<Dispatcher> = Dispatcher::builder()
-        .policy(policy)
-        .local(local)
-        .cloud(cloud)
-        .build()
-        .map_err(anyhow::Error::msg)?;
-    let (mut correct, mut escalated) = (0usize, 0usize);
-    for q in &qs {
-        let mut req = request("tandem/auto", &q.prompt);
-        req.logprobs = None;
-        let out = d.dispatch(req, RequestContext::default()).await?;
-        if out.route.backend != "local" {
-            escalated += 1;
-        }
-        let answer = Answer::collect(out.stream).await?;
-        correct += usize::from(q.answer.passes(&answer.text));
-    }
-    let n = qs.len().max(1) as f64;
-    println!(
-        "{:<34} {:>9.3} {:>12.3}",
-        format!("early cascade live (t {threshold:.3}, k={k})"),
-        correct as f64 / n,
-        escalated as f64 / n
-    );
-    println!(
-        "\nconfidence = mean token log-probability of the local answer; target {:.0}% of the cloud's accuracy.\n\
-         Set `[router] cascade_threshold = {threshold:.3}` to use this calibration.",
-        args.quality * 100.0
-    );
-    drop(cloud_proc);
-    Ok(())
+    threshold
 }
 
 #[cfg(test)]
@@ -892,6 +949,40 @@ mod tests {
                 .iter()
                 .all(|t| qs.iter().all(|q| q.prompt != t.prompt))
         );
+    }
+
+    #[test]
+    fn each_half_asks_every_kind_alike() {
+        let qs = questions(80, 3, MCQ);
+        let all: Vec<&Question> = qs.iter().collect();
+        let (a, b) = halves(&all);
+        assert_eq!((a.len(), b.len()), (40, 40));
+        let kind = |q: &Question| {
+            let p = q.prompt.as_str();
+            // The more particular first: "x +" before "+", "Pens" (… times as
+            // many …) before "times".
+            [
+                "x +",
+                "Pens",
+                "times",
+                "apples",
+                "train",
+                "remainder",
+                "letter",
+                "+",
+            ]
+            .iter()
+            .position(|w| p.contains(w))
+        };
+        for half in [&a, &b] {
+            let mut count = [0; KINDS];
+            for q in half.iter() {
+                if let Some(k) = kind(q) {
+                    count[k] += 1;
+                }
+            }
+            assert_eq!(count, [5; KINDS], "{count:?}");
+        }
     }
 
     #[test]
