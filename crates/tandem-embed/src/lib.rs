@@ -321,8 +321,10 @@ impl TokenClassifier {
         }
         let bytes = std::fs::read(dir.join("model_q4.onnx")).map_err(|e| load(&e))?;
         let loaded = onnx::read(&bytes, heads, eps).map_err(|e| load(&e))?;
-        if loaded.classifier.outputs != labels.len() {
-            return Err(load(&"the head's outputs and id2label differ"));
+        if labels.is_empty() || loaded.classifier.outputs != labels.len() {
+            return Err(load(
+                &"the head's outputs and id2label differ (or are none)",
+            ));
         }
         Ok(TokenClassifier {
             encoder: Encoder::with_precision(loaded.weights, threads(), precision)
