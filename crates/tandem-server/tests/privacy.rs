@@ -396,8 +396,10 @@ async fn images_and_audio_leave_as_sent_and_only_as_privacy_allows() {
 }
 
 /// Names at the end of a sentence after a preposition, where the model
-/// alone reads a town or nothing: read again on their own, they are found;
-/// places and product names in the same position are not taken for names.
+/// alone reads a town or nothing: read again on their own (or, where the
+/// model does not know them at all, where a name is asked for), they are
+/// found; places and product names in the same position are not taken for
+/// names.
 #[test]
 fn names_after_a_preposition_are_found_and_places_are_not() {
     use tandem_policy::privacy::Detector;
@@ -437,6 +439,17 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Bitte leite den Vertrag an Ing. Rene Franke weiter.",
             "Ing. Rene Franke",
         ),
+        // Read as nothing even alone; where a name is asked for, a name.
+        (
+            "Napisz do Grzegorz Brzęczyszczykiewicz w sprawie faktury.",
+            "Grzegorz Brzęczyszczykiewicz",
+        ),
+        ("I talked to Forum Ramaswamy about it.", "Forum Ramaswamy"),
+        ("Please send the keys to Om Sinha tomorrow.", "Om Sinha"),
+        (
+            "Wczoraj rozmawiałem z Róża Komander o fakturze.",
+            "Róża Komander",
+        ),
     ] {
         let found = d.find(text).unwrap();
         assert!(
@@ -453,6 +466,12 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
         "We shipped the parcels to Rio de Janeiro.",
         "Il treno per Reggio Emilia parte alle otto.",
         "Die Tour führt auf den Monte Rosa.",
+        // Read as names where a name is asked for, but ending in a word
+        // too common to be a name the model does not know.
+        "Our servers run on Red Hat and some on Ubuntu.",
+        "She drives an Alfa Romeo to work.",
+        "The store has big discounts on Black Friday this year.",
+        "He works at Goldman Sachs in the risk team.",
     ] {
         assert!(d.find(text).unwrap().is_empty(), "{text}");
     }

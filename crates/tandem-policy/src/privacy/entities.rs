@@ -608,6 +608,68 @@ pub fn name_alone(span: &str, pieces: &[NamePiece]) -> bool {
         })
 }
 
+/// Whether a model label marks part of an address.
+pub fn is_place_label(label: &str) -> bool {
+    matches!(Class::of(label), Some(Class::Address))
+}
+
+/// Where a name is asked for: a run no reading above took is read once
+/// more after this.
+pub const NAME_FRAME: &str = "Name: ";
+/// How sure of every piece the model must be, reading the run where a name
+/// is asked for. Everything written there tends towards a name, so only a
+/// near-certain reading counts: "Miłosz Mich" 0.99 and "Forum Ramaswamy"
+/// 0.94 there (nothing alone); "Deutsche Bank" 0.58, "Hong Kong" 0.70,
+/// "Costa Rica" 0.85 there.
+const ASKED: f32 = 0.9;
+/// A run the model reads alone as this much a place is not a name, however
+/// it reads where a name is asked for ("Bad Homburg", "Victoria Station",
+/// "Monte Rosa").
+const PLACE_MASS: f32 = 0.2;
+
+/// Whether a run the model reads as nothing, alone, is a name it does not
+/// know: its last word is rare (the model's vocabulary holds it only in
+/// pieces, as it holds "Ramaswamy" or "Potyrała", where it holds "Hat",
+/// "Romeo", "Friday" and "Sachs" whole), read where a name is asked for
+/// (`asked`: the pieces of the run after [`NAME_FRAME`], offsets into
+/// `span`) every piece of every capitalised word is near-certainly a
+/// name's, and alone (`alone`, the run's word pieces) no word reads as a
+/// place. Words of tools and services ("Visual Studio", "Google Drive",
+/// "Customer Support") stay out even where a name is asked for; name-like
+/// brands and places ending in a whole word ("Alfa Romeo", "Monte Carlo",
+/// "Red Hat") are read there as names, and the rare last word keeps them
+/// out. What remains ("Porta Nuova", "Seat Ibiza") is kept from the cloud
+/// as a name would be.
+pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece]) -> bool {
+    let words: Vec<(usize, usize)> = words(span)
+        .into_iter()
+        .filter(|(_, w)| capitalised(w))
+        .map(|(at, w)| (at, at + w.len()))
+        .collect();
+    let inside = |p: &NamePiece, (start, end): (usize, usize)| {
+        start <= p.start && p.end <= end && p.start < p.end
+    };
+    let rare = words
+        .last()
+        .is_some_and(|&w| alone.iter().filter(|p| inside(p, w)).count() >= 2);
+    words.len() >= 2
+        && rare
+        && words.iter().all(|&w| {
+            let read: Vec<f32> = asked
+                .iter()
+                .filter(|p| inside(p, w))
+                .map(|p| p.person)
+                .collect();
+            let (place, n) = alone
+                .iter()
+                .filter(|p| inside(p, w))
+                .fold((0.0, 0usize), |(s, n), p| (s + p.place, n + 1));
+            !read.is_empty()
+                && read.iter().all(|&m| m >= ASKED)
+                && (n == 0 || place / (n as f32) < PLACE_MASS)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1028,6 +1090,7 @@ mod tests {
                 end: start + w.len(),
                 person,
                 given,
+                place: 0.0,
             }
         };
         let t = "Pasqual Mennea";
@@ -1065,6 +1128,59 @@ mod tests {
         assert!(!name_alone(t, &[piece(t, "Anna", 0.9, 0.9)]));
         assert!(!name_alone("Anna", &[piece("Anna", "Anna", 0.9, 0.9)]));
         assert!(!name_alone("", &[]));
+    }
+
+    #[test]
+    fn a_name_the_model_does_not_know_reads_as_one_where_a_name_is_asked_for() {
+        let piece = |t: &str, w: &str, person: f32, place: f32| {
+            let start = t.find(w).unwrap_or(0);
+            NamePiece {
+                start,
+                end: start + w.len(),
+                person,
+                given: person,
+                place,
+            }
+        };
+        let t = "Miłosz Mich";
+        let alone = [
+            piece(t, "Mił", 0.0, 0.0),
+            piece(t, "osz", 0.0, 0.0),
+            piece(t, "Mic", 0.0, 0.0),
+            piece(t, "h", 0.0, 0.0),
+        ];
+        let asked = [
+            piece(t, "Mił", 0.99, 0.0),
+            piece(t, "osz", 0.98, 0.0),
+            piece(t, "Mich", 0.97, 0.0),
+        ];
+        assert!(name_where_asked(t, &alone, &asked));
+        // Every piece near-certain: one doubtful piece is enough to refuse.
+        let unsure = [
+            piece(t, "Mił", 0.99, 0.0),
+            piece(t, "osz", 0.6, 0.0),
+            piece(t, "Mich", 0.97, 0.0),
+        ];
+        assert!(!name_where_asked(t, &alone, &unsure));
+        // A word not read at all where asked is not a name's.
+        assert!(!name_where_asked(t, &alone, &asked[..2]));
+        // A last word the vocabulary holds whole is too common to be taken
+        // on this reading alone ("Red Hat", "Alfa Romeo").
+        let whole = [piece(t, "Mił", 0.0, 0.0), piece(t, "Mich", 0.0, 0.0)];
+        assert!(!name_where_asked(t, &whole, &asked));
+        // Read as a place alone: not a name, however it reads where asked.
+        let t = "Bad Homburg";
+        let alone = [
+            piece(t, "Bad", 0.0, 0.9),
+            piece(t, "Hom", 0.01, 0.9),
+            piece(t, "burg", 0.01, 0.9),
+        ];
+        let asked = [piece(t, "Bad", 1.0, 0.0), piece(t, "Homburg", 1.0, 0.0)];
+        assert!(!name_where_asked(t, &alone, &asked));
+        // One capitalised word is not enough.
+        let t = "Mich";
+        assert!(!name_where_asked(t, &[], &[piece(t, "Mich", 1.0, 0.0)]));
+        assert!(!name_where_asked("", &[], &[]));
     }
 
     #[test]

@@ -160,6 +160,9 @@ pub struct NamePiece {
     pub person: f32,
     /// Probability that it is part of a given name.
     pub given: f32,
+    /// Probability that it is part of an address (street, town, state,
+    /// postcode): a run read as a place is not a name.
+    pub place: f32,
 }
 
 /// A model that labels spans of text (the personal-data token classifier).
@@ -179,11 +182,14 @@ pub trait EntityRecognizer: Send + Sync {
             .into_iter()
             .filter_map(|e| {
                 let given = e.label == "GIVEN_NAME";
-                (given || e.label == "SURNAME").then_some(NamePiece {
+                let person = given || e.label == "SURNAME";
+                let place = entities::is_place_label(&e.label);
+                (person || place).then_some(NamePiece {
                     start: e.start,
                     end: e.end,
-                    person: e.score,
+                    person: if person { e.score } else { 0.0 },
                     given: if given { e.score } else { 0.0 },
+                    place: if place { e.score } else { 0.0 },
                 })
             })
             .collect())
@@ -321,19 +327,44 @@ impl Detector {
                 let Some(span) = text.get(start..end) else {
                     continue;
                 };
-                let alone = |s: &str| -> Result<bool, Unavailable> {
+                let alone = |s: &str| -> Result<(bool, Vec<NamePiece>), Unavailable> {
                     // A second reading of the model's belief only where
                     // the labels alone do not make a name.
-                    Ok(
-                        entities::person_alone(s, &r.recognize(s).map_err(Unavailable)?)
-                            || entities::name_alone(s, &r.name_pieces(s).map_err(Unavailable)?),
-                    )
+                    if entities::person_alone(s, &r.recognize(s).map_err(Unavailable)?) {
+                        return Ok((true, Vec::new()));
+                    }
+                    let pieces = r.name_pieces(s).map_err(Unavailable)?;
+                    Ok((entities::name_alone(s, &pieces), pieces))
                 };
+                let (found, pieces) = alone(span)?;
                 // A given name and two surnames ("Salvador Pedraza Manuel")
                 // may read as nothing where its first two words read as a
                 // name: the rest of the run is that name's.
                 let head = entities::leading_pair(span).and_then(|end| span.get(..end));
-                if alone(span)? || head.map_or(Ok(false), alone)? {
+                let found = found
+                    || match head {
+                        Some(h) => alone(h)?.0,
+                        None => false,
+                    }
+                    || {
+                        // Names the model does not know read as nothing even
+                        // alone; written where a name is asked for, they do.
+                        let framed = format!("{}{span}", entities::NAME_FRAME);
+                        let shift = entities::NAME_FRAME.len();
+                        let framed: Vec<NamePiece> = r
+                            .name_pieces(&framed)
+                            .map_err(Unavailable)?
+                            .into_iter()
+                            .filter(|p| p.start >= shift && p.end >= p.start)
+                            .map(|p| NamePiece {
+                                start: p.start - shift,
+                                end: p.end - shift,
+                                ..p
+                            })
+                            .collect();
+                        entities::name_where_asked(span, &pieces, &framed)
+                    };
+                if found {
                     hits.push(patterns::Hit {
                         class: "person".into(),
                         start,

@@ -739,6 +739,17 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
             1,
         ),
         ("address", r"\b\d{2}-\d{3}\s+[\p{Lu}][\p{L}-]+\b", whole, 1),
+        // Military post, as the US Postal Service writes it: a unit, PSC or
+        // CMR and a box, or a ship, then APO/FPO/DPO, AA/AE/AP and a ZIP
+        // code ("Unit 9341 Box 8445, DPO AE 53621", "USNS Comfort, FPO AA
+        // 34058"). The model reads none of it as an address; so specific a
+        // shape outranks the phone number its ZIP+4 would otherwise be.
+        (
+            "address",
+            r"(?:\b(?:(?i:unit|psc|cmr)\s+\d{1,5},?\s+(?i:box)\s+\d{1,5}|(?:USNS|USNV|USS|USCGC)\s+[\p{Lu}][\p{L}'-]*(?:\s+[\p{Lu}][\p{L}'-]*){0,2}),?\s+)?\b(?:APO|FPO|DPO)\s+(?:AA|AE|AP)\s+\d{5}(?:-\d{4})?\b",
+            whole,
+            3,
+        ),
     ];
     let mut out: Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> = rules
         .into_iter()

@@ -180,6 +180,21 @@ fn finds_each_class() {
         ),
         ("wohne in der Hauptstraße 5", "address", "Hauptstraße 5"),
         ("London SW1A 1AA", "address", "SW1A 1AA"),
+        (
+            "{\"address\": \"Unit 9341 Box 8445, DPO AE 53621\"}",
+            "address",
+            "Unit 9341 Box 8445, DPO AE 53621",
+        ),
+        (
+            "Ship it to PSC 802 Box 74, APO AE 09499-0074 please",
+            "address",
+            "PSC 802 Box 74, APO AE 09499-0074",
+        ),
+        (
+            "mail: USNS Comfort FPO AA 34058.",
+            "address",
+            "USNS Comfort FPO AA 34058",
+        ),
     ];
     for (text, class, value) in cases {
         let got = found(&d, text);
