@@ -431,7 +431,11 @@ impl TokenClassifier {
     /// The most likely label of every word piece of `ids` (no `[CLS]` or
     /// `[SEP]`), with its probability.
     pub fn label_pieces(&self, ids: &[u32]) -> Vec<(usize, f32)> {
-        self.piece_probabilities(ids)
+        self.best_labels(&self.piece_probabilities(ids))
+    }
+
+    fn best_labels(&self, probs: &[f32]) -> Vec<(usize, f32)> {
+        probs
             .chunks_exact(self.head.outputs.max(1))
             .map(|row| {
                 row.iter()
@@ -444,12 +448,37 @@ impl TokenClassifier {
             .collect()
     }
 
+    /// The labelled spans and the label masses of `text` from one forward
+    /// pass: what [`classify`](Self::classify) and
+    /// [`masses`](Self::masses) give, for the price of one.
+    pub fn read(
+        &self,
+        text: &str,
+        groups: &[&[&str]],
+    ) -> Result<(Vec<Labelled>, Vec<Mass>), EmbedError> {
+        let (ids, offsets) = self.tokenize(text)?;
+        let probs = self.piece_probabilities(&ids);
+        Ok((
+            self.spans(&self.best_labels(&probs), &offsets),
+            self.group_masses(&probs, &offsets, groups),
+        ))
+    }
+
     /// Every word piece of `text` with, for each group of label kinds
     /// (`["GIVEN_NAME", "SURNAME"]`, without `B-`/`I-`), the probability
     /// that the piece is one of them: how much of the model's belief goes
     /// to a kind even where another label wins by a little.
     pub fn masses(&self, text: &str, groups: &[&[&str]]) -> Result<Vec<Mass>, EmbedError> {
         let (ids, offsets) = self.tokenize(text)?;
+        Ok(self.group_masses(&self.piece_probabilities(&ids), &offsets, groups))
+    }
+
+    fn group_masses(
+        &self,
+        probs: &[f32],
+        offsets: &[(usize, usize)],
+        groups: &[&[&str]],
+    ) -> Vec<Mass> {
         let k = self.head.outputs.max(1);
         let member: Vec<Vec<bool>> = groups
             .iter()
@@ -463,11 +492,10 @@ impl TokenClassifier {
                     .collect()
             })
             .collect();
-        Ok(self
-            .piece_probabilities(&ids)
+        probs
             .chunks_exact(k)
             .zip(offsets)
-            .map(|(row, (start, end))| Mass {
+            .map(|(row, &(start, end))| Mass {
                 start,
                 end,
                 mass: member
@@ -475,17 +503,21 @@ impl TokenClassifier {
                     .map(|m| row.iter().zip(m).filter(|(_, x)| **x).map(|(p, _)| p).sum())
                     .collect(),
             })
-            .collect())
+            .collect()
     }
 
     /// The labelled spans of `text`: consecutive word pieces with one label
     /// (its `B-` then `I-` pieces) make one span.
     pub fn classify(&self, text: &str) -> Result<Vec<Labelled>, EmbedError> {
         let (ids, offsets) = self.tokenize(text)?;
-        let labels = self.label_pieces(&ids);
+        Ok(self.spans(&self.label_pieces(&ids), &offsets))
+    }
+
+    /// Consecutive pieces of one label joined into spans.
+    fn spans(&self, labels: &[(usize, f32)], offsets: &[(usize, usize)]) -> Vec<Labelled> {
         let mut out: Vec<Labelled> = Vec::new();
         let mut pieces = 0usize;
-        for ((label, p), &(start, end)) in labels.iter().zip(&offsets) {
+        for ((label, p), &(start, end)) in labels.iter().zip(offsets) {
             let name = self.labels.get(*label).map_or("O", String::as_str);
             let (begin, kind) = match name.split_once('-') {
                 Some(("B", k)) => (true, k),
@@ -518,6 +550,6 @@ impl TokenClassifier {
                 }
             }
         }
-        Ok(out)
+        out
     }
 }

@@ -141,3 +141,19 @@ fn masses_sum_the_labels_of_each_group() {
     assert!(word("Berlin")[1] > 0.9 && word("Berlin")[0] < 0.1);
     assert!(word("name")[0] < 0.1);
 }
+
+#[test]
+fn one_reading_gives_what_the_two_give() {
+    let dir = model_path(RAMPART);
+    let c = TokenClassifier::load(dir.parent().unwrap()).expect("load");
+    let groups: &[&[&str]] = &[&["GIVEN_NAME", "SURNAME"], &["CITY"]];
+    for text in [
+        "My name is Hans Müller and I live at Hauptstraße 5, 10115 Berlin.",
+        "Miłosz Mich",
+        "",
+    ] {
+        let (spans, masses) = c.read(text, groups).unwrap();
+        assert_eq!(spans, c.classify(text).unwrap(), "{text}");
+        assert_eq!(masses, c.masses(text, groups).unwrap(), "{text}");
+    }
+}

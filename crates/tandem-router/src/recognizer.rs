@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tandem_embed::TokenClassifier;
+use tandem_embed::{Labelled, Mass, TokenClassifier};
 use tandem_policy::privacy::{Entity, EntityRecognizer, NamePiece};
 
 /// The model's labels for parts of an address.
@@ -20,39 +20,54 @@ const PLACE: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct ModelRecognizer(pub Arc<TokenClassifier>);
 
+/// What the detector asks of every word piece: a name's, a given name's,
+/// a place's.
+const GROUPS: &[&[&str]] = &[&["GIVEN_NAME", "SURNAME"], &["GIVEN_NAME"], PLACE];
+
+fn entity(s: Labelled) -> Entity {
+    Entity {
+        label: s.label,
+        start: s.start,
+        end: s.end,
+        score: s.score,
+    }
+}
+
+fn piece(m: Mass) -> NamePiece {
+    NamePiece {
+        start: m.start,
+        end: m.end,
+        person: m.mass.first().copied().unwrap_or(0.0),
+        given: m.mass.get(1).copied().unwrap_or(0.0),
+        place: m.mass.get(2).copied().unwrap_or(0.0),
+    }
+}
+
+/// The error's own words might quote the input: not repeated.
+const UNREADABLE: &str = "the personal-data model could not read the text";
+
 impl EntityRecognizer for ModelRecognizer {
     fn recognize(&self, text: &str) -> Result<Vec<Entity>, String> {
         match self.0.classify(text) {
-            Ok(spans) => Ok(spans
-                .into_iter()
-                .map(|s| Entity {
-                    label: s.label,
-                    start: s.start,
-                    end: s.end,
-                    score: s.score,
-                })
-                .collect()),
-            // The error's own words might quote the input: not repeated.
-            Err(_) => Err("the personal-data model could not read the text".into()),
+            Ok(spans) => Ok(spans.into_iter().map(entity).collect()),
+            Err(_) => Err(UNREADABLE.into()),
         }
     }
 
     fn name_pieces(&self, text: &str) -> Result<Vec<NamePiece>, String> {
-        match self
-            .0
-            .masses(text, &[&["GIVEN_NAME", "SURNAME"], &["GIVEN_NAME"], PLACE])
-        {
-            Ok(pieces) => Ok(pieces
-                .into_iter()
-                .map(|m| NamePiece {
-                    start: m.start,
-                    end: m.end,
-                    person: m.mass.first().copied().unwrap_or(0.0),
-                    given: m.mass.get(1).copied().unwrap_or(0.0),
-                    place: m.mass.get(2).copied().unwrap_or(0.0),
-                })
-                .collect()),
-            Err(_) => Err("the personal-data model could not read the text".into()),
+        match self.0.masses(text, GROUPS) {
+            Ok(pieces) => Ok(pieces.into_iter().map(piece).collect()),
+            Err(_) => Err(UNREADABLE.into()),
+        }
+    }
+
+    fn read(&self, text: &str) -> Result<(Vec<Entity>, Vec<NamePiece>), String> {
+        match self.0.read(text, GROUPS) {
+            Ok((spans, pieces)) => Ok((
+                spans.into_iter().map(entity).collect(),
+                pieces.into_iter().map(piece).collect(),
+            )),
+            Err(_) => Err(UNREADABLE.into()),
         }
     }
 }

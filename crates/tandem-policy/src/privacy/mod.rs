@@ -194,6 +194,12 @@ pub trait EntityRecognizer: Send + Sync {
             })
             .collect())
     }
+
+    /// Both of the above. A model that reads once for both overrides it:
+    /// a run read again on its own needs the two.
+    fn read(&self, text: &str) -> Result<(Vec<Entity>, Vec<NamePiece>), String> {
+        Ok((self.recognize(text)?, self.name_pieces(text)?))
+    }
 }
 
 /// A detector could not check a text: the reason, never the text.
@@ -328,13 +334,10 @@ impl Detector {
                     continue;
                 };
                 let alone = |s: &str| -> Result<(bool, Vec<NamePiece>), Unavailable> {
-                    // A second reading of the model's belief only where
-                    // the labels alone do not make a name.
-                    if entities::person_alone(s, &r.recognize(s).map_err(Unavailable)?) {
-                        return Ok((true, Vec::new()));
-                    }
-                    let pieces = r.name_pieces(s).map_err(Unavailable)?;
-                    Ok((entities::name_alone(s, &pieces), pieces))
+                    let (labels, pieces) = r.read(s).map_err(Unavailable)?;
+                    let found =
+                        entities::person_alone(s, &labels) || entities::name_alone(s, &pieces);
+                    Ok((found, pieces))
                 };
                 let (found, pieces) = alone(span)?;
                 // A given name and two surnames ("Salvador Pedraza Manuel")
