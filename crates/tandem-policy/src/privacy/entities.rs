@@ -627,6 +627,34 @@ const ASKED: f32 = 0.9;
 /// "Monte Rosa").
 const PLACE_MASS: f32 = 0.2;
 
+/// Words a name follows where it is the one written to, met, thanked or
+/// copied ("an", "mit", "do", "z", "à", "con"...), in the languages the
+/// model reads. Only after one of them is a run read where a name is asked
+/// for: German writes every noun with a capital, and "die Unterlagen
+/// Montag" or "eine neue Kaffeemaschine Reparatur" read there as names
+/// too. Words of place ("in", "w", "at", "on") are not among them.
+const NAME_CONTEXT: &[&str] = &[
+    "to", "with", "from", "for", "by", "cc", "and", "or", "an", "mit", "von", "für", "bei", "zu",
+    "und", "oder", "à", "avec", "de", "pour", "par", "chez", "et", "ou", "a", "con", "para", "por",
+    "y", "o", "da", "di", "per", "e", "do", "z", "ze", "od", "dla", "u", "i", "oraz",
+];
+
+/// Whether the word right before `start` (one space between) is one a
+/// name follows ([`NAME_CONTEXT`]).
+pub fn after_name_word(text: &str, start: usize) -> bool {
+    let Some(before) = text.get(..start).and_then(|b| b.strip_suffix(' ')) else {
+        return false;
+    };
+    let word_start = before
+        .char_indices()
+        .rev()
+        .take_while(|(_, c)| c.is_alphabetic())
+        .last()
+        .map_or(before.len(), |(i, _)| i);
+    let word = &before[word_start..];
+    !word.is_empty() && NAME_CONTEXT.contains(&word.to_lowercase().as_str())
+}
+
 /// Whether a run the model reads as nothing, alone, is a name it does not
 /// know: its last word is rare (the model's vocabulary holds it only in
 /// pieces, as it holds "Ramaswamy" or "Potyrała", where it holds "Hat",
@@ -1181,6 +1209,26 @@ mod tests {
         let t = "Mich";
         assert!(!name_where_asked(t, &[], &[piece(t, "Mich", 1.0, 0.0)]));
         assert!(!name_where_asked("", &[], &[]));
+    }
+
+    #[test]
+    fn a_name_follows_words_of_address_not_articles() {
+        let at = |t: &str, w: &str| after_name_word(t, t.find(w).unwrap_or(0));
+        assert!(at("Napisz do Miłosz Mich.", "Miłosz"));
+        assert!(at("I talked to Forum Ramaswamy.", "Forum"));
+        assert!(at("Rozmawiałem Z Róża Komander.", "Róża"));
+        assert!(!at(
+            "Schicken Sie mir die Unterlagen Montag früh.",
+            "Unterlagen"
+        ));
+        assert!(!at("Spotkamy się w Nowa Huta.", "Nowa"));
+        assert!(!at("trained on Common Crawl", "Common"));
+        // One space, a whole word, and something before it.
+        assert!(!at("do  Miłosz Mich", "Miłosz"));
+        assert!(!at("undo Miłosz Mich", "Miłosz"));
+        assert!(!after_name_word("Miłosz Mich", 0));
+        assert!(!after_name_word("à", 1));
+        assert!(!after_name_word("", 0));
     }
 
     #[test]

@@ -349,7 +349,7 @@ impl Detector {
                         Some(h) => alone(h)?.0,
                         None => false,
                     }
-                    || {
+                    || (entities::after_name_word(text, start) && {
                         // Names the model does not know read as nothing even
                         // alone; written where a name is asked for, they do.
                         let framed = format!("{}{span}", entities::NAME_FRAME);
@@ -366,7 +366,7 @@ impl Detector {
                             })
                             .collect();
                         entities::name_where_asked(span, &pieces, &framed)
-                    };
+                    });
                 if found {
                     hits.push(patterns::Hit {
                         class: "person".into(),
