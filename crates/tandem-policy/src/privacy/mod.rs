@@ -175,7 +175,9 @@ pub trait EntityRecognizer: Send + Sync {
     /// of a name, summed over the name labels, so a piece split between
     /// "given name" and "surname" (or narrowly beaten by "no label") still
     /// counts. By default, the labelled spans of [`recognize`](Self::recognize)
-    /// at their scores.
+    /// at their scores; whole spans never show a word held in pieces, so
+    /// the reading where a name is asked for (which wants a rare last
+    /// word) takes nothing from a recognizer that keeps the default.
     fn name_pieces(&self, text: &str) -> Result<Vec<NamePiece>, String> {
         Ok(self
             .recognize(text)?
