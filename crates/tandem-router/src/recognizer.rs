@@ -4,17 +4,7 @@
 use std::sync::Arc;
 
 use tandem_embed::{Labelled, Mass, TokenClassifier};
-use tandem_policy::privacy::{Entity, EntityRecognizer, NamePiece};
-
-/// The model's labels for parts of an address.
-const PLACE: &[&str] = &[
-    "STREET_NAME",
-    "BUILDING_NUMBER",
-    "SECONDARY_ADDRESS",
-    "CITY",
-    "STATE",
-    "ZIP_CODE",
-];
+use tandem_policy::privacy::{ADDRESS_LABELS, Entity, EntityRecognizer, NamePiece};
 
 /// A loaded token classifier, recognizing for the detector.
 #[derive(Debug, Clone)]
@@ -22,7 +12,7 @@ pub struct ModelRecognizer(pub Arc<TokenClassifier>);
 
 /// What the detector asks of every word piece: a name's, a given name's,
 /// a place's.
-const GROUPS: &[&[&str]] = &[&["GIVEN_NAME", "SURNAME"], &["GIVEN_NAME"], PLACE];
+const GROUPS: &[&[&str]] = &[&["GIVEN_NAME", "SURNAME"], &["GIVEN_NAME"], ADDRESS_LABELS];
 
 fn entity(s: Labelled) -> Entity {
     Entity {

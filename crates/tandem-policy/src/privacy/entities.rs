@@ -11,7 +11,7 @@
 //! read as identifiers.
 
 use super::patterns::{Hit, glued, phone_shape};
-use super::{Entity, NamePiece};
+use super::{ADDRESS_LABELS, Entity, NamePiece};
 
 /// Spans at or above this confidence are taken on their own.
 const STRONG: f32 = 0.5;
@@ -43,8 +43,7 @@ impl Class {
     fn of(label: &str) -> Option<Class> {
         match label {
             "GIVEN_NAME" | "SURNAME" => Some(Class::Person),
-            "STREET_NAME" | "BUILDING_NUMBER" | "SECONDARY_ADDRESS" | "CITY" | "STATE"
-            | "ZIP_CODE" => Some(Class::Address),
+            l if ADDRESS_LABELS.contains(&l) => Some(Class::Address),
             "PHONE" => Some(Class::Phone),
             _ => None,
         }

@@ -149,6 +149,17 @@ pub struct Entity {
     pub score: f32,
 }
 
+/// The personal-data model's labels for parts of an address: what the
+/// detector joins into addresses, and what reads as a place.
+pub const ADDRESS_LABELS: &[&str] = &[
+    "STREET_NAME",
+    "BUILDING_NUMBER",
+    "SECONDARY_ADDRESS",
+    "CITY",
+    "STATE",
+    "ZIP_CODE",
+];
+
 /// A word piece and how likely the model finds it part of a person's name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamePiece {
