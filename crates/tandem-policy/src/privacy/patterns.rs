@@ -430,15 +430,20 @@ fn keyed_secret(text: &str, c: &Captures) -> Option<(usize, usize)> {
 fn aws_secret(text: &str, c: &Captures) -> Option<(usize, usize)> {
     let (s, e) = c.get(1).map_or_else(|| span(c), |m| (m.start(), m.end()));
     let base64 = |ch: char| ch.is_ascii_alphanumeric() || ch == '/' || ch == '+' || ch == '=';
-    if text[..s].chars().next_back().is_some_and(base64)
+    // `=` before it assigns it (`AWS_SECRET_ACCESS_KEY=...`); after it, it
+    // would pad a longer string.
+    if text[..s]
+        .chars()
+        .next_back()
+        .is_some_and(|ch| ch != '=' && base64(ch))
         || text[e..].chars().next().is_some_and(base64)
     {
         return None;
     }
     let v = &text[s..e];
-    let mixed = v.chars().any(|c| c.is_ascii_uppercase())
-        && v.chars().any(|c| c.is_ascii_lowercase())
-        && v.chars().any(|c| c.is_ascii_digit());
+    let cased =
+        v.chars().any(|c| c.is_ascii_uppercase()) && v.chars().any(|c| c.is_ascii_lowercase());
+    let mixed = cased && v.chars().any(|c| c.is_ascii_digit());
     let said = near(
         text,
         s,
@@ -447,7 +452,8 @@ fn aws_secret(text: &str, c: &Captures) -> Option<(usize, usize)> {
         60,
         0,
     );
-    (mixed && (said || entropy(v) >= 4.3)).then_some((s, e))
+    // One key in a thousand has no digit; named as a key, it is one still.
+    (mixed && (said || entropy(v) >= 4.3) || cased && said && entropy(v) >= 4.0).then_some((s, e))
 }
 
 /// The part of `text[s..e]` that is a phone number's digits, when the
@@ -593,7 +599,7 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
         // Not `\b`: a key may start with `+` or `/`, where there is none.
         (
             "secret",
-            r"(?:^|[^A-Za-z0-9/+=])([A-Za-z0-9/+]{40})",
+            r"(?:^|[^A-Za-z0-9/+])([A-Za-z0-9/+]{40})",
             aws_secret,
             7,
         ),

@@ -102,6 +102,12 @@ fn finds_each_class() {
             "secret",
             "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         ),
+        // One key in about a thousand has no digit.
+        (
+            "export AWS_SECRET_ACCESS_KEY=pqLQBeBLpWfprUsVnUfezlXxKPbxUGvae+fGiobr",
+            "secret",
+            "pqLQBeBLpWfprUsVnUfezlXxKPbxUGvae+fGiobr",
+        ),
         ("password = hunter2hunter2", "secret", "hunter2hunter2"),
         (
             "db: postgres://app:s3cr3tPass@db.internal/prod",
