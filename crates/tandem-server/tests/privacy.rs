@@ -450,6 +450,35 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Wczoraj rozmawiałem z Róża Komander o fakturze.",
             "Róża Komander",
         ),
+        // The halves of a double-barrelled surname read apart: the second
+        // as a town.
+        (
+            "Ayer hablé con Alcides Soria-Escudero sobre la factura.",
+            "Alcides Soria-Escudero",
+        ),
+        // Sure of the surname, not of the given name before it.
+        (
+            "Please forward the contract to Alex Cox before Friday.",
+            "Alex Cox",
+        ),
+        // A sentence opening with a word a name follows.
+        ("Add Max Misra to the guest list.", "Max Misra"),
+        // One word piece inside the name read as a given name, the rest as
+        // a town.
+        (
+            "Per favore inoltra il contratto a Eraldo Traversa.",
+            "Eraldo Traversa",
+        ),
+        // A key that asks for a name; in its sentence and alone the model
+        // reads a street or a town.
+        (
+            r#"{"customer_id": 3692, "name": "Visitación Montes-Gual", "note": "urgent"}"#,
+            "Visitación Montes-Gual",
+        ),
+        (
+            r#"{"customer_id": 8669, "name": "Jacob Seifert B.A.", "note": "urgent"}"#,
+            "Jacob Seifert B.A.",
+        ),
     ] {
         let found = d.find(text).unwrap();
         assert!(
@@ -476,6 +505,12 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
         // not read where a name is asked for.
         "Bitte schicken Sie mir die Unterlagen Montag früh.",
         "Im Anhang findest du die Präsentation Folien für morgen.",
+        // Openings a name may follow, followed by what is not one.
+        "Add Google Drive to the toolbar.",
+        "Call Customer Support if it fails.",
+        // A key asking for a name, holding a service's.
+        r#"{"name": "Customer Support", "note": "urgent"}"#,
+        r#"{"id": 7, "name": "Google Drive"}"#,
     ] {
         assert!(d.find(text).unwrap().is_empty(), "{text}");
     }

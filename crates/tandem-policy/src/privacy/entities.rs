@@ -152,6 +152,12 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
         let mut end = g.iter().map(|p| p.end).max().unwrap_or(last.end);
         match class {
             Class::Person => {
+                // The halves of a double-barrelled name may be labelled
+                // apart ("Soria" a surname, "-Escudero" a town); the name
+                // is both, and only then is it glued to anything.
+                (start, end) = (barrel_back(text, start), barrel_forward(text, end));
+                // A span may stop inside a degree ("Seifert B" of "B.A.").
+                end = over_degree(text, start, end);
                 // Inside an identifier ("l" of `np.linalg`) it is not a name.
                 let inside_word = text[..start]
                     .chars()
@@ -167,7 +173,7 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
                     .find(|(_, c)| !(c.is_alphabetic() || *c == '\'' || *c == '-'))
                     .map_or(text.len(), |(i, _)| end + i);
                 end = with_degree(text, extend_name(text, word_end, NAME_WORDS_FORWARD, true));
-                start = with_titles(text, start);
+                start = with_titles(text, with_given(text, start));
             }
             Class::Phone => {
                 (start, end) = extend_phone(text, start, end);
@@ -304,6 +310,73 @@ fn extend_street(text: &str, start: usize) -> usize {
     best
 }
 
+/// Moves a name's end over the capitalised parts joined to it by hyphens
+/// ("Soria" + "-Escudero"). Lower-case parts ("alex-prod") are not a
+/// name's, and stay glued.
+fn barrel_forward(text: &str, end: usize) -> usize {
+    let mut end = end;
+    while let Some(rest) = text[end..].strip_prefix('-')
+        && rest.starts_with(char::is_uppercase)
+    {
+        let len: usize = rest
+            .char_indices()
+            .take_while(|(_, c)| c.is_alphabetic() || *c == '\'')
+            .last()
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        end += 1 + len;
+    }
+    end
+}
+
+/// Moves a capitalised name's start back over the capitalised parts joined
+/// to it by hyphens ("Chinnici-" before "Bonanno").
+fn barrel_back(text: &str, start: usize) -> usize {
+    let mut start = start;
+    while text[start..].starts_with(char::is_uppercase)
+        && let Some(before) = text[..start].strip_suffix('-')
+    {
+        let at = before
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| c.is_alphabetic() || *c == '\'')
+            .last()
+            .map_or(before.len(), |(i, _)| i);
+        if at == before.len() || !before[at..].starts_with(char::is_uppercase) {
+            break;
+        }
+        start = at;
+    }
+    start
+}
+
+/// Moves a name's start back over the capitalised word right before it,
+/// inside a sentence (a lower-case word before that one): the model may be
+/// sure of a surname and read the given name before it as a town or as
+/// nothing ("à Frédéric Le Roux", "do Maks Sacharczuk", "to Alex Cox"),
+/// and a name redacted without its given name still names the person.
+fn with_given(text: &str, start: usize) -> usize {
+    let word_back = |end: usize| -> Option<(usize, &str)> {
+        let before = text[..end].strip_suffix(' ')?;
+        let at = before
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| c.is_alphabetic() || *c == '-' || *c == '\'')
+            .last()
+            .map(|(i, _)| i)?;
+        Some((at, &before[at..]))
+    };
+    match word_back(start) {
+        Some((at, given))
+            if capitalised(given)
+                && word_back(at)
+                    .is_some_and(|(_, w)| w.chars().next().is_some_and(char::is_lowercase)) =>
+        {
+            at
+        }
+        _ => start,
+    }
+}
+
 /// Degrees and suffixes written after a name ("Christin Schmidtke B.Sc.").
 const DEGREES: &[&str] = &[
     "B.Sc.", "M.Sc.", "B.A.", "M.A.", "B.Eng.", "M.Eng.", "LL.M.", "MBA", "MBA.", "Ph.D.", "PhD",
@@ -373,6 +446,20 @@ fn with_titles(text: &str, start: usize) -> usize {
         start = trimmed.len() - title.len();
     }
     start
+}
+
+/// Moves a name's end to the end of the degree its last word starts
+/// ("Jacob Seifert B" of "Jacob Seifert B.A."), so the degree's dots do
+/// not read as an identifier's.
+fn over_degree(text: &str, start: usize, end: usize) -> usize {
+    let word = text[start..end].rfind(' ').map_or(start, |i| start + i + 1);
+    DEGREES
+        .iter()
+        .filter(|d| text[word..].starts_with(*d) && word + d.len() >= end)
+        .filter(|d| !text[word + d.len()..].starts_with(char::is_alphanumeric))
+        .map(|d| word + d.len())
+        .max()
+        .unwrap_or(end)
 }
 
 /// Extends a name's end over a degree or suffix that follows it.
@@ -461,28 +548,39 @@ const NAME_PARTICLES: &[&str] = &[
 ];
 
 /// Runs of capitalised words the model did not take for a name, inside a
-/// sentence after a lower-case word, to be read again on their own. At the
+/// sentence after a lower-case word (or after a sentence's first word when
+/// a name follows it: "Add", "Dear"), to be read again on their own. At the
 /// end of a sentence after a preposition the model reads a town where a
 /// name stands ("Envoyez le contrat à Thomas Marin." gives "Thomas Marin"
 /// as a city); without the sentence, a name reads as a name and "Rio
 /// Grande", "Visual Studio" or "Deutsche Bank" read as nothing of the kind.
 pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
     let words = words(text);
+    // A sure piece inside a word ("ld" of "Eraldo", between two read as a
+    // town) makes no name, and does not keep the run from a second reading.
     let named = |start: usize, end: usize| {
         entities.iter().any(|e| {
             matches!(Class::of(&e.label), Some(Class::Person))
                 && e.score >= STRONG
                 && e.start < end
                 && start < e.end
+                && !text
+                    .get(..e.start)
+                    .and_then(|b| b.chars().next_back())
+                    .is_some_and(char::is_alphanumeric)
         })
     };
     let mut out = Vec::new();
     let mut i = 1;
     while i < words.len() {
-        let (prev, (start, first)) = (words[i - 1].1, words[i]);
-        let after_lower = prev.chars().next().is_some_and(char::is_lowercase)
-            && text.get(words[i - 1].0 + prev.len()..start) == Some(" ");
-        if !(after_lower && capitalised(first)) {
+        let ((prev_at, prev), (start, first)) = (words[i - 1], words[i]);
+        let spaced = text.get(prev_at + prev.len()..start) == Some(" ");
+        let after_lower = prev.chars().next().is_some_and(char::is_lowercase);
+        // A sentence opening with a word a name follows ("Add", "Dear").
+        let opening =
+            sentence_start(text, prev_at) && NAME_CONTEXT.contains(&prev.to_lowercase().as_str());
+        let keyed = after_name_key(text, start);
+        if !((spaced && (after_lower || opening) || keyed) && capitalised(first)) {
             i += 1;
             continue;
         }
@@ -511,6 +609,12 @@ pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
         i = last + 1;
     }
     out
+}
+
+/// Whether a word at `at` opens its text or a sentence in it.
+fn sentence_start(text: &str, at: usize) -> bool {
+    let before = text[..at].trim_end_matches([' ', '"', '\'', '(', '«', '„', '“']);
+    before.is_empty() || before.ends_with(['.', '!', '?', ':', '\n'])
 }
 
 /// The words of `text` (letters, apostrophes and inner hyphens) with their
@@ -631,11 +735,19 @@ const PLACE_MASS: f32 = 0.2;
 /// model reads. Only after one of them is a run read where a name is asked
 /// for: German writes every noun with a capital, and "die Unterlagen
 /// Montag" or "eine neue Kaffeemaschine Reparatur" read there as names
-/// too. Words of place ("in", "w", "at", "on") are not among them.
+/// too. Words of place ("in", "w", "at", "on") are not among them. Verbs
+/// whose object is a person ("add", "call", "invite") and greetings
+/// ("dear", "hi", "drogi") are: a name follows them at the start of a
+/// sentence ("Add Max Misra to the list.", "Dear Błażej Potyrała,"), where
+/// no lower-case word comes before it.
 const NAME_CONTEXT: &[&str] = &[
     "to", "with", "from", "for", "by", "cc", "and", "or", "an", "mit", "von", "für", "bei", "zu",
     "und", "oder", "à", "avec", "de", "pour", "par", "chez", "et", "ou", "a", "con", "para", "por",
-    "y", "o", "da", "di", "per", "e", "do", "z", "ze", "od", "dla", "u", "i", "oraz",
+    "y", "o", "da", "di", "per", "e", "do", "z", "ze", "od", "dla", "u", "i", "oraz", "add", "ask",
+    "call", "contact", "email", "invite", "meet", "message", "notify", "ping", "remind", "tell",
+    "thank", "thanks", "welcome", "inform", "dear", "hi", "hello", "hey", "cher", "chère",
+    "bonjour", "caro", "cara", "ciao", "querido", "querida", "hola", "drogi", "droga", "szanowny",
+    "szanowna", "lieber", "liebe", "hallo",
 ];
 
 /// Whether the word right before `start` (one space between) is one a
@@ -667,7 +779,12 @@ pub fn after_name_word(text: &str, start: usize) -> bool {
 /// "Red Hat") are read there as names, and the rare last word keeps them
 /// out. What remains ("Porta Nuova", "Seat Ibiza") is kept from the cloud
 /// as a name would be.
-pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece]) -> bool {
+///
+/// After a key that asks for a name (`keyed`: `"name": "…"`, `Full name:
+/// …`) the text itself says what the run is, and the framed reading alone
+/// decides: the rare last word and the place reading are not asked for
+/// ("Visitación Montes-Gual" reads alone as a town).
+pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece], keyed: bool) -> bool {
     let words: Vec<(usize, usize)> = words(span)
         .into_iter()
         .filter(|(_, w)| capitalised(w))
@@ -680,7 +797,7 @@ pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece]) ->
         .last()
         .is_some_and(|&w| alone.iter().filter(|p| inside(p, w)).count() >= 2);
     words.len() >= 2
-        && rare
+        && (rare || keyed)
         && words.iter().all(|&w| {
             let read: Vec<f32> = asked
                 .iter()
@@ -693,8 +810,33 @@ pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece]) ->
                 .fold((0.0, 0usize), |(s, n), p| (s + p.place, n + 1));
             !read.is_empty()
                 && read.iter().all(|&m| m >= ASKED)
-                && (n == 0 || place / (n as f32) < PLACE_MASS)
+                && (keyed || n == 0 || place / (n as f32) < PLACE_MASS)
         })
+}
+
+/// Whether the text right before `start` is a key asking for a name: a
+/// word ending in "name" (`name`, `full_name`, `customerName`, `Name`),
+/// then `:` or `=`, quotes and spaces around them allowed.
+pub fn after_name_key(text: &str, start: usize) -> bool {
+    let Some(before) = text.get(..start) else {
+        return false;
+    };
+    let before = before
+        .strip_suffix(['"', '\''])
+        .unwrap_or(before)
+        .trim_end_matches(' ');
+    let Some(before) = before.strip_suffix([':', '=']) else {
+        return false;
+    };
+    let before = before.trim_end_matches(' ');
+    let before = before.strip_suffix(['"', '\'']).unwrap_or(before);
+    let key_start = before
+        .char_indices()
+        .rev()
+        .take_while(|(_, c)| c.is_ascii_alphanumeric() || *c == '_')
+        .last()
+        .map_or(before.len(), |(i, _)| i);
+    before[key_start..].to_ascii_lowercase().ends_with("name")
 }
 
 #[cfg(test)]
@@ -1109,17 +1251,85 @@ mod tests {
     }
 
     #[test]
-    fn a_name_alone_may_split_the_models_belief_between_labels() {
-        let piece = |t: &str, w: &str, person: f32, given: f32| {
-            let start = t.find(w).unwrap_or(0);
-            NamePiece {
-                start,
-                end: start + w.len(),
-                person,
-                given,
-                place: 0.0,
-            }
+    fn a_double_barrelled_name_labelled_in_halves_is_one_name() {
+        let t = "Ayer hablé con Alcides Soria-Escudero sobre la factura.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Alcides", 0.93),
+                e(t, "SURNAME", "Soria", 0.8),
+                e(t, "CITY", "Escudero", 0.2),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![("person".into(), "Alcides Soria-Escudero".into())]
+        );
+        let t = "Per favore inoltra il contratto a Simonetta Chinnici-Bonanno.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Bonanno", 0.9)]),
+            vec![("person".into(), "Simonetta Chinnici-Bonanno".into())]
+        );
+        // Lower-case parts are an identifier's: glued, not a name.
+        let t = "Restart Alex-prod now.";
+        assert!(spans(t, &[e(t, "GIVEN_NAME", "Alex", 0.9)]).is_empty());
+        let t = "Restart the web-Alex pod.";
+        assert!(spans(t, &[e(t, "GIVEN_NAME", "Alex", 0.9)]).is_empty());
+    }
+
+    #[test]
+    fn the_capitalised_word_before_a_name_inside_a_sentence_is_part_of_it() {
+        let t = "Please forward the contract to Alex Cox before Friday.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Cox", 0.84)]),
+            vec![("person".into(), "Alex Cox".into())]
+        );
+        let t = "Merci de transmettre le dossier à Frédéric Le Roux.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Le Roux", 0.6)]),
+            vec![("person".into(), "Frédéric Le Roux".into())]
+        );
+        // A sentence's first word may be anything; a lower-case word is not
+        // a given name; a title stays a title.
+        let t = "Yesterday Cox called.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Cox", 0.9)]),
+            vec![("person".into(), "Cox".into())]
+        );
+        let t = "I met with Cox.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Cox", 0.9)]),
+            vec![("person".into(), "Cox".into())]
+        );
+        let t = "Write to Dr. Cox.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Cox", 0.9)]),
+            vec![("person".into(), "Dr. Cox".into())]
+        );
+    }
+
+    #[test]
+    fn a_sentence_opening_with_a_word_a_name_follows_is_read_again() {
+        let got = |t: &str| -> Vec<String> {
+            rereads(t, &[])
+                .into_iter()
+                .map(|(s, e)| t[s..e].to_owned())
+                .collect()
         };
+        assert_eq!(got("Add Max Misra to the guest list."), ["Max Misra"]);
+        assert_eq!(got("Dear Błażej Potyrała, thanks."), ["Błażej Potyrała"]);
+        assert_eq!(got("Done. Call Anna Weber tomorrow."), ["Anna Weber"]);
+        assert!(after_name_word("Add Max Misra", 4));
+        // Other opening words, and words a name follows inside a clause
+        // after a capital, are not openings.
+        assert!(got("Visit New York City.").is_empty());
+        assert!(got("The Call Center Support team").is_empty());
+    }
+
+    #[test]
+    fn a_name_alone_may_split_the_models_belief_between_labels() {
+        let piece =
+            |t: &str, w: &str, person: f32, given: f32| name_piece(t, w, person, given, 0.0);
         let t = "Pasqual Mennea";
         assert!(name_alone(
             t,
@@ -1159,16 +1369,8 @@ mod tests {
 
     #[test]
     fn a_name_the_model_does_not_know_reads_as_one_where_a_name_is_asked_for() {
-        let piece = |t: &str, w: &str, person: f32, place: f32| {
-            let start = t.find(w).unwrap_or(0);
-            NamePiece {
-                start,
-                end: start + w.len(),
-                person,
-                given: person,
-                place,
-            }
-        };
+        let piece =
+            |t: &str, w: &str, person: f32, place: f32| name_piece(t, w, person, person, place);
         let t = "Miłosz Mich";
         let alone = [
             piece(t, "Mił", 0.0, 0.0),
@@ -1181,20 +1383,20 @@ mod tests {
             piece(t, "osz", 0.98, 0.0),
             piece(t, "Mich", 0.97, 0.0),
         ];
-        assert!(name_where_asked(t, &alone, &asked));
+        assert!(name_where_asked(t, &alone, &asked, false));
         // Every piece near-certain: one doubtful piece is enough to refuse.
         let unsure = [
             piece(t, "Mił", 0.99, 0.0),
             piece(t, "osz", 0.6, 0.0),
             piece(t, "Mich", 0.97, 0.0),
         ];
-        assert!(!name_where_asked(t, &alone, &unsure));
+        assert!(!name_where_asked(t, &alone, &unsure, false));
         // A word not read at all where asked is not a name's.
-        assert!(!name_where_asked(t, &alone, &asked[..2]));
+        assert!(!name_where_asked(t, &alone, &asked[..2], false));
         // A last word the vocabulary holds whole is too common to be taken
         // on this reading alone ("Red Hat", "Alfa Romeo").
         let whole = [piece(t, "Mił", 0.0, 0.0), piece(t, "Mich", 0.0, 0.0)];
-        assert!(!name_where_asked(t, &whole, &asked));
+        assert!(!name_where_asked(t, &whole, &asked, false));
         // Read as a place alone: not a name, however it reads where asked.
         let t = "Bad Homburg";
         let alone = [
@@ -1203,11 +1405,104 @@ mod tests {
             piece(t, "burg", 0.01, 0.9),
         ];
         let asked = [piece(t, "Bad", 1.0, 0.0), piece(t, "Homburg", 1.0, 0.0)];
-        assert!(!name_where_asked(t, &alone, &asked));
+        assert!(!name_where_asked(t, &alone, &asked, false));
         // One capitalised word is not enough.
         let t = "Mich";
-        assert!(!name_where_asked(t, &[], &[piece(t, "Mich", 1.0, 0.0)]));
-        assert!(!name_where_asked("", &[], &[]));
+        assert!(!name_where_asked(
+            t,
+            &[],
+            &[piece(t, "Mich", 1.0, 0.0)],
+            false
+        ));
+        assert!(!name_where_asked("", &[], &[], false));
+        // After a key that asks for a name, the framed reading decides: a
+        // place reading alone or a common last word does not keep it out;
+        // one word, or one doubtful piece, still does.
+        let t = "Visitación Montes";
+        let alone = [
+            piece(t, "Visitación", 0.2, 0.3),
+            piece(t, "Montes", 0.0, 0.9),
+        ];
+        let asked = [
+            piece(t, "Visitación", 1.0, 0.0),
+            piece(t, "Montes", 1.0, 0.0),
+        ];
+        assert!(!name_where_asked(t, &alone, &asked, false));
+        assert!(name_where_asked(t, &alone, &asked, true));
+        assert!(!name_where_asked(t, &alone, &asked[..1], true));
+        let doubtful = [
+            piece(t, "Visitación", 1.0, 0.0),
+            piece(t, "Montes", 0.5, 0.0),
+        ];
+        assert!(!name_where_asked(t, &alone, &doubtful, true));
+        assert!(!name_where_asked(
+            "Mich",
+            &[],
+            &[piece("Mich", "Mich", 1.0, 0.0)],
+            true
+        ));
+    }
+
+    fn name_piece(t: &str, w: &str, person: f32, given: f32, place: f32) -> NamePiece {
+        let start = t.find(w).unwrap_or(0);
+        NamePiece {
+            start,
+            end: start + w.len(),
+            person,
+            given,
+            place,
+        }
+    }
+
+    #[test]
+    fn a_key_that_asks_for_a_name_is_where_a_name_is_asked_for() {
+        let at = |t: &str, w: &str| after_name_key(t, t.find(w).unwrap_or(0));
+        assert!(at(
+            r#"{"id": 3, "name": "Visitación Montes-Gual"}"#,
+            "Visit"
+        ));
+        assert!(at(r#"{"customerName":"Ana Ruiz"}"#, "Ana"));
+        assert!(at("Full name: Ana Ruiz", "Ana"));
+        assert!(at("full_name = 'Ana Ruiz'", "Ana"));
+        assert!(!at(r#"{"note": "Ana Ruiz"}"#, "Ana"));
+        assert!(!at("the name Ana Ruiz", "Ana"));
+        assert!(!at("Ana Ruiz", "Ana"));
+        let t = r#"{"customer_id": 3692, "name": "Visitación Montes-Gual", "note": "urgent"}"#;
+        let got: Vec<&str> = rereads(t, &[e(t, "STREET_NAME", "Visitación Montes-Gual", 0.92)])
+            .into_iter()
+            .map(|(s, e)| &t[s..e])
+            .collect();
+        assert_eq!(got, ["Visitación Montes-Gual"]);
+    }
+
+    #[test]
+    fn a_degree_the_model_cut_in_two_is_not_an_identifier() {
+        let t = r#"{"customer_id": 8669, "name": "Jacob Seifert B.A.", "note": "urgent"}"#;
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Jacob", 1.0),
+                e(t, "SURNAME", "Seifert B", 0.86),
+                e(t, "SECONDARY_ADDRESS", ".A", 0.53),
+            ],
+        );
+        assert_eq!(got, vec![("person".into(), "Jacob Seifert B.A.".into())]);
+    }
+
+    #[test]
+    fn a_sure_piece_inside_a_word_does_not_keep_its_run_from_a_second_reading() {
+        let t = "Per favore inoltra il contratto a Eraldo Traversa.";
+        let ents = [
+            e(t, "CITY", "Era", 0.48),
+            e(t, "GIVEN_NAME", "ld", 0.56),
+            e(t, "CITY", "o Traversa", 0.62),
+        ];
+        assert!(spans(t, &ents).iter().all(|(class, _)| class != "person"));
+        let got: Vec<&str> = rereads(t, &ents)
+            .into_iter()
+            .map(|(s, e)| &t[s..e])
+            .collect();
+        assert_eq!(got, ["Eraldo Traversa"]);
     }
 
     #[test]

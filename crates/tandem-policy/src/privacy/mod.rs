@@ -353,6 +353,7 @@ impl Detector {
                     Ok((found, pieces))
                 };
                 let (found, pieces) = alone(span)?;
+                let keyed = entities::after_name_key(text, start);
                 // A given name and two surnames ("Salvador Pedraza Manuel")
                 // may read as nothing where its first two words read as a
                 // name: the rest of the run is that name's.
@@ -362,7 +363,7 @@ impl Detector {
                         Some(h) => alone(h)?.0,
                         None => false,
                     }
-                    || (entities::after_name_word(text, start) && {
+                    || (keyed || entities::after_name_word(text, start)) && {
                         // Names the model does not know read as nothing even
                         // alone; written where a name is asked for, they do.
                         let framed = format!("{}{span}", entities::NAME_FRAME);
@@ -378,8 +379,8 @@ impl Detector {
                                 ..p
                             })
                             .collect();
-                        entities::name_where_asked(span, &pieces, &framed)
-                    });
+                        entities::name_where_asked(span, &pieces, &framed, keyed)
+                    };
                 if found {
                     hits.push(patterns::Hit {
                         class: "person".into(),
