@@ -814,9 +814,23 @@ pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece], ke
         })
 }
 
-/// Whether the text right before `start` is a key asking for a name: a
-/// word ending in "name" (`name`, `full_name`, `customerName`, `Name`),
-/// then `:` or `=`, quotes and spaces around them allowed.
+/// What a key names before "name" when it asks for a person's
+/// (`customer_name`, `accountHolderName`); `city_name`, `file_name` or
+/// `team_name` ask for something else.
+#[rustfmt::skip]
+const PERSON_KEYS: &[&str] = &[
+    "full", "first", "last", "given", "family", "middle", "maiden", "legal", "real", "display",
+    "user", "customer", "client", "contact", "patient", "author", "owner", "sender", "recipient",
+    "employee", "person", "holder", "guest", "member", "manager", "beneficiary", "applicant",
+    "passenger", "student", "driver", "buyer", "seller", "tenant", "billing", "shipping",
+    "spouse", "parent", "doctor", "candidate", "assignee", "reviewer", "requester", "reporter",
+    "signer", "witness", "agent", "my", "your",
+];
+
+/// Whether the text right before `start` is a key asking for a person's
+/// name: `name`, or a word ending in it after one of [`PERSON_KEYS`]
+/// (`full_name`, `customerName`, `Name`), then `:` or `=`, quotes and
+/// spaces around them allowed.
 pub fn after_name_key(text: &str, start: usize) -> bool {
     let Some(before) = text.get(..start) else {
         return false;
@@ -836,7 +850,13 @@ pub fn after_name_key(text: &str, start: usize) -> bool {
         .take_while(|(_, c)| c.is_ascii_alphanumeric() || *c == '_')
         .last()
         .map_or(before.len(), |(i, _)| i);
-    before[key_start..].to_ascii_lowercase().ends_with("name")
+    let key: String = before[key_start..]
+        .chars()
+        .filter(|c| *c != '_')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    key.strip_suffix("name")
+        .is_some_and(|what| what.is_empty() || PERSON_KEYS.iter().any(|k| what.ends_with(k)))
 }
 
 #[cfg(test)]
@@ -1464,6 +1484,9 @@ mod tests {
         assert!(at(r#"{"customerName":"Ana Ruiz"}"#, "Ana"));
         assert!(at("Full name: Ana Ruiz", "Ana"));
         assert!(at("full_name = 'Ana Ruiz'", "Ana"));
+        assert!(at(r#"{"account_holder_name": "Ana Ruiz"}"#, "Ana"));
+        assert!(!at(r#"{"city_name": "San Francisco"}"#, "San"));
+        assert!(!at(r#"{"teamName": "Blue Team"}"#, "Blue"));
         assert!(!at(r#"{"note": "Ana Ruiz"}"#, "Ana"));
         assert!(!at("the name Ana Ruiz", "Ana"));
         assert!(!at("Ana Ruiz", "Ana"));
