@@ -515,3 +515,48 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
         assert!(d.find(text).unwrap().is_empty(), "{text}");
     }
 }
+
+/// Addresses the model labels in parts, with gaps it leaves unlabelled (a
+/// state's code, a flat number, a town after its postcode, a province): one
+/// address, whole, so none of it leaves with redaction.
+#[test]
+fn addresses_are_found_whole() {
+    use tandem_policy::privacy::Detector;
+    let d = Detector::new(&[])
+        .unwrap()
+        .with_recognizer(Arc::new(ModelRecognizer(classifier())));
+    for (text, address) in [
+        (
+            "Please update my billing address to 683 Robert Hollow, Lopezland, IN 80162.",
+            "683 Robert Hollow, Lopezland, IN 80162",
+        ),
+        (
+            r#"{"address": "72204 Kristine Vista Suite 569, West Philliptown, AS 99292"}"#,
+            "72204 Kristine Vista Suite 569, West Philliptown, AS 99292",
+        ),
+        (
+            "Spedisci il pacco a Vicolo Giammusso, 82 Appartamento 1, 25044, Capo Di Ponte (BS).",
+            "Vicolo Giammusso, 82 Appartamento 1, 25044, Capo Di Ponte (BS)",
+        ),
+        (
+            "Il mio nuovo indirizzo è Rotonda Tremonti, 50 Appartamento 45, 30032, Fiesso D'Artico (VE).",
+            "Rotonda Tremonti, 50 Appartamento 45, 30032, Fiesso D'Artico (VE)",
+        ),
+        (
+            "Mi nueva dirección es Ronda Morena Miguel 851 Apt. 95 , La Coruña, 49226.",
+            "Ronda Morena Miguel 851 Apt. 95 , La Coruña, 49226",
+        ),
+        (
+            "Ma nouvelle adresse est 78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer.",
+            "78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer",
+        ),
+    ] {
+        let found = d.find(text).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|f| f.class == "address" && &text[f.start..f.end] == address),
+            "{text}: {found:?}"
+        );
+    }
+}

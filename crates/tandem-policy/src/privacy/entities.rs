@@ -133,8 +133,11 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
     for p in parts {
         match groups.last_mut() {
             Some(g)
-                if g.last()
-                    .is_some_and(|l| l.class == p.class && joins(text, l.end, p.start)) =>
+                if g.last().is_some_and(|l| {
+                    l.class == p.class
+                        && (joins(text, l.end, p.start)
+                            || p.class == Class::Address && joins_address(text, l.end, p.start))
+                }) =>
             {
                 g.push(p)
             }
@@ -182,16 +185,18 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
                 }
             }
             Class::Address => {
+                // A span may start or stop inside a word ("cio Angelo" of
+                // "Incrocio Angelo"): the whole word is the address's.
+                (start, end) = (word_start(text, start), word_end(text, end));
                 if !is_address(text, &g) || glued(text, start, end) {
                     continue;
                 }
                 // A postcode is followed by its town ("54-964 Częstochowa")
-                // even when the model did not label it.
-                if last.label == "ZIP_CODE" {
-                    end = extend_name(text, end, 1, false);
-                }
+                // even when the model did not label it, and a town by its
+                // state and postcode ("Lopezland, IN 80162").
+                end = address_tail(text, end);
                 if matches!(first.label, "STREET_NAME" | "BUILDING_NUMBER") {
-                    start = extend_street(text, start);
+                    start = extend_street(text, start, first.label == "BUILDING_NUMBER");
                 }
             }
         }
@@ -277,15 +282,23 @@ fn is_phone(text: &str, start: usize, end: usize) -> bool {
 }
 
 /// Extends a street's start backwards over the capitalised words and
-/// connectors of its name.
-fn extend_street(text: &str, start: usize) -> usize {
+/// connectors of its name; from a building number (`number`), also over
+/// the comma that Italian and Spanish write between the street and its
+/// number ("Incrocio Nicola, 54").
+fn extend_street(text: &str, start: usize, number: bool) -> usize {
     let mut best = start;
     let mut at = start;
-    for _ in 0..STREET_WORDS_BACK {
+    for step in 0..STREET_WORDS_BACK {
         let before = &text[..at];
-        let Some(trimmed) = before.strip_suffix(' ') else {
+        let Some(trimmed) = before.strip_suffix(' ').map(|b| match b.strip_suffix(',') {
+            Some(b) if number && step == 0 => b,
+            _ => b,
+        }) else {
             break;
         };
+        if trimmed.ends_with(',') {
+            break;
+        }
         let word_start = trimmed
             .char_indices()
             .rev()
@@ -375,6 +388,86 @@ fn with_given(text: &str, start: usize) -> usize {
         }
         _ => start,
     }
+}
+
+/// Whether the text between two parts of an address keeps them one: as
+/// [`joins`], or a short gap with a full stop ("Apt. 95"), an unlabelled
+/// house or flat number ("Appartamento 2, 75013") or a state's code
+/// ("Lopezland, IN 80162").
+fn joins_address(text: &str, end: usize, start: usize) -> bool {
+    let Some(gap) = text.get(end..start) else {
+        return false;
+    };
+    let separator = |c: char| matches!(c, ' ' | ',' | '.' | '-' | '(' | ')' | '\n');
+    let inner = gap.trim_matches(separator);
+    gap.len() <= 8
+        && !gap.is_empty()
+        && inner.chars().all(|c| !separator(c))
+        && (inner.is_empty()
+            || inner.len() <= 5 && inner.chars().all(|c| c.is_ascii_digit())
+            || (2..=3).contains(&inner.len()) && inner.chars().all(|c| c.is_ascii_uppercase()))
+}
+
+/// The start of the word `at` is in.
+fn word_start(text: &str, at: usize) -> usize {
+    text[..at]
+        .char_indices()
+        .rev()
+        .take_while(|(_, c)| c.is_alphabetic())
+        .last()
+        .map_or(at, |(i, _)| i)
+}
+
+/// The end of the word `at` is in (hyphens and apostrophes inside it).
+fn word_end(text: &str, at: usize) -> usize {
+    if !text[..at].ends_with(char::is_alphabetic) {
+        return at;
+    }
+    text[at..]
+        .char_indices()
+        .find(|(_, c)| !(c.is_alphabetic() || *c == '-' || *c == '\''))
+        .map_or(text.len(), |(i, _)| at + i)
+}
+
+/// Moves an address's end over what follows a town or a postcode without
+/// a label: the town's name ("25044, Capo Di Ponte"), a province or state
+/// code ("(BS)", "IN"), a postcode ("IN 80162"), each after a space or a
+/// comma, up to four of them.
+fn address_tail(text: &str, end: usize) -> usize {
+    let mut end = end;
+    for _ in 0..4 {
+        let rest = &text[end..];
+        let body = rest.trim_start_matches([' ', ',']);
+        let gap = rest.len() - body.len();
+        if gap == 0 || gap > 3 {
+            break;
+        }
+        let token: usize = body
+            .char_indices()
+            .take_while(|(_, c)| c.is_alphanumeric() || matches!(c, '-' | '\'' | '(' | ')'))
+            .last()
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        let word = &body[..token];
+        let postcode = (3..=10).contains(&word.len())
+            && word.chars().filter(char::is_ascii_digit).count() >= 3
+            && word.chars().all(|c| c.is_ascii_digit() || c == '-');
+        let code =
+            |w: &str| (2..=3).contains(&w.len()) && w.chars().all(|c| c.is_ascii_uppercase());
+        let province = word
+            .strip_prefix('(')
+            .and_then(|w| w.strip_suffix(')'))
+            .is_some_and(code);
+        let town = capitalised(word);
+        if !(postcode || code(word) || province || town) {
+            break;
+        }
+        end += gap + token;
+        // The rest of a town's name: capitalised words after one space.
+        if town {
+            end = extend_name(text, end, 2, false);
+        }
+    }
+    end
 }
 
 /// Degrees and suffixes written after a name ("Christin Schmidtke B.Sc.").
@@ -1064,6 +1157,87 @@ mod tests {
                 "Pasadizo de Ascensión Artigas 270 Puerta 3".into()
             )]
         );
+    }
+
+    #[test]
+    fn an_address_is_taken_over_its_state_flat_number_and_province() {
+        // A US state's code between the town and the postcode.
+        let t = "Please update my billing address to 683 Robert Hollow, Lopezland, IN 80162.";
+        let got = spans(
+            t,
+            &[
+                e(t, "BUILDING_NUMBER", "683", 1.0),
+                e(t, "STREET_NAME", "Robert Hollow", 1.0),
+                e(t, "CITY", "Lopezland", 1.0),
+                e(t, "ZIP_CODE", "80162", 1.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "683 Robert Hollow, Lopezland, IN 80162".into()
+            )]
+        );
+        // Italian order: street, comma, number, flat, postcode, town and
+        // province, the model's span starting inside the street's type.
+        let t = "Spedisci il pacco a Incrocio Angelo, 9 Appartamento 2, 75013, Ferrandina (MT).";
+        let got = spans(
+            t,
+            &[
+                e(t, "STREET_NAME", "cio Angelo", 0.7),
+                e(t, "BUILDING_NUMBER", "9", 0.95),
+                e(t, "STREET_NAME", "Appartamento", 0.73),
+                e(t, "ZIP_CODE", "75013", 0.97),
+                e(t, "CITY", "Ferrandina", 1.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "Incrocio Angelo, 9 Appartamento 2, 75013, Ferrandina (MT)".into()
+            )]
+        );
+        // The street before a comma and the number; the town after a
+        // postcode, with no label at all.
+        let t = r#"{"address": "Incrocio Nicola, 54 Piano 3, 28016, Orta San Giulio (NO)"}"#;
+        let got = spans(
+            t,
+            &[
+                e(t, "BUILDING_NUMBER", "54", 0.98),
+                e(t, "STREET_NAME", "Piano 3", 0.94),
+                e(t, "ZIP_CODE", "28016", 1.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "Incrocio Nicola, 54 Piano 3, 28016, Orta San Giulio (NO)".into()
+            )]
+        );
+        // A sentence's words before a number and a comma are not a street's.
+        let t = "Ma nouvelle adresse est 78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer.";
+        let got = spans(
+            t,
+            &[
+                e(t, "BUILDING_NUMBER", "78", 1.0),
+                e(t, "STREET_NAME", "boulevard Caroline Dupuis", 1.0),
+                e(t, "ZIP_CODE", "44812", 1.0),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![(
+                "address".into(),
+                "78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer".into()
+            )]
+        );
+        // Words in the gap are not a state's code.
+        assert!(!joins_address("Lopezland and the 80162", 9, 18));
+        assert!(joins_address("Lopezland, IN 80162", 9, 14));
+        assert!(joins_address("Apt. 95", 3, 5));
     }
 
     #[test]

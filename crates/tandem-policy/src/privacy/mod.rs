@@ -422,9 +422,32 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
             .then(a.start.cmp(&b.start))
     });
     let mut kept: Vec<patterns::Hit> = Vec::with_capacity(hits.len());
+    let overlap = |a: &patterns::Hit, b: &patterns::Hit| a.start < b.end && b.start < a.end;
     for h in hits {
-        if kept.iter().all(|k| h.end <= k.start || h.start >= k.end) {
-            kept.push(h);
+        let over: Vec<usize> = (0..kept.len()).filter(|&i| overlap(&kept[i], &h)).collect();
+        match over.as_slice() {
+            [] => kept.push(h),
+            // Two readings of one name or address that overlap (a street
+            // with its town, the town with its postcode) are one finding:
+            // their union, where it touches nothing else.
+            &[i] if kept[i].class == h.class
+                && kept[i].priority == h.priority
+                && matches!(h.class.as_str(), "person" | "address") =>
+            {
+                let union = patterns::Hit {
+                    start: kept[i].start.min(h.start),
+                    end: kept[i].end.max(h.end),
+                    ..h
+                };
+                if kept
+                    .iter()
+                    .enumerate()
+                    .all(|(j, k)| j == i || !overlap(k, &union))
+                {
+                    kept[i] = union;
+                }
+            }
+            _ => {}
         }
     }
     kept.sort_by_key(|h| h.start);

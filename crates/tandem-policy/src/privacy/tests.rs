@@ -460,3 +460,53 @@ fn a_detector_that_cannot_run_says_so_instead_of_finding_nothing() {
     let d = detector().with_recognizer(Arc::new(Names));
     assert_eq!(classes(&d, "ask Anna"), vec!["person"]);
 }
+
+#[test]
+fn overlapping_readings_of_one_address_are_their_union() {
+    let t = "Ship to 72204 Kristine Vista Suite 569, West Philliptown, AS 99292 today.";
+    let hit = |class: &str, part: &str, priority: u8| {
+        let start = t.find(part).unwrap_or(0);
+        patterns::Hit {
+            class: class.into(),
+            start,
+            end: start + part.len(),
+            priority,
+        }
+    };
+    let got = |hits| -> Vec<(String, String)> {
+        resolve(t, hits)
+            .into_iter()
+            .map(|f| (f.class, t[f.start..f.end].to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        got(vec![
+            hit(
+                "address",
+                "72204 Kristine Vista Suite 569, West Philliptown, AS",
+                1
+            ),
+            hit("address", "569, West Philliptown, AS 99292", 1),
+        ]),
+        [(
+            "address".to_owned(),
+            "72204 Kristine Vista Suite 569, West Philliptown, AS 99292".to_owned()
+        )]
+    );
+    // A reading that overlaps another class's finding is left out, as
+    // before; no union takes that finding in.
+    assert_eq!(
+        got(vec![
+            hit("address", "72204 Kristine Vista Suite 569", 1),
+            hit("address", "569, West Philliptown, AS 99292", 1),
+            hit("phone", "AS 99292 today", 2),
+        ]),
+        [
+            (
+                "address".to_owned(),
+                "72204 Kristine Vista Suite 569".to_owned()
+            ),
+            ("phone".to_owned(), "AS 99292 today".to_owned()),
+        ]
+    );
+}
