@@ -444,6 +444,11 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Napisz do Grzegorz Brzęczyszczykiewicz w sprawie faktury.",
             "Grzegorz Brzęczyszczykiewicz",
         ),
+        // Only without its diacritics.
+        (
+            "Proszę przekazać umowę do Błażej Potyrała.",
+            "Błażej Potyrała",
+        ),
         ("I talked to Forum Ramaswamy about it.", "Forum Ramaswamy"),
         ("Please send the keys to Om Sinha tomorrow.", "Om Sinha"),
         (
@@ -505,6 +510,9 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
         // not read where a name is asked for.
         "Bitte schicken Sie mir die Unterlagen Montag früh.",
         "Im Anhang findest du die Präsentation Folien für morgen.",
+        // Nor after German's prepositions.
+        "Die Unterlagen sind für Prüfung Ergebnisse gedacht.",
+        "Ich schreibe morgen an Übersetzung Büro.",
         // Openings a name may follow, followed by what is not one.
         "Add Google Drive to the toolbar.",
         "Call Customer Support if it fails.",

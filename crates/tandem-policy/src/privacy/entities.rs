@@ -824,23 +824,24 @@ const ASKED: f32 = 0.9;
 const PLACE_MASS: f32 = 0.2;
 
 /// Words a name follows where it is the one written to, met, thanked or
-/// copied ("an", "mit", "do", "z", "à", "con"...), in the languages the
-/// model reads. Only after one of them is a run read where a name is asked
-/// for: German writes every noun with a capital, and "die Unterlagen
-/// Montag" or "eine neue Kaffeemaschine Reparatur" read there as names
-/// too. Words of place ("in", "w", "at", "on") are not among them. Verbs
+/// copied ("to", "do", "z", "à", "con"...), in the languages the model
+/// reads. Only after one of them is a run read where a name is asked for:
+/// German writes every noun with a capital, and "die Unterlagen Montag" or
+/// "eine neue Kaffeemaschine Reparatur" read there as names too — as do
+/// "an Übersetzung Büro" and "für Prüfung Ergebnisse", so German's own
+/// prepositions ("an", "mit", "für") are not among them, and neither are
+/// words of place ("in", "w", "at", "on"). Verbs
 /// whose object is a person ("add", "call", "invite") and greetings
 /// ("dear", "hi", "drogi") are: a name follows them at the start of a
 /// sentence ("Add Max Misra to the list.", "Dear Błażej Potyrała,"), where
 /// no lower-case word comes before it.
 const NAME_CONTEXT: &[&str] = &[
-    "to", "with", "from", "for", "by", "cc", "and", "or", "an", "mit", "von", "für", "bei", "zu",
-    "und", "oder", "à", "avec", "de", "pour", "par", "chez", "et", "ou", "a", "con", "para", "por",
-    "y", "o", "da", "di", "per", "e", "do", "z", "ze", "od", "dla", "u", "i", "oraz", "add", "ask",
-    "call", "contact", "email", "invite", "meet", "message", "notify", "ping", "remind", "tell",
-    "thank", "thanks", "welcome", "inform", "dear", "hi", "hello", "hey", "cher", "chère",
-    "bonjour", "caro", "cara", "ciao", "querido", "querida", "hola", "drogi", "droga", "szanowny",
-    "szanowna", "lieber", "liebe", "hallo",
+    "to", "with", "from", "for", "by", "cc", "and", "or", "à", "avec", "de", "pour", "par", "chez",
+    "et", "ou", "a", "con", "para", "por", "y", "o", "da", "di", "per", "e", "do", "z", "ze", "od",
+    "dla", "u", "i", "oraz", "add", "ask", "call", "contact", "email", "invite", "meet", "message",
+    "notify", "ping", "remind", "tell", "thank", "thanks", "welcome", "inform", "dear", "hi",
+    "hello", "hey", "cher", "chère", "bonjour", "caro", "cara", "ciao", "querido", "querida",
+    "hola", "drogi", "droga", "szanowny", "szanowna", "lieber", "liebe", "hallo",
 ];
 
 /// Whether the word right before `start` (one space between) is one a
@@ -1713,6 +1714,8 @@ mod tests {
             "Unterlagen"
         ));
         assert!(!at("Spotkamy się w Nowa Huta.", "Nowa"));
+        assert!(!at("Ich schreibe an Übersetzung Büro.", "Übersetzung"));
+        assert!(!at("Das ist für Prüfung Ergebnisse.", "Prüfung"));
         assert!(!at("trained on Common Crawl", "Common"));
         // One space, a whole word, and something before it.
         assert!(!at("do  Miłosz Mich", "Miłosz"));

@@ -62,6 +62,53 @@ impl Folded<'_> {
     }
 }
 
+impl<'a> Folded<'a> {
+    /// `text` as it is.
+    pub fn plain(text: &'a str) -> Folded<'a> {
+        Folded {
+            text: std::borrow::Cow::Borrowed(text),
+            map: Vec::new(),
+        }
+    }
+}
+
+/// Whether a character is a Latin letter with a diacritic or a Latin
+/// letter outside ASCII ("ł", "ø", "ß").
+fn latin_beyond_ascii(c: char) -> bool {
+    matches!(c as u32, 0x00C0..=0x024F | 0x1E00..=0x1EFF) && c.is_alphabetic()
+}
+
+/// `text` with its Latin letters written without diacritics ("Błażej" →
+/// "Blazej", "Straße" → "Strasse"), other characters as they are.
+pub fn fold_letters(text: &str) -> Folded<'_> {
+    if !text.chars().any(latin_beyond_ascii) {
+        return Folded::plain(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut map = Vec::with_capacity(text.len() + 1);
+    for (at, c) in text.char_indices() {
+        let bare = Some(c)
+            .filter(|&c| latin_beyond_ascii(c))
+            .and_then(deunicode::deunicode_char)
+            .filter(|s| !s.is_empty() && s.chars().all(|b| b.is_ascii_alphabetic()));
+        match bare {
+            Some(s) => {
+                map.extend(std::iter::repeat_n(at, s.len()));
+                out.push_str(s);
+            }
+            None => {
+                map.extend(std::iter::repeat_n(at, c.len_utf8()));
+                out.push(c);
+            }
+        }
+    }
+    map.push(text.len());
+    Folded {
+        text: std::borrow::Cow::Owned(out),
+        map,
+    }
+}
+
 /// Folds `text`'s digits.
 pub fn fold(text: &str) -> Folded<'_> {
     if !text
@@ -92,6 +139,24 @@ pub fn fold(text: &str) -> Folded<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latin_letters_lose_their_diacritics_and_map_back() {
+        let t = "do Błażej Potyrała, Straße";
+        let f = fold_letters(t);
+        assert_eq!(f.text, "do Blazej Potyrala, Strasse");
+        let start = f.text.find("Potyrala").unwrap();
+        let end = start + "Potyrala".len();
+        assert_eq!(&t[f.original(start)..f.original(end)], "Potyrała");
+        let start = f.text.find("Strasse").unwrap();
+        assert_eq!(&t[f.original(start)..f.original(f.text.len())], "Straße");
+        // Other scripts and plain ASCII stay as they are.
+        assert_eq!(fold_letters("Дмитрий 北京").text, "Дмитрий 北京");
+        assert!(matches!(
+            fold_letters("Anna Weber").text,
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn digits_of_other_scripts_fold_and_map_back() {
