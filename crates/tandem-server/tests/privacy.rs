@@ -395,6 +395,24 @@ async fn images_and_audio_leave_as_sent_and_only_as_privacy_allows() {
     assert_eq!(s.capture.captured().len(), before, "nothing may leave");
 }
 
+/// The detector with the real personal-data model.
+fn model_detector() -> tandem_policy::privacy::Detector {
+    tandem_policy::privacy::Detector::new(&[])
+        .unwrap()
+        .with_recognizer(Arc::new(ModelRecognizer(classifier())))
+}
+
+/// `text` holds a finding of `class` spanning exactly `want`.
+fn assert_finds(d: &tandem_policy::privacy::Detector, text: &str, class: &str, want: &str) {
+    let found = d.find(text).unwrap();
+    assert!(
+        found
+            .iter()
+            .any(|f| f.class == class && &text[f.start..f.end] == want),
+        "{text}: {found:?}"
+    );
+}
+
 /// Names at the end of a sentence after a preposition, where the model
 /// alone reads a town or nothing: read again on their own (or, where the
 /// model does not know them at all, where a name is asked for), they are
@@ -402,10 +420,7 @@ async fn images_and_audio_leave_as_sent_and_only_as_privacy_allows() {
 /// names.
 #[test]
 fn names_after_a_preposition_are_found_and_places_are_not() {
-    use tandem_policy::privacy::Detector;
-    let d = Detector::new(&[])
-        .unwrap()
-        .with_recognizer(Arc::new(ModelRecognizer(classifier())));
+    let d = model_detector();
     for (text, name) in [
         (
             "Merci de transmettre le dossier à Thomas Marin.",
@@ -485,13 +500,7 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Jacob Seifert B.A.",
         ),
     ] {
-        let found = d.find(text).unwrap();
-        assert!(
-            found
-                .iter()
-                .any(|f| f.class == "person" && &text[f.start..f.end] == name),
-            "{text}: {found:?}"
-        );
+        assert_finds(&d, text, "person", name);
     }
     for text in [
         "Deploy the service to Google Cloud today.",
@@ -529,10 +538,7 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
 /// address, whole, so none of it leaves with redaction.
 #[test]
 fn addresses_are_found_whole() {
-    use tandem_policy::privacy::Detector;
-    let d = Detector::new(&[])
-        .unwrap()
-        .with_recognizer(Arc::new(ModelRecognizer(classifier())));
+    let d = model_detector();
     for (text, address) in [
         (
             "Please update my billing address to 683 Robert Hollow, Lopezland, IN 80162.",
@@ -559,12 +565,6 @@ fn addresses_are_found_whole() {
             "78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer",
         ),
     ] {
-        let found = d.find(text).unwrap();
-        assert!(
-            found
-                .iter()
-                .any(|f| f.class == "address" && &text[f.start..f.end] == address),
-            "{text}: {found:?}"
-        );
+        assert_finds(&d, text, "address", address);
     }
 }
