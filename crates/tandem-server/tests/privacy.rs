@@ -464,6 +464,11 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Proszę przekazać umowę do Błażej Potyrała.",
             "Błażej Potyrała",
         ),
+        // After a German preposition, where a German frame asks for a name.
+        (
+            "Schreib eine kurze Nachricht an Detlev Fliegner.",
+            "Detlev Fliegner",
+        ),
         ("I talked to Forum Ramaswamy about it.", "Forum Ramaswamy"),
         ("Please send the keys to Om Sinha tomorrow.", "Om Sinha"),
         (

@@ -829,8 +829,9 @@ const PLACE_MASS: f32 = 0.2;
 /// German writes every noun with a capital, and "die Unterlagen Montag" or
 /// "eine neue Kaffeemaschine Reparatur" read there as names too — as do
 /// "an Übersetzung Büro" and "für Prüfung Ergebnisse", so German's own
-/// prepositions ("an", "mit", "für") are not among them, and neither are
-/// words of place ("in", "w", "at", "on"). Verbs
+/// prepositions ("an", "mit", "für") are read in a German frame instead
+/// ([`GERMAN_CONTEXT`]); words of place ("in", "w", "at", "on") are not
+/// among them. Verbs
 /// whose object is a person ("add", "call", "invite") and greetings
 /// ("dear", "hi", "drogi") are: a name follows them at the start of a
 /// sentence ("Add Max Misra to the list.", "Dear Błażej Potyrała,"), where
@@ -844,20 +845,39 @@ const NAME_CONTEXT: &[&str] = &[
     "hola", "drogi", "droga", "szanowny", "szanowna", "lieber", "liebe", "hallo",
 ];
 
-/// Whether the word right before `start` (one space between) is one a
-/// name follows ([`NAME_CONTEXT`]).
-pub fn after_name_word(text: &str, start: usize) -> bool {
-    let Some(before) = text.get(..start).and_then(|b| b.strip_suffix(' ')) else {
-        return false;
-    };
+/// German's words a name follows ("an", "mit", "für"...). German writes
+/// every noun with a capital, and after "Name: " pairs of nouns read as
+/// names ("an Übersetzung Büro" 1.00, "für Prüfung Ergebnisse" 0.98); after
+/// a German frame asking for a person ([`NAME_FRAME_DE`]) they do not
+/// (0.06, 0.11), and names still do ("Detlev Fliegner" 0.98).
+const GERMAN_CONTEXT: &[&str] = &["an", "mit", "von", "für", "bei", "zu", "und", "oder"];
+
+/// Where a name is asked for in German: the frame for runs after
+/// [`GERMAN_CONTEXT`].
+pub const NAME_FRAME_DE: &str = "Ansprechpartner: ";
+
+/// The frame to read a run in where a name is asked for, by the word right
+/// before `start` (one space between): [`NAME_FRAME`] after one of
+/// [`NAME_CONTEXT`], [`NAME_FRAME_DE`] after one of German's; none after
+/// any other word.
+pub fn name_frame_after(text: &str, start: usize) -> Option<&'static str> {
+    let before = text.get(..start)?.strip_suffix(' ')?;
     let word_start = before
         .char_indices()
         .rev()
         .take_while(|(_, c)| c.is_alphabetic())
         .last()
         .map_or(before.len(), |(i, _)| i);
-    let word = &before[word_start..];
-    !word.is_empty() && NAME_CONTEXT.contains(&word.to_lowercase().as_str())
+    let word = before[word_start..].to_lowercase();
+    if word.is_empty() {
+        None
+    } else if NAME_CONTEXT.contains(&word.as_str()) {
+        Some(NAME_FRAME)
+    } else if GERMAN_CONTEXT.contains(&word.as_str()) {
+        Some(NAME_FRAME_DE)
+    } else {
+        None
+    }
 }
 
 /// Whether a run the model reads as nothing, alone, is a name it does not
@@ -1514,7 +1534,7 @@ mod tests {
         assert_eq!(got("Add Max Misra to the guest list."), ["Max Misra"]);
         assert_eq!(got("Dear Błażej Potyrała, thanks."), ["Błażej Potyrała"]);
         assert_eq!(got("Done. Call Anna Weber tomorrow."), ["Anna Weber"]);
-        assert!(after_name_word("Add Max Misra", 4));
+        assert_eq!(name_frame_after("Add Max Misra", 4), Some(NAME_FRAME));
         // Other opening words, and words a name follows inside a clause
         // after a capital, are not openings.
         assert!(got("Visit New York City.").is_empty());
@@ -1705,7 +1725,7 @@ mod tests {
 
     #[test]
     fn a_name_follows_words_of_address_not_articles() {
-        let at = |t: &str, w: &str| after_name_word(t, t.find(w).unwrap_or(0));
+        let at = |t: &str, w: &str| name_frame_after(t, t.find(w).unwrap_or(0)) == Some(NAME_FRAME);
         assert!(at("Napisz do Miłosz Mich.", "Miłosz"));
         assert!(at("I talked to Forum Ramaswamy.", "Forum"));
         assert!(at("Rozmawiałem Z Róża Komander.", "Róża"));
@@ -1714,15 +1734,23 @@ mod tests {
             "Unterlagen"
         ));
         assert!(!at("Spotkamy się w Nowa Huta.", "Nowa"));
+        // German's own words are read in a German frame.
+        let frame = |t: &str, w: &str| name_frame_after(t, t.find(w).unwrap_or(0));
         assert!(!at("Ich schreibe an Übersetzung Büro.", "Übersetzung"));
-        assert!(!at("Das ist für Prüfung Ergebnisse.", "Prüfung"));
+        assert_eq!(
+            frame("Ich schreibe an Übersetzung Büro.", "Übersetzung"),
+            Some(NAME_FRAME_DE)
+        );
+        assert_eq!(frame("Napisz do Miłosz Mich.", "Miłosz"), Some(NAME_FRAME));
+        assert_eq!(frame("Spotkamy się w Nowa Huta.", "Nowa"), None);
+        assert_eq!(frame("Miłosz Mich", "Miłosz"), None);
         assert!(!at("trained on Common Crawl", "Common"));
         // One space, a whole word, and something before it.
         assert!(!at("do  Miłosz Mich", "Miłosz"));
         assert!(!at("undo Miłosz Mich", "Miłosz"));
-        assert!(!after_name_word("Miłosz Mich", 0));
-        assert!(!after_name_word("à", 1));
-        assert!(!after_name_word("", 0));
+        assert!(name_frame_after("Miłosz Mich", 0).is_none());
+        assert!(name_frame_after("à", 1).is_none());
+        assert!(name_frame_after("", 0).is_none());
     }
 
     #[test]

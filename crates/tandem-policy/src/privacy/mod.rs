@@ -363,31 +363,42 @@ impl Detector {
                         Some(h) => alone(h)?.0,
                         None => false,
                     }
-                    || (keyed || entities::after_name_word(text, start)) && {
-                        // Names the model does not know read as nothing even
-                        // alone; written where a name is asked for, they do.
-                        // Some only without their diacritics ("Błażej
-                        // Potyrała" 0.13 there, "Blazej Potyrala" 1.00).
-                        let asked = |s: &normalize::Folded<'_>| {
-                            let framed = format!("{}{}", entities::NAME_FRAME, s.text);
-                            let shift = entities::NAME_FRAME.len();
-                            r.name_pieces(&framed).map_err(Unavailable).map(|pieces| {
-                                pieces
-                                    .into_iter()
-                                    .filter(|p| p.start >= shift && p.end >= p.start)
-                                    .map(|p| NamePiece {
-                                        start: s.original(p.start - shift),
-                                        end: s.original(p.end - shift),
-                                        ..p
-                                    })
-                                    .collect::<Vec<NamePiece>>()
-                            })
-                        };
-                        let plain = normalize::Folded::plain(span);
-                        entities::name_where_asked(span, &pieces, &asked(&plain)?, keyed) || {
-                            let bare = normalize::fold_letters(span);
-                            bare.text != span
-                                && entities::name_where_asked(span, &pieces, &asked(&bare)?, keyed)
+                    || match keyed
+                        .then_some(entities::NAME_FRAME)
+                        .or_else(|| entities::name_frame_after(text, start))
+                    {
+                        None => false,
+                        Some(frame) => {
+                            // Names the model does not know read as nothing even
+                            // alone; written where a name is asked for, they do.
+                            // Some only without their diacritics ("Błażej
+                            // Potyrała" 0.13 there, "Blazej Potyrala" 1.00).
+                            let asked = |s: &normalize::Folded<'_>| {
+                                let framed = format!("{frame}{}", s.text);
+                                let shift = frame.len();
+                                r.name_pieces(&framed).map_err(Unavailable).map(|pieces| {
+                                    pieces
+                                        .into_iter()
+                                        .filter(|p| p.start >= shift && p.end >= p.start)
+                                        .map(|p| NamePiece {
+                                            start: s.original(p.start - shift),
+                                            end: s.original(p.end - shift),
+                                            ..p
+                                        })
+                                        .collect::<Vec<NamePiece>>()
+                                })
+                            };
+                            let plain = normalize::Folded::plain(span);
+                            entities::name_where_asked(span, &pieces, &asked(&plain)?, keyed) || {
+                                let bare = normalize::fold_letters(span);
+                                bare.text != span
+                                    && entities::name_where_asked(
+                                        span,
+                                        &pieces,
+                                        &asked(&bare)?,
+                                        keyed,
+                                    )
+                            }
                         }
                     };
                 if found {
