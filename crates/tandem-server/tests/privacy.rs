@@ -469,6 +469,15 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Schreib eine kurze Nachricht an Detlev Fliegner.",
             "Detlev Fliegner",
         ),
+        // With the degree that ends the second reading's run.
+        (
+            "Bitte leite den Vertrag an Inken Kaul MBA. weiter.",
+            "Inken Kaul MBA.",
+        ),
+        (
+            "Schreib eine kurze Nachricht an Detlev Fliegner B.Eng..",
+            "Detlev Fliegner B.Eng.",
+        ),
         ("I talked to Forum Ramaswamy about it.", "Forum Ramaswamy"),
         ("Please send the keys to Om Sinha tomorrow.", "Om Sinha"),
         (
@@ -524,7 +533,8 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
         // not read where a name is asked for.
         "Bitte schicken Sie mir die Unterlagen Montag früh.",
         "Im Anhang findest du die Präsentation Folien für morgen.",
-        // Nor after German's prepositions.
+        // Nor after German's prepositions, where a German frame asks
+        // for a person.
         "Die Unterlagen sind für Prüfung Ergebnisse gedacht.",
         "Ich schreibe morgen an Übersetzung Büro.",
         // Openings a name may follow, followed by what is not one.

@@ -541,6 +541,14 @@ fn with_titles(text: &str, start: usize) -> usize {
     start
 }
 
+/// A name found by a second reading ([`rereads`]) with what belongs to it
+/// around the run: titles before it, a degree after it ("Inken Kaul MBA.",
+/// "Detlev Fliegner B.Eng." — the run stops at "MBA" or inside "B.Eng.").
+pub fn reread_name(text: &str, start: usize, end: usize) -> (usize, usize) {
+    let end = with_degree(text, over_degree(text, start, end));
+    (with_titles(text, start), end)
+}
+
 /// Moves a name's end to the end of the degree its last word starts
 /// ("Jacob Seifert B" of "Jacob Seifert B.A."), so the degree's dots do
 /// not read as an identifier's.
@@ -1721,6 +1729,25 @@ mod tests {
             .map(|(s, e)| &t[s..e])
             .collect();
         assert_eq!(got, ["Eraldo Traversa"]);
+    }
+
+    #[test]
+    fn a_reread_name_takes_its_title_and_degree() {
+        let span = |t: &str, run: &str| {
+            let start = t.find(run).unwrap_or(0);
+            let (s, e) = reread_name(t, start, start + run.len());
+            t[s..e].to_string()
+        };
+        let t = "Bitte leite den Vertrag an Inken Kaul MBA. weiter.";
+        assert_eq!(span(t, "Inken Kaul"), "Inken Kaul MBA.");
+        let t = "Schreib eine kurze Nachricht an Detlev Fliegner B.Eng..";
+        assert_eq!(span(t, "Detlev Fliegner B"), "Detlev Fliegner B.Eng.");
+        let t = "Napisz do Dr. Miłosz Mich w sprawie.";
+        assert_eq!(span(t, "Miłosz Mich"), "Dr. Miłosz Mich");
+        // Nothing around it: the run as it is.
+        let t = "Napisz do Miłosz Mich w sprawie MBA.";
+        assert_eq!(span(t, "Miłosz Mich"), "Miłosz Mich");
+        assert_eq!(reread_name("", 0, 0), (0, 0));
     }
 
     #[test]

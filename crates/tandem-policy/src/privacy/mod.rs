@@ -402,6 +402,7 @@ impl Detector {
                         }
                     };
                 if found {
+                    let (start, end) = entities::reread_name(text, start, end);
                     hits.push(patterns::Hit {
                         class: "person".into(),
                         start,
