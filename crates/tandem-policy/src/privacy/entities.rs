@@ -362,8 +362,8 @@ fn barrel_back(text: &str, start: usize) -> usize {
     start
 }
 
-/// Moves a name's start back over the capitalised word right before it,
-/// inside a sentence (a lower-case word before that one): the model may be
+/// Moves a name's start back over the capitalised word (or two) right
+/// before it, inside a sentence (a lower-case word before them): the model may be
 /// sure of a surname and read the given name before it as a town or as
 /// nothing ("à Frédéric Le Roux", "do Maks Sacharczuk", "to Alex Cox"),
 /// and a name redacted without its given name still names the person.
@@ -378,16 +378,23 @@ fn with_given(text: &str, start: usize) -> usize {
             .map(|(i, _)| i)?;
         Some((at, &before[at..]))
     };
-    match word_back(start) {
-        Some((at, given))
-            if capitalised(given)
-                && word_back(at)
-                    .is_some_and(|(_, w)| w.chars().next().is_some_and(char::is_lowercase)) =>
-        {
-            at
+    // Up to two given names ("con Maite Reina Arroyo Milla"): the words
+    // are taken only when a lower-case word comes before the first.
+    let mut at = start;
+    for _ in 0..2 {
+        match word_back(at) {
+            Some((given_at, given)) if capitalised(given) => {
+                at = given_at;
+                if word_back(at)
+                    .is_some_and(|(_, w)| w.chars().next().is_some_and(char::is_lowercase))
+                {
+                    return at;
+                }
+            }
+            _ => break,
         }
-        _ => start,
     }
+    start
 }
 
 /// Whether the text between two parts of an address keeps them one: as
@@ -1511,6 +1518,18 @@ mod tests {
         assert_eq!(
             spans(t, &[e(t, "SURNAME", "Le Roux", 0.6)]),
             vec![("person".into(), "Frédéric Le Roux".into())]
+        );
+        // Two given names.
+        let t = "Ayer hablé con Maite Reina Arroyo Milla sobre la factura.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Arroyo Milla", 0.83)]),
+            vec![("person".into(), "Maite Reina Arroyo Milla".into())]
+        );
+        // Three capitalised words before it: not all given names.
+        let t = "We met at Central Park West Cox.";
+        assert_eq!(
+            spans(t, &[e(t, "SURNAME", "Cox", 0.9)]),
+            vec![("person".into(), "Cox".into())]
         );
         // A sentence's first word may be anything; a lower-case word is not
         // a given name; a title stays a title.
