@@ -299,12 +299,9 @@ fn extend_street(text: &str, start: usize, number: bool) -> usize {
         if trimmed.ends_with(',') {
             break;
         }
-        let word_start = trimmed
-            .char_indices()
-            .rev()
-            .take_while(|(_, c)| c.is_alphabetic() || *c == '.' || *c == '\'')
-            .last()
-            .map_or(trimmed.len(), |(i, _)| i);
+        let word_start = run_back(trimmed, trimmed.len(), |c| {
+            c.is_alphabetic() || c == '.' || c == '\''
+        });
         let word = &trimmed[word_start..];
         if word.is_empty() {
             break;
@@ -348,12 +345,7 @@ fn barrel_back(text: &str, start: usize) -> usize {
     while text[start..].starts_with(char::is_uppercase)
         && let Some(before) = text[..start].strip_suffix('-')
     {
-        let at = before
-            .char_indices()
-            .rev()
-            .take_while(|(_, c)| c.is_alphabetic() || *c == '\'')
-            .last()
-            .map_or(before.len(), |(i, _)| i);
+        let at = run_back(before, before.len(), |c| c.is_alphabetic() || c == '\'');
         if at == before.len() || !before[at..].starts_with(char::is_uppercase) {
             break;
         }
@@ -363,20 +355,17 @@ fn barrel_back(text: &str, start: usize) -> usize {
 }
 
 /// Moves a name's start back over the capitalised word (or two) right
-/// before it, inside a sentence (a lower-case word before them): the model may be
-/// sure of a surname and read the given name before it as a town or as
-/// nothing ("à Frédéric Le Roux", "do Maks Sacharczuk", "to Alex Cox"),
+/// before it, inside a sentence (a lower-case word before them): the model
+/// may be sure of a surname and read the given name before it as a town or
+/// as nothing ("à Frédéric Le Roux", "do Maks Sacharczuk", "to Alex Cox"),
 /// and a name redacted without its given name still names the person.
 fn with_given(text: &str, start: usize) -> usize {
     let word_back = |end: usize| -> Option<(usize, &str)> {
         let before = text[..end].strip_suffix(' ')?;
-        let at = before
-            .char_indices()
-            .rev()
-            .take_while(|(_, c)| c.is_alphabetic() || *c == '-' || *c == '\'')
-            .last()
-            .map(|(i, _)| i)?;
-        Some((at, &before[at..]))
+        let at = run_back(before, before.len(), |c| {
+            c.is_alphabetic() || c == '-' || c == '\''
+        });
+        (at < before.len()).then(|| (at, &before[at..]))
     };
     // Up to two given names ("con Maite Reina Arroyo Milla"): the words
     // are taken only when a lower-case word comes before the first.
@@ -417,12 +406,18 @@ fn joins_address(text: &str, end: usize, start: usize) -> bool {
 
 /// The start of the word `at` is in.
 fn word_start(text: &str, at: usize) -> usize {
-    text[..at]
+    run_back(text, at, char::is_alphabetic)
+}
+
+/// Where the run of characters that `keep` accepts and that ends at `end`
+/// starts (`end` itself when the character before it is not one).
+fn run_back(text: &str, end: usize, keep: impl Fn(char) -> bool) -> usize {
+    text[..end]
         .char_indices()
         .rev()
-        .take_while(|(_, c)| c.is_alphabetic())
+        .take_while(|&(_, c)| keep(c))
         .last()
-        .map_or(at, |(i, _)| i)
+        .map_or(end, |(i, _)| i)
 }
 
 /// The end of the word `at` is in (hyphens and apostrophes inside it).
@@ -877,13 +872,7 @@ pub const NAME_FRAME_DE: &str = "Ansprechpartner: ";
 /// any other word.
 pub fn name_frame_after(text: &str, start: usize) -> Option<&'static str> {
     let before = text.get(..start)?.strip_suffix(' ')?;
-    let word_start = before
-        .char_indices()
-        .rev()
-        .take_while(|(_, c)| c.is_alphabetic())
-        .last()
-        .map_or(before.len(), |(i, _)| i);
-    let word = before[word_start..].to_lowercase();
+    let word = before[word_start(before, before.len())..].to_lowercase();
     if word.is_empty() {
         None
     } else if NAME_CONTEXT.contains(&word.as_str()) {
@@ -973,12 +962,9 @@ pub fn after_name_key(text: &str, start: usize) -> bool {
     };
     let before = before.trim_end_matches(' ');
     let before = before.strip_suffix(['"', '\'']).unwrap_or(before);
-    let key_start = before
-        .char_indices()
-        .rev()
-        .take_while(|(_, c)| c.is_ascii_alphanumeric() || *c == '_')
-        .last()
-        .map_or(before.len(), |(i, _)| i);
+    let key_start = run_back(before, before.len(), |c| {
+        c.is_ascii_alphanumeric() || c == '_'
+    });
     let key: String = before[key_start..]
         .chars()
         .filter(|c| *c != '_')
