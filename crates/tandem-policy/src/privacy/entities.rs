@@ -479,7 +479,11 @@ const DEGREES: &[&str] = &[
 ];
 
 /// Titles and forms of address written before a name; the name's span
-/// takes them ("Ing. Rene Franke", "Univ.Prof. Dr. Lili Thanel").
+/// takes them ("Ing. Rene Franke", "Univ.Prof. Dr. Lili Thanel"). Wider
+/// than the list of the `titled` pattern (patterns.rs), and rightly: that
+/// one makes a name by itself out of the capitalised words after a title,
+/// so it leaves out titles that are also initials or words of their own
+/// ("D.", "Sri", "Mag."); here a title only extends a name found otherwise.
 const TITLES: &[&str] = &[
     "Mr.",
     "Mr",

@@ -708,6 +708,8 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
         // those written in lower case mid-sentence ("do pan Adam Wyskiel",
         // "à madame Claire Petit", "an Herrn Jan Roth") in any case, but
         // without a full stop, which would make "in a pan. Then" a name.
+        // Narrower than entities.rs's `TITLES` (which only extend a name
+        // found otherwise): here the title alone makes the name.
         (
             "person",
             r"\b((?:(?:(?:Mr|Mrs|Ms|Miss|Dr|Prof|Univ\.-?Prof|Dipl\.-Ing|Herr|Frau|M\.|Mme|Mlle|Sr|Sra|Srta|Sig|Sig\.ra)\.?|(?i:pan|pani|panna|herrn|monsieur|madame|mademoiselle|señor|señora|señorita|signor|signora|signorina|dott\.ssa|dott\.))\s+)+([\p{Lu}][\p{L}'-]+(?:\s+[\p{Lu}][\p{L}'-]+){0,2}))",
