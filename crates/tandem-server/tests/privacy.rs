@@ -469,6 +469,12 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Schreib eine kurze Nachricht an Detlev Fliegner.",
             "Detlev Fliegner",
         ),
+        // A Polish name in the genitive, as Polish writes it after "do":
+        // in its sentence the model reads a street (streets are named so).
+        (
+            "Proszę przekazać dokumenty do Jana Kowalskiego.",
+            "Jana Kowalskiego",
+        ),
         // With the degree that ends the second reading's run.
         (
             "Bitte leite den Vertrag an Inken Kaul MBA. weiter.",

@@ -895,7 +895,8 @@ pub fn name_frame_after(text: &str, start: usize) -> Option<&'static str> {
 /// (`asked`: the pieces of the run after [`NAME_FRAME`], offsets into
 /// `span`) every piece of every capitalised word is near-certainly a
 /// name's, and alone (`alone`, the run's word pieces) no word reads as a
-/// place. Words of tools and services ("Visual Studio", "Google Drive",
+/// place more than as a name (Polish names in the genitive read alone as
+/// both: "Kowalskiego" 0.30 a street's, 0.47 a name's). Words of tools and services ("Visual Studio", "Google Drive",
 /// "Customer Support") stay out even where a name is asked for; name-like
 /// brands and places ending in a whole word ("Alfa Romeo", "Monte Carlo",
 /// "Red Hat") are read there as names, and the rare last word keeps them
@@ -926,13 +927,14 @@ pub fn name_where_asked(span: &str, alone: &[NamePiece], asked: &[NamePiece], ke
                 .filter(|p| inside(p, w))
                 .map(|p| p.person)
                 .collect();
-            let (place, n) = alone
+            let (place, person) = alone
                 .iter()
                 .filter(|p| inside(p, w))
-                .fold((0.0, 0usize), |(s, n), p| (s + p.place, n + 1));
-            !read.is_empty()
-                && read.iter().all(|&m| m >= ASKED)
-                && (keyed || n == 0 || place / (n as f32) < PLACE_MASS)
+                .fold((0.0, 0.0), |(pl, pe), p| (pl + p.place, pe + p.person));
+            let n = alone.iter().filter(|p| inside(p, w)).count().max(1) as f32;
+            // A word the model reads as a place more than as a name.
+            let place = place / n >= PLACE_MASS && place >= person;
+            !read.is_empty() && read.iter().all(|&m| m >= ASKED) && (keyed || !place)
         })
 }
 
@@ -1637,6 +1639,25 @@ mod tests {
             piece(t, "burg", 0.01, 0.9),
         ];
         let asked = [piece(t, "Bad", 1.0, 0.0), piece(t, "Homburg", 1.0, 0.0)];
+        assert!(!name_where_asked(t, &alone, &asked, false));
+        // Read alone as a place and more as a name: a name ("do Jana
+        // Kowalskiego", streets are named so too).
+        let t = "Jana Kowalskiego";
+        let asked = [
+            piece(t, "Jana", 1.0, 0.0),
+            piece(t, "Kowalskiego", 1.0, 0.0),
+        ];
+        let alone = [
+            piece(t, "Jana", 0.45, 0.15),
+            piece(t, "Ko", 0.47, 0.28),
+            piece(t, "walskiego", 0.47, 0.31),
+        ];
+        assert!(name_where_asked(t, &alone, &asked, false));
+        let alone = [
+            piece(t, "Jana", 0.45, 0.15),
+            piece(t, "Ko", 0.2, 0.28),
+            piece(t, "walskiego", 0.2, 0.31),
+        ];
         assert!(!name_where_asked(t, &alone, &asked, false));
         // One capitalised word is not enough.
         let t = "Mich";
