@@ -892,16 +892,17 @@ pub fn name_frame_after(text: &str, start: usize) -> Option<&'static str> {
 /// know: its last word is rare (the model's vocabulary holds it only in
 /// pieces, as it holds "Ramaswamy" or "Potyrała", where it holds "Hat",
 /// "Romeo", "Friday" and "Sachs" whole), read where a name is asked for
-/// (`asked`: the pieces of the run after [`NAME_FRAME`], offsets into
-/// `span`) every piece of every capitalised word is near-certainly a
-/// name's, and alone (`alone`, the run's word pieces) no word reads as a
-/// place more than as a name (Polish names in the genitive read alone as
-/// both: "Kowalskiego" 0.30 a street's, 0.47 a name's). Words of tools and services ("Visual Studio", "Google Drive",
+/// (`asked`: the pieces of the run after the frame [`name_frame_after`]
+/// chose, offsets into `span`) every piece of every capitalised word is
+/// near-certainly a name's, and alone (`alone`, the run's word pieces) no
+/// word reads more as a place than as a name (Polish names in the genitive
+/// read alone as both: "Kowalskiego" 0.30 a street's, 0.47 a name's).
+/// Words of tools and services ("Visual Studio", "Google Drive",
 /// "Customer Support") stay out even where a name is asked for; name-like
 /// brands and places ending in a whole word ("Alfa Romeo", "Monte Carlo",
 /// "Red Hat") are read there as names, and the rare last word keeps them
-/// out. What remains ("Porta Nuova", "Seat Ibiza") is kept from the cloud
-/// as a name would be.
+/// out. What remains ("Porta Nuova", "Seat Ibiza", "Milton Keynes") is
+/// kept from the cloud as a name would be.
 ///
 /// After a key that asks for a name (`keyed`: `"name": "…"`, `Full name:
 /// …`) the text itself says what the run is, and the framed reading alone
