@@ -925,8 +925,17 @@ mod tests {
         // ...but not against the head kept before.
         let e = verify(&path, &key(), Some(&head)).unwrap_err().to_string();
         assert!(e.contains("truncated") && e.contains("entry 9"), "{e}");
-        // A head from another ledger (a fork) does not match either.
-        let (_d2, other) = written(7);
+        // A head from another ledger (a fork) does not match either. Its
+        // entries differ: the same entries stamped in the same millisecond
+        // (a quick machine writes both ledgers within one) are the same chain.
+        let d2 = tempfile::tempdir().unwrap();
+        let other = d2.path().join("ledger.jsonl");
+        let l = Ledger::open(&other, key()).unwrap();
+        for i in 0..7 {
+            l.record(egress(100 + i));
+        }
+        assert!(l.flush());
+        drop(l);
         let theirs = verify(&other, &key(), None).unwrap().head.unwrap();
         let mut forked = theirs.clone();
         forked.hash = "ab".repeat(32);
