@@ -25,6 +25,7 @@ mod context;
 mod entities;
 mod normalize;
 mod patterns;
+mod places;
 mod redaction;
 mod request;
 
@@ -343,7 +344,9 @@ impl Detector {
                 .into_iter()
                 .take(entities::MAX_REREADS)
             {
-                let Some(span) = text.get(start..end) else {
+                // A town the model reads as a name where a name is asked
+                // for is still a town.
+                let Some(span) = text.get(start..end).filter(|s| !places::is_place(s)) else {
                     continue;
                 };
                 let alone = |s: &str| -> Result<(bool, Vec<NamePiece>), Unavailable> {
