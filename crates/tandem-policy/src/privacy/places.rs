@@ -4,7 +4,7 @@
 //! as people ("to Milton Keynes", "à Boulogne Billancourt"), and the rules
 //! around it cannot tell them apart by shape. A gazetteer can: the names of
 //! two or more words of every city of 15,000 people or more, every country
-//! and US state (17,239 keys), from GeoNames (`data/places.txt`, written by
+//! and US state (17,244 keys), from GeoNames (`data/places.txt`, written by
 //! `scripts/gen-places`). A run is a place only when the whole run is one
 //! of them; names of people that are also towns' ("Perry Hall") are rare:
 //! 2 of 160,000 names Faker writes in eight locales.
@@ -23,22 +23,16 @@ static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
         .collect()
 });
 
-/// How a place is looked up: without diacritics, in lower case, with every
-/// run of characters other than letters and digits one space ("Aix-en-
-/// Provence" and "aix en provence" are one key).
+/// How a place is looked up: its Latin letters without diacritics (as the
+/// detector folds them elsewhere), in lower case, with every run of
+/// characters other than letters and digits one space ("Aix-en-Provence"
+/// and "aix en provence" are one key).
 fn key(name: &str) -> String {
-    let bare = deunicode::deunicode(name).to_lowercase();
-    let mut out = String::with_capacity(bare.len());
-    for word in bare
-        .split(|c: char| !c.is_alphanumeric())
+    let bare = super::normalize::fold_letters(name).text.to_lowercase();
+    bare.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
-    {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(word);
-    }
-    out
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Whether `span`, taken whole, is the name of a known place, as written
@@ -56,32 +50,25 @@ pub fn is_place(span: &str) -> bool {
     if words.len() > 4 {
         return false;
     }
-    // Every combination of each word's nominatives (at most 3 a word).
-    let forms: Vec<Vec<String>> = words.iter().map(|w| nominatives(w)).collect();
-    let mut at = vec![0usize; forms.len()];
-    loop {
-        let candidate: Vec<&str> = forms
+    // Every combination of each word's nominatives (at most 3 a word, so
+    // at most 81 keys).
+    let mut keys = vec![String::new()];
+    for (n, word) in words.iter().enumerate() {
+        let forms = nominatives(word);
+        keys = keys
             .iter()
-            .zip(&at)
-            .filter_map(|(f, &i)| f.get(i).map(String::as_str))
+            .flat_map(|k| {
+                forms.iter().map(move |f| {
+                    if n == 0 {
+                        f.clone()
+                    } else {
+                        format!("{k} {f}")
+                    }
+                })
+            })
             .collect();
-        if KNOWN.contains(&candidate.join(" ")) {
-            return true;
-        }
-        // The next combination, as an odometer turns.
-        let mut d = 0;
-        loop {
-            let Some(slot) = at.get_mut(d) else {
-                return false;
-            };
-            *slot += 1;
-            if *slot < forms.get(d).map_or(0, Vec::len) {
-                break;
-            }
-            *slot = 0;
-            d += 1;
-        }
     }
+    keys.iter().any(|k| KNOWN.contains(k))
 }
 
 /// `word` and what it would be in the nominative if it were a Polish
