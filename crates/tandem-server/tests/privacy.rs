@@ -496,6 +496,13 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Ayer hablé con Alcides Soria-Escudero sobre la factura.",
             "Alcides Soria-Escudero",
         ),
+        // A given name that is also a word ("durante": during) before a
+        // double-barrelled surname reads as nothing, with the surname's
+        // first half alone as a name.
+        (
+            "Scrivi un messaggio per Durante Cossiga-Cipolla.",
+            "Durante Cossiga-Cipolla",
+        ),
         // Sure of the surname, not of the given name before it.
         (
             "Please forward the contract to Alex Cox before Friday.",

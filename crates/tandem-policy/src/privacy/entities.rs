@@ -776,7 +776,9 @@ pub fn person_alone(span: &str, entities: &[Entity]) -> bool {
 
 /// Where a run of three or more capitalised words (particles between them
 /// allowed) ends its second: the given name and first surname of a name
-/// with two.
+/// with two. Two surnames may be joined by a hyphen instead ("Durante
+/// Cossiga-Cipolla", which reads as nothing where "Durante Cossiga" reads as
+/// a name): then the pair ends at the hyphen.
 pub fn leading_pair(span: &str) -> Option<usize> {
     let capitals: Vec<(usize, &str)> = words(span)
         .into_iter()
@@ -784,6 +786,10 @@ pub fn leading_pair(span: &str) -> Option<usize> {
         .collect();
     match capitals.as_slice() {
         [_, (at, second), _, ..] => Some(at + second.len()),
+        [_, (at, second)] => second
+            .split_once('-')
+            .filter(|(first, rest)| !first.is_empty() && capitalised(rest))
+            .map(|(first, _)| at + first.len()),
         _ => None,
     }
 }
@@ -1817,6 +1823,14 @@ mod tests {
         assert_eq!(head("Salvador Pedraza Manuel"), Some("Salvador Pedraza"));
         assert_eq!(head("Juan de la Cruz Moreno"), Some("Juan de la Cruz"));
         assert_eq!(head("Anna Weber"), None);
+        assert_eq!(
+            head("Durante Cossiga-Cipolla"),
+            Some("Durante Cossiga"),
+            "two surnames joined by a hyphen"
+        );
+        assert_eq!(head("Jean-Pierre Dupont"), None);
+        assert_eq!(head("Anna Dupont-martin"), None);
+        assert_eq!(head("Anna Dupont--Martin"), None);
         assert_eq!(head("Ü Ab Cd"), None);
         assert_eq!(head(""), None);
     }
