@@ -483,6 +483,53 @@ fn against_random(rows: &[&Row], score: impl Fn(&Row) -> f32) -> Vec<(f64, f64, 
         .collect()
 }
 
+/// The smallest cloud share at which escalating the rows with the highest
+/// `score` reaches `quality` times the strong model's accuracy on `rows`.
+fn share_for(rows: &[&Row], quality: f64, score: impl Fn(&Row) -> f32) -> f64 {
+    let n = rows.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let mut sorted: Vec<&Row> = rows.to_vec();
+    sorted.sort_by(|a, b| score(b).total_cmp(&score(a)));
+    let target = quality * mix(rows, |_| true).0 * n as f64 - 1e-9;
+    let mut correct = sorted.iter().filter(|r| r.weak).count() as i64;
+    for (m, r) in sorted.iter().enumerate() {
+        if correct as f64 >= target {
+            return m as f64 / n as f64;
+        }
+        correct += i64::from(r.strong) - i64::from(r.weak);
+    }
+    1.0
+}
+
+/// The 5th and 95th percentiles of [`share_for`] over `draws` resamples of
+/// the rows (drawn with replacement): how much of a seed's figure is the
+/// luck of which questions it asked.
+fn share_spread(
+    rows: &[&Row],
+    quality: f64,
+    draws: usize,
+    seed: u64,
+    score: impl Fn(&Row) -> f32,
+) -> (f64, f64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut shares: Vec<f64> = (0..draws)
+        .map(|_| {
+            let sample: Vec<&Row> = (0..rows.len())
+                .filter_map(|_| rows.get(rng.usize(..rows.len())).copied())
+                .collect();
+            share_for(&sample, quality, &score)
+        })
+        .collect();
+    shares.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        let i = ((shares.len().saturating_sub(1)) as f64 * p).round() as usize;
+        shares.get(i).copied().unwrap_or(f64::NAN)
+    };
+    (at(0.05), at(0.95))
+}
+
 /// The router threshold and early-cascade threshold that reach `quality`
 /// times the cloud's accuracy on `rows` with the smallest cloud share.
 fn calibrate_joint(
@@ -916,6 +963,14 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             cmp.iter().filter(|(_, a, r)| a > r).count(),
             cmp.len()
         );
+        let (lo, hi) = share_spread(&all, args.quality, 1000, args.seed, score);
+        println!(
+            "own-label router alone: {:.0}% of cloud-only accuracy from cloud share {:.3} \
+             (90% of 1,000 resamples of these {} questions: {lo:.3}–{hi:.3})",
+            100.0 * args.quality,
+            share_for(&all, args.quality, score),
+            all.len()
+        );
         let mut curve = vec![(0.0, local_acc)];
         curve.extend(cmp.iter().map(|&(share, acc, _)| (share, acc)));
         curve.push((1.0, cloud_acc));
@@ -1005,6 +1060,37 @@ mod tests {
         // Time to the look: the first token and one more token.
         assert!((unsure_start.seconds_to(2) - 1.1).abs() < 1e-9);
         assert!((unsure_start.seconds_to(50) - unsure_start.total_s).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_share_for_a_quality_and_its_spread() {
+        let row = |weak: bool, strong: bool, own: f32| Row {
+            weak,
+            strong,
+            own: Some(own),
+            ..Row::default()
+        };
+        // Two questions only the cloud gets right, ranked first; two both
+        // get right; one neither does.
+        let rows = [
+            row(false, true, 0.9),
+            row(true, true, 0.1),
+            row(false, true, 0.8),
+            row(false, false, 0.5),
+            row(true, true, 0.2),
+        ];
+        let all: Vec<&Row> = rows.iter().collect();
+        let score = |r: &Row| r.own.unwrap_or(0.0);
+        assert!((share_for(&all, 1.0, score) - 0.4).abs() < 1e-9);
+        // 95% of 4 right answers is 3.8: both cloud-only ones must go.
+        assert!((share_for(&all, 0.95, score) - 0.4).abs() < 1e-9);
+        assert!((share_for(&all, 0.75, score) - 0.2).abs() < 1e-9);
+        // Ranked backwards, the cloud-only questions come last.
+        assert!((share_for(&all, 1.0, |r| -score(r)) - 1.0).abs() < 1e-9);
+        assert_eq!(share_for(&[], 0.95, score), 0.0);
+        let (lo, hi) = share_spread(&all, 0.95, 200, 1, score);
+        assert!(lo <= 0.4 && 0.4 <= hi && lo <= hi, "{lo} {hi}");
+        assert_eq!(share_spread(&all, 0.95, 200, 1, score), (lo, hi));
     }
 
     #[test]
