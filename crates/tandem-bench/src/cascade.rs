@@ -174,22 +174,166 @@ const MCQ_TRAIN: &[(&str, char)] = &[
     ),
 ];
 
+/// Facts the generated multiple-choice questions ask about, in three
+/// families. Even entries are asked by the table, odd ones only in the
+/// router's own labels, so the two never share a fact; the wrong options
+/// come from the whole family, and the right one's letter is drawn.
+const CAPITALS: &[(&str, &str)] = &[
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Russia", "Moscow"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Turkey", "Ankara"),
+    ("Peru", "Lima"),
+    ("South Korea", "Seoul"),
+    ("Austria", "Vienna"),
+];
+
+const SYMBOLS: &[(&str, &str)] = &[
+    ("hydrogen", "H"),
+    ("helium", "He"),
+    ("carbon", "C"),
+    ("nitrogen", "N"),
+    ("oxygen", "O"),
+    ("sodium", "Na"),
+    ("magnesium", "Mg"),
+    ("aluminium", "Al"),
+    ("silicon", "Si"),
+    ("phosphorus", "P"),
+    ("sulfur", "S"),
+    ("chlorine", "Cl"),
+    ("potassium", "K"),
+    ("calcium", "Ca"),
+    ("iron", "Fe"),
+    ("copper", "Cu"),
+    ("zinc", "Zn"),
+    ("silver", "Ag"),
+    ("gold", "Au"),
+    ("tin", "Sn"),
+    ("mercury", "Hg"),
+    ("lead", "Pb"),
+    ("neon", "Ne"),
+    ("uranium", "U"),
+];
+
+const AUTHORS: &[(&str, &str)] = &[
+    ("Pride and Prejudice", "Jane Austen"),
+    ("Hamlet", "William Shakespeare"),
+    ("1984", "George Orwell"),
+    ("Moby-Dick", "Herman Melville"),
+    ("War and Peace", "Leo Tolstoy"),
+    ("The Odyssey", "Homer"),
+    ("Don Quixote", "Miguel de Cervantes"),
+    ("Oliver Twist", "Charles Dickens"),
+    ("The Great Gatsby", "F. Scott Fitzgerald"),
+    ("Frankenstein", "Mary Shelley"),
+    ("Dracula", "Bram Stoker"),
+    ("Crime and Punishment", "Fyodor Dostoevsky"),
+    ("The Old Man and the Sea", "Ernest Hemingway"),
+    ("Adventures of Huckleberry Finn", "Mark Twain"),
+    ("Les Miserables", "Victor Hugo"),
+    ("The Divine Comedy", "Dante Alighieri"),
+    ("Jane Eyre", "Charlotte Bronte"),
+    ("To Kill a Mockingbird", "Harper Lee"),
+    ("Brave New World", "Aldous Huxley"),
+    ("The Hobbit", "J. R. R. Tolkien"),
+    ("Faust", "Johann Wolfgang von Goethe"),
+    ("One Hundred Years of Solitude", "Gabriel Garcia Marquez"),
+    ("The Catcher in the Rye", "J. D. Salinger"),
+    ("Madame Bovary", "Gustave Flaubert"),
+];
+
+/// Each family's question, with `{}` for the fact's subject.
+const FAMILIES: [(&str, &[(&str, &str)]); 3] = [
+    ("What is the capital of {}?", CAPITALS),
+    ("What is the chemical symbol for {}?", SYMBOLS),
+    ("Who wrote '{}'?", AUTHORS),
+];
+
+/// Which questions a draw may use.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Part {
+    /// The table's: `MCQ` and the even facts.
+    Asked,
+    /// The router's own labels': `MCQ_TRAIN` and the odd facts.
+    Training,
+}
+
 /// The seed offset of the questions the router's own labels come from.
 const TRAIN_SEED: u64 = 1_000_003;
 
 /// Kinds of question, asked in turn.
 const KINDS: usize = 8;
 
+/// A multiple-choice question: a quarter of the draws take the next
+/// hand-written one while any are left, the rest (and all after them) are
+/// drawn from the facts. So a long run does not ask the same few questions
+/// again and again, and the router's own labels come from the same kind of
+/// question as the table's, as labels from traffic would.
+fn multiple_choice(
+    rng: &mut fastrand::Rng,
+    part: Part,
+    written: &mut std::slice::Iter<'_, (&'static str, char)>,
+) -> Question {
+    let ask = |q: &str, c: char| Question {
+        prompt: format!("{q}\nAnswer with the letter only."),
+        answer: Reference::Letter(c),
+    };
+    if rng.usize(0..4) == 0
+        && let Some((q, c)) = written.next()
+    {
+        return ask(q, *c);
+    }
+    let (template, facts) = FAMILIES[rng.usize(0..FAMILIES.len())];
+    let parity = usize::from(part == Part::Training);
+    let mine: Vec<usize> = (0..facts.len()).filter(|i| i % 2 == parity).collect();
+    let fact = mine[rng.usize(0..mine.len())];
+    let mut others: Vec<usize> = (0..facts.len()).filter(|&i| i != fact).collect();
+    rng.shuffle(&mut others);
+    let mut options: Vec<&str> = others.iter().take(3).map(|&i| facts[i].1).collect();
+    let right = rng.usize(0..=options.len());
+    options.insert(right, facts[fact].1);
+    let mut q = template.replace("{}", facts[fact].0);
+    for (letter, option) in ('A'..).zip(&options) {
+        q.push_str(&format!("\n{letter}) {option}"));
+    }
+    let letter = ('A'..).nth(right).unwrap_or('A');
+    ask(&q, letter)
+}
+
 /// Arithmetic word problems from one- to three-step, and multiple-choice
 /// questions: the local model gets the easy ones, not all the hard ones.
-fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question> {
+fn questions(n: usize, seed: u64, part: Part) -> Vec<Question> {
     let mut rng = fastrand::Rng::with_seed(seed);
+    // Its own stream, so the arithmetic questions of a seed stay what they
+    // were before the multiple-choice ones were drawn.
+    let mut choice_rng = fastrand::Rng::with_seed(seed ^ 0x6d63_715f_6472_6177);
+    let mut written = match part {
+        Part::Asked => MCQ,
+        Part::Training => MCQ_TRAIN,
+    }
+    .iter();
     let mut out = Vec::with_capacity(n);
     let number = |q: String, a: i64| Question {
         prompt: format!("{q} Reply with only the final number."),
         answer: Reference::Number(a),
     };
-    let mut mcq = mcqs.iter().cycle();
     for i in 0..n {
         let q = match i % KINDS {
             0 => {
@@ -238,13 +382,7 @@ fn questions(n: usize, seed: u64, mcqs: &[(&'static str, char)]) -> Vec<Question
                     a % b,
                 )
             }
-            _ => {
-                let (q, c) = mcq.next().copied().unwrap_or(("", 'A'));
-                Question {
-                    prompt: format!("{q}\nAnswer with the letter only."),
-                    answer: Reference::Letter(c),
-                }
-            }
+            _ => multiple_choice(&mut choice_rng, part, &mut written),
         };
         out.push(q);
     }
@@ -411,7 +549,7 @@ async fn own_router(
     let qs = questions(
         args.train_questions,
         args.seed.wrapping_add(TRAIN_SEED),
-        MCQ_TRAIN,
+        Part::Training,
     );
     let mut examples = Vec::with_capacity(qs.len());
     for (i, q) in qs.iter().enumerate() {
@@ -610,7 +748,7 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         println!("\nSet `[router] cascade_threshold = {threshold:.3}` to use this calibration.");
         return Ok(());
     }
-    let qs = questions(args.questions, args.seed, MCQ);
+    let qs = questions(args.questions, args.seed, Part::Asked);
     let cloud_url = format!("http://127.0.0.1:{}", args.cloud_port);
     eprintln!(
         "starting a cloud-role Tandem with {} on {cloud_url} ...",
@@ -996,9 +1134,9 @@ mod tests {
 
     #[test]
     fn the_router_learns_from_questions_the_table_never_asks() {
-        let qs = questions(40, 1, MCQ);
+        let qs = questions(40, 1, Part::Asked);
         assert_eq!(qs.len(), 40);
-        let train = questions(80, 1 + TRAIN_SEED, MCQ_TRAIN);
+        let train = questions(80, 1 + TRAIN_SEED, Part::Training);
         assert!(
             train
                 .iter()
@@ -1007,8 +1145,59 @@ mod tests {
     }
 
     #[test]
+    fn multiple_choice_questions_are_not_repeated_and_answer_right() {
+        let asked = questions(960, 7, Part::Asked);
+        let train = questions(320, 7 + TRAIN_SEED, Part::Training);
+        let choices = |qs: &[Question]| -> Vec<(String, char)> {
+            qs.iter()
+                .filter_map(|q| match q.answer {
+                    Reference::Letter(c) => Some((q.prompt.clone(), c)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (a, t) = (choices(&asked), choices(&train));
+        assert_eq!(a.len(), 120);
+        let distinct: std::collections::HashSet<&String> = a.iter().map(|(p, _)| p).collect();
+        // Four options in a drawn order over twelve facts a family: a
+        // repeat is possible but rare.
+        assert!(distinct.len() >= 115, "{} distinct of 120", distinct.len());
+        let subject = |p: &str| p.lines().next().unwrap_or("").to_string();
+        let asked_subjects: std::collections::HashSet<String> =
+            a.iter().map(|(p, _)| subject(p)).collect();
+        assert!(t.iter().all(|(p, _)| !asked_subjects.contains(&subject(p))));
+        // Nor could they: no written question of one part asks a fact of
+        // the other's.
+        for (template, facts) in FAMILIES {
+            for (i, (s, _)) in facts.iter().enumerate() {
+                let other = if i % 2 == 0 { MCQ_TRAIN } else { MCQ };
+                let q = template.replace("{}", s);
+                assert!(other.iter().all(|(w, _)| subject(w) != q), "{q}");
+            }
+        }
+        // The letter given as the answer names the fact's value.
+        for (prompt, letter) in a.iter().chain(&t) {
+            let line = prompt
+                .lines()
+                .find(|l| l.starts_with(&format!("{letter})")))
+                .unwrap_or_default();
+            let value = line.get(3..).unwrap_or_default();
+            let first = subject(prompt);
+            let known = FAMILIES.iter().any(|(template, facts)| {
+                facts
+                    .iter()
+                    .any(|(s, v)| template.replace("{}", s) == first && *v == value)
+            }) || MCQ
+                .iter()
+                .chain(MCQ_TRAIN)
+                .any(|(q, c)| prompt.starts_with(q) && c == letter);
+            assert!(known, "{prompt:?} -> {letter}");
+        }
+    }
+
+    #[test]
     fn each_half_asks_every_kind_alike() {
-        let qs = questions(80, 3, MCQ);
+        let qs = questions(80, 3, Part::Asked);
         let all: Vec<&Question> = qs.iter().collect();
         let (a, b) = halves(&all);
         assert_eq!((a.len(), b.len()), (40, 40));
