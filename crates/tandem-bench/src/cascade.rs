@@ -7,9 +7,14 @@
 //! reproducible); the local answer's confidence and the router's score are
 //! recorded. The cascade threshold is calibrated by two-fold
 //! cross-validation — chosen on one half, scored on the other — so the
-//! table does not flatter it. Finally the cascade runs live through the
-//! dispatcher at the threshold calibrated on all questions, which is what
-//! `[router] cascade_threshold` should be set to.
+//! table does not flatter it. With a router trained on the pair's own
+//! labels, the router and the early cascade are also held to a cloud
+//! budget (`--cloud-budget`): one rule mixes the router's score and the
+//! answer's confidence, cut where the budget says, and only the mix is
+//! chosen by labels. Finally the cascade runs live through the dispatcher
+//! with the settings calibrated on all questions — under the budget when
+//! there is an own router, alone otherwise — which is what `[router]`
+//! should be set to.
 
 use std::sync::Arc;
 
@@ -18,9 +23,10 @@ use clap::Args;
 use tandem_api::{Answer, Backend, GenerateRequest, LogprobRequest};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
-use tandem_policy::learned::{ModelKind, TextView, TrainConfig};
+use tandem_policy::learned::{LearnedScorer, ModelKind, TextView, TrainConfig};
 use tandem_policy::{PolicyConfig, Scorer};
 use tandem_router::label::{Item, Labeler, Outcome, Reference, greedy_request};
+use tandem_router::learned::RouterInput;
 use tandem_router::{Dispatcher, RequestContext, confidence};
 use tandem_train::{Calibration, Example};
 
@@ -47,6 +53,15 @@ pub struct CascadeArgs {
     /// escalations as reach it.
     #[arg(long, default_value_t = 0.95)]
     pub quality: f64,
+    /// Cloud budget: the share of requests the own router and the early
+    /// cascade together may send out, as `--quality` asks for the least
+    /// share that reaches a quality. What it costs in accuracy is reported.
+    #[arg(long, default_value_t = 0.5)]
+    pub cloud_budget: f64,
+    /// Under the cloud budget, the most device time an escalated request
+    /// may cost, as a share of what the full cascade's escalations cost.
+    #[arg(long, default_value_t = 0.25)]
+    pub device_cap: f64,
     /// Seed of the generated questions.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -442,6 +457,17 @@ impl Row {
         }
     }
 
+    /// The lowest confidence the early cascade sees: its look at `k`
+    /// tokens (when the answer has that many) or the whole answer's.
+    fn early_confidence(&self, k: usize) -> f32 {
+        if k > 0 && self.logprobs.len() >= k {
+            let head = self.logprobs.iter().take(k).sum::<f32>() / k as f32;
+            head.min(self.confidence)
+        } else {
+            self.confidence
+        }
+    }
+
     /// Device seconds spent until the early look at `k` tokens: the first
     /// token's time and `k − 1` tokens at this answer's decode speed.
     fn seconds_to(&self, k: usize) -> f64 {
@@ -737,6 +763,136 @@ fn calibrate_prior(
     (best.2, best.3)
 }
 
+/// Priors tried by [`calibrate_budget`]: 0 is the early cascade alone; 32
+/// lets the router's score outweigh any answer's confidence.
+const BUDGET_PRIORS: [f32; 8] = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+
+/// What the budget's rule is held to.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    /// The most requests sent out, as a share.
+    share: f64,
+    /// Tokens after which the early look judges.
+    k: usize,
+    /// The most device seconds an escalated request may cost, as a share
+    /// of what the full cascade's escalations cost (calibrated for
+    /// `quality` on the same questions).
+    device: f64,
+    /// The full cascade's target.
+    quality: f64,
+}
+
+/// Router + early cascade under a cloud budget, as one rule: a request goes
+/// out when `prior × score − m > cut`, where `m` is the lower of the local
+/// answer's confidence and its first `k` tokens' (the early look). The
+/// cut lets out at most the budget's share of `rows`; the prior is the one
+/// of [`BUDGET_PRIORS`] that is most accurate on `rows` at that share while
+/// its escalations cost the device no more than the budget allows (if
+/// none does, the one that costs least). Those above `cut / prior` by
+/// score alone go out without the device answering (confidences are at
+/// most 0). The cut needs no label; only the prior is chosen by the labels
+/// of `rows`.
+fn calibrate_budget(rows: &[&Row], budget: Budget, score: impl Fn(&Row) -> f32) -> (f32, f32) {
+    let k = budget.k;
+    let full = full_cascade_seconds(rows, budget.quality);
+    let mut best: Option<(f64, f64, f32, f32)> = None;
+    let mut cheapest = (f64::INFINITY, 0.0, f32::INFINITY);
+    for prior in BUDGET_PRIORS {
+        let cut = budget_cut(rows, budget.share, |r| {
+            prior * score(r) - r.early_confidence(k)
+        });
+        let bar = |r: &Row| prior * score(r) - cut;
+        let (acc, share) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
+        let (secs, n) = escalation_seconds(rows, k, bar);
+        // Nothing to compare with (no timings, or a full cascade that
+        // escalates none) leaves the device's time free.
+        let cost = if n > 0 && full.is_finite() && full > 0.0 {
+            secs / n as f64 / full
+        } else {
+            0.0
+        };
+        if cost < cheapest.0 {
+            cheapest = (cost, prior, cut);
+        }
+        let better = best.is_none_or(|(a, s, _, _)| acc > a || (acc == a && share < s));
+        if cost <= budget.device && better {
+            best = Some((acc, share, prior, cut));
+        }
+    }
+    best.map_or((cheapest.1, cheapest.2), |(_, _, prior, cut)| (prior, cut))
+}
+
+/// Device seconds spent on the requests the rule with this `bar` escalates,
+/// and how many it escalates: none on those it sends out whatever the
+/// answer (`bar > 0`: the router's alone), the early look's on those
+/// stopped there, the whole answer's on the rest.
+fn escalation_seconds(rows: &[&Row], k: usize, bar: impl Fn(&Row) -> f32) -> (f64, usize) {
+    let (mut secs, mut n) = (0.0, 0usize);
+    for r in rows {
+        let b = bar(r);
+        if b > 0.0 {
+            n += 1;
+            continue;
+        }
+        match r.early(k, b) {
+            Verdict::Early => secs += r.seconds_to(k),
+            Verdict::Late => secs += r.total_s,
+            Verdict::Kept => continue,
+        }
+        n += 1;
+    }
+    (secs, n)
+}
+
+/// Mean device seconds of an escalated request in the full cascade
+/// calibrated for `quality` on `rows` (infinite when it escalates none).
+fn full_cascade_seconds(rows: &[&Row], quality: f64) -> f64 {
+    let t = calibrate(rows, quality);
+    let (secs, n) = rows
+        .iter()
+        .filter(|r| r.confidence < t)
+        .fold((0.0, 0usize), |(s, n), r| (s + r.total_s, n + 1));
+    if n == 0 {
+        f64::INFINITY
+    } else {
+        secs / n as f64
+    }
+}
+
+/// The learned router's threshold that sends straight out what
+/// [`calibrate_budget`]'s rule would escalate whatever the answer: with
+/// `cascade_threshold = 0` and `cascade_prior = prior`, the dispatcher's bar
+/// `prior × (score − threshold)` is then the rule's `prior × score − cut`.
+fn router_threshold_for(prior: f32, cut: f32) -> f32 {
+    if prior > 0.0 {
+        cut / prior
+    } else {
+        f32::INFINITY
+    }
+}
+
+/// The cut above which at most `budget` of `rows` lie by `s`: halfway
+/// between two neighbouring values, so that rounding in how the rule is
+/// evaluated later cannot move a request across it.
+fn budget_cut(rows: &[&Row], budget: f64, s: impl Fn(&Row) -> f32) -> f32 {
+    let mut v: Vec<f32> = rows.iter().map(|r| s(r)).collect();
+    v.sort_by(|a, b| b.total_cmp(a));
+    let out = (budget.clamp(0.0, 1.0) * v.len() as f64).floor() as usize;
+    let Some(&at) = v.get(out) else {
+        return f32::NEG_INFINITY;
+    };
+    // The smallest value above `at` among those let out; ties with `at`
+    // stay in, so none of them goes.
+    let above = v.iter().take(out).rev().find(|&&x| x > at).copied();
+    match above {
+        None => f32::INFINITY,
+        Some(a) if a.is_finite() && at.is_finite() => (a + at) / 2.0,
+        Some(_) if at.is_finite() => at + 1.0,
+        Some(a) if a.is_finite() => a - 1.0,
+        Some(_) => 0.0,
+    }
+}
+
 /// Runs the benchmark and prints its table.
 pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.rows {
@@ -854,19 +1010,47 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     }
     let threshold = report(&args, &saved);
     let k = args.early_tokens;
-    // The same cascade, live through the dispatcher.
-    let policy = PolicyConfig {
+    // The same cascade live through the dispatcher: with the own router
+    // in front of it under the cloud budget when there is one (the
+    // pair's goal), else alone at the quality target.
+    let mut policy = PolicyConfig {
         cascade: true,
         cascade_threshold: threshold,
         cascade_early_tokens: k,
         ..PolicyConfig::default()
     };
-    let d: Arc<Dispatcher> = Dispatcher::builder()
-        .policy(policy)
+    let mut offline = None;
+    let mut builder = Dispatcher::builder();
+    let mut scorer = None;
+    if let Some(mut model) = own {
+        let all: Vec<&Row> = saved.rows.iter().collect();
+        let score = |r: &Row| r.own.unwrap_or(0.0);
+        let budget = Budget {
+            share: args.cloud_budget,
+            k,
+            device: args.device_cap,
+            quality: args.quality,
+        };
+        let (prior, cut) = calibrate_budget(&all, budget, score);
+        offline = Some(mix(&all, |r| {
+            r.early(k, prior * score(r) - cut) != Verdict::Kept
+        }));
+        policy.cascade_threshold = 0.0;
+        policy.cascade_prior = prior;
+        model.threshold = router_threshold_for(prior, cut);
+        let dim = embedder.embed_one("dimension")?.len();
+        scorer = Some(LearnedScorer::new(model, dim).map_err(anyhow::Error::msg)?);
+        builder = builder.embedder(crate::setup::EMBEDDER, embedder.clone());
+    }
+    let d: Arc<Dispatcher> = builder
+        .policy(policy.clone())
         .local(local)
         .cloud(cloud)
         .build()
         .map_err(anyhow::Error::msg)?;
+    if let Some(s) = scorer {
+        d.set_scorer(Arc::new(s), RouterInput::Embedder);
+    }
     let (mut correct, mut escalated) = (0usize, 0usize);
     for q in &qs {
         let mut req = request("tandem/auto", &q.prompt, args.max_tokens);
@@ -879,17 +1063,40 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         correct += usize::from(q.answer.passes(&answer.text));
     }
     let n = qs.len().max(1) as f64;
-    println!(
-        "{:<34} {:>9.3} {:>12.3}",
-        format!("early cascade live (t {threshold:.3}, k={k})"),
-        correct as f64 / n,
-        escalated as f64 / n
-    );
-    println!(
-        "\nconfidence = mean token log-probability of the local answer; target {:.0}% of the cloud's accuracy.\n\
-         Set `[router] cascade_threshold = {threshold:.3}` to use this calibration.",
-        args.quality * 100.0
-    );
+    let live = (correct as f64 / n, escalated as f64 / n);
+    match offline {
+        Some((acc, share)) => {
+            println!(
+                "{:<34} {:>9.3} {:>12.3}",
+                "own router + early, budget, live", live.0, live.1
+            );
+            println!(
+                "\nlive through the dispatcher (own router, cascade_prior = {}, cascade_threshold = 0, \
+                 calibrated on all questions): accuracy {:.3} at cloud share {:.3}, \
+                 {:.1}% of cloud-only; the same rule on the recorded answers: {acc:.3} at {share:.3}",
+                policy.cascade_prior,
+                live.0,
+                live.1,
+                100.0 * live.0
+                    / mix(&saved.rows.iter().collect::<Vec<_>>(), |_| true)
+                        .0
+                        .max(1e-9),
+            );
+        }
+        None => {
+            println!(
+                "{:<34} {:>9.3} {:>12.3}",
+                format!("early cascade live (t {threshold:.3}, k={k})"),
+                live.0,
+                live.1
+            );
+            println!(
+                "\nconfidence = mean token log-probability of the local answer; target {:.0}% of the cloud's accuracy.\n\
+                 Set `[router] cascade_threshold = {threshold:.3}` to use this calibration.",
+                args.quality * 100.0
+            );
+        }
+    }
     drop(cloud_proc);
     Ok(())
 }
@@ -1091,6 +1298,62 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             share,
             acc,
         ));
+        // The same two, under a cloud budget: the cut from the other
+        // half's scores (no labels), the prior from its labels.
+        let budget = Budget {
+            share: args.cloud_budget,
+            k,
+            device: args.device_cap,
+            quality: args.quality,
+        };
+        let b_budget = budget.share;
+        let (mut acc, mut share) = (0.0, 0.0);
+        let (mut budget_s, mut budget_n, mut straight) = (0.0, 0usize, 0usize);
+        for (rows, (prior, cut)) in [
+            (&a, calibrate_budget(&b, budget, score)),
+            (&b, calibrate_budget(&a, budget, score)),
+        ] {
+            let w = rows.len() as f64 / all.len() as f64;
+            let bar = |r: &Row| prior * score(r) - cut;
+            let (fa, fs) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
+            acc += fa * w;
+            share += fs * w;
+            let (secs, n) = escalation_seconds(rows, k, bar);
+            budget_s += secs;
+            budget_n += n;
+            straight += rows.iter().filter(|r| bar(r) > 0.0).count();
+        }
+        let (prior, cut) = calibrate_budget(&all, budget, score);
+        // The router's scores are percentiles of its training prompts',
+        // so its threshold is a share to calibrate it for.
+        let front = match router_threshold_for(prior, cut) {
+            t if t.is_finite() => format!(
+                "the router's threshold {t:.3} (`tandem router train --calibrate share={:.3}`)",
+                (1.0 - t).clamp(0.0, 1.0)
+            ),
+            _ => "no router in front".to_owned(),
+        };
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            format!("own router + early, budget {b_budget:.2}"),
+            acc,
+            share
+        );
+        println!(
+            "own router + early cascade at a cloud budget of {b_budget:.2} (2-fold: prior chosen on one half, \
+             cut from its scores): {:.1}% of cloud-only accuracy at cloud share {share:.3}; \
+             {straight} of {budget_n} escalations by the router alone; device seconds per escalated request \
+             {:.3}, {:.2} of the full cascade's; on all questions: cascade_prior = {prior}, \
+             cascade_threshold = 0, {front}",
+            100.0 * acc / cloud_acc.max(1e-9),
+            mean(budget_s, budget_n),
+            mean(budget_s, budget_n) / mean(full_s, full_n).max(1e-9),
+        );
+        chart.push(Series::point(
+            format!("own router + early cascade, cloud budget {b_budget:.2}"),
+            share,
+            acc,
+        ));
         println!("own-label router against random routing, accuracy at each cloud share:");
         let cmp = against_random(&all, score);
         for (share, acc, random) in &cmp {
@@ -1280,6 +1543,92 @@ mod tests {
         let (lo, hi) = share_spread(&all, 0.95, 200, 1, score);
         assert!(lo <= 0.4 && 0.4 <= hi && lo <= hi, "{lo} {hi}");
         assert_eq!(share_spread(&all, 0.95, 200, 1, score), (lo, hi));
+    }
+
+    #[test]
+    fn the_budget_mixes_router_and_confidence_within_the_share() {
+        let row = |weak: bool, strong: bool, own: f32, lp: f32| Row {
+            weak,
+            strong,
+            own: Some(own),
+            confidence: lp,
+            logprobs: vec![lp],
+            ..Row::default()
+        };
+        // Only the cloud gets the first two right: one the router finds
+        // hard though the device is sure of itself, one the router finds
+        // easy though the device is unsure. Neither alone finds both.
+        let rows = [
+            row(false, true, 0.9, -0.01),
+            row(false, true, 0.1, -2.0),
+            row(true, true, 0.8, -0.05),
+            row(true, true, 0.2, -0.02),
+        ];
+        let all: Vec<&Row> = rows.iter().collect();
+        let score = |r: &Row| r.own.unwrap_or(0.0);
+        let free = Budget {
+            share: 0.5,
+            k: 8,
+            device: f64::INFINITY,
+            quality: 0.95,
+        };
+        let (prior, cut) = calibrate_budget(&all, free, score);
+        assert!((0.5..=2.0).contains(&prior), "prior {prior}");
+        let out = |r: &Row| r.early(8, prior * score(r) - cut) != Verdict::Kept;
+        assert_eq!(mix(&all, out), (1.0, 0.5));
+        assert!(out(&rows[0]) && out(&rows[1]));
+        // The router alone or the confidence alone is worse at that share.
+        for only in [0.0, 32.0] {
+            let c = budget_cut(&all, 0.5, |r| only * score(r) - r.early_confidence(8));
+            let (acc, share) = mix(&all, |r| r.early(8, only * score(r) - c) != Verdict::Kept);
+            assert!(acc < 1.0 && share <= 0.5, "{only}: {acc} {share}");
+        }
+        // The dispatcher's bar, prior × (score − router threshold), is the
+        // rule's, so what it routes straight out is what the rule escalates
+        // whatever the answer.
+        let t = router_threshold_for(prior, cut);
+        for r in &rows {
+            assert!((prior * (score(r) - t) - (prior * score(r) - cut)).abs() < 1e-5);
+        }
+        // Never more than the budget, even with ties; none at a budget of 0.
+        let same: Vec<Row> = (0..5).map(|_| row(false, true, 0.5, -1.0)).collect();
+        let same: Vec<&Row> = same.iter().collect();
+        let (p, c) = calibrate_budget(&same, Budget { share: 0.4, ..free }, score);
+        assert!(mix(&same, |r| r.early(8, p * score(r) - c) != Verdict::Kept).1 <= 0.4);
+        let (p, c) = calibrate_budget(&all, Budget { share: 0.0, ..free }, score);
+        assert_eq!(
+            mix(&all, |r| r.early(8, p * score(r) - c) != Verdict::Kept).1,
+            0.0
+        );
+        // Held to a quarter of the device time a full cascade spends per
+        // escalation, the rule gives up the unsure answer (only the device
+        // finds it, after answering in full) and lets the router alone
+        // send out what it sends.
+        let timed: Vec<Row> = rows
+            .iter()
+            .map(|r| Row {
+                logprobs: r.logprobs.clone(),
+                own: r.own,
+                total_s: 1.0,
+                first_s: 1.0,
+                ..*r
+            })
+            .collect();
+        let timed: Vec<&Row> = timed.iter().collect();
+        let capped = Budget {
+            device: 0.25,
+            ..free
+        };
+        let (p, c) = calibrate_budget(&timed, capped, score);
+        let bar = |r: &Row| p * score(r) - c;
+        assert_eq!(
+            mix(&timed, |r| r.early(8, bar(r)) != Verdict::Kept),
+            (0.75, 0.5)
+        );
+        assert_eq!(escalation_seconds(&timed, 8, bar), (0.0, 2));
+        let (p, c) = calibrate_budget(&timed, free, score);
+        let (secs, n) = escalation_seconds(&timed, 8, |r| p * score(r) - c);
+        assert!(n == 2 && secs > 0.5, "{secs} {n}");
     }
 
     #[test]
