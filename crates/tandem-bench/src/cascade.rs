@@ -859,15 +859,18 @@ fn full_cascade_seconds(rows: &[&Row], quality: f64) -> f64 {
     }
 }
 
-/// The learned router's threshold that sends straight out what
-/// [`calibrate_budget`]'s rule would escalate whatever the answer: with
-/// `cascade_threshold = 0` and `cascade_prior = prior`, the dispatcher's bar
-/// `prior × (score − threshold)` is then the rule's `prior × score − cut`.
-fn router_threshold_for(prior: f32, cut: f32) -> f32 {
+/// The dispatcher's settings for [`calibrate_budget`]'s rule:
+/// `cascade_threshold` and the learned router's threshold, if the router
+/// is in front. With a prior, the threshold is `cut / prior` and
+/// `cascade_threshold` 0, so the dispatcher's bar `prior × (score −
+/// threshold)` is the rule's `prior × score − cut`, and what scores above
+/// the threshold goes out without the device answering. Without one, the
+/// early cascade alone at `−cut`.
+fn dispatcher_settings(prior: f32, cut: f32) -> (f32, Option<f32>) {
     if prior > 0.0 {
-        cut / prior
+        (0.0, Some(cut / prior))
     } else {
-        f32::INFINITY
+        (-cut, None)
     }
 }
 
@@ -1035,12 +1038,15 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         offline = Some(mix(&all, |r| {
             r.early(k, prior * score(r) - cut) != Verdict::Kept
         }));
-        policy.cascade_threshold = 0.0;
+        let (cascade_threshold, router_threshold) = dispatcher_settings(prior, cut);
+        policy.cascade_threshold = cascade_threshold;
         policy.cascade_prior = prior;
-        model.threshold = router_threshold_for(prior, cut);
-        let dim = embedder.embed_one("dimension")?.len();
-        scorer = Some(LearnedScorer::new(model, dim).map_err(anyhow::Error::msg)?);
-        builder = builder.embedder(crate::setup::EMBEDDER, embedder.clone());
+        if let Some(t) = router_threshold {
+            model.threshold = t;
+            let dim = embedder.embed_one("dimension")?.len();
+            scorer = Some(LearnedScorer::new(model, dim).map_err(anyhow::Error::msg)?);
+            builder = builder.embedder(crate::setup::EMBEDDER, embedder.clone());
+        }
     }
     let d: Arc<Dispatcher> = builder
         .policy(policy.clone())
@@ -1071,10 +1077,11 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
                 "own router + early, budget, live", live.0, live.1
             );
             println!(
-                "\nlive through the dispatcher (own router, cascade_prior = {}, cascade_threshold = 0, \
+                "\nlive through the dispatcher (cascade_prior = {}, cascade_threshold = {:.3}, \
                  calibrated on all questions): accuracy {:.3} at cloud share {:.3}, \
                  {:.1}% of cloud-only; the same rule on the recorded answers: {acc:.3} at {share:.3}",
                 policy.cascade_prior,
+                policy.cascade_threshold,
                 live.0,
                 live.1,
                 100.0 * live.0
@@ -1326,12 +1333,13 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
         let (prior, cut) = calibrate_budget(&all, budget, score);
         // The router's scores are percentiles of its training prompts',
         // so its threshold is a share to calibrate it for.
-        let front = match router_threshold_for(prior, cut) {
-            t if t.is_finite() => format!(
-                "the router's threshold {t:.3} (`tandem router train --calibrate share={:.3}`)",
+        let front = match dispatcher_settings(prior, cut) {
+            (c, Some(t)) => format!(
+                "cascade_threshold = {c}, the router's threshold {t:.3} \
+                 (`tandem router train --calibrate share={:.3}`)",
                 (1.0 - t).clamp(0.0, 1.0)
             ),
-            _ => "no router in front".to_owned(),
+            (c, None) => format!("cascade_threshold = {c:.3}, no router in front"),
         };
         println!(
             "{:<34} {:>9.3} {:>12.3}",
@@ -1343,8 +1351,7 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             "own router + early cascade at a cloud budget of {b_budget:.2} (2-fold: prior chosen on one half, \
              cut from its scores): {:.1}% of cloud-only accuracy at cloud share {share:.3}; \
              {straight} of {budget_n} escalations by the router alone; device seconds per escalated request \
-             {:.3}, {:.2} of the full cascade's; on all questions: cascade_prior = {prior}, \
-             cascade_threshold = 0, {front}",
+             {:.3}, {:.2} of the full cascade's; on all questions: cascade_prior = {prior}, {front}",
             100.0 * acc / cloud_acc.max(1e-9),
             mean(budget_s, budget_n),
             mean(budget_s, budget_n) / mean(full_s, full_n).max(1e-9),
@@ -1586,7 +1593,11 @@ mod tests {
         // The dispatcher's bar, prior × (score − router threshold), is the
         // rule's, so what it routes straight out is what the rule escalates
         // whatever the answer.
-        let t = router_threshold_for(prior, cut);
+        let (zero, t) = dispatcher_settings(prior, cut);
+        let t = t.unwrap_or(f32::NAN);
+        assert_eq!(zero, 0.0);
+        // Without a prior, the early cascade alone: no router in front.
+        assert_eq!(dispatcher_settings(0.0, 1.5), (-1.5, None));
         for r in &rows {
             assert!((prior * (score(r) - t) - (prior * score(r) - cut)).abs() < 1e-5);
         }
