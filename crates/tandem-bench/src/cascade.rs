@@ -803,7 +803,7 @@ fn calibrate_budget(rows: &[&Row], budget: Budget, score: impl Fn(&Row) -> f32) 
         });
         let bar = |r: &Row| prior * score(r) - cut;
         let (acc, share) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
-        let (secs, n) = escalation_seconds(rows, k, bar);
+        let (secs, n) = budget_seconds(rows, k, bar);
         // Nothing to compare with (no timings, or a full cascade that
         // escalates none) leaves the device's time free.
         let cost = if n > 0 && full.is_finite() && full > 0.0 {
@@ -822,19 +822,23 @@ fn calibrate_budget(rows: &[&Row], budget: Budget, score: impl Fn(&Row) -> f32) 
     best.map_or((cheapest.1, cheapest.2), |(_, _, prior, cut)| (prior, cut))
 }
 
-/// Device seconds spent on the requests the rule with this `bar` escalates,
-/// and how many it escalates: none on those it sends out whatever the
-/// answer (`bar > 0`: the router's alone), the early look's on those
-/// stopped there, the whole answer's on the rest.
-fn escalation_seconds(rows: &[&Row], k: usize, bar: impl Fn(&Row) -> f32) -> (f64, usize) {
+/// Device seconds spent on the requests a rule escalates, and how many
+/// it escalates: none on those it sends `straight` out (the router's
+/// alone, before the device answers), the early look's on those whose
+/// answer falls below `bar` there, the whole answer's on the rest.
+fn escalation_seconds(
+    rows: &[&Row],
+    k: usize,
+    straight: impl Fn(&Row) -> bool,
+    bar: impl Fn(&Row) -> f32,
+) -> (f64, usize) {
     let (mut secs, mut n) = (0.0, 0usize);
     for r in rows {
-        let b = bar(r);
-        if b > 0.0 {
+        if straight(r) {
             n += 1;
             continue;
         }
-        match r.early(k, b) {
+        match r.early(k, bar(r)) {
             Verdict::Early => secs += r.seconds_to(k),
             Verdict::Late => secs += r.total_s,
             Verdict::Kept => continue,
@@ -842,6 +846,13 @@ fn escalation_seconds(rows: &[&Row], k: usize, bar: impl Fn(&Row) -> f32) -> (f6
         n += 1;
     }
     (secs, n)
+}
+
+/// What [`escalation_seconds`] takes for [`calibrate_budget`]'s rule:
+/// its bar above 0 escalates whatever the answer (confidences are at most
+/// 0), so the router sends those out alone.
+fn budget_seconds(rows: &[&Row], k: usize, bar: impl Fn(&Row) -> f32) -> (f64, usize) {
+    escalation_seconds(rows, k, |r| bar(r) > 0.0, &bar)
 }
 
 /// Mean device seconds of an escalated request in the full cascade
@@ -1241,18 +1252,9 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             let (fa, fs) = mix(rows, |r| score(r) >= tr || r.early(k, tc) != Verdict::Kept);
             acc += fa * w;
             share += fs * w;
-            for r in rows.iter() {
-                if score(r) >= tr {
-                    own_n += 1;
-                    continue;
-                }
-                match r.early(k, tc) {
-                    Verdict::Early => own_s += r.seconds_to(k),
-                    Verdict::Late => own_s += r.total_s,
-                    Verdict::Kept => continue,
-                }
-                own_n += 1;
-            }
+            let (secs, n) = escalation_seconds(rows, k, |r| score(r) >= tr, |_| tc);
+            own_s += secs;
+            own_n += n;
         }
         println!(
             "{:<34} {:>9.3} {:>12.3}",
@@ -1278,14 +1280,9 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             let (fa, fs) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
             acc += fa * w;
             share += fs * w;
-            for r in rows.iter() {
-                match r.early(k, bar(r)) {
-                    Verdict::Early => prior_s += r.seconds_to(k),
-                    Verdict::Late => prior_s += r.total_s,
-                    Verdict::Kept => continue,
-                }
-                prior_n += 1;
-            }
+            let (secs, n) = escalation_seconds(rows, k, |_| false, bar);
+            prior_s += secs;
+            prior_n += n;
         }
         let (prior, t) = calibrate_prior(&all, args.quality, k, tr, score);
         println!(
@@ -1325,7 +1322,7 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             let (fa, fs) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
             acc += fa * w;
             share += fs * w;
-            let (secs, n) = escalation_seconds(rows, k, bar);
+            let (secs, n) = budget_seconds(rows, k, bar);
             budget_s += secs;
             budget_n += n;
             straight += rows.iter().filter(|r| bar(r) > 0.0).count();
@@ -1636,9 +1633,9 @@ mod tests {
             mix(&timed, |r| r.early(8, bar(r)) != Verdict::Kept),
             (0.75, 0.5)
         );
-        assert_eq!(escalation_seconds(&timed, 8, bar), (0.0, 2));
+        assert_eq!(budget_seconds(&timed, 8, bar), (0.0, 2));
         let (p, c) = calibrate_budget(&timed, free, score);
-        let (secs, n) = escalation_seconds(&timed, 8, |r| p * score(r) - c);
+        let (secs, n) = budget_seconds(&timed, 8, |r| p * score(r) - c);
         assert!(n == 2 && secs > 0.5, "{secs} {n}");
     }
 
