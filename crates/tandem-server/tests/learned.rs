@@ -679,3 +679,66 @@ async fn the_routers_prior_moves_the_cascades_bar() {
         r.server.stop().await;
     }
 }
+
+/// Under a cloud share, the router and the cascade send out no more than
+/// that share of the last requests, whatever the thresholds say: the
+/// configured ones decide only while it warms up (here the cascade's lets
+/// no answer stay), and then the cut learned from the traffic takes over.
+#[tokio::test]
+async fn the_cloud_share_holds_whatever_the_thresholds() {
+    let asked: Vec<&str> = HARD
+        .iter()
+        .take(5)
+        .chain(EASY.iter().take(5))
+        .copied()
+        .collect();
+    for cascade in [true, false] {
+        let policy = PolicyConfig {
+            cascade,
+            // No answer reaches this, whatever the router's prior says.
+            cascade_threshold: 5.0,
+            cascade_prior: 2.0,
+            cloud_share: Some(0.3),
+            cloud_share_window: 10,
+            ..PolicyConfig::default()
+        };
+        let r = rig_with(policy, None, None, false).await;
+        let (scorer, table) = toy_static_router(&asked);
+        r.dispatcher
+            .set_scorer(Arc::new(scorer), RouterInput::Static(table));
+        assert_eq!(r.dispatcher.cloud_share(), Some((0.3f32 as f64, None)));
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let mut n = 0;
+            for p in &asked {
+                let reply = r.chat(p, &[]).await;
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                n += usize::from(reply.header("x-tandem-backend") != "local");
+            }
+            out.push(n);
+        }
+        let what = if cascade { "cascade" } else { "router" };
+        // Warming up: the cascade's threshold sends all out, the router's
+        // (calibrated for half) the arithmetic.
+        assert_eq!(out[0], if cascade { 10 } else { 5 }, "{what}: {out:?}");
+        // Then three in ten over the rounds after it, and not none. (Just
+        // after the warm-up, the window is over its share, so the hold
+        // aims lower for a while, and then evens out.)
+        let after: usize = out[1..].iter().sum();
+        assert!(
+            (4..=12).contains(&after) && out[1..].iter().all(|&n| n <= 5),
+            "{what}: {out:?}"
+        );
+        assert!(r.dispatcher.cloud_share().is_some_and(|(_, c)| c.is_some()));
+        let captured = r.capture.captured();
+        assert_eq!(captured.len(), out.iter().sum::<usize>());
+        // By the router alone, what goes out is what it scores hardest.
+        if !cascade {
+            for c in &captured {
+                let body = String::from_utf8_lossy(&c.body);
+                assert!(HARD.iter().any(|h| body.contains(h)), "{body}");
+            }
+        }
+        r.server.stop().await;
+    }
+}

@@ -107,6 +107,9 @@ fn d_threshold() -> f32 {
 fn d_cascade() -> f32 {
     -0.75
 }
+fn d_share_window() -> usize {
+    200
+}
 fn d_cascade_early_tokens() -> usize {
     8
 }
@@ -178,6 +181,17 @@ pub struct PolicyConfig {
     /// the router finds hard needs a surer answer to stay. 0: off.
     #[serde(default)]
     pub cascade_prior: f32,
+    /// Hold the share of requests that the learned router and the cascade
+    /// send to the cloud to this (0..1), whatever the traffic: the cut is
+    /// learned online from the last `cloud_share_window` such requests
+    /// (see [`crate::share`]); the thresholds above decide only until
+    /// enough of them are in. A request with `x-tandem-quality` is held to
+    /// its own threshold instead.
+    #[serde(default)]
+    pub cloud_share: Option<f32>,
+    /// Requests the cloud share is learned from.
+    #[serde(default = "d_share_window")]
+    pub cloud_share_window: usize,
     /// Learning from the cascade's outcomes (`[router.memory]`).
     #[serde(default)]
     pub memory: crate::memory::MemoryConfig,

@@ -7,6 +7,7 @@ use tandem_api::Backend;
 use tandem_embed::Embedder;
 use tandem_ledger::Ledger;
 use tandem_policy::privacy::{Detector, EntityRecognizer};
+use tandem_policy::share::ShareHold;
 use tandem_policy::{PolicyConfig, PrivacyConfig};
 
 use super::{Dispatcher, Semantics, Speed};
@@ -150,6 +151,21 @@ impl DispatcherBuilder {
                 Err(e) => return Err(format!("reading the ledger: {e}")),
             }
         }
+        let hold = match self.policy.cloud_share {
+            Some(share) if !(0.0..=1.0).contains(&share) => {
+                return Err(format!(
+                    "[router] cloud_share = {share}: it is a share of requests, between 0 and 1"
+                ));
+            }
+            Some(_) if self.policy.cloud_share_window == 0 => {
+                return Err("[router] cloud_share_window must be at least 1".into());
+            }
+            Some(share) => Some(Mutex::new(ShareHold::new(
+                share,
+                self.policy.cloud_share_window,
+            ))),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let mut access = Access::new(&self.keys)?;
         if let Some(s) = &self.shared {
@@ -187,6 +203,7 @@ impl DispatcherBuilder {
                 scorer: Mutex::new(None),
                 cache: self.cache,
                 memory: self.memory,
+                hold,
             },
             verifier: Arc::new(Verifier::new(
                 Duration::from_secs(self.speculative.session_idle_s.max(1)),

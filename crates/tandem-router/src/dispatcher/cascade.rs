@@ -39,14 +39,24 @@ impl Dispatcher {
         let shift = p
             .difficulty
             .map_or(0.0, |(d, t)| self.policy.cascade_prior * (d - t));
-        let threshold = self.policy.cascade_threshold + shift;
+        // Under a warmed-up cloud share its cut sets both bars.
+        let held = p.held.and_then(|h| {
+            h.cut
+                .map(|c| tandem_policy::share::bars(c, h.weight).cascade)
+        });
+        let (whole, first) = match held {
+            Some(b) => (b, b),
+            None => (
+                self.policy.cascade_threshold,
+                self.policy
+                    .cascade_early_threshold
+                    .unwrap_or(self.policy.cascade_threshold),
+            ),
+        };
+        let threshold = whole + shift;
         let early = Early {
             tokens: self.policy.cascade_early_tokens,
-            threshold: self
-                .policy
-                .cascade_early_threshold
-                .unwrap_or(self.policy.cascade_threshold)
-                + shift,
+            threshold: first + shift,
         };
         let watched = match self
             .start_leg(Locality::Local, &local_req, &ctx, false, &p)
@@ -66,6 +76,26 @@ impl Dispatcher {
         };
         let confidence = local.as_ref().ok().map(|(a, _)| confidence(&a.tokens));
         let keep = confidence.is_some_and(|c| c >= threshold);
+        // The cloud share counts the answer by the lower of its two looks,
+        // as they judged it.
+        let looked = match (&local, early_stop) {
+            (_, Some(c)) => Some(c),
+            (Ok((a, _)), None) => confidence.map(|c| {
+                let k = early.tokens;
+                match a.tokens.get(..k).filter(|_| k > 0) {
+                    Some(first) => c.min(super::confidence(first)),
+                    None => c,
+                }
+            }),
+            (Err(_), None) => None,
+        };
+        if let (Some(h), Some(c)) = (p.held, looked) {
+            self.hold_record(
+                h.weight * p.difficulty.map_or(0.0, |(d, _)| d),
+                Some(c),
+                !keep,
+            );
+        }
         // The verdict on the device's answer teaches the router; a local
         // model that failed says nothing about the prompt.
         if let (Some(memory), Some((partition, v))) = (self.memory(), &recall)

@@ -36,6 +36,20 @@ pub(super) struct Placement {
     pub cloud_chain: Vec<usize>,
     /// Why the first upstream was chosen over the others.
     pub replica: Option<String>,
+    /// Under the cloud share, how its escalation is weighed and the cut
+    /// applied to it.
+    pub held: Option<Held>,
+}
+
+/// A request under the cloud share (`[router] cloud_share`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Held {
+    /// The router's score's weight in the escalation: `cascade_prior`
+    /// under the cascade, 1 without it.
+    pub weight: f32,
+    /// The cut applied; none while the share is still warming up (the
+    /// configured thresholds decide).
+    pub cut: Option<f32>,
 }
 
 /// A request counted in flight on an upstream for as long as it lives.

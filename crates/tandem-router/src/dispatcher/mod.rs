@@ -23,6 +23,7 @@ use tandem_api::{ApiError, Backend, ErrorKind, GenerateRequest, Locality, Sessio
 use tandem_embed::Embedder;
 use tandem_ledger::Ledger;
 use tandem_policy::privacy::Detector;
+use tandem_policy::share::ShareHold;
 use tandem_policy::{Decision, PolicyConfig, RefusalKind, Scorer, decide};
 
 use crate::access::Access;
@@ -59,6 +60,8 @@ struct Semantics {
     scorer: Mutex<Option<(Arc<dyn Scorer>, RouterInput)>>,
     cache: Option<Arc<SemanticCache>>,
     memory: Option<Arc<OutcomeMemory>>,
+    /// The cloud share held online (`[router] cloud_share`).
+    hold: Option<Mutex<ShareHold>>,
 }
 
 /// Places requests and carries the decisions out. Build one with
@@ -250,6 +253,57 @@ impl Dispatcher {
         self.semantics.memory.as_ref()
     }
 
+    /// Puts a request under the cloud share, if one is held and the
+    /// request asks for no quality of its own: once warmed up, the share's
+    /// cut replaces the router's threshold (and, in the cascade, the
+    /// cascade's; see [`tandem_policy::share::bars`]). Under the cascade
+    /// with no prior the router's score is not part of the escalation, so
+    /// it decides nothing.
+    fn held(
+        &self,
+        ctx: &RequestContext,
+        cascade: bool,
+        features: &mut tandem_policy::Features,
+    ) -> Option<leg::Held> {
+        let hold = self.semantics.hold.as_ref()?;
+        if ctx.quality.is_some() || (!cascade && features.difficulty.is_none()) {
+            return None;
+        }
+        let weight = if cascade {
+            self.policy.cascade_prior.max(0.0)
+        } else {
+            1.0
+        };
+        if weight == 0.0 {
+            features.difficulty = None;
+        }
+        let cut = hold.lock().unwrap_or_else(|e| e.into_inner()).cut();
+        if let Some(router) = cut.and_then(|c| tandem_policy::share::bars(c, weight).router)
+            && features.difficulty.is_some()
+        {
+            features.difficulty_threshold = Some(router);
+        }
+        Some(leg::Held { weight, cut })
+    }
+
+    /// Counts a decided request towards the cloud share (see
+    /// [`ShareHold::record`]).
+    pub(super) fn hold_record(&self, weighted: f32, confidence: Option<f32>, out: bool) {
+        if let Some(hold) = &self.semantics.hold {
+            hold.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(weighted, confidence, out);
+        }
+    }
+
+    /// The cloud share held and the cut it applies now (`None` while it
+    /// warms up), if `[router] cloud_share` is set.
+    pub fn cloud_share(&self) -> Option<(f64, Option<f32>)> {
+        let hold = self.semantics.hold.as_ref()?;
+        let h = hold.lock().unwrap_or_else(|e| e.into_inner());
+        Some((h.share(), h.cut()))
+    }
+
     /// Embeds off the async workers (a forward pass takes milliseconds).
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ApiError> {
         self.embed_within(texts, usize::MAX).await.map(|(v, _)| v)
@@ -356,6 +410,12 @@ impl Dispatcher {
                 None => {}
             }
         }
+        let cascade = named.is_none()
+            && match ctx.mode {
+                Some(m) => m == Mode::Cascade,
+                None => self.policy.cascade,
+            };
+        self.held(ctx, cascade, &mut features);
         let result = decide(&features, &view, &self.policy);
         let decision_us = t0.elapsed().as_micros() as u64;
         Ok(match result {
@@ -532,6 +592,7 @@ impl Dispatcher {
             memory: None,
             cloud_chain,
             replica,
+            held: None,
         };
         let mut early = None;
         let embedding = match (text, self.embedder().cloned()) {
@@ -604,6 +665,7 @@ impl Dispatcher {
             });
             recall = Some((partition, v.clone()));
         }
+        let held = self.held(&ctx, cascade, &mut features);
         let difficulty = features.difficulty.map(|d| {
             let t = features.difficulty_threshold.unwrap_or_else(|| {
                 tandem_policy::threshold_for_quality(
@@ -632,10 +694,26 @@ impl Dispatcher {
             difficulty,
             cache: cache_state,
             memory: remembered,
+            held,
             ..placement
         };
-        if cascade && decision.side == Locality::Local && decision.fallback == Some(Locality::Cloud)
+        let cascades = cascade
+            && decision.side == Locality::Local
+            && decision.fallback == Some(Locality::Cloud);
+        // The router's own decisions count towards the cloud share; the
+        // cascade's are counted when its answer is judged.
+        if let Some(h) = held
+            && !cascades
+            && decision.decided_by == "difficulty"
+            && (!cascade || decision.side == Locality::Cloud)
         {
+            self.hold_record(
+                h.weight * difficulty.map_or(0.0, |(d, _)| d),
+                None,
+                decision.side == Locality::Cloud,
+            );
+        }
+        if cascades {
             return self
                 .cascade(req, ctx, decision, placement, store, recall)
                 .await;
