@@ -24,7 +24,7 @@ use tandem_api::{Answer, Backend, GenerateRequest, LogprobRequest};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_engine::EngineOptions;
 use tandem_policy::learned::{LearnedScorer, ModelKind, TextView, TrainConfig};
-use tandem_policy::{PolicyConfig, Scorer};
+use tandem_policy::{PolicyConfig, Scorer, share};
 use tandem_router::label::{Item, Labeler, Outcome, Reference, greedy_request};
 use tandem_router::learned::RouterInput;
 use tandem_router::{Dispatcher, RequestContext, confidence};
@@ -444,11 +444,8 @@ impl Row {
     /// The early cascade's verdict: escalated after `k` tokens, at the
     /// end, or kept.
     fn early(&self, k: usize, t: f32) -> Verdict {
-        if k > 0 && self.logprobs.len() >= k {
-            let c = self.logprobs.iter().take(k).sum::<f32>() / k as f32;
-            if c < t {
-                return Verdict::Early;
-            }
+        if self.head(k).is_some_and(|c| c < t) {
+            return Verdict::Early;
         }
         if self.confidence < t {
             Verdict::Late
@@ -457,15 +454,18 @@ impl Row {
         }
     }
 
+    /// The mean log-probability of the first `k` tokens, if the answer has
+    /// that many (what the early look judges).
+    fn head(&self, k: usize) -> Option<f32> {
+        (k > 0 && self.logprobs.len() >= k)
+            .then(|| self.logprobs.iter().take(k).sum::<f32>() / k as f32)
+    }
+
     /// The lowest confidence the early cascade sees: its look at `k`
     /// tokens (when the answer has that many) or the whole answer's.
     fn early_confidence(&self, k: usize) -> f32 {
-        if k > 0 && self.logprobs.len() >= k {
-            let head = self.logprobs.iter().take(k).sum::<f32>() / k as f32;
-            head.min(self.confidence)
-        } else {
-            self.confidence
-        }
+        self.head(k)
+            .map_or(self.confidence, |h| h.min(self.confidence))
     }
 
     /// Device seconds spent until the early look at `k` tokens: the first
@@ -509,7 +509,7 @@ async fn timed(mut stream: tandem_api::EventStream) -> anyhow::Result<(Answer, f
 }
 
 /// Accuracy when the rows flagged go to the strong model.
-fn mix(rows: &[&Row], escalate: impl Fn(&Row) -> bool) -> (f64, f64) {
+fn mix(rows: &[&Row], mut escalate: impl FnMut(&Row) -> bool) -> (f64, f64) {
     let n = rows.len().max(1) as f64;
     let (mut correct, mut cloud) = (0.0, 0.0);
     for r in rows {
@@ -878,33 +878,71 @@ fn full_cascade_seconds(rows: &[&Row], quality: f64) -> f64 {
 /// the threshold goes out without the device answering. Without one, the
 /// early cascade alone at `−cut`.
 fn dispatcher_settings(prior: f32, cut: f32) -> (f32, Option<f32>) {
-    if prior > 0.0 {
-        (0.0, Some(cut / prior))
-    } else {
-        (-cut, None)
-    }
+    let b = share::bars(cut, prior);
+    (b.cascade, b.router)
 }
 
 /// The cut above which at most `budget` of `rows` lie by `s`: halfway
 /// between two neighbouring values, so that rounding in how the rule is
 /// evaluated later cannot move a request across it.
 fn budget_cut(rows: &[&Row], budget: f64, s: impl Fn(&Row) -> f32) -> f32 {
-    let mut v: Vec<f32> = rows.iter().map(|r| s(r)).collect();
-    v.sort_by(|a, b| b.total_cmp(a));
-    let out = (budget.clamp(0.0, 1.0) * v.len() as f64).floor() as usize;
-    let Some(&at) = v.get(out) else {
-        return f32::NEG_INFINITY;
-    };
-    // The smallest value above `at` among those let out; ties with `at`
-    // stay in, so none of them goes.
-    let above = v.iter().take(out).rev().find(|&&x| x > at).copied();
-    match above {
-        None => f32::INFINITY,
-        Some(a) if a.is_finite() && at.is_finite() => (a + at) / 2.0,
-        Some(_) if at.is_finite() => at + 1.0,
-        Some(a) if a.is_finite() => a - 1.0,
-        Some(_) => 0.0,
+    share::cut(rows.iter().map(|r| s(r)).collect(), budget)
+}
+
+/// The rows of the half of the kinds of question (by their place in the
+/// rounds of kinds) whose mean `score` is highest.
+fn hardest_kinds<'a>(rows: &[&'a Row], score: impl Fn(&Row) -> f32) -> Vec<&'a Row> {
+    let mut mean = [(0.0f64, 0usize); KINDS];
+    for (i, r) in rows.iter().enumerate() {
+        let m = &mut mean[i % KINDS];
+        *m = (m.0 + f64::from(score(r)), m.1 + 1);
     }
+    let mut order: Vec<usize> = (0..KINDS).collect();
+    let avg = |k: usize| mean[k].0 / mean[k].1.max(1) as f64;
+    order.sort_by(|&x, &y| avg(y).total_cmp(&avg(x)));
+    order.truncate(KINDS / 2);
+    rows.iter()
+        .enumerate()
+        .filter(|(i, _)| order.contains(&(i % KINDS)))
+        .map(|(_, r)| *r)
+        .collect()
+}
+
+/// [`calibrate_budget`]'s rule with its cut held online, as the dispatcher
+/// holds `[router] cloud_share`: the questions in order, each decided by
+/// the cut of the last `window` escalations (`start` until it warms up)
+/// and then counted in — the router's alone by its score, an early
+/// escalation by its first tokens, the rest by the lower of both looks.
+/// Whether each goes out.
+fn held_online(
+    rows: &[&Row],
+    k: usize,
+    prior: f32,
+    start: f32,
+    budget: f64,
+    window: usize,
+    score: impl Fn(&Row) -> f32,
+) -> Vec<bool> {
+    let mut hold = share::ShareHold::new(budget as f32, window);
+    rows.iter()
+        .map(|r| {
+            let b = share::bars(hold.cut().unwrap_or(start), prior);
+            let d = score(r);
+            if b.router.is_some_and(|t| d >= t) {
+                hold.record(prior * d, None, true);
+                return true;
+            }
+            let bar = b.cascade + b.router.map_or(0.0, |t| prior * (d - t));
+            let verdict = r.early(k, bar);
+            let seen = match verdict {
+                Verdict::Early => r.head(k).unwrap_or(r.confidence),
+                _ => r.early_confidence(k),
+            };
+            let out = verdict != Verdict::Kept;
+            hold.record(prior * d, Some(seen), out);
+            out
+        })
+        .collect()
 }
 
 /// Runs the benchmark and prints its table.
@@ -1046,12 +1084,14 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
             quality: args.quality,
         };
         let (prior, cut) = calibrate_budget(&all, budget, score);
-        offline = Some(mix(&all, |r| {
-            r.early(k, prior * score(r) - cut) != Verdict::Kept
-        }));
+        let window = policy.cloud_share_window;
+        let out = held_online(&all, k, prior, cut, budget.share, window, score);
+        let mut flags = out.iter();
+        offline = Some(mix(&all, |_| flags.next().copied().unwrap_or(false)));
         let (cascade_threshold, router_threshold) = dispatcher_settings(prior, cut);
         policy.cascade_threshold = cascade_threshold;
         policy.cascade_prior = prior;
+        policy.cloud_share = Some(budget.share as f32);
         if let Some(t) = router_threshold {
             model.threshold = t;
             let dim = embedder.embed_one("dimension")?.len();
@@ -1085,13 +1125,16 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         Some((acc, share)) => {
             println!(
                 "{:<34} {:>9.3} {:>12.3}",
-                "own router + early, budget, live", live.0, live.1
+                "own router + early, held, live", live.0, live.1
             );
             println!(
-                "\nlive through the dispatcher (cascade_prior = {}, cascade_threshold = {:.3}, \
-                 calibrated on all questions): accuracy {:.3} at cloud share {:.3}, \
-                 {:.1}% of cloud-only; the same rule on the recorded answers: {acc:.3} at {share:.3}",
+                "\nlive through the dispatcher (cascade_prior = {}, cloud_share = {:.2} held over the last {} \
+                 requests, starting from cascade_threshold = {:.3} and the cut calibrated on all questions): \
+                 accuracy {:.3} at cloud share {:.3}, {:.1}% of cloud-only; \
+                 the same on the recorded answers: {acc:.3} at {share:.3}",
                 policy.cascade_prior,
+                args.cloud_budget,
+                policy.cloud_share_window,
                 policy.cascade_threshold,
                 live.0,
                 live.1,
@@ -1358,6 +1401,74 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             share,
             acc,
         ));
+        // The same rule with the cut held online (`[router] cloud_share`):
+        // each half in order, starting from the other half's cut.
+        let window = PolicyConfig::default().cloud_share_window;
+        let (mut acc, mut share) = (0.0, 0.0);
+        for (rows, (prior, cut)) in [
+            (&a, calibrate_budget(&b, budget, score)),
+            (&b, calibrate_budget(&a, budget, score)),
+        ] {
+            let w = rows.len() as f64 / all.len() as f64;
+            let out = held_online(rows, k, prior, cut, b_budget, window, score);
+            let mut flags = out.iter();
+            let (fa, fs) = mix(rows, |_| flags.next().copied().unwrap_or(false));
+            acc += fa * w;
+            share += fs * w;
+        }
+        println!(
+            "{:<34} {:>9.3} {:>12.3}",
+            format!("  held online ({window} requests)"),
+            acc,
+            share
+        );
+        println!(
+            "the same with the cut held online over the last {window} requests (`[router] cloud_share = {b_budget:.2}`;              2-fold, the other half's cut until {} are in): {:.1}% of cloud-only accuracy at cloud share {share:.3}",
+            share::WARMUP,
+            100.0 * acc / cloud_acc.max(1e-9),
+        );
+        // Traffic unlike what the cut was calibrated on: of each half, only
+        // the kinds of question the router scores hardest (no labels needed
+        // to pick them), decided with the other, whole half's settings.
+        let kinds = hardest_kinds(&all, score);
+        let (mut fixed, mut held, mut n_shift) = ((0.0, 0.0), (0.0, 0.0), 0usize);
+        for (rows, (prior, cut)) in [
+            (&a, calibrate_budget(&b, budget, score)),
+            (&b, calibrate_budget(&a, budget, score)),
+        ] {
+            let shifted: Vec<&Row> = rows
+                .iter()
+                .copied()
+                .filter(|r| kinds.iter().any(|&k| std::ptr::eq(*r, k)))
+                .collect();
+            let w = shifted.len() as f64;
+            let bar = |r: &Row| prior * score(r) - cut;
+            let (fa, fs) = mix(&shifted, |r| r.early(k, bar(r)) != Verdict::Kept);
+            let out = held_online(&shifted, k, prior, cut, b_budget, window, score);
+            let mut flags = out.iter();
+            let (ha, hs) = mix(&shifted, |_| flags.next().copied().unwrap_or(false));
+            fixed = (fixed.0 + fa * w, fixed.1 + fs * w);
+            held = (held.0 + ha * w, held.1 + hs * w);
+            n_shift += shifted.len();
+        }
+        let m = n_shift.max(1) as f64;
+        println!(
+            "when the traffic shifts to the half of the kinds of question the router scores hardest \
+             ({n_shift} questions): the fixed cut sends out {:.3} (accuracy {:.3}), held online {:.3} \
+             (accuracy {:.3}); cloud only {:.3}",
+            fixed.1 / m,
+            fixed.0 / m,
+            held.1 / m,
+            held.0 / m,
+            mix(
+                &all.iter()
+                    .copied()
+                    .filter(|r| kinds.iter().any(|&k| std::ptr::eq(*r, k)))
+                    .collect::<Vec<_>>(),
+                |_| true
+            )
+            .0,
+        );
         println!("own-label router against random routing, accuracy at each cloud share:");
         let cmp = against_random(&all, score);
         for (share, acc, random) in &cmp {
