@@ -137,6 +137,9 @@ pub struct Metrics {
     pub shared_up: Gauge,
     /// Calls to the shared state store that failed or timed out.
     pub shared_errors: Counter,
+    /// Under `[router] cloud_share`: the share of the last requests the
+    /// router and the cascade decided that went out.
+    pub cloud_share: Gauge<f64, AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -270,8 +273,15 @@ impl Metrics {
             "Calls to the shared state store that failed or timed out",
             shared_errors.clone(),
         );
+        let cloud_share = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "cloud_share_held",
+            "Under [router] cloud_share: the share of the last requests decided by the router and the cascade that went to the cloud",
+            cloud_share.clone(),
+        );
         Self {
             registry,
+            cloud_share,
             shared_up,
             shared_errors,
             requests,

@@ -730,6 +730,15 @@ async fn the_cloud_share_holds_whatever_the_thresholds() {
             "{what}: {out:?}"
         );
         assert!(r.dispatcher.cloud_share().is_some_and(|(_, c)| c.is_some()));
+        // Operators see the share held over the window.
+        let m = r.metrics().await;
+        let held: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("tandem_cloud_share_held "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        let last: usize = out[out.len() - 1];
+        assert_eq!(held, last as f64 / 10.0, "{m}");
         let captured = r.capture.captured();
         assert_eq!(captured.len(), out.iter().sum::<usize>());
         // By the router alone, what goes out is what it scores hardest.

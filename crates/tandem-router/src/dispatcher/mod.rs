@@ -290,9 +290,11 @@ impl Dispatcher {
     /// [`ShareHold::record`]).
     pub(super) fn hold_record(&self, weighted: f32, confidence: Option<f32>, out: bool) {
         if let Some(hold) = &self.semantics.hold {
-            hold.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(weighted, confidence, out);
+            let mut h = hold.lock().unwrap_or_else(|e| e.into_inner());
+            h.record(weighted, confidence, out);
+            if let Some(actual) = h.actual() {
+                self.metrics().cloud_share.set(actual);
+            }
         }
     }
 
