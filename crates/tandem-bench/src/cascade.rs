@@ -1423,7 +1423,9 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             share
         );
         println!(
-            "the same with the cut held online over the last {window} requests (`[router] cloud_share = {b_budget:.2}`;              2-fold, the other half's cut until {} are in): {:.1}% of cloud-only accuracy at cloud share {share:.3}",
+            "the same with the cut held online over the last {window} requests \
+             (`[router] cloud_share = {b_budget:.2}` with that cascade_prior; 2-fold, the other half's cut \
+             until {} are in): {:.1}% of cloud-only accuracy at cloud share {share:.3}",
             share::WARMUP,
             100.0 * acc / cloud_acc.max(1e-9),
         );
