@@ -1429,6 +1429,11 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             share::WARMUP,
             100.0 * acc / cloud_acc.max(1e-9),
         );
+        chart.push(Series::point(
+            format!("the same, cloud share {b_budget:.2} held online"),
+            share,
+            acc,
+        ));
         // Traffic unlike what the cut was calibrated on: of each half, only
         // the kinds of question the router scores hardest (no labels needed
         // to pick them), decided with the other, whole half's settings.
