@@ -42,7 +42,7 @@ pub mod speculative;
 
 pub use dispatcher::{
     CacheOutcome, Dispatched, Dispatcher, DispatcherBuilder, Explanation, Mode, RequestContext,
-    RouteInfo, Speculation, confidence,
+    RouteInfo, ShareState, Speculation, confidence,
 };
 pub use recognizer::ModelRecognizer;
 pub use speculative::SpeculativeConfig;

@@ -706,7 +706,8 @@ async fn the_cloud_share_holds_whatever_the_thresholds() {
         let (scorer, table) = toy_static_router(&asked);
         r.dispatcher
             .set_scorer(Arc::new(scorer), RouterInput::Static(table));
-        assert_eq!(r.dispatcher.cloud_share(), Some((0.3f32 as f64, None)));
+        let start = r.dispatcher.cloud_share();
+        assert_eq!(start.map(|s| (s.share, s.cut)), Some((0.3f32 as f64, None)));
         let mut out = Vec::new();
         for _ in 0..5 {
             let mut n = 0;
@@ -729,7 +730,23 @@ async fn the_cloud_share_holds_whatever_the_thresholds() {
             (4..=12).contains(&after) && out[1..].iter().all(|&n| n <= 5),
             "{what}: {out:?}"
         );
-        assert!(r.dispatcher.cloud_share().is_some_and(|(_, c)| c.is_some()));
+        assert!(r.dispatcher.cloud_share().is_some_and(|s| s.cut.is_some()));
+        // The dry run shows it, and the threshold the router is held to.
+        let (s, explained) = r
+            .post(
+                "/v1/tandem/route",
+                json!({"messages": [{"role": "user", "content": HARD[0]}]}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let held = &explained["cloud_share"];
+        assert_eq!(held["requests"], 10, "{explained}");
+        let cut = held["cut"].as_f64().unwrap_or(f64::NAN);
+        let weight = if cascade { 2.0 } else { 1.0 };
+        let t = explained["features"]["difficulty_threshold"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        assert!((t - cut / weight).abs() < 1e-5, "{explained}");
         // Operators see the share held over the window.
         let m = r.metrics().await;
         let held: f64 = m

@@ -41,7 +41,7 @@ pub use builder::DispatcherBuilder;
 use leg::Supervision;
 use plan::Plan;
 pub use route::{
-    CacheOutcome, Dispatched, Explanation, Mode, RequestContext, RouteInfo, Speculation,
+    CacheOutcome, Dispatched, Explanation, Mode, RequestContext, RouteInfo, ShareState, Speculation,
 };
 
 /// Measured speed of the local model, for the latency rule.
@@ -298,12 +298,17 @@ impl Dispatcher {
         }
     }
 
-    /// The cloud share held and the cut it applies now (`None` while it
-    /// warms up), if `[router] cloud_share` is set.
-    pub fn cloud_share(&self) -> Option<(f64, Option<f32>)> {
+    /// The cloud share held, what went out of the window and the cut it
+    /// applies now, if `[router] cloud_share` is set.
+    pub fn cloud_share(&self) -> Option<ShareState> {
         let hold = self.semantics.hold.as_ref()?;
         let h = hold.lock().unwrap_or_else(|e| e.into_inner());
-        Some((h.share(), h.cut()))
+        Some(ShareState {
+            share: h.share(),
+            actual: h.actual(),
+            cut: h.cut(),
+            requests: h.len(),
+        })
     }
 
     /// Embeds off the async workers (a forward pass takes milliseconds).
@@ -433,6 +438,7 @@ impl Dispatcher {
                     features,
                     view,
                     decision_us,
+                    cloud_share: self.cloud_share(),
                 }
             }
             Err(r) => Explanation {
@@ -444,6 +450,7 @@ impl Dispatcher {
                 features,
                 view,
                 decision_us,
+                cloud_share: self.cloud_share(),
             },
         })
     }

@@ -154,6 +154,21 @@ pub struct Explanation {
     pub view: View,
     /// Microseconds spent deciding.
     pub decision_us: u64,
+    /// The cloud share held, if `[router] cloud_share` is set.
+    pub cloud_share: Option<ShareState>,
+}
+
+/// The cloud share as it stands (`[router] cloud_share`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ShareState {
+    /// The share held.
+    pub share: f64,
+    /// The share of the window's requests that went out, once any is in.
+    pub actual: Option<f64>,
+    /// The cut applied now; none while it warms up.
+    pub cut: Option<f32>,
+    /// Requests in the window.
+    pub requests: usize,
 }
 
 /// An answer under way and where it goes.
