@@ -913,7 +913,7 @@ fn hardest_kinds<'a>(rows: &[&'a Row], score: impl Fn(&Row) -> f32) -> Vec<&'a R
 /// the cut of the last `window` escalations (`start` until it warms up)
 /// and then counted in — the router's alone by its score, an early
 /// escalation by its first tokens, the rest by the lower of both looks.
-/// Whether each goes out.
+/// Accuracy and cloud share, as [`mix`] gives them.
 fn held_online(
     rows: &[&Row],
     k: usize,
@@ -922,9 +922,10 @@ fn held_online(
     budget: f64,
     window: usize,
     score: impl Fn(&Row) -> f32,
-) -> Vec<bool> {
+) -> (f64, f64) {
     let mut hold = share::ShareHold::new(budget as f32, window);
-    rows.iter()
+    let out: Vec<bool> = rows
+        .iter()
         .map(|r| {
             let b = share::bars(hold.cut().unwrap_or(start), prior);
             let d = score(r);
@@ -942,7 +943,9 @@ fn held_online(
             hold.record(prior * d, Some(seen), out);
             out
         })
-        .collect()
+        .collect();
+    let mut flags = out.iter();
+    mix(rows, |_| flags.next().copied().unwrap_or(false))
 }
 
 /// Runs the benchmark and prints its table.
@@ -1085,9 +1088,15 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         };
         let (prior, cut) = calibrate_budget(&all, budget, score);
         let window = policy.cloud_share_window;
-        let out = held_online(&all, k, prior, cut, budget.share, window, score);
-        let mut flags = out.iter();
-        offline = Some(mix(&all, |_| flags.next().copied().unwrap_or(false)));
+        offline = Some(held_online(
+            &all,
+            k,
+            prior,
+            cut,
+            budget.share,
+            window,
+            score,
+        ));
         let (cascade_threshold, router_threshold) = dispatcher_settings(prior, cut);
         policy.cascade_threshold = cascade_threshold;
         policy.cascade_prior = prior;
@@ -1356,10 +1365,12 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
         let b_budget = budget.share;
         let (mut acc, mut share) = (0.0, 0.0);
         let (mut budget_s, mut budget_n, mut straight) = (0.0, 0usize, 0usize);
-        for (rows, (prior, cut)) in [
+        // Each half decided with the settings calibrated on the other.
+        let folds = [
             (&a, calibrate_budget(&b, budget, score)),
             (&b, calibrate_budget(&a, budget, score)),
-        ] {
+        ];
+        for &(rows, (prior, cut)) in &folds {
             let w = rows.len() as f64 / all.len() as f64;
             let bar = |r: &Row| prior * score(r) - cut;
             let (fa, fs) = mix(rows, |r| r.early(k, bar(r)) != Verdict::Kept);
@@ -1405,14 +1416,9 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
         // each half in order, starting from the other half's cut.
         let window = PolicyConfig::default().cloud_share_window;
         let (mut acc, mut share) = (0.0, 0.0);
-        for (rows, (prior, cut)) in [
-            (&a, calibrate_budget(&b, budget, score)),
-            (&b, calibrate_budget(&a, budget, score)),
-        ] {
+        for &(rows, (prior, cut)) in &folds {
             let w = rows.len() as f64 / all.len() as f64;
-            let out = held_online(rows, k, prior, cut, b_budget, window, score);
-            let mut flags = out.iter();
-            let (fa, fs) = mix(rows, |_| flags.next().copied().unwrap_or(false));
+            let (fa, fs) = held_online(rows, k, prior, cut, b_budget, window, score);
             acc += fa * w;
             share += fs * w;
         }
@@ -1439,10 +1445,7 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
         // to pick them), decided with the other, whole half's settings.
         let kinds = hardest_kinds(&all, score);
         let (mut fixed, mut held, mut n_shift) = ((0.0, 0.0), (0.0, 0.0), 0usize);
-        for (rows, (prior, cut)) in [
-            (&a, calibrate_budget(&b, budget, score)),
-            (&b, calibrate_budget(&a, budget, score)),
-        ] {
+        for &(rows, (prior, cut)) in &folds {
             let shifted: Vec<&Row> = rows
                 .iter()
                 .copied()
@@ -1451,9 +1454,7 @@ fn report(args: &CascadeArgs, saved: &Saved) -> f32 {
             let w = shifted.len() as f64;
             let bar = |r: &Row| prior * score(r) - cut;
             let (fa, fs) = mix(&shifted, |r| r.early(k, bar(r)) != Verdict::Kept);
-            let out = held_online(&shifted, k, prior, cut, b_budget, window, score);
-            let mut flags = out.iter();
-            let (ha, hs) = mix(&shifted, |_| flags.next().copied().unwrap_or(false));
+            let (ha, hs) = held_online(&shifted, k, prior, cut, b_budget, window, score);
             fixed = (fixed.0 + fa * w, fixed.1 + fs * w);
             held = (held.0 + ha * w, held.1 + hs * w);
             n_shift += shifted.len();
