@@ -85,6 +85,13 @@ pub struct CascadeArgs {
     /// Where the chart of accuracy against cloud share is written (PNG).
     #[arg(long, default_value = "cascade.png")]
     pub chart: std::path::PathBuf,
+    /// Write the questions as prompt files instead of running — the ones
+    /// the router is trained on (`train.jsonl`, `--train-questions` of
+    /// them) and the ones the table asks (`asked.jsonl`, `--questions`),
+    /// each line `{"id", "prompt", "answer"}` as `tandem router label`
+    /// reads them — to take a pair through label, train and serve by hand.
+    #[arg(long, value_name = "DIR")]
+    pub write_questions: Option<std::path::PathBuf>,
 }
 
 /// A question and how to check an answer.
@@ -948,6 +955,43 @@ fn held_online(
     mix(rows, |_| flags.next().copied().unwrap_or(false))
 }
 
+/// `--write-questions`: both sets of questions as prompt files.
+fn write_questions(
+    dir: &std::path::Path,
+    seed: u64,
+    asked: usize,
+    train: usize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sets = [
+        (
+            "train",
+            questions(train, seed.wrapping_add(TRAIN_SEED), Part::Training),
+        ),
+        ("asked", questions(asked, seed, Part::Asked)),
+    ];
+    for (name, qs) in sets {
+        let mut out = String::new();
+        for (i, q) in qs.iter().enumerate() {
+            let answer = match q.answer {
+                Reference::Number(n) => serde_json::json!(n),
+                Reference::Letter(c) => serde_json::json!(c.to_string()),
+            };
+            let line = serde_json::json!({
+                "id": format!("{name}-{i}"),
+                "prompt": q.prompt,
+                "answer": answer,
+            });
+            out.push_str(&line.to_string());
+            out.push('\n');
+        }
+        let path = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} questions to {}", qs.len(), path.display());
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints its table.
 pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.rows {
@@ -958,6 +1002,9 @@ pub async fn run(args: CascadeArgs) -> anyhow::Result<()> {
         let threshold = report(&args, &saved);
         println!("\nSet `[router] cascade_threshold = {threshold:.3}` to use this calibration.");
         return Ok(());
+    }
+    if let Some(dir) = &args.write_questions {
+        return write_questions(dir, args.seed, args.questions, args.train_questions);
     }
     let qs = questions(args.questions, args.seed, Part::Asked);
     let cloud_url = format!("http://127.0.0.1:{}", args.cloud_port);
@@ -1528,6 +1575,31 @@ mod tests {
                 .iter()
                 .all(|t| qs.iter().all(|q| q.prompt != t.prompt))
         );
+    }
+
+    #[test]
+    fn written_questions_read_back_as_label_prompts() {
+        let dir = std::env::temp_dir().join(format!("tandem-q-{}", std::process::id()));
+        write_questions(&dir, 5, 16, 24).expect("written");
+        for (name, qs) in [
+            ("train", questions(24, 5 + TRAIN_SEED, Part::Training)),
+            ("asked", questions(16, 5, Part::Asked)),
+        ] {
+            let text = std::fs::read_to_string(dir.join(format!("{name}.jsonl"))).expect("read");
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json"))
+                .collect();
+            assert_eq!(lines.len(), qs.len());
+            for (l, q) in lines.iter().zip(&qs) {
+                assert_eq!(l["prompt"], q.prompt.as_str());
+                assert_eq!(Reference::parse(&l["answer"]), Some(q.answer), "{l}");
+            }
+            // Both kinds are in each file.
+            assert!(lines.iter().any(|l| l["answer"].is_string()));
+            assert!(lines.iter().any(|l| l["answer"].is_i64()));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

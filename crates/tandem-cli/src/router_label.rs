@@ -281,7 +281,8 @@ pub async fn run(a: LabelArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let d = crate::serve::build_dispatcher(&cfg, &a.engine).await?;
+    let engine = crate::serve::engine_args(&a.engine, &cfg)?;
+    let d = crate::serve::build_dispatcher(&cfg, &engine).await?;
     let device = d
         .locals()
         .first()

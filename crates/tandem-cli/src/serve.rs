@@ -126,8 +126,10 @@ fn merge(args: &ServeArgs, cfg: &mut Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn engine_args(args: &ServeArgs, cfg: &Config) -> anyhow::Result<EngineArgs> {
-    let mut e = args.engine;
+/// The engine's settings: the command line's, else the configuration's
+/// `[local]` ones.
+pub fn engine_args(engine: &EngineArgs, cfg: &Config) -> anyhow::Result<EngineArgs> {
+    let mut e = *engine;
     e.context = e.context.or(cfg.local.ctx);
     e.parallel = e.parallel.or(cfg.local.parallel);
     e.gpu_layers = e.gpu_layers.or(cfg.local.gpu_layers);
@@ -322,7 +324,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("listening on {host} with no API keys: anyone who can reach it can use it");
     }
     let limits = cfg.server.limits()?;
-    let engine = engine_args(&args, &cfg)?;
+    let engine = engine_args(&args.engine, &cfg)?;
     let dispatcher = build_dispatcher(&cfg, &engine).await?;
     if let Some(l) = dispatcher.ledger() {
         tracing::info!("egress ledger: {}", l.path().display());
