@@ -3,8 +3,11 @@
 //!
 //! An entry is found only within its partition (the API key and the privacy
 //! mode), only for the same conversation before the last user message, the
-//! same model name and the same length limits, and only when the last user
-//! message's embedding is at least `similarity` close (cosine). Prompts in
+//! same model name and the same length limits, only when the last user
+//! message's *literals* are the same ([`literals`]: its numbers, negations
+//! and capitalised names, in order — what a sentence vector blurs, and
+//! what changes the answer), and only when its embedding is at least
+//! `similarity` close (cosine). Prompts in
 //! which the privacy detector found anything are neither stored nor served.
 //! The cache keeps at most `max_entries`, evicting the least recently used,
 //! and appends every new entry to a JSON Lines file that is compacted when
@@ -117,6 +120,13 @@ impl CacheKey {
                 t.clone()
             }
         };
+        // Two prompts that differ only in a number, a "not" or a name
+        // embed alike (cosine 0.97 for "Which of these is (not) a mammal")
+        // but want different answers: they must match exactly.
+        field("literals");
+        for l in literals(&text) {
+            field(&l);
+        }
         Some(CacheKey {
             partition: format!("{}|{privacy}", key.unwrap_or("-")),
             context: hex::encode(h.finalize()),
@@ -128,6 +138,80 @@ impl CacheKey {
     pub fn text(&self) -> &str {
         &self.text
     }
+}
+
+/// Words that turn a question into its opposite.
+const NEGATIONS: &[&str] = &[
+    "not",
+    "no",
+    "never",
+    "none",
+    "nor",
+    "neither",
+    "nothing",
+    "nobody",
+    "nowhere",
+    "without",
+    "except",
+    "cannot",
+    "excluding",
+    "unless",
+    "least",
+    "fewest",
+    "false",
+    "incorrect",
+];
+
+/// What in a prompt must be the same for a cached answer to stand, in
+/// order: every word with a digit in it (numbers, "3rd", "x2"), every
+/// negation ("not", "without", "except", "isn't" as "not"), and every word
+/// with a capital letter that does not open a sentence (names, "II",
+/// "Python"), folded to lower case. Words are runs of letters and digits
+/// (apostrophes inside kept), in any script.
+pub fn literals(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut sentence_start = true;
+    let mut word = String::new();
+    let flush = |word: &mut String, opens: bool, out: &mut Vec<String>| {
+        if word.is_empty() {
+            return;
+        }
+        let w = word.trim_end_matches(['\'', '\u{2019}']);
+        let lower = w.to_lowercase();
+        if w.chars().any(char::is_numeric) {
+            out.push(lower);
+        } else if NEGATIONS.contains(&lower.as_str())
+            || lower.ends_with("n't")
+            || lower.ends_with("n\u{2019}t")
+        {
+            out.push("not".into());
+        } else if !opens && w.chars().any(char::is_uppercase) {
+            out.push(lower);
+        }
+        word.clear();
+    };
+    let mut opens = true;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let inner_apostrophe = matches!(c, '\'' | '\u{2019}')
+            && !word.is_empty()
+            && chars.peek().is_some_and(|n| n.is_alphanumeric());
+        if c.is_alphanumeric() || inner_apostrophe {
+            if word.is_empty() {
+                opens = sentence_start;
+                sentence_start = false;
+            }
+            word.push(c);
+            continue;
+        }
+        flush(&mut word, opens, &mut out);
+        // A full stop between digits is a decimal point, not an end.
+        if matches!(c, '.' | '!' | '?' | ':' | ';' | '\n' | '\u{3002}') {
+            sentence_start = true;
+        }
+    }
+    flush(&mut word, opens, &mut out);
+    out
 }
 
 /// A cached answer.
@@ -522,6 +606,66 @@ mod tests {
         assert_eq!(again.clear().unwrap(), 2);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn literals_are_numbers_negations_and_names_in_order() {
+        let l = |t: &str| literals(t);
+        assert_eq!(
+            l("A train travels at 51 km per hour for 8 hours. How far?"),
+            ["51", "8"]
+        );
+        assert_eq!(l("Which of these is not a mammal?"), ["not"]);
+        assert_eq!(l("It isn\u{2019}t safe without water."), ["not", "not"]);
+        assert_eq!(
+            l("What year did World War II end? Tell Anna."),
+            ["world", "war", "ii", "anna"]
+        );
+        assert_eq!(l("What's the capital city of France?"), ["france"]);
+        assert_eq!(l("Which city is the capital of France?"), ["france"]);
+        assert_eq!(
+            l("Wie viel kostet 2,50 \u{20ac} in Z\u{fc}rich?"),
+            ["2", "50", "z\u{fc}rich"]
+        );
+        assert!(l("\u{4e09}\u{52a0}\u{56db}\u{7b49}\u{4e8e}\u{51e0}").is_empty());
+        assert!(l("").is_empty());
+        assert!(l("'' \u{2019}x'").is_empty());
+    }
+
+    proptest::proptest! {
+        /// Any Unicode: no panic; literals are non-empty and folded; a
+        /// number added to a prompt is always one more literal.
+        #[test]
+        fn literals_of_any_text(text in "\\PC{0,80}", n in 0u32..100_000) {
+            let l = literals(&text);
+            for w in &l {
+                proptest::prop_assert!(!w.is_empty());
+                proptest::prop_assert_eq!(w, &w.to_lowercase());
+            }
+            let more = literals(&format!("{text} {n}"));
+            proptest::prop_assert_eq!(more.len(), l.len() + 1);
+            proptest::prop_assert_eq!(more.last(), Some(&n.to_string()));
+        }
+    }
+
+    #[test]
+    fn prompts_differing_in_a_literal_never_share_an_entry() {
+        let key = |t: &str| CacheKey::new(&req(&[("user", t)]), None, "redact").unwrap();
+        let cache = SemanticCache::open(CacheConfig::default(), None).unwrap();
+        let v = unit(&[1.0, 1.0]);
+        cache.insert(&key("What is 57 + 50?"), v.clone(), answer("107"));
+        // The same vector (the embedding cannot tell them apart) and still
+        // a miss when a number, a negation or a name differs.
+        for other in [
+            "What is 57 + 33?",
+            "What is not 57 + 50?",
+            "What is 57 + 50 in Python?",
+        ] {
+            assert!(cache.lookup(&key(other), &v).is_none(), "{other}");
+        }
+        // Case, punctuation and other words are the embedding's to judge.
+        let same = key("what's 57 + 50");
+        assert_eq!(cache.lookup(&same, &v).unwrap().text, "107");
     }
 
     #[test]

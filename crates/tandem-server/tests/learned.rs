@@ -529,6 +529,50 @@ async fn cache_serves_paraphrases_within_a_partition_and_survives_a_restart() {
     assert_ne!(after.header("x-tandem-backend"), "cache");
 }
 
+/// Near twins that want other answers — a number or a "not" apart — embed
+/// above the similarity bound; the cache must still tell them apart.
+#[tokio::test]
+async fn cache_never_answers_a_near_twin_with_other_numbers_or_a_negation() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = rig(cloud_first(), Some(&dir.path().join("answers.jsonl")), None).await;
+    let e = embedder();
+    let bound = CacheConfig::default().similarity;
+    for (cached, twin) in [
+        (
+            "A train travels at 83 km per hour for 8 hours. How many kilometres does it travel? Reply with only the final number.",
+            "A train travels at 81 km per hour for 8 hours. How many kilometres does it travel? Reply with only the final number.",
+        ),
+        (
+            "If x + 51 = 93, what is x? Reply with only the final number.",
+            "If x + 51 = 95, what is x? Reply with only the final number.",
+        ),
+        (
+            "Which of these is not a mammal: whale, bat, shark?",
+            "Which of these is a mammal: whale, bat, shark?",
+        ),
+        (
+            "Is it safe to take ibuprofen with alcohol?",
+            "Is it safe to take ibuprofen without alcohol?",
+        ),
+    ] {
+        let sim = cosine(&e.embed_one(cached).unwrap(), &e.embed_one(twin).unwrap());
+        assert!(
+            sim >= bound,
+            "{sim} for {twin:?}: the vectors alone would tell them apart"
+        );
+        let first = r.chat(cached, &[]).await;
+        assert_eq!(first.header("x-tandem-cache"), "miss");
+        let again = r.chat(cached, &[]).await;
+        assert!(
+            again.header("x-tandem-cache").starts_with("hit"),
+            "{cached:?}"
+        );
+        let other = r.chat(twin, &[]).await;
+        assert_eq!(other.header("x-tandem-cache"), "miss", "{twin:?}");
+        assert_eq!(other.header("x-tandem-backend"), "cloud:cloud");
+    }
+}
+
 /// The cascade teaches the router: a kind of prompt the device keeps failing
 /// goes straight to the cloud after a few escalations (no device time
 /// spent on it), per partition, never for prompts with personal data, and
