@@ -430,11 +430,11 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 Vectors::Encoder => None,
             };
             eprintln!(
-                "training a {:?} router on {} prompts ({} held out), {:?} vectors...",
-                a.model,
+                "training a router (--model {}) on {} prompts ({} held out), {} vectors...",
+                format!("{:?}", a.model).to_lowercase(),
                 train_set.len(),
                 test.len(),
-                a.vectors
+                format!("{:?}", a.vectors).to_lowercase()
             );
             let mut model =
                 tokio::task::block_in_place(|| learned::train(&train_set, config, calibration));
