@@ -74,7 +74,9 @@ pub enum LedgerError {
         reason: String,
     },
     /// Another process is writing the ledger.
-    #[error("ledger {path} is being written by another process (it is locked)")]
+    #[error(
+        "ledger {path} is being written by another process (it is locked): stop that process (a `tandem serve` on the same $TANDEM_HOME?) or give this one its own ledger ([ledger] path, or TANDEM_LEDGER__PATH)"
+    )]
     Locked {
         /// The ledger file.
         path: String,
