@@ -55,6 +55,11 @@ pub struct LabelArgs {
     /// Start without asking (needed when there is no terminal to ask on).
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Ask the cloud model to judge prompts that have an `answer` too, and
+    /// report how often its verdicts agree with the checks: how far to
+    /// trust the labels of prompts without one. One more cloud call each.
+    #[arg(long)]
+    pub audit_judge: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -213,7 +218,7 @@ fn estimate(
         e.prompts += 1;
         e.input_tokens += tokens;
         e.output_tokens += u64::from(labeler.max_tokens);
-        if p.item.reference.is_none() {
+        if p.item.reference.is_none() || labeler.audit_judge {
             // The judge reads the prompt and both answers, writes a word.
             e.judged += 1;
             e.input_tokens += tokens + 2 * u64::from(labeler.max_tokens) + 64;
@@ -221,6 +226,52 @@ fn estimate(
         }
     }
     e
+}
+
+/// `--audit-judge`: the judge's verdicts against the checks, by case.
+#[derive(Default)]
+struct Audit {
+    /// `[device right][cloud right]` → (verdicts "as good", verdicts).
+    cases: [[(usize, usize); 2]; 2],
+}
+
+impl Audit {
+    fn add(&mut self, weak: bool, strong: bool, as_good: bool) {
+        let c = &mut self.cases[usize::from(weak)][usize::from(strong)];
+        c.0 += usize::from(as_good);
+        c.1 += 1;
+    }
+
+    fn report(&self) {
+        let [[ww, wr], [rw, rr]] = self.cases;
+        let total = ww.1 + wr.1 + rw.1 + rr.1;
+        if total == 0 {
+            println!("judge audit: no checked prompt was judged");
+            return;
+        }
+        // Judged, a label is right when the judge calls the device as good
+        // exactly when it is right; where the cloud is wrong too, its
+        // answer is no reference, and "worse" turns a tie into a gain.
+        let agree = rr.0 + (wr.1 - wr.0) + rw.0 + (ww.1 - ww.0);
+        println!(
+            "judge audit, {total} checked prompts: the verdict matches the check in {agree} ({:.1}%)",
+            100.0 * agree as f64 / total as f64
+        );
+        println!(
+            "  cloud right: device right, called as good {} of {}; device wrong, called worse {} of {}",
+            rr.0,
+            rr.1,
+            wr.1 - wr.0,
+            wr.1
+        );
+        println!(
+            "  cloud wrong: device right, called as good {} of {}; both wrong, called worse {} of {} (judged, these would be labelled gains)",
+            rw.0,
+            rw.1,
+            ww.1 - ww.0,
+            ww.1
+        );
+    }
 }
 
 fn confirm() -> anyhow::Result<bool> {
@@ -314,6 +365,7 @@ pub async fn run(a: LabelArgs) -> anyhow::Result<()> {
     let mut labeler = Labeler::new(d.clone(), &device, &cloud);
     labeler.max_tokens = a.max_tokens;
     labeler.privacy = a.privacy;
+    labeler.audit_judge = a.audit_judge;
     let ctx = RequestContext {
         privacy: a.privacy,
         ..RequestContext::default()
@@ -360,6 +412,7 @@ pub async fn run(a: LabelArgs) -> anyhow::Result<()> {
     let (mut labelled, mut checked, mut weak_right, mut strong_right) = (0usize, 0usize, 0, 0);
     let (mut kept, mut unjudged) = (0usize, 0usize);
     let (mut sent_in, mut sent_out) = (0u64, 0u64);
+    let mut audit = Audit::default();
     for (i, p) in todo.iter().enumerate() {
         let outcome = labeler.label(&p.item).await.map_err(|e| {
             anyhow::anyhow!(
@@ -392,6 +445,10 @@ pub async fn run(a: LabelArgs) -> anyhow::Result<()> {
                 });
                 if let Some(s) = &p.subject {
                     row["subject"] = s.clone().into();
+                }
+                if let Some(v) = l.judge_too {
+                    row["judge"] = v.into();
+                    audit.add(l.weak_correct, l.strong_correct, v);
                 }
                 let mut line = serde_json::to_vec(&row)?;
                 line.push(b'\n');
@@ -429,6 +486,9 @@ pub async fn run(a: LabelArgs) -> anyhow::Result<()> {
     );
     if kept + unjudged > 0 {
         println!("{kept} kept on the device by the privacy policy, {unjudged} without a verdict");
+    }
+    if a.audit_judge {
+        audit.report();
     }
     println!(
         "the cloud read {sent_in} and wrote {sent_out} tokens: ${:.4}",

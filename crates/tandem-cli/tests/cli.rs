@@ -663,6 +663,44 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
         "{judged}"
     );
 
+    // --audit-judge: the checked prompts are judged too, and the report
+    // sets the verdicts against the checks.
+    let audited = dir.path().join("audited.jsonl");
+    let mut c = tandem();
+    c.args(["router", "label", "--max-tokens", "32", "--prompts"])
+        .arg(&prompts)
+        .arg("--out")
+        .arg(&audited)
+        .arg("-c")
+        .arg(&config)
+        .args(["--yes", "--limit", "3", "--audit-judge"])
+        .stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 answers and 3 judgements"), "{stdout}");
+    assert!(
+        stdout.contains("judge audit, 3 checked prompts: the verdict matches the check in"),
+        "{stdout}"
+    );
+    let audited: Vec<serde_json::Value> = std::fs::read_to_string(&audited)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(audited.len(), 3);
+    for r in &audited {
+        assert_eq!(r["method"], "checked", "{r}");
+        assert!(r["judge"].is_boolean(), "{r}");
+    }
+    assert_eq!(upstream.captured().len(), 5 + 6);
+
     // `tandem router train` reads the labels as they are.
     let router = dir.path().join("router.json");
     let train = [

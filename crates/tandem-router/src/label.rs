@@ -150,6 +150,10 @@ pub struct Label {
     pub cloud_answer: String,
     /// Tokens the cloud read and wrote for this label, judge included.
     pub cloud_tokens: (u64, u64),
+    /// With [`Labeler::audit_judge`], on a checked prompt: the judge's
+    /// verdict too (is the device's answer as good as the cloud's?), to set
+    /// against the check. `None` when not asked or not readable.
+    pub judge_too: Option<bool>,
 }
 
 /// What labelling one prompt came to.
@@ -172,6 +176,9 @@ pub struct Labeler {
     pub max_tokens: u32,
     /// The privacy mode every call runs under (default: the gateway's).
     pub privacy: Option<PrivacyMode>,
+    /// Ask the judge about checked prompts too, so that how far its
+    /// verdicts agree with the checks can be measured.
+    pub audit_judge: bool,
 }
 
 impl Labeler {
@@ -184,6 +191,7 @@ impl Labeler {
             cloud: cloud.to_owned(),
             max_tokens: 256,
             privacy: None,
+            audit_judge: false,
         }
     }
 
@@ -247,30 +255,44 @@ impl Labeler {
             Err(why) => return Err(ApiError::internal(why)),
         };
         let mut tokens = usage(&strong);
-        let (weak_correct, strong_correct, method) = match item.reference {
-            Some(r) => (
-                r.passes(&weak.text),
-                r.passes(&strong.text),
-                Method::Checked,
-            ),
-            None => {
-                let prompt = judge_prompt(&item.prompt, &strong.text, &weak.text);
-                let verdict_answer = match self.ask(&self.cloud, &prompt, 4, true).await? {
-                    Ok(a) => a,
-                    Err(why) => return Ok(Outcome::KeptLocal(why)),
-                };
-                let (i, o) = usage(&verdict_answer);
-                tokens = (tokens.0 + i, tokens.1 + o);
-                match verdict(&verdict_answer.text) {
-                    Some(v) => (v, true, Method::Judged),
-                    None => {
-                        return Ok(Outcome::Unjudged(format!(
-                            "the judge answered {:?}",
-                            verdict_answer.text.chars().take(40).collect::<String>()
-                        )));
+        let mut add = |(i, o): (u64, u64)| tokens = (tokens.0 + i, tokens.1 + o);
+        let (weak_correct, strong_correct, method, judge_too) = match item.reference {
+            Some(r) => {
+                let judge_too = if self.audit_judge {
+                    match self.judge(&item.prompt, &strong, &weak).await? {
+                        Judgement::Verdict(v, t) => {
+                            add(t);
+                            Some(v)
+                        }
+                        Judgement::Unreadable(_, t) => {
+                            add(t);
+                            None
+                        }
+                        Judgement::KeptLocal(_) => None,
                     }
-                }
+                } else {
+                    None
+                };
+                (
+                    r.passes(&weak.text),
+                    r.passes(&strong.text),
+                    Method::Checked,
+                    judge_too,
+                )
             }
+            None => match self.judge(&item.prompt, &strong, &weak).await? {
+                Judgement::Verdict(v, t) => {
+                    add(t);
+                    (v, true, Method::Judged, None)
+                }
+                Judgement::Unreadable(text, _) => {
+                    return Ok(Outcome::Unjudged(format!(
+                        "the judge answered {:?}",
+                        text.chars().take(40).collect::<String>()
+                    )));
+                }
+                Judgement::KeptLocal(why) => return Ok(Outcome::KeptLocal(why)),
+            },
         };
         Ok(Outcome::Labeled(Label {
             weak_correct,
@@ -279,7 +301,38 @@ impl Labeler {
             device_answer: weak.text,
             cloud_answer: strong.text,
             cloud_tokens: tokens,
+            judge_too,
         }))
+    }
+}
+
+/// What the judge said about one pair of answers.
+enum Judgement {
+    /// Yes or no, and the tokens it cost.
+    Verdict(bool, (u64, u64)),
+    /// Neither: its text, and the tokens it cost.
+    Unreadable(String, (u64, u64)),
+    /// The judge's prompt (which quotes the device's answer) may not leave.
+    KeptLocal(String),
+}
+
+impl Labeler {
+    /// Asks the cloud model whether the device's answer is as good as its own.
+    async fn judge(
+        &self,
+        prompt: &str,
+        strong: &Answer,
+        weak: &Answer,
+    ) -> Result<Judgement, ApiError> {
+        let asked = judge_prompt(prompt, &strong.text, &weak.text);
+        let a = match self.ask(&self.cloud, &asked, 4, true).await? {
+            Ok(a) => a,
+            Err(why) => return Ok(Judgement::KeptLocal(why)),
+        };
+        Ok(match verdict(&a.text) {
+            Some(v) => Judgement::Verdict(v, usage(&a)),
+            None => Judgement::Unreadable(a.text.clone(), usage(&a)),
+        })
     }
 }
 
