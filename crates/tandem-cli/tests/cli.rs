@@ -562,12 +562,12 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     std::fs::write(&prompts, text.join("\n") + "\n").unwrap();
     let labels = dir.path().join("labels.jsonl");
-    let label = |extra: &[&str]| {
+    let label_into = |out: &std::path::Path, extra: &[&str]| {
         let mut c = tandem();
         c.args(["router", "label", "--max-tokens", "32", "--prompts"])
             .arg(&prompts)
             .arg("--out")
-            .arg(&labels)
+            .arg(out)
             .arg("-c")
             .arg(&config)
             .args(extra)
@@ -578,6 +578,7 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
                 .unwrap()
         }
     };
+    let label = |extra: &[&str]| label_into(&labels, extra);
 
     // No terminal to ask on and no --yes: the estimate, and nothing sent.
     let out = label(&[]).await;
@@ -666,18 +667,7 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
     // --audit-judge: the checked prompts are judged too, and the report
     // sets the verdicts against the checks.
     let audited = dir.path().join("audited.jsonl");
-    let mut c = tandem();
-    c.args(["router", "label", "--max-tokens", "32", "--prompts"])
-        .arg(&prompts)
-        .arg("--out")
-        .arg(&audited)
-        .arg("-c")
-        .arg(&config)
-        .args(["--yes", "--limit", "3", "--audit-judge"])
-        .stdin(Stdio::null());
-    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
-        .await
-        .unwrap();
+    let out = label_into(&audited, &["--yes", "--limit", "3", "--audit-judge"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
