@@ -405,6 +405,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
         Price::default()
     }
 
+    /// A cloud backend that listens on this machine (loopback): what it
+    /// does, the device does.
+    fn on_this_machine(&self) -> bool {
+        false
+    }
+
     /// The request's prompt in this backend's tokens, when it can count
     /// them exactly (a local model renders and tokenizes).
     fn count_prompt_tokens(&self, _req: &GenerateRequest) -> Option<u32> {

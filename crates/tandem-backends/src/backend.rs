@@ -75,6 +75,10 @@ impl Backend for CloudBackend {
         self.inner.cfg.price()
     }
 
+    fn on_this_machine(&self) -> bool {
+        CloudBackend::on_this_machine(self)
+    }
+
     fn choices_per_request(&self, req: &GenerateRequest) -> u32 {
         self.choices_asked(req)
     }
@@ -117,6 +121,31 @@ impl Backend for CloudBackend {
 mod tests {
     use super::*;
     use crate::{Choices, UpstreamConfig};
+
+    #[test]
+    fn loopback_upstreams_are_on_this_machine() {
+        let on = |url: &str| {
+            let b = CloudBackend::new(UpstreamConfig::new("up", url, &["m"])).expect("backend");
+            Backend::on_this_machine(&b)
+        };
+        for url in [
+            "http://127.0.0.1:8081/v1",
+            "http://localhost:8081/v1",
+            "http://LOCALHOST/v1",
+            "http://[::1]:8081/v1",
+            "http://127.0.0.2/v1",
+        ] {
+            assert!(on(url), "{url}");
+        }
+        for url in [
+            "https://api.openai.com/v1",
+            "http://10.0.0.5:8081/v1",
+            "http://[2001:db8::1]/v1",
+            "http://localhost.example.com/v1",
+        ] {
+            assert!(!on(url), "{url}");
+        }
+    }
 
     #[test]
     fn choices_per_request_follow_the_setting() {

@@ -137,6 +137,19 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 impl CloudBackend {
+    /// The upstream listens on this machine (a loopback address): sending
+    /// work there moves none of it off the device.
+    pub fn on_this_machine(&self) -> bool {
+        let Some(host) = self.inner.chat_url.host_str() else {
+            return false;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     /// An upstream whose API key (if any) is read from `cfg.api_key_env`.
     pub fn new(cfg: UpstreamConfig) -> Result<CloudBackend, String> {
         let key = match &cfg.api_key_env {

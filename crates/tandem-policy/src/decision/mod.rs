@@ -251,6 +251,9 @@ pub struct CloudView {
     pub ttft_ms: Option<f64>,
     /// Measured decoding speed.
     pub decode_tps: Option<f64>,
+    /// It listens on this machine (loopback): the device's state is no
+    /// reason to send work there, as none of it would leave.
+    pub on_this_machine: bool,
 }
 
 /// What the request needs.

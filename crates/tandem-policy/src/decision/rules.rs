@@ -199,7 +199,12 @@ pub(super) fn apply(rule: Rule, f: &Features, v: &View, cfg: &PolicyConfig) -> V
                     format!("only {m} MB of memory free"),
                 ));
             }
+            // A cloud on this machine (a cloud-role Tandem beside this one,
+            // as when trying the pair on one computer) takes no work off
+            // these cores, and is itself "other work": each request sent
+            // there for the load would raise the load that sent it.
             if let (Some(load), Some(cores)) = (d.cpu_load, d.cores)
+                && !v.cloud.as_ref().is_some_and(|c| c.on_this_machine)
                 && cores > 0
                 && load / cores as f32 >= cfg.busy_cpu_share
             {

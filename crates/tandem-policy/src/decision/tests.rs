@@ -230,3 +230,28 @@ fn privacy_holds_when_the_rules_leave_it_out_or_the_detector_cannot_run() {
     };
     assert_eq!(decide(&f, &view(), &c).unwrap().side, Locality::Cloud);
 }
+
+#[test]
+fn a_busy_device_does_not_send_to_a_cloud_on_the_same_machine() {
+    let mut v = view();
+    v.device.cpu_load = Some(1.9);
+    v.device.cores = Some(2);
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!(d.side, Locality::Cloud);
+    assert_eq!(d.decided_by, "device");
+    assert!(d.reasons.iter().any(|r| r.detail.contains("cores busy")));
+    // The same upstream on loopback: sending there would keep the same
+    // cores busy (and feed the load that sent it), so the device stays.
+    if let Some(c) = v.cloud.as_mut() {
+        c.on_this_machine = true;
+    }
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!(d.side, Locality::Local);
+    assert!(d.reasons.iter().all(|r| r.rule != "device"), "{d:?}");
+    // A low battery still counts (overridden signals, as in a demo).
+    v.device.battery_pct = Some(5.0);
+    v.device.charging = Some(false);
+    let d = decide(&Features::default(), &v, &cfg()).unwrap();
+    assert_eq!(d.side, Locality::Cloud);
+    assert!(d.reasons.iter().all(|r| !r.detail.contains("cores busy")));
+}

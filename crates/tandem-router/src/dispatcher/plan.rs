@@ -241,6 +241,7 @@ impl Dispatcher {
                 rtt_ms: network.upstreams.get(c.name()).and_then(|p| p.rtt_ms),
                 ttft_ms: health.ttft_ms,
                 decode_tps: health.tokens_per_s,
+                on_this_machine: c.on_this_machine(),
             }
         });
         let key = caller.map(|c| c.config.name.as_str());
