@@ -76,7 +76,7 @@ impl Backend for CloudBackend {
     }
 
     fn on_this_machine(&self) -> bool {
-        CloudBackend::on_this_machine(self)
+        self.inner.on_this_machine
     }
 
     fn choices_per_request(&self, req: &GenerateRequest) -> u32 {

@@ -78,6 +78,8 @@ struct Inner {
     /// Endpoint URLs, parsed once: parsing per request shows up in profiles.
     chat_url: reqwest::Url,
     completions_url: reqwest::Url,
+    /// The host is a loopback address (read once, from `chat_url`).
+    on_this_machine: bool,
     client: reqwest::Client,
     key: Option<Secret>,
     breaker: CircuitBreaker,
@@ -136,20 +138,20 @@ fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-impl CloudBackend {
-    /// The upstream listens on this machine (a loopback address): sending
-    /// work there moves none of it off the device.
-    pub fn on_this_machine(&self) -> bool {
-        let Some(host) = self.inner.chat_url.host_str() else {
-            return false;
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    }
+/// The URL's host is this machine (localhost, 127.0.0.0/8, ::1): work
+/// sent there moves none of it off the device.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
+impl CloudBackend {
     /// An upstream whose API key (if any) is read from `cfg.api_key_env`.
     pub fn new(cfg: UpstreamConfig) -> Result<CloudBackend, String> {
         let key = match &cfg.api_key_env {
@@ -191,10 +193,12 @@ impl CloudBackend {
         };
         let chat_url = parse(Endpoint::Chat.path())?;
         let completions_url = parse(Endpoint::Completions.path())?;
+        let on_this_machine = is_loopback(&chat_url);
         Ok(CloudBackend {
             inner: Arc::new(Inner {
                 chat_url,
                 completions_url,
+                on_this_machine,
                 breaker: CircuitBreaker::new(
                     cfg.breaker_failures,
                     Duration::from_millis(cfg.breaker_cooldown_ms),
