@@ -452,6 +452,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
     fn verifier(&self) -> Option<Arc<dyn DraftVerifier>> {
         None
     }
+
+    /// The model's own reading of a prompt (its last hidden state, which
+    /// the router's probe scores), if it is a local model that reads.
+    fn read_prompt(&self, _text: &str) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
+        None
+    }
 }
 
 /// A request ready to run on a local model: its tokens and limits.

@@ -59,6 +59,10 @@ impl Backend for LocalEngine {
     fn sessions(&self) -> Option<Arc<dyn SessionModel>> {
         Some(Arc::new(self.clone()))
     }
+
+    fn read_prompt(&self, text: &str) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
+        Some(LocalEngine::read_prompt(self, text))
+    }
 }
 
 impl SessionModel for LocalEngine {

@@ -18,6 +18,7 @@
 
 mod backend;
 pub mod load;
+pub mod reading;
 pub mod runtime;
 pub mod sampling;
 mod scheduler;
@@ -241,6 +242,8 @@ struct Inner {
     default_system: Option<String>,
     /// The session thread, started by the first session.
     sessions: std::sync::Mutex<Option<std::sync::mpsc::Sender<SessionCmd>>>,
+    /// The reading thread, started by the first reading.
+    reader: std::sync::Mutex<Option<std::sync::mpsc::Sender<reading::Job>>>,
     vocab_hash: std::sync::OnceLock<String>,
     constrainer: structured::Constrainer,
 }
@@ -361,6 +364,7 @@ impl LocalEngine {
                     threads: cfg.threads,
                 },
                 sessions: std::sync::Mutex::new(None),
+                reader: std::sync::Mutex::new(None),
                 vocab_hash: std::sync::OnceLock::new(),
                 constrainer: structured::Constrainer::default(),
                 sampling,
@@ -482,6 +486,47 @@ impl LocalEngine {
             tx,
             context: self.inner.ctx_per_seq,
         })
+    }
+
+    /// The model's reading of `text` for the router's probe
+    /// ([`reading::read`]), on the reading thread. The prompt is queued
+    /// now; dropping the future before its turn skips it.
+    pub fn read_prompt(
+        &self,
+        text: &str,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, ApiError>> {
+        let queued = self.reader().and_then(|tx| {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            tx.send((text.to_owned(), reply))
+                .map_err(|_| ApiError::internal("the reading thread has stopped"))?;
+            Ok(rx)
+        });
+        Box::pin(async move {
+            queued?
+                .await
+                .map_err(|_| ApiError::internal("the reading thread has stopped"))?
+                .map_err(ApiError::internal)
+        })
+    }
+
+    fn reader(&self) -> Result<std::sync::mpsc::Sender<reading::Job>, ApiError> {
+        let mut guard = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.as_ref() {
+            return Ok(tx.clone());
+        }
+        let tx = reading::start(
+            self.inner.model.clone(),
+            self.inner.session_cfg.threads,
+            &self.inner.id,
+        )
+        .map_err(ApiError::unavailable)?;
+        *guard = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// Numbers in a reading ([`reading::width`]).
+    pub fn reading_width(&self) -> usize {
+        reading::width(&self.inner.model)
     }
 
     /// A fingerprint of the vocabulary (every token's text, the special
