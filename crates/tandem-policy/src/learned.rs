@@ -11,7 +11,11 @@
 //! - similarity-weighted k-nearest neighbours (optional);
 //! - a lexical ridge: the same regression over the prompt's words and
 //!   word pairs (TF-IDF), which sees what a mean of word vectors blurs —
-//!   "NOT", "EXCEPT", "Statement 1", a unit, a kind of problem.
+//!   "NOT", "EXCEPT", "Statement 1", a unit, a kind of problem;
+//! - a probe (optional): a ridge on the local model's own reading of the
+//!   prompt (its last hidden state, `tandem_engine::reading`) — what *this
+//!   model* makes of the question. A request without a reading is scored
+//!   by the other parts, on their own scale.
 //!
 //! Several parts average their ranks. A raw score is turned into its
 //! percentile among the training scores, so a threshold of 0.6 means "keep
@@ -102,6 +106,20 @@ pub struct TrainConfig {
     /// handful).
     #[serde(default = "d_lexical_from")]
     pub lexical_from: usize,
+    /// L2 penalty of the probe (on standardised readings).
+    #[serde(default = "d_probe_lambda")]
+    pub probe_lambda: f32,
+    /// How many parts' worth the probe counts for in the ensemble.
+    #[serde(default = "d_probe_weight")]
+    pub probe_weight: f32,
+}
+
+fn d_probe_lambda() -> f32 {
+    30_000.0
+}
+
+fn d_probe_weight() -> f32 {
+    1.0
 }
 
 fn d_topic_temperature() -> f32 {
@@ -131,6 +149,8 @@ impl Default for TrainConfig {
             lexical_lambda: d_lexical_lambda(),
             lexical_min_prompts: d_lexical_min_prompts(),
             lexical_from: d_lexical_from(),
+            probe_lambda: d_probe_lambda(),
+            probe_weight: d_probe_weight(),
         }
     }
 }
@@ -234,6 +254,9 @@ pub struct TextView {
     /// pairs of neighbouring words, hashed, with their counts, sorted by
     /// hash.
     pub terms: Vec<(u64, u32)>,
+    /// The local model's reading of the prompt, when it was read (see
+    /// [`Probe`]).
+    pub reading: Option<Vec<f32>>,
 }
 
 impl TextView {
@@ -242,7 +265,45 @@ impl TextView {
         TextView {
             features: text_features(text),
             terms: terms(text),
+            reading: None,
         }
+    }
+}
+
+/// A linear probe: ridge regression of the gain on the local model's
+/// reading of the prompt, standardised.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Probe {
+    /// Catalog name of the model whose readings it was fitted on: another
+    /// model's readings mean nothing to it.
+    pub model: String,
+    /// Training mean of each number of a reading.
+    #[serde(with = "b64_f32")]
+    pub mean: Vec<f32>,
+    /// Training standard deviation of each.
+    #[serde(with = "b64_f32")]
+    pub std: Vec<f32>,
+    /// Weights on the standardised reading.
+    #[serde(with = "b64_f32")]
+    pub weights: Vec<f32>,
+    /// The intercept.
+    pub bias: f32,
+}
+
+impl Probe {
+    /// The predicted gain; `None` for a reading of another width.
+    pub fn score(&self, reading: &[f32]) -> Option<f32> {
+        if reading.len() != self.weights.len() {
+            return None;
+        }
+        let dot: f32 = reading
+            .iter()
+            .zip(&self.mean)
+            .zip(&self.std)
+            .zip(&self.weights)
+            .map(|(((&x, &m), &sd), &w)| w * (x - m) / sd)
+            .sum();
+        Some(self.bias + dot)
     }
 }
 
@@ -306,6 +367,9 @@ pub struct RouterModel {
     /// The lexical ridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexical: Option<Lexical>,
+    /// The probe on the local model's reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
     /// Sorted scores of each part on the training prompts, for putting the
     /// parts on one scale in the ensemble.
     pub knn_cdf: Vec<f32>,
@@ -318,8 +382,16 @@ pub struct RouterModel {
     /// without it: the lexical ridge nearly fits its own training prompts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lexical_cdf: Vec<f32>,
-    /// Sorted raw scores of the training prompts (for percentiles).
+    /// See `lexical_cdf` (the probe's out-of-fold scores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_cdf: Vec<f32>,
+    /// Sorted raw scores of the training prompts (for percentiles); with a
+    /// probe, of those that were read, every part counted.
     pub cdf: Vec<f32>,
+    /// With a probe: sorted raw scores of the training prompts without it,
+    /// for requests that come without a reading.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdf_unread: Vec<f32>,
     /// Percentile above which prompts go to the cloud (calibrated).
     pub threshold: f32,
     /// How the threshold was chosen.
@@ -499,24 +571,42 @@ pub fn percentile(sorted: &[f32], v: f32) -> f32 {
 
 impl RouterModel {
     /// One part alone is its own score; several average their ranks (they
-    /// score on different scales).
+    /// score on different scales), the probe's counted `probe_weight`
+    /// times.
     pub fn combine(&self, parts: Parts) -> f32 {
-        let parts: Vec<(f32, &[f32])> = [
-            (parts.knn, self.knn_cdf.as_slice()),
-            (parts.ridge, self.ridge_cdf.as_slice()),
-            (parts.topics, self.topics_cdf.as_slice()),
-            (parts.lexical, self.lexical_cdf.as_slice()),
+        let parts: Vec<(f32, &[f32], f32)> = [
+            (parts.knn, self.knn_cdf.as_slice(), 1.0),
+            (parts.ridge, self.ridge_cdf.as_slice(), 1.0),
+            (parts.topics, self.topics_cdf.as_slice(), 1.0),
+            (parts.lexical, self.lexical_cdf.as_slice(), 1.0),
+            (
+                parts.probe,
+                self.probe_cdf.as_slice(),
+                self.config.probe_weight.max(0.0),
+            ),
         ]
         .into_iter()
-        .filter_map(|(v, cdf)| v.map(|v| (v, cdf)))
+        .filter_map(|(v, cdf, w)| v.map(|v| (v, cdf, w)))
         .collect();
         match parts.as_slice() {
             [] => 0.0,
-            [(v, _)] => *v,
+            [(v, _, _)] => *v,
             many => {
-                many.iter().map(|(v, cdf)| percentile(cdf, *v)).sum::<f32>() / many.len() as f32
+                let total: f32 = many.iter().map(|p| p.2).sum();
+                if total <= 0.0 {
+                    return 0.0;
+                }
+                many.iter()
+                    .map(|(v, cdf, w)| w * percentile(cdf, *v))
+                    .sum::<f32>()
+                    / total
             }
         }
+    }
+
+    /// The probe's score of a request's reading, when both exist and fit.
+    pub fn probe_score(&self, text: &TextView) -> Option<f32> {
+        self.probe.as_ref()?.score(text.reading.as_deref()?)
     }
 
     /// Expected-gain score; higher means the cloud helps more.
@@ -535,12 +625,19 @@ impl RouterModel {
                 .as_ref()
                 .map(|t| t.score(embedding, self.config.topic_temperature)),
             lexical: self.lexical.as_ref().map(|l| l.score(&text.terms)),
+            probe: self.probe_score(text),
         })
     }
 
-    /// Difficulty in [0, 1]: the share of training prompts that score lower.
+    /// Difficulty in [0, 1]: the share of training prompts that score lower
+    /// (among those scored the same way: with or without a reading).
     pub fn score(&self, embedding: &[f32], text: &TextView) -> f32 {
-        percentile(&self.cdf, self.raw_score(embedding, text))
+        let raw = self.raw_score(embedding, text);
+        if self.probe.is_some() && self.probe_score(text).is_none() && !self.cdf_unread.is_empty() {
+            percentile(&self.cdf_unread, raw)
+        } else {
+            percentile(&self.cdf, raw)
+        }
     }
 
     /// The threshold for a quality knob in [0, 1]: the share of the gap
@@ -565,6 +662,8 @@ pub struct Parts {
     pub topics: Option<f32>,
     /// The lexical ridge's.
     pub lexical: Option<f32>,
+    /// The probe's.
+    pub probe: Option<f32>,
 }
 
 /// The router in the request path (the dispatcher embeds the prompt).
@@ -598,6 +697,14 @@ impl LearnedScorer {
 
 impl Scorer for LearnedScorer {
     fn score(&self, embedding: &[f32], text: &str) -> f32 {
+        self.score_read(embedding, text, None)
+    }
+
+    fn reader(&self) -> Option<&str> {
+        self.model.probe.as_ref().map(|p| p.model.as_str())
+    }
+
+    fn score_read(&self, embedding: &[f32], text: &str, reading: Option<&[f32]>) -> f32 {
         // The terms are read only when the router has a part that uses them.
         let view = TextView {
             features: text_features(text),
@@ -606,6 +713,7 @@ impl Scorer for LearnedScorer {
             } else {
                 Vec::new()
             },
+            reading: reading.map(<[f32]>::to_vec),
         };
         self.model.score(embedding, &view)
     }

@@ -8,6 +8,16 @@ pub trait Scorer: Send + Sync {
     /// Difficulty in [0, 1] of what the user asked last (`text`, see
     /// [`routed_text`]) from its embedding.
     fn score(&self, embedding: &[f32], text: &str) -> f32;
+    /// The local model whose reading of the prompt [`Scorer::score_read`]
+    /// uses (worth a prefill to take), if any.
+    fn reader(&self) -> Option<&str> {
+        None
+    }
+    /// [`Scorer::score`] with the local model's reading of the prompt
+    /// (`tandem_engine::reading`), when one was taken.
+    fn score_read(&self, embedding: &[f32], text: &str, _reading: Option<&[f32]>) -> f32 {
+        self.score(embedding, text)
+    }
     /// The difficulty threshold for the request's quality knob (`None`: the
     /// knob is absent); `None` leaves it to the policy's configured one.
     fn threshold(&self, _quality: Option<f32>) -> Option<f32> {

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use tandem_policy::learned::{
-    Lexical, ModelKind, Neighbours, Parts, Ridge, RouterModel, TextView, Topics, TrainConfig,
-    percentile, quantise,
+    Lexical, ModelKind, Neighbours, Parts, Probe, Ridge, RouterModel, TextView, Topics,
+    TrainConfig, percentile, quantise,
 };
 
 /// One labelled prompt, embedded.
@@ -245,6 +245,112 @@ fn lexical_out_of_fold(train: &[Example], config: &TrainConfig) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Fewest read training prompts a probe is fitted on.
+pub const PROBE_MIN_PROMPTS: usize = 100;
+
+/// The probe and each read training prompt's out-of-fold probe score (in
+/// the order of the read prompts), or `None` when fewer than
+/// [`PROBE_MIN_PROMPTS`] were read (or their readings differ in width).
+///
+/// One pass gathers each fold's Gram matrix of standardised readings (and
+/// a constant); every fit then sums the folds it keeps and solves by
+/// Cholesky, so the five out-of-fold fits and the final one cost one pass
+/// over the data.
+fn fit_probe(read: &[(&Example, &[f32])], lambda: f32) -> Option<(Probe, Vec<f32>)> {
+    let d = read.first()?.1.len();
+    if read.len() < PROBE_MIN_PROMPTS || d == 0 || read.iter().any(|(_, r)| r.len() != d) {
+        return None;
+    }
+    let n = read.len() as f64;
+    let mut mean = vec![0f64; d];
+    for (_, r) in read {
+        for (m, &v) in mean.iter_mut().zip(*r) {
+            *m += f64::from(v) / n;
+        }
+    }
+    let mut sd = vec![0f64; d];
+    for (_, r) in read {
+        for ((s, &v), m) in sd.iter_mut().zip(*r).zip(&mean) {
+            *s += (f64::from(v) - m).powi(2) / n;
+        }
+    }
+    for s in &mut sd {
+        *s = s.sqrt().max(1e-6);
+    }
+    let w = d + 1;
+    let mut gram = vec![vec![0f64; w * w]; LEXICAL_FOLDS];
+    let mut rhs = vec![vec![0f64; w]; LEXICAL_FOLDS];
+    let mut z = vec![0f64; w];
+    for (i, (e, r)) in read.iter().enumerate() {
+        let f = i % LEXICAL_FOLDS;
+        for (((zi, &v), m), s) in z.iter_mut().zip(*r).zip(&mean).zip(&sd) {
+            *zi = (f64::from(v) - m) / s;
+        }
+        z[d] = 1.0;
+        let y = f64::from(e.gain());
+        let g = &mut gram[f];
+        for a in 0..w {
+            let za = z[a];
+            for (gab, zb) in g[a * w..=a * w + a].iter_mut().zip(&z) {
+                *gab += za * zb;
+            }
+        }
+        for (b, zi) in rhs[f].iter_mut().zip(&z) {
+            *b += zi * y;
+        }
+    }
+    let solve = |skip: Option<usize>| -> Option<Vec<f64>> {
+        let mut a = vec![0f64; w * w];
+        let mut b = vec![0f64; w];
+        for f in (0..LEXICAL_FOLDS).filter(|&f| Some(f) != skip) {
+            for (x, g) in a.iter_mut().zip(&gram[f]) {
+                *x += g;
+            }
+            for (x, r) in b.iter_mut().zip(&rhs[f]) {
+                *x += r;
+            }
+        }
+        for i in 0..w {
+            for j in 0..i {
+                a[j * w + i] = a[i * w + j];
+            }
+        }
+        // The intercept goes unpenalised.
+        for i in 0..d {
+            a[i * w + i] += f64::from(lambda);
+        }
+        cholesky_solve(&mut a, &b, w)
+    };
+    let score = |coef: &[f64], r: &[f32]| -> f32 {
+        let dot: f64 = r
+            .iter()
+            .zip(&mean)
+            .zip(&sd)
+            .zip(coef)
+            .map(|(((&v, m), s), c)| c * (f64::from(v) - m) / s)
+            .sum();
+        (dot + coef[d]) as f32
+    };
+    let mut oof = vec![0f32; read.len()];
+    for f in 0..LEXICAL_FOLDS {
+        let coef = solve(Some(f))?;
+        for (i, (_, r)) in read.iter().enumerate() {
+            if i % LEXICAL_FOLDS == f {
+                oof[i] = score(&coef, r);
+            }
+        }
+    }
+    let coef = solve(None)?;
+    let probe = Probe {
+        model: String::new(),
+        mean: mean.iter().map(|&v| v as f32).collect(),
+        std: sd.iter().map(|&v| v as f32).collect(),
+        weights: coef[..d].iter().map(|&v| v as f32).collect(),
+        bias: coef[d] as f32,
+    };
+    Some((probe, oof))
 }
 
 /// Topic centroids with each topic's mean gain (shrunk towards the overall
@@ -479,6 +585,23 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     } else {
         None
     };
+    // Only the prompts the local model has read train the probe.
+    let read: Vec<(usize, &[f32])> = train
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.text.reading.as_deref().map(|r| (i, r)))
+        .collect();
+    let fitted = fit_probe(
+        &read
+            .iter()
+            .map(|&(i, r)| (&train[i], r))
+            .collect::<Vec<_>>(),
+        config.probe_lambda,
+    );
+    let (probe, probe_oof) = match fitted {
+        Some((p, oof)) => (Some(p), Some(oof)),
+        None => (None, None),
+    };
     let mut model = RouterModel {
         version: 1,
         embedder: "all-minilm-l6-v2".into(),
@@ -488,11 +611,14 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
         ridge,
         topics,
         lexical,
+        probe,
         knn_cdf: Vec::new(),
         ridge_cdf: Vec::new(),
         topics_cdf: Vec::new(),
         lexical_cdf: Vec::new(),
+        probe_cdf: Vec::new(),
         cdf: Vec::new(),
+        cdf_unread: Vec::new(),
         threshold: 0.5,
         calibrated_for: String::new(),
         quality_thresholds: Vec::new(),
@@ -532,24 +658,43 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     model.ridge_cdf = sorted(&ridge);
     model.topics_cdf = sorted(&topics);
     model.lexical_cdf = sorted(&lexical);
-    let raw: Vec<f32> = (0..train.len())
-        .map(|i| {
-            model.combine(Parts {
-                knn: knn.as_ref().map(|k| k[i]),
-                ridge: ridge.as_ref().map(|r| r[i]),
-                topics: topics.as_ref().map(|t| t[i]),
-                lexical: lexical.as_ref().map(|l| l[i]),
-            })
+    model.probe_cdf = sorted(&probe_oof);
+    let raw = |i: usize, probe: Option<f32>| {
+        model.combine(Parts {
+            knn: knn.as_ref().map(|k| k[i]),
+            ridge: ridge.as_ref().map(|r| r[i]),
+            topics: topics.as_ref().map(|t| t[i]),
+            lexical: lexical.as_ref().map(|l| l[i]),
+            probe,
         })
-        .collect();
+    };
+    let unread: Vec<f32> = (0..train.len()).map(|i| raw(i, None)).collect();
+    // With a probe, the scale and the threshold are those of the prompts
+    // that were read, scored by every part.
+    let (raw, scored): (Vec<f32>, Vec<Example>) = match &probe_oof {
+        Some(oof) => (
+            read.iter()
+                .zip(oof)
+                .map(|(&(i, _), &p)| raw(i, Some(p)))
+                .collect(),
+            read.iter().map(|&(i, _)| train[i].clone()).collect(),
+        ),
+        None => (unread.clone(), Vec::new()),
+    };
+    let scored: &[Example] = if probe_oof.is_some() { &scored } else { train };
     let mut cdf = raw.clone();
     cdf.sort_by(f32::total_cmp);
+    if probe_oof.is_some() {
+        let mut c = unread;
+        c.sort_by(f32::total_cmp);
+        model.cdf_unread = c;
+    }
     model.cdf = cdf;
     let scores: Vec<f32> = raw.iter().map(|&r| percentile(&model.cdf, r)).collect();
-    let (threshold, why) = calibrate(&scores, train, calibration);
+    let (threshold, why) = calibrate(&scores, scored, calibration);
     model.threshold = threshold;
     model.calibrated_for = why;
-    model.quality_thresholds = quality_thresholds(&scores, train);
+    model.quality_thresholds = quality_thresholds(&scores, scored);
     model
 }
 

@@ -265,3 +265,117 @@ fn conjugate_gradient_solves_a_small_system() {
     let x = conjugate_gradient(a, &[1.0, 2.0], 1e-12, 10);
     assert!((x[0] - 1.0 / 11.0).abs() < 1e-9 && (x[1] - 7.0 / 11.0).abs() < 1e-9);
 }
+
+/// Prompts alike in vectors and words whose difficulty only the local
+/// model's reading shows (one direction of it, among numbers of very
+/// different scales).
+fn read_fixture(n: usize, seed: u64) -> Vec<Example> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|i| {
+            let hard = rng.bool();
+            let v: Vec<f32> = (0..16).map(|_| rng.f32()).collect();
+            let mut reading: Vec<f32> = (0..24)
+                .map(|d| (rng.f32() - 0.5) * if d % 3 == 0 { 500.0 } else { 1.0 })
+                .collect();
+            reading[5] += if hard { 0.8 } else { -0.8 };
+            Example {
+                id: format!("r{i}"),
+                source: "a".into(),
+                topic: "a".into(),
+                embedding: unit(&v),
+                text: TextView {
+                    reading: Some(reading),
+                    ..TextView::of(&format!("question {}", WORDS[i % WORDS.len()]))
+                },
+                weak: !hard,
+                strong: true,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_probe_reads_what_the_text_does_not_show() {
+    let (mut train_set, test) = split(read_fixture(900, 3), 0.3, 7);
+    // Some training prompts were never read: the probe is fitted on the
+    // others, the scale of unread requests on all of them.
+    for e in train_set.iter_mut().step_by(4) {
+        e.text.reading = None;
+    }
+    // The other parts see noise here: the probe counts for more than
+    // all of them.
+    let cfg = TrainConfig {
+        kind: ModelKind::Ensemble,
+        probe_weight: 4.0,
+        probe_lambda: 10.0,
+        ..TrainConfig::default()
+    };
+    let without: Vec<Example> = train_set
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.text.reading = None;
+            e
+        })
+        .collect();
+    let blind = train(&without, cfg.clone(), Calibration::Quality(0.95));
+    assert!(blind.probe.is_none() && blind.cdf_unread.is_empty());
+    let (b, _) = evaluate(&blind, &test);
+
+    let m = train(&train_set, cfg.clone(), Calibration::Quality(0.95));
+    let probe = m.probe.as_ref().expect("a probe");
+    assert_eq!(probe.weights.len(), 24);
+    assert_eq!(m.cdf.len(), train_set.len() - train_set.len().div_ceil(4));
+    assert_eq!(m.cdf_unread.len(), train_set.len());
+    let (r, _) = evaluate(&m, &test);
+    // Half the prompts are hard: a perfect ordering scores about 0.73.
+    assert!(r.apgr > 0.65 && r.apgr > b.apgr + 0.15, "{r:?} vs {b:?}");
+    assert!(r.local_share_at_95 > 0.3, "{r:?}");
+
+    // A request without a reading (or with one of another model's width)
+    // is scored by the other parts on their own scale, as the blind
+    // router would score it.
+    let unread: Vec<Example> = test
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.text.reading = None;
+            e
+        })
+        .collect();
+    let (u, _) = evaluate(&m, &unread);
+    assert!((u.apgr - b.apgr).abs() < 0.1, "{u:?} vs {b:?}");
+    let e = &test[0];
+    let mut other = e.text.clone();
+    other.reading = Some(vec![1.0; 7]);
+    let mut none = e.text.clone();
+    none.reading = None;
+    assert_eq!(m.score(&e.embedding, &other), m.score(&e.embedding, &none));
+    for s in [m.score(&e.embedding, &e.text), m.score(&e.embedding, &none)] {
+        assert!((0.0..=1.0).contains(&s));
+    }
+
+    // Saved and loaded, it scores the same.
+    let back: RouterModel = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    for e in &test {
+        assert_eq!(
+            m.score(&e.embedding, &e.text),
+            back.score(&e.embedding, &e.text)
+        );
+    }
+
+    // Too few readings: no probe.
+    let few: Vec<Example> = train_set
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, mut e)| {
+            if i >= PROBE_MIN_PROMPTS / 2 {
+                e.text.reading = None;
+            }
+            e
+        })
+        .collect();
+    assert!(train(&few, cfg, Calibration::Quality(0.95)).probe.is_none());
+}
