@@ -7,6 +7,7 @@ mod models;
 mod ops;
 mod router_cmd;
 mod router_label;
+mod router_read;
 mod serve;
 mod top;
 

@@ -1,6 +1,7 @@
 //! `tandem router train` and `tandem router eval`: the learned router from
 //! labelled prompts (RouteLLM's JSONL format), evaluated on prompts the
-//! training never saw.
+//! training never saw; with `--readings` (from `tandem router read`, in
+//! `router_read`), its probe on the device model's readings.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Read, Write};
@@ -24,6 +25,9 @@ pub enum RouterCommand {
     Eval(EvalArgs),
     /// Label prompts with the deployed device and cloud models, for `train`.
     Label(crate::router_label::LabelArgs),
+    /// Read prompts with the device model, for `train --readings` (the
+    /// router's probe).
+    Read(crate::router_read::ReadArgs),
 }
 
 #[derive(Args)]
@@ -55,6 +59,18 @@ pub struct TrainArgs {
     /// Fewest training prompts the lexical ridge is fitted on.
     #[arg(long, default_value_t = 100, hide = true)]
     pub lexical_from: usize,
+    /// The device model's readings of the prompts (`tandem router read`):
+    /// adds the probe, fitted on the training prompts that were read. The
+    /// router then reads each request with the device model before it
+    /// decides.
+    #[arg(long)]
+    pub readings: Option<PathBuf>,
+    /// L2 penalty of the probe (on standardised readings).
+    #[arg(long, default_value_t = 30_000.0)]
+    pub probe_lambda: f32,
+    /// How many parts' worth the probe counts for.
+    #[arg(long, default_value_t = 1.0)]
+    pub probe_weight: f32,
     /// `quality=0.95` (share of the strong model's accuracy) or `share=0.4`
     /// (share sent to the cloud).
     #[arg(long, default_value = "quality=0.95")]
@@ -108,6 +124,25 @@ pub struct EvalArgs {
     /// `[router.memory] prior` for --online.
     #[arg(long)]
     pub memory_prior: Option<f32>,
+    /// The device model's readings of the prompts, for a router with a
+    /// probe (`tandem router read`); prompts without one are scored
+    /// without the probe.
+    #[arg(long)]
+    pub readings: Option<PathBuf>,
+}
+
+/// Attaches each example's reading from `path`; returns the model that
+/// read them and how many examples got one.
+fn attach_readings(path: &Path, data: &mut [Example]) -> anyhow::Result<(String, usize)> {
+    let (model, lines) = crate::router_read::load(path)?;
+    let mut by_id: HashMap<String, Vec<f32>> =
+        lines.into_iter().map(|l| (l.id, l.reading)).collect();
+    let mut n = 0;
+    for e in data.iter_mut() {
+        e.text.reading = by_id.remove(&e.id);
+        n += usize::from(e.text.reading.is_some());
+    }
+    Ok((model, n))
 }
 
 #[derive(Deserialize)]
@@ -404,7 +439,21 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
         RouterCommand::Train(a) => {
             let e = load_embedder(EMBEDDER).await?;
             let calibration = parse_calibration(&a.calibrate)?;
-            let (data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
+            let (mut data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
+            let reader = match &a.readings {
+                Some(path) => {
+                    let (model, n) = attach_readings(path, &mut data)?;
+                    if n == 0 {
+                        bail!(
+                            "{} holds no reading of a prompt of {}",
+                            path.display(),
+                            a.data.display()
+                        );
+                    }
+                    Some(model)
+                }
+                None => None,
+            };
             let (mut train_set, mut test) = learned::split(data, a.holdout, a.seed);
             let config = TrainConfig {
                 kind: a.model,
@@ -414,6 +463,8 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 topic_temperature: a.topic_temperature,
                 lexical_lambda: a.lexical_lambda,
                 lexical_from: a.lexical_from,
+                probe_lambda: a.probe_lambda,
+                probe_weight: a.probe_weight,
                 ..TrainConfig::default()
             };
             if train_set.is_empty() {
@@ -436,8 +487,26 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 test.len(),
                 format!("{:?}", a.vectors).to_lowercase()
             );
+            if reader.is_some() {
+                let read = |v: &[Example]| v.iter().filter(|e| e.text.reading.is_some()).count();
+                eprintln!(
+                    "readings: {} of {} training prompts, {} of {} held out",
+                    read(&train_set),
+                    train_set.len(),
+                    read(&test),
+                    test.len()
+                );
+            }
             let mut model =
                 tokio::task::block_in_place(|| learned::train(&train_set, config, calibration));
+            match (&mut model.probe, reader) {
+                (Some(p), Some(reader)) => p.model = reader,
+                (None, Some(_)) => eprintln!(
+                    "too few training prompts were read for a probe (at least {}): trained without one",
+                    learned::PROBE_MIN_PROMPTS
+                ),
+                _ => {}
+            }
             if test.is_empty() {
                 println!("trained on every prompt; nothing held out to evaluate on");
             } else {
@@ -473,6 +542,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             println!("router written to {}", out.display());
         }
         RouterCommand::Label(a) => crate::router_label::run(a).await?,
+        RouterCommand::Read(a) => crate::router_read::run(a).await?,
         RouterCommand::Eval(a) => {
             let e = load_embedder(EMBEDDER).await?;
             let path = a.router.unwrap_or_else(tandem_catalog::router_path);
@@ -487,6 +557,18 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             let router =
                 LoadedRouter::load(&path, &tokenizer, Some(&e)).map_err(anyhow::Error::msg)?;
             let (mut data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
+            if let Some(path) = &a.readings {
+                let (reader, _) = attach_readings(path, &mut data)?;
+                if let Some(p) = &router.scorer.model().probe
+                    && p.model != reader
+                {
+                    bail!(
+                        "the router's probe reads {}'s readings; {} holds {reader}'s",
+                        p.model,
+                        path.display()
+                    );
+                }
+            }
             if let RouterInput::Static(t) = &router.input {
                 embed_static(t, &mut data, &prompts)?;
             }

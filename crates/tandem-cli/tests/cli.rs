@@ -379,8 +379,13 @@ fn ledger_verify_catches_edits_and_truncation_against_a_kept_head() {
 
 /// Arithmetic only the strong model gets right; small talk both get right.
 fn routing_fixture(dir: &std::path::Path) -> std::path::PathBuf {
+    routing_fixture_of(dir, 24)
+}
+
+/// [`routing_fixture`] with `pairs` prompts of each kind.
+fn routing_fixture_of(dir: &std::path::Path, pairs: usize) -> std::path::PathBuf {
     let mut lines = Vec::new();
-    for i in 0..24 {
+    for i in 0..pairs {
         let (a, b) = (37 + i * 13, 19 + i * 7);
         lines.push(serde_json::json!({
             "id": format!("hard-{i}"), "source": if i % 2 == 0 { "a" } else { "b" },
@@ -468,6 +473,114 @@ fn router_train_and_eval_report_on_unseen_prompts() {
     let out = router_ok(&["eval", "--json", "--online"], &data, "--router", &router);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["online_with_memory"]["prompts"], 12, "{v}");
+}
+
+#[test]
+fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
+    model_path(SMOLLM2);
+    tandem_testkit::model_path(tandem_testkit::MINILM);
+    let dir = tempfile::tempdir().unwrap();
+    let data = routing_fixture_of(dir.path(), 80);
+    let readings = dir.path().join("routing.readings.jsonl");
+    let read = |extra: &[&str]| {
+        let out = tandem()
+            .args([
+                "router",
+                "read",
+                "--device",
+                SMOLLM2,
+                "--threads",
+                "2",
+                "--data",
+            ])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(read(&["--limit", "50"]).contains("50 prompts read"));
+    // A run stopped mid-line leaves a torn line; the next run reads the
+    // rest (that prompt included) and nothing twice.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&readings)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"id\":\"hard-30\",\"model\":\"smo").unwrap();
+    drop(f);
+    assert!(read(&[]).contains("110 prompts read"), "resumed");
+    assert!(read(&[]).contains("every prompt"));
+    let text = std::fs::read_to_string(&readings).unwrap();
+    let mut ids: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            assert_eq!(v["model"], SMOLLM2);
+            assert!(v["reading"].as_array().unwrap().len() > 100);
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 160);
+
+    let router = dir.path().join("router.json");
+    let train = [
+        "train",
+        "--k",
+        "4",
+        "--holdout",
+        "0.25",
+        "--probe-lambda",
+        "100",
+        "--readings",
+    ];
+    let mut args: Vec<&str> = train.to_vec();
+    let r = readings.to_str().unwrap();
+    args.push(r);
+    let out = router_ok(&args, &data, "--out", &router);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("readings: 120 of 120 training prompts, 40 of 40 held out"),
+        "{stderr}"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&router).unwrap()).unwrap();
+    assert_eq!(saved["probe"]["model"], SMOLLM2);
+    let out = router_ok(
+        &["eval", "--json", "--readings", r],
+        &data,
+        "--router",
+        &router,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let o = &v["overall"];
+    assert_eq!(o["prompts"], 40, "{v}");
+    assert!(
+        o["apgr"].as_f64().unwrap() > o["random_apgr"].as_f64().unwrap() + 0.05,
+        "{v}"
+    );
+
+    // Readings by another model are refused, not silently used.
+    let other = dir.path().join("other.readings.jsonl");
+    std::fs::write(
+        &other,
+        text.replace(&format!("\"model\":\"{SMOLLM2}\""), "\"model\":\"another\""),
+    )
+    .unwrap();
+    let out = router_run(
+        &["eval", "--readings", other.to_str().unwrap()],
+        &data,
+        "--router",
+        &router,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("probe reads"));
 }
 
 /// `tandem router ARGS --data DATA FLAG PATH`.
