@@ -293,6 +293,19 @@ pub async fn build_dispatcher(
     let d = b.build().map_err(anyhow::Error::msg)?;
     d.start_shared().await;
     if let Some(r) = scorer {
+        if let Some(p) = &r.scorer.model().probe {
+            if d.locals().iter().any(|l| l.model_for("") == p.model) {
+                tracing::info!(
+                    "the router reads each prompt with {} before deciding (its probe)",
+                    p.model
+                );
+            } else {
+                tracing::warn!(
+                    "the router's probe reads prompts with {}, which is not a local model here: it decides without it",
+                    p.model
+                );
+            }
+        }
         d.set_scorer(Arc::new(r.scorer), r.input);
     }
     d.signals().set_metered(cfg.signals.metered);

@@ -661,6 +661,7 @@ mod tests {
             replica: None,
             decision_us: 7,
             difficulty: None,
+            reading: None,
             cache: None,
             memory: None,
             cascade: None,

@@ -165,6 +165,13 @@ fn route_headers(route: &RouteInfo, request_id: &str) -> HeaderMap {
             &format!("{score:.3}; threshold {threshold:.3}"),
         );
     }
+    if let Some((model, ms)) = &route.reading {
+        set(
+            &mut h,
+            "x-tandem-router-reading",
+            &format!("{model}; {ms:.0} ms"),
+        );
+    }
     if let Some(c) = &route.cache {
         set(&mut h, "x-tandem-cache", &c.to_string());
     }

@@ -812,3 +812,87 @@ async fn the_cloud_share_holds_whatever_the_thresholds() {
         r.server.stop().await;
     }
 }
+
+/// Arithmetic (hard for the device) and small talk (easy) in many wordings.
+fn many_wordings(n: usize) -> Vec<(String, bool)> {
+    const HELLO: [&str; 4] = ["Hello!", "Hi!", "Good morning!", "Hey there."];
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                (
+                    format!("What is {} times {}?", 100 + 7 * i, 13 + i % 17),
+                    true,
+                )
+            } else {
+                (
+                    format!("{} How are you today, friend {i}?", HELLO[(i / 2) % 4]),
+                    false,
+                )
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
+    let engine = device_engine();
+    let e = embedder();
+    let mut data = Vec::new();
+    for (i, (text, hard)) in many_wordings(tandem_train::PROBE_MIN_PROMPTS + 20)
+        .into_iter()
+        .enumerate()
+    {
+        // The same reading `tandem router read` takes.
+        let reading = engine.read_prompt(&text).await.unwrap();
+        assert_eq!(reading.len(), engine.reading_width());
+        data.push(Example {
+            id: format!("p{i}"),
+            source: "s".into(),
+            topic: "s".into(),
+            embedding: e.embed_one(&text).unwrap(),
+            text: TextView {
+                reading: Some(reading),
+                ..TextView::of(&text)
+            },
+            weak: !hard,
+            strong: true,
+        });
+    }
+    let cfg = TrainConfig {
+        kind: ModelKind::Ensemble,
+        probe_lambda: 100.0,
+        ..TrainConfig::default()
+    };
+    let mut model = tandem_train::train(&data, cfg, Calibration::CloudShare(0.5));
+    model.probe.as_mut().expect("a probe").model = engine.model_id().to_owned();
+
+    let r = rig(PolicyConfig::default(), None, None).await;
+    let scorer = |m| Arc::new(LearnedScorer::new(m, e.dim()).unwrap());
+    r.dispatcher
+        .set_scorer(scorer(model.clone()), RouterInput::Embedder);
+    let hard = r.chat("What is 481 times 67?", &[]).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(hard.header("x-tandem-decided-by"), "difficulty");
+    let read = hard.header("x-tandem-router-reading");
+    assert!(
+        read.starts_with(engine.model_id()) && read.ends_with(" ms"),
+        "{read}"
+    );
+    let easy = r.chat("Hi there, nice to meet you!", &[]).await;
+    assert_eq!(easy.status, 200, "{}", easy.body);
+    assert_eq!(easy.header("x-tandem-backend"), "local");
+    assert!(!easy.header("x-tandem-router-reading").is_empty());
+    assert!(!easy.text().is_empty());
+
+    // A probe of a model this device does not run: nothing is read, the
+    // other parts decide.
+    model.probe.as_mut().unwrap().model = "another-model".into();
+    r.dispatcher
+        .set_scorer(scorer(model), RouterInput::Embedder);
+    let hard = r.chat("What is 481 times 67?", &[]).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    assert_eq!(hard.header("x-tandem-router-reading"), "");
+    assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(r.capture.captured().len(), 2);
+}

@@ -79,6 +79,7 @@ impl Dispatcher {
             replica: None,
             decision_us: t0.elapsed().as_micros() as u64,
             difficulty: None,
+            reading: None,
             cache: Some(CacheOutcome::Hit {
                 similarity: hit.similarity,
             }),

@@ -29,6 +29,8 @@ pub(super) struct Placement {
     /// The policy's prompt length estimate.
     pub prompt_estimate: u32,
     pub difficulty: Option<(f32, f32)>,
+    /// Who read the prompt for the router, and in how many ms.
+    pub reading: Option<(String, f64)>,
     pub cache: Option<CacheOutcome>,
     /// What the cascade's remembered outcomes said, when they moved the score.
     pub memory: Option<String>,
@@ -413,6 +415,7 @@ impl Dispatcher {
             replica: p.replica.clone().filter(|_| leg.side == Locality::Cloud),
             decision_us: p.decision_us,
             difficulty: p.difficulty,
+            reading: p.reading.clone(),
             cache: p.cache,
             memory: p.memory.clone(),
             cascade: None,

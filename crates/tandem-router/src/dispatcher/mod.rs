@@ -597,12 +597,28 @@ impl Dispatcher {
             decision_us: 0,
             prompt_estimate: features.prompt_tokens,
             difficulty: None,
+            reading: None,
             cache: None,
             memory: None,
             cloud_chain,
             replica,
             held: None,
         };
+        // A router with a probe has the device model read the prompt while
+        // the embedding is computed (the reading has its own context: a
+        // request kept here reads its prompt again to answer).
+        let reading = match (&scorer, tandem_policy::scoring::routed_text(&req.input)) {
+            (Some((s, _)), Some(text)) => s.reader().and_then(|name| {
+                let job = self
+                    .locals
+                    .iter()
+                    .find(|l| l.model_for("") == name)?
+                    .read_prompt(text)?;
+                Some((name.to_owned(), Instant::now(), job))
+            }),
+            _ => None,
+        };
+        let mut read_by = None;
         let mut early = None;
         let embedding = match (text, self.embedder().cloned()) {
             (Some(text), Some(e)) => {
@@ -646,7 +662,20 @@ impl Dispatcher {
             &router_vector,
             tandem_policy::scoring::routed_text(&req.input),
         ) {
-            features.difficulty = Some(s.score(v, text));
+            let reading = match reading {
+                Some((name, started, job)) => match job.await {
+                    Ok(r) => {
+                        read_by = Some((name, started.elapsed().as_secs_f64() * 1e3));
+                        Some(r)
+                    }
+                    Err(err) => {
+                        tracing::warn!("reading the prompt for the router failed: {err}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            features.difficulty = Some(s.score_read(v, text, reading.as_deref()));
             features.difficulty_threshold = s.threshold(ctx.quality);
         }
         // Prompts like this one that the cascade escalated (or kept) move
@@ -701,6 +730,7 @@ impl Dispatcher {
         let placement = leg::Placement {
             decision_us: t0.elapsed().as_micros() as u64,
             difficulty,
+            reading: read_by,
             cache: cache_state,
             memory: remembered,
             held,

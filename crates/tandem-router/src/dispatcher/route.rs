@@ -124,6 +124,9 @@ pub struct RouteInfo {
     pub decision_us: u64,
     /// The learned router's difficulty score and the threshold it was held to.
     pub difficulty: Option<(f32, f32)>,
+    /// The model that read the prompt for the router's probe, and how long
+    /// the reading took (ms).
+    pub reading: Option<(String, f64)>,
     /// What the semantic cache did, when it is on.
     pub cache: Option<CacheOutcome>,
     /// What the cascade's remembered outcomes for similar prompts said.
