@@ -57,6 +57,17 @@ pub enum Threads {
     Fixed(usize),
 }
 
+impl Threads {
+    /// How many threads to use now (`monitor` says what other processes
+    /// leave free).
+    pub fn count(self, monitor: &load::LoadMonitor) -> usize {
+        match self {
+            Threads::Fixed(n) => n.max(1),
+            Threads::Auto => monitor.suggested_threads(),
+        }
+    }
+}
+
 impl std::str::FromStr for Threads {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -319,8 +330,6 @@ impl LocalEngine {
             .or(SamplingPreset::LLAMA_SERVER);
 
         let stats = Arc::new(Stats::default());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sched = SchedulerConfig {
             ctx_per_seq,
             parallel: cfg.parallel,
@@ -329,15 +338,11 @@ impl LocalEngine {
         };
         let thread_model = model.clone();
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
-            .name(format!("tandem-engine-{}", cfg.model_id))
-            .spawn(move || scheduler::run(thread_model, sched, rx, thread_stats, ready_tx))
-            .map_err(|e| EngineError::Context(format!("cannot start engine thread: {e}")))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(EngineError::Context(e)),
-            Err(_) => return Err(EngineError::Context("engine thread died".into())),
-        }
+        let tx = runtime::spawn_worker(
+            format!("tandem-engine-{}", cfg.model_id),
+            move |rx, ready| scheduler::run(thread_model, sched, rx, thread_stats, ready),
+        )
+        .map_err(EngineError::Context)?;
         tracing::info!(
             model = %cfg.model_id,
             context = ctx_per_seq,

@@ -111,17 +111,9 @@ pub(crate) fn start(
     threads: Threads,
     name: &str,
 ) -> Result<Sender<Job>, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name(format!("tandem-reader-{name}"))
-        .spawn(move || run(model, threads, rx, ready_tx))
-        .map_err(|e| format!("cannot start the reading thread: {e}"))?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(tx),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("the reading thread died".into()),
-    }
+    runtime::spawn_worker(format!("tandem-reader-{name}"), move |rx, ready| {
+        run(model, threads, rx, ready)
+    })
 }
 
 fn run(
@@ -130,10 +122,7 @@ fn run(
     rx: Receiver<Job>,
     ready: Sender<Result<(), String>>,
 ) {
-    let threads = match threads {
-        Threads::Fixed(n) => n,
-        Threads::Auto => LoadMonitor::global().suggested_threads(),
-    };
+    let threads = threads.count(&LoadMonitor::global());
     let mut ctx = match context(&model, threads) {
         Ok(c) => {
             let _ = ready.send(Ok(()));

@@ -2,6 +2,7 @@
 //! process, and creating contexts concurrently is not sound in llama.cpp, so
 //! both go through here.
 
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
@@ -63,6 +64,27 @@ pub fn renew_context<'m>(
         ));
     }
     Ok(new)
+}
+
+/// Starts a named thread that serves jobs from a channel once it has built
+/// what it needs (a context borrowing the model, so built on the thread):
+/// `body` reports through its second argument whether it could, and the
+/// caller gets the sender only then, so a model that cannot get a context
+/// fails the call that asked for it.
+pub(crate) fn spawn_worker<J: Send + 'static>(
+    name: String,
+    body: impl FnOnce(Receiver<J>, Sender<Result<(), String>>) + Send + 'static,
+) -> Result<Sender<J>, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || body(rx, ready_tx))
+        .map_err(|e| format!("cannot start the thread {name}: {e}"))?;
+    match ready_rx.recv() {
+        Ok(started) => started.map(|()| tx),
+        Err(_) => Err(format!("the thread {name} died while starting")),
+    }
 }
 
 #[cfg(test)]

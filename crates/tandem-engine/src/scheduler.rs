@@ -169,13 +169,6 @@ fn context_params(cfg: &SchedulerConfig, threads: usize) -> LlamaContextParams {
         .with_n_threads_batch(threads)
 }
 
-fn desired_threads(t: Threads, monitor: &LoadMonitor) -> usize {
-    match t {
-        Threads::Fixed(n) => n.max(1),
-        Threads::Auto => monitor.suggested_threads(),
-    }
-}
-
 /// Runs until every sender of `rx` is gone. `ready` receives the outcome
 /// of context creation so that load errors reach the caller.
 pub(crate) fn run(
@@ -186,7 +179,7 @@ pub(crate) fn run(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let monitor = LoadMonitor::global();
-    let mut threads = desired_threads(cfg.threads, &monitor);
+    let mut threads = cfg.threads.count(&monitor);
     let mut ctx = match runtime::new_context(&model, context_params(&cfg, threads)) {
         Ok(c) => {
             let _ = ready.send(Ok(()));
@@ -221,7 +214,7 @@ pub(crate) fn run(
             // Between busy periods no sequence is mid-answer, so this is
             // the moment to follow the machine's load. The new context takes
             // over the old one's KV cells: the cached prompts stay cached.
-            let want = desired_threads(cfg.threads, &monitor);
+            let want = cfg.threads.count(&monitor);
             if want != threads {
                 match runtime::renew_context(&model, context_params(&cfg, want), &ctx) {
                     Ok(c) => {

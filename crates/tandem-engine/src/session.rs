@@ -59,17 +59,9 @@ pub(crate) fn start(
     name: &str,
     stats: Arc<Stats>,
 ) -> Result<Sender<SessionCmd>, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name(format!("tandem-sessions-{name}"))
-        .spawn(move || run(model, cfg, rx, ready_tx, stats))
-        .map_err(|e| format!("cannot start the session thread: {e}"))?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(tx),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("the session thread died".into()),
-    }
+    runtime::spawn_worker(format!("tandem-sessions-{name}"), move |rx, ready| {
+        run(model, cfg, rx, ready, stats)
+    })
 }
 
 fn run(
@@ -79,10 +71,7 @@ fn run(
     ready: Sender<Result<(), String>>,
     stats: Arc<Stats>,
 ) {
-    let threads = match cfg.threads {
-        Threads::Fixed(n) => n.max(1),
-        Threads::Auto => LoadMonitor::global().suggested_threads(),
-    };
+    let threads = cfg.threads.count(&LoadMonitor::global());
     let threads = i32::try_from(threads).unwrap_or(1);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(cfg.ctx_per_seq * cfg.slots))
