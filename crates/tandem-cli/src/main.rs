@@ -84,6 +84,32 @@ pub struct EngineArgs {
     pub gpu_layers: Option<u32>,
 }
 
+/// The configuration and the device model, for the commands that run the
+/// device model over a file of prompts.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// Configuration file (default: $TANDEM_CONFIG, or $TANDEM_HOME/tandem.toml).
+    #[arg(long, short = 'c')]
+    pub config: Option<std::path::PathBuf>,
+    /// The device model (default: the configuration's first local model).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The configuration and the device model's name: `--device`, else the
+    /// configuration's first local model, else the catalog's default.
+    pub fn load(&self) -> anyhow::Result<(config::Config, String)> {
+        let (cfg, _) = config::load(self.config.as_deref())?;
+        let device = self
+            .device
+            .clone()
+            .or_else(|| cfg.local.models.first().cloned())
+            .unwrap_or_else(|| tandem_catalog::DEFAULT_MODEL.to_owned());
+        Ok((cfg, device))
+    }
+}
+
 impl EngineArgs {
     /// As the engine takes them.
     pub fn options(&self) -> tandem_engine::EngineOptions {

@@ -19,8 +19,7 @@ use tandem_policy::PrivacyMode;
 use tandem_router::label::{Item, Labeler, Method, Outcome, Reference};
 use tandem_router::{Dispatcher, RequestContext};
 
-use crate::EngineArgs;
-use crate::config;
+use crate::{DeviceArgs, EngineArgs};
 
 /// `tandem router label`'s options.
 #[derive(Args)]
@@ -34,12 +33,8 @@ pub struct LabelArgs {
     /// stopped (default: the prompts file's name with `.labels.jsonl`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Configuration file (default: $TANDEM_CONFIG, or $TANDEM_HOME/tandem.toml).
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// The device model (default: the configuration's first local model).
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// The cloud model (default: the first upstream's first model).
     #[arg(long)]
     pub cloud: Option<String>,
@@ -286,18 +281,12 @@ fn confirm() -> anyhow::Result<bool> {
 }
 
 pub async fn run(a: LabelArgs) -> anyhow::Result<()> {
-    let (mut cfg, _) = config::load(a.config.as_deref())?;
+    let (mut cfg, device) = a.device.load()?;
     if cfg.upstreams.is_empty() {
         bail!("labels compare the device with the cloud: configure an [[upstreams]] entry");
     }
-    if let Some(m) = &a.device {
-        cfg.local.models = vec![m.clone()];
-    }
-    if cfg.local.models.is_empty() || !cfg.local.enabled {
-        cfg.local.enabled = true;
-        cfg.local.models = vec![tandem_catalog::DEFAULT_MODEL.to_owned()];
-    }
-    cfg.local.models.truncate(1);
+    cfg.local.enabled = true;
+    cfg.local.models = vec![device];
     // Each label must come from a model: no cached answer, no cascade or
     // speculative decoding blending the two sides.
     cfg.cache.enabled = false;

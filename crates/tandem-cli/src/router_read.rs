@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::config;
+use crate::DeviceArgs;
 
 /// `tandem router read`'s options.
 #[derive(Args)]
@@ -23,12 +23,8 @@ pub struct ReadArgs {
     /// `.readings.jsonl`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Configuration file (default: $TANDEM_CONFIG, or $TANDEM_HOME/tandem.toml).
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// The device model (default: the configuration's first local model).
-    #[arg(long)]
-    pub device: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Read at most this many prompts in this run.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -107,16 +103,7 @@ fn ends_torn(path: &Path) -> std::io::Result<bool> {
 }
 
 pub async fn run(a: ReadArgs) -> anyhow::Result<()> {
-    let (cfg, _) = config::load(a.config.as_deref())?;
-    let device = match &a.device {
-        Some(d) => d.clone(),
-        None => cfg
-            .local
-            .models
-            .first()
-            .cloned()
-            .unwrap_or_else(|| tandem_catalog::DEFAULT_MODEL.to_owned()),
-    };
+    let (_, device) = a.device.load()?;
     let resolved = tandem_catalog::resolve(&device).await?;
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.data));
     let done: HashSet<String> = if out.is_file() {
