@@ -458,6 +458,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
     fn read_prompt(&self, _text: &str) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
         None
     }
+
+    /// How many numbers [`Backend::read_prompt`]'s readings hold, if it
+    /// reads.
+    fn reading_width(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A request ready to run on a local model: its tokens and limits.

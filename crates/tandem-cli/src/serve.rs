@@ -294,16 +294,22 @@ pub async fn build_dispatcher(
     d.start_shared().await;
     if let Some(r) = scorer {
         if let Some(p) = &r.scorer.model().probe {
-            if d.locals().iter().any(|l| l.model_for("") == p.model) {
-                tracing::info!(
+            let width = p.weights.len();
+            match d.locals().iter().find(|l| l.model_for("") == p.model) {
+                Some(l) if l.reading_width() == Some(width) => tracing::info!(
                     "the router reads each prompt with {} before deciding (its probe)",
                     p.model
-                );
-            } else {
-                tracing::warn!(
+                ),
+                Some(l) => tracing::warn!(
+                    "the router's probe takes readings of {width} numbers, but {} here reads {}: it decides without them (retrain it on this model's readings)",
+                    p.model,
+                    l.reading_width()
+                        .map_or_else(|| "none".to_owned(), |w| w.to_string())
+                ),
+                None => tracing::warn!(
                     "the router's probe reads prompts with {}, which is not a local model here: it decides without it",
                     p.model
-                );
+                ),
             }
         }
         d.set_scorer(Arc::new(r.scorer), r.input);

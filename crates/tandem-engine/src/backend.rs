@@ -63,6 +63,10 @@ impl Backend for LocalEngine {
     fn read_prompt(&self, text: &str) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
         Some(LocalEngine::read_prompt(self, text))
     }
+
+    fn reading_width(&self) -> Option<usize> {
+        Some(LocalEngine::reading_width(self))
+    }
 }
 
 impl SessionModel for LocalEngine {

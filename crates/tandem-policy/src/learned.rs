@@ -271,19 +271,15 @@ impl TextView {
 }
 
 /// A linear probe: ridge regression of the gain on the local model's
-/// reading of the prompt, standardised.
+/// reading of the prompt. It was fitted on standardised readings; the
+/// standardisation is folded into `weights` and `bias`, so scoring is one
+/// dot product.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Probe {
     /// Catalog name of the model whose readings it was fitted on: another
     /// model's readings mean nothing to it.
     pub model: String,
-    /// Training mean of each number of a reading.
-    #[serde(with = "b64_f32")]
-    pub mean: Vec<f32>,
-    /// Training standard deviation of each.
-    #[serde(with = "b64_f32")]
-    pub std: Vec<f32>,
-    /// Weights on the standardised reading.
+    /// Weights on the raw reading.
     #[serde(with = "b64_f32")]
     pub weights: Vec<f32>,
     /// The intercept.
@@ -296,13 +292,7 @@ impl Probe {
         if reading.len() != self.weights.len() {
             return None;
         }
-        let dot: f32 = reading
-            .iter()
-            .zip(&self.mean)
-            .zip(&self.std)
-            .zip(&self.weights)
-            .map(|(((&x, &m), &sd), &w)| w * (x - m) / sd)
-            .sum();
+        let dot: f32 = reading.iter().zip(&self.weights).map(|(x, w)| x * w).sum();
         Some(self.bias + dot)
     }
 }
@@ -604,14 +594,14 @@ impl RouterModel {
         }
     }
 
-    /// The probe's score of a request's reading, when both exist and fit.
-    pub fn probe_score(&self, text: &TextView) -> Option<f32> {
-        self.probe.as_ref()?.score(text.reading.as_deref()?)
+    /// The probe's score of a reading, when both exist and fit.
+    pub fn probe_score(&self, reading: Option<&[f32]>) -> Option<f32> {
+        self.probe.as_ref()?.score(reading?)
     }
 
-    /// Expected-gain score; higher means the cloud helps more.
-    pub fn raw_score(&self, embedding: &[f32], text: &TextView) -> f32 {
-        self.combine(Parts {
+    /// Every part's score but the probe's, which is given.
+    fn parts(&self, embedding: &[f32], text: &TextView, probe: Option<f32>) -> Parts {
+        Parts {
             knn: self
                 .knn
                 .as_ref()
@@ -625,15 +615,28 @@ impl RouterModel {
                 .as_ref()
                 .map(|t| t.score(embedding, self.config.topic_temperature)),
             lexical: self.lexical.as_ref().map(|l| l.score(&text.terms)),
-            probe: self.probe_score(text),
-        })
+            probe,
+        }
+    }
+
+    /// Expected-gain score; higher means the cloud helps more.
+    pub fn raw_score(&self, embedding: &[f32], text: &TextView) -> f32 {
+        let probe = self.probe_score(text.reading.as_deref());
+        self.combine(self.parts(embedding, text, probe))
     }
 
     /// Difficulty in [0, 1]: the share of training prompts that score lower
     /// (among those scored the same way: with or without a reading).
     pub fn score(&self, embedding: &[f32], text: &TextView) -> f32 {
-        let raw = self.raw_score(embedding, text);
-        if self.probe.is_some() && self.probe_score(text).is_none() && !self.cdf_unread.is_empty() {
+        self.score_with(embedding, text, text.reading.as_deref())
+    }
+
+    /// [`RouterModel::score`] with the reading given apart from the text
+    /// (the request path borrows it; `text.reading` is not looked at).
+    pub fn score_with(&self, embedding: &[f32], text: &TextView, reading: Option<&[f32]>) -> f32 {
+        let probe = self.probe_score(reading);
+        let raw = self.combine(self.parts(embedding, text, probe));
+        if self.probe.is_some() && probe.is_none() && !self.cdf_unread.is_empty() {
             percentile(&self.cdf_unread, raw)
         } else {
             percentile(&self.cdf, raw)
@@ -700,8 +703,11 @@ impl Scorer for LearnedScorer {
         self.score_read(embedding, text, None)
     }
 
-    fn reader(&self) -> Option<&str> {
-        self.model.probe.as_ref().map(|p| p.model.as_str())
+    fn reader(&self) -> Option<(&str, usize)> {
+        self.model
+            .probe
+            .as_ref()
+            .map(|p| (p.model.as_str(), p.weights.len()))
     }
 
     fn score_read(&self, embedding: &[f32], text: &str, reading: Option<&[f32]>) -> f32 {
@@ -713,9 +719,9 @@ impl Scorer for LearnedScorer {
             } else {
                 Vec::new()
             },
-            reading: reading.map(<[f32]>::to_vec),
+            reading: None,
         };
-        self.model.score(embedding, &view)
+        self.model.score_with(embedding, &view, reading)
     }
 
     fn threshold(&self, quality: Option<f32>) -> Option<f32> {

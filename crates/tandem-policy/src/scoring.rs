@@ -9,8 +9,9 @@ pub trait Scorer: Send + Sync {
     /// [`routed_text`]) from its embedding.
     fn score(&self, embedding: &[f32], text: &str) -> f32;
     /// The local model whose reading of the prompt [`Scorer::score_read`]
-    /// uses (worth a prefill to take), if any.
-    fn reader(&self) -> Option<&str> {
+    /// uses (worth a prefill to take) and the reading's width, if any: a
+    /// reading of another width means nothing to it.
+    fn reader(&self) -> Option<(&str, usize)> {
         None
     }
     /// [`Scorer::score`] with the local model's reading of the prompt

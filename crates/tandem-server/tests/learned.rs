@@ -885,6 +885,17 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert!(!easy.header("x-tandem-router-reading").is_empty());
     assert!(!easy.text().is_empty());
 
+    // A probe fitted on readings of another width (another layer, another
+    // build): the device's readings mean nothing to it, none is taken.
+    let mut narrow = model.clone();
+    narrow.probe.as_mut().unwrap().weights.truncate(16);
+    r.dispatcher
+        .set_scorer(scorer(narrow), RouterInput::Embedder);
+    let hard = r.chat("What is 481 times 67?", &[]).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    assert_eq!(hard.header("x-tandem-router-reading"), "");
+    assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+
     // A probe of a model this device does not run: nothing is read, the
     // other parts decide.
     model.probe.as_mut().unwrap().model = "another-model".into();
@@ -894,5 +905,5 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.status, 200, "{}", hard.body);
     assert_eq!(hard.header("x-tandem-router-reading"), "");
     assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
-    assert_eq!(r.capture.captured().len(), 2);
+    assert_eq!(r.capture.captured().len(), 3);
 }

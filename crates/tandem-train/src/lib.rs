@@ -38,6 +38,31 @@ pub struct Example {
 impl Example {
     /// What sending it out gains: 1, 0 or -1.
     pub fn gain(&self) -> f32 {
+        self.outcome().gain()
+    }
+
+    /// Which model answered it correctly.
+    pub fn outcome(&self) -> Outcome {
+        Outcome {
+            weak: self.weak,
+            strong: self.strong,
+        }
+    }
+}
+
+/// Which of the two models answered a prompt correctly: all that scoring an
+/// ordering needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The weak (local) model did.
+    pub weak: bool,
+    /// The strong (cloud) model did.
+    pub strong: bool,
+}
+
+impl Outcome {
+    /// What sending it out gains: 1, 0 or -1.
+    pub fn gain(&self) -> f32 {
         f32::from(u8::from(self.strong)) - f32::from(u8::from(self.weak))
     }
 }
@@ -343,12 +368,13 @@ fn fit_probe(read: &[(&Example, &[f32])], lambda: f32) -> Option<(Probe, Vec<f32
         }
     }
     let coef = solve(None)?;
+    // Folding the standardisation in leaves one dot product per request.
+    let weights: Vec<f64> = coef.iter().zip(&sd).map(|(c, s)| c / s).collect();
+    let shift: f64 = weights.iter().zip(&mean).map(|(w, m)| w * m).sum();
     let probe = Probe {
         model: String::new(),
-        mean: mean.iter().map(|&v| v as f32).collect(),
-        std: sd.iter().map(|&v| v as f32).collect(),
-        weights: coef[..d].iter().map(|&v| v as f32).collect(),
-        bias: coef[d] as f32,
+        weights: weights.iter().map(|&v| v as f32).collect(),
+        bias: (coef[d] - shift) as f32,
     };
     Some((probe, oof))
 }
@@ -671,17 +697,16 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     let unread: Vec<f32> = (0..train.len()).map(|i| raw(i, None)).collect();
     // With a probe, the scale and the threshold are those of the prompts
     // that were read, scored by every part.
-    let (raw, scored): (Vec<f32>, Vec<Example>) = match &probe_oof {
+    let (raw, scored): (Vec<f32>, Vec<Outcome>) = match &probe_oof {
         Some(oof) => (
             read.iter()
                 .zip(oof)
                 .map(|(&(i, _), &p)| raw(i, Some(p)))
                 .collect(),
-            read.iter().map(|&(i, _)| train[i].clone()).collect(),
+            read.iter().map(|&(i, _)| train[i].outcome()).collect(),
         ),
-        None => (unread.clone(), Vec::new()),
+        None => (unread.clone(), train.iter().map(Example::outcome).collect()),
     };
-    let scored: &[Example] = if probe_oof.is_some() { &scored } else { train };
     let mut cdf = raw.clone();
     cdf.sort_by(f32::total_cmp);
     if probe_oof.is_some() {
@@ -691,16 +716,16 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     }
     model.cdf = cdf;
     let scores: Vec<f32> = raw.iter().map(|&r| percentile(&model.cdf, r)).collect();
-    let (threshold, why) = calibrate(&scores, scored, calibration);
+    let (threshold, why) = calibrate(&scores, &scored, calibration);
     model.threshold = threshold;
     model.calibrated_for = why;
-    model.quality_thresholds = quality_thresholds(&scores, scored);
+    model.quality_thresholds = quality_thresholds(&scores, &scored);
     model
 }
 
 /// For every whole percent of the weak-to-strong gap, the highest threshold
 /// whose cloud share recovers it.
-fn quality_thresholds(scores: &[f32], data: &[Example]) -> Vec<f32> {
+fn quality_thresholds(scores: &[f32], data: &[Outcome]) -> Vec<f32> {
     let c = curve(scores, data);
     let gap = c.strong - c.weak;
     let mut order: Vec<usize> = (0..scores.len()).collect();
@@ -726,7 +751,7 @@ fn quality_thresholds(scores: &[f32], data: &[Example]) -> Vec<f32> {
 }
 
 /// The threshold on difficulty scores meeting `calibration` on `data`.
-pub fn calibrate(scores: &[f32], data: &[Example], calibration: Calibration) -> (f32, String) {
+pub fn calibrate(scores: &[f32], data: &[Outcome], calibration: Calibration) -> (f32, String) {
     match calibration {
         Calibration::CloudShare(share) => {
             let mut sorted = scores.to_vec();
@@ -767,7 +792,7 @@ struct Curve {
     strong: f64,
 }
 
-fn curve(scores: &[f32], data: &[Example]) -> Curve {
+fn curve(scores: &[f32], data: &[Outcome]) -> Curve {
     let n = data.len().max(1) as f64;
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
@@ -843,7 +868,7 @@ fn curve_metrics(c: &Curve) -> (f64, f64, f64, f64) {
 }
 
 /// The metrics of an ordering (`scores`) of `data`.
-pub fn metrics(scores: &[f32], data: &[Example]) -> Metrics {
+pub fn metrics(scores: &[f32], data: &[Outcome]) -> Metrics {
     let c = curve(scores, data);
     let (apgr, cpt50, cpt80, local) = curve_metrics(&c);
     let mut rng = fastrand::Rng::with_seed(42);
@@ -869,12 +894,11 @@ pub fn metrics(scores: &[f32], data: &[Example]) -> Metrics {
 }
 
 /// The prompts of `data` the model was not trained on.
-fn unseen(model: &RouterModel, data: &[Example]) -> Vec<Example> {
+fn unseen<'a>(model: &RouterModel, data: &'a [Example]) -> Vec<&'a Example> {
     let seen: std::collections::HashSet<&str> =
         model.trained_on.iter().map(String::as_str).collect();
     data.iter()
         .filter(|e| !seen.contains(e.id.as_str()))
-        .cloned()
         .collect()
 }
 
@@ -886,12 +910,13 @@ pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String,
         .iter()
         .map(|e| model.score(&e.embedding, &e.text))
         .collect();
-    let overall = metrics(&scores, &unseen);
-    let mut by_source: HashMap<&str, (Vec<f32>, Vec<Example>)> = HashMap::new();
-    for (e, s) in unseen.iter().zip(&scores) {
+    let outcomes: Vec<Outcome> = unseen.iter().map(|e| e.outcome()).collect();
+    let overall = metrics(&scores, &outcomes);
+    let mut by_source: HashMap<&str, (Vec<f32>, Vec<Outcome>)> = HashMap::new();
+    for ((e, s), o) in unseen.iter().zip(&scores).zip(&outcomes) {
         let entry = by_source.entry(e.source.as_str()).or_default();
         entry.0.push(*s);
-        entry.1.push(e.clone());
+        entry.1.push(*o);
     }
     let mut per: Vec<(String, Metrics)> = by_source
         .into_iter()
@@ -911,7 +936,7 @@ pub fn evaluate_online(
     data: &[Example],
     cfg: &tandem_policy::memory::MemoryConfig,
 ) -> (Metrics, Metrics) {
-    use tandem_policy::memory::{Outcome, Outcomes, blend};
+    use tandem_policy::memory::{Outcomes, blend};
     let unseen = unseen(model, data);
     let mut memory = Outcomes::new(cfg.max_entries);
     let (mut alone, mut with) = (Vec::new(), Vec::new());
@@ -919,9 +944,14 @@ pub fn evaluate_online(
         let d = model.score(&e.embedding, &e.text);
         alone.push(d);
         with.push(blend(d, memory.estimate("", &e.embedding, cfg), cfg.prior));
-        memory.push(Outcome::new("", &e.embedding, !e.weak));
+        memory.push(tandem_policy::memory::Outcome::new(
+            "",
+            &e.embedding,
+            !e.weak,
+        ));
     }
-    (metrics(&alone, &unseen), metrics(&with, &unseen))
+    let outcomes: Vec<Outcome> = unseen.iter().map(|e| e.outcome()).collect();
+    (metrics(&alone, &outcomes), metrics(&with, &outcomes))
 }
 
 /// Splits examples into training and held-out sets, stratified by source,

@@ -99,8 +99,9 @@ fn calibration_hits_its_cloud_share() {
 fn metrics_of_perfect_and_reversed_orderings() {
     let data = fixture(200, 5);
     let gains: Vec<f32> = data.iter().map(Example::gain).collect();
-    let best = metrics(&gains, &data);
-    let worst = metrics(&gains.iter().map(|g| -g).collect::<Vec<_>>(), &data);
+    let outcomes: Vec<Outcome> = data.iter().map(Example::outcome).collect();
+    let best = metrics(&gains, &outcomes);
+    let worst = metrics(&gains.iter().map(|g| -g).collect::<Vec<_>>(), &outcomes);
     assert!(best.apgr > 0.9 && worst.apgr < 0.3, "{best:?} {worst:?}");
     assert!((best.random_apgr - 0.5).abs() < 0.1);
     assert!(best.cpt50 < worst.cpt50);
@@ -326,6 +327,28 @@ fn the_probe_reads_what_the_text_does_not_show() {
     let m = train(&train_set, cfg.clone(), Calibration::Quality(0.95));
     let probe = m.probe.as_ref().expect("a probe");
     assert_eq!(probe.weights.len(), 24);
+    // The intercept goes unpenalised and the standardisation is folded into
+    // the weights: at the mean reading the probe predicts the mean gain.
+    let read: Vec<&Example> = train_set
+        .iter()
+        .filter(|e| e.text.reading.is_some())
+        .collect();
+    let mut centre = [0f64; 24];
+    for e in &read {
+        for (c, &v) in centre
+            .iter_mut()
+            .zip(e.text.reading.as_deref().unwrap_or_default())
+        {
+            *c += f64::from(v) / read.len() as f64;
+        }
+    }
+    let centre: Vec<f32> = centre.iter().map(|&c| c as f32).collect();
+    let mean_gain = read.iter().map(|e| e.gain()).sum::<f32>() / read.len() as f32;
+    let at_centre = probe.score(&centre).expect("the probe's width");
+    assert!(
+        (at_centre - mean_gain).abs() < 1e-2,
+        "{at_centre} vs {mean_gain}"
+    );
     assert_eq!(m.cdf.len(), train_set.len() - train_set.len().div_ceil(4));
     assert_eq!(m.cdf_unread.len(), train_set.len());
     let (r, _) = evaluate(&m, &test);

@@ -608,11 +608,11 @@ impl Dispatcher {
         // the embedding is computed (the reading has its own context: a
         // request kept here reads its prompt again to answer).
         let reading = match (&scorer, tandem_policy::scoring::routed_text(&req.input)) {
-            (Some((s, _)), Some(text)) => s.reader().and_then(|name| {
+            (Some((s, _)), Some(text)) => s.reader().and_then(|(name, width)| {
                 let job = self
                     .locals
                     .iter()
-                    .find(|l| l.model_for("") == name)?
+                    .find(|l| l.model_for("") == name && l.reading_width() == Some(width))?
                     .read_prompt(text)?;
                 Some((name.to_owned(), Instant::now(), job))
             }),
