@@ -84,8 +84,7 @@ pub fn read(
                 .add(t, pos, &[0], true)
                 .map_err(|e| format!("cannot batch the prompt: {e}"))?;
         }
-        ctx.decode(&mut batch)
-            .map_err(|e| format!("cannot read the prompt: {e}"))?;
+        runtime::decode(ctx, &mut batch).map_err(|e| format!("cannot read the prompt: {e}"))?;
         for j in 0..chunk.len() {
             let row = ctx
                 .embeddings_ith(i32::try_from(j).unwrap_or(i32::MAX))

@@ -3,11 +3,13 @@
 //! both go through here.
 
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, Once, OnceLock, PoisonError, RwLock};
 
+use llama_cpp_2::DecodeError;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -64,6 +66,40 @@ pub fn renew_context<'m>(
         ));
     }
     Ok(new)
+}
+
+/// Held shared by every decode, and for good by the process's exit.
+static DECODES: RwLock<()> = RwLock::new(());
+static EXIT_HOOK: Once = Once::new();
+
+/// `ctx.decode(batch)`, unless the process is exiting: then it never
+/// returns (the process ends around it).
+///
+/// At exit the C runtime runs llama.cpp's static destructors while engine
+/// threads may be in the middle of a decode that uses what they free (a
+/// request dropped just before `tandem serve` stops, or a test binary's
+/// end): a crash after everything worked. The first exit handler to run is
+/// ours: it waits for the decodes under way and keeps any other from
+/// starting. It is registered after the first decode, by which time
+/// llama.cpp has registered the destructors of what decoding uses (exit
+/// handlers run in reverse order).
+pub fn decode(ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch<'_>) -> Result<(), DecodeError> {
+    let decoded = {
+        let _running = DECODES.read().unwrap_or_else(PoisonError::into_inner);
+        ctx.decode(batch)
+    };
+    EXIT_HOOK.call_once(|| {
+        // SAFETY: `hold_decodes` is an `extern "C" fn()` that neither
+        // unwinds nor returns early, as `atexit` expects of a handler.
+        if unsafe { libc::atexit(hold_decodes) } != 0 {
+            tracing::warn!("cannot register the engine's exit handler");
+        }
+    });
+    decoded
+}
+
+extern "C" fn hold_decodes() {
+    std::mem::forget(DECODES.write().unwrap_or_else(PoisonError::into_inner));
 }
 
 /// Starts a named thread that serves jobs from a channel once it has built

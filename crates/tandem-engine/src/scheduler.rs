@@ -348,7 +348,7 @@ pub(crate) fn run(
 
         // ---- decode
         let t_decode = std::time::Instant::now();
-        let decoded = ctx.decode(&mut batch);
+        let decoded = runtime::decode(&mut ctx, &mut batch);
         busy.decoded(t_decode, batch.n_tokens());
         if let Err(e) = decoded {
             tracing::error!("decode failed: {e}");

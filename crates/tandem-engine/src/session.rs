@@ -295,7 +295,7 @@ fn eval(
                 )
                 .map_err(|e| ApiError::internal(format!("session batch: {e}")))?;
         }
-        ctx.decode(batch)
+        runtime::decode(ctx, batch)
             .map_err(|e| ApiError::internal(format!("inference failed: {e}")))?;
         for j in 0..part.len() {
             if base + j >= first_row {
