@@ -71,6 +71,11 @@ pub struct TrainArgs {
     /// How many parts' worth the probe counts for.
     #[arg(long, default_value_t = 1.0)]
     pub probe_weight: f32,
+    /// Read a request only when its difficulty without a reading is within
+    /// the distance by which this share of the training prompts' readings
+    /// moved their difficulty; 1 reads every request.
+    #[arg(long, default_value_t = 0.95)]
+    pub read_band: f32,
     /// `quality=0.95` (share of the strong model's accuracy) or `share=0.4`
     /// (share sent to the cloud).
     #[arg(long, default_value = "quality=0.95")]
@@ -399,6 +404,26 @@ fn parse_calibration(s: &str) -> anyhow::Result<Calibration> {
     }
 }
 
+fn print_band(b: &learned::BandReport) {
+    println!(
+        "reading only within {:.3} of the threshold {:.3}: {:.1}% of {} read prompts read, {:.1}% of decisions as reading all",
+        b.reach,
+        b.threshold,
+        100.0 * b.read,
+        b.prompts,
+        100.0 * b.agree
+    );
+    for (k, name) in ["reading all", "within reach", "reading none"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "  {name:<13} accuracy {:.3}, cloud share {:.3}",
+            b.accuracy[k], b.cloud[k]
+        );
+    }
+}
+
 fn print_metrics(overall: &learned::Metrics, per: &[(String, learned::Metrics)]) {
     println!(
         "{:<10} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>13} {:>12}",
@@ -465,6 +490,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 lexical_from: a.lexical_from,
                 probe_lambda: a.probe_lambda,
                 probe_weight: a.probe_weight,
+                read_band: a.read_band,
                 ..TrainConfig::default()
             };
             if train_set.is_empty() {
@@ -516,6 +542,9 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                     test.len()
                 );
                 print_metrics(&overall, &per);
+                if let Some(b) = learned::band_report(&model, &test) {
+                    print_band(&b);
+                }
             }
             println!(
                 "threshold {:.3} (calibrated for {} on the training prompts)",
@@ -574,6 +603,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             }
             let model = router.scorer.model();
             let (overall, per) = tokio::task::block_in_place(|| learned::evaluate(model, &data));
+            let band = learned::band_report(model, &data);
             if overall.prompts == 0 {
                 bail!(
                     "the router was trained on every prompt of this file: nothing unseen to evaluate"
@@ -591,6 +621,9 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             });
             if a.json {
                 let mut v = serde_json::json!({"overall": overall, "per_source": per});
+                if let Some(b) = &band {
+                    v["reading_band"] = serde_json::to_value(b)?;
+                }
                 if let Some((_, with)) = &online {
                     v["online_with_memory"] = serde_json::to_value(with)?;
                 }
@@ -601,6 +634,9 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                     overall.prompts
                 );
                 print_metrics(&overall, &per);
+                if let Some(b) = &band {
+                    print_band(b);
+                }
                 if let Some((alone, with)) = &online {
                     println!(
                         "replayed in order as traffic, the memory learning from each outcome:"

@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::scoring::Scorer;
+use crate::scoring::{Reader, Scorer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,6 +112,16 @@ pub struct TrainConfig {
     /// How many parts' worth the probe counts for in the ensemble.
     #[serde(default = "d_probe_weight")]
     pub probe_weight: f32,
+    /// A request is read only when its difficulty without a reading is
+    /// within [`Probe::reach`] of its threshold: the distance that this
+    /// share of the training prompts' readings moved their difficulty less
+    /// than. 1 reads every request.
+    #[serde(default = "d_read_band")]
+    pub read_band: f32,
+}
+
+fn d_read_band() -> f32 {
+    0.95
 }
 
 fn d_probe_lambda() -> f32 {
@@ -151,6 +161,7 @@ impl Default for TrainConfig {
             lexical_from: d_lexical_from(),
             probe_lambda: d_probe_lambda(),
             probe_weight: d_probe_weight(),
+            read_band: d_read_band(),
         }
     }
 }
@@ -284,6 +295,15 @@ pub struct Probe {
     pub weights: Vec<f32>,
     /// The intercept.
     pub bias: f32,
+    /// How far (in difficulty) a reading can move a request's decision:
+    /// one whose difficulty without a reading is farther than this from its
+    /// threshold is decided without one ([`TrainConfig::read_band`]).
+    #[serde(default = "d_reach")]
+    pub reach: f32,
+}
+
+fn d_reach() -> f32 {
+    1.0
 }
 
 impl Probe {
@@ -703,11 +723,12 @@ impl Scorer for LearnedScorer {
         self.score_read(embedding, text, None)
     }
 
-    fn reader(&self) -> Option<(&str, usize)> {
-        self.model
-            .probe
-            .as_ref()
-            .map(|p| (p.model.as_str(), p.weights.len()))
+    fn reader(&self) -> Option<Reader<'_>> {
+        self.model.probe.as_ref().map(|p| Reader {
+            model: p.model.as_str(),
+            width: p.weights.len(),
+            reach: p.reach,
+        })
     }
 
     fn score_read(&self, embedding: &[f32], text: &str, reading: Option<&[f32]>) -> f32 {

@@ -9,9 +9,8 @@ pub trait Scorer: Send + Sync {
     /// [`routed_text`]) from its embedding.
     fn score(&self, embedding: &[f32], text: &str) -> f32;
     /// The local model whose reading of the prompt [`Scorer::score_read`]
-    /// uses (worth a prefill to take) and the reading's width, if any: a
-    /// reading of another width means nothing to it.
-    fn reader(&self) -> Option<(&str, usize)> {
+    /// uses (worth a prefill to take), if any, and when it is worth it.
+    fn reader(&self) -> Option<Reader<'_>> {
         None
     }
     /// [`Scorer::score`] with the local model's reading of the prompt
@@ -23,6 +22,25 @@ pub trait Scorer: Send + Sync {
     /// knob is absent); `None` leaves it to the policy's configured one.
     fn threshold(&self, _quality: Option<f32>) -> Option<f32> {
         None
+    }
+}
+
+/// What a scorer that reads prompts needs read, and when.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reader<'a> {
+    /// The local model whose readings it scores.
+    pub model: &'a str,
+    /// Numbers in a reading: one of another width means nothing to it.
+    pub width: usize,
+    /// How far a reading can move a difficulty (see [`Reader::worth`]).
+    pub reach: f32,
+}
+
+impl Reader<'_> {
+    /// Whether reading a request whose difficulty without a reading is
+    /// `difficulty` may change the decision at `threshold`.
+    pub fn worth(&self, difficulty: f32, threshold: f32) -> bool {
+        (difficulty - threshold).abs() <= self.reach
     }
 }
 

@@ -858,9 +858,11 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
             strong: true,
         });
     }
+    // Every request read first; the band is looked at below.
     let cfg = TrainConfig {
         kind: ModelKind::Ensemble,
         probe_lambda: 100.0,
+        read_band: 1.0,
         ..TrainConfig::default()
     };
     let mut model = tandem_train::train(&data, cfg, Calibration::CloudShare(0.5));
@@ -885,6 +887,22 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert!(!easy.header("x-tandem-router-reading").is_empty());
     assert!(!easy.text().is_empty());
 
+    // A reading that cannot move a decision is not taken: with no reach,
+    // no request is read, and each is decided as without a probe.
+    let mut blunt = model.clone();
+    blunt.probe.as_mut().unwrap().reach = 0.0;
+    r.dispatcher
+        .set_scorer(scorer(blunt), RouterInput::Embedder);
+    for (text, side) in [
+        ("What is 481 times 67?", "cloud:cloud"),
+        ("Hi there, nice to meet you!", "local"),
+    ] {
+        let a = r.chat(text, &[]).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.header("x-tandem-router-reading"), "", "{text}");
+        assert_eq!(a.header("x-tandem-backend"), side, "{text}");
+    }
+
     // A probe fitted on readings of another width (another layer, another
     // build): the device's readings mean nothing to it, none is taken.
     let mut narrow = model.clone();
@@ -905,5 +923,5 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.status, 200, "{}", hard.body);
     assert_eq!(hard.header("x-tandem-router-reading"), "");
     assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
-    assert_eq!(r.capture.captured().len(), 3);
+    assert_eq!(r.capture.captured().len(), 4);
 }

@@ -375,6 +375,8 @@ fn fit_probe(read: &[(&Example, &[f32])], lambda: f32) -> Option<(Probe, Vec<f32
         model: String::new(),
         weights: weights.iter().map(|&v| v as f32).collect(),
         bias: (coef[d] - shift) as f32,
+        // Set once the difficulty scales exist.
+        reach: 1.0,
     };
     Some((probe, oof))
 }
@@ -709,13 +711,30 @@ pub fn train(train: &[Example], config: TrainConfig, calibration: Calibration) -
     };
     let mut cdf = raw.clone();
     cdf.sort_by(f32::total_cmp);
-    if probe_oof.is_some() {
-        let mut c = unread;
-        c.sort_by(f32::total_cmp);
-        model.cdf_unread = c;
-    }
     model.cdf = cdf;
     let scores: Vec<f32> = raw.iter().map(|&r| percentile(&model.cdf, r)).collect();
+    if probe_oof.is_some() {
+        let mut c = unread.clone();
+        c.sort_by(f32::total_cmp);
+        model.cdf_unread = c;
+        // How far each reading moved its prompt's difficulty.
+        let mut moved: Vec<f32> = read
+            .iter()
+            .zip(&scores)
+            .map(|(&(i, _), d)| (d - percentile(&model.cdf_unread, unread[i])).abs())
+            .collect();
+        moved.sort_by(f32::total_cmp);
+        let band = model.config.read_band;
+        let reach = if band >= 1.0 {
+            1.0
+        } else {
+            let at = (band.max(0.0) * moved.len() as f32).ceil() as usize;
+            moved.get(at.saturating_sub(1)).copied().unwrap_or(1.0)
+        };
+        if let Some(p) = model.probe.as_mut() {
+            p.reach = reach;
+        }
+    }
     let (threshold, why) = calibrate(&scores, &scored, calibration);
     model.threshold = threshold;
     model.calibrated_for = why;
@@ -924,6 +943,66 @@ pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String,
         .collect();
     per.sort_by(|a, b| a.0.cmp(&b.0));
     (overall, per)
+}
+
+/// What reading only within the probe's reach does at the router's
+/// calibrated threshold, against reading every prompt and reading none, on
+/// the read prompts of `data` the model was not trained on.
+#[derive(Debug, Clone, Serialize)]
+pub struct BandReport {
+    /// Prompts compared (unseen and read).
+    pub prompts: usize,
+    /// The probe's reach.
+    pub reach: f32,
+    /// The threshold compared at.
+    pub threshold: f32,
+    /// Share of the prompts read.
+    pub read: f64,
+    /// Share of decisions equal to those reading every prompt makes.
+    pub agree: f64,
+    /// Accuracy reading every prompt, within the reach, and none.
+    pub accuracy: [f64; 3],
+    /// Share sent to the cloud, in the same order.
+    pub cloud: [f64; 3],
+}
+
+/// See [`BandReport`]; `None` for a router without a probe or no unseen
+/// prompt read.
+pub fn band_report(model: &RouterModel, data: &[Example]) -> Option<BandReport> {
+    let reach = model.probe.as_ref()?.reach;
+    let t = model.threshold;
+    let unseen: Vec<&Example> = unseen(model, data)
+        .into_iter()
+        .filter(|e| e.text.reading.is_some())
+        .collect();
+    if unseen.is_empty() {
+        return None;
+    }
+    let n = unseen.len() as f64;
+    let (mut read, mut agree) = (0usize, 0usize);
+    let (mut correct, mut cloud) = ([0usize; 3], [0usize; 3]);
+    for e in &unseen {
+        let all = model.score(&e.embedding, &e.text);
+        let none = model.score_with(&e.embedding, &e.text, None);
+        let reads = (none - t).abs() <= reach;
+        read += usize::from(reads);
+        let band = if reads { all } else { none };
+        agree += usize::from((band >= t) == (all >= t));
+        for (k, d) in [all, band, none].into_iter().enumerate() {
+            let out = d >= t;
+            cloud[k] += usize::from(out);
+            correct[k] += usize::from(if out { e.strong } else { e.weak });
+        }
+    }
+    Some(BandReport {
+        prompts: unseen.len(),
+        reach,
+        threshold: t,
+        read: read as f64 / n,
+        agree: agree as f64 / n,
+        accuracy: correct.map(|c| c as f64 / n),
+        cloud: cloud.map(|c| c as f64 / n),
+    })
 }
 
 /// The router alone and the router with a memory of outcomes learned

@@ -351,6 +351,40 @@ fn the_probe_reads_what_the_text_does_not_show() {
     );
     assert_eq!(m.cdf.len(), train_set.len() - train_set.len().div_ceil(4));
     assert_eq!(m.cdf_unread.len(), train_set.len());
+    // Reading only where a reading can move the decision. The probe is
+    // most of the score here, so readings move difficulties far: nearly
+    // every prompt is worth reading, and nearly every decision is the one
+    // reading all of them makes.
+    let p = m.probe.as_ref().expect("a probe");
+    assert!(p.reach > 0.0 && p.reach < 1.0, "{}", p.reach);
+    let band = band_report(&m, &test).expect("read prompts");
+    assert_eq!(band.prompts, test.len());
+    assert!(band.agree >= 0.95, "{band:?}");
+    // A narrower band reads fewer, and what it reads still helps.
+    let narrow = train(
+        &train_set,
+        TrainConfig {
+            read_band: 0.3,
+            ..cfg.clone()
+        },
+        Calibration::Quality(0.95),
+    );
+    let nb = band_report(&narrow, &test).expect("read prompts");
+    assert!(nb.read < 0.9 && nb.agree >= 0.5, "{nb:?}");
+    assert!(nb.accuracy[1] > nb.accuracy[2], "{nb:?}");
+    let always = train(
+        &train_set,
+        TrainConfig {
+            read_band: 1.0,
+            ..cfg.clone()
+        },
+        Calibration::Quality(0.95),
+    );
+    assert_eq!(always.probe.as_ref().map(|p| p.reach), Some(1.0));
+    let all = band_report(&always, &test).expect("read prompts");
+    assert!(all.read == 1.0 && all.agree == 1.0, "{all:?}");
+    assert!(band_report(&blind, &test).is_none());
+
     let (r, _) = evaluate(&m, &test);
     // Half the prompts are hard: a perfect ordering scores about 0.73.
     assert!(r.apgr > 0.65 && r.apgr > b.apgr + 0.15, "{r:?} vs {b:?}");

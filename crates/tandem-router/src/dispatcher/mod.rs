@@ -604,20 +604,6 @@ impl Dispatcher {
             replica,
             held: None,
         };
-        // A router with a probe has the device model read the prompt while
-        // the embedding is computed (the reading has its own context: a
-        // request kept here reads its prompt again to answer).
-        let reading = match (&scorer, tandem_policy::scoring::routed_text(&req.input)) {
-            (Some((s, _)), Some(text)) => s.reader().and_then(|(name, width)| {
-                let job = self
-                    .locals
-                    .iter()
-                    .find(|l| l.model_for("") == name && l.reading_width() == Some(width))?
-                    .read_prompt(text)?;
-                Some((name.to_owned(), Instant::now(), job))
-            }),
-            _ => None,
-        };
         let mut read_by = None;
         let mut early = None;
         let embedding = match (text, self.embedder().cloned()) {
@@ -662,21 +648,35 @@ impl Dispatcher {
             &router_vector,
             tandem_policy::scoring::routed_text(&req.input),
         ) {
-            let reading = match reading {
-                Some((name, started, job)) => match job.await {
-                    Ok(r) => {
-                        read_by = Some((name, started.elapsed().as_secs_f64() * 1e3));
-                        Some(r)
+            let threshold = s.threshold(ctx.quality);
+            let unread = s.score(v, text);
+            // A router with a probe has the device model read the prompt
+            // when the reading may change the decision (the reading has its
+            // own context: a request kept here reads its prompt again to
+            // answer).
+            let reading = match s.reader() {
+                Some(r) if threshold.is_none_or(|t| r.worth(unread, t)) => {
+                    let started = Instant::now();
+                    match self.read_for_router(&r, text).await {
+                        Some(Ok(reading)) => {
+                            read_by =
+                                Some((r.model.to_owned(), started.elapsed().as_secs_f64() * 1e3));
+                            Some(reading)
+                        }
+                        Some(Err(err)) => {
+                            tracing::warn!("reading the prompt for the router failed: {err}");
+                            None
+                        }
+                        None => None,
                     }
-                    Err(err) => {
-                        tracing::warn!("reading the prompt for the router failed: {err}");
-                        None
-                    }
-                },
-                None => None,
+                }
+                _ => None,
             };
-            features.difficulty = Some(s.score_read(v, text, reading.as_deref()));
-            features.difficulty_threshold = s.threshold(ctx.quality);
+            features.difficulty = Some(match &reading {
+                Some(r) => s.score_read(v, text, Some(r)),
+                None => unread,
+            });
+            features.difficulty_threshold = threshold;
         }
         // Prompts like this one that the cascade escalated (or kept) move
         // the router's score; this one's outcome is remembered in turn.
@@ -761,6 +761,21 @@ impl Dispatcher {
             (mode == Mode::Speculative).then(|| self.speculation(&req, &decision, local_i));
         self.routed(req, ctx, decision, placement, store, early, speculation)
             .await
+    }
+
+    /// The reading `reader` asks for, by the local model it names when that
+    /// model reads at its width (`None`: no such model here).
+    async fn read_for_router(
+        &self,
+        reader: &tandem_policy::scoring::Reader<'_>,
+        text: &str,
+    ) -> Option<Result<Vec<f32>, ApiError>> {
+        let job = self
+            .locals
+            .iter()
+            .find(|l| l.model_for("") == reader.model && l.reading_width() == Some(reader.width))?
+            .read_prompt(text)?;
+        Some(job.await)
     }
 
     /// Whether a request the policy placed can run speculatively.
