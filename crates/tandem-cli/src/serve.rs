@@ -297,8 +297,9 @@ pub async fn build_dispatcher(
             let width = p.weights.len();
             match d.locals().iter().find(|l| l.model_for("") == p.model) {
                 Some(l) if l.reading_width() == Some(width) => tracing::info!(
-                    "the router reads each prompt with {} before deciding (its probe)",
-                    p.model
+                    "the router's probe has {} read a prompt when the reading can change the decision (difficulty within {:.3} of the threshold)",
+                    p.model,
+                    p.reach
                 ),
                 Some(l) => tracing::warn!(
                     "the router's probe takes readings of {width} numbers, but {} here reads {}: it decides without them (retrain it on this model's readings)",
