@@ -286,6 +286,9 @@ impl TextView {
 /// standardisation is folded into `weights` and `bias`, so scoring is one
 /// dot product.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+// A probe saved before the standardisation was folded in carried `mean`
+// and `std` beside weights on standardised readings: refused, not misread.
+#[serde(deny_unknown_fields)]
 pub struct Probe {
     /// Catalog name of the model whose readings it was fitted on: another
     /// model's readings mean nothing to it.

@@ -422,6 +422,12 @@ fn the_probe_reads_what_the_text_does_not_show() {
         );
     }
 
+    // A probe of the earlier form (weights on standardised readings, with
+    // their mean and deviation) is refused rather than misread.
+    let mut old = serde_json::to_value(probe).unwrap();
+    old["mean"] = serde_json::json!("AAAAAA==");
+    assert!(serde_json::from_value::<tandem_policy::learned::Probe>(old).is_err());
+
     // Too few readings: no probe.
     let few: Vec<Example> = train_set
         .iter()
