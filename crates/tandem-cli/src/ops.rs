@@ -111,6 +111,9 @@ pub async fn route(cmd: RouteCommand) -> anyhow::Result<()> {
     if let Some(r) = v["replica"].as_str() {
         println!("  upstream {r}");
     }
+    if let Some(r) = v["reading"].as_str() {
+        println!("  reading: {r}");
+    }
     for r in v["decision"]["reasons"].as_array().into_iter().flatten() {
         println!(
             "  {:<8} {:<6} {:<13} {}",

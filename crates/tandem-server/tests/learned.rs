@@ -886,6 +886,23 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(easy.header("x-tandem-backend"), "local");
     assert!(!easy.header("x-tandem-router-reading").is_empty());
     assert!(!easy.text().is_empty());
+    // The dry run runs no model; it says the request would be read.
+    async fn explain(r: &Rig) -> Value {
+        let (s, v) = r
+            .post(
+                "/v1/tandem/route",
+                json!({"messages": [{"role": "user", "content": "What is 481 times 67?"}]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+    let explained = explain(&r).await;
+    let said = explained["reading"].as_str().unwrap_or_default();
+    assert!(
+        said.starts_with(&format!("would be read by {}", engine.model_id())),
+        "{explained}"
+    );
 
     // A reading that cannot move a decision is not taken: with no reach,
     // no request is read, and each is decided as without a probe.
@@ -902,6 +919,9 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
         assert_eq!(a.header("x-tandem-router-reading"), "", "{text}");
         assert_eq!(a.header("x-tandem-backend"), side, "{text}");
     }
+    let explained = explain(&r).await;
+    let said = explained["reading"].as_str().unwrap_or_default();
+    assert!(said.starts_with("not read: difficulty"), "{explained}");
 
     // A probe fitted on readings of another width (another layer, another
     // build): the device's readings mean nothing to it, none is taken.
@@ -913,6 +933,9 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.status, 200, "{}", hard.body);
     assert_eq!(hard.header("x-tandem-router-reading"), "");
     assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+    let explained = explain(&r).await;
+    let said = explained["reading"].as_str().unwrap_or_default();
+    assert!(said.starts_with("not read: no local model"), "{explained}");
 
     // A probe of a model this device does not run: nothing is read, the
     // other parts decide.

@@ -391,6 +391,7 @@ impl Dispatcher {
             replica,
             ..
         } = self.plan(req, ctx, &checked)?;
+        let mut reading = None;
         if named.is_none()
             && !self.clouds.is_empty()
             && let Some((scorer, input)) = self.scorer()
@@ -403,6 +404,8 @@ impl Dispatcher {
             match v {
                 Some(Ok(v)) => {
                     let d = scorer.score(&v, text);
+                    let threshold = scorer.threshold(ctx.quality);
+                    reading = scorer.reader().map(|r| self.would_read(&r, d, threshold));
                     features.difficulty = Some(match self.memory() {
                         Some(m) if !checked.maybe_private() => tandem_policy::memory::blend(
                             d,
@@ -411,7 +414,7 @@ impl Dispatcher {
                         ),
                         _ => d,
                     });
-                    features.difficulty_threshold = scorer.threshold(ctx.quality);
+                    features.difficulty_threshold = threshold;
                 }
                 Some(Err(err)) => tracing::warn!("router embedding failed: {err}"),
                 None => {}
@@ -439,6 +442,7 @@ impl Dispatcher {
                     view,
                     decision_us,
                     cloud_share: self.cloud_share(),
+                    reading,
                 }
             }
             Err(r) => Explanation {
@@ -451,8 +455,46 @@ impl Dispatcher {
                 view,
                 decision_us,
                 cloud_share: self.cloud_share(),
+                reading,
             },
         })
+    }
+
+    /// What a request scored `difficulty` without a reading would see of
+    /// `reader` (the dispatcher's rule in `place`), in words.
+    fn would_read(
+        &self,
+        reader: &tandem_policy::scoring::Reader<'_>,
+        difficulty: f32,
+        threshold: Option<f32>,
+    ) -> String {
+        let here = self
+            .locals
+            .iter()
+            .any(|l| l.model_for("") == reader.model && l.reading_width() == Some(reader.width));
+        if !here {
+            return format!(
+                "not read: no local model here reads as {} at width {} (decided without a reading)",
+                reader.model, reader.width
+            );
+        }
+        let Some(t) = threshold else {
+            return format!(
+                "would be read by {} first (the difficulty here is without the reading)",
+                reader.model
+            );
+        };
+        if reader.worth(difficulty, t) {
+            format!(
+                "would be read by {} first: difficulty {difficulty:.3} without a reading is within {:.3} of the threshold {t:.3} (the difficulty here is without the reading)",
+                reader.model, reader.reach
+            )
+        } else {
+            format!(
+                "not read: difficulty {difficulty:.3} is more than {:.3} from the threshold {t:.3}, where a reading would not change the decision",
+                reader.reach
+            )
+        }
     }
 
     /// The backend label and model a side would answer with.

@@ -159,6 +159,11 @@ pub struct Explanation {
     pub decision_us: u64,
     /// The cloud share held, if `[router] cloud_share` is set.
     pub cloud_share: Option<ShareState>,
+    /// With a router that reads prompts (a probe): whether the request
+    /// would be read before deciding, and why. The dry run runs no model,
+    /// so its difficulty is always the one without a reading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reading: Option<String>,
 }
 
 /// The cloud share as it stands (`[router] cloud_share`).
