@@ -468,11 +468,7 @@ impl Dispatcher {
         difficulty: f32,
         threshold: Option<f32>,
     ) -> String {
-        let here = self
-            .locals
-            .iter()
-            .any(|l| l.model_for("") == reader.model && l.reading_width() == Some(reader.width));
-        if !here {
+        if self.reading_local(reader).is_none() {
             return format!(
                 "not read: no local model here reads as {} at width {} (decided without a reading)",
                 reader.model, reader.width
@@ -805,19 +801,24 @@ impl Dispatcher {
             .await
     }
 
-    /// The reading `reader` asks for, by the local model it names when that
-    /// model reads at its width (`None`: no such model here).
+    /// The local model `reader` names, when it reads at `reader`'s width.
+    fn reading_local(
+        &self,
+        reader: &tandem_policy::scoring::Reader<'_>,
+    ) -> Option<&Arc<dyn Backend>> {
+        self.locals
+            .iter()
+            .find(|l| l.model_for("") == reader.model && l.reading_width() == Some(reader.width))
+    }
+
+    /// The reading `reader` asks for, by [`Dispatcher::reading_local`]
+    /// (`None`: no such model here).
     async fn read_for_router(
         &self,
         reader: &tandem_policy::scoring::Reader<'_>,
         text: &str,
     ) -> Option<Result<Vec<f32>, ApiError>> {
-        let job = self
-            .locals
-            .iter()
-            .find(|l| l.model_for("") == reader.model && l.reading_width() == Some(reader.width))?
-            .read_prompt(text)?;
-        Some(job.await)
+        Some(self.reading_local(reader)?.read_prompt(text)?.await)
     }
 
     /// Whether a request the policy placed can run speculatively.
