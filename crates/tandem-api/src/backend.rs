@@ -453,15 +453,20 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
         None
     }
 
-    /// The model's own reading of a prompt (its last hidden state, which
-    /// the router's probe scores), if it is a local model that reads.
-    fn read_prompt(&self, _text: &str) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
+    /// The model's own reading of a prompt (the hidden state after block
+    /// `layer`, or with `None` after its last layer, which the router's
+    /// probe scores), if it is a local model that reads.
+    fn read_prompt(
+        &self,
+        _text: &str,
+        _layer: Option<u32>,
+    ) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
         None
     }
 
-    /// How many numbers [`Backend::read_prompt`]'s readings hold, if it
-    /// reads.
-    fn reading_width(&self) -> Option<usize> {
+    /// How many numbers [`Backend::read_prompt`]'s readings at `layer` hold,
+    /// if it reads there.
+    fn reading_width(&self, _layer: Option<u32>) -> Option<usize> {
         None
     }
 }

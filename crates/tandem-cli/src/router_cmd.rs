@@ -137,9 +137,14 @@ pub struct EvalArgs {
 }
 
 /// Attaches each example's reading from `path`; returns the model that
-/// read them and how many examples got one.
-fn attach_readings(path: &Path, data: &mut [Example]) -> anyhow::Result<(String, usize)> {
+/// read them, the block they are of (`None`: the last layer) and how many
+/// examples got one.
+fn attach_readings(
+    path: &Path,
+    data: &mut [Example],
+) -> anyhow::Result<(String, Option<u32>, usize)> {
     let (model, lines) = crate::router_read::load(path)?;
+    let layer = lines.first().and_then(|l| l.layer);
     let mut by_id: HashMap<String, Vec<f32>> =
         lines.into_iter().map(|l| (l.id, l.reading)).collect();
     let mut n = 0;
@@ -147,7 +152,7 @@ fn attach_readings(path: &Path, data: &mut [Example]) -> anyhow::Result<(String,
         e.text.reading = by_id.remove(&e.id);
         n += usize::from(e.text.reading.is_some());
     }
-    Ok((model, n))
+    Ok((model, layer, n))
 }
 
 #[derive(Deserialize)]
@@ -467,7 +472,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             let (mut data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
             let reader = match &a.readings {
                 Some(path) => {
-                    let (model, n) = attach_readings(path, &mut data)?;
+                    let (model, layer, n) = attach_readings(path, &mut data)?;
                     if n == 0 {
                         bail!(
                             "{} holds no reading of a prompt of {}",
@@ -475,7 +480,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                             a.data.display()
                         );
                     }
-                    Some(model)
+                    Some((model, layer))
                 }
                 None => None,
             };
@@ -526,7 +531,10 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             let mut model =
                 tokio::task::block_in_place(|| learned::train(&train_set, config, calibration));
             match (&mut model.probe, reader) {
-                (Some(p), Some(reader)) => p.model = reader,
+                (Some(p), Some((reader, layer))) => {
+                    p.model = reader;
+                    p.layer = layer;
+                }
                 (None, Some(_)) => eprintln!(
                     "too few training prompts were read for a probe (at least {}): trained without one",
                     learned::PROBE_MIN_PROMPTS
@@ -587,14 +595,18 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                 LoadedRouter::load(&path, &tokenizer, Some(&e)).map_err(anyhow::Error::msg)?;
             let (mut data, prompts) = tokio::task::block_in_place(|| examples(&e, &a.data))?;
             if let Some(path) = &a.readings {
-                let (reader, _) = attach_readings(path, &mut data)?;
+                let (reader, layer, _) = attach_readings(path, &mut data)?;
                 if let Some(p) = &router.scorer.model().probe
-                    && p.model != reader
+                    && (p.model != reader || p.layer != layer)
                 {
+                    let at =
+                        |l: Option<u32>| l.map_or_else(String::new, |l| format!(" at block {l}"));
                     bail!(
-                        "the router's probe reads {}'s readings; {} holds {reader}'s",
+                        "the router's probe reads {}'s readings{}; {} holds {reader}'s{}",
                         p.model,
-                        path.display()
+                        at(p.layer),
+                        path.display(),
+                        at(layer)
                     );
                 }
             }

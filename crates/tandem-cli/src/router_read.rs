@@ -28,6 +28,11 @@ pub struct ReadArgs {
     /// Read at most this many prompts in this run.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Read the output of this block (0-based) instead of the last
+    /// layer's; repeat to read several in one pass, each into its own
+    /// file (`NAME.lBLOCK.readings.jsonl`).
+    #[arg(long)]
+    pub layer: Vec<u32>,
     /// Threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -40,7 +45,12 @@ pub struct ReadingLine {
     pub id: String,
     /// Catalog name of the model that read it.
     pub model: String,
-    /// [`tandem_engine::reading::read`]'s output.
+    /// The block whose output was read (`tandem_engine::tap`); absent for
+    /// the last layer's normalised output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u32>,
+    /// [`tandem_engine::reading::read`]'s output, or
+    /// [`tandem_engine::tap::LayerReader::read`]'s at `layer`.
     pub reading: Vec<f32>,
 }
 
@@ -56,6 +66,20 @@ pub fn default_out(data: &Path) -> PathBuf {
         .file_stem()
         .map_or_else(|| "prompts".into(), |s| s.to_string_lossy().into_owned());
     data.with_file_name(format!("{stem}.readings.jsonl"))
+}
+
+/// Where `read` writes the readings at `layer` for `data` unless told.
+pub fn default_out_at(data: &Path, layer: Option<u32>) -> PathBuf {
+    let base = default_out(data);
+    match layer {
+        None => base,
+        Some(l) => {
+            let stem = data
+                .file_stem()
+                .map_or_else(|| "prompts".into(), |s| s.to_string_lossy().into_owned());
+            base.with_file_name(format!("{stem}.l{l}.readings.jsonl"))
+        }
+    }
 }
 
 /// Every reading in `path` (one model's: a file read by two is refused).
@@ -84,6 +108,17 @@ pub fn load(path: &Path) -> anyhow::Result<(String, Vec<ReadingLine>)> {
             Some(_) => {}
             None => model = Some(r.model.clone()),
         }
+        if let Some(first) = lines.first().map(|l: &ReadingLine| l.layer)
+            && first != r.layer
+        {
+            bail!(
+                "{} line {}: read at {}, the lines before at {}: one file, one layer",
+                path.display(),
+                i + 1,
+                describe(r.layer),
+                describe(first)
+            );
+        }
         lines.push(r);
     }
     Ok((model.unwrap_or_default(), lines))
@@ -102,23 +137,57 @@ fn ends_torn(path: &Path) -> std::io::Result<bool> {
     Ok(last[0] != b'\n')
 }
 
+/// An open readings file: where it is, which block it holds, which
+/// prompts it already has, and its writer.
+struct Output {
+    path: PathBuf,
+    layer: Option<u32>,
+    done: HashSet<String>,
+}
+
 pub async fn run(a: ReadArgs) -> anyhow::Result<()> {
     let (_, device) = a.device.load()?;
     let resolved = tandem_catalog::resolve(&device).await?;
-    let out = a.out.clone().unwrap_or_else(|| default_out(&a.data));
-    let done: HashSet<String> = if out.is_file() {
-        let (model, lines) = load(&out)?;
-        if !lines.is_empty() && model != resolved.id {
-            bail!(
-                "{} holds readings by {model}, not {}: write to another file (--out)",
-                out.display(),
-                resolved.id
-            );
-        }
-        lines.into_iter().map(|l| l.id).collect()
+    let mut layers = a.layer.clone();
+    layers.sort_unstable();
+    layers.dedup();
+    if layers.len() > 1 && a.out.is_some() {
+        bail!("--out names one file: with several --layer, each goes to its default file");
+    }
+    let targets: Vec<Option<u32>> = if layers.is_empty() {
+        vec![None]
     } else {
-        HashSet::new()
+        layers.iter().copied().map(Some).collect()
     };
+    let mut outputs = Vec::new();
+    for layer in targets {
+        let path = a
+            .out
+            .clone()
+            .unwrap_or_else(|| default_out_at(&a.data, layer));
+        let done: HashSet<String> = if path.is_file() {
+            let (model, lines) = load(&path)?;
+            if !lines.is_empty() && model != resolved.id {
+                bail!(
+                    "{} holds readings by {model}, not {}: write to another file (--out)",
+                    path.display(),
+                    resolved.id
+                );
+            }
+            if let Some(l) = lines.iter().find(|l| l.layer != layer) {
+                bail!(
+                    "{} holds readings at {}, not {}: write to another file (--out)",
+                    path.display(),
+                    describe(l.layer),
+                    describe(layer)
+                );
+            }
+            lines.into_iter().map(|l| l.id).collect()
+        } else {
+            HashSet::new()
+        };
+        outputs.push(Output { path, layer, done });
+    }
     let file =
         std::fs::File::open(&a.data).with_context(|| format!("opening {}", a.data.display()))?;
     let mut todo = Vec::new();
@@ -129,84 +198,111 @@ pub async fn run(a: ReadArgs) -> anyhow::Result<()> {
         }
         let p: Prompt = serde_json::from_str(&line)
             .with_context(|| format!("{} line {}", a.data.display(), i + 1))?;
-        if !done.contains(&p.id) {
+        if outputs.iter().any(|o| !o.done.contains(&p.id)) {
             todo.push(p);
         }
     }
     if let Some(n) = a.limit {
         todo.truncate(n);
     }
+    let names = outputs
+        .iter()
+        .map(|o| o.path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     if todo.is_empty() {
-        println!(
-            "every prompt of {} is read in {}",
-            a.data.display(),
-            out.display()
-        );
+        println!("every prompt of {} is read in {names}", a.data.display());
         return Ok(());
     }
     let threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     eprintln!(
-        "reading {} prompts with {} on {threads} threads into {} ({} already read)",
+        "reading {} prompts with {} on {threads} threads into {names}",
         todo.len(),
         resolved.id,
-        out.display(),
-        done.len()
     );
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&out)
-        .with_context(|| format!("opening {}", out.display()))?;
-    // A torn last line (a run killed mid-write) stays a line of its own,
-    // which loading skips.
-    if ends_torn(&out)? {
-        file.write_all(b"\n")?;
+    let mut writers = Vec::new();
+    for o in &outputs {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&o.path)
+            .with_context(|| format!("opening {}", o.path.display()))?;
+        // A torn last line (a run killed mid-write) stays a line of its own,
+        // which loading skips.
+        if ends_torn(&o.path)? {
+            file.write_all(b"\n")?;
+        }
+        writers.push(std::io::BufWriter::new(file));
     }
-    let mut w = std::io::BufWriter::new(file);
     let t0 = std::time::Instant::now();
     let total = todo.len();
     let mut n = 0usize;
     let mut failed: Option<anyhow::Error> = None;
     let model = resolved.id.clone();
+    // Takes the readings of the next prompt (one per output); `false` stops.
+    let mut each = |r: Result<Vec<Vec<f32>>, String>| {
+        let Some(p) = todo.get(n) else {
+            return false;
+        };
+        let written = r.map_err(anyhow::Error::msg).and_then(|readings| {
+            for ((o, w), reading) in outputs.iter().zip(&mut writers).zip(readings) {
+                if o.done.contains(&p.id) {
+                    continue;
+                }
+                let line = ReadingLine {
+                    id: p.id.clone(),
+                    model: model.clone(),
+                    layer: o.layer,
+                    reading,
+                };
+                writeln!(w, "{}", serde_json::to_string(&line)?)?;
+                // Whole lines reach the disk: an interrupted run loses
+                // at most the prompt being read.
+                w.flush()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            failed = Some(e.context(format!("prompt {}", p.id)));
+            return false;
+        }
+        n += 1;
+        if n.is_multiple_of(100) || n == total {
+            eprintln!(
+                "{n}/{total} read, {:.1} prompts/s",
+                n as f64 / t0.elapsed().as_secs_f64()
+            );
+        }
+        true
+    };
+    let texts = todo.iter().map(|p| p.prompt.as_str());
     tokio::task::block_in_place(|| {
-        tandem_engine::reading::read_all(
-            &resolved.path,
-            threads,
-            todo.iter().map(|p| p.prompt.as_str()),
-            |r| {
-                let written = r.map_err(anyhow::Error::msg).and_then(|reading| {
-                    let line = ReadingLine {
-                        id: todo[n].id.clone(),
-                        model: model.clone(),
-                        reading,
-                    };
-                    writeln!(w, "{}", serde_json::to_string(&line)?)?;
-                    // Whole lines reach the disk: an interrupted run loses
-                    // at most the prompt being read.
-                    w.flush()?;
-                    Ok(())
-                });
-                if let Err(e) = written {
-                    failed = Some(e.context(format!("prompt {}", todo[n].id)));
-                    return false;
+        if layers.is_empty() {
+            tandem_engine::reading::read_all(&resolved.path, threads, texts, |r| {
+                each(r.map(|x| vec![x]))
+            })
+            .map_err(anyhow::Error::msg)
+        } else {
+            let mut reader = tandem_engine::tap::LayerReader::new(&resolved.path, &layers, threads)
+                .map_err(anyhow::Error::msg)?;
+            for text in texts {
+                if !each(reader.read(text)) {
+                    break;
                 }
-                n += 1;
-                if n.is_multiple_of(100) || n == total {
-                    eprintln!(
-                        "{n}/{total} read, {:.1} prompts/s",
-                        n as f64 / t0.elapsed().as_secs_f64()
-                    );
-                }
-                true
-            },
-        )
-        .map_err(anyhow::Error::msg)
+            }
+            Ok(())
+        }
     })?;
     if let Some(e) = failed {
         return Err(e);
     }
-    println!("{n} prompts read into {}", out.display());
+    println!("{n} prompts read into {names}");
     Ok(())
+}
+
+/// "block L" or "the last layer".
+fn describe(layer: Option<u32>) -> String {
+    layer.map_or_else(|| "the last layer".into(), |l| format!("block {l}"))
 }

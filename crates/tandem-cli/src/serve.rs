@@ -293,23 +293,23 @@ pub async fn build_dispatcher(
     let d = b.build().map_err(anyhow::Error::msg)?;
     d.start_shared().await;
     if let Some(r) = scorer {
-        if let Some(p) = &r.scorer.model().probe {
-            let width = p.weights.len();
-            match d.locals().iter().find(|l| l.model_for("") == p.model) {
-                Some(l) if l.reading_width() == Some(width) => tracing::info!(
-                    "the router's probe has {} read a prompt when the reading can change the decision (difficulty within {:.3} of the threshold)",
-                    p.model,
-                    p.reach
+        use tandem_policy::scoring::Scorer as _;
+        if let Some(reader) = r.scorer.reader() {
+            let width = reader.width;
+            let who = reader.source();
+            match d.locals().iter().find(|l| l.model_for("") == reader.model) {
+                Some(l) if l.reading_width(reader.layer) == Some(width) => tracing::info!(
+                    "the router's probe has {who} read a prompt when the reading can change the decision (difficulty within {:.3} of the threshold)",
+                    reader.reach
                 ),
                 Some(l) => tracing::warn!(
-                    "the router's probe takes readings of {width} numbers, but {} here reads {}: it decides without them (retrain it on this model's readings)",
-                    p.model,
-                    l.reading_width()
-                        .map_or_else(|| "none".to_owned(), |w| w.to_string())
+                    "the router's probe takes readings of {width} numbers by {who}, but {} here reads {}: it decides without them (retrain it on this model's readings)",
+                    reader.model,
+                    l.reading_width(reader.layer)
+                        .map_or_else(|| "none there".to_owned(), |w| w.to_string())
                 ),
                 None => tracing::warn!(
-                    "the router's probe reads prompts with {}, which is not a local model here: it decides without it",
-                    p.model
+                    "the router's probe reads prompts with {who}, which is not a local model here: it decides without it"
                 ),
             }
         }

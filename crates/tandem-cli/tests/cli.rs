@@ -581,6 +581,65 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("probe reads"));
+
+    // Inner blocks: several in one pass, each into its own file, resumed
+    // block by block; a probe fitted on one knows its block.
+    let at = |l: u32| dir.path().join(format!("routing.l{l}.readings.jsonl"));
+    assert!(read(&["--layer", "3", "--layer", "6", "--limit", "30"]).contains("30 prompts read"));
+    assert!(read(&["--layer", "6"]).contains("130 prompts read"));
+    for (l, n) in [(3, 30), (6, 160)] {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(at(l))
+            .unwrap()
+            .lines()
+            .map(|x| serde_json::from_str(x).unwrap())
+            .collect();
+        assert_eq!(lines.len(), n);
+        assert!(
+            lines
+                .iter()
+                .all(|v| v["layer"] == l && v["model"] == SMOLLM2)
+        );
+    }
+    let six = at(6);
+    let mut args: Vec<&str> = train.to_vec();
+    args.push(six.to_str().unwrap());
+    router_ok(&args, &data, "--out", &router);
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&router).unwrap()).unwrap();
+    assert_eq!(saved["probe"]["layer"], 6);
+    router_ok(
+        &["eval", "--readings", six.to_str().unwrap()],
+        &data,
+        "--router",
+        &router,
+    );
+    // The last layer's readings mean nothing to it; nor do the model's
+    // readings of a block it does not have; a file of one layer takes no
+    // other's; one --out cannot hold several blocks.
+    let out = router_run(&["eval", "--readings", r], &data, "--router", &router);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at block 6"));
+    for (extra, says) in [
+        (vec!["--layer", "999"], "no block 999"),
+        (
+            vec!["--layer", "3", "--out", r],
+            "holds readings at the last layer",
+        ),
+        (
+            vec!["--layer", "3", "--layer", "6", "--out", r],
+            "--out names one file",
+        ),
+    ] {
+        let out = tandem()
+            .args(["router", "read", "--device", SMOLLM2, "--data"])
+            .arg(&data)
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
 }
 
 /// `tandem router ARGS --data DATA FLAG PATH`.

@@ -60,12 +60,16 @@ impl Backend for LocalEngine {
         Some(Arc::new(self.clone()))
     }
 
-    fn read_prompt(&self, text: &str) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
-        Some(LocalEngine::read_prompt(self, text))
+    fn read_prompt(
+        &self,
+        text: &str,
+        layer: Option<u32>,
+    ) -> Option<BoxFuture<'static, Result<Vec<f32>, ApiError>>> {
+        Some(LocalEngine::read_prompt(self, text, layer))
     }
 
-    fn reading_width(&self) -> Option<usize> {
-        Some(LocalEngine::reading_width(self))
+    fn reading_width(&self, layer: Option<u32>) -> Option<usize> {
+        LocalEngine::reading_width(self, layer)
     }
 }
 

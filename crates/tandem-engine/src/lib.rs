@@ -24,9 +24,11 @@ pub mod sampling;
 mod scheduler;
 mod session;
 pub mod structured;
+pub mod tap;
 pub mod template;
 pub mod tools;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -253,8 +255,11 @@ struct Inner {
     default_system: Option<String>,
     /// The session thread, started by the first session.
     sessions: std::sync::Mutex<Option<std::sync::mpsc::Sender<SessionCmd>>>,
-    /// The reading thread, started by the first reading.
-    reader: std::sync::Mutex<Option<std::sync::mpsc::Sender<reading::Job>>>,
+    /// The model file (an inner layer's reader maps it again).
+    path: std::path::PathBuf,
+    /// The reading threads, one per layer read (`None`: the last), each
+    /// started by its first reading.
+    readers: std::sync::Mutex<HashMap<Option<u32>, std::sync::mpsc::Sender<reading::Job>>>,
     vocab_hash: std::sync::OnceLock<String>,
     constrainer: structured::Constrainer,
 }
@@ -369,7 +374,8 @@ impl LocalEngine {
                     threads: cfg.threads,
                 },
                 sessions: std::sync::Mutex::new(None),
-                reader: std::sync::Mutex::new(None),
+                path: cfg.path,
+                readers: std::sync::Mutex::new(HashMap::new()),
                 vocab_hash: std::sync::OnceLock::new(),
                 constrainer: structured::Constrainer::default(),
                 sampling,
@@ -493,14 +499,17 @@ impl LocalEngine {
         })
     }
 
-    /// The model's reading of `text` for the router's probe
-    /// ([`reading::read`]), on the reading thread. The prompt is queued
-    /// now; dropping the future before its turn skips it.
+    /// The model's reading of `text` for the router's probe, on the
+    /// reading thread of `layer`: the output of that block
+    /// ([`tap::LayerReader::read`]), or with `None` the last layer's
+    /// ([`reading::read`]). The prompt is queued now; dropping the future
+    /// before its turn skips it.
     pub fn read_prompt(
         &self,
         text: &str,
+        layer: Option<u32>,
     ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, ApiError>> {
-        let queued = self.reader().and_then(|tx| {
+        let queued = self.reader(layer).and_then(|tx| {
             let (reply, rx) = tokio::sync::oneshot::channel();
             tx.send((text.to_owned(), reply))
                 .map_err(|_| ApiError::internal("the reading thread has stopped"))?;
@@ -514,24 +523,35 @@ impl LocalEngine {
         })
     }
 
-    fn reader(&self) -> Result<std::sync::mpsc::Sender<reading::Job>, ApiError> {
-        let mut guard = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = guard.as_ref() {
+    fn reader(
+        &self,
+        layer: Option<u32>,
+    ) -> Result<std::sync::mpsc::Sender<reading::Job>, ApiError> {
+        let mut guard = self.inner.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = guard.get(&layer) {
             return Ok(tx.clone());
         }
-        let tx = reading::start(
-            self.inner.model.clone(),
-            self.inner.session_cfg.threads,
-            &self.inner.id,
-        )
+        let threads = self.inner.session_cfg.threads;
+        let tx = match layer {
+            None => reading::start(self.inner.model.clone(), threads, &self.inner.id),
+            Some(l) => tap::start(self.inner.path.clone(), l, threads, &self.inner.id),
+        }
         .map_err(ApiError::unavailable)?;
-        *guard = Some(tx.clone());
+        guard.insert(layer, tx.clone());
         Ok(tx)
     }
 
-    /// Numbers in a reading ([`reading::width`]).
-    pub fn reading_width(&self) -> usize {
-        reading::width(&self.inner.model)
+    /// Numbers in a reading at `layer` ([`reading::width`],
+    /// [`tap::LayerReader::width`]); `None` when the model has no such
+    /// block.
+    pub fn reading_width(&self, layer: Option<u32>) -> Option<usize> {
+        match layer {
+            None => Some(reading::width(&self.inner.model)),
+            Some(l) if l < self.inner.model.n_layer() => {
+                Some(2 * usize::try_from(self.inner.model.n_embd()).unwrap_or(0))
+            }
+            Some(_) => None,
+        }
     }
 
     /// A fingerprint of the vocabulary (every token's text, the special

@@ -33,10 +33,15 @@ pub fn new_context(
     params: LlamaContextParams,
 ) -> Result<LlamaContext<'_>, String> {
     let backend = backend()?;
-    let _guard = CONTEXT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    model
-        .new_context(backend, params)
+    with_context_lock(|| model.new_context(backend, params))
         .map_err(|e| format!("cannot create an inference context: {e}"))
+}
+
+/// Runs `create` (which creates a llama.cpp context) under the
+/// process-wide lock.
+pub(crate) fn with_context_lock<T>(create: impl FnOnce() -> T) -> T {
+    let _guard = CONTEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    create()
 }
 
 /// A context for `params` (the same shape as `old`'s, other threads)
@@ -84,9 +89,14 @@ static EXIT_HOOK: Once = Once::new();
 /// llama.cpp has registered the destructors of what decoding uses (exit
 /// handlers run in reverse order).
 pub fn decode(ctx: &mut LlamaContext<'_>, batch: &mut LlamaBatch<'_>) -> Result<(), DecodeError> {
+    decoding(|| ctx.decode(batch))
+}
+
+/// Runs `decode` (one llama.cpp decode) as [`decode`] runs its own.
+pub(crate) fn decoding<T>(decode: impl FnOnce() -> T) -> T {
     let decoded = {
         let _running = DECODES.read().unwrap_or_else(PoisonError::into_inner);
-        ctx.decode(batch)
+        decode()
     };
     EXIT_HOOK.call_once(|| {
         // SAFETY: `hold_decodes` is an `extern "C" fn()` that neither

@@ -293,6 +293,10 @@ pub struct Probe {
     /// Catalog name of the model whose readings it was fitted on: another
     /// model's readings mean nothing to it.
     pub model: String,
+    /// The block whose output it reads (`tandem router read --layer`);
+    /// `None`: the last layer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u32>,
     /// Weights on the raw reading.
     #[serde(with = "b64_f32")]
     pub weights: Vec<f32>,
@@ -729,6 +733,7 @@ impl Scorer for LearnedScorer {
     fn reader(&self) -> Option<Reader<'_>> {
         self.model.probe.as_ref().map(|p| Reader {
             model: p.model.as_str(),
+            layer: p.layer,
             width: p.weights.len(),
             reach: p.reach,
         })

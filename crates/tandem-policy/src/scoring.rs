@@ -30,6 +30,8 @@ pub trait Scorer: Send + Sync {
 pub struct Reader<'a> {
     /// The local model whose readings it scores.
     pub model: &'a str,
+    /// The block whose output it reads; `None`: the last layer's.
+    pub layer: Option<u32>,
     /// Numbers in a reading: one of another width means nothing to it.
     pub width: usize,
     /// How far a reading can move a difficulty (see [`Reader::worth`]).
@@ -37,6 +39,15 @@ pub struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// What reads, in words: the model, and the block unless it is the
+    /// last layer.
+    pub fn source(&self) -> String {
+        match self.layer {
+            Some(l) => format!("{} (block {l})", self.model),
+            None => self.model.to_owned(),
+        }
+    }
+
     /// Whether reading a request whose difficulty without a reading is
     /// `difficulty` may change the decision at `threshold`.
     pub fn worth(&self, difficulty: f32, threshold: f32) -> bool {

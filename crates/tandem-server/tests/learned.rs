@@ -833,6 +833,9 @@ fn many_wordings(n: usize) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// The device model's block the probe below reads.
+const BLOCK: u32 = 6;
+
 #[tokio::test]
 async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     let engine = device_engine();
@@ -842,9 +845,9 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
         .into_iter()
         .enumerate()
     {
-        // The same reading `tandem router read` takes.
-        let reading = engine.read_prompt(&text).await.unwrap();
-        assert_eq!(reading.len(), engine.reading_width());
+        // The same reading `tandem router read --layer` takes.
+        let reading = engine.read_prompt(&text, Some(BLOCK)).await.unwrap();
+        assert_eq!(Some(reading.len()), engine.reading_width(Some(BLOCK)));
         data.push(Example {
             id: format!("p{i}"),
             source: "s".into(),
@@ -866,7 +869,9 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
         ..TrainConfig::default()
     };
     let mut model = tandem_train::train(&data, cfg, Calibration::CloudShare(0.5));
-    model.probe.as_mut().expect("a probe").model = engine.model_id().to_owned();
+    let probe = model.probe.as_mut().expect("a probe");
+    probe.model = engine.model_id().to_owned();
+    probe.layer = Some(BLOCK);
 
     let r = rig(PolicyConfig::default(), None, None).await;
     let scorer = |m| Arc::new(LearnedScorer::new(m, e.dim()).unwrap());
@@ -878,7 +883,8 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.header("x-tandem-decided-by"), "difficulty");
     let read = hard.header("x-tandem-router-reading");
     assert!(
-        read.starts_with(engine.model_id()) && read.ends_with(" ms"),
+        read.starts_with(&format!("{} (block {BLOCK}); ", engine.model_id()))
+            && read.ends_with(" ms"),
         "{read}"
     );
     let easy = r.chat("Hi there, nice to meet you!", &[]).await;
@@ -937,6 +943,31 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     let said = explained["reading"].as_str().unwrap_or_default();
     assert!(said.starts_with("not read: no local model"), "{explained}");
 
+    // A probe of a block the device's model does not have: nothing is read.
+    let mut deep = model.clone();
+    deep.probe.as_mut().unwrap().layer = Some(999);
+    r.dispatcher.set_scorer(scorer(deep), RouterInput::Embedder);
+    let hard = r.chat("What is 481 times 67?", &[]).await;
+    assert_eq!(hard.header("x-tandem-router-reading"), "");
+    assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
+    let explained = explain(&r).await;
+    let said = explained["reading"].as_str().unwrap_or_default();
+    assert!(said.contains("(block 999) at width"), "{explained}");
+
+    // The last layer's reading (a probe without a block) is taken on its
+    // own thread, as wide as a block's here: the request is read there.
+    let mut last = model.clone();
+    last.probe.as_mut().unwrap().layer = None;
+    r.dispatcher.set_scorer(scorer(last), RouterInput::Embedder);
+    let hard = r.chat("What is 481 times 67?", &[]).await;
+    assert_eq!(hard.status, 200, "{}", hard.body);
+    let read = hard.header("x-tandem-router-reading");
+    assert!(
+        read.starts_with(&format!("{}; ", engine.model_id())),
+        "{read}"
+    );
+    let last_to_cloud = hard.header("x-tandem-backend") == "cloud:cloud";
+
     // A probe of a model this device does not run: nothing is read, the
     // other parts decide.
     model.probe.as_mut().unwrap().model = "another-model".into();
@@ -946,5 +977,5 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.status, 200, "{}", hard.body);
     assert_eq!(hard.header("x-tandem-router-reading"), "");
     assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
-    assert_eq!(r.capture.captured().len(), 4);
+    assert_eq!(r.capture.captured().len(), 5 + usize::from(last_to_cloud));
 }

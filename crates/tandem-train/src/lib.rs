@@ -373,6 +373,7 @@ fn fit_probe(read: &[(&Example, &[f32])], lambda: f32) -> Option<(Probe, Vec<f32
     let shift: f64 = weights.iter().zip(&mean).map(|(w, m)| w * m).sum();
     let probe = Probe {
         model: String::new(),
+        layer: None,
         weights: weights.iter().map(|&v| v as f32).collect(),
         bias: (coef[d] - shift) as f32,
         // Set once the difficulty scales exist.

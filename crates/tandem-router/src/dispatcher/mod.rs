@@ -471,19 +471,21 @@ impl Dispatcher {
         if self.reading_local(reader).is_none() {
             return format!(
                 "not read: no local model here reads as {} at width {} (decided without a reading)",
-                reader.model, reader.width
+                reader.source(),
+                reader.width
             );
         }
         let Some(t) = threshold else {
             return format!(
                 "would be read by {} first (the difficulty here is without the reading)",
-                reader.model
+                reader.source()
             );
         };
         if reader.worth(difficulty, t) {
             format!(
                 "would be read by {} first: difficulty {difficulty:.3} without a reading is within {:.3} of the threshold {t:.3} (the difficulty here is without the reading)",
-                reader.model, reader.reach
+                reader.source(),
+                reader.reach
             )
         } else {
             format!(
@@ -697,8 +699,7 @@ impl Dispatcher {
                     let started = Instant::now();
                     match self.read_for_router(&r, text).await {
                         Some(Ok(reading)) => {
-                            read_by =
-                                Some((r.model.to_owned(), started.elapsed().as_secs_f64() * 1e3));
+                            read_by = Some((r.source(), started.elapsed().as_secs_f64() * 1e3));
                             Some(reading)
                         }
                         Some(Err(err)) => {
@@ -801,14 +802,15 @@ impl Dispatcher {
             .await
     }
 
-    /// The local model `reader` names, when it reads at `reader`'s width.
+    /// The local model `reader` names, when it reads at `reader`'s layer
+    /// and width.
     fn reading_local(
         &self,
         reader: &tandem_policy::scoring::Reader<'_>,
     ) -> Option<&Arc<dyn Backend>> {
-        self.locals
-            .iter()
-            .find(|l| l.model_for("") == reader.model && l.reading_width() == Some(reader.width))
+        self.locals.iter().find(|l| {
+            l.model_for("") == reader.model && l.reading_width(reader.layer) == Some(reader.width)
+        })
     }
 
     /// The reading `reader` asks for, by [`Dispatcher::reading_local`]
@@ -818,7 +820,11 @@ impl Dispatcher {
         reader: &tandem_policy::scoring::Reader<'_>,
         text: &str,
     ) -> Option<Result<Vec<f32>, ApiError>> {
-        Some(self.reading_local(reader)?.read_prompt(text)?.await)
+        Some(
+            self.reading_local(reader)?
+                .read_prompt(text, reader.layer)?
+                .await,
+        )
     }
 
     /// Whether a request the policy placed can run speculatively.
