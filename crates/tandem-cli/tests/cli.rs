@@ -481,7 +481,8 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
     tandem_testkit::model_path(tandem_testkit::MINILM);
     let dir = tempfile::tempdir().unwrap();
     let data = routing_fixture_of(dir.path(), 80);
-    let readings = dir.path().join("routing.readings.jsonl");
+    // By default, a third of the way through SmolLM2's 30 blocks.
+    let readings = dir.path().join("routing.l10.readings.jsonl");
     let read = |extra: &[&str]| {
         let out = tandem()
             .args([
@@ -521,6 +522,7 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .map(|v| {
             assert_eq!(v["model"], SMOLLM2);
+            assert_eq!(v["layer"], 10);
             assert!(v["reading"].as_array().unwrap().len() > 100);
             v["id"].as_str().unwrap().to_owned()
         })
@@ -552,6 +554,7 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&router).unwrap()).unwrap();
     assert_eq!(saved["probe"]["model"], SMOLLM2);
+    assert_eq!(saved["probe"]["layer"], 10);
     let out = router_ok(
         &["eval", "--json", "--readings", r],
         &data,
@@ -582,12 +585,28 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("probe reads"));
 
-    // Inner blocks: several in one pass, each into its own file, resumed
-    // block by block; a probe fitted on one knows its block.
+    // The last layer's readings (a pass of their own, a file of their own)
+    // mean nothing to a probe of block 10.
+    let last = dir.path().join("routing.readings.jsonl");
+    assert!(read(&["--layer", "last"]).contains("160 prompts read"));
+    let text = std::fs::read_to_string(&last).unwrap();
+    assert!(text.lines().all(|l| !l.contains("\"layer\"")));
+    let out = router_run(
+        &["eval", "--readings", last.to_str().unwrap()],
+        &data,
+        "--router",
+        &router,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at block 10"));
+
+    // Several blocks in one pass, each into its own file, resumed block by
+    // block.
     let at = |l: u32| dir.path().join(format!("routing.l{l}.readings.jsonl"));
     assert!(read(&["--layer", "3", "--layer", "6", "--limit", "30"]).contains("30 prompts read"));
-    assert!(read(&["--layer", "6"]).contains("130 prompts read"));
-    for (l, n) in [(3, 30), (6, 160)] {
+    assert!(read(&["--layer", "6", "--layer", "3", "--limit", "10"]).contains("10 prompts read"));
+    assert!(read(&["--layer", "6"]).contains("120 prompts read"));
+    for (l, n) in [(3, 40), (6, 160)] {
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(at(l))
             .unwrap()
             .lines()
@@ -600,34 +619,24 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
                 .all(|v| v["layer"] == l && v["model"] == SMOLLM2)
         );
     }
-    let six = at(6);
-    let mut args: Vec<&str> = train.to_vec();
-    args.push(six.to_str().unwrap());
-    router_ok(&args, &data, "--out", &router);
-    let saved: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&router).unwrap()).unwrap();
-    assert_eq!(saved["probe"]["layer"], 6);
-    router_ok(
-        &["eval", "--readings", six.to_str().unwrap()],
-        &data,
-        "--router",
-        &router,
-    );
-    // The last layer's readings mean nothing to it; nor do the model's
-    // readings of a block it does not have; a file of one layer takes no
-    // other's; one --out cannot hold several blocks.
-    let out = router_run(&["eval", "--readings", r], &data, "--router", &router);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at block 6"));
+    // A block the model does not have; a file of one layer taking
+    // another's; one --out for several blocks; the last layer beside a
+    // block; neither a number nor `last`.
+    let l = last.to_str().unwrap();
     for (extra, says) in [
         (vec!["--layer", "999"], "no block 999"),
         (
-            vec!["--layer", "3", "--out", r],
+            vec!["--layer", "3", "--out", l],
             "holds readings at the last layer",
         ),
         (
-            vec!["--layer", "3", "--layer", "6", "--out", r],
+            vec!["--layer", "3", "--layer", "6", "--out", l],
             "--out names one file",
+        ),
+        (vec!["--layer", "last", "--layer", "3"], "a pass of its own"),
+        (
+            vec!["--layer", "middle"],
+            "neither a block number nor `last`",
         ),
     ] {
         let out = tandem()

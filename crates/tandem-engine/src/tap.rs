@@ -116,6 +116,25 @@ unsafe extern "C" fn observe(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_v
     .unwrap_or(false)
 }
 
+/// How many blocks the model at `path` has, from its metadata
+/// (`ARCH.block_count`; the weights are not read).
+pub fn depth(path: &Path) -> Result<u32, String> {
+    use llama_cpp_2::gguf::GgufContext;
+    let gguf = GgufContext::from_file(path)
+        .ok_or_else(|| format!("{} is not a GGUF file", path.display()))?;
+    let key = |k: &str| Some(gguf.find_key(k)).filter(|&i| i >= 0);
+    let arch = key("general.architecture")
+        .and_then(|i| gguf.val_str(i))
+        .ok_or_else(|| format!("{} names no architecture", path.display()))?;
+    let i = key(&format!("{arch}.block_count"))
+        .ok_or_else(|| format!("{} gives no block count", path.display()))?;
+    match gguf.kv_type(i) {
+        sys::GGUF_TYPE_UINT32 => Ok(gguf.val_u32(i)),
+        sys::GGUF_TYPE_INT32 => u32::try_from(gguf.val_i32(i)).map_err(|e| e.to_string()),
+        _ => Err(format!("{}'s block count is not an integer", path.display())),
+    }
+}
+
 /// A model and a context that read prompts at inner layers.
 pub struct LayerReader {
     model: NonNull<sys::llama_model>,
@@ -370,6 +389,8 @@ mod tests {
     #[test]
     fn an_inner_layer_is_read_the_same_way_every_time_and_the_pass_stops_after_it() {
         let path = tandem_testkit::model_path(tandem_testkit::SMOLLM2);
+        assert_eq!(depth(&path), Ok(30));
+        assert!(depth(Path::new("/nonexistent.gguf")).is_err());
         let mut two = LayerReader::new(&path, &[10, 3], 2).expect("reader");
         assert_eq!(two.layers(), [10, 3]);
         let w = two.width();
