@@ -131,7 +131,10 @@ pub fn depth(path: &Path) -> Result<u32, String> {
     match gguf.kv_type(i) {
         sys::GGUF_TYPE_UINT32 => Ok(gguf.val_u32(i)),
         sys::GGUF_TYPE_INT32 => u32::try_from(gguf.val_i32(i)).map_err(|e| e.to_string()),
-        _ => Err(format!("{}'s block count is not an integer", path.display())),
+        _ => Err(format!(
+            "{}'s block count is not an integer",
+            path.display()
+        )),
     }
 }
 
