@@ -142,13 +142,18 @@ pub fn depth(path: &Path) -> Result<u32, String> {
 pub struct LayerReader {
     model: NonNull<sys::llama_model>,
     ctx: NonNull<sys::llama_context>,
-    /// Boxed so that its address, given to llama.cpp, stays put.
-    tap: Box<Tap>,
+    /// Owned (from `Box::into_raw`, freed in `Drop`) and reached only
+    /// through this pointer, which llama.cpp's callback shares: no `Box`
+    /// or reference to it outlives a call into llama.cpp.
+    tap: NonNull<Tap>,
+    /// Width of a block's output.
+    d: usize,
     layers: Vec<u32>,
 }
 
-// SAFETY: the model and context are used by one thread at a time (`&mut
-// self`), which llama.cpp allows; nothing else holds the pointers.
+// SAFETY: the model, the context and the tap are used by one thread at a
+// time (`&mut self`), which llama.cpp allows; nothing else holds the
+// pointers (the context's callback runs on the thread that decodes).
 unsafe impl Send for LayerReader {}
 
 impl LayerReader {
@@ -192,7 +197,7 @@ impl LayerReader {
             .enumerate()
             .max_by_key(|(_, l)| **l)
             .map_or(0, |(i, _)| i);
-        let mut tap = Box::new(Tap {
+        let tap = Box::new(Tap {
             names: layers
                 .iter()
                 .map(|l| CString::new(format!("l_out-{l}")).unwrap_or_default())
@@ -206,10 +211,16 @@ impl LayerReader {
             seen: vec![false; layers.len()],
             scratch: Vec::new(),
         });
+        let tap = NonNull::from(Box::leak(tap));
+        let free_tap = |e: String| {
+            // SAFETY: from `Box::leak` above, not yet handed to a reader.
+            drop(unsafe { Box::from_raw(tap.as_ptr()) });
+            e
+        };
         let threads = i32::try_from(threads.max(1)).unwrap_or(1);
         let chunk = u32::try_from(CHUNK).unwrap_or(256);
         // SAFETY: plain defaults, then plain fields; the callback's data is
-        // the boxed `Tap`, which the reader owns and frees after the context.
+        // the `Tap`, which the reader owns and frees after the context.
         let ctx = unsafe {
             let mut p = sys::llama_context_default_params();
             p.n_ctx = u32::try_from(MAX_TOKENS).unwrap_or(1024);
@@ -221,21 +232,30 @@ impl LayerReader {
             p.embeddings = false;
             p.no_perf = true;
             p.cb_eval = Some(observe);
-            p.cb_eval_user_data = std::ptr::from_mut::<Tap>(tap.as_mut()).cast::<c_void>();
+            p.cb_eval_user_data = tap.as_ptr().cast::<c_void>();
             runtime::with_context_lock(|| sys::llama_init_from_model(model.as_ptr(), p))
         };
         let ctx = NonNull::new(ctx).ok_or_else(|| {
-            free_model(format!(
+            free_model(free_tap(format!(
                 "cannot create a reading context for {}",
                 path.display()
-            ))
+            )))
         })?;
         Ok(Self {
             model,
             ctx,
             tap,
+            d,
             layers: layers.to_vec(),
         })
+    }
+
+    /// The tap, between calls into llama.cpp.
+    fn tap(&mut self) -> &mut Tap {
+        // SAFETY: the reader owns the tap; llama.cpp touches it only inside
+        // `llama_decode`, which is never called while this borrow lives
+        // (`&mut self`).
+        unsafe { self.tap.as_mut() }
     }
 
     /// The blocks read, in the order readings are returned.
@@ -245,7 +265,7 @@ impl LayerReader {
 
     /// Numbers in each layer's reading.
     pub fn width(&self) -> usize {
-        2 * self.tap.d
+        2 * self.d
     }
 
     fn tokens(&self, text: &str) -> Result<Vec<sys::llama_token>, String> {
@@ -291,8 +311,8 @@ impl LayerReader {
             tokens.drain(..tokens.len() - MAX_TOKENS);
         }
         let n = tokens.len();
-        self.tap.n = n;
-        for o in &mut self.tap.out {
+        self.tap().n = n;
+        for o in &mut self.tap().out {
             o.iter_mut().for_each(|v| *v = 0.0);
         }
         // SAFETY: `ctx` is live; clearing its memory is always allowed.
@@ -302,9 +322,10 @@ impl LayerReader {
         let mut batch = unsafe { sys::llama_batch_init(chunk_cap, 0, 1) };
         let result = (|| {
             for (c, chunk) in tokens.chunks(CHUNK).enumerate() {
-                self.tap.chunk = chunk.len();
-                self.tap.last_chunk = (c + 1) * CHUNK >= n;
-                self.tap.seen.iter_mut().for_each(|s| *s = false);
+                let tap = self.tap();
+                tap.chunk = chunk.len();
+                tap.last_chunk = (c + 1) * CHUNK >= n;
+                tap.seen.iter_mut().for_each(|s| *s = false);
                 for (j, &t) in chunk.iter().enumerate() {
                     let pos = i32::try_from(c * CHUNK + j).map_err(|e| e.to_string())?;
                     // SAFETY: `j < CHUNK`, the batch's capacity, and each
@@ -326,7 +347,7 @@ impl LayerReader {
                 if rc != 0 {
                     return Err(format!("cannot read the prompt (llama_decode {rc})"));
                 }
-                if let Some(i) = self.tap.seen.iter().position(|s| !s) {
+                if let Some(i) = self.tap().seen.iter().position(|s| !s) {
                     return Err(format!(
                         "block {} gave no output",
                         self.layers.get(i).copied().unwrap_or_default()
@@ -337,7 +358,7 @@ impl LayerReader {
         })();
         // SAFETY: the batch made above, freed once.
         unsafe { sys::llama_batch_free(batch) };
-        result.map(|()| self.tap.out.clone())
+        result.map(|()| self.tap().out.clone())
     }
 }
 
@@ -377,10 +398,11 @@ pub(crate) fn start(
 impl Drop for LayerReader {
     fn drop(&mut self) {
         // SAFETY: the context goes before the model it was made from, and
-        // before the `Tap` it points to (a field dropped after this).
+        // before the `Tap` it points to, each freed once.
         unsafe {
             sys::llama_free(self.ctx.as_ptr());
             sys::llama_model_free(self.model.as_ptr());
+            drop(Box::from_raw(self.tap.as_ptr()));
         }
     }
 }
