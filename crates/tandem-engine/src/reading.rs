@@ -57,20 +57,31 @@ pub fn context(model: &LlamaModel, threads: usize) -> Result<LlamaContext<'_>, S
     runtime::new_context(model, params)
 }
 
-/// The reading of `text` (see the module's doc).
-pub fn read(
-    model: &LlamaModel,
-    ctx: &mut LlamaContext<'_>,
-    text: &str,
-) -> Result<Vec<f32>, String> {
-    let framed = format!("{text}\nAnswer:");
-    let mut tokens = model.vocab().tokenize(framed.as_bytes(), true, false);
+/// `text` as every reading frames it: the last token is where the model is
+/// about to answer.
+pub(crate) fn framed(text: &str) -> String {
+    format!("{text}\nAnswer:")
+}
+
+/// Cuts a prompt's tokens to the last [`MAX_TOKENS`]; none is an error.
+pub(crate) fn keep_last<T>(tokens: &mut Vec<T>) -> Result<(), String> {
     if tokens.is_empty() {
         return Err("the prompt has no tokens".into());
     }
     if tokens.len() > MAX_TOKENS {
         tokens.drain(..tokens.len() - MAX_TOKENS);
     }
+    Ok(())
+}
+
+/// The reading of `text` (see the module's doc).
+pub fn read(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    text: &str,
+) -> Result<Vec<f32>, String> {
+    let mut tokens = model.vocab().tokenize(framed(text).as_bytes(), true, false);
+    keep_last(&mut tokens)?;
     ctx.clear_kv_cache();
     let d = width(model) / 2;
     let mut out = vec![0f32; 2 * d];

@@ -15,7 +15,7 @@ use std::ptr::NonNull;
 use llama_cpp_sys_2 as sys;
 
 use crate::load::LoadMonitor;
-use crate::reading::{Job, MAX_TOKENS};
+use crate::reading::{self, Job, MAX_TOKENS};
 use crate::{Threads, runtime};
 
 /// Tokens decoded at once (no outputs are kept, so no output buffers to
@@ -269,7 +269,7 @@ impl LayerReader {
     }
 
     fn tokens(&self, text: &str) -> Result<Vec<sys::llama_token>, String> {
-        let framed = format!("{text}\nAnswer:");
+        let framed = reading::framed(text);
         let len = i32::try_from(framed.len()).map_err(|_| "the prompt is too long".to_string())?;
         // SAFETY: `model` is live; its vocabulary lives as long.
         let vocab = unsafe { sys::llama_model_get_vocab(self.model.as_ptr()) };
@@ -304,12 +304,7 @@ impl LayerReader {
     /// cut as [`crate::reading::read`] frames and cuts it.
     pub fn read(&mut self, text: &str) -> Result<Vec<Vec<f32>>, String> {
         let mut tokens = self.tokens(text)?;
-        if tokens.is_empty() {
-            return Err("the prompt has no tokens".into());
-        }
-        if tokens.len() > MAX_TOKENS {
-            tokens.drain(..tokens.len() - MAX_TOKENS);
-        }
+        reading::keep_last(&mut tokens)?;
         let n = tokens.len();
         self.tap().n = n;
         for o in &mut self.tap().out {
