@@ -31,9 +31,9 @@ pub struct ReadArgs {
     /// What to read: the output of block N (0-based), or `last` for the
     /// last layer's (normalised) output. Default: the block a third of the
     /// way through the model (block 8 of qwen2.5-coder-0.5b's 24), whose
-    /// probe ranked better than the last layer's on the shared routing
-    /// benchmark and costs a third of the pass. Repeat to read several
-    /// blocks in one pass, each into its own file.
+    /// probe ranks as well as the last layer's on the shared routing
+    /// benchmark for a third of the pass. Repeat to read several blocks in
+    /// one pass, each into its own file.
     #[arg(long)]
     pub layer: Vec<Layer>,
     /// Threads (default: every core).
