@@ -85,26 +85,15 @@ struct Prompt {
     prompt: String,
 }
 
-/// Where `read` writes for `data` unless told.
-pub fn default_out(data: &Path) -> PathBuf {
+/// Where `read` writes the readings at `layer` for `data` unless told:
+/// `NAME.readings.jsonl` for the last layer, `NAME.lBLOCK.readings.jsonl`
+/// for a block.
+pub fn default_out_at(data: &Path, layer: Option<u32>) -> PathBuf {
     let stem = data
         .file_stem()
         .map_or_else(|| "prompts".into(), |s| s.to_string_lossy().into_owned());
-    data.with_file_name(format!("{stem}.readings.jsonl"))
-}
-
-/// Where `read` writes the readings at `layer` for `data` unless told.
-pub fn default_out_at(data: &Path, layer: Option<u32>) -> PathBuf {
-    let base = default_out(data);
-    match layer {
-        None => base,
-        Some(l) => {
-            let stem = data
-                .file_stem()
-                .map_or_else(|| "prompts".into(), |s| s.to_string_lossy().into_owned());
-            base.with_file_name(format!("{stem}.l{l}.readings.jsonl"))
-        }
-    }
+    let at = layer.map_or_else(String::new, |l| format!(".l{l}"));
+    data.with_file_name(format!("{stem}{at}.readings.jsonl"))
 }
 
 /// Every reading in `path` (one model's: a file read by two is refused).
@@ -162,8 +151,8 @@ fn ends_torn(path: &Path) -> std::io::Result<bool> {
     Ok(last[0] != b'\n')
 }
 
-/// An open readings file: where it is, which block it holds, which
-/// prompts it already has, and its writer.
+/// A readings file to write: where it is, which block it holds (`None`:
+/// the last layer) and which prompts it already has.
 struct Output {
     path: PathBuf,
     layer: Option<u32>,
