@@ -409,23 +409,44 @@ fn parse_calibration(s: &str) -> anyhow::Result<Calibration> {
     }
 }
 
-fn print_band(b: &learned::BandReport) {
-    println!(
-        "reading only within {:.3} of the threshold {:.3}: {:.1}% of {} read prompts read, {:.1}% of decisions as reading all",
-        b.reach,
-        b.threshold,
-        100.0 * b.read,
-        b.prompts,
-        100.0 * b.agree
-    );
-    for (k, name) in ["reading all", "within reach", "reading none"]
-        .iter()
-        .enumerate()
-    {
+/// The probe's band at the calibrated threshold, then under each of
+/// [`learned::HELD_SHARES`] (none for a router without a probe).
+fn bands(
+    model: &tandem_policy::learned::RouterModel,
+    data: &[Example],
+) -> Vec<learned::BandReport> {
+    std::iter::once(None)
+        .chain(learned::HELD_SHARES.map(Some))
+        .filter_map(|share| learned::band_report(model, data, share))
+        .collect()
+}
+
+fn print_bands(bands: &[learned::BandReport]) {
+    for b in bands {
+        let at = match b.share {
+            None => format!("the threshold {:.3}", b.threshold),
+            Some(s) => format!(
+                "a cloud share held at {:.0}% (threshold {:.3})",
+                100.0 * s,
+                b.threshold
+            ),
+        };
         println!(
-            "  {name:<13} accuracy {:.3}, cloud share {:.3}",
-            b.accuracy[k], b.cloud[k]
+            "reading only within {:.3} of {at}: {:.1}% of {} read prompts read, {:.1}% of decisions as reading all",
+            b.reach,
+            100.0 * b.read,
+            b.prompts,
+            100.0 * b.agree
         );
+        for (k, name) in ["reading all", "within reach", "reading none"]
+            .iter()
+            .enumerate()
+        {
+            println!(
+                "  {name:<13} accuracy {:.3}, cloud share {:.3}",
+                b.accuracy[k], b.cloud[k]
+            );
+        }
     }
 }
 
@@ -550,9 +571,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                     test.len()
                 );
                 print_metrics(&overall, &per);
-                if let Some(b) = learned::band_report(&model, &test) {
-                    print_band(&b);
-                }
+                print_bands(&bands(&model, &test));
             }
             println!(
                 "threshold {:.3} (calibrated for {} on the training prompts)",
@@ -615,7 +634,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             }
             let model = router.scorer.model();
             let (overall, per) = tokio::task::block_in_place(|| learned::evaluate(model, &data));
-            let band = learned::band_report(model, &data);
+            let bands = bands(model, &data);
             if overall.prompts == 0 {
                 bail!(
                     "the router was trained on every prompt of this file: nothing unseen to evaluate"
@@ -633,8 +652,9 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
             });
             if a.json {
                 let mut v = serde_json::json!({"overall": overall, "per_source": per});
-                if let Some(b) = &band {
-                    v["reading_band"] = serde_json::to_value(b)?;
+                if let Some((calibrated, held)) = bands.split_first() {
+                    v["reading_band"] = serde_json::to_value(calibrated)?;
+                    v["reading_band_held"] = serde_json::to_value(held)?;
                 }
                 if let Some((_, with)) = &online {
                     v["online_with_memory"] = serde_json::to_value(with)?;
@@ -646,9 +666,7 @@ pub async fn run(cmd: RouterCommand) -> anyhow::Result<()> {
                     overall.prompts
                 );
                 print_metrics(&overall, &per);
-                if let Some(b) = &band {
-                    print_band(b);
-                }
+                print_bands(&bands);
                 if let Some((alone, with)) = &online {
                     println!(
                         "replayed in order as traffic, the memory learning from each outcome:"

@@ -568,6 +568,23 @@ fn router_read_resumes_and_train_fits_a_probe_on_the_readings() {
         o["apgr"].as_f64().unwrap() > o["random_apgr"].as_f64().unwrap() + 0.05,
         "{v}"
     );
+    // The band at the calibrated threshold, then where held cloud shares
+    // put theirs.
+    assert_eq!(v["reading_band"]["prompts"], 40, "{v}");
+    assert!(v["reading_band"]["share"].is_null(), "{v}");
+    let held: Vec<f64> = v["reading_band_held"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b["share"].as_f64()).collect())
+        .unwrap_or_default();
+    assert_eq!(held, [0.2, 0.6], "{v}");
+    let stdout = String::from_utf8_lossy(
+        &router_ok(&["eval", "--readings", r], &data, "--router", &router).stdout,
+    )
+    .into_owned();
+    assert!(
+        stdout.contains("of a cloud share held at 60% (threshold"),
+        "{stdout}"
+    );
 
     // Readings by another model are refused, not silently used.
     let other = dir.path().join("other.readings.jsonl");

@@ -26,7 +26,7 @@ pub mod signals;
 
 pub use decision::{
     CloudView, Decision, Effect, Features, LocalView, PolicyConfig, Reason, Refusal, RefusalKind,
-    Rule, Spend, View, decide, threshold_for_quality,
+    Rule, Spend, View, decide, difficulty_can_change, threshold_for_quality,
 };
 pub use privacy::{PrivacyConfig, PrivacyMode};
 pub use scoring::Scorer;

@@ -34,7 +34,7 @@ pub struct Reader<'a> {
     pub layer: Option<u32>,
     /// Numbers in a reading: one of another width means nothing to it.
     pub width: usize,
-    /// How far a reading can move a difficulty (see [`Reader::worth`]).
+    /// How far a reading can move a difficulty (see [`Reader::span`]).
     pub reach: f32,
 }
 
@@ -48,10 +48,11 @@ impl Reader<'_> {
         }
     }
 
-    /// Whether reading a request whose difficulty without a reading is
-    /// `difficulty` may change the decision at `threshold`.
-    pub fn worth(&self, difficulty: f32, threshold: f32) -> bool {
-        (difficulty - threshold).abs() <= self.reach
+    /// The difficulties a reading can move a request scored `unread`
+    /// without one to (whether that span can change the decision is
+    /// [`crate::difficulty_can_change`]'s to say).
+    pub fn span(&self, unread: f32) -> (f32, f32) {
+        (unread - self.reach, unread + self.reach)
     }
 }
 

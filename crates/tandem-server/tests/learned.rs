@@ -927,7 +927,25 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     }
     let explained = explain(&r).await;
     let said = explained["reading"].as_str().unwrap_or_default();
-    assert!(said.starts_with("not read: difficulty"), "{explained}");
+    assert!(
+        said.starts_with("not read: the decision is the same"),
+        "{explained}"
+    );
+
+    // Nor where another rule decides whatever the difficulty: personal
+    // data under strict privacy stays on the device unread, even by the
+    // probe that reads every prompt.
+    r.dispatcher
+        .set_scorer(scorer(model.clone()), RouterInput::Embedder);
+    let private = r
+        .chat(
+            "What is 481 times 67? Send it to jane.doe@example.com",
+            &[("x-tandem-privacy", "strict")],
+        )
+        .await;
+    assert_eq!(private.status, 200, "{}", private.body);
+    assert_eq!(private.header("x-tandem-backend"), "local");
+    assert_eq!(private.header("x-tandem-router-reading"), "");
 
     // A probe fitted on readings of another width (another layer, another
     // build): the device's readings mean nothing to it, none is taken.
@@ -967,6 +985,73 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
         "{read}"
     );
     let last_to_cloud = hard.header("x-tandem-backend") == "cloud:cloud";
+
+    // Under a held cloud share, the cut learned from the traffic is the
+    // threshold in force, mostly far from the one the router was
+    // calibrated at (half the prompts out): prompts are read near the cut,
+    // not near the calibrated threshold, and not at all while the hold lets
+    // nothing out.
+    let reach = 0.1;
+    let mut narrow_band = model.clone();
+    narrow_band.probe.as_mut().unwrap().reach = reach;
+    let held = rig(
+        PolicyConfig {
+            cloud_share: Some(0.3),
+            cloud_share_window: 10,
+            ..PolicyConfig::default()
+        },
+        None,
+        None,
+    )
+    .await;
+    held.dispatcher
+        .set_scorer(scorer(narrow_band), RouterInput::Embedder);
+    let prompts = many_wordings(40);
+    for (text, _) in &prompts[..10] {
+        assert_eq!(held.chat(text, &[]).await.status, 200);
+    }
+    let calibrated = f64::from(model.threshold);
+    let (mut read_near_cut, mut unread_near_calibrated, mut shut) = (0, 0, 0);
+    for (text, _) in &prompts[10..] {
+        let (s, explained) = held
+            .post(
+                "/v1/tandem/route",
+                json!({"messages": [{"role": "user", "content": text}]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{explained}");
+        let f = &explained["features"];
+        let d = f["difficulty"].as_f64().unwrap_or(f64::NAN);
+        // An infinite cut (JSON's null): nothing may go out just now.
+        let t = f["difficulty_threshold"].as_f64().unwrap_or(f64::INFINITY);
+        let said = explained["reading"].as_str().unwrap_or_default();
+        let a = held.chat(text, &[]).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let was_read = !a.header("x-tandem-router-reading").is_empty();
+        assert_eq!(
+            was_read,
+            said.starts_with("would be read"),
+            "{text}: {said}"
+        );
+        if t.is_infinite() {
+            assert!(!was_read, "{text}: read with nothing let out");
+            shut += 1;
+        } else if ((d - t).abs() - f64::from(reach)).abs() > 1e-3 {
+            assert_eq!(
+                was_read,
+                (d - t).abs() <= f64::from(reach),
+                "{text}: {d} {t}"
+            );
+        }
+        read_near_cut += usize::from(was_read);
+        unread_near_calibrated +=
+            usize::from(!was_read && (d - calibrated).abs() <= f64::from(reach));
+    }
+    assert!(
+        read_near_cut > 0 && unread_near_calibrated > 0,
+        "{read_near_cut} read near the cut, {unread_near_calibrated} left near the calibrated threshold {calibrated}, {shut} while shut"
+    );
+    held.server.stop().await;
 
     // A probe of a model this device does not run: nothing is read, the
     // other parts decide.

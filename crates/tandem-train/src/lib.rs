@@ -946,15 +946,18 @@ pub fn evaluate(model: &RouterModel, data: &[Example]) -> (Metrics, Vec<(String,
     (overall, per)
 }
 
-/// What reading only within the probe's reach does at the router's
-/// calibrated threshold, against reading every prompt and reading none, on
-/// the read prompts of `data` the model was not trained on.
+/// What reading only within the probe's reach does at a threshold in
+/// force — the router's calibrated one, or the one a held cloud share puts
+/// in its place — against reading every prompt and reading none, on the
+/// read prompts of `data` the model was not trained on.
 #[derive(Debug, Clone, Serialize)]
 pub struct BandReport {
     /// Prompts compared (unseen and read).
     pub prompts: usize,
     /// The probe's reach.
     pub reach: f32,
+    /// The cloud share held (`None`: the calibrated threshold).
+    pub share: Option<f64>,
     /// The threshold compared at.
     pub threshold: f32,
     /// Share of the prompts read.
@@ -967,11 +970,21 @@ pub struct BandReport {
     pub cloud: [f64; 3],
 }
 
-/// See [`BandReport`]; `None` for a router without a probe or no unseen
-/// prompt read.
-pub fn band_report(model: &RouterModel, data: &[Example]) -> Option<BandReport> {
+/// The cloud shares [`band_report`] is also looked at under by `tandem
+/// router train` and `eval`: one below and one above where the calibrated
+/// thresholds usually send prompts out.
+pub const HELD_SHARES: [f64; 2] = [0.2, 0.6];
+
+/// See [`BandReport`]: at the calibrated threshold (`share` `None`), or at
+/// the cut that lets `share` of these prompts out reading every one — where
+/// a cloud share held at `share` puts its threshold on such traffic.
+/// `None` for a router without a probe or no unseen prompt read.
+pub fn band_report(
+    model: &RouterModel,
+    data: &[Example],
+    share: Option<f64>,
+) -> Option<BandReport> {
     let reach = model.probe.as_ref()?.reach;
-    let t = model.threshold;
     let unseen: Vec<&Example> = unseen(model, data)
         .into_iter()
         .filter(|e| e.text.reading.is_some())
@@ -979,12 +992,23 @@ pub fn band_report(model: &RouterModel, data: &[Example]) -> Option<BandReport> 
     if unseen.is_empty() {
         return None;
     }
+    let scored: Vec<(f32, f32)> = unseen
+        .iter()
+        .map(|e| {
+            (
+                model.score(&e.embedding, &e.text),
+                model.score_with(&e.embedding, &e.text, None),
+            )
+        })
+        .collect();
+    let t = match share {
+        Some(s) => tandem_policy::share::cut(scored.iter().map(|&(all, _)| all).collect(), s),
+        None => model.threshold,
+    };
     let n = unseen.len() as f64;
     let (mut read, mut agree) = (0usize, 0usize);
     let (mut correct, mut cloud) = ([0usize; 3], [0usize; 3]);
-    for e in &unseen {
-        let all = model.score(&e.embedding, &e.text);
-        let none = model.score_with(&e.embedding, &e.text, None);
+    for (e, &(all, none)) in unseen.iter().zip(&scored) {
         let reads = (none - t).abs() <= reach;
         read += usize::from(reads);
         let band = if reads { all } else { none };
@@ -998,6 +1022,7 @@ pub fn band_report(model: &RouterModel, data: &[Example]) -> Option<BandReport> 
     Some(BandReport {
         prompts: unseen.len(),
         reach,
+        share,
         threshold: t,
         read: read as f64 / n,
         agree: agree as f64 / n,

@@ -357,9 +357,21 @@ fn the_probe_reads_what_the_text_does_not_show() {
     // reading all of them makes.
     let p = m.probe.as_ref().expect("a probe");
     assert!(p.reach > 0.0 && p.reach < 1.0, "{}", p.reach);
-    let band = band_report(&m, &test).expect("read prompts");
+    let band = band_report(&m, &test, None).expect("read prompts");
     assert_eq!(band.prompts, test.len());
     assert!(band.agree >= 0.95, "{band:?}");
+    // Under a held cloud share the band is around the held cut, and as
+    // good there: it lets that share out, as reading all does.
+    for share in HELD_SHARES {
+        let held = band_report(&m, &test, Some(share)).expect("read prompts");
+        assert_eq!(held.share, Some(share));
+        assert!(held.agree >= 0.95, "{held:?}");
+        assert!(
+            held.cloud[0] <= share + 1e-9 && held.cloud[0] >= share - 0.15,
+            "{held:?}"
+        );
+        assert!(held.threshold != band.threshold, "{held:?}");
+    }
     // A narrower band reads fewer, and what it reads still helps.
     let narrow = train(
         &train_set,
@@ -369,7 +381,7 @@ fn the_probe_reads_what_the_text_does_not_show() {
         },
         Calibration::Quality(0.95),
     );
-    let nb = band_report(&narrow, &test).expect("read prompts");
+    let nb = band_report(&narrow, &test, None).expect("read prompts");
     assert!(nb.read < 0.9 && nb.agree >= 0.5, "{nb:?}");
     assert!(nb.accuracy[1] > nb.accuracy[2], "{nb:?}");
     let always = train(
@@ -381,9 +393,9 @@ fn the_probe_reads_what_the_text_does_not_show() {
         Calibration::Quality(0.95),
     );
     assert_eq!(always.probe.as_ref().map(|p| p.reach), Some(1.0));
-    let all = band_report(&always, &test).expect("read prompts");
+    let all = band_report(&always, &test, None).expect("read prompts");
     assert!(all.read == 1.0 && all.agree == 1.0, "{all:?}");
-    assert!(band_report(&blind, &test).is_none());
+    assert!(band_report(&blind, &test, None).is_none());
 
     let (r, _) = evaluate(&m, &test);
     // Half the prompts are hard: a perfect ordering scores about 0.73.

@@ -515,6 +515,28 @@ pub fn decide(f: &Features, v: &View, cfg: &PolicyConfig) -> Result<Decision, Re
     })
 }
 
+/// Whether the learned difficulty decides `f` otherwise anywhere between
+/// `lo` and `hi` (the span a reading of the prompt could move it over): the
+/// question a reading must answer yes to before it is worth its prefill.
+/// Only the difficulty rule reads the difficulty, as a step at its
+/// threshold, so the two ends of the span tell. Every other rule is weighed
+/// as it stands: a request that privacy keeps on the device, or that no
+/// cloud can take, is decided whatever its difficulty. `false` when `f` has
+/// no difficulty (it counts for nothing here).
+pub fn difficulty_can_change(f: &Features, v: &View, cfg: &PolicyConfig, lo: f32, hi: f32) -> bool {
+    if f.difficulty.is_none() {
+        return false;
+    }
+    let at = |d: f32| {
+        let mut g = f.clone();
+        g.difficulty = Some(d);
+        decide(&g, v, cfg)
+            .map(|d| (d.side, d.fallback))
+            .map_err(|r| r.kind)
+    };
+    at(lo) != at(hi)
+}
+
 fn refusal(reasons: Vec<Reason>) -> Refusal {
     let cloud_why = reasons
         .iter()

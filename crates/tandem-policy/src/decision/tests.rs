@@ -255,3 +255,57 @@ fn a_busy_device_does_not_send_to_a_cloud_on_the_same_machine() {
     assert_eq!(d.side, Locality::Cloud);
     assert!(d.reasons.iter().all(|r| !r.detail.contains("cores busy")));
 }
+
+#[test]
+fn a_difficulty_span_matters_only_where_the_difficulty_rule_decides() {
+    let scored = |d: f32, t: f32| Features {
+        difficulty: Some(d),
+        difficulty_threshold: Some(t),
+        ..Features::default()
+    };
+    let c = cfg();
+    let can = |f: &Features, v: &View, lo: f32, hi: f32| difficulty_can_change(f, v, &c, lo, hi);
+    // Across the threshold in force, and only there.
+    let f = scored(0.5, 0.5);
+    assert!(can(&f, &view(), 0.45, 0.55));
+    assert!(can(&f, &view(), 0.3, 0.5), "the threshold itself goes out");
+    assert!(!can(&f, &view(), 0.1, 0.45));
+    assert!(!can(&f, &view(), 0.5, 0.9));
+    // The threshold in force is the request's (a held cut, say), not a
+    // calibrated one elsewhere.
+    let held = scored(0.5, 0.8);
+    assert!(!can(&held, &view(), 0.45, 0.55));
+    assert!(can(&held, &view(), 0.75, 0.85));
+    // Without one, the policy's for the request's quality knob.
+    let knob = Features {
+        difficulty: Some(0.5),
+        quality: Some(0.0),
+        ..Features::default()
+    };
+    assert!(can(&knob, &view(), 0.95, 1.0), "quality 0 sends out only 1");
+    assert!(!can(&knob, &view(), 0.4, 0.6));
+    // Rules before it decide whatever the difficulty: privacy keeps
+    // personal data home, an unreachable cloud takes nothing, a latency
+    // goal only the cloud meets sends it out.
+    let private = Features {
+        privacy: Some(PrivacyMode::Strict),
+        pii: [("person".to_owned(), 1)].into(),
+        ..scored(0.5, 0.5)
+    };
+    assert!(!can(&private, &view(), 0.0, 1.0));
+    let mut offline = view();
+    offline.cloud.as_mut().unwrap().available = false;
+    assert!(!can(&f, &offline, 0.0, 1.0));
+    let slow = Features {
+        prompt_tokens: 2000,
+        latency_goal_ms: Some(1000),
+        ..scored(0.5, 0.5)
+    };
+    assert!(!can(&slow, &view(), 0.0, 1.0));
+    // The same rules placed after it leave it the decision.
+    let mut after = cfg();
+    after.rules = vec![Rule::Difficulty, Rule::Latency];
+    assert!(difficulty_can_change(&slow, &view(), &after, 0.4, 0.6));
+    // No difficulty, nothing to change.
+    assert!(!can(&Features::default(), &view(), 0.0, 1.0));
+}

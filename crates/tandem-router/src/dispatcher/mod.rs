@@ -39,7 +39,7 @@ use crate::speculative::{SpeculativeConfig, Verifier};
 
 pub use builder::DispatcherBuilder;
 use leg::Supervision;
-use plan::Plan;
+use plan::{Checked, Plan};
 pub use route::{
     CacheOutcome, Dispatched, Explanation, Mode, RequestContext, RouteInfo, ShareState, Speculation,
 };
@@ -391,7 +391,13 @@ impl Dispatcher {
             replica,
             ..
         } = self.plan(req, ctx, &checked)?;
+        let cascade = named.is_none()
+            && match ctx.mode {
+                Some(m) => m == Mode::Cascade,
+                None => self.policy.cascade,
+            };
         let mut reading = None;
+        let mut scored = None;
         if named.is_none()
             && !self.clouds.is_empty()
             && let Some((scorer, input)) = self.scorer()
@@ -404,28 +410,28 @@ impl Dispatcher {
             match v {
                 Some(Ok(v)) => {
                     let d = scorer.score(&v, text);
-                    let threshold = scorer.threshold(ctx.quality);
-                    reading = scorer.reader().map(|r| self.would_read(&r, d, threshold));
-                    features.difficulty = Some(match self.memory() {
-                        Some(m) if !checked.maybe_private() => tandem_policy::memory::blend(
-                            d,
-                            m.estimate(&self.partition(ctx, &features), &v),
-                            m.config().prior,
-                        ),
-                        _ => d,
-                    });
-                    features.difficulty_threshold = threshold;
+                    features.difficulty = Some(d);
+                    features.difficulty_threshold = scorer.threshold(ctx.quality);
+                    scored = Some((scorer, v, d));
                 }
                 Some(Err(err)) => tracing::warn!("router embedding failed: {err}"),
                 None => {}
             }
         }
-        let cascade = named.is_none()
-            && match ctx.mode {
-                Some(m) => m == Mode::Cascade,
-                None => self.policy.cascade,
-            };
+        // As `place` decides: the memory's pull and the cloud share's cut
+        // before the reading (which a dry run only describes).
+        let recall = scored
+            .as_ref()
+            .and_then(|(_, v, _)| self.recall(ctx, &features, v, &checked));
+        let pull = |d: f32| recall.as_ref().map_or(d, |r| r.pull(d));
+        features.difficulty = features.difficulty.map(pull);
         self.held(ctx, cascade, &mut features);
+        if let Some((scorer, _, d)) = &scored
+            && let Some(r) = scorer.reader()
+        {
+            let matters = self.reading_matters(&r, *d, pull, &features, &view);
+            reading = Some(self.would_read(&r, *d, matters));
+        }
         let result = decide(&features, &view, &self.policy);
         let decision_us = t0.elapsed().as_micros() as u64;
         Ok(match result {
@@ -460,13 +466,52 @@ impl Dispatcher {
         })
     }
 
-    /// What a request scored `difficulty` without a reading would see of
-    /// `reader` (the dispatcher's rule in `place`), in words.
+    /// What the memory of outcomes says of a prompt the router scored
+    /// (`None`: no memory, no score, or a prompt that may hold personal
+    /// data, which is never remembered, not even as a vector).
+    fn recall(
+        &self,
+        ctx: &RequestContext,
+        features: &tandem_policy::Features,
+        v: &[f32],
+        checked: &Checked,
+    ) -> Option<Recall> {
+        let memory = self.memory()?;
+        if features.difficulty.is_none() || checked.maybe_private() {
+            return None;
+        }
+        let partition = self.partition(ctx, features);
+        Some(Recall {
+            estimate: memory.estimate(&partition, v),
+            prior: memory.config().prior,
+            partition,
+            vector: v.to_vec(),
+        })
+    }
+
+    /// Whether `reader`'s reading of a request the router scored `unread`
+    /// without one can change its decision: the memory's `pull` and the
+    /// threshold in force (`features`, after the cloud share's cut) as they
+    /// will be, and every other rule as it stands.
+    fn reading_matters(
+        &self,
+        reader: &tandem_policy::scoring::Reader<'_>,
+        unread: f32,
+        pull: impl Fn(f32) -> f32,
+        features: &tandem_policy::Features,
+        view: &tandem_policy::View,
+    ) -> bool {
+        let (lo, hi) = reader.span(unread);
+        tandem_policy::difficulty_can_change(features, view, &self.policy, pull(lo), pull(hi))
+    }
+
+    /// What a request the router scored `unread` without a reading would
+    /// see of `reader` (the rule in `place`), in words.
     fn would_read(
         &self,
         reader: &tandem_policy::scoring::Reader<'_>,
-        difficulty: f32,
-        threshold: Option<f32>,
+        unread: f32,
+        matters: bool,
     ) -> String {
         if self.reading_local(reader).is_none() {
             return format!(
@@ -475,21 +520,15 @@ impl Dispatcher {
                 reader.width
             );
         }
-        let Some(t) = threshold else {
-            return format!(
-                "would be read by {} first (the difficulty here is without the reading)",
-                reader.source()
-            );
-        };
-        if reader.worth(difficulty, t) {
+        if matters {
             format!(
-                "would be read by {} first: difficulty {difficulty:.3} without a reading is within {:.3} of the threshold {t:.3} (the difficulty here is without the reading)",
+                "would be read by {} first: within {:.3} of the router's score {unread:.3} without a reading, the decision can change (the difficulty here is without the reading)",
                 reader.source(),
                 reader.reach
             )
         } else {
             format!(
-                "not read: difficulty {difficulty:.3} is more than {:.3} from the threshold {t:.3}, where a reading would not change the decision",
+                "not read: the decision is the same anywhere within {:.3} of the router's score {unread:.3} without a reading",
                 reader.reach
             )
         }
@@ -683,66 +722,57 @@ impl Dispatcher {
         if router_waits {
             router_vector.clone_from(&embedding);
         }
-        if let (Some((s, _)), Some(v), Some(text)) = (
-            &scorer,
-            &router_vector,
-            tandem_policy::scoring::routed_text(&req.input),
-        ) {
-            let threshold = s.threshold(ctx.quality);
-            let unread = s.score(v, text);
-            // A router with a probe has the device model read the prompt
-            // when the reading may change the decision (the reading has its
-            // own context: a request kept here reads its prompt again to
-            // answer).
-            let reading = match s.reader() {
-                Some(r) if threshold.is_none_or(|t| r.worth(unread, t)) => {
-                    let started = Instant::now();
-                    match self.read_for_router(&r, text).await {
-                        Some(Ok(reading)) => {
-                            read_by = Some((r.source(), started.elapsed().as_secs_f64() * 1e3));
-                            Some(reading)
-                        }
-                        Some(Err(err)) => {
-                            tracing::warn!("reading the prompt for the router failed: {err}");
-                            None
-                        }
-                        None => None,
-                    }
-                }
-                _ => None,
-            };
-            features.difficulty = Some(match &reading {
-                Some(r) => s.score_read(v, text, Some(r)),
-                None => unread,
-            });
-            features.difficulty_threshold = threshold;
+        // The router's score without a reading, the memory's pull on it and
+        // the cloud share's cut all come first: a reading is taken only
+        // where, with them, it can change the decision.
+        let routed = tandem_policy::scoring::routed_text(&req.input);
+        let mut unread = None;
+        if let (Some((s, _)), Some(v), Some(text)) = (&scorer, &router_vector, routed) {
+            let d = s.score(v, text);
+            unread = Some(d);
+            features.difficulty = Some(d);
+            features.difficulty_threshold = s.threshold(ctx.quality);
         }
-        // Prompts like this one that the cascade escalated (or kept) move
-        // the router's score; this one's outcome is remembered in turn.
-        // Personal data is never remembered, not even as a vector.
-        let mut recall = None;
-        let mut remembered = None;
-        if let (Some(memory), Some(v), Some(d)) =
-            (self.memory(), &router_vector, features.difficulty)
-            && !checked.maybe_private()
+        let recall = router_vector
+            .as_ref()
+            .and_then(|v| self.recall(&ctx, &features, v, &checked));
+        let pull = |d: f32| recall.as_ref().map_or(d, |r| r.pull(d));
+        features.difficulty = features.difficulty.map(pull);
+        let held = self.held(&ctx, cascade, &mut features);
+        let mut router = unread;
+        if let (Some((s, _)), Some(v), Some(text), Some(d)) =
+            (&scorer, &router_vector, routed, unread)
+            && let Some(r) = s.reader()
+            && self.reading_matters(&r, d, pull, &features, &view)
         {
-            let partition = self.partition(&ctx, &features);
-            let estimate = memory.estimate(&partition, v);
-            features.difficulty = Some(tandem_policy::memory::blend(
-                d,
-                estimate,
-                memory.config().prior,
-            ));
-            remembered = estimate.map(|e| {
+            // The reading has its own context: a request kept here reads
+            // its prompt again to answer.
+            let started = Instant::now();
+            match self.read_for_router(&r, text).await {
+                Some(Ok(reading)) => {
+                    read_by = Some((r.source(), started.elapsed().as_secs_f64() * 1e3));
+                    let read = s.score_read(v, text, Some(&reading));
+                    router = Some(read);
+                    features.difficulty = Some(pull(read));
+                }
+                Some(Err(err)) => {
+                    tracing::warn!("reading the prompt for the router failed: {err}");
+                }
+                None => {}
+            }
+        }
+        let remembered = recall
+            .as_ref()
+            .and_then(|r| r.estimate)
+            .zip(router)
+            .map(|(e, d)| {
                 format!(
                     "{} similar prompts, {:.0}% escalated; router {d:.3}",
                     e.neighbours,
                     100.0 * e.escalated
                 )
             });
-            recall = Some((partition, v.clone()));
-        }
-        let held = self.held(&ctx, cascade, &mut features);
+        let recall = recall.map(|r| (r.partition, r.vector));
         let difficulty = features.difficulty.map(|d| {
             let t = features.difficulty_threshold.unwrap_or_else(|| {
                 tandem_policy::threshold_for_quality(
@@ -1077,4 +1107,24 @@ pub fn confidence(tokens: &[tandem_api::TokenLogprob]) -> f32 {
         return f32::NEG_INFINITY;
     }
     tokens.iter().map(|t| t.logprob).sum::<f32>() / tokens.len() as f32
+}
+
+/// What the memory of outcomes says of one prompt the router scored, and
+/// where the prompt's own outcome is remembered.
+struct Recall {
+    /// Its neighbours' escalations, if it has any.
+    estimate: Option<tandem_policy::memory::Estimate>,
+    /// How many neighbours' worth the router's own score counts for.
+    prior: f32,
+    /// The partition its outcome is remembered under.
+    partition: String,
+    /// The router's vector of it.
+    vector: Vec<f32>,
+}
+
+impl Recall {
+    /// The router's difficulty `d`, moved towards what the neighbours did.
+    fn pull(&self, d: f32) -> f32 {
+        tandem_policy::memory::blend(d, self.estimate, self.prior)
+    }
 }
