@@ -547,9 +547,9 @@ impl LocalEngine {
     pub fn reading_width(&self, layer: Option<u32>) -> Option<usize> {
         match layer {
             None => Some(reading::width(&self.inner.model)),
-            Some(l) if l < self.inner.model.n_layer() => {
-                Some(2 * usize::try_from(self.inner.model.n_embd()).unwrap_or(0))
-            }
+            Some(l) if l < self.inner.model.n_layer() => Some(reading::width_of(
+                usize::try_from(self.inner.model.n_embd()).unwrap_or(0),
+            )),
             Some(_) => None,
         }
     }

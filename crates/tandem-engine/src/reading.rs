@@ -33,7 +33,13 @@ pub const MAX_TOKENS: usize = 1024;
 
 /// Numbers in a reading of `model`'s prompts.
 pub fn width(model: &LlamaModel) -> usize {
-    2 * usize::try_from(model.n_embd_out()).unwrap_or(0)
+    width_of(usize::try_from(model.n_embd_out()).unwrap_or(0))
+}
+
+/// Numbers in a reading of a layer `d` wide, the last layer's or a
+/// block's: the mean over the prompt's positions, then the last one's.
+pub fn width_of(d: usize) -> usize {
+    2 * d
 }
 
 /// Tokens decoded at once. Every position's output is kept, and llama.cpp
@@ -83,8 +89,8 @@ pub fn read(
     let mut tokens = model.vocab().tokenize(framed(text).as_bytes(), true, false);
     keep_last(&mut tokens)?;
     ctx.clear_kv_cache();
-    let d = width(model) / 2;
-    let mut out = vec![0f32; 2 * d];
+    let d = usize::try_from(model.n_embd_out()).unwrap_or(0);
+    let mut out = vec![0f32; width_of(d)];
     let n = tokens.len();
     let mut batch = LlamaBatch::new(CHUNK, 1);
     for (c, chunk) in tokens.chunks(CHUNK).enumerate() {

@@ -207,7 +207,7 @@ impl LayerReader {
             n: 0,
             chunk: 0,
             last_chunk: false,
-            out: vec![vec![0.0; 2 * d]; layers.len()],
+            out: vec![vec![0.0; reading::width_of(d)]; layers.len()],
             seen: vec![false; layers.len()],
             scratch: Vec::new(),
         });
@@ -265,7 +265,7 @@ impl LayerReader {
 
     /// Numbers in each layer's reading.
     pub fn width(&self) -> usize {
-        2 * self.d
+        reading::width_of(self.d)
     }
 
     fn tokens(&self, text: &str) -> Result<Vec<sys::llama_token>, String> {
