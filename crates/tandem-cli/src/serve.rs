@@ -263,6 +263,24 @@ pub async fn build_dispatcher(
         );
         b = b.memory(Arc::new(memory));
     }
+    if cfg.router.sample.enabled {
+        let s = &cfg.router.sample;
+        let path = s.path.clone().unwrap_or_else(|| {
+            tandem_catalog::default_home()
+                .join("router")
+                .join("traffic.prompts.jsonl")
+        });
+        let sample = tandem_router::sample::TrafficSample::open(s.clone(), path.clone())
+            .with_context(|| format!("opening the router's sample {}", path.display()))?;
+        tracing::info!(
+            "router sample: {} ({} of at most {} prompts; keeps {:.1}% of routed prompts without personal data, for `tandem router label --prompts`)",
+            path.display(),
+            sample.len(),
+            s.max_prompts,
+            100.0 * s.rate.clamp(0.0, 1.0)
+        );
+        b = b.sample(Arc::new(sample));
+    }
     if cfg.ledger.enabled && !cfg.upstreams.is_empty() {
         let key = tandem_ledger::LedgerKey::load_or_create(&cfg.ledger.key_path())?;
         let ledger = tandem_ledger::Ledger::open(cfg.ledger.path(), key)?;

@@ -902,5 +902,31 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
     ];
     router_ok(&train, &labels, "--out", &router);
     assert!(router.is_file());
+
+    // A sample of traffic (`[router.sample]`) is a prompt file as it is:
+    // no answers, so each is judged.
+    let sampled = dir.path().join("traffic.prompts.jsonl");
+    let sample = tandem_router::sample::TrafficSample::open(
+        tandem_policy::sample::SampleConfig {
+            enabled: true,
+            rate: 1.0,
+            ..Default::default()
+        },
+        sampled.clone(),
+    )
+    .unwrap();
+    assert!(sample.offer("In one sentence, what is a rainbow?", false));
+    assert!(sample.offer("Give me a word that rhymes with cat.", false));
+    let mut c = tandem();
+    c.args(["router", "label", "--prompts"])
+        .arg(&sampled)
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 answers and 2 judgements"), "{stdout}");
     server.stop().await;
 }

@@ -3,7 +3,8 @@
 //! carries and how it is replaced and restored ([`privacy`]), the state the
 //! decision reads ([`signals`]), and the learned router's model that scores
 //! how hard a prompt is ([`learned`], [`scoring`]), and what the cascade's
-//! outcomes add to it ([`memory`]), how many requests may go out under a
+//! outcomes add to it ([`memory`]), which routed prompts are kept for
+//! labelling ([`sample`]), how many requests may go out under a
 //! cloud share ([`share`]), and the order in which upstreams that
 //! serve the same model are tried ([`balance`]).
 //!
@@ -20,6 +21,7 @@ mod decision;
 pub mod learned;
 pub mod memory;
 pub mod privacy;
+pub mod sample;
 pub mod scoring;
 pub mod share;
 pub mod signals;

@@ -15,6 +15,7 @@
 //! - [`learned`]: the learned router's file and the vectors it reads.
 //! - [`label`]: labels for the router from the device and cloud models.
 //! - [`memory`]: the cascade's outcomes, remembered for the router.
+//! - [`sample`]: routed prompts kept for labelling.
 //! - [`activity`]: each request's event for the operator's live view.
 //! - [`access`]: gateway keys, rate limits, daily spending.
 //! - [`shared`]: what gateway replicas share (keys, limits, spending, cache) in a store such as Redis.
@@ -36,6 +37,7 @@ pub mod learned;
 pub mod memory;
 pub mod metrics;
 mod recognizer;
+pub mod sample;
 pub mod shared;
 pub mod signals;
 pub mod speculative;

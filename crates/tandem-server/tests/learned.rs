@@ -1064,3 +1064,80 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
     assert_eq!(r.capture.captured().len(), 5 + usize::from(last_to_cloud));
 }
+
+/// `[router.sample]`: routed prompts kept for `tandem router label`, over
+/// HTTP as clients send them. A prompt with personal data is never kept
+/// (under any privacy mode), a prompt is kept once, and requests that name
+/// a model (not routed) or only ask the dry run leave nothing.
+#[tokio::test]
+async fn a_sample_of_routed_prompts_is_kept_without_personal_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("traffic.prompts.jsonl");
+    let cfg = tandem_policy::sample::SampleConfig {
+        enabled: true,
+        rate: 1.0,
+        ..Default::default()
+    };
+    let sample =
+        Arc::new(tandem_router::sample::TrafficSample::open(cfg.clone(), path.clone()).unwrap());
+    // A device alone: no upstream and no cache, yet the prompts are checked
+    // for personal data before any is kept.
+    let dispatcher = Dispatcher::builder()
+        .local(device_engine())
+        .sample(sample.clone())
+        .build()
+        .unwrap();
+    let server = TestServer::start(dispatcher).await;
+    let send = |model: &str, prompt: &str, privacy: &str| {
+        let body = json!({
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": prompt}
+            ],
+            "max_tokens": 2,
+        });
+        let url = server.url("/v1/chat/completions");
+        let privacy = privacy.to_owned();
+        async move { post_json(&url, &body, &[("x-tandem-privacy", &privacy)]).await }
+    };
+    let private = [
+        "Write to Hans Müller, Hauptstraße 5, 10115 Berlin, confirming his appointment.",
+        "My email is jane.doe@example.com, what is 17 + 25?",
+    ];
+    for p in private {
+        for mode in ["strict", "redact", "off"] {
+            assert_eq!(send("tandem/auto", p, mode).await.status, 200);
+        }
+    }
+    let clean = "Which planet is known as the Red Planet?";
+    for _ in 0..2 {
+        assert_eq!(send("tandem/auto", clean, "off").await.status, 200);
+    }
+    assert_eq!(
+        send(SMOLLM2, "Name a river in Egypt.", "off").await.status,
+        200
+    );
+    let dry = post_json(
+        &server.url("/v1/tandem/route"),
+        &json!({"messages": [{"role": "user", "content": "What is the capital of Peru?"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(dry.status, 200, "{}", dry.body);
+    server.stop().await;
+
+    let kept: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["prompt"], clean, "the last user message, as routed");
+    assert_eq!(kept[0]["source"], "traffic");
+    let all = std::fs::read_to_string(&path).unwrap();
+    for secret in ["Müller", "Hauptstra", "jane.doe", "Egypt", "Peru"] {
+        assert!(!all.contains(secret), "{secret} was kept");
+    }
+    assert_eq!(sample.len(), 1);
+}

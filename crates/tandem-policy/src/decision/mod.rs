@@ -195,6 +195,9 @@ pub struct PolicyConfig {
     /// Learning from the cascade's outcomes (`[router.memory]`).
     #[serde(default)]
     pub memory: crate::memory::MemoryConfig,
+    /// Keeping a sample of routed prompts for labelling (`[router.sample]`).
+    #[serde(default)]
+    pub sample: crate::sample::SampleConfig,
 }
 
 impl Default for PolicyConfig {

@@ -33,6 +33,7 @@ pub struct DispatcherBuilder {
     embedder: Option<(String, Arc<Embedder>)>,
     cache: Option<Arc<SemanticCache>>,
     memory: Option<Arc<OutcomeMemory>>,
+    sample: Option<Arc<crate::sample::TrafficSample>>,
     speculative: SpeculativeConfig,
     recognizer: Option<Result<Arc<dyn EntityRecognizer>, String>>,
     shared: Option<Arc<Shared>>,
@@ -124,6 +125,13 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Where a sample of routed prompts is kept for labelling
+    /// (`[router.sample]`).
+    pub fn sample(mut self, s: Arc<crate::sample::TrafficSample>) -> Self {
+        self.sample = Some(s);
+        self
+    }
+
     /// The `[speculative]` section.
     pub fn speculative(mut self, s: SpeculativeConfig) -> Self {
         self.speculative = s;
@@ -203,6 +211,7 @@ impl DispatcherBuilder {
                 scorer: Mutex::new(None),
                 cache: self.cache,
                 memory: self.memory,
+                sample: self.sample,
                 hold,
             },
             verifier: Arc::new(Verifier::new(

@@ -60,6 +60,8 @@ struct Semantics {
     scorer: Mutex<Option<(Arc<dyn Scorer>, RouterInput)>>,
     cache: Option<Arc<SemanticCache>>,
     memory: Option<Arc<OutcomeMemory>>,
+    /// Routed prompts kept for labelling (`[router.sample]`).
+    sample: Option<Arc<crate::sample::TrafficSample>>,
     /// The cloud share held online (`[router] cloud_share`).
     hold: Option<Mutex<ShareHold>>,
 }
@@ -251,6 +253,11 @@ impl Dispatcher {
     /// What the cascade's outcomes taught the router, if on.
     pub fn memory(&self) -> Option<&Arc<OutcomeMemory>> {
         self.semantics.memory.as_ref()
+    }
+
+    /// The sample of routed prompts kept for labelling, if one is kept.
+    pub fn sample(&self) -> Option<&Arc<crate::sample::TrafficSample>> {
+        self.semantics.sample.as_ref()
     }
 
     /// Puts a request under the cloud share, if one is held and the
@@ -632,6 +639,14 @@ impl Dispatcher {
                     ),
                 ));
             }
+        }
+        // A routed prompt may be kept for labelling (opt-in); one that may
+        // hold personal data never is.
+        if named.is_none()
+            && let Some(sample) = self.sample()
+            && let Some(text) = tandem_policy::scoring::routed_text(&req.input)
+        {
+            sample.offer(text, checked.maybe_private());
         }
         let local_i = plan::local_index(named);
         let cloud_i = cloud.unwrap_or(0);

@@ -100,11 +100,11 @@ impl Dispatcher {
     }
 
     /// [`Dispatcher::scan_now`] off the async workers when a model runs.
-    /// With no upstream and no cache nothing can leave or be kept, so the
-    /// model is not run: a device-only Tandem does not pay for it on every
-    /// request.
+    /// With no upstream, no cache and no sample of prompts nothing can
+    /// leave or be kept, so the model is not run: a device-only Tandem does
+    /// not pay for it on every request.
     pub(super) async fn scan(self: &Arc<Self>, req: &GenerateRequest) -> Checked {
-        if self.clouds.is_empty() && self.cache().is_none() {
+        if self.clouds.is_empty() && self.cache().is_none() && self.sample().is_none() {
             return Checked::Unchecked(
                 "no upstream is configured: nothing can leave the device".into(),
             );
