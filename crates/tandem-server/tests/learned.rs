@@ -1053,6 +1053,77 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     );
     held.server.stop().await;
 
+    // The memory of the cascade's outcomes pulls a prompt's difficulty
+    // towards its neighbours' before the band is judged: a prompt the
+    // router alone puts within reach of the threshold, whose twins were all
+    // escalated, is decided without a reading (it goes out whatever the
+    // reading says).
+    let memory =
+        Arc::new(tandem_router::memory::OutcomeMemory::open(Default::default(), None).unwrap());
+    let mut narrow_band = model.clone();
+    narrow_band.probe.as_mut().unwrap().reach = reach;
+    let remembering = Dispatcher::builder()
+        .local(device_engine())
+        .cloud_arc(r.dispatcher.clouds()[0].clone())
+        .embedder(MINILM, e.clone())
+        .memory(memory.clone())
+        .build()
+        .unwrap();
+    remembering.set_scorer(scorer(narrow_band), RouterInput::Embedder);
+    let server = TestServer::start(remembering).await;
+    let route = |text: String| {
+        let url = server.url("/v1/tandem/route");
+        async move {
+            let r = post_json(
+                &url,
+                &json!({"messages": [{"role": "user", "content": text}]}),
+                &[],
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body
+        }
+    };
+    let mut near = None;
+    for (text, _) in many_wordings(40) {
+        let explained = route(text.clone()).await;
+        let f = &explained["features"];
+        let (d, t) = (
+            f["difficulty"].as_f64().unwrap_or(f64::NAN),
+            f["difficulty_threshold"].as_f64().unwrap_or(f64::NAN),
+        );
+        if (d - t).abs() < 0.5 * f64::from(reach) {
+            let said = explained["reading"].as_str().unwrap_or_default();
+            assert!(said.starts_with("would be read"), "{explained}");
+            near = Some(text);
+            break;
+        }
+    }
+    let near = near.expect("a prompt within reach of the threshold");
+    let v = e.embed_one(&near).unwrap();
+    for _ in 0..16 {
+        memory.record("|redact", &v, true);
+    }
+    let explained = route(near.clone()).await;
+    let said = explained["reading"].as_str().unwrap_or_default();
+    assert!(said.starts_with("not read"), "{explained}");
+    let a = post_json(
+        &server.url("/v1/chat/completions"),
+        &json!({"model": "tandem/auto", "max_tokens": 2,
+                "messages": [{"role": "user", "content": near}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(
+        !a.header("x-tandem-router-memory").is_empty(),
+        "{:?}",
+        a.headers
+    );
+    assert_eq!(a.header("x-tandem-router-reading"), "");
+    assert_eq!(a.header("x-tandem-backend"), "cloud:cloud");
+    server.stop().await;
+
     // A probe of a model this device does not run: nothing is read, the
     // other parts decide.
     model.probe.as_mut().unwrap().model = "another-model".into();
@@ -1062,7 +1133,8 @@ async fn a_router_with_a_probe_reads_each_prompt_with_the_device_model() {
     assert_eq!(hard.status, 200, "{}", hard.body);
     assert_eq!(hard.header("x-tandem-router-reading"), "");
     assert_eq!(hard.header("x-tandem-backend"), "cloud:cloud");
-    assert_eq!(r.capture.captured().len(), 5 + usize::from(last_to_cloud));
+    // (One more went out through the same upstream from the memory's rig.)
+    assert_eq!(r.capture.captured().len(), 6 + usize::from(last_to_cloud));
 }
 
 /// `[router.sample]`: routed prompts kept for `tandem router label`, over
