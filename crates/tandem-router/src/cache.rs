@@ -470,7 +470,7 @@ impl SemanticCache {
         let result = if inner.lines + 1 > 2 * self.config.max_entries.max(1) {
             Self::rewrite(path, &inner.entries).map(|n| inner.lines = n)
         } else if let Some(line) = &line {
-            Self::append(path, line).map(|()| inner.lines += 1)
+            crate::jsonl::append_line(path, line.as_bytes()).map(|()| inner.lines += 1)
         } else {
             Ok(())
         };
@@ -478,17 +478,6 @@ impl SemanticCache {
             tracing::warn!("writing the cache to {}: {e}", path.display());
         }
         line
-    }
-
-    fn append(path: &Path, line: &str) -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        f.write_all(format!("{line}\n").as_bytes())
     }
 
     /// Writes the entries oldest-used first, so a reload keeps the most

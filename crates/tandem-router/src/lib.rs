@@ -32,6 +32,7 @@ pub mod activity;
 pub mod cache;
 mod dispatcher;
 mod egress;
+mod jsonl;
 pub mod label;
 pub mod learned;
 pub mod memory;

@@ -6,7 +6,7 @@
 //! data.
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use tandem_policy::memory::{Estimate, MemoryConfig, Outcome, Outcomes};
@@ -74,7 +74,7 @@ impl OutcomeMemory {
     pub fn record(&self, partition: &str, v: &[f32], escalated: bool) {
         let o = Outcome::new(&digest(partition), v, escalated);
         if let Some(p) = &self.path
-            && let Err(e) = append(p, &o)
+            && let Err(e) = crate::jsonl::append(p, &o)
         {
             tracing::warn!("router memory {}: {e}", p.display());
         }
@@ -109,19 +109,6 @@ impl OutcomeMemory {
 /// The partition as stored: a digest, so key names are not written out.
 fn digest(partition: &str) -> String {
     tandem_ledger::sha256_hex(partition.as_bytes())[..16].to_owned()
-}
-
-fn append(path: &Path, o: &Outcome) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut line = serde_json::to_vec(o)?;
-    line.push(b'\n');
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?
-        .write_all(&line)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! dropped when the file is opened again.
 
 use std::collections::HashSet;
-use std::io::{BufRead, Seek, Write};
+use std::io::{BufRead, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -98,7 +98,7 @@ impl TrafficSample {
             prompt: text.to_owned(),
             source: "traffic".into(),
         };
-        match append(&self.path, &line) {
+        match crate::jsonl::append(&self.path, &line) {
             Ok(()) => {
                 s.ids.insert(id);
                 true
@@ -137,19 +137,6 @@ fn read_ids(f: std::fs::File, path: &Path) -> std::io::Result<HashSet<String>> {
             .set_len(whole)?;
     }
     Ok(ids)
-}
-
-fn append(path: &Path, line: &Line) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut bytes = serde_json::to_vec(line)?;
-    bytes.push(b'\n');
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?
-        .write_all(&bytes)
 }
 
 #[cfg(test)]
@@ -197,7 +184,7 @@ mod tests {
             .append(true)
             .open(&path)
             .unwrap();
-        f.write_all(b"{\"id\":\"traffic-00\",\"pro").unwrap();
+        std::io::Write::write_all(&mut f, b"{\"id\":\"traffic-00\",\"pro").unwrap();
         drop(f);
         let s = TrafficSample::open(all, path.clone()).unwrap();
         assert_eq!(s.len(), 2);
