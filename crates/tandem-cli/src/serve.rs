@@ -265,6 +265,7 @@ pub async fn build_dispatcher(
     }
     if cfg.router.sample.enabled {
         let s = &cfg.router.sample;
+        s.check().map_err(anyhow::Error::msg)?;
         let path = s.path.clone().unwrap_or_else(|| {
             tandem_catalog::default_home()
                 .join("router")

@@ -43,6 +43,20 @@ impl Default for SampleConfig {
 }
 
 impl SampleConfig {
+    /// Whether the settings make sense, and if not, what to fix.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.rate) {
+            return Err(format!(
+                "[router.sample] rate = {}: it is a share of routed prompts, between 0 and 1",
+                self.rate
+            ));
+        }
+        if self.max_prompts == 0 {
+            return Err("[router.sample] max_prompts must be at least 1".into());
+        }
+        Ok(())
+    }
+
     /// Whether a routed prompt is kept, given a uniform `draw` in [0, 1):
     /// never one that may hold personal data (`private`: the detector found
     /// some, or could not run), nor once `kept` reached the cap; otherwise
@@ -83,5 +97,10 @@ mod tests {
             (true, 0.5, 10_000)
         );
         assert!(toml::from_str::<SampleConfig>("rat = 0.5").is_err());
+        assert!(toml.check().is_ok());
+        for bad in ["rate = 1.5", "rate = -0.1", "rate = nan", "max_prompts = 0"] {
+            let c: SampleConfig = toml::from_str(bad).unwrap();
+            assert!(c.check().is_err(), "{bad}");
+        }
     }
 }
