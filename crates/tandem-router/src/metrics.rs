@@ -129,6 +129,8 @@ pub struct Metrics {
     pub spec_seconds: Family<KindLabels, Counter<f64, AtomicU64>>,
     /// Verification rounds served to devices (the cloud role).
     pub spec_verified: Counter,
+    /// Routed prompts kept for labelling (`[router.sample]`).
+    pub sampled: Counter,
     /// Local requests being decoded.
     pub local_active: Gauge,
     /// Local requests waiting.
@@ -248,6 +250,12 @@ impl Metrics {
             "Verification rounds run for devices' speculative sessions",
             spec_verified.clone(),
         );
+        let sampled = Counter::default();
+        registry.register(
+            "router_sampled_prompts",
+            "Routed prompts kept for `tandem router label` ([router.sample]; none with personal data)",
+            sampled.clone(),
+        );
         let local_active = Gauge::default();
         registry.register(
             "local_active",
@@ -299,6 +307,7 @@ impl Metrics {
             spec,
             spec_seconds,
             spec_verified,
+            sampled,
             local_active,
             local_queued,
         }

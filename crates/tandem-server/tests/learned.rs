@@ -1197,6 +1197,19 @@ async fn a_sample_of_routed_prompts_is_kept_without_personal_data() {
     )
     .await;
     assert_eq!(dry.status, 200, "{}", dry.body);
+    // Operators see how many were kept.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tandem_router_sampled_prompts_total 1"),
+        "{metrics}"
+    );
     server.stop().await;
 
     let kept: Vec<Value> = std::fs::read_to_string(&path)

@@ -645,8 +645,9 @@ impl Dispatcher {
         if named.is_none()
             && let Some(sample) = self.sample()
             && let Some(text) = tandem_policy::scoring::routed_text(&req.input)
+            && sample.offer(text, checked.maybe_private())
         {
-            sample.offer(text, checked.maybe_private());
+            self.metrics().sampled.inc();
         }
         let local_i = plan::local_index(named);
         let cloud_i = cloud.unwrap_or(0);
