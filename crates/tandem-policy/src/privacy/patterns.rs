@@ -100,14 +100,20 @@ fn luhn(d: &[u32]) -> bool {
 /// A payment card: a known issuer prefix, a card length, the Luhn check,
 /// and no word saying it is a shipment or an order.
 fn card(text: &str, c: &Captures) -> Option<(usize, usize)> {
-    let (s, e) = span(c);
+    best_part(text, span(c), &[' ', '-'], |s, e| is_card(text, s, e))
+}
+
+fn is_card(text: &str, s: usize, e: usize) -> bool {
     if glued(text, s, e) {
-        return None;
+        return false;
     }
     let d = digits(&text[s..e]);
     let n = d.len();
     let prefix = |k: usize| d.iter().take(k).fold(0u32, |a, &x| a * 10 + x);
-    let issuer = match d.first()? {
+    let Some(first) = d.first() else {
+        return false;
+    };
+    let issuer = match first {
         4 => matches!(n, 13 | 16 | 19),
         5 => (51..=55).contains(&prefix(2)) && n == 16,
         2 => (2221..=2720).contains(&prefix(4)) && n == 16,
@@ -126,14 +132,19 @@ fn card(text: &str, c: &Captures) -> Option<(usize, usize)> {
         }
         _ => false,
     };
-    (issuer && luhn(&d) && !near(text, s, e, NOT_PERSONAL, 40, 0)).then_some((s, e))
+    issuer && luhn(&d) && !near(text, s, e, NOT_PERSONAL, 40, 0)
 }
 
 fn iban(text: &str, c: &Captures) -> Option<(usize, usize)> {
-    let (s, e) = span(c);
-    let compact: String = text[s..e].chars().filter(|c| !c.is_whitespace()).collect();
-    if !(15..=34).contains(&compact.len()) || !compact.is_ascii() {
-        return None;
+    best_part(text, span(c), &[' '], |s, e| is_iban(&text[s..e]))
+}
+
+fn is_iban(part: &str) -> bool {
+    let compact: String = part.chars().filter(|c| !c.is_whitespace()).collect();
+    let country = matches!(compact.as_bytes(), [a, b, c, d, ..]
+        if a.is_ascii_uppercase() && b.is_ascii_uppercase() && c.is_ascii_digit() && d.is_ascii_digit());
+    if !country || !(15..=34).contains(&compact.len()) || !compact.is_ascii() {
+        return false;
     }
     let (head, tail) = compact.split_at(4);
     let mut rem: u32 = 0;
@@ -141,7 +152,7 @@ fn iban(text: &str, c: &Captures) -> Option<(usize, usize)> {
         let v = match ch {
             '0'..='9' => ch as u32 - '0' as u32,
             'A'..='Z' => ch as u32 - 'A' as u32 + 10,
-            _ => return None,
+            _ => return false,
         };
         if v >= 10 {
             rem = (rem * 100 + v) % 97;
@@ -149,7 +160,34 @@ fn iban(text: &str, c: &Captures) -> Option<(usize, usize)> {
             rem = (rem * 10 + v) % 97;
         }
     }
-    (rem == 1).then_some((s, e))
+    rem == 1
+}
+
+/// The longest part of a match (then the leftmost) made of its whole
+/// groups, between the separators `sep`, that `ok` accepts. A greedy
+/// pattern runs on into the groups beside a number — an expiry date after
+/// a card, a BIC or a word in capitals after an IBAN, an order number
+/// before it — and the checksum then fails for the whole run while it
+/// holds for the number in it.
+fn best_part(
+    text: &str,
+    (s, e): (usize, usize),
+    sep: &[char],
+    ok: impl Fn(usize, usize) -> bool,
+) -> Option<(usize, usize)> {
+    let (mut starts, mut ends) = (vec![s], vec![e]);
+    for (i, ch) in text.get(s..e)?.char_indices() {
+        if sep.contains(&ch) {
+            ends.push(s + i);
+            starts.push(s + i + ch.len_utf8());
+        }
+    }
+    let mut parts: Vec<(usize, usize)> = starts
+        .iter()
+        .flat_map(|&a| ends.iter().filter(move |&&b| b > a).map(move |&b| (a, b)))
+        .collect();
+    parts.sort_by_key(|&(a, b)| (std::cmp::Reverse(b - a), a));
+    parts.into_iter().find(|&(a, b)| ok(a, b))
 }
 
 /// US social security number: not in the ranges never issued.

@@ -510,3 +510,45 @@ fn overlapping_readings_of_one_address_are_their_union() {
         ]
     );
 }
+
+#[test]
+fn a_number_beside_other_groups_is_still_found() {
+    // The patterns run on greedily into the groups around a number; the
+    // number in the run must still be found, and only it.
+    let d = detector();
+    let iban = "DE89 3704 0044 0532 0130 00";
+    let card = "4111 1111 1111 1111";
+    for (text, class, value) in [
+        (
+            "IBAN: DE89 3704 0044 0532 0130 00 BIC: COBADEFFXXX",
+            "iban",
+            iban,
+        ),
+        ("pay DE89 3704 0044 0532 0130 00 IN FULL", "iban", iban),
+        ("DE89 3704 0044 0532 0130 00 A", "iban", iban),
+        (
+            "IBAN DE89370400440532013000 BIC COBADEFFXXX",
+            "iban",
+            "DE89370400440532013000",
+        ),
+        ("card 4111 1111 1111 1111 12/27", "card_number", card),
+        ("card 4111 1111 1111 1111 123 cvv", "card_number", card),
+        ("visa 4111 1111 1111 1111 2 times", "card_number", card),
+        ("room 12 4111 1111 1111 1111", "card_number", card),
+        (
+            "card 4111-1111-1111-1111 0",
+            "card_number",
+            "4111-1111-1111-1111",
+        ),
+    ] {
+        assert_eq!(
+            found(&d, text),
+            [(class.to_owned(), value.to_owned())],
+            "{text}"
+        );
+    }
+    // Groups that only pass with the next group glued on stay unfound, and
+    // a shipment's number is still not a card.
+    assert!(classes(&d, "tracking 4111 1111 1111 1111 12").is_empty());
+    assert!(classes(&d, "DE89 3704 0044 0532 0130 0").is_empty());
+}
