@@ -1,0 +1,378 @@
+//! Property test over arbitrary Unicode for everything that reads a prompt
+//! on its way through a device Tandem, end to end on loopback: the
+//! personal-data detectors (patterns and the recognizer model), the learned
+//! router's static table, lexical terms and surface features, the probe's
+//! reading of the prompt by the device model's inner block (through
+//! llama.cpp's C API), the sample of routed prompts, and the local model
+//! answering. Prompts are arbitrary text mixed with chat-template tokens,
+//! digits of other scripts, case mappings that change a text's length and
+//! planted personal data, in any message and in text parts, streamed or
+//! not, under every privacy mode.
+//!
+//! For each request: an answer or a 4xx in OpenAI's error shape (never a
+//! 5xx, a panic or a hang); the dry run (`/v1/tandem/route`) says whether
+//! the request is read and, where nothing is read, where it goes and which
+//! rule decides; under `strict` and `redact` no planted value reaches the
+//! upstream; the sample keeps whole JSON lines and none of them holds a
+//! planted value.
+//!
+//! CI runs a short form; `PROPTEST_CASES=5000 cargo test --release -p
+//! tandem-server --test fuzz_routing` is the long run.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use tandem_backends::{CloudBackend, UpstreamConfig};
+use tandem_embed::{StaticEmbedder, TokenClassifier};
+use tandem_policy::PolicyConfig;
+use tandem_policy::learned::{LearnedScorer, ModelKind, TextView, TrainConfig};
+use tandem_router::learned::RouterInput;
+use tandem_router::{Dispatcher, ModelRecognizer};
+use tandem_testkit::capture::{CaptureUpstream, Mode};
+use tandem_testkit::{RAMPART, SMOLLM2, TestServer, model_path, shared_engine};
+use tandem_train::{Calibration, Example};
+
+/// Values the pattern detectors find wherever they stand between spaces;
+/// none may leave under `strict` or `redact`.
+const PLANTED: &[&str] = &[
+    "jane.doe@example.com",
+    "4111 1111 1111 1111",
+    "DE89 3704 0044 0532 0130 00",
+    "123-45-6789",
+    "AKIAIOSFODNN7EXAMPLE",
+];
+
+/// Pieces that trip tokenizers, templates, case folding and number
+/// readers.
+const FRAGMENTS: &[&str] = &[
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "\nAnswer:",
+    "<tool_call>",
+    "What is 481 times 67?",
+    "Hi there, nice to meet you!",
+    "NOT",
+    "EXCEPT",
+    "Statement 1 |",
+    "٣٤٥",
+    "१२३",
+    "𝟙𝟚𝟛",
+    "İ",
+    "ẞ",
+    "ΣΑΣ",
+    "ﬁ",
+    "\u{0}",
+    "\u{200d}",
+    "\u{202e}",
+    "\u{feff}",
+    "\u{301}",
+    "\r\n",
+    "🇩🇪",
+    "👩‍👩‍👧",
+    "日本語",
+    "?1",
+    "[EMAIL_1]",
+    "{\"a\": [1, 2]}",
+];
+
+/// The device model's block the probe reads.
+const BLOCK: u32 = 6;
+
+struct Rig {
+    rt: tokio::runtime::Runtime,
+    server: TestServer,
+    capture: CaptureUpstream,
+    sample: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn prompts(n: usize) -> Vec<(String, bool)> {
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                (
+                    format!("What is {} times {}?", 100 + 7 * i, 13 + i % 17),
+                    true,
+                )
+            } else {
+                (format!("Hello! How are you today, friend {i}?"), false)
+            }
+        })
+        .collect()
+}
+
+/// A device Tandem whose router reads every prompt with the device
+/// model's block `BLOCK` and embeds it with a static table, with the
+/// recognizer, a sample of every routed prompt and a capturing upstream.
+fn rig() -> &'static Rig {
+    static RIG: OnceLock<Rig> = OnceLock::new();
+    RIG.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let engine = shared_engine(SMOLLM2, 1024, 4);
+        let e = tandem_testkit::shared_embedder();
+        let dim = e.dim();
+        let train = prompts(tandem_train::PROBE_MIN_PROMPTS + 20);
+        // A table of the pieces the training prompts use (the others
+        // weigh nothing): arbitrary text still goes through the tokenizer.
+        let vocab = e.tokenizer().get_vocab_size(true);
+        let mut table = vec![0f32; vocab * dim];
+        let mut weights = vec![0f32; vocab];
+        for (t, _) in &train {
+            for id in tandem_embed::pieces(e.tokenizer(), t).unwrap() {
+                let i = id as usize;
+                table[i * dim..(i + 1) * dim].copy_from_slice(&e.token_vector(id));
+                weights[i] = 1.0;
+            }
+        }
+        let table = Arc::new(
+            StaticEmbedder::new(e.tokenizer().clone(), dim, &table, &weights, vec![0.0; dim])
+                .unwrap(),
+        );
+        let data: Vec<Example> = rt.block_on(async {
+            let mut data = Vec::new();
+            for (i, (text, hard)) in train.iter().enumerate() {
+                let reading = engine.read_prompt(text, Some(BLOCK)).await.unwrap();
+                data.push(Example {
+                    id: format!("p{i}"),
+                    source: "s".into(),
+                    topic: "s".into(),
+                    embedding: table.embed_one(text).unwrap(),
+                    text: TextView {
+                        reading: Some(reading),
+                        ..TextView::of(text)
+                    },
+                    weak: !hard,
+                    strong: true,
+                });
+            }
+            data
+        });
+        let cfg = TrainConfig {
+            kind: ModelKind::All,
+            k: 4,
+            probe_lambda: 100.0,
+            read_band: 1.0,
+            lexical_from: 50,
+            lexical_min_prompts: 2,
+            ..TrainConfig::default()
+        };
+        let mut model = tandem_train::train(&data, cfg, Calibration::CloudShare(0.5));
+        assert!(model.lexical.is_some(), "the lexical part is fitted");
+        let probe = model.probe.as_mut().expect("a probe");
+        probe.model = engine.model_id().to_owned();
+        probe.layer = Some(BLOCK);
+
+        let dir = tempfile::tempdir().unwrap();
+        let sample = dir.path().join("traffic.prompts.jsonl");
+        let (server, capture) = rt.block_on(async {
+            let capture = CaptureUpstream::start(None, Mode::Echo).await;
+            let mut u = UpstreamConfig::new("cloud", &capture.base_url(), &["big-model"]);
+            u.max_retries = 0;
+            let cfg = tandem_policy::sample::SampleConfig {
+                enabled: true,
+                rate: 1.0,
+                ..Default::default()
+            };
+            let kept =
+                tandem_router::sample::TrafficSample::open(cfg, sample.clone()).expect("sample");
+            let classifier = {
+                let dir = model_path(RAMPART);
+                Arc::new(TokenClassifier::load(dir.parent().unwrap()).expect("recognizer"))
+            };
+            let dispatcher = Dispatcher::builder()
+                .local(shared_engine(SMOLLM2, 1024, 4))
+                .cloud(CloudBackend::new(u).unwrap())
+                .policy(PolicyConfig::default())
+                .recognizer(Arc::new(ModelRecognizer(classifier)))
+                .sample(Arc::new(kept))
+                .build()
+                .unwrap();
+            dispatcher.set_scorer(
+                Arc::new(LearnedScorer::new(model, dim).unwrap()),
+                RouterInput::Static(table),
+            );
+            (TestServer::start(dispatcher).await, capture)
+        });
+        Rig {
+            rt,
+            server,
+            capture,
+            sample,
+            _dir: dir,
+        }
+    })
+}
+
+/// A piece of a prompt.
+fn piece() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => any::<String>().prop_map(|s| s.chars().take(24).collect()),
+        3 => "\\PC{0,24}",
+        3 => proptest::sample::select(FRAGMENTS).prop_map(str::to_owned),
+        2 => proptest::sample::select(PLANTED).prop_map(|p| format!(" {p} ")),
+        1 => ("[a-z]{1,8} ", 1usize..400).prop_map(|(w, n)| w.repeat(n)),
+    ]
+}
+
+fn text() -> impl Strategy<Value = String> {
+    proptest::collection::vec(piece(), 1..8).prop_map(|p| p.concat())
+}
+
+/// A message's content: a string, or text parts.
+fn content(t: String, parts: bool) -> Value {
+    if parts {
+        let mid = t
+            .char_indices()
+            .nth(t.chars().count() / 2)
+            .map_or(0, |c| c.0);
+        let (a, b) = t.split_at(mid);
+        json!([{"type": "text", "text": a}, {"type": "text", "text": b}])
+    } else {
+        json!(t)
+    }
+}
+
+fn cases() -> u32 {
+    // An explicit count would override PROPTEST_CASES: read it here.
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
+fn error_shaped(v: &Value) -> bool {
+    v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty())
+        && v["error"]["type"].is_string()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn any_prompt_is_routed_read_and_answered_or_refused_cleanly(
+        system in proptest::option::of(text()),
+        earlier in proptest::option::of((text(), text())),
+        user in text(),
+        parts in any::<bool>(),
+        stream in any::<bool>(),
+        privacy in proptest::sample::select(&["strict", "redact", "off", ""][..]),
+    ) {
+        let r = rig();
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        if let Some((u, a)) = earlier {
+            messages.push(json!({"role": "user", "content": u}));
+            messages.push(json!({"role": "assistant", "content": a}));
+        }
+        messages.push(json!({"role": "user", "content": content(user, parts)}));
+        let body = json!({
+            "model": "tandem/auto",
+            "messages": messages,
+            "max_tokens": 2,
+            "temperature": 0,
+            "stream": stream,
+        });
+        let headers: Vec<(&str, &str)> = if privacy.is_empty() {
+            vec![]
+        } else {
+            vec![("x-tandem-privacy", privacy)]
+        };
+        let before = r.capture.captured().len();
+        let kept_before = std::fs::metadata(&r.sample).map_or(0, |m| m.len() as usize);
+        let (dry, answer) = r.rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap();
+            let send = |path: &str| {
+                let mut q = client.post(r.server.url(path)).json(&body);
+                for (k, v) in &headers {
+                    q = q.header(*k, *v);
+                }
+                q.send()
+            };
+            let dry = send("/v1/tandem/route").await.expect("the dry run answers");
+            let dry = (dry.status().as_u16(), dry.json::<Value>().await.unwrap_or(Value::Null));
+            let a = send("/v1/chat/completions").await.expect("the request answers");
+            let status = a.status().as_u16();
+            let h = a.headers().clone();
+            let raw = a.text().await.expect("a whole body");
+            (dry, (status, h, raw))
+        });
+        let (status, h, raw) = answer;
+        let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+
+        // An answer, or a refusal in OpenAI's shape; never a server error.
+        prop_assert!(status < 500, "{status}: {raw}");
+        if status != 200 {
+            let v: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+            prop_assert!((400..500).contains(&status) && error_shaped(&v), "{status}: {raw}");
+            prop_assert!(dry.0 != 200 || dry.1["refusal"].is_string() || error_shaped(&dry.1),
+                "refused, yet the dry run saw no refusal: {} {raw}", dry.1);
+        } else {
+            let backend = header("x-tandem-backend");
+            prop_assert!(backend == "local" || backend == "cloud:cloud", "{backend}");
+            prop_assert!(!header("x-tandem-decided-by").is_empty());
+            if stream {
+                prop_assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
+                for l in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                    prop_assert!(l == "[DONE]" || serde_json::from_str::<Value>(l).is_ok(), "{l}");
+                }
+            } else {
+                let v: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+                prop_assert!(v["choices"][0]["message"]["content"].is_string(), "{raw}");
+            }
+            // The dry run says what the request does: read or not, and
+            // where a request that is not read goes and why.
+            prop_assert_eq!(dry.0, 200, "{}", dry.1);
+            let said = dry.1["reading"].as_str().unwrap_or_default().to_owned();
+            let read = !header("x-tandem-router-reading").is_empty();
+            prop_assert_eq!(read, said.starts_with("would be read"), "{}", said);
+            if !read {
+                let by = header("x-tandem-decided-by");
+                prop_assert_eq!(dry.1["backend"].as_str(), Some(backend.as_str()), "{}", dry.1);
+                prop_assert_eq!(dry.1["decision"]["decided_by"].as_str(), Some(by.as_str()), "{}", dry.1);
+            }
+        }
+
+        // Nothing planted leaves under a privacy mode.
+        if privacy == "strict" || privacy == "redact" {
+            for c in r.capture.captured().iter().skip(before) {
+                let sent = String::from_utf8_lossy(&c.body).into_owned() + &c.json().to_string();
+                for p in PLANTED {
+                    prop_assert!(!sent.contains(p), "{p} left under {privacy}: {sent}");
+                }
+            }
+        }
+        // The sample gained whole lines, none with a planted value.
+        let kept = std::fs::read(&r.sample).unwrap_or_default();
+        let kept = String::from_utf8_lossy(kept.get(kept_before..).unwrap_or_default());
+        prop_assert!(kept.is_empty() || kept.ends_with('\n'), "{kept}");
+        for l in kept.lines() {
+            let v: Value = serde_json::from_str(l).expect("a whole JSON line");
+            let p = v["prompt"].as_str().expect("a prompt");
+            for planted in PLANTED {
+                prop_assert!(!p.contains(planted), "{planted} was kept: {p}");
+            }
+        }
+    }
+}
