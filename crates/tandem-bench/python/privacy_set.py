@@ -73,7 +73,7 @@ T = {
     },
     "phone": {
         "en": ["Call me at {v} after six.", "My number is {v}.", "Phone: {v}", "You can reach the office on {v}.",
-               "Text me on {v} when you arrive."],
+               "Text me on {v} when you arrive.", "tel:{v}"],
         "de": ["Ruf mich unter {v} an.", "Meine Telefonnummer ist {v}."],
         "fr": ["Appelez-moi au {v}.", "Mon numéro de téléphone est le {v}."],
         "es": ["Llámame al {v}.", "Mi teléfono es {v}."],
@@ -81,7 +81,8 @@ T = {
         "pl": ["Zadzwoń do mnie pod numer {v}.", "Mój numer telefonu to {v}."],
     },
     "credit_card": {
-        "en": ["Charge it to my card {v}.", "Card number {v}, expiry 09/28.", "Why was my card {v} declined?"],
+        "en": ["Charge it to my card {v}.", "Card number {v}, expiry 09/28.", "Why was my card {v} declined?",
+               "Card {v} 09/28 CVV 123, please update my billing.", "card:{v}"],
         "de": ["Meine Kartennummer ist {v}."],
         "fr": ["Mon numéro de carte est {v}."],
     },
@@ -91,10 +92,11 @@ T = {
         "fr": ["Mon adresse e-mail est {v}."],
     },
     "ssn": {
-        "en": ["My SSN is {v}.", "Social security number {v}, please file the form.", "SSN: {v}"],
+        "en": ["My SSN is {v}.", "Social security number {v}, please file the form.", "SSN: {v}", "SSN:{v}"],
     },
     "iban": {
-        "en": ["Please transfer the deposit to {v}.", "My IBAN is {v}.", "Refund to account {v}."],
+        "en": ["Please transfer the deposit to {v}.", "My IBAN is {v}.", "Refund to account {v}.",
+               "IBAN: {v} BIC: COBADEFFXXX", "Pay {v} IN FULL by Friday."],
         "de": ["Meine IBAN lautet {v}."],
         "fr": ["Mon IBAN est {v}."],
     },

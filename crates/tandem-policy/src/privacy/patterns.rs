@@ -53,6 +53,8 @@ fn span(c: &Captures) -> (usize, usize) {
 
 /// Whether the match is glued to a longer token (`abc-123`, `v1.2`,
 /// `x_42`): then it is part of an identifier, not a number on its own.
+/// A label's colon is not glue: `SSN:123-45-6789`, `tel:+44…`,
+/// `Name:Jane Doe` are how forms, logs and URIs write personal data.
 pub(super) fn glued(text: &str, s: usize, e: usize) -> bool {
     let before = text[..s].chars().next_back();
     let before2 = text[..s].chars().rev().nth(1);
@@ -60,7 +62,8 @@ pub(super) fn glued(text: &str, s: usize, e: usize) -> bool {
     let after2 = text[e..].chars().nth(1);
     let joiner = |c: Option<char>| matches!(c, Some('-' | '_' | '.' | '/' | ':'));
     let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric());
-    joiner(before) && word(before2) || joiner(after) && word(after2)
+    let labelled = before == Some(':') && before2.is_some_and(char::is_alphabetic);
+    joiner(before) && word(before2) && !labelled || joiner(after) && word(after2)
 }
 
 /// Whether the match is one group of a longer run of digit groups (a card,

@@ -552,3 +552,29 @@ fn a_number_beside_other_groups_is_still_found() {
     assert!(classes(&d, "tracking 4111 1111 1111 1111 12").is_empty());
     assert!(classes(&d, "DE89 3704 0044 0532 0130 0").is_empty());
 }
+
+#[test]
+fn a_value_after_a_labels_colon_is_found() {
+    // Forms, logs and URIs write `key:value` with no space.
+    let d = detector();
+    for (text, class, value) in [
+        ("SSN:123-45-6789", "national_id", "123-45-6789"),
+        (
+            "card:4111 1111 1111 1111",
+            "card_number",
+            "4111 1111 1111 1111",
+        ),
+        ("card:4111111111111111", "card_number", "4111111111111111"),
+        ("tel:+44 20 7946 0958", "phone", "+44 20 7946 0958"),
+        ("phone:(555) 123-4567", "phone", "(555) 123-4567"),
+    ] {
+        assert_eq!(
+            found(&d, text),
+            [(class.to_owned(), value.to_owned())],
+            "{text}"
+        );
+    }
+    // A version or an identifier before the colon is still glue.
+    assert!(classes(&d, "v1.2:4111111111111111").is_empty());
+    assert!(classes(&d, "build-7:123-45-6789").is_empty());
+}
