@@ -13,7 +13,8 @@
 //! 5xx, a panic or a hang); the dry run (`/v1/tandem/route`) says whether
 //! the request is read and, where nothing is read, where it goes and which
 //! rule decides; under `strict` and `redact` no planted value reaches the
-//! upstream; the sample keeps whole JSON lines and none of them holds a
+//! upstream, and an answer from it (an echo of the question as it arrived)
+//! reaches the client with every replaced value back, byte for byte; the sample keeps whole JSON lines and none of them holds a
 //! planted value.
 //!
 //! CI runs a short form; `PROPTEST_CASES=5000 cargo test --release -p
@@ -32,7 +33,7 @@ use tandem_policy::learned::{LearnedScorer, ModelKind, TextView, TrainConfig};
 use tandem_router::learned::RouterInput;
 use tandem_router::{Dispatcher, ModelRecognizer};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{RAMPART, SMOLLM2, TestServer, model_path, shared_engine};
+use tandem_testkit::{RAMPART, SMOLLM2, TestServer, model_path, shared_engine, sse_text};
 use tandem_train::{Calibration, Example};
 
 /// Values the pattern detectors find wherever they stand between spaces;
@@ -283,7 +284,7 @@ proptest! {
             messages.push(json!({"role": "user", "content": u}));
             messages.push(json!({"role": "assistant", "content": a}));
         }
-        messages.push(json!({"role": "user", "content": content(user, parts)}));
+        messages.push(json!({"role": "user", "content": content(user.clone(), parts)}));
         let body = json!({
             "model": "tandem/auto",
             "messages": messages,
@@ -332,14 +333,21 @@ proptest! {
             let backend = header("x-tandem-backend");
             prop_assert!(backend == "local" || backend == "cloud:cloud", "{backend}");
             prop_assert!(!header("x-tandem-decided-by").is_empty());
-            if stream {
+            let said = if stream {
                 prop_assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
                 for l in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
                     prop_assert!(l == "[DONE]" || serde_json::from_str::<Value>(l).is_ok(), "{l}");
                 }
+                sse_text(&raw)
             } else {
                 let v: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
                 prop_assert!(v["choices"][0]["message"]["content"].is_string(), "{raw}");
+                v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
+            };
+            // The upstream echoes the question as it received it: whatever
+            // was replaced on the way out comes back exactly as written.
+            if backend == "cloud:cloud" {
+                prop_assert_eq!(said, format!("ECHO: {user}"));
             }
             // The dry run says what the request does: read or not, and
             // where a request that is not read goes and why.

@@ -2,7 +2,7 @@
 //! originals back into the answer — also when a placeholder arrives split
 //! across streamed chunks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{Detector, Unavailable};
 
@@ -14,6 +14,9 @@ pub struct Redaction {
     originals: HashMap<String, String>,
     by_value: HashMap<String, String>,
     counters: HashMap<String, u32>,
+    /// Placeholder-shaped text the request already holds, never handed out:
+    /// its echo in the answer must stay as written.
+    taken: HashSet<String>,
     /// class → values replaced
     pub classes: BTreeMap<String, u32>,
 }
@@ -22,6 +25,29 @@ impl Redaction {
     /// Nothing was replaced.
     pub fn is_empty(&self) -> bool {
         self.originals.is_empty()
+    }
+
+    /// Keeps the placeholders `text` already spells (`[EMAIL_1]` written by
+    /// the user, a template's slot) from being handed out: the answer may
+    /// quote them, and they must come back as written, not as a value.
+    /// Call it on every text of a request before redacting any.
+    pub fn reserve(&mut self, text: &str) {
+        let mut rest = text;
+        while let Some(open) = rest.find('[') {
+            rest = &rest[open..];
+            let Some(close) = rest.find(']') else {
+                return;
+            };
+            let inner = &rest[1..close];
+            if !inner.is_empty()
+                && inner
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            {
+                self.taken.insert(rest[..=close].to_owned());
+            }
+            rest = &rest[1..];
+        }
     }
 
     /// Replaces every finding in `text` with a placeholder.
@@ -39,8 +65,13 @@ impl Redaction {
                 Some(p) => p.clone(),
                 None => {
                     let n = self.counters.entry(f.class.clone()).or_insert(0);
-                    *n += 1;
-                    let p = format!("[{}_{}]", f.class.to_uppercase(), n);
+                    let p = loop {
+                        *n += 1;
+                        let p = format!("[{}_{}]", f.class.to_uppercase(), n);
+                        if !self.taken.contains(&p) {
+                            break p;
+                        }
+                    };
                     self.by_value.insert(value.to_owned(), p.clone());
                     self.originals.insert(p.clone(), value.to_owned());
                     *self.classes.entry(f.class.clone()).or_insert(0) += 1;

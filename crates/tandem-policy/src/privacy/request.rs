@@ -205,6 +205,10 @@ pub fn redact_request(
     req: &mut GenerateRequest,
     r: &mut Redaction,
 ) -> Result<(), Unavailable> {
+    strings(req, &mut |s| {
+        r.reserve(s);
+        Ok(())
+    })?;
     match &mut req.input {
         Input::Chat {
             messages,

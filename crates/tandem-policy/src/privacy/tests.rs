@@ -578,3 +578,36 @@ fn a_value_after_a_labels_colon_is_found() {
     assert!(classes(&d, "v1.2:4111111111111111").is_empty());
     assert!(classes(&d, "build-7:123-45-6789").is_empty());
 }
+
+#[test]
+fn a_placeholder_the_request_already_spells_is_never_handed_out() {
+    // The user writes "[EMAIL_1]" in a later message (a template's slot, a
+    // quoted answer); the address in an earlier one must get another
+    // placeholder, or the answer's echo of the literal would come back as
+    // the address.
+    let d = detector();
+    let mut req = request();
+    if let Input::Chat { messages, .. } = &mut req.input {
+        messages.push(Message::new(
+            "user",
+            "Fill [EMAIL_1] and [EMAIL_2] in, and [PHONE_1], [note], [EMAIL_X].",
+        ));
+    }
+    let mut r = Redaction::default();
+    redact_request(&d, &mut req, &mut r).unwrap();
+    let sent = serde_json::to_string(&req.to_chat_request("m")).unwrap();
+    for taken in ["[EMAIL_1]", "[EMAIL_2]", "[PHONE_1]"] {
+        assert_eq!(sent.matches(taken).count(), 1, "{taken} handed out: {sent}");
+    }
+    assert!(
+        sent.contains("[EMAIL_3]") && sent.contains("[PHONE_2]"),
+        "{sent}"
+    );
+    let mut back = r.restorer();
+    let mut out = back.push("Filled [EMAIL_1], [EMAIL_3] and [PHONE_2] for [EMAIL_2].");
+    out.push_str(&back.finish());
+    assert_eq!(
+        out,
+        "Filled [EMAIL_1], jane.doe@example.com and +44 20 7946 0958 for [EMAIL_2]."
+    );
+}
