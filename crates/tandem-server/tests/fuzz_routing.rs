@@ -13,8 +13,9 @@
 //! 5xx, a panic or a hang); the dry run (`/v1/tandem/route`) says whether
 //! the request is read and, where nothing is read, where it goes and which
 //! rule decides; under `strict` and `redact` no planted value reaches the
-//! upstream, and an answer from it (an echo of the question as it arrived)
-//! reaches the client with every replaced value back, byte for byte; the sample keeps whole JSON lines and none of them holds a
+//! upstream, and an answer from it (an echo of the question as it arrived,
+//! in its text or in a tool call's JSON arguments and its reasoning) reaches
+//! the client with every replaced value back, byte for byte; the sample keeps whole JSON lines and none of them holds a
 //! planted value.
 //!
 //! CI runs a short form; `PROPTEST_CASES=5000 cargo test --release -p
@@ -33,7 +34,7 @@ use tandem_policy::learned::{LearnedScorer, ModelKind, TextView, TrainConfig};
 use tandem_router::learned::RouterInput;
 use tandem_router::{Dispatcher, ModelRecognizer};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
-use tandem_testkit::{RAMPART, SMOLLM2, TestServer, model_path, shared_engine, sse_text};
+use tandem_testkit::{RAMPART, SMOLLM2, TestServer, model_path, shared_engine};
 use tandem_train::{Calibration, Example};
 
 /// Values the pattern detectors find wherever they stand between spaces;
@@ -252,6 +253,50 @@ fn cases() -> u32 {
         .unwrap_or(48)
 }
 
+/// What an answer says, streamed or not.
+struct Said {
+    content: String,
+    arguments: String,
+    reasoning: String,
+}
+
+/// The answer's text, its first tool call's arguments and its reasoning;
+/// an error if it is not a well-formed answer.
+fn answer_of(raw: &str, stream: bool) -> Result<Said, String> {
+    let mut said = Said {
+        content: String::new(),
+        arguments: String::new(),
+        reasoning: String::new(),
+    };
+    let mut add = |m: &Value| {
+        said.content += m["content"].as_str().unwrap_or_default();
+        said.reasoning += m["reasoning_content"].as_str().unwrap_or_default();
+        said.arguments += m["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap_or_default();
+    };
+    if stream {
+        if !raw.trim_end().ends_with("data: [DONE]") {
+            return Err(format!("a stream without its end: {raw}"));
+        }
+        for l in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            if l == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(l).map_err(|e| format!("{e}: {l}"))?;
+            add(&v["choices"][0]["delta"]);
+        }
+    } else {
+        let v: Value = serde_json::from_str(raw).map_err(|e| format!("{e}: {raw}"))?;
+        let m = &v["choices"][0]["message"];
+        if !m["content"].is_string() && !m["tool_calls"].is_array() {
+            return Err(format!("no answer: {raw}"));
+        }
+        add(m);
+    }
+    Ok(said)
+}
+
 fn error_shaped(v: &Value) -> bool {
     v["error"]["message"]
         .as_str()
@@ -270,6 +315,8 @@ proptest! {
     fn any_prompt_is_routed_read_and_answered_or_refused_cleanly(
         system in proptest::option::of(text()),
         earlier in proptest::option::of((text(), text())),
+        called in proptest::option::of(text()),
+        tool in any::<bool>(),
         user in text(),
         parts in any::<bool>(),
         stream in any::<bool>(),
@@ -284,6 +331,12 @@ proptest! {
             messages.push(json!({"role": "user", "content": u}));
             messages.push(json!({"role": "assistant", "content": a}));
         }
+        if let Some(c) = called {
+            let arguments = json!({"text": c}).to_string();
+            messages.push(json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "note", "arguments": arguments}}]}));
+            messages.push(json!({"role": "tool", "tool_call_id": "c1", "content": c}));
+        }
         messages.push(json!({"role": "user", "content": content(user.clone(), parts)}));
         let body = json!({
             "model": "tandem/auto",
@@ -292,6 +345,12 @@ proptest! {
             "temperature": 0,
             "stream": stream,
         });
+        let mut body = body;
+        if tool {
+            body["tools"] = json!([{"type": "function", "function": {"name": "note",
+                "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]);
+        }
+        r.capture.set_mode(if tool { Mode::EchoTool } else { Mode::Echo });
         let headers: Vec<(&str, &str)> = if privacy.is_empty() {
             vec![]
         } else {
@@ -333,21 +392,22 @@ proptest! {
             let backend = header("x-tandem-backend");
             prop_assert!(backend == "local" || backend == "cloud:cloud", "{backend}");
             prop_assert!(!header("x-tandem-decided-by").is_empty());
-            let said = if stream {
-                prop_assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
-                for l in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
-                    prop_assert!(l == "[DONE]" || serde_json::from_str::<Value>(l).is_ok(), "{l}");
-                }
-                sse_text(&raw)
-            } else {
-                let v: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
-                prop_assert!(v["choices"][0]["message"]["content"].is_string(), "{raw}");
-                v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
+            let got = match answer_of(&raw, stream) {
+                Ok(a) => a,
+                Err(e) => return Err(TestCaseError::fail(e)),
             };
-            // The upstream echoes the question as it received it: whatever
-            // was replaced on the way out comes back exactly as written.
+            // The upstream echoes the question as it received it (in its
+            // text, or in a tool call's arguments and its reasoning):
+            // whatever was replaced on the way out comes back as written.
             if backend == "cloud:cloud" {
-                prop_assert_eq!(said, format!("ECHO: {user}"));
+                if tool {
+                    let args: Value = serde_json::from_str(&got.arguments)
+                        .map_err(|e| TestCaseError::fail(format!("{e}: {}", got.arguments)))?;
+                    prop_assert_eq!(args["text"].as_str(), Some(user.as_str()), "{}", got.arguments);
+                    prop_assert_eq!(got.reasoning, format!("Looking up: {user}"));
+                } else {
+                    prop_assert_eq!(got.content, format!("ECHO: {user}"));
+                }
             }
             // The dry run says what the request does: read or not, and
             // where a request that is not read goes and why.
