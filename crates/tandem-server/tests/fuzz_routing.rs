@@ -18,8 +18,9 @@
 //! the client with every replaced value back, byte for byte; the sample keeps whole JSON lines and none of them holds a
 //! planted value.
 //!
-//! CI runs a short form; `PROPTEST_CASES=5000 cargo test --release -p
-//! tandem-server --test fuzz_routing` is the long run.
+//! CI runs a short form; `PROPTEST_CASES=2000 cargo test -p tandem-server
+//! --test fuzz_routing` is the long run (the model and the detectors run
+//! optimised in the test profile too).
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
