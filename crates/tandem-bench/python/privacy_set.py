@@ -142,11 +142,16 @@ def value(kind, f, rng):
     if kind == "aws_key_id":
         return "AKIA" + "".join(rng.choice(string.ascii_uppercase + string.digits) for _ in range(16))
     if kind.startswith("phone_"):
-        return f.phone_number()
+        n = f.phone_number()
+        # Pasted from a web page or set in French typography: no-break spaces.
+        if rng.random() < 0.2:
+            n = n.replace(" ", rng.choice(["\u00a0", "\u202f"]))
+        return n
     if kind == "credit_card":
         n = f.credit_card_number(card_type=rng.choice(["visa16", "mastercard", "amex", "discover"]))
         if rng.random() < 0.5 and len(n) == 16:
-            n = " ".join(n[i:i + 4] for i in range(0, 16, 4))
+            sep = rng.choice([" ", " ", "\u00a0", "\u2009", "-", "\u2011"])
+            n = sep.join(n[i:i + 4] for i in range(0, 16, 4))
         return n
     if kind == "email":
         return f.email()

@@ -1,8 +1,11 @@
 //! Folding the digits of other scripts (full-width, Arabic-Indic, Devanagari,
 //! and every other Unicode decimal digit block the patterns might meet) to
 //! ASCII before pattern matching, so that `१२३-४५-६७८९` is found as the
-//! number it is — and mapping what is found back to the original text's
-//! byte offsets.
+//! number it is — and with them the separators numbers are written with
+//! outside ASCII (no-break and thin spaces, as French and word processors
+//! put between a number's groups; non-breaking hyphens and en dashes) and
+//! a URL's encoded `@` (`%40`) — and mapping what is found back to the
+//! original text's byte offsets.
 
 /// Unicode blocks of decimal digits: the code point of each block's zero.
 /// Every block holds ten consecutive digits.
@@ -109,12 +112,32 @@ pub fn fold_letters(text: &str) -> Folded<'_> {
     }
 }
 
-/// Folds `text`'s digits.
+/// The ASCII separator a number's groups are written with that `c` stands
+/// for: a space for Unicode's spaces (no-break, thin, figure, ideographic
+/// and the rest), a hyphen for its hyphens and dashes short of the em dash
+/// (which separates clauses, not digits).
+fn ascii_separator(c: char) -> Option<char> {
+    match c {
+        '\u{a0}' | '\u{1680}' | '\u{2000}'..='\u{200a}' | '\u{202f}' | '\u{205f}' | '\u{3000}' => {
+            Some(' ')
+        }
+        '\u{2010}'..='\u{2013}' | '\u{2212}' | '\u{fe63}' | '\u{ff0d}' => Some('-'),
+        _ => None,
+    }
+}
+
+/// What `c` is folded to, if anything.
+fn folded(c: char) -> Option<char> {
+    if c.is_ascii() {
+        None
+    } else {
+        ascii_digit(c).or_else(|| ascii_separator(c))
+    }
+}
+
+/// Folds `text`'s digits and separators.
 pub fn fold(text: &str) -> Folded<'_> {
-    if !text
-        .chars()
-        .any(|c| !c.is_ascii() && ascii_digit(c).is_some())
-    {
+    if !text.chars().any(|c| folded(c).is_some()) && !text.contains("%40") {
         return Folded {
             text: std::borrow::Cow::Borrowed(text),
             map: Vec::new(),
@@ -122,8 +145,18 @@ pub fn fold(text: &str) -> Folded<'_> {
     }
     let mut out = String::with_capacity(text.len());
     let mut map = Vec::with_capacity(text.len() + 1);
-    for (at, c) in text.char_indices() {
-        let c = ascii_digit(c).unwrap_or(c);
+    let mut chars = text.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        // An encoded `@` is one character of the folded text, mapped to
+        // the start of its three.
+        if c == '%' && text[at..].starts_with("%40") {
+            chars.next();
+            chars.next();
+            map.push(at);
+            out.push('@');
+            continue;
+        }
+        let c = folded(c).unwrap_or(c);
         for _ in 0..c.len_utf8() {
             map.push(at);
         }

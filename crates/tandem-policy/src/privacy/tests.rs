@@ -611,3 +611,61 @@ fn a_placeholder_the_request_already_spells_is_never_handed_out() {
         "Filled [EMAIL_1], jane.doe@example.com and +44 20 7946 0958 for [EMAIL_2]."
     );
 }
+
+#[test]
+fn numbers_written_with_unicode_separators_or_url_encoded_are_found() {
+    // Copied from a web page or a word processor, or French typography:
+    // no-break and thin spaces between groups, non-breaking hyphens and en
+    // dashes; an address in a URL's query string.
+    let d = detector();
+    for (text, class, value) in [
+        (
+            "card 4111\u{a0}1111\u{a0}1111\u{a0}1111",
+            "card_number",
+            "4111\u{a0}1111\u{a0}1111\u{a0}1111",
+        ),
+        (
+            "card 4111\u{2009}1111\u{2009}1111\u{2009}1111",
+            "card_number",
+            "4111\u{2009}1111\u{2009}1111\u{2009}1111",
+        ),
+        (
+            "card 4111\u{2011}1111\u{2011}1111\u{2011}1111",
+            "card_number",
+            "4111\u{2011}1111\u{2011}1111\u{2011}1111",
+        ),
+        (
+            "call +44\u{a0}20\u{a0}7946\u{a0}0958",
+            "phone",
+            "+44\u{a0}20\u{a0}7946\u{a0}0958",
+        ),
+        (
+            "mon portable : 06\u{202f}12\u{202f}34\u{202f}56\u{202f}78",
+            "phone",
+            "06\u{202f}12\u{202f}34\u{202f}56\u{202f}78",
+        ),
+        (
+            "SSN 123\u{2013}45\u{2013}6789",
+            "national_id",
+            "123\u{2013}45\u{2013}6789",
+        ),
+        (
+            "IBAN DE89\u{a0}3704\u{a0}0044\u{a0}0532\u{a0}0130\u{a0}00",
+            "iban",
+            "DE89\u{a0}3704\u{a0}0044\u{a0}0532\u{a0}0130\u{a0}00",
+        ),
+        (
+            "GET /signup?email=jane.doe%40example.com&x=1",
+            "email",
+            "jane.doe%40example.com",
+        ),
+    ] {
+        assert_eq!(
+            found(&d, text),
+            [(class.to_owned(), value.to_owned())],
+            "{text}"
+        );
+    }
+    // A clause's em dash is not a number's hyphen.
+    assert!(classes(&d, "Version 2\u{2014}the 4111\u{2014}release").is_empty());
+}
