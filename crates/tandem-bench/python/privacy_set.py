@@ -154,7 +154,11 @@ def value(kind, f, rng):
             n = sep.join(n[i:i + 4] for i in range(0, 16, 4))
         return n
     if kind == "email":
-        return f.email()
+        e = f.email()
+        # Written to dodge scrapers.
+        if rng.random() < 0.1:
+            e = e.replace("@", rng.choice(["(at)", " [at] "]))
+        return e
     if kind == "ssn":
         return Faker("en_US").ssn()
     if kind == "iban":

@@ -656,6 +656,15 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
             whole,
             6,
         ),
+        (
+            // Written to dodge scrapers: `jane.doe(at)example.com`,
+            // `jane.doe [at] example [dot] com`. Only the bracketed words:
+            // a bare "at" is prose.
+            "email",
+            r"(?i)\b[a-z0-9._%+-]+ ?[(\[{<]at[)\]}>] ?[a-z0-9-]+(?:(?:\.| ?[(\[{<]dot[)\]}>] ?)[a-z0-9-]+)*(?:\.| ?[(\[{<]dot[)\]}>] ?)[a-z]{2,}\b",
+            whole,
+            6,
+        ),
         ("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban, 6),
         ("card_number", r"\b\d(?:[ -]?\d){12,18}\b", card, 5),
         (

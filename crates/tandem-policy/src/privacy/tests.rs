@@ -669,3 +669,23 @@ fn numbers_written_with_unicode_separators_or_url_encoded_are_found() {
     // A clause's em dash is not a number's hyphen.
     assert!(classes(&d, "Version 2\u{2014}the 4111\u{2014}release").is_empty());
 }
+
+#[test]
+fn an_address_written_to_dodge_scrapers_is_found() {
+    let d = detector();
+    for text in [
+        "mail jane.doe(at)example.com",
+        "mail jane.doe [at] example [dot] com",
+        "Kontakt: h.mueller{AT}firma{DOT}de",
+    ] {
+        assert_eq!(classes(&d, text), ["email"], "{text}");
+    }
+    // Code that indexes with a variable named `at` is not an address.
+    for text in [
+        "let x = buf[at] + offset.len();",
+        "items[at].value",
+        "look at example dot com",
+    ] {
+        assert!(classes(&d, text).is_empty(), "{text}");
+    }
+}
