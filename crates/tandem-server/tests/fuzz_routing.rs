@@ -7,16 +7,18 @@
 //! answering. Prompts are arbitrary text mixed with chat-template tokens,
 //! digits of other scripts, case mappings that change a text's length and
 //! planted personal data, in any message and in text parts, streamed or
-//! not, under every privacy mode.
+//! not, with tools or without, through the cascade or not, under every
+//! privacy mode.
 //!
 //! For each request: an answer or a 4xx in OpenAI's error shape (never a
 //! 5xx, a panic or a hang); the dry run (`/v1/tandem/route`) says whether
-//! the request is read and, where nothing is read, where it goes and which
-//! rule decides; under `strict` and `redact` no planted value reaches the
-//! upstream, and an answer from it (an echo of the question as it arrived,
-//! in its text or in a tool call's JSON arguments and its reasoning) reaches
-//! the client with every replaced value back, byte for byte; the sample keeps whole JSON lines and none of them holds a
-//! planted value.
+//! the request is read and, where nothing is read and no cascade runs,
+//! where it goes and which rule decides; the cascade's verdict names the
+//! side that answered; under `strict` and `redact` no planted value reaches
+//! the upstream, and an answer from it (an echo of the question as it
+//! arrived, in its text or in a tool call's JSON arguments and its
+//! reasoning) reaches the client with every replaced value back, byte for
+//! byte; the sample gains whole JSON lines, none with a planted value.
 //!
 //! CI runs a short form; `PROPTEST_CASES=2000 cargo test -p tandem-server
 //! --test fuzz_routing` is the long run (the model and the detectors run
@@ -46,6 +48,8 @@ const PLANTED: &[&str] = &[
     "DE89 3704 0044 0532 0130 00",
     "123-45-6789",
     "AKIAIOSFODNN7EXAMPLE",
+    "5500\u{a0}0000\u{a0}0000\u{a0}0004",
+    "owner%40corp.example",
 ];
 
 /// Pieces that trip tokenizers, templates, case folding and number
@@ -232,18 +236,39 @@ fn text() -> impl Strategy<Value = String> {
     proptest::collection::vec(piece(), 1..8).prop_map(|p| p.concat())
 }
 
-/// A message's content: a string, or text parts.
-fn content(t: String, parts: bool) -> Value {
+/// A message's content: a string, or text parts cut at `cut` (a share of
+/// its characters; a value may straddle the cut).
+fn content(t: String, parts: bool, cut: f64) -> Value {
     if parts {
-        let mid = t
+        let n = t.chars().count();
+        let at = t
             .char_indices()
-            .nth(t.chars().count() / 2)
-            .map_or(0, |c| c.0);
-        let (a, b) = t.split_at(mid);
+            .nth((n as f64 * cut) as usize)
+            .map_or(t.len(), |c| c.0);
+        let (a, b) = t.split_at(at);
         json!([{"type": "text", "text": a}, {"type": "text", "text": b}])
     } else {
         json!(t)
     }
+}
+
+/// Every message's text as the model reads it: its content, or its text
+/// parts joined.
+fn texts_of(sent: &Value) -> String {
+    let mut all = String::new();
+    for m in sent["messages"].as_array().into_iter().flatten() {
+        match &m["content"] {
+            Value::String(s) => all.push_str(s),
+            Value::Array(parts) => {
+                for p in parts {
+                    all.push_str(p["text"].as_str().unwrap_or_default());
+                }
+            }
+            _ => {}
+        }
+        all.push('\n');
+    }
+    all
 }
 
 fn cases() -> u32 {
@@ -318,8 +343,11 @@ proptest! {
         earlier in proptest::option::of((text(), text())),
         called in proptest::option::of(text()),
         tool in any::<bool>(),
+        cascade in any::<bool>(),
+        max_tokens in proptest::sample::select(&[2u32, 12][..]),
         user in text(),
         parts in any::<bool>(),
+        cut in 0.0f64..1.0,
         stream in any::<bool>(),
         privacy in proptest::sample::select(&["strict", "redact", "off", ""][..]),
     ) {
@@ -338,11 +366,11 @@ proptest! {
                 {"id": "c1", "type": "function", "function": {"name": "note", "arguments": arguments}}]}));
             messages.push(json!({"role": "tool", "tool_call_id": "c1", "content": c}));
         }
-        messages.push(json!({"role": "user", "content": content(user.clone(), parts)}));
+        messages.push(json!({"role": "user", "content": content(user.clone(), parts, cut)}));
         let body = json!({
             "model": "tandem/auto",
             "messages": messages,
-            "max_tokens": 2,
+            "max_tokens": max_tokens,
             "temperature": 0,
             "stream": stream,
         });
@@ -352,11 +380,14 @@ proptest! {
                 "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]);
         }
         r.capture.set_mode(if tool { Mode::EchoTool } else { Mode::Echo });
-        let headers: Vec<(&str, &str)> = if privacy.is_empty() {
+        let mut headers: Vec<(&str, &str)> = if privacy.is_empty() {
             vec![]
         } else {
             vec![("x-tandem-privacy", privacy)]
         };
+        if cascade {
+            headers.push(("x-tandem-mode", "cascade"));
+        }
         let before = r.capture.captured().len();
         let kept_before = std::fs::metadata(&r.sample).map_or(0, |m| m.len() as usize);
         let (dry, answer) = r.rt.block_on(async {
@@ -416,7 +447,14 @@ proptest! {
             let said = dry.1["reading"].as_str().unwrap_or_default().to_owned();
             let read = !header("x-tandem-router-reading").is_empty();
             prop_assert_eq!(read, said.starts_with("would be read"), "{}", said);
-            if !read {
+            // Under the cascade, the answer kept says where it came from.
+            let verdict = header("x-tandem-cascade");
+            if verdict.starts_with("kept") {
+                prop_assert_eq!(backend.as_str(), "local", "{}", verdict);
+            } else if verdict.starts_with("escalated") {
+                prop_assert_eq!(backend.as_str(), "cloud:cloud", "{}", verdict);
+            }
+            if !read && !cascade {
                 let by = header("x-tandem-decided-by");
                 prop_assert_eq!(dry.1["backend"].as_str(), Some(backend.as_str()), "{}", dry.1);
                 prop_assert_eq!(dry.1["decision"]["decided_by"].as_str(), Some(by.as_str()), "{}", dry.1);
@@ -426,7 +464,9 @@ proptest! {
         // Nothing planted leaves under a privacy mode.
         if privacy == "strict" || privacy == "redact" {
             for c in r.capture.captured().iter().skip(before) {
-                let sent = String::from_utf8_lossy(&c.body).into_owned() + &c.json().to_string();
+                let sent = String::from_utf8_lossy(&c.body).into_owned()
+                    + &c.json().to_string()
+                    + &texts_of(&c.json());
                 for p in PLANTED {
                     prop_assert!(!sent.contains(p), "{p} left under {privacy}: {sent}");
                 }

@@ -56,11 +56,60 @@ impl Redaction {
         if findings.is_empty() {
             return Ok(text.to_owned());
         }
+        Ok(self.replace(text, findings, &[]).0)
+    }
+
+    /// Redacts texts that are read as one (a message's text parts): what
+    /// is found across a cut between two of them is found, and its
+    /// placeholder goes where it starts, the rest of it removed from the
+    /// next ones.
+    pub fn redact_pieces(
+        &mut self,
+        detector: &Detector,
+        pieces: &[&str],
+    ) -> Result<Vec<String>, Unavailable> {
+        let joined = pieces.concat();
+        let findings = detector.find(&joined)?;
+        if findings.is_empty() {
+            return Ok(pieces.iter().map(|p| (*p).to_owned()).collect());
+        }
+        let cuts: Vec<usize> = pieces
+            .iter()
+            .scan(0, |at, p| {
+                *at += p.len();
+                Some(*at)
+            })
+            .take(pieces.len().saturating_sub(1))
+            .collect();
+        let (out, cuts) = self.replace(&joined, findings, &cuts);
+        let mut from = 0;
+        let mut res = Vec::with_capacity(pieces.len());
+        for c in cuts.into_iter().chain([out.len()]) {
+            res.push(out.get(from..c).unwrap_or_default().to_owned());
+            from = c;
+        }
+        Ok(res)
+    }
+
+    /// `text` with `findings` (in order, apart) replaced, and where each
+    /// of `cuts` (ascending offsets of `text`) falls in it: a cut inside a
+    /// finding falls after its placeholder.
+    fn replace(
+        &mut self,
+        text: &str,
+        findings: Vec<super::Finding>,
+        cuts: &[usize],
+    ) -> (String, Vec<usize>) {
         let mut out = String::with_capacity(text.len());
+        let mut mapped = Vec::with_capacity(cuts.len());
+        let mut cuts = cuts.iter().copied().peekable();
         let mut at = 0;
         for f in findings {
-            out.push_str(&text[at..f.start]);
-            let value = &text[f.start..f.end];
+            while let Some(c) = cuts.next_if(|&c| c <= f.start) {
+                mapped.push(out.len() + c.saturating_sub(at));
+            }
+            out.push_str(text.get(at..f.start).unwrap_or_default());
+            let value = text.get(f.start..f.end).unwrap_or_default();
             let placeholder = match self.by_value.get(value) {
                 Some(p) => p.clone(),
                 None => {
@@ -79,10 +128,16 @@ impl Redaction {
                 }
             };
             out.push_str(&placeholder);
+            while cuts.next_if(|&c| c < f.end).is_some() {
+                mapped.push(out.len());
+            }
             at = f.end;
         }
-        out.push_str(&text[at..]);
-        Ok(out)
+        for c in cuts {
+            mapped.push(out.len() + c.saturating_sub(at));
+        }
+        out.push_str(text.get(at..).unwrap_or_default());
+        (out, mapped)
     }
 
     /// A streaming restorer for answers that may quote placeholders.

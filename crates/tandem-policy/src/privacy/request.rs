@@ -71,11 +71,29 @@ fn is_payload(kind: &str, field: &str, key: &str, value: &Value) -> bool {
     }
 }
 
+/// Whether a part's text is read with the message's other text parts, as
+/// one text: a value split across two of them is still found.
+fn joined(part: &ContentPart) -> bool {
+    part.kind == "text" && part.text.is_some()
+}
+
+/// The text of a message's text parts, as one.
+fn joined_text(parts: &[ContentPart]) -> String {
+    parts
+        .iter()
+        .filter(|p| joined(p))
+        .filter_map(|p| p.text.as_deref())
+        .collect()
+}
+
+/// Every string of a part but the text [`joined`] reads.
 fn part_strings(
     part: &ContentPart,
     f: &mut dyn FnMut(&str) -> Result<(), Unavailable>,
 ) -> Result<(), Unavailable> {
-    if let Some(t) = &part.text {
+    if let Some(t) = &part.text
+        && !joined(part)
+    {
         f(t)?;
     }
     for (field, v) in &part.extra {
@@ -95,12 +113,16 @@ fn part_strings(
     Ok(())
 }
 
+/// Redacts every string of a part but the text [`joined`] reads.
 fn redact_part(
     detector: &Detector,
     part: &mut ContentPart,
     r: &mut Redaction,
 ) -> Result<(), Unavailable> {
-    if let Some(t) = part.text.as_mut() {
+    let alone = !joined(part);
+    if let Some(t) = part.text.as_mut()
+        && alone
+    {
         *t = r.redact(detector, t)?;
     }
     let extra = std::mem::take(&mut part.extra);
@@ -137,7 +159,10 @@ fn strings(
                 // With parts, the parts are what leaves; `content` is
                 // their text again.
                 match &m.parts {
-                    Some(parts) => parts.iter().try_for_each(|p| part_strings(p, f))?,
+                    Some(parts) => {
+                        f(&joined_text(parts))?;
+                        parts.iter().try_for_each(|p| part_strings(p, f))?;
+                    }
                     None => f(&m.content)?,
                 }
                 if let Some(n) = &m.name {
@@ -217,8 +242,17 @@ pub fn redact_request(
             for m in messages.iter_mut() {
                 match m.parts.as_mut() {
                     Some(parts) => {
+                        let pieces: Vec<&str> = parts
+                            .iter()
+                            .filter(|p| joined(p))
+                            .filter_map(|p| p.text.as_deref())
+                            .collect();
+                        let mut redacted = r.redact_pieces(detector, &pieces)?.into_iter();
                         let mut text = String::new();
                         for p in parts.iter_mut() {
+                            if joined(p) {
+                                p.text = redacted.next();
+                            }
                             redact_part(detector, p, r)?;
                             if let (Some(t), "text") = (&p.text, p.kind.as_str()) {
                                 text.push_str(t);

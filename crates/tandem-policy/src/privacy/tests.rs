@@ -689,3 +689,50 @@ fn an_address_written_to_dodge_scrapers_is_found() {
         assert!(classes(&d, text).is_empty(), "{text}");
     }
 }
+
+#[test]
+fn a_value_split_across_text_parts_is_found_and_replaced_where_it_starts() {
+    // An app that cuts a document into parts of a fixed size cuts through
+    // whatever straddles the cut.
+    let d = detector();
+    let mut req = request();
+    let parts: Vec<tandem_api::openai::ContentPart> = serde_json::from_value(serde_json::json!([
+        {"type": "text", "text": "Write to jane.d"},
+        {"type": "text", "text": "oe@example.org and charge 4111 1111 "},
+        {"type": "image_url", "image_url": {"url": "https://img.example/cat.png"}},
+        {"type": "text", "text": "1111 1111 today."},
+    ]))
+    .unwrap();
+    let Input::Chat { messages, .. } = &mut req.input else {
+        panic!()
+    };
+    messages[0].content =
+        "Write to jane.doe@example.org and charge 4111 1111 1111 1111 today.".into();
+    messages[0].parts = Some(parts);
+    let scan = scan_request(&d, &req).unwrap();
+    assert!(scan.classes.contains_key("card_number"), "{scan:?}");
+    let mut r = Redaction::default();
+    redact_request(&d, &mut req, &mut r).unwrap();
+    let sent = serde_json::to_value(req.to_chat_request("m")).unwrap();
+    let texts: Vec<&str> = sent["messages"][0]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "Write to [EMAIL_1]",
+            " and charge [CARD_NUMBER_1]",
+            " today."
+        ]
+    );
+    let mut back = r.restorer();
+    let mut out = back.push(&texts.concat());
+    out.push_str(&back.finish());
+    assert_eq!(
+        out,
+        "Write to jane.doe@example.org and charge 4111 1111 1111 1111 today."
+    );
+}
