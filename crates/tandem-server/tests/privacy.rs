@@ -604,3 +604,18 @@ fn addresses_are_found_whole() {
         assert_finds(&d, text, "address", address);
     }
 }
+
+/// A Latin name set in Chinese, Japanese, Korean or Thai text touches the
+/// words around it (no spaces there): it is found, and only the name.
+#[test]
+fn a_latin_name_in_text_without_spaces_is_found() {
+    let d = model_detector();
+    for (text, name) in [
+        ("请联系Jane Doe明天。", "Jane Doe"),
+        ("Maria Garciaさんに電話してください。", "Maria Garcia"),
+        ("Maria Garcia씨에게 전화하세요.", "Maria Garcia"),
+        ("โทรหาJohn Smithพรุ่งนี้", "John Smith"),
+    ] {
+        assert_finds(&d, text, "person", name);
+    }
+}

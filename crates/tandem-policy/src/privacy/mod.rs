@@ -338,82 +338,19 @@ impl Detector {
             })
             .collect();
         if let Some(r) = &self.recognizer {
-            let entities = r.recognize(text).map_err(Unavailable)?;
-            hits.extend(entities::hits(text, &entities));
-            for (start, end) in entities::rereads(text, &entities)
-                .into_iter()
-                .take(entities::MAX_REREADS)
-            {
-                // A town the model reads as a name where a name is asked
-                // for is still a town.
-                let Some(span) = text.get(start..end).filter(|s| !places::is_place(s)) else {
-                    continue;
-                };
-                let alone = |s: &str| -> Result<(bool, Vec<NamePiece>), Unavailable> {
-                    let (labels, pieces) = r.read(s).map_err(Unavailable)?;
-                    let found =
-                        entities::person_alone(s, &labels) || entities::name_alone(s, &pieces);
-                    Ok((found, pieces))
-                };
-                let (found, pieces) = alone(span)?;
-                let keyed = entities::after_name_key(text, start);
-                // A given name and two surnames ("Salvador Pedraza Manuel")
-                // may read as nothing where its first two words read as a
-                // name: the rest of the run is that name's.
-                let head = entities::leading_pair(span).and_then(|end| span.get(..end));
-                let found = found
-                    || match head {
-                        Some(h) => alone(h)?.0,
-                        None => false,
-                    }
-                    || match keyed
-                        .then_some(entities::NAME_FRAME)
-                        .or_else(|| entities::name_frame_after(text, start))
-                    {
-                        None => false,
-                        Some(frame) => {
-                            // Names the model does not know read as nothing even
-                            // alone; written where a name is asked for, they do.
-                            // Some only without their diacritics ("Błażej
-                            // Potyrała" 0.13 there, "Blazej Potyrala" 1.00).
-                            let asked = |s: &normalize::Folded<'_>| {
-                                let framed = format!("{frame}{}", s.text);
-                                let shift = frame.len();
-                                r.name_pieces(&framed).map_err(Unavailable).map(|pieces| {
-                                    pieces
-                                        .into_iter()
-                                        .filter(|p| p.start >= shift && p.end >= p.start)
-                                        .map(|p| NamePiece {
-                                            start: s.original(p.start - shift),
-                                            end: s.original(p.end - shift),
-                                            ..p
-                                        })
-                                        .collect::<Vec<NamePiece>>()
-                                })
-                            };
-                            let plain = normalize::Folded::plain(span);
-                            entities::name_where_asked(span, &pieces, &asked(&plain)?, keyed) || {
-                                let bare = normalize::fold_letters(span);
-                                bare.text != span
-                                    && entities::name_where_asked(
-                                        span,
-                                        &pieces,
-                                        &asked(&bare)?,
-                                        keyed,
-                                    )
-                            }
-                        }
-                    };
-                if found {
-                    let (start, end) = entities::reread_name(text, start, end);
-                    hits.push(patterns::Hit {
-                        class: "person".into(),
-                        start,
-                        end,
-                        priority: 1,
-                    });
-                }
-            }
+            // Latin names set in scripts written without spaces ("请联系Jane
+            // Doe明天") are read with a space around them, as where they
+            // stand apart; what is found maps back to the text.
+            let spaced = normalize::spaced(text);
+            hits.extend(
+                recognized(r.as_ref(), &spaced.text)?
+                    .into_iter()
+                    .map(|h| patterns::Hit {
+                        start: spaced.original(h.start),
+                        end: spaced.original(h.end),
+                        ..h
+                    }),
+            );
         }
         let out = resolve(text, hits);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -494,6 +431,82 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
         });
     }
     out
+}
+
+/// What the recognizer finds in `text`: names and addresses as the model
+/// labels them, and runs it reads again on their own.
+fn recognized(r: &dyn EntityRecognizer, text: &str) -> Result<Vec<patterns::Hit>, Unavailable> {
+    let entities = r.recognize(text).map_err(Unavailable)?;
+    let mut hits = entities::hits(text, &entities);
+    for (start, end) in entities::rereads(text, &entities)
+        .into_iter()
+        .take(entities::MAX_REREADS)
+    {
+        // A town the model reads as a name where a name is asked
+        // for is still a town.
+        let Some(span) = text.get(start..end).filter(|s| !places::is_place(s)) else {
+            continue;
+        };
+        let alone = |s: &str| -> Result<(bool, Vec<NamePiece>), Unavailable> {
+            let (labels, pieces) = r.read(s).map_err(Unavailable)?;
+            let found = entities::person_alone(s, &labels) || entities::name_alone(s, &pieces);
+            Ok((found, pieces))
+        };
+        let (found, pieces) = alone(span)?;
+        let keyed = entities::after_name_key(text, start);
+        // A given name and two surnames ("Salvador Pedraza Manuel")
+        // may read as nothing where its first two words read as a
+        // name: the rest of the run is that name's.
+        let head = entities::leading_pair(span).and_then(|end| span.get(..end));
+        let found = found
+            || match head {
+                Some(h) => alone(h)?.0,
+                None => false,
+            }
+            || match keyed
+                .then_some(entities::NAME_FRAME)
+                .or_else(|| entities::name_frame_after(text, start))
+            {
+                None => false,
+                Some(frame) => {
+                    // Names the model does not know read as nothing even
+                    // alone; written where a name is asked for, they do.
+                    // Some only without their diacritics ("Błażej
+                    // Potyrała" 0.13 there, "Blazej Potyrala" 1.00).
+                    let asked = |s: &normalize::Folded<'_>| {
+                        let framed = format!("{frame}{}", s.text);
+                        let shift = frame.len();
+                        r.name_pieces(&framed).map_err(Unavailable).map(|pieces| {
+                            pieces
+                                .into_iter()
+                                .filter(|p| p.start >= shift && p.end >= p.start)
+                                .map(|p| NamePiece {
+                                    start: s.original(p.start - shift),
+                                    end: s.original(p.end - shift),
+                                    ..p
+                                })
+                                .collect::<Vec<NamePiece>>()
+                        })
+                    };
+                    let plain = normalize::Folded::plain(span);
+                    entities::name_where_asked(span, &pieces, &asked(&plain)?, keyed) || {
+                        let bare = normalize::fold_letters(span);
+                        bare.text != span
+                            && entities::name_where_asked(span, &pieces, &asked(&bare)?, keyed)
+                    }
+                }
+            };
+        if found {
+            let (start, end) = entities::reread_name(text, start, end);
+            hits.push(patterns::Hit {
+                class: "person".into(),
+                start,
+                end,
+                priority: 1,
+            });
+        }
+    }
+    Ok(hits)
 }
 
 #[cfg(test)]

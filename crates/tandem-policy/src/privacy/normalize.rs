@@ -169,6 +169,58 @@ pub fn fold(text: &str) -> Folded<'_> {
     }
 }
 
+/// Whether `c` belongs to a script written without spaces between words
+/// (Chinese, Japanese, Korean with its particles, Thai, Lao, Khmer,
+/// Myanmar).
+fn unspaced(c: char) -> bool {
+    matches!(c as u32,
+        0x0E00..=0x0EFF // Thai, Lao
+        | 0x1000..=0x109F // Myanmar
+        | 0x1780..=0x17FF // Khmer
+        | 0x2E80..=0x9FFF // CJK radicals and punctuation, kana, ideographs
+        | 0xAC00..=0xD7AF // Hangul syllables
+        | 0xF900..=0xFAFF // CJK compatibility ideographs
+        | 0xFF00..=0xFFEF // full-width forms
+        | 0x20000..=0x3134F) // CJK extensions
+}
+
+/// `text` with a space between a letter or digit of a script written
+/// with spaces and one written without (`请联系Jane Doe明天` → `请联系 Jane
+/// Doe 明天`), where a Latin name set in such text touches its words.
+pub fn spaced(text: &str) -> Folded<'_> {
+    let spaced_word = |c: char| c.is_alphanumeric() && !unspaced(c);
+    let boundary = |a: char, b: char| {
+        (unspaced(a) && a.is_alphanumeric() && spaced_word(b))
+            || (spaced_word(a) && unspaced(b) && b.is_alphanumeric())
+    };
+    let mut prev = None;
+    if !text.chars().any(|c| {
+        let cut = prev.is_some_and(|p| boundary(p, c));
+        prev = Some(c);
+        cut
+    }) {
+        return Folded::plain(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut map = Vec::with_capacity(text.len() + 17);
+    let mut prev = None;
+    for (at, c) in text.char_indices() {
+        if prev.is_some_and(|p| boundary(p, c)) {
+            // The space stands for where the next character starts.
+            map.push(at);
+            out.push(' ');
+        }
+        map.extend(std::iter::repeat_n(at, c.len_utf8()));
+        out.push(c);
+        prev = Some(c);
+    }
+    map.push(text.len());
+    Folded {
+        text: std::borrow::Cow::Owned(out),
+        map,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +257,23 @@ mod tests {
             fold("plain 123").text,
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn latin_words_in_unspaced_scripts_stand_apart_and_map_back() {
+        let t = "请联系Jane Doe明天。";
+        let f = spaced(t);
+        assert_eq!(f.text, "请联系 Jane Doe 明天。");
+        let start = f.text.find("Jane").unwrap();
+        let end = start + "Jane Doe".len();
+        assert_eq!(&t[f.original(start)..f.original(end)], "Jane Doe");
+        assert_eq!(spaced("โทรหาJohn Smithพรุ่งนี้").text, "โทรหา John Smith พรุ่งนี้");
+        // Nothing to do: borrowed as it is.
+        for t in ["Call Jane Doe.", "请联系 Jane Doe 明天。", "日本語だけ", ""] {
+            assert!(
+                matches!(spaced(t).text, std::borrow::Cow::Borrowed(_)),
+                "{t}"
+            );
+        }
     }
 }
