@@ -75,6 +75,38 @@ impl<'a> Folded<'a> {
     }
 }
 
+/// A folded text being written: each piece pushed with the original
+/// offset it stands for.
+struct Builder<'a> {
+    text: &'a str,
+    out: String,
+    map: Vec<usize>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(text: &'a str) -> Self {
+        Builder {
+            text,
+            out: String::with_capacity(text.len() + 16),
+            map: Vec::with_capacity(text.len() + 17),
+        }
+    }
+
+    /// Appends `piece`, every byte of it from original offset `at`.
+    fn push(&mut self, at: usize, piece: &str) {
+        self.map.extend(std::iter::repeat_n(at, piece.len()));
+        self.out.push_str(piece);
+    }
+
+    fn finish(mut self) -> Folded<'a> {
+        self.map.push(self.text.len());
+        Folded {
+            text: std::borrow::Cow::Owned(self.out),
+            map: self.map,
+        }
+    }
+}
+
 /// Whether a character is a Latin letter with a diacritic or a Latin
 /// letter outside ASCII ("ł", "ø", "ß").
 fn latin_beyond_ascii(c: char) -> bool {
@@ -87,29 +119,18 @@ pub fn fold_letters(text: &str) -> Folded<'_> {
     if !text.chars().any(latin_beyond_ascii) {
         return Folded::plain(text);
     }
-    let mut out = String::with_capacity(text.len());
-    let mut map = Vec::with_capacity(text.len() + 1);
+    let mut b = Builder::new(text);
     for (at, c) in text.char_indices() {
         let bare = Some(c)
             .filter(|&c| latin_beyond_ascii(c))
             .and_then(deunicode::deunicode_char)
             .filter(|s| !s.is_empty() && s.chars().all(|b| b.is_ascii_alphabetic()));
         match bare {
-            Some(s) => {
-                map.extend(std::iter::repeat_n(at, s.len()));
-                out.push_str(s);
-            }
-            None => {
-                map.extend(std::iter::repeat_n(at, c.len_utf8()));
-                out.push(c);
-            }
+            Some(s) => b.push(at, s),
+            None => b.push(at, c.encode_utf8(&mut [0; 4])),
         }
     }
-    map.push(text.len());
-    Folded {
-        text: std::borrow::Cow::Owned(out),
-        map,
-    }
+    b.finish()
 }
 
 /// The ASCII separator a number's groups are written with that `c` stands
@@ -138,13 +159,9 @@ fn folded(c: char) -> Option<char> {
 /// Folds `text`'s digits and separators.
 pub fn fold(text: &str) -> Folded<'_> {
     if !text.chars().any(|c| folded(c).is_some()) && !text.contains("%40") {
-        return Folded {
-            text: std::borrow::Cow::Borrowed(text),
-            map: Vec::new(),
-        };
+        return Folded::plain(text);
     }
-    let mut out = String::with_capacity(text.len());
-    let mut map = Vec::with_capacity(text.len() + 1);
+    let mut b = Builder::new(text);
     let mut chars = text.char_indices().peekable();
     while let Some((at, c)) = chars.next() {
         // An encoded `@` is one character of the folded text, mapped to
@@ -152,21 +169,12 @@ pub fn fold(text: &str) -> Folded<'_> {
         if c == '%' && text[at..].starts_with("%40") {
             chars.next();
             chars.next();
-            map.push(at);
-            out.push('@');
+            b.push(at, "@");
             continue;
         }
-        let c = folded(c).unwrap_or(c);
-        for _ in 0..c.len_utf8() {
-            map.push(at);
-        }
-        out.push(c);
+        b.push(at, folded(c).unwrap_or(c).encode_utf8(&mut [0; 4]));
     }
-    map.push(text.len());
-    Folded {
-        text: std::borrow::Cow::Owned(out),
-        map,
-    }
+    b.finish()
 }
 
 /// Whether `c` belongs to a script written without spaces between words
@@ -201,24 +209,17 @@ pub fn spaced(text: &str) -> Folded<'_> {
     }) {
         return Folded::plain(text);
     }
-    let mut out = String::with_capacity(text.len() + 16);
-    let mut map = Vec::with_capacity(text.len() + 17);
+    let mut b = Builder::new(text);
     let mut prev = None;
     for (at, c) in text.char_indices() {
         if prev.is_some_and(|p| boundary(p, c)) {
             // The space stands for where the next character starts.
-            map.push(at);
-            out.push(' ');
+            b.push(at, " ");
         }
-        map.extend(std::iter::repeat_n(at, c.len_utf8()));
-        out.push(c);
+        b.push(at, c.encode_utf8(&mut [0; 4]));
         prev = Some(c);
     }
-    map.push(text.len());
-    Folded {
-        text: std::borrow::Cow::Owned(out),
-        map,
-    }
+    b.finish()
 }
 
 #[cfg(test)]
