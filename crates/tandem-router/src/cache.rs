@@ -2,8 +2,10 @@
 //! the same, without a backend — so also when the device is offline.
 //!
 //! An entry is found only within its partition (the API key and the privacy
-//! mode), only for the same conversation before the last user message, the
-//! same model name and the same length limits, only when the last user
+//! mode), only for the same conversation before the last user message
+//! (every field of every message: tool calls, names), the same model name,
+//! length limits, sampling and other request fields (all but those that
+//! say who asks or how to bill, such as `user`), only when the last user
 //! message's *literals* are the same ([`literals`]: its numbers, negations
 //! and capitalised names, in order — what a sentence vector blurs, and
 //! what changes the answer), and only when its embedding is at least
@@ -94,6 +96,17 @@ impl CacheKey {
         for s in &req.stop {
             field(s);
         }
+        // Every field Tandem passes on uninterpreted (`reasoning_effort`,
+        // `modalities`, `prediction`...) may change the answer; only those
+        // that say who asks or how to bill do not. An unknown field costs a
+        // miss, never another request's answer.
+        field("fields");
+        for (k, v) in &req.extra {
+            if !ANSWER_NEUTRAL.contains(&k.as_str()) {
+                field(k);
+                field(&canonical(v));
+            }
+        }
         let text = match &req.input {
             Input::Chat {
                 messages,
@@ -109,10 +122,16 @@ impl CacheKey {
                     return None;
                 }
                 field("chat");
+                // The whole message, not its text alone: an assistant's
+                // tool call (`book({"city": "Paris"})`) or a participant's
+                // `name` changes what the next question asks.
                 for m in before {
                     field(&m.role);
                     field(&m.content);
+                    message_fields(m, &mut field);
                 }
+                field("last");
+                message_fields(last, &mut field);
                 last.content.clone()
             }
             Input::Text(t) => {
@@ -137,6 +156,46 @@ impl CacheKey {
     /// The text whose embedding is compared.
     pub fn text(&self) -> &str {
         &self.text
+    }
+}
+
+/// Request fields that change no answer: who asks (`user`,
+/// `safety_identifier`), what to store or bill (`metadata`, `store`,
+/// `service_tier`, `prompt_cache_key`, `prompt_cache_retention`).
+const ANSWER_NEUTRAL: &[&str] = &[
+    "user",
+    "safety_identifier",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+];
+
+/// A message's fields besides its role and text, into the key.
+fn message_fields(m: &tandem_api::Message, field: &mut impl FnMut(&str)) {
+    field(m.name.as_deref().map_or("-", |n| n));
+    field(&canonical(&Value::Object(m.extra.clone())));
+}
+
+/// A JSON value written with its objects' keys in order, so that the same
+/// value sent with its keys in another order keys the same entry.
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(o) => {
+            let mut pairs: Vec<(&String, &Value)> = o.iter().collect();
+            pairs.sort_by(|a, b| a.0.cmp(b.0));
+            let inner: Vec<String> = pairs
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical(v)))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        Value::Array(a) => {
+            let inner: Vec<String> = a.iter().map(canonical).collect();
+            format!("[{}]", inner.join(","))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -655,6 +714,67 @@ mod tests {
         // Case, punctuation and other words are the embedding's to judge.
         let same = key("what's 57 + 50");
         assert_eq!(cache.lookup(&same, &v).unwrap().text, "107");
+    }
+
+    #[test]
+    fn every_field_that_shapes_an_answer_is_in_the_key() {
+        let key = |r: &GenerateRequest| CacheKey::new(r, Some("k"), "redact").unwrap().context;
+        let booked = |city: &str, key_order: bool| {
+            let mut r = req(&[
+                ("user", "Book me a hotel."),
+                ("assistant", ""),
+                ("tool", "done"),
+            ]);
+            let call = if key_order {
+                serde_json::json!([{"id": "c1", "type": "function",
+                    "function": {"name": "book", "arguments": format!("{{\"city\":\"{city}\"}}")}}])
+            } else {
+                serde_json::json!([{"function": {"arguments": format!("{{\"city\":\"{city}\"}}"),
+                    "name": "book"}, "type": "function", "id": "c1"}])
+            };
+            if let Input::Chat { messages, .. } = &mut r.input {
+                messages[1].extra.insert("tool_calls".into(), call);
+                messages.push(Message::new("user", "What did I book?"));
+            }
+            r
+        };
+        // Another tool call before the same words: another entry.
+        assert_ne!(key(&booked("Paris", true)), key(&booked("Berlin", true)));
+        // The same call with its keys in another order: the same entry.
+        assert_eq!(key(&booked("Paris", true)), key(&booked("Paris", false)));
+        // Another participant's name, before or on the question itself.
+        let named = |who: Option<&str>| {
+            let mut r = req(&[("user", "What is my name?")]);
+            if let Input::Chat { messages, .. } = &mut r.input {
+                messages[0].name = who.map(str::to_owned);
+            }
+            key(&r)
+        };
+        assert_ne!(named(Some("alice")), named(Some("bob")));
+        assert_ne!(named(Some("alice")), named(None));
+        // Fields passed on to the upstream change the answer; who asks
+        // does not.
+        let with = |field: &str, v: serde_json::Value| {
+            let mut r = req(&[("user", "hi")]);
+            r.extra.insert(field.into(), v);
+            key(&r)
+        };
+        let plain = key(&req(&[("user", "hi")]));
+        for (field, v) in [
+            ("reasoning_effort", serde_json::json!("low")),
+            ("modalities", serde_json::json!(["text", "audio"])),
+            ("verbosity", serde_json::json!("high")),
+        ] {
+            assert_ne!(with(field, v), plain, "{field}");
+        }
+        for (field, v) in [
+            ("user", serde_json::json!("u-17")),
+            ("metadata", serde_json::json!({"run": "a"})),
+            ("store", serde_json::json!(true)),
+            ("service_tier", serde_json::json!("flex")),
+        ] {
+            assert_eq!(with(field, v), plain, "{field}");
+        }
     }
 
     #[test]
