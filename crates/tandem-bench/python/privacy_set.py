@@ -102,7 +102,8 @@ T = {
     },
     "ipv4": {
         "en": ["The server at {v} is not responding.", "Block traffic from {v} in the firewall.",
-               "My home IP is {v}, can you whitelist it?"],
+               "My home IP is {v}, can you whitelist it?",
+               "GET /login?ip={v}&attempt=3 returned 403", "client_ip={v} status=429 path=/api"],
     },
     "ipv6": {
         "en": ["The host {v} drops packets.", "My IPv6 address is {v}.", "Allow {v} in the security group."],
@@ -162,7 +163,13 @@ def value(kind, f, rng):
     if kind == "ssn":
         return Faker("en_US").ssn()
     if kind == "iban":
-        return f.iban()
+        n = f.iban()
+        # Typed rather than printed: lower case, or grouped with dashes.
+        if rng.random() < 0.1:
+            n = n.lower()
+        elif rng.random() < 0.1:
+            n = "-".join(n[i:i + 4] for i in range(0, len(n), 4))
+        return n
     if kind == "ipv4":
         return f.ipv4_public()
     if kind == "ipv6":

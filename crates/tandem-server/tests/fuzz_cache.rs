@@ -380,17 +380,9 @@ fn answer_text(raw: &str, stream: bool) -> Result<String, String> {
     }
 }
 
-fn cases() -> u32 {
-    // An explicit count would override PROPTEST_CASES: read it here.
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(),
+        cases: tandem_testkit::proptest_cases(24),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

@@ -271,14 +271,6 @@ fn texts_of(sent: &Value) -> String {
     all
 }
 
-fn cases() -> u32 {
-    // An explicit count would override PROPTEST_CASES: read it here.
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
-}
-
 /// What an answer says, streamed or not.
 struct Said {
     content: String,
@@ -332,7 +324,7 @@ fn error_shaped(v: &Value) -> bool {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(),
+        cases: tandem_testkit::proptest_cases(48),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

@@ -35,6 +35,17 @@ pub const MINILM: &str = "all-minilm-l6-v2";
 /// The personal-data recognizer.
 pub const RAMPART: &str = "rampart-pii";
 
+/// How many cases a property test over a served Tandem runs:
+/// `PROPTEST_CASES` when set (the long runs), else `default` (CI's short
+/// form). Read here because a count in the test's config would override
+/// the variable.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The MiniLM sentence embedder, loaded once per test binary.
 pub fn shared_embedder() -> Arc<tandem_embed::Embedder> {
     static E: std::sync::OnceLock<Arc<tandem_embed::Embedder>> = std::sync::OnceLock::new();

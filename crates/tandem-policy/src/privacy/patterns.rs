@@ -135,18 +135,160 @@ fn is_card(text: &str, s: usize, e: usize) -> bool {
         }
         _ => false,
     };
-    issuer && luhn(&d) && !near(text, s, e, NOT_PERSONAL, 40, 0)
+    issuer
+        && luhn(&d)
+        && !near(text, s, e, NOT_PERSONAL, 40, 0)
+        && !labelled(&text[..s], OTHER_NUMBERS)
+}
+
+/// Labels that name a number as something other than a card: one in ten
+/// order numbers of a card's length passes the Luhn check.
+const OTHER_NUMBERS: &[&str] = &[
+    "order",
+    "invoice",
+    "booking",
+    "reservation",
+    "confirmation",
+    "ticket",
+    "reference",
+    "ref",
+    "bestellung",
+    "commande",
+    "pedido",
+    "ordine",
+    "zamówienie",
+];
+
+/// Whether the text just before a number ends with one of `labels` (then
+/// perhaps "number", "no.", "#", ":"): `order 4454 …`, `Order no. 4454 …`.
+fn labelled(before: &str, labels: &[&str]) -> bool {
+    let trim = |t: &str| -> String {
+        t.trim_end_matches(|c: char| c.is_whitespace() || "#:.-\u{2013}".contains(c))
+            .to_lowercase()
+    };
+    let mut b = trim(before);
+    for w in [
+        "number", "numbers", "nummer", "numéro", "número", "numero", "no", "nr", "num", "id",
+    ] {
+        if let Some(rest) = b.strip_suffix(w)
+            && !rest.ends_with(char::is_alphanumeric)
+        {
+            b = trim(rest);
+            break;
+        }
+    }
+    labels.iter().any(|l| {
+        b.strip_suffix(l)
+            .is_some_and(|rest| !rest.ends_with(char::is_alphanumeric))
+    })
 }
 
 fn iban(text: &str, c: &Captures) -> Option<(usize, usize)> {
-    best_part(text, span(c), &[' '], |s, e| is_iban(&text[s..e]))
+    best_part(text, span(c), &[' ', '-'], |s, e| is_iban(&text[s..e]))
 }
 
+/// IBAN lengths by country (the SWIFT registry), for the forms that are not
+/// the printed one.
+const IBAN_LENGTHS: &[(&str, usize)] = &[
+    ("AD", 24),
+    ("AE", 23),
+    ("AL", 28),
+    ("AT", 20),
+    ("AZ", 28),
+    ("BA", 20),
+    ("BE", 16),
+    ("BG", 22),
+    ("BH", 22),
+    ("BR", 29),
+    ("BY", 28),
+    ("CH", 21),
+    ("CR", 22),
+    ("CY", 28),
+    ("CZ", 24),
+    ("DE", 22),
+    ("DK", 18),
+    ("DO", 28),
+    ("EE", 20),
+    ("EG", 29),
+    ("ES", 24),
+    ("FI", 18),
+    ("FO", 18),
+    ("FR", 27),
+    ("GB", 22),
+    ("GE", 22),
+    ("GI", 23),
+    ("GL", 18),
+    ("GR", 27),
+    ("GT", 28),
+    ("HR", 21),
+    ("HU", 28),
+    ("IE", 22),
+    ("IL", 23),
+    ("IQ", 23),
+    ("IS", 26),
+    ("IT", 27),
+    ("JO", 30),
+    ("KW", 30),
+    ("KZ", 20),
+    ("LB", 28),
+    ("LC", 32),
+    ("LI", 21),
+    ("LT", 20),
+    ("LU", 20),
+    ("LV", 21),
+    ("MC", 27),
+    ("MD", 24),
+    ("ME", 22),
+    ("MK", 19),
+    ("MR", 27),
+    ("MT", 31),
+    ("MU", 30),
+    ("NL", 18),
+    ("NO", 15),
+    ("PK", 24),
+    ("PL", 28),
+    ("PS", 29),
+    ("PT", 25),
+    ("QA", 29),
+    ("RO", 24),
+    ("RS", 22),
+    ("SA", 24),
+    ("SC", 31),
+    ("SE", 24),
+    ("SI", 19),
+    ("SK", 24),
+    ("SM", 27),
+    ("ST", 25),
+    ("SV", 28),
+    ("TL", 23),
+    ("TN", 24),
+    ("TR", 26),
+    ("UA", 29),
+    ("VA", 22),
+    ("VG", 24),
+    ("XK", 20),
+];
+
 fn is_iban(part: &str) -> bool {
-    let compact: String = part.chars().filter(|c| !c.is_whitespace()).collect();
+    let compact: String = part
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect();
+    // Written in lower case or with dashes (typed, not printed), it must
+    // also have its country's length: a lower-case hex identifier passes
+    // the checksum one time in 97.
+    let printed = !part.contains('-') && !part.chars().any(|c| c.is_ascii_lowercase());
+    let compact = compact.to_ascii_uppercase();
     let country = matches!(compact.as_bytes(), [a, b, c, d, ..]
         if a.is_ascii_uppercase() && b.is_ascii_uppercase() && c.is_ascii_digit() && d.is_ascii_digit());
     if !country || !(15..=34).contains(&compact.len()) || !compact.is_ascii() {
+        return false;
+    }
+    if !printed
+        && !IBAN_LENGTHS
+            .iter()
+            .any(|&(cc, n)| compact.starts_with(cc) && compact.len() == n)
+    {
         return false;
     }
     let (head, tail) = compact.split_at(4);
@@ -374,11 +516,49 @@ fn tax_id(text: &str, c: &Captures) -> Option<(usize, usize)> {
 
 /// An IPv4 address that is not a version number or part of a longer dotted
 /// sequence.
+/// Words of a `key=` that names a network address.
+const ADDRESS_KEYS: &[&str] = &[
+    "ip",
+    "ipv4",
+    "addr",
+    "address",
+    "host",
+    "hostname",
+    "server",
+    "client",
+    "peer",
+    "remote",
+    "src",
+    "dst",
+    "source",
+    "dest",
+    "gateway",
+    "gw",
+    "dns",
+    "nameserver",
+    "proxy",
+    "router",
+];
+
 fn ipv4(text: &str, c: &Captures) -> Option<(usize, usize)> {
     let (s, e) = span(c);
     let before = &text[..s];
     let after = &text[e..];
-    let glued_before = before.ends_with(['.', '-', '_', '@', '=', 'v', 'V', '/'])
+    // `pkg=1.2.3.4` pins a version, but `ip=`, `host=`, `remote_addr=` name
+    // an address: the key decides.
+    let assigned = before.strip_suffix('=').is_some_and(|k| {
+        let key = k
+            .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let words = key.split(['_', '-']).collect::<Vec<_>>();
+        !(words.iter().any(|w| ADDRESS_KEYS.contains(w))
+            || key.ends_with("ip")
+            || key.ends_with("addr"))
+    });
+    let glued_before = before.ends_with(['.', '-', '_', '@', 'v', 'V', '/'])
+        || assigned
         || before.ends_with("==")
         || before.trim_end().to_lowercase().ends_with("version");
     let glued_after = after.starts_with('.')
@@ -665,7 +845,12 @@ fn rules() -> Vec<(&'static str, std::borrow::Cow<'static, str>, Check, u8)> {
             whole,
             6,
         ),
-        ("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban, 6),
+        (
+            "iban",
+            r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}\b",
+            iban,
+            6,
+        ),
         ("card_number", r"\b\d(?:[ -]?\d){12,18}\b", card, 5),
         (
             "national_id",

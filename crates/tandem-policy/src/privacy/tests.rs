@@ -52,6 +52,17 @@ fn finds_each_class() {
             "DE89 3704 0044 0532 0130 00",
         ),
         ("GB82WEST12345698765432", "iban", "GB82WEST12345698765432"),
+        (
+            "iban de89 3704 0044 0532 0130 00 thanks",
+            "iban",
+            "de89 3704 0044 0532 0130 00",
+        ),
+        (
+            "IBAN: DE89-3704-0044-0532-0130-00.",
+            "iban",
+            "DE89-3704-0044-0532-0130-00",
+        ),
+        ("gb82west12345698765432", "iban", "gb82west12345698765432"),
         ("SSN 123-45-6789", "national_id", "123-45-6789"),
         ("NINO AB 12 34 56 C", "national_id", "AB 12 34 56 C"),
         ("DNI 12345678Z", "national_id", "12345678Z"),
@@ -66,6 +77,14 @@ fn finds_each_class() {
             "ip_address",
             "192.168.1.20",
         ),
+        ("GET /?ip=192.168.1.20&x=1", "ip_address", "192.168.1.20"),
+        (
+            "remote_addr=10.20.30.40 denied",
+            "ip_address",
+            "10.20.30.40",
+        ),
+        ("clientIP=172.16.4.9", "ip_address", "172.16.4.9"),
+        ("host=203.0.113.7 port=22", "ip_address", "203.0.113.7"),
         (
             "Call me at 830-739-1019x6949 after six.",
             "phone",
@@ -216,6 +235,9 @@ fn code_numbers_and_dates_are_left_alone() {
     let d = detector();
     for text in [
         "order 4111 1111 1111 1112 shipped",
+        "Your order 4454 9115 1411 1112 has shipped.",
+        "Order no. 4454 9115 1411 1112: two items",
+        "Booking reference: 4111 1111 1111 1111",
         "Heat the oil in a pan. Then add the garlic.",
         "version 1.2.3 released",
         "upgrade to v10.2.0.1 today",
@@ -223,6 +245,10 @@ fn code_numbers_and_dates_are_left_alone() {
         "Your order 6163 1116 1131 1118 has shipped; tracking number 5882 1000 0000 0062 1100 20.",
         "Your order 6116 1141 1111 1112 has shipped; tracking number 9400 1200 0000 0800 0000 00.",
         "pip install torch==2.3.1.0",
+        "conda install numpy=1.26.4.0",
+        "request de12f3a4-5b6c-7d8e-9f01-23456789abcd failed",
+        "commit ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90",
+        "set version=10.2.0.1 and build=4.1.0.7",
         "the year 2024 and 1999",
         "SSN-like 000-12-3456",
         "DNI 12345678A",
@@ -565,6 +591,18 @@ fn a_value_after_a_labels_colon_is_found() {
             "4111 1111 1111 1111",
         ),
         ("card:4111111111111111", "card_number", "4111111111111111"),
+        // An order beside a card, not naming it.
+        (
+            "I paid the order with 4111 1111 1111 1111.",
+            "card_number",
+            "4111 1111 1111 1111",
+        ),
+        (
+            "Order: charge 4111 1111 1111 1111",
+            "card_number",
+            "4111 1111 1111 1111",
+        ),
+        ("GET /login?ip=192.168.1.20", "ip_address", "192.168.1.20"),
         ("tel:+44 20 7946 0958", "phone", "+44 20 7946 0958"),
         ("phone:(555) 123-4567", "phone", "(555) 123-4567"),
     ] {
