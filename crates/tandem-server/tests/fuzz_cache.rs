@@ -7,8 +7,9 @@
 //! the cache and MiniLM on.
 //!
 //! For each request: an answer or a 4xx in OpenAI's shape, never a 5xx; an
-//! answer from the cache is the echo of a question asked before under the
-//! same key and privacy mode, with the same conversation before it, the
+//! answer from the cache is the answer (the cloud's echo or, with
+//! `local_answers`, the device model's) to a question asked before under
+//! the same key and privacy mode, with the same conversation before it, the
 //! same parameters and the same literals (what
 //! [`tandem_router::cache::literals`] promises must match); nothing is
 //! answered from the cache when the request says `x-tandem-cache: skip`;
@@ -89,11 +90,14 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Cloud first, so that only privacy keeps a request on the device.
-fn policy() -> PolicyConfig {
+/// Cloud first, so that only privacy keeps a request on the device; or
+/// the default, local first.
+fn policy(cloud_first: bool) -> PolicyConfig {
     let mut p = PolicyConfig::default();
-    p.rules.retain(|r| *r != Rule::PreferLocal);
-    p.rules.push(Rule::PreferCloud);
+    if cloud_first {
+        p.rules.retain(|r| *r != Rule::PreferLocal);
+        p.rules.push(Rule::PreferCloud);
+    }
     p
 }
 
@@ -105,14 +109,17 @@ struct Rig {
 }
 
 /// A fresh device Tandem with an empty cache (the models are shared).
-async fn rig() -> Rig {
+async fn rig(local_answers: bool, cloud_first: bool) -> Rig {
     let capture = CaptureUpstream::start(None, Mode::Echo).await;
     let mut u = UpstreamConfig::new("cloud", &capture.base_url(), &["big-model"]);
     u.max_retries = 0;
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(
         SemanticCache::open(
-            CacheConfig::default(),
+            CacheConfig {
+                local_answers,
+                ..CacheConfig::default()
+            },
             Some(dir.path().join("answers.jsonl")),
         )
         .unwrap(),
@@ -131,7 +138,7 @@ async fn rig() -> Rig {
     let dispatcher = Dispatcher::builder()
         .local(shared_engine(SMOLLM2, 1024, 4))
         .cloud(CloudBackend::new(u).unwrap())
-        .policy(policy())
+        .policy(policy(cloud_first))
         .embedder(MINILM, tandem_testkit::shared_embedder())
         .cache(cache.clone())
         .keys(keys)
@@ -171,6 +178,7 @@ struct Ask {
     max_tokens: u32,
     effort: Option<&'static str>,
     user: Option<&'static str>,
+    stop: bool,
     stream: bool,
     skip: bool,
 }
@@ -197,6 +205,7 @@ fn ask() -> impl Strategy<Value = Ask> {
             proptest::sample::select(&[8u32, 16][..]),
             proptest::option::weighted(0.2, proptest::sample::select(&["low", "high"][..])),
             proptest::option::weighted(0.2, proptest::sample::select(&["u1", "u2"][..])),
+            proptest::bool::weighted(0.2),
             any::<bool>(),
             proptest::bool::weighted(0.1),
         ),
@@ -204,7 +213,7 @@ fn ask() -> impl Strategy<Value = Ask> {
         .prop_map(
             |(
                 (question, edit, tail, planted, before, name),
-                (key, privacy, temperature, max_tokens, effort, user, stream, skip),
+                (key, privacy, temperature, max_tokens, effort, user, stop, stream, skip),
             )| Ask {
                 question,
                 edit,
@@ -218,6 +227,7 @@ fn ask() -> impl Strategy<Value = Ask> {
                 max_tokens,
                 effort,
                 user,
+                stop,
                 stream,
                 skip,
             },
@@ -254,6 +264,7 @@ impl Ask {
             },
             effort: if c(10) { other.effort } else { self.effort },
             user: if c(11) { other.user } else { self.user },
+            stop: if c(12) { other.stop } else { self.stop },
             stream: other.stream,
             skip: other.skip,
         }
@@ -319,13 +330,16 @@ impl Ask {
         if let Some(u) = self.user {
             b["user"] = json!(u);
         }
+        if self.stop {
+            b["stop"] = json!(["\n\n"]);
+        }
         b
     }
 
     /// The privacy mode the request is placed under: with API keys, a
     /// header may only tighten the default.
     fn mode(&self) -> String {
-        let base = policy().privacy;
+        let base = PolicyConfig::default().privacy;
         match self.privacy.parse::<PrivacyMode>() {
             Ok(h) => base.stricter(h).as_str().to_owned(),
             Err(_) => base.as_str().to_owned(),
@@ -349,6 +363,7 @@ impl Ask {
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "effort": self.effort,
+            "stop": self.stop,
         })
         .to_string()
     }
@@ -391,18 +406,20 @@ proptest! {
     fn the_cache_answers_only_what_was_asked_before_in_the_same_context(
         first in ask(),
         later in proptest::collection::vec(
-            (ask(), proptest::collection::vec(proptest::bool::weighted(0.2), 12)), 1..9),
+            (ask(), proptest::collection::vec(proptest::bool::weighted(0.2), 13)), 1..9),
+        (local_answers, cloud_first) in prop_oneof![
+            Just((false, true)), Just((true, true)), Just((true, false))],
     ) {
         let mut asks = vec![first.clone()];
         asks.extend(later.iter().map(|(other, change)| first.blend(other, change)));
         let rt = runtime();
-        let r = rt.block_on(rig());
+        let r = rt.block_on(rig(local_answers, cloud_first));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
             .build()
             .unwrap();
-        // Answers the cloud gave: (context, question).
-        let mut asked: Vec<(String, String)> = Vec::new();
+        // Answers that could have been kept: (context, question, answer).
+        let mut asked: Vec<(String, String, String)> = Vec::new();
         for a in &asks {
             let body = a.body();
             let (status, headers, raw) = rt.block_on(async {
@@ -440,17 +457,18 @@ proptest! {
                 for p in PLANTED {
                     prop_assert!(!text.contains(p), "{p} answered from the cache: {text}");
                 }
-                let Some(q) = text.strip_prefix("ECHO: ") else {
-                    return Err(TestCaseError::fail(format!("not an echo: {text}")));
-                };
                 let context = a.context();
                 let mine = literals(&a.text());
-                let same = asked.iter().any(|(c, was)| *c == context && was == q && literals(was) == mine);
+                let same = asked.iter().any(|(c, was, said)| {
+                    *c == context && *said == text && literals(was) == mine
+                });
                 prop_assert!(same,
-                    "answered from the cache with the answer to {q:?} ({context}), which was not asked \
-                     before in this context: {:?}\nasked: {asked:#?}", a.messages());
-            } else if backend == "cloud:cloud" && outcome == "miss" {
-                asked.push((a.context(), a.text()));
+                    "answered from the cache with {text:?} ({context}), which no question asked \
+                     before in this context got: {:?}\nasked: {asked:#?}", a.messages());
+            } else if outcome == "miss" {
+                // A local answer is kept only when `local_answers` is on.
+                prop_assert!(backend == "cloud:cloud" || backend == "local", "{backend}");
+                asked.push((a.context(), a.text(), text));
             }
         }
         // What the cache keeps on disk: whole lines, no personal data.
