@@ -18,7 +18,9 @@
 //! the upstream, and an answer from it (an echo of the question as it
 //! arrived, in its text or in a tool call's JSON arguments and its
 //! reasoning) reaches the client with every replaced value back, byte for
-//! byte; the sample gains whole JSON lines, none with a planted value.
+//! byte; every body the upstream received is in the egress ledger (an
+//! entry before it left, and its outcome with the body's hash), and
+//! nothing else is; the sample gains whole JSON lines, none with a planted value.
 //!
 //! CI runs a short form; `PROPTEST_CASES=2000 cargo test -p tandem-server
 //! --test fuzz_routing` is the long run (the model and the detectors run
@@ -96,6 +98,8 @@ struct Rig {
     rt: tokio::runtime::Runtime,
     server: TestServer,
     capture: CaptureUpstream,
+    dispatcher: Arc<Dispatcher>,
+    ledger: PathBuf,
     sample: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -182,7 +186,8 @@ fn rig() -> &'static Rig {
 
         let dir = tempfile::tempdir().unwrap();
         let sample = dir.path().join("traffic.prompts.jsonl");
-        let (server, capture) = rt.block_on(async {
+        let ledger = dir.path().join("ledger.jsonl");
+        let (server, capture, dispatcher) = rt.block_on(async {
             let capture = CaptureUpstream::start(None, Mode::Echo).await;
             let mut u = UpstreamConfig::new("cloud", &capture.base_url(), &["big-model"]);
             u.max_retries = 0;
@@ -203,22 +208,43 @@ fn rig() -> &'static Rig {
                 .policy(PolicyConfig::default())
                 .recognizer(Arc::new(ModelRecognizer(classifier)))
                 .sample(Arc::new(kept))
+                .ledger(
+                    tandem_ledger::Ledger::open(
+                        &ledger,
+                        tandem_ledger::LedgerKey::from_secret([5; 32]),
+                    )
+                    .unwrap(),
+                )
                 .build()
                 .unwrap();
             dispatcher.set_scorer(
                 Arc::new(LearnedScorer::new(model, dim).unwrap()),
                 RouterInput::Static(table),
             );
-            (TestServer::start(dispatcher).await, capture)
+            (
+                TestServer::start(dispatcher.clone()).await,
+                capture,
+                dispatcher,
+            )
         });
         Rig {
             rt,
             server,
             capture,
+            dispatcher,
+            ledger,
             sample,
             _dir: dir,
         }
     })
+}
+
+/// The ledger's entries so far, written out first.
+fn ledger_entries(r: &Rig) -> Vec<tandem_ledger::Entry> {
+    if let Some(l) = r.dispatcher.ledger() {
+        l.flush();
+    }
+    tandem_ledger::read(&r.ledger).expect("a readable ledger")
 }
 
 /// A piece of a prompt.
@@ -381,6 +407,7 @@ proptest! {
             headers.push(("x-tandem-mode", "cascade"));
         }
         let before = r.capture.captured().len();
+        let ledger_before = ledger_entries(r).len();
         let kept_before = std::fs::metadata(&r.sample).map_or(0, |m| m.len() as usize);
         let (dry, answer) = r.rt.block_on(async {
             let client = reqwest::Client::builder()
@@ -464,6 +491,53 @@ proptest! {
                 }
             }
         }
+        // What left is in the ledger: each request body the upstream got
+        // has an outcome entry with its hash, after an entry written before
+        // it left; and nothing else is there.
+        let sent: Vec<String> = {
+            let mut v: Vec<String> = r.capture.captured().iter().skip(before)
+                .filter(|c| c.path.ends_with("/chat/completions"))
+                .map(|c| tandem_ledger::sha256_hex(&c.body))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut entries = ledger_entries(r);
+        for _ in 0..40 {
+            let new = entries.get(ledger_before..).unwrap_or_default();
+            let open = new.iter().filter(|e| e.egress.outcome == tandem_ledger::SENDING).count();
+            if 2 * open == new.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            entries = ledger_entries(r);
+        }
+        let new = entries.get(ledger_before..).unwrap_or_default();
+        let hashes = |sending: bool| {
+            let mut v: Vec<String> = new.iter()
+                .filter(|e| (e.egress.outcome == tandem_ledger::SENDING) == sending)
+                .map(|e| e.egress.payload_sha256.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        prop_assert_eq!(&hashes(false), &sent, "outcome entries against what the upstream got");
+        // The entry written before a request leaves (its body is not built
+        // yet, so it has no hash) pairs with an outcome by request id.
+        let ids = |sending: bool| {
+            let mut v: Vec<String> = new.iter()
+                .filter(|e| (e.egress.outcome == tandem_ledger::SENDING) == sending)
+                .map(|e| e.egress.request_id.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        prop_assert_eq!(ids(true), ids(false), "each sending entry has its outcome");
+        let lines = std::fs::read_to_string(&r.ledger).unwrap_or_default();
+        for p in PLANTED {
+            prop_assert!(!lines.contains(p), "{p} in the ledger");
+        }
+
         // The sample gained whole lines, none with a planted value.
         let kept = std::fs::read(&r.sample).unwrap_or_default();
         let kept = String::from_utf8_lossy(kept.get(kept_before..).unwrap_or_default());
