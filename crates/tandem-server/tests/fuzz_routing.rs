@@ -513,25 +513,21 @@ proptest! {
             entries = ledger_entries(r);
         }
         let new = entries.get(ledger_before..).unwrap_or_default();
-        let hashes = |sending: bool| {
+        // A field of the entries written before a request left (`true`)
+        // or with its outcome, sorted.
+        let field = |sending: bool, f: fn(&tandem_ledger::Egress) -> &String| {
             let mut v: Vec<String> = new.iter()
                 .filter(|e| (e.egress.outcome == tandem_ledger::SENDING) == sending)
-                .map(|e| e.egress.payload_sha256.clone())
+                .map(|e| f(&e.egress).clone())
                 .collect();
             v.sort();
             v
         };
-        prop_assert_eq!(&hashes(false), &sent, "outcome entries against what the upstream got");
+        prop_assert_eq!(&field(false, |e| &e.payload_sha256), &sent,
+            "outcome entries against what the upstream got");
         // The entry written before a request leaves (its body is not built
         // yet, so it has no hash) pairs with an outcome by request id.
-        let ids = |sending: bool| {
-            let mut v: Vec<String> = new.iter()
-                .filter(|e| (e.egress.outcome == tandem_ledger::SENDING) == sending)
-                .map(|e| e.egress.request_id.clone())
-                .collect();
-            v.sort();
-            v
-        };
+        let ids = |sending| field(sending, |e| &e.request_id);
         prop_assert_eq!(ids(true), ids(false), "each sending entry has its outcome");
         let lines = std::fs::read_to_string(&r.ledger).unwrap_or_default();
         for p in PLANTED {
