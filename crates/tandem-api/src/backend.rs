@@ -417,6 +417,14 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// Why this backend would refuse `req` for what it asks of the answer,
+    /// beyond its [`capabilities`](Self::capabilities) (a local model's
+    /// grammar that cannot enforce a schema's keyword), checked without
+    /// generating; `None` when it would take it or cannot tell.
+    fn refusal(&self, _req: &GenerateRequest) -> Option<String> {
+        None
+    }
+
     /// Choices of [`GenerateRequest::choices`] that one [`start`](Self::start)
     /// answers (the others are asked for one by one): all of them for an
     /// upstream that takes `n`, else 1.

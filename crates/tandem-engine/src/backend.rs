@@ -51,6 +51,10 @@ impl Backend for LocalEngine {
         Some(self.count_tokens(&text) as u32)
     }
 
+    fn refusal(&self, req: &GenerateRequest) -> Option<String> {
+        LocalEngine::refusal(self, req)
+    }
+
     fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started> {
         let result = self.submit(req);
         Box::pin(async move { Started::local(result) })

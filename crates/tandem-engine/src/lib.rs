@@ -462,6 +462,21 @@ impl LocalEngine {
         self.inner.submit(req)
     }
 
+    /// Why this engine would refuse `req` for what it asks of the answer
+    /// (a schema or a tool's parameters its grammar cannot enforce), found
+    /// by compiling the grammar without generating. `None` when it would
+    /// take it, and when the request is malformed for every side (that is
+    /// the request's own error, reported wherever it goes).
+    pub fn refusal(&self, req: &GenerateRequest) -> Option<String> {
+        let tools = tools::ToolRequest::from_extra(&req.extra).ok()?;
+        let grammar = self.inner.grammar(req, tools.as_ref()).ok()??;
+        self.inner
+            .constrainer
+            .check(&self.inner.model, &grammar)
+            .err()
+            .map(|e| e.message)
+    }
+
     /// Opens a session: a sequence whose KV cache lives until the session
     /// is dropped (see [`Session::eval`]).
     pub async fn open_session(&self) -> Result<Session, ApiError> {
@@ -688,6 +703,26 @@ impl Inner {
         }
     }
 
+    /// The grammar the answer must keep to: a forced call's, else the
+    /// response format's; `None` for free text.
+    fn grammar(
+        &self,
+        req: &GenerateRequest,
+        tools: Option<&tools::ToolRequest>,
+    ) -> Result<Option<structured::Grammar>, ApiError> {
+        let syntax = match &self.templater {
+            Templater::Jinja(t) => tools::Syntax::of_template(t.source()),
+            _ => tools::Syntax::Json,
+        };
+        // A forced call is the whole answer: its grammar wins over a
+        // response format, which then applies to the words of an answer
+        // that calls nothing.
+        match tools.and_then(|t| t.grammar(syntax)) {
+            Some(lark) => Ok(Some(structured::Grammar::Lark(lark))),
+            None => structured::response_format(&req.extra),
+        }
+    }
+
     fn tokenize(&self, text: &str, add_bos: bool) -> Vec<LlamaToken> {
         self.model.vocab().tokenize(text.as_bytes(), add_bos, true)
     }
@@ -756,17 +791,7 @@ impl Inner {
         if let Some(bias) = sampling::logit_bias(&req.extra, self.model.n_vocab())? {
             constraints.push(bias);
         }
-        let syntax = match &self.templater {
-            Templater::Jinja(t) => tools::Syntax::of_template(t.source()),
-            _ => tools::Syntax::Json,
-        };
-        // A forced call is the whole answer: its grammar wins over a
-        // response format, which then applies to the words of an answer
-        // that calls nothing.
-        let grammar = match tools.as_ref().and_then(|t| t.grammar(syntax)) {
-            Some(lark) => Some(structured::Grammar::Lark(lark)),
-            None => structured::response_format(&req.extra)?,
-        };
+        let grammar = self.grammar(&req, tools.as_ref())?;
         if let Some(g) = &grammar {
             constraints.push(self.constrainer.sampler(&self.model, g)?);
         }

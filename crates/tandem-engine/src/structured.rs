@@ -109,10 +109,26 @@ impl Constrainer {
     /// A sampler that keeps the answer inside `grammar`, or a 400 naming
     /// what in it cannot be enforced.
     pub fn sampler(&self, model: &LlamaModel, grammar: &Grammar) -> Result<LlamaSampler, ApiError> {
+        let parser = self.parser(model, grammar)?;
+        Ok(LlamaSampler::from(Matcher::new(Ok(parser))))
+    }
+
+    /// Whether `grammar` can be enforced: the 400 [`Constrainer::sampler`]
+    /// would give, without a sampler.
+    pub fn check(&self, model: &LlamaModel, grammar: &Grammar) -> Result<(), ApiError> {
+        self.parser(model, grammar).map(drop)
+    }
+
+    fn parser(
+        &self,
+        model: &LlamaModel,
+        grammar: &Grammar,
+    ) -> Result<llguidance::TokenParser, ApiError> {
         let factory = self.factory(model)?;
         let top = match grammar {
             Grammar::Schema(schema) => {
                 let mut schema = schema.clone();
+                without_no_ops(&mut schema);
                 if let Value::Object(m) = &mut schema {
                     m.entry("x-guidance").or_insert_with(json_options);
                 }
@@ -120,13 +136,30 @@ impl Constrainer {
             }
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
         };
-        let parser = factory.create_parser(top).map_err(|e| {
+        factory.create_parser(top).map_err(|e| {
             ApiError::invalid_param(
                 grammar.param(),
                 format!("this schema cannot be enforced on the local model: {e}"),
             )
-        })?;
-        Ok(LlamaSampler::from(Matcher::new(Ok(parser))))
+        })
+    }
+}
+
+/// Drops keywords that constrain nothing and that the grammar compiler
+/// would refuse as unknown: `uniqueItems: false` (what Pydantic writes for
+/// a list, beside `true` for a set).
+pub(crate) fn without_no_ops(schema: &mut Value) {
+    match schema {
+        Value::Object(m) => {
+            if m.get("uniqueItems") == Some(&Value::Bool(false)) {
+                m.remove("uniqueItems");
+            }
+            for v in m.values_mut() {
+                without_no_ops(v);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(without_no_ops),
+        _ => {}
     }
 }
 

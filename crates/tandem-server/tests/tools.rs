@@ -1,7 +1,9 @@
 //! Tool calls through the gateway: an upstream that answers with
 //! `tool_calls` (whole, and streamed in pieces, leaving out bookkeeping
 //! fields) reaches the client as OpenAI sends it; in redact mode the
-//! arguments come back with the originals.
+//! arguments come back with the originals. A schema the device's grammar
+//! cannot enforce goes to the cloud (or is refused by name), never answered
+//! unconstrained.
 
 use serde_json::{Value, json};
 use tandem_api::ToolCall;
@@ -222,4 +224,67 @@ async fn several_choices_from_the_cloud_each_carry_the_call() {
     let sent = capture.captured();
     assert_eq!(sent.len(), 4);
     assert!(sent[2..].iter().all(|c| c.json().get("n").is_none()));
+}
+
+/// Pydantic writes `uniqueItems: true` for a set, which the device's
+/// grammar cannot enforce: `tandem/auto` sends such a request to the cloud
+/// and says why; `uniqueItems: false` (a list) constrains nothing and stays
+/// on the device; naming the device's model gets its 400.
+#[tokio::test]
+async fn a_schema_the_device_cannot_enforce_goes_to_the_cloud() {
+    use tandem_testkit::{SMOLLM2, shared_engine};
+    let capture = CaptureUpstream::start(None, Mode::Echo).await;
+    let d = Dispatcher::builder()
+        .local(shared_engine(SMOLLM2, 1024, 2))
+        .cloud(
+            CloudBackend::new(UpstreamConfig::new("cloud", &capture.base_url(), &["big"]))
+                .expect("upstream"),
+        )
+        .build()
+        .expect("dispatcher");
+    let server = TestServer::start(d).await;
+    let ask = |model: &str, unique: bool| {
+        json!({
+            "model": model,
+            "max_tokens": 48,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Name three tags for a photo of the sea."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "tags", "strict": true,
+                "schema": {"type": "object", "properties": {"tags": {"type": "array",
+                    "items": {"type": "string", "maxLength": 12}, "maxItems": 3, "uniqueItems": unique}},
+                    "required": ["tags"], "additionalProperties": false}}},
+        })
+    };
+    let url = server.url("/v1/chat/completions");
+
+    let set = post_json(&url, &ask("tandem/auto", true), &[]).await;
+    assert_eq!(set.status, 200, "{}", set.body);
+    assert_eq!(set.header("x-tandem-backend"), "cloud:cloud");
+    assert_eq!(set.header("x-tandem-decided-by"), "only_option");
+    let reasons = set.header("x-tandem-reasons");
+    assert!(reasons.contains("uniqueItems"), "{reasons}");
+    assert_eq!(capture.captured().len(), 1);
+
+    let list = post_json(&url, &ask("tandem/auto", false), &[]).await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(list.header("x-tandem-backend"), "local");
+    let text = list.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    if list.body["choices"][0]["finish_reason"] == "stop" {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(v["tags"].as_array().is_some_and(|t| t.len() <= 3), "{v}");
+    }
+    assert_eq!(capture.captured().len(), 1, "the list stayed on the device");
+
+    let named = post_json(&url, &ask(SMOLLM2, true), &[]).await;
+    assert_eq!(named.status, 400, "{}", named.body);
+    assert_eq!(named.body["error"]["param"], "response_format");
+    assert!(
+        named.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uniqueItems")),
+        "{}",
+        named.body
+    );
 }

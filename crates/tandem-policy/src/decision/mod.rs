@@ -278,6 +278,10 @@ pub struct Features {
     pub max_tokens: Option<u32>,
     /// What the request needs beyond plain text (tools, structured output...).
     pub needs: Vec<Feature>,
+    /// What the local model would refuse in this request although it has
+    /// the features (a schema keyword its grammar cannot enforce).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_refuses: Option<String>,
     /// Time-to-first-token goal, ms.
     pub latency_goal_ms: Option<u32>,
     /// Difficulty score in [0, 1] from the learned router, if any.

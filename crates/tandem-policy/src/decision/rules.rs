@@ -90,6 +90,11 @@ pub(super) fn apply(rule: Rule, f: &Features, v: &View, cfg: &PolicyConfig) -> V
                     Locality::Local,
                     format!("the local model lacks {}", describe(&local_lacks)),
                 ));
+            } else if let Some(why) = f.local_refuses.as_ref().filter(|_| v.local.available) {
+                out.push(Apply::Forbid(
+                    Locality::Local,
+                    format!("the local model cannot enforce it: {why}"),
+                ));
             }
             if let Some(c) = &v.cloud {
                 let cloud_lacks = c.capabilities.missing(&f.needs);

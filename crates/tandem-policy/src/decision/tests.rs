@@ -203,6 +203,35 @@ fn capability_forbids_the_side_that_lacks_a_feature() {
 }
 
 #[test]
+fn capability_forbids_the_local_side_where_its_grammar_cannot_enforce_a_schema() {
+    use tandem_api::{Capabilities, Feature};
+    let mut v = view();
+    v.local.capabilities = Capabilities::of([Feature::Chat, Feature::JsonSchema]);
+    if let Some(c) = v.cloud.as_mut() {
+        c.capabilities = Capabilities::of([Feature::Chat, Feature::JsonSchema]);
+    }
+    let mut f = Features {
+        needs: vec![Feature::Chat, Feature::JsonSchema],
+        ..Features::default()
+    };
+    assert_eq!(decide(&f, &v, &cfg()).unwrap().side, Locality::Local);
+    f.local_refuses = Some("Unimplemented keys: [\"uniqueItems\"]".into());
+    let d = decide(&f, &v, &cfg()).unwrap();
+    assert_eq!((d.side, d.fallback), (Locality::Cloud, None));
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| r.detail.contains("cannot enforce it") && r.detail.contains("uniqueItems")),
+        "{:?}",
+        d.reasons
+    );
+    // With no cloud to take it, the request is refused, not answered
+    // without the schema.
+    v.cloud = None;
+    assert!(decide(&f, &v, &cfg()).is_err());
+}
+
+#[test]
 fn privacy_holds_when_the_rules_leave_it_out_or_the_detector_cannot_run() {
     let mut c = cfg();
     c.rules = vec![Rule::PreferCloud];

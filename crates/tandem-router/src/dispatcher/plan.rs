@@ -290,6 +290,14 @@ impl Dispatcher {
             prompt_tokens: self.prompt_tokens(req, local),
             max_tokens: req.max_tokens,
             needs: Feature::needed_by(req),
+            // A schema the device's grammar cannot enforce goes where it
+            // can be answered; a request naming the local model gets the
+            // model's own 400 instead.
+            local_refuses: named
+                .is_none()
+                .then(|| local.and_then(|i| self.locals.get(i)))
+                .flatten()
+                .and_then(|b| b.refusal(req)),
             latency_goal_ms: ctx.latency_goal_ms,
             difficulty: None,
             difficulty_threshold: None,
