@@ -52,6 +52,9 @@ const PLANTED: &[&str] = &[
     "AKIAIOSFODNN7EXAMPLE",
     "5500\u{a0}0000\u{a0}0000\u{a0}0004",
     "owner%40corp.example",
+    // A secret with a backslash: restored into JSON (tool-call arguments),
+    // it must be escaped.
+    "api_key=Qz8\\Lp3xV9rT",
 ];
 
 /// Pieces that trip tokenizers, templates, case folding and number
