@@ -251,6 +251,35 @@ async fn what_cannot_be_enforced_is_refused_by_name() {
         .expect("refused");
     assert_eq!(err.status, 400);
     assert_eq!(err.param.as_deref(), Some("tool_choice"));
+
+    // The router asks before it places a request: the same verdict without
+    // generating, for a schema and for a forced call's parameters alike.
+    let set = json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true});
+    let schema_req = request(
+        vec![Message::new("user", "x")],
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+               "schema": {"type": "object", "properties": {"tags": set}}}}}),
+    );
+    let why = qwen().refusal(&schema_req).expect("refused");
+    assert!(why.contains("uniqueItems"), "{why}");
+    let tools = json!([{"type": "function", "function": {"name": "tag",
+        "parameters": {"type": "object", "properties": {"tags": set}}}}]);
+    let forced = request(
+        vec![Message::new("user", "x")],
+        json!({"tools": tools, "tool_choice": "required"}),
+    );
+    assert!(
+        qwen()
+            .refusal(&forced)
+            .is_some_and(|w| w.contains("uniqueItems"))
+    );
+    // Not forced, the call is read from free text: nothing to enforce.
+    let auto = request(vec![Message::new("user", "x")], json!({"tools": tools}));
+    assert_eq!(qwen().refusal(&auto), None);
+    assert_eq!(
+        qwen().refusal(&request(vec![Message::new("user", "x")], json!({}))),
+        None
+    );
 }
 
 #[tokio::test]
