@@ -600,6 +600,10 @@ fn addresses_are_found_whole() {
             "Ma nouvelle adresse est 78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer.",
             "78, boulevard Caroline Dupuis, 44812 De Sousa-sur-Mer",
         ),
+        (
+            "{\"address\": \"Plaza Obdulia Cerdá 72 Apt. 67 , Ciudad, 44272\", \"note\": \"urgent\"}",
+            "Plaza Obdulia Cerdá 72 Apt. 67 , Ciudad, 44272",
+        ),
     ] {
         assert_finds(&d, text, "address", address);
     }
@@ -613,6 +617,7 @@ fn a_latin_name_in_text_without_spaces_is_found() {
     for (text, name) in [
         ("请联系Jane Doe明天。", "Jane Doe"),
         ("Maria Garciaさんに電話してください。", "Maria Garcia"),
+        ("明日 Maria Garcia さんに電話してください。", "Maria Garcia"),
         ("Maria Garcia씨에게 전화하세요.", "Maria Garcia"),
         ("โทรหาJohn Smithพรุ่งนี้", "John Smith"),
     ] {

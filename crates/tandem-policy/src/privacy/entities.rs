@@ -355,7 +355,8 @@ fn barrel_back(text: &str, start: usize) -> usize {
 }
 
 /// Moves a name's start back over the capitalised word (or two) right
-/// before it, inside a sentence (a lower-case word before them): the model
+/// before it, inside a sentence (a lower-case word, or one of a script
+/// without case, before them): the model
 /// may be sure of a surname and read the given name before it as a town or
 /// as nothing ("à Frédéric Le Roux", "do Maks Sacharczuk", "to Alex Cox"),
 /// and a name redacted without its given name still names the person.
@@ -374,9 +375,13 @@ fn with_given(text: &str, start: usize) -> usize {
         match word_back(at) {
             Some((given_at, given)) if capitalised(given) => {
                 at = given_at;
-                if word_back(at)
-                    .is_some_and(|(_, w)| w.chars().next().is_some_and(char::is_lowercase))
-                {
+                // Lower case, or a script without case (`明日 Maria Garcia
+                // さん`): not another capitalised word.
+                if word_back(at).is_some_and(|(_, w)| {
+                    w.chars()
+                        .next()
+                        .is_some_and(|c| c.is_alphabetic() && !c.is_uppercase())
+                }) {
                     return at;
                 }
             }
@@ -434,10 +439,12 @@ fn word_end(text: &str, at: usize) -> usize {
 /// Moves an address's end over what follows a town or a postcode without
 /// a label: the town's name ("25044, Capo Di Ponte"), a province or state
 /// code ("(BS)", "IN"), a postcode ("IN 80162"), each after a space or a
-/// comma, up to four of them.
+/// comma, up to four of them; and a unit's number after its word ("Apt.
+/// 67"), wherever the span stops at one.
 fn address_tail(text: &str, end: usize) -> usize {
     let mut end = end;
     for _ in 0..4 {
+        end = unit_number(text, end);
         let rest = &text[end..];
         let body = rest.trim_start_matches([' ', ',']);
         let gap = rest.len() - body.len();
@@ -470,6 +477,61 @@ fn address_tail(text: &str, end: usize) -> usize {
         }
     }
     end
+}
+
+/// Words that name a flat or a unit, after which an address goes on with
+/// its number.
+const UNITS: &[&str] = &[
+    "apt",
+    "apartment",
+    "suite",
+    "ste",
+    "unit",
+    "flat",
+    "piso",
+    "appartamento",
+    "wohnung",
+    "appartement",
+    "app",
+    "mieszkanie",
+    "lok",
+    "m",
+];
+
+/// Moves an address's end over the number of a unit it stops at ("Apt" of
+/// "Apt. 67", "Suite 4B"): the model may label the word and not the
+/// number, which then keeps the rest of the address (town, postcode) from
+/// joining.
+fn unit_number(text: &str, end: usize) -> usize {
+    // The span may have taken the abbreviation's full stop.
+    let word_end = if text[..end].ends_with('.') {
+        end - 1
+    } else {
+        end
+    };
+    let word = &text[word_start(text, word_end)..word_end];
+    if !UNITS.contains(&word.to_lowercase().as_str()) {
+        return end;
+    }
+    let rest = &text[word_end..];
+    let body = rest.strip_prefix('.').unwrap_or(rest);
+    let body = body.trim_start_matches(' ');
+    let body = body.strip_prefix('#').unwrap_or(body);
+    let skipped = rest.len() - body.len();
+    let digits = body.chars().take_while(char::is_ascii_digit).count();
+    if digits == 0 || digits > 5 || skipped > 3 {
+        return end;
+    }
+    let mut n = digits;
+    if body[n..].starts_with(|c: char| c.is_ascii_alphabetic())
+        && !body[n + 1..].starts_with(char::is_alphanumeric)
+    {
+        n += 1;
+    }
+    if body[n..].starts_with(char::is_alphanumeric) {
+        return end;
+    }
+    word_end + skipped + n
 }
 
 /// Degrees and suffixes written after a name ("Christin Schmidtke B.Sc.").

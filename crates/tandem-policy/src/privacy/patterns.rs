@@ -275,9 +275,15 @@ fn is_iban(part: &str) -> bool {
         .filter(|c| !c.is_whitespace() && *c != '-')
         .collect();
     // Written in lower case or with dashes (typed, not printed), it must
-    // also have its country's length: a lower-case hex identifier passes
-    // the checksum one time in 97.
+    // also be of a country that has IBANs, and be grouped in fours as
+    // IBANs are or have that country's length: a lower-case hex identifier
+    // (a digest, a UUID) passes the checksum one time in 97.
     let printed = !part.contains('-') && !part.chars().any(|c| c.is_ascii_lowercase());
+    let groups: Vec<&str> = part.split([' ', '-']).collect();
+    let in_fours = groups.len() > 1
+        && groups.split_last().is_some_and(|(last, full)| {
+            full.iter().all(|g| g.len() == 4) && (1..=4).contains(&last.len())
+        });
     let compact = compact.to_ascii_uppercase();
     let country = matches!(compact.as_bytes(), [a, b, c, d, ..]
         if a.is_ascii_uppercase() && b.is_ascii_uppercase() && c.is_ascii_digit() && d.is_ascii_digit());
@@ -287,7 +293,7 @@ fn is_iban(part: &str) -> bool {
     if !printed
         && !IBAN_LENGTHS
             .iter()
-            .any(|&(cc, n)| compact.starts_with(cc) && compact.len() == n)
+            .any(|&(cc, n)| compact.starts_with(cc) && (in_fours || compact.len() == n))
     {
         return false;
     }
