@@ -229,7 +229,8 @@ async fn several_choices_from_the_cloud_each_carry_the_call() {
 /// Pydantic writes `uniqueItems: true` for a set, which the device's
 /// grammar cannot enforce: `tandem/auto` sends such a request to the cloud
 /// and says why; `uniqueItems: false` (a list) constrains nothing and stays
-/// on the device; naming the device's model gets its 400.
+/// on the device; naming the device's model, or with no cloud configured,
+/// the request gets the model's own 400.
 #[tokio::test]
 async fn a_schema_the_device_cannot_enforce_goes_to_the_cloud() {
     use tandem_testkit::{SMOLLM2, shared_engine};
@@ -277,14 +278,28 @@ async fn a_schema_the_device_cannot_enforce_goes_to_the_cloud() {
     }
     assert_eq!(capture.captured().len(), 1, "the list stayed on the device");
 
-    let named = post_json(&url, &ask(SMOLLM2, true), &[]).await;
-    assert_eq!(named.status, 400, "{}", named.body);
-    assert_eq!(named.body["error"]["param"], "response_format");
-    assert!(
-        named.body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("uniqueItems")),
-        "{}",
-        named.body
-    );
+    // Naming the device's model, or with no cloud to turn to, the
+    // device's own 400 names the keyword.
+    let device_only = TestServer::start(
+        Dispatcher::builder()
+            .local(shared_engine(SMOLLM2, 1024, 2))
+            .build()
+            .expect("dispatcher"),
+    )
+    .await;
+    for (url, model) in [
+        (url.clone(), SMOLLM2),
+        (device_only.url("/v1/chat/completions"), "tandem/auto"),
+    ] {
+        let refused = post_json(&url, &ask(model, true), &[]).await;
+        assert_eq!(refused.status, 400, "{}", refused.body);
+        assert_eq!(refused.body["error"]["param"], "response_format");
+        assert!(
+            refused.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("uniqueItems")),
+            "{}",
+            refused.body
+        );
+    }
 }

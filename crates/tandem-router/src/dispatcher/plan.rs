@@ -291,10 +291,9 @@ impl Dispatcher {
             max_tokens: req.max_tokens,
             needs: Feature::needed_by(req),
             // A schema the device's grammar cannot enforce goes where it
-            // can be answered; a request naming the local model gets the
-            // model's own 400 instead.
-            local_refuses: named
-                .is_none()
+            // can be answered. With no cloud to turn to, or naming the
+            // local model, the request gets the model's own 400 instead.
+            local_refuses: (named.is_none() && cloud.is_some())
                 .then(|| local.and_then(|i| self.locals.get(i)))
                 .flatten()
                 .and_then(|b| b.refusal(req)),
