@@ -27,17 +27,6 @@ fn engine() -> &'static LocalEngine {
     E.get_or_init(|| tandem_testkit::shared_engine(SMOLLM2, 2048, 1))
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-}
-
 /// Property names, some that need escaping or are not ASCII.
 const KEYS: &[&str] = &[
     "name",
@@ -188,7 +177,7 @@ proptest! {
                 return Ok(());
             }
         };
-        let a = runtime()
+        let a = tandem_testkit::shared_runtime()
             .block_on(Answer::collect(stream))
             .map_err(|e| TestCaseError::fail(format!("{}: {schema}", e.message)))?;
         if a.finish.reason == FinishReason::Length {

@@ -19,7 +19,7 @@
 //! CI runs a short form; `PROPTEST_CASES=500 cargo test -p tandem-server
 //! --test fuzz_cache` is the long run.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -78,17 +78,6 @@ const KEYS: &[(&str, &str)] = &[
     ("app-a", "tdm_fuzz_cache_key_a_0123456789"),
     ("app-b", "tdm_fuzz_cache_key_b_0123456789"),
 ];
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-}
 
 /// Cloud first, so that only privacy keeps a request on the device; or
 /// the default, local first.
@@ -412,7 +401,7 @@ proptest! {
     ) {
         let mut asks = vec![first.clone()];
         asks.extend(later.iter().map(|(other, change)| first.blend(other, change)));
-        let rt = runtime();
+        let rt = tandem_testkit::shared_runtime();
         let r = rt.block_on(rig(local_answers, cloud_first));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))

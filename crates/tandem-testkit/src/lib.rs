@@ -46,6 +46,20 @@ pub fn proptest_cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// A two-thread runtime for synchronous tests (property tests) that drive
+/// async code, made once per test binary so that servers and engines
+/// started on it outlive each case.
+pub fn shared_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    })
+}
+
 /// The MiniLM sentence embedder, loaded once per test binary.
 pub fn shared_embedder() -> Arc<tandem_embed::Embedder> {
     static E: std::sync::OnceLock<Arc<tandem_embed::Embedder>> = std::sync::OnceLock::new();
