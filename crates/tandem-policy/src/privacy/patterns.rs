@@ -138,8 +138,17 @@ fn is_card(text: &str, s: usize, e: usize) -> bool {
     issuer
         && luhn(&d)
         && !near(text, s, e, NOT_PERSONAL, 40, 0)
-        && !labelled(&text[..s], OTHER_NUMBERS)
+        && !labelled(
+            text.get(context::floor_boundary(text, s.saturating_sub(LABEL_REACH))..s)
+                .unwrap_or(""),
+            OTHER_NUMBERS,
+        )
 }
+
+/// How far before a number its label is looked for, in bytes: the longest
+/// label with "number" and its punctuation, with room to spare, so that a
+/// long text is not lowercased whole for every card-like number in it.
+const LABEL_REACH: usize = 48;
 
 /// Labels that name a number as something other than a card: one in ten
 /// order numbers of a card's length passes the Luhn check.
