@@ -229,6 +229,9 @@ pub struct StatsSnapshot {
     pub generated_tokens: u64,
     /// Requests finished.
     pub completed: u64,
+    /// Grammars compiled for constrained answers (a schema or a tool's
+    /// parameters seen again is not compiled again).
+    pub grammars_compiled: u64,
 }
 
 enum Templater {
@@ -423,6 +426,7 @@ impl LocalEngine {
             cached_prompt_tokens: s.cached_prompt_tokens.load(Ordering::Relaxed),
             generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
             completed: s.completed.load(Ordering::Relaxed),
+            grammars_compiled: self.inner.constrainer.compilations(),
         }
     }
 

@@ -181,7 +181,7 @@ impl ToolRequest {
             1 => schemas.into_iter().next().unwrap_or_default(),
             _ => json!({ "anyOf": schemas }),
         };
-        crate::structured::without_no_ops(&mut call);
+        crate::structured::prepare(&mut call);
         if let Value::Object(m) = &mut call {
             m.insert("x-guidance".into(), crate::structured::json_options());
         }

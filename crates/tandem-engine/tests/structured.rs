@@ -282,6 +282,64 @@ async fn what_cannot_be_enforced_is_refused_by_name() {
     );
 }
 
+/// A grammar is compiled once: the router's check and the answer that
+/// follows share it, and so do later requests with the same schema; a
+/// refusal is kept too. Its own engine, so that no other test's grammars
+/// move the count.
+#[tokio::test]
+async fn a_grammar_is_compiled_once_and_kept() {
+    let smol = LocalEngine::load(EngineConfig::new(SMOLLM2, model_path(SMOLLM2))).unwrap();
+    let compiled = || smol.stats().grammars_compiled;
+    let with_schema = |schema: Value| {
+        let mut req = request(
+            vec![Message::new(
+                "user",
+                "How old is the Eiffel tower? Answer in JSON.",
+            )],
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "age", "strict": true, "schema": schema}}}),
+        );
+        req.model = SMOLLM2.into();
+        req.max_tokens = Some(24);
+        req
+    };
+    let age = json!({"type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150}},
+        "required": ["age"], "additionalProperties": false});
+    assert_eq!(compiled(), 0);
+    assert_eq!(smol.refusal(&with_schema(age.clone())), None);
+    assert_eq!(compiled(), 1);
+    // The kept parser is never advanced itself: every answer starts fresh.
+    for _ in 0..2 {
+        let a = Answer::collect(smol.submit(with_schema(age.clone())).unwrap())
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&a.text).unwrap_or_else(|e| panic!("{e}: {a:?}"));
+        assert!(
+            v["age"].as_i64().is_some_and(|n| (0..=150).contains(&n)),
+            "{v}"
+        );
+    }
+    assert_eq!(compiled(), 1);
+
+    let set = json!({"type": "object", "properties": {"tags": {"type": "array",
+        "items": {"type": "string"}, "uniqueItems": true}}});
+    let why = smol.refusal(&with_schema(set.clone())).expect("refused");
+    assert_eq!(smol.refusal(&with_schema(set.clone())), Some(why.clone()));
+    let err = smol.submit(with_schema(set)).err().expect("refused");
+    assert_eq!((err.status, err.message), (400, why));
+    assert_eq!(compiled(), 2);
+
+    // Only the most recently used are kept.
+    for i in 0..16 {
+        let other = json!({"type": "object", "properties": {format!("k{i}"): {"type": "integer"}}});
+        assert_eq!(smol.refusal(&with_schema(other)), None);
+    }
+    assert_eq!(compiled(), 18);
+    assert_eq!(smol.refusal(&with_schema(age)), None);
+    assert_eq!(compiled(), 19);
+}
+
 #[tokio::test]
 async fn logit_bias_bans_and_forces_tokens() {
     let base = answer(request(
