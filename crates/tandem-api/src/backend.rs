@@ -425,6 +425,15 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// The SHA-256 (hex) of the body [`start`](Self::start) sends for
+    /// `req`, so that the egress ledger's record written before anything
+    /// leaves names exactly what will; `None` for a backend that sends
+    /// nothing off the device, or that cannot build the body (`start` then
+    /// reports why).
+    fn payload_sha256(&self, _req: &GenerateRequest) -> Option<String> {
+        None
+    }
+
     /// Choices of [`GenerateRequest::choices`] that one [`start`](Self::start)
     /// answers (the others are asked for one by one): all of them for an
     /// upstream that takes `n`, else 1.

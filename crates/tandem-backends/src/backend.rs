@@ -83,6 +83,10 @@ impl Backend for CloudBackend {
         self.choices_asked(req)
     }
 
+    fn payload_sha256(&self, req: &GenerateRequest) -> Option<String> {
+        CloudBackend::payload_sha256(self, req)
+    }
+
     fn probe(&self, timeout: Duration) -> Option<BoxFuture<'static, Result<Duration, String>>> {
         let this = self.clone();
         Some(Box::pin(async move {

@@ -308,6 +308,19 @@ impl CloudBackend {
         }
     }
 
+    /// The SHA-256 (hex) of the body [`CloudBackend::start`] sends for
+    /// `req`: the body is built the same way, its maps sorted, so the bytes
+    /// are the same — unless another request finds, in between, that the
+    /// upstream ignores `n` (then `start` asks for one choice, and the
+    /// outcome's hash is that of what left).
+    pub fn payload_sha256(&self, req: &GenerateRequest) -> Option<String> {
+        let mut req = req.clone();
+        req.choices = self.choices_asked(&req);
+        let model = self.upstream_model(&req.model);
+        let (_, body) = self.body(&req, &model).ok()?;
+        Some(hex::encode(Sha256::digest(&body)))
+    }
+
     /// Sends the request, retrying what is worth retrying, and returns the
     /// answer's events once the first one has arrived — together with the
     /// record of what was sent, whatever the outcome. Several choices

@@ -25,14 +25,17 @@ pub(crate) struct Egress {
 impl Egress {
     /// Records, durably, that a request is about to leave for `upstream`:
     /// the ledger holds it before the first byte is sent, so a crash
-    /// mid-request still leaves a trace. No ledger, nothing to do; a ledger
-    /// that cannot write stops the request (fail closed).
+    /// mid-request still leaves a trace — with the hash of the body that
+    /// will leave, when one body will (a speculative exchange sends one
+    /// per round, each recorded with its outcome). No ledger, nothing to
+    /// do; a ledger that cannot write stops the request (fail closed).
     pub async fn sending(
         &self,
         who: &Requester,
         upstream: &str,
         model: &str,
         redacted: &BTreeMap<String, u32>,
+        payload_sha256: Option<String>,
     ) -> Result<(), tandem_api::ApiError> {
         let Some(l) = self.ledger.clone() else {
             return Ok(());
@@ -43,6 +46,7 @@ impl Egress {
             upstream: upstream.to_owned(),
             model: model.to_owned(),
             redacted: redacted.clone(),
+            payload_sha256: payload_sha256.unwrap_or_default(),
             outcome: tandem_ledger::SENDING.to_owned(),
             ..LedgerEntry::default()
         };

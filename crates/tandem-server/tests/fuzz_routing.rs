@@ -528,8 +528,10 @@ proptest! {
         };
         prop_assert_eq!(&field(false, |e| &e.payload_sha256), &sent,
             "outcome entries against what the upstream got");
-        // The entry written before a request leaves (its body is not built
-        // yet, so it has no hash) pairs with an outcome by request id.
+        // The entry written before a request leaves already names the body
+        // that then left, and pairs with an outcome by request id.
+        prop_assert_eq!(&field(true, |e| &e.payload_sha256), &sent,
+            "sending entries against what the upstream got");
         let ids = |sending| field(sending, |e| &e.request_id);
         prop_assert_eq!(ids(true), ids(false), "each sending entry has its outcome");
         let lines = std::fs::read_to_string(&r.ledger).unwrap_or_default();

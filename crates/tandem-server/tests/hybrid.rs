@@ -815,6 +815,8 @@ async fn metrics_and_ledger_say_what_happened() {
     let all = tandem_ledger::read(&h.ledger).unwrap();
     assert_eq!(all[0].egress.outcome, tandem_ledger::SENDING);
     assert_eq!(all[0].egress.request_id, e.request_id);
+    // It already names the body that then left.
+    assert_eq!(all[0].egress.payload_sha256, e.payload_sha256);
     let v = tandem_ledger::verify(&h.ledger, &ledger_key(), None).unwrap();
     assert_eq!((v.entries, v.unfinished), (2, 0));
 }

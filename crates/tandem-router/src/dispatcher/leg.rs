@@ -287,6 +287,10 @@ impl Dispatcher {
                         cloud.name(),
                         &cloud.model_for(&req.model),
                         &redaction.classes,
+                        self.egress
+                            .ledger
+                            .as_ref()
+                            .and_then(|_| cloud.payload_sha256(&out)),
                     )
                     .await
                 {
@@ -366,6 +370,7 @@ impl Dispatcher {
                 cloud.name(),
                 &model,
                 &redaction.classes,
+                None,
             )
             .await
         {
