@@ -4,7 +4,9 @@
 //! call, participant name, sampling or request field; another API key or
 //! privacy mode; personal data planted; any Unicode appended), sent to a
 //! device Tandem whose cloud is an upstream that echoes the question, with
-//! the cache and MiniLM on.
+//! the cache and MiniLM on — or, in a third of the cases, to two such
+//! replicas sharing their cache through a real `redis-server`, each request
+//! to either.
 //!
 //! For each request: an answer or a 4xx in OpenAI's shape, never a 5xx; an
 //! answer from the cache is the answer (the cloud's echo or, with
@@ -14,7 +16,9 @@
 //! [`tandem_router::cache::literals`] promises must match); nothing is
 //! answered from the cache when the request says `x-tandem-cache: skip`;
 //! no personal data is ever answered from the cache or written to its
-//! file, and the file holds whole JSON lines.
+//! file or to Redis, and both hold whole JSON entries. Across replicas the
+//! same holds: an entry one replica made answers the other only in the
+//! context it was made in.
 //!
 //! CI runs a short form; `PROPTEST_CASES=500 cargo test -p tandem-server
 //! --test fuzz_cache` is the long run.
@@ -27,10 +31,13 @@ use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_policy::privacy::PrivacyMode;
 use tandem_policy::{PolicyConfig, Rule};
+use tandem_redis::RedisState;
 use tandem_router::Dispatcher;
 use tandem_router::access::{KeyConfig, hash_key};
 use tandem_router::cache::{CacheConfig, SemanticCache, literals};
+use tandem_router::shared::{OnUnavailable, Shared, SharedConfig, SharedStore};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
+use tandem_testkit::redis::RedisServer;
 use tandem_testkit::{MINILM, SMOLLM2, TestServer, shared_engine};
 
 /// Questions the sequences start from: each has literals (numbers,
@@ -91,28 +98,71 @@ fn policy(cloud_first: bool) -> PolicyConfig {
 }
 
 struct Rig {
-    server: TestServer,
-    cache: Arc<SemanticCache>,
+    /// One replica, or two sharing a Redis.
+    servers: Vec<TestServer>,
+    caches: Vec<Arc<SemanticCache>>,
+    /// What the replicas share, read back at the end.
+    shared: Option<(RedisServer, RedisState)>,
     _capture: CaptureUpstream,
     _dir: tempfile::TempDir,
 }
 
-/// A fresh device Tandem with an empty cache (the models are shared).
-async fn rig(local_answers: bool, cloud_first: bool) -> Rig {
+/// Fresh device Tandems with empty caches (the models are shared): one, or
+/// `replicas` sharing a Redis started for them.
+async fn rig(local_answers: bool, cloud_first: bool, replicas: usize) -> Rig {
     let capture = CaptureUpstream::start(None, Mode::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = (replicas > 1).then(RedisServer::start);
+    let config = redis.as_ref().map(|r| SharedConfig {
+        redis_url: Some(r.url()),
+        on_unavailable: OnUnavailable::Closed,
+        sync_ms: 20,
+        ..SharedConfig::default()
+    });
+    let mut servers = Vec::new();
+    let mut caches = Vec::new();
+    for i in 0..replicas.max(1) {
+        let cache = Arc::new(
+            SemanticCache::open(
+                CacheConfig {
+                    local_answers,
+                    ..CacheConfig::default()
+                },
+                Some(dir.path().join(format!("answers-{i}.jsonl"))),
+            )
+            .unwrap(),
+        );
+        let mut b = replica(&capture, cache.clone(), cloud_first);
+        if let Some(cfg) = &config {
+            let store = RedisState::new(cfg, 1000).expect("store");
+            b = b.shared(Shared::new(Arc::new(store), cfg.clone()));
+        }
+        let d = b.build().unwrap();
+        d.start_shared().await;
+        servers.push(TestServer::start(d).await);
+        caches.push(cache);
+    }
+    let shared = redis.zip(config).map(|(r, cfg)| {
+        let store = RedisState::new(&cfg, 1000).expect("store");
+        (r, store)
+    });
+    Rig {
+        servers,
+        caches,
+        shared,
+        _capture: capture,
+        _dir: dir,
+    }
+}
+
+/// One replica's dispatcher, before it is built.
+fn replica(
+    capture: &CaptureUpstream,
+    cache: Arc<SemanticCache>,
+    cloud_first: bool,
+) -> tandem_router::DispatcherBuilder {
     let mut u = UpstreamConfig::new("cloud", &capture.base_url(), &["big-model"]);
     u.max_retries = 0;
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(
-        SemanticCache::open(
-            CacheConfig {
-                local_answers,
-                ..CacheConfig::default()
-            },
-            Some(dir.path().join("answers.jsonl")),
-        )
-        .unwrap(),
-    );
     let keys = KEYS
         .iter()
         .map(|(name, raw)| KeyConfig {
@@ -124,21 +174,13 @@ async fn rig(local_answers: bool, cloud_first: bool) -> Rig {
             admin: false,
         })
         .collect();
-    let dispatcher = Dispatcher::builder()
+    Dispatcher::builder()
         .local(shared_engine(SMOLLM2, 1024, 4))
         .cloud(CloudBackend::new(u).unwrap())
         .policy(policy(cloud_first))
         .embedder(MINILM, tandem_testkit::shared_embedder())
-        .cache(cache.clone())
+        .cache(cache)
         .keys(keys)
-        .build()
-        .unwrap();
-    Rig {
-        server: TestServer::start(dispatcher).await,
-        cache,
-        _capture: capture,
-        _dir: dir,
-    }
 }
 
 /// What comes before the question.
@@ -170,6 +212,8 @@ struct Ask {
     stop: bool,
     stream: bool,
     skip: bool,
+    /// Which replica it is sent to (the first when there is one).
+    replica: usize,
 }
 
 fn ask() -> impl Strategy<Value = Ask> {
@@ -197,12 +241,13 @@ fn ask() -> impl Strategy<Value = Ask> {
             proptest::bool::weighted(0.2),
             any::<bool>(),
             proptest::bool::weighted(0.1),
+            0usize..2,
         ),
     )
         .prop_map(
             |(
                 (question, edit, tail, planted, before, name),
-                (key, privacy, temperature, max_tokens, effort, user, stop, stream, skip),
+                (key, privacy, temperature, max_tokens, effort, user, stop, stream, skip, replica),
             )| Ask {
                 question,
                 edit,
@@ -219,6 +264,7 @@ fn ask() -> impl Strategy<Value = Ask> {
                 stop,
                 stream,
                 skip,
+                replica,
             },
         )
 }
@@ -256,6 +302,7 @@ impl Ask {
             stop: if c(12) { other.stop } else { self.stop },
             stream: other.stream,
             skip: other.skip,
+            replica: other.replica,
         }
     }
 
@@ -398,11 +445,12 @@ proptest! {
             (ask(), proptest::collection::vec(proptest::bool::weighted(0.2), 13)), 1..9),
         (local_answers, cloud_first) in prop_oneof![
             Just((false, true)), Just((true, true)), Just((true, false))],
+        replicas in prop_oneof![2 => Just(1usize), 1 => Just(2usize)],
     ) {
         let mut asks = vec![first.clone()];
         asks.extend(later.iter().map(|(other, change)| first.blend(other, change)));
         let rt = tandem_testkit::shared_runtime();
-        let r = rt.block_on(rig(local_answers, cloud_first));
+        let r = rt.block_on(rig(local_answers, cloud_first, replicas));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
             .build()
@@ -411,9 +459,10 @@ proptest! {
         let mut asked: Vec<(String, String, String)> = Vec::new();
         for a in &asks {
             let body = a.body();
+            let server = &r.servers[a.replica % r.servers.len()];
             let (status, headers, raw) = rt.block_on(async {
                 let mut q = client
-                    .post(r.server.url("/v1/chat/completions"))
+                    .post(server.url("/v1/chat/completions"))
                     .bearer_auth(KEYS[a.key].1)
                     .json(&body);
                 if !a.privacy.is_empty() {
@@ -460,11 +509,20 @@ proptest! {
                 asked.push((a.context(), a.text(), text));
             }
         }
-        // What the cache keeps on disk: whole lines, no personal data.
-        let path = r.cache.path().map(std::path::Path::to_path_buf);
-        let kept = path.map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default();
-        prop_assert!(kept.is_empty() || kept.ends_with('\n'));
-        for l in kept.lines() {
+        // What the cache keeps on disk and in Redis: whole entries, no
+        // personal data.
+        let mut kept = Vec::new();
+        for c in &r.caches {
+            let path = c.path().map(std::path::Path::to_path_buf);
+            let file = path.map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default();
+            prop_assert!(file.is_empty() || file.ends_with('\n'));
+            kept.extend(file.lines().map(str::to_owned));
+        }
+        if let Some((_redis, store)) = &r.shared {
+            let lines = rt.block_on(store.cache_read("0", 10_000)).expect("the shared entries");
+            kept.extend(lines.into_iter().map(|l| l.entry));
+        }
+        for l in &kept {
             prop_assert!(serde_json::from_str::<Value>(l).is_ok(), "{l}");
             for p in PLANTED {
                 prop_assert!(!l.contains(p), "{p} kept in the cache: {l}");
