@@ -150,6 +150,14 @@ fn is_card(text: &str, s: usize, e: usize) -> bool {
 /// long text is not lowercased whole for every card-like number in it.
 const LABEL_REACH: usize = 48;
 
+/// Where the word after the one at `start` begins, within `start..end`
+/// (after a space or a hyphen); `end` when there is none.
+fn next_word(text: &str, start: usize, end: usize) -> usize {
+    text.get(start..end)
+        .and_then(|m| m.find([' ', '-', '\u{a0}']))
+        .map_or(end, |i| start + i + 1)
+}
+
 /// Labels that name a number as something other than a card: one in ten
 /// order numbers of a card's length passes the Luhn check.
 const OTHER_NUMBERS: &[&str] = &[
@@ -1063,11 +1071,12 @@ impl Patterns {
     pub fn find(&self, text: &str) -> Vec<Hit> {
         let mut out = Vec::new();
         for rule in &self.rules {
-            for c in rule.regex.captures_iter(text) {
-                if let Some((start, end)) = (rule.check)(text, &c)
-                    && start < end
-                    && end <= text.len()
-                {
+            let mut at = 0;
+            while let Some(c) = rule.regex.captures_at(text, at) {
+                let Some(m) = c.get(0) else { break };
+                let confirmed =
+                    (rule.check)(text, &c).filter(|&(start, end)| start < end && end <= text.len());
+                if let Some((start, end)) = confirmed {
                     out.push(Hit {
                         class: rule.class.to_owned(),
                         start,
@@ -1075,6 +1084,22 @@ impl Patterns {
                         priority: rule.priority,
                     });
                 }
+                // A candidate that confirmed nothing may have swallowed the
+                // start of a real one: `345345 5500 0000 0000 0004` matches
+                // the card pattern as its first 18 digits, and the card
+                // after the six is cut off by that match's end. Search again
+                // from its next word, not from its end.
+                at = match confirmed {
+                    Some(_) => m.end(),
+                    None => next_word(text, m.start(), m.end()),
+                };
+                if at <= m.start() {
+                    at = m.end().max(m.start() + 1);
+                }
+                if at > text.len() {
+                    break;
+                }
+                at = context::ceil_boundary(text, at);
             }
         }
         for (name, re) in &self.custom {

@@ -46,6 +46,18 @@ fn finds_each_class() {
             "card_number",
             "4111 1111 1111 1111",
         ),
+        // A group of digits glued before the card: the first candidate
+        // swallows the card's start, so the search resumes inside it.
+        (
+            "345345 5500 0000 0000 0004 ",
+            "card_number",
+            "5500 0000 0000 0004",
+        ),
+        (
+            "٣٤٥٣٤٥ 5500 0000 0000 0004",
+            "card_number",
+            "5500 0000 0000 0004",
+        ),
         (
             "IBAN DE89 3704 0044 0532 0130 00 please",
             "iban",
