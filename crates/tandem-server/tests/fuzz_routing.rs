@@ -7,8 +7,8 @@
 //! answering. Prompts are arbitrary text mixed with chat-template tokens,
 //! digits of other scripts, case mappings that change a text's length and
 //! planted personal data, in any message and in text parts, streamed or
-//! not, with tools or without, through the cascade or not, under every
-//! privacy mode.
+//! not, one choice or two, with tools or without, through the cascade or
+//! not, under every privacy mode.
 //!
 //! For each request: an answer or a 4xx in OpenAI's error shape (never a
 //! 5xx, a panic or a hang); the dry run (`/v1/tandem/route`) says whether
@@ -18,9 +18,9 @@
 //! the upstream, and an answer from it (an echo of the question as it
 //! arrived, in its text or in a tool call's JSON arguments and its
 //! reasoning) reaches the client with every replaced value back, byte for
-//! byte; every body the upstream received is in the egress ledger (an
-//! entry before it left, and its outcome with the body's hash), and
-//! nothing else is; the sample gains whole JSON lines, none with a planted value.
+//! byte, in every choice; every body the upstream received is in the
+//! egress ledger (an entry before it left and its outcome, both with the
+//! body's hash), and nothing else is; the sample gains whole JSON lines, none with a planted value.
 //!
 //! CI runs a short form; `PROPTEST_CASES=2000 cargo test -p tandem-server
 //! --test fuzz_routing` is the long run (the model and the detectors run
@@ -307,20 +307,27 @@ struct Said {
     reasoning: String,
 }
 
-/// The answer's text, its first tool call's arguments and its reasoning;
-/// an error if it is not a well-formed answer.
-fn answer_of(raw: &str, stream: bool) -> Result<Said, String> {
-    let mut said = Said {
-        content: String::new(),
-        arguments: String::new(),
-        reasoning: String::new(),
-    };
-    let mut add = |m: &Value| {
-        said.content += m["content"].as_str().unwrap_or_default();
-        said.reasoning += m["reasoning_content"].as_str().unwrap_or_default();
-        said.arguments += m["tool_calls"][0]["function"]["arguments"]
+/// Each of the `n` choices' text, first tool call's arguments and
+/// reasoning; an error if it is not a well-formed answer with `n` choices.
+fn answer_of(raw: &str, stream: bool, n: usize) -> Result<Vec<Said>, String> {
+    let mut said: Vec<Said> = (0..n)
+        .map(|_| Said {
+            content: String::new(),
+            arguments: String::new(),
+            reasoning: String::new(),
+        })
+        .collect();
+    let mut add = |c: &Value, m: &Value| -> Result<(), String> {
+        let i = c["index"].as_u64().unwrap_or(0) as usize;
+        let s = said
+            .get_mut(i)
+            .ok_or_else(|| format!("choice {i} of {n}: {raw}"))?;
+        s.content += m["content"].as_str().unwrap_or_default();
+        s.reasoning += m["reasoning_content"].as_str().unwrap_or_default();
+        s.arguments += m["tool_calls"][0]["function"]["arguments"]
             .as_str()
             .unwrap_or_default();
+        Ok(())
     };
     if stream {
         if !raw.trim_end().ends_with("data: [DONE]") {
@@ -331,15 +338,23 @@ fn answer_of(raw: &str, stream: bool) -> Result<Said, String> {
                 continue;
             }
             let v: Value = serde_json::from_str(l).map_err(|e| format!("{e}: {l}"))?;
-            add(&v["choices"][0]["delta"]);
+            for c in v["choices"].as_array().into_iter().flatten() {
+                add(c, &c["delta"])?;
+            }
         }
     } else {
         let v: Value = serde_json::from_str(raw).map_err(|e| format!("{e}: {raw}"))?;
-        let m = &v["choices"][0]["message"];
-        if !m["content"].is_string() && !m["tool_calls"].is_array() {
-            return Err(format!("no answer: {raw}"));
+        let choices = v["choices"].as_array().cloned().unwrap_or_default();
+        if choices.len() != n {
+            return Err(format!("{} choices of {n}: {raw}", choices.len()));
         }
-        add(m);
+        for c in &choices {
+            let m = &c["message"];
+            if !m["content"].is_string() && !m["tool_calls"].is_array() {
+                return Err(format!("no answer: {raw}"));
+            }
+            add(c, m)?;
+        }
     }
     Ok(said)
 }
@@ -370,6 +385,7 @@ proptest! {
         parts in any::<bool>(),
         cut in 0.0f64..1.0,
         stream in any::<bool>(),
+        n in prop_oneof![3 => Just(1usize), 1 => Just(2usize)],
         privacy in proptest::sample::select(&["strict", "redact", "off", ""][..]),
     ) {
         let r = rig();
@@ -396,6 +412,9 @@ proptest! {
             "stream": stream,
         });
         let mut body = body;
+        if n > 1 {
+            body["n"] = json!(n);
+        }
         if tool {
             body["tools"] = json!([{"type": "function", "function": {"name": "note",
                 "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]);
@@ -446,21 +465,29 @@ proptest! {
             let backend = header("x-tandem-backend");
             prop_assert!(backend == "local" || backend == "cloud:cloud", "{backend}");
             prop_assert!(!header("x-tandem-decided-by").is_empty());
-            let got = match answer_of(&raw, stream) {
+            let choices = match answer_of(&raw, stream, n) {
                 Ok(a) => a,
                 Err(e) => return Err(TestCaseError::fail(e)),
             };
             // The upstream echoes the question as it received it (in its
             // text, or in a tool call's arguments and its reasoning):
-            // whatever was replaced on the way out comes back as written.
-            if backend == "cloud:cloud" {
+            // whatever was replaced on the way out comes back as written,
+            // in every choice. Choice i past the first says "ECHO i: " when
+            // it came with the first, "ECHO: " when it was asked alone (as
+            // it is once the upstream was seen ignoring `n`, which the tool
+            // echo does).
+            let cloud = backend == "cloud:cloud";
+            for (i, got) in choices.into_iter().enumerate().filter(|_| cloud) {
                 if tool {
                     let args: Value = serde_json::from_str(&got.arguments)
                         .map_err(|e| TestCaseError::fail(format!("{e}: {}", got.arguments)))?;
                     prop_assert_eq!(args["text"].as_str(), Some(user.as_str()), "{}", got.arguments);
                     prop_assert_eq!(got.reasoning, format!("Looking up: {user}"));
                 } else {
-                    prop_assert_eq!(got.content, format!("ECHO: {user}"));
+                    let alone = format!("ECHO: {user}");
+                    let with_first = format!("ECHO {i}: {user}");
+                    prop_assert!(got.content == alone || (i > 0 && got.content == with_first),
+                        "choice {i}: {:?}", got.content);
                 }
             }
             // The dry run says what the request does: read or not, and
