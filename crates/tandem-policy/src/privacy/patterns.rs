@@ -150,14 +150,6 @@ fn is_card(text: &str, s: usize, e: usize) -> bool {
 /// long text is not lowercased whole for every card-like number in it.
 const LABEL_REACH: usize = 48;
 
-/// Where the word after the one at `start` begins, within `start..end`
-/// (after a space or a hyphen); `end` when there is none.
-fn next_word(text: &str, start: usize, end: usize) -> usize {
-    text.get(start..end)
-        .and_then(|m| m.find([' ', '-', '\u{a0}']))
-        .map_or(end, |i| start + i + 1)
-}
-
 /// Labels that name a number as something other than a card: one in ten
 /// order numbers of a card's length passes the Luhn check.
 const OTHER_NUMBERS: &[&str] = &[
@@ -1116,4 +1108,12 @@ impl Patterns {
         }
         out
     }
+}
+
+/// Where the word after the one at `start` begins, within `start..end`
+/// (after a space or a hyphen); `end` when there is none.
+fn next_word(text: &str, start: usize, end: usize) -> usize {
+    text.get(start..end)
+        .and_then(|m| m.find([' ', '-', '\u{a0}']))
+        .map_or(end, |i| start + i + 1)
 }
