@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::generate::{Delta, Event, Finish, GenerateRequest, Input, Sampling, TokenLogprob};
@@ -370,6 +371,55 @@ impl Started {
     }
 }
 
+/// A request made ready to leave the device: the exact bytes
+/// [`Backend::send`] will send, fixed before the egress ledger records them,
+/// so that the record written before anything leaves names what leaves.
+#[derive(Debug)]
+pub struct Outbound {
+    req: GenerateRequest,
+    body: Option<Vec<u8>>,
+    payload_sha256: Option<String>,
+}
+
+impl Outbound {
+    /// A request whose bytes the backend does not fix beforehand (one that
+    /// sends nothing off the device).
+    pub fn unbuilt(req: GenerateRequest) -> Outbound {
+        Outbound {
+            req,
+            body: None,
+            payload_sha256: None,
+        }
+    }
+
+    /// A request and the body that will carry it; the hash is taken here,
+    /// from the very bytes, so it cannot disagree with them.
+    pub fn built(req: GenerateRequest, body: Vec<u8>) -> Outbound {
+        let payload_sha256 = Some(hex::encode(Sha256::digest(&body)));
+        Outbound {
+            req,
+            body: Some(body),
+            payload_sha256,
+        }
+    }
+
+    /// The request as the backend will answer it (its choices already
+    /// those one request carries).
+    pub fn request(&self) -> &GenerateRequest {
+        &self.req
+    }
+
+    /// The SHA-256 (hex) of the body, when there is one.
+    pub fn payload_sha256(&self) -> Option<&str> {
+        self.payload_sha256.as_deref()
+    }
+
+    /// The request and its body, for sending.
+    pub fn into_parts(self) -> (GenerateRequest, Option<Vec<u8>>) {
+        (self.req, self.body)
+    }
+}
+
 /// Anything that produces answers: the local engine, an OpenAI-compatible
 /// upstream, a scripted backend in tests. The router holds backends only
 /// through this trait.
@@ -425,15 +475,6 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
         None
     }
 
-    /// The SHA-256 (hex) of the body [`start`](Self::start) sends for
-    /// `req`, so that the egress ledger's record written before anything
-    /// leaves names exactly what will; `None` for a backend that sends
-    /// nothing off the device, or that cannot build the body (`start` then
-    /// reports why).
-    fn payload_sha256(&self, _req: &GenerateRequest) -> Option<String> {
-        None
-    }
-
     /// Choices of [`GenerateRequest::choices`] that one [`start`](Self::start)
     /// answers (the others are asked for one by one): all of them for an
     /// upstream that takes `n`, else 1.
@@ -452,6 +493,20 @@ pub trait Backend: std::fmt::Debug + Send + Sync + 'static {
     /// model, prompt too long, upstream refused) come back in
     /// [`Started::result`]; errors after it arrive inside the stream.
     fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started>;
+
+    /// Fixes what [`send`](Self::send) will send for `req`, so that the
+    /// egress ledger can record it before it leaves; errors found in
+    /// building it (a continuation the upstream cannot take) come back
+    /// before anything is sent. By default nothing is fixed.
+    fn outbound(&self, req: GenerateRequest) -> Result<Outbound, ApiError> {
+        Ok(Outbound::unbuilt(req))
+    }
+
+    /// Starts the answer to an [`outbound`](Self::outbound) request,
+    /// sending its body as it was fixed.
+    fn send(&self, outbound: Outbound) -> BoxFuture<'static, Started> {
+        self.start(outbound.into_parts().0)
+    }
 
     /// Starts an answer, without the egress record.
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<EventStream, ApiError>> {

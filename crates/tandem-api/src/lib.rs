@@ -17,7 +17,7 @@ pub mod text;
 
 pub use backend::{
     Answer, AnswerSoFar, Backend, BreakerState, CHOICE_NOT_ANSWERED, Capabilities, DraftVerifier,
-    EventStream, Exchange, Feature, Health, KvSession, Load, Locality, ModelInfo, Prepared, Price,
+    EventStream, Exchange, Feature, Health, KvSession, Load, Locality, ModelInfo, Outbound, Prepared, Price,
     Rows, SessionModel, Started,
 };
 pub use embeddings::{EmbeddingInput, EmbeddingJob, EmbeddingRequest, MAX_EMBEDDING_INPUTS};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tandem_api::{
-    ApiError, Backend, Capabilities, DraftVerifier, Feature, GenerateRequest, Health, Locality,
-    ModelInfo, Price, Started,
+    ApiError, Backend, Capabilities, DraftVerifier, Exchange, Feature, GenerateRequest, Health,
+    Locality, ModelInfo, Outbound, Price, Started,
 };
 
 use crate::{CloudBackend, Continuation};
@@ -83,8 +83,8 @@ impl Backend for CloudBackend {
         self.choices_asked(req)
     }
 
-    fn payload_sha256(&self, req: &GenerateRequest) -> Option<String> {
-        CloudBackend::payload_sha256(self, req)
+    fn outbound(&self, req: GenerateRequest) -> Result<Outbound, ApiError> {
+        CloudBackend::outbound(self, req)
     }
 
     fn probe(&self, timeout: Duration) -> Option<BoxFuture<'static, Result<Duration, String>>> {
@@ -95,9 +95,25 @@ impl Backend for CloudBackend {
     }
 
     fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started> {
+        match CloudBackend::outbound(self, req) {
+            Ok(out) => Backend::send(self, out),
+            Err(e) => {
+                let exchange = Arc::new(Exchange::new(&self.inner.cfg.name, ""));
+                Box::pin(async move {
+                    Started {
+                        result: Err(e),
+                        exchange: Some(exchange),
+                        more: Vec::new(),
+                    }
+                })
+            }
+        }
+    }
+
+    fn send(&self, out: Outbound) -> BoxFuture<'static, Started> {
         let this = self.clone();
         Box::pin(async move {
-            let (result, exchange) = CloudBackend::start(&this, req).await;
+            let (result, exchange) = CloudBackend::send(&this, out).await;
             let (result, more) = match result.map(Vec::into_iter) {
                 Ok(mut choices) => match choices.next() {
                     Some(first) => (Ok(first), choices.collect()),
@@ -170,5 +186,62 @@ mod tests {
         cfg.choices = Choices::Separate;
         let separate = CloudBackend::new(cfg).expect("backend");
         assert_eq!(separate.choices_per_request(&req), 1);
+    }
+
+    /// The bytes that reach the upstream are the ones `outbound` fixed and
+    /// hashed, even when, in between, another request found the upstream
+    /// ignoring `n` (which changes what a new request would ask).
+    #[tokio::test]
+    async fn what_is_sent_is_what_outbound_fixed() {
+        use sha2::{Digest, Sha256};
+        let seen: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let app = {
+            let seen = seen.clone();
+            axum::Router::new().route(
+                "/v1/chat/completions",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().expect("lock").push(body.to_vec());
+                        axum::Json(serde_json::json!({
+                            "id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "ok"}}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                "total_tokens": 2}
+                        }))
+                    }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let req: tandem_api::openai::ChatCompletionRequest =
+            serde_json::from_value(serde_json::json!({
+                "model": "m", "n": 2, "messages": [{"role": "user", "content": "hi"}]
+            }))
+            .expect("request");
+        let req = req.into_generate().expect("valid");
+        let cfg = UpstreamConfig::new("up", &format!("http://{addr}/v1"), &["m"]);
+        let b = CloudBackend::new(cfg).expect("backend");
+        let out = Backend::outbound(&b, req).expect("outbound");
+        assert_eq!(out.request().choices, 2);
+        let hash = out.payload_sha256().expect("a hash").to_owned();
+        b.inner
+            .ignores_n
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let started = Backend::send(&b, out).await;
+        assert!(started.result.is_ok());
+        let exchange = started.exchange.expect("an exchange");
+        assert_eq!(exchange.payload_sha256, hash);
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(hex::encode(Sha256::digest(&seen[0])), hash);
+        let sent: serde_json::Value = serde_json::from_slice(&seen[0]).expect("json");
+        assert_eq!(sent["n"], 2, "the choices fixed before the flip");
     }
 }

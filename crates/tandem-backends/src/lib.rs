@@ -27,9 +27,8 @@ use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tandem_api::openai::{ChatMessage, MessageContent};
-use tandem_api::{ApiError, Event, EventStream, Exchange, GenerateRequest, Input};
+use tandem_api::{ApiError, Event, EventStream, Exchange, GenerateRequest, Input, Outbound};
 
 pub use breaker::{CircuitBreaker, Pass, TrialGuard};
 pub use config::{Choices, Continuation, UpstreamConfig};
@@ -257,7 +256,14 @@ impl CloudBackend {
         }
     }
 
-    fn body(&self, req: &GenerateRequest, model: &str) -> Result<(Endpoint, Vec<u8>), ApiError> {
+    fn endpoint(req: &GenerateRequest) -> Endpoint {
+        match req.input {
+            Input::Text(_) => Endpoint::Completions,
+            Input::Chat { .. } => Endpoint::Chat,
+        }
+    }
+
+    fn body(&self, req: &GenerateRequest, model: &str) -> Result<Vec<u8>, ApiError> {
         let encode_err = |e: serde_json::Error| {
             ApiError::internal(format!("cannot encode the upstream request: {e}"))
         };
@@ -265,10 +271,7 @@ impl CloudBackend {
             Input::Text(t) => {
                 let mut r = req.to_completion_request(model, t.clone());
                 r.stream = Some(req.stream);
-                Ok((
-                    Endpoint::Completions,
-                    serde_json::to_vec(&r).map_err(encode_err)?,
-                ))
+                serde_json::to_vec(&r).map_err(encode_err)
             }
             Input::Chat { continue_from, .. } => {
                 let mut r = req.to_chat_request(model);
@@ -291,7 +294,7 @@ impl CloudBackend {
                     r.extra.insert("continue_final_message".into(), true.into());
                     r.extra.insert("add_generation_prompt".into(), false.into());
                 }
-                Ok((Endpoint::Chat, serde_json::to_vec(&r).map_err(encode_err)?))
+                serde_json::to_vec(&r).map_err(encode_err)
             }
         }
     }
@@ -308,42 +311,40 @@ impl CloudBackend {
         }
     }
 
-    /// The SHA-256 (hex) of the body [`CloudBackend::start`] sends for
-    /// `req`: the body is built the same way, its maps sorted, so the bytes
-    /// are the same — unless another request finds, in between, that the
-    /// upstream ignores `n` (then `start` asks for one choice, and the
-    /// outcome's hash is that of what left).
-    pub fn payload_sha256(&self, req: &GenerateRequest) -> Option<String> {
-        let mut req = req.clone();
+    /// Fixes the body [`CloudBackend::send`] will send for `req`: the
+    /// choices one request asks for (decided here once, so a concurrent
+    /// discovery that the upstream ignores `n` cannot change the bytes
+    /// after the ledger named them) and the upstream's model.
+    pub fn outbound(&self, mut req: GenerateRequest) -> Result<Outbound, ApiError> {
         req.choices = self.choices_asked(&req);
-        let model = self.upstream_model(&req.model);
-        let (_, body) = self.body(&req, &model).ok()?;
-        Some(hex::encode(Sha256::digest(&body)))
+        req.model = self.upstream_model(&req.model);
+        let body = self.body(&req, &req.model)?;
+        Ok(Outbound::built(req, body))
     }
 
-    /// Sends the request, retrying what is worth retrying, and returns the
-    /// answer's events once the first one has arrived — together with the
-    /// record of what was sent, whatever the outcome. Several choices
-    /// asked of an upstream that takes `n` come from the one request, one
-    /// stream each; otherwise only the first is asked for.
-    pub async fn start(
-        &self,
-        mut req: GenerateRequest,
-    ) -> (Result<Vec<EventStream>, ApiError>, Arc<Exchange>) {
-        let model = self.upstream_model(&req.model);
+    /// Sends a request as [`outbound`](Self::outbound) fixed it, retrying
+    /// what is worth retrying, and returns the answer's events once the
+    /// first one has arrived — together with the record of what was sent,
+    /// whatever the outcome. Several choices asked of an upstream that
+    /// takes `n` come from the one request, one stream each; otherwise only
+    /// the first is asked for.
+    pub async fn send(&self, out: Outbound) -> (Result<Vec<EventStream>, ApiError>, Arc<Exchange>) {
         let cfg = &self.inner.cfg;
-        req.choices = self.choices_asked(&req);
+        let payload_sha256 = out.payload_sha256().unwrap_or_default().to_owned();
+        let (req, body) = out.into_parts();
+        let model = req.model.clone();
         let n = req.choices;
-        let (endpoint, body) = match self.body(&req, &model) {
-            Ok(b) => b,
-            Err(e) => {
-                return (Err(e), Arc::new(Exchange::new(&cfg.name, &model)));
-            }
+        let endpoint = Self::endpoint(&req);
+        let Some(body) = body else {
+            return (
+                Err(ApiError::internal("an upstream request without its body")),
+                Arc::new(Exchange::new(&cfg.name, &model)),
+            );
         };
         let exchange = Arc::new(Exchange {
             upstream: cfg.name.clone(),
             model,
-            payload_sha256: hex::encode(Sha256::digest(&body)),
+            payload_sha256,
             ..Exchange::default()
         });
         let Some(pass) = self.inner.breaker.admit() else {

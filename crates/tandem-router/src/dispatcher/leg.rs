@@ -279,6 +279,8 @@ impl Dispatcher {
                     .cloud(p.cloud_i)
                     .ok_or_else(|| ApiError::unavailable("no cloud upstream is configured"))?;
                 let (out, redaction) = self.outgoing(req, redact)?;
+                // Built once: the ledger's entry names the very bytes sent.
+                let out = cloud.outbound(out)?;
                 let reservation = self.reserve(ctx, cloud, req, p).await?;
                 if let Err(e) = self
                     .egress
@@ -287,10 +289,7 @@ impl Dispatcher {
                         cloud.name(),
                         &cloud.model_for(&req.model),
                         &redaction.classes,
-                        self.egress
-                            .ledger
-                            .as_ref()
-                            .and_then(|_| cloud.payload_sha256(&out)),
+                        out.payload_sha256().map(str::to_owned),
                     )
                     .await
                 {
@@ -299,7 +298,7 @@ impl Dispatcher {
                 }
                 // Counted from before the start: a burst sees its own load.
                 let flight = self.in_flight.get(p.cloud_i).map(Flight::new);
-                let started = cloud.start(out).await;
+                let started = cloud.send(out).await;
                 let exchange = started
                     .exchange
                     .unwrap_or_else(|| Arc::new(tandem_api::Exchange::new(cloud.name(), "")));
