@@ -95,10 +95,11 @@ impl Backend for CloudBackend {
     }
 
     fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started> {
+        let model = self.upstream_model(&req.model);
         match CloudBackend::outbound(self, req) {
             Ok(out) => Backend::send(self, out),
             Err(e) => {
-                let exchange = Arc::new(Exchange::new(&self.inner.cfg.name, ""));
+                let exchange = Arc::new(Exchange::new(&self.inner.cfg.name, &model));
                 Box::pin(async move {
                     Started {
                         result: Err(e),
