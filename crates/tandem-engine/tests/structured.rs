@@ -228,6 +228,64 @@ async fn json_schema_answers_parse_and_validate() {
     assert!(v.is_object(), "{v}");
 }
 
+/// Pydantic's tagged union (`Union[Cat, Dog] = Field(discriminator=...)`,
+/// its schema exactly as pydantic 2.14 writes it): a `oneOf` over `$ref`s
+/// whose branches a required constant tells apart.
+fn pets() -> Value {
+    json!({"$defs": {
+        "Cat": {"properties": {"pet_type": {"const": "cat", "title": "Pet Type", "type": "string"},
+                               "meows": {"title": "Meows", "type": "integer"}},
+                "required": ["pet_type", "meows"], "title": "Cat", "type": "object"},
+        "Dog": {"properties": {"pet_type": {"const": "dog", "title": "Pet Type", "type": "string"},
+                               "barks": {"title": "Barks", "type": "number"}},
+                "required": ["pet_type", "barks"], "title": "Dog", "type": "object"}},
+     "properties": {"pet": {"discriminator": {"mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"},
+                                              "propertyName": "pet_type"},
+                            "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}], "title": "Pet"},
+                    "n": {"title": "N", "type": "integer"}},
+     "required": ["pet", "n"], "title": "Model", "type": "object"})
+}
+
+#[tokio::test]
+async fn a_tagged_union_is_enforced_and_an_ambiguous_one_refused() {
+    let validator = jsonschema::validator_for(&pets()).expect("a valid schema");
+    let mut kinds = Vec::new();
+    for prompt in [
+        "My cat meows about 12 times a day. Describe my pet as JSON, with n = 1.",
+        "My dog barks 2.5 times an hour. Describe my pet as JSON, with n = 2.",
+    ] {
+        let a = answer(request(
+            vec![Message::new("user", prompt)],
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "Model", "schema": pets()}}}),
+        ))
+        .await;
+        assert_eq!(a.finish.reason, FinishReason::Stop, "{a:?}");
+        let v: Value = serde_json::from_str(&a.text).unwrap_or_else(|e| panic!("{e}: {}", a.text));
+        assert!(validator.is_valid(&v), "{v}");
+        kinds.push(v["pet"]["pet_type"].clone());
+    }
+    assert!(kinds.iter().all(|k| k == "cat" || k == "dog"), "{kinds:?}");
+
+    // Branches that one value can match both of are not a tagged union:
+    // the keyword is refused by name, written inline or by reference.
+    for (defs, branches) in [
+        (json!({}), json!([{"type": "integer"}, {"type": "number", "minimum": 0}])),
+        (
+            json!({"A": {"type": "object", "properties": {"k": {"const": "a"}}}}),
+            json!([{"$ref": "#/$defs/A"}, {"type": "object"}]),
+        ),
+    ] {
+        let req = request(
+            vec![Message::new("user", "x")],
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                   "schema": {"$defs": defs, "type": "object", "properties": {"x": {"oneOf": branches}}}}}}),
+        );
+        let why = qwen().refusal(&req).expect("refused");
+        assert!(why.contains("oneOf"), "{why}");
+    }
+}
+
 #[tokio::test]
 async fn what_cannot_be_enforced_is_refused_by_name() {
     let err = qwen()
