@@ -3,7 +3,8 @@
 //! required fields, keys in any script or with quotes, enums and consts of
 //! mixed types, bounded numbers, strings with lengths or patterns, arrays
 //! with bounds, nullable fields, formats, `multipleOf`, nesting, `anyOf`,
-//! `oneOf`, `allOf`, `uniqueItems`, Pydantic's `$defs` and `$ref`, titles
+//! `oneOf`, `allOf`, `uniqueItems`, Pydantic's `$defs` and `$ref` and its
+//! tagged unions, titles
 //! and defaults), each asked of the
 //! device model (SmolLM2) with `response_format: json_schema`. Every
 //! answer that ends on its own parses and validates against the schema
@@ -126,6 +127,29 @@ fn document() -> impl Strategy<Value = Value> {
             },
             "required": ["item"],
         })),
+        // Pydantic's tagged union: `oneOf` over `$ref`s that a required
+        // constant tells apart, which the device must enforce.
+        1 => (schema(), schema(), any::<bool>()).prop_map(|(a, b, closed)| {
+            let model = |tag: &str, field: &str, v: Value| {
+                let mut m = json!({"type": "object", "title": tag,
+                    "properties": {"kind": {"const": tag, "type": "string"}, field: v},
+                    "required": ["kind", field]});
+                if closed {
+                    m["additionalProperties"] = json!(false);
+                }
+                m
+            };
+            json!({
+                "$defs": {"A": model("a", "left", a), "B": model("b", "right", b)},
+                "type": "object",
+                "properties": {"pick": {
+                    "oneOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}],
+                    "discriminator": {"propertyName": "kind",
+                        "mapping": {"a": "#/$defs/A", "b": "#/$defs/B"}}}},
+                "required": ["pick"],
+                "additionalProperties": !closed,
+            })
+        }),
     ]
 }
 
@@ -175,6 +199,15 @@ proptest! {
                 // Refused by name, as a client error.
                 prop_assert_eq!(e.status, 400, "{}", e.message);
                 prop_assert_eq!(e.param.as_deref(), Some("response_format"), "{}", e.message);
+                // What is refused is a set or a `oneOf` that is not a
+                // tagged union; a tagged union alone is enforced.
+                let text = schema.to_string();
+                let tagged = schema.pointer("/properties/pick/discriminator").is_some();
+                prop_assert!(
+                    !tagged || text.matches("\"oneOf\"").count() > 1
+                        || text.contains("\"uniqueItems\":true"),
+                    "a tagged union refused: {} for {}", e.message, schema
+                );
                 return Ok(());
             }
         };
