@@ -17,8 +17,8 @@ pub mod text;
 
 pub use backend::{
     Answer, AnswerSoFar, Backend, BreakerState, CHOICE_NOT_ANSWERED, Capabilities, DraftVerifier,
-    EventStream, Exchange, Feature, Health, KvSession, Load, Locality, ModelInfo, Outbound, Prepared, Price,
-    Rows, SessionModel, Started,
+    EventStream, Exchange, Feature, Health, KvSession, Load, Locality, ModelInfo, Outbound,
+    Prepared, Price, Rows, SessionModel, Started,
 };
 pub use embeddings::{EmbeddingInput, EmbeddingJob, EmbeddingRequest, MAX_EMBEDDING_INPUTS};
 pub use error::{ApiError, ErrorBody, ErrorKind, ErrorObject};

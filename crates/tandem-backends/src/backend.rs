@@ -195,9 +195,9 @@ mod tests {
     #[tokio::test]
     async fn what_is_sent_is_what_outbound_fixed() {
         use sha2::{Digest, Sha256};
-        let seen: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let sent_bodies: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
         let app = {
-            let seen = seen.clone();
+            let seen = sent_bodies.clone();
             axum::Router::new().route(
                 "/v1/chat/completions",
                 axum::routing::post(move |body: axum::body::Bytes| {
@@ -229,7 +229,7 @@ mod tests {
         let req = req.into_generate().expect("valid");
         let cfg = UpstreamConfig::new("up", &format!("http://{addr}/v1"), &["m"]);
         let b = CloudBackend::new(cfg).expect("backend");
-        let out = Backend::outbound(&b, req).expect("outbound");
+        let out = Backend::outbound(&b, req.clone()).expect("outbound");
         assert_eq!(out.request().choices, 2);
         let hash = out.payload_sha256().expect("a hash").to_owned();
         b.inner
@@ -239,10 +239,23 @@ mod tests {
         assert!(started.result.is_ok());
         let exchange = started.exchange.expect("an exchange");
         assert_eq!(exchange.payload_sha256, hash);
-        let seen = seen.lock().expect("lock").clone();
+        let seen = sent_bodies.lock().expect("lock").clone();
         assert_eq!(seen.len(), 1);
         assert_eq!(hex::encode(Sha256::digest(&seen[0])), hash);
         let sent: serde_json::Value = serde_json::from_slice(&seen[0]).expect("json");
         assert_eq!(sent["n"], 2, "the choices fixed before the flip");
+
+        // Handed over unbuilt, it is built when sent, as things now stand.
+        let started = Backend::send(&b, Outbound::unbuilt(req)).await;
+        assert!(started.result.is_ok());
+        let exchange = started.exchange.expect("an exchange");
+        let seen = sent_bodies.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(
+            hex::encode(Sha256::digest(&seen[1])),
+            exchange.payload_sha256
+        );
+        let sent: serde_json::Value = serde_json::from_slice(&seen[1]).expect("json");
+        assert!(sent.get("n").is_none_or(|n| n == 1), "{sent}");
     }
 }

@@ -263,7 +263,9 @@ impl CloudBackend {
         }
     }
 
-    fn body(&self, req: &GenerateRequest, model: &str) -> Result<Vec<u8>, ApiError> {
+    /// The JSON body for `req`, whose `model` is already the upstream's.
+    fn body(&self, req: &GenerateRequest) -> Result<Vec<u8>, ApiError> {
+        let model = req.model.as_str();
         let encode_err = |e: serde_json::Error| {
             ApiError::internal(format!("cannot encode the upstream request: {e}"))
         };
@@ -318,7 +320,7 @@ impl CloudBackend {
     pub fn outbound(&self, mut req: GenerateRequest) -> Result<Outbound, ApiError> {
         req.choices = self.choices_asked(&req);
         req.model = self.upstream_model(&req.model);
-        let body = self.body(&req, &req.model)?;
+        let body = self.body(&req)?;
         Ok(Outbound::built(req, body))
     }
 
@@ -330,17 +332,25 @@ impl CloudBackend {
     /// the first is asked for.
     pub async fn send(&self, out: Outbound) -> (Result<Vec<EventStream>, ApiError>, Arc<Exchange>) {
         let cfg = &self.inner.cfg;
+        // Handed over unbuilt (the trait's default): built here, as
+        // `outbound` would have.
+        let out = match out.payload_sha256() {
+            Some(_) => out,
+            None => {
+                let (req, _) = out.into_parts();
+                let model = self.upstream_model(&req.model);
+                match self.outbound(req) {
+                    Ok(out) => out,
+                    Err(e) => return (Err(e), Arc::new(Exchange::new(&cfg.name, &model))),
+                }
+            }
+        };
         let payload_sha256 = out.payload_sha256().unwrap_or_default().to_owned();
         let (req, body) = out.into_parts();
+        let body = body.unwrap_or_default();
         let model = req.model.clone();
         let n = req.choices;
         let endpoint = Self::endpoint(&req);
-        let Some(body) = body else {
-            return (
-                Err(ApiError::internal("an upstream request without its body")),
-                Arc::new(Exchange::new(&cfg.name, &model)),
-            );
-        };
         let exchange = Arc::new(Exchange {
             upstream: cfg.name.clone(),
             model,

@@ -270,7 +270,10 @@ async fn a_tagged_union_is_enforced_and_an_ambiguous_one_refused() {
     // Branches that one value can match both of are not a tagged union:
     // the keyword is refused by name, written inline or by reference.
     for (defs, branches) in [
-        (json!({}), json!([{"type": "integer"}, {"type": "number", "minimum": 0}])),
+        (
+            json!({}),
+            json!([{"type": "integer"}, {"type": "number", "minimum": 0}]),
+        ),
         (
             json!({"A": {"type": "object", "properties": {"k": {"const": "a"}}}}),
             json!([{"$ref": "#/$defs/A"}, {"type": "object"}]),
