@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tandem_api::{
-    ApiError, Backend, Capabilities, DraftVerifier, Exchange, Feature, GenerateRequest, Health,
-    Locality, ModelInfo, Outbound, Price, Started,
+    ApiError, Backend, Capabilities, DraftVerifier, Feature, GenerateRequest, Health, Locality,
+    ModelInfo, Outbound, Price, Started,
 };
 
 use crate::{CloudBackend, Continuation};
@@ -94,21 +94,9 @@ impl Backend for CloudBackend {
         }))
     }
 
+    /// Built and sent in one go: `send` builds what comes unbuilt.
     fn start(&self, req: GenerateRequest) -> BoxFuture<'static, Started> {
-        let model = self.upstream_model(&req.model);
-        match CloudBackend::outbound(self, req) {
-            Ok(out) => Backend::send(self, out),
-            Err(e) => {
-                let exchange = Arc::new(Exchange::new(&self.inner.cfg.name, &model));
-                Box::pin(async move {
-                    Started {
-                        result: Err(e),
-                        exchange: Some(exchange),
-                        more: Vec::new(),
-                    }
-                })
-            }
-        }
+        Backend::send(self, Outbound::unbuilt(req))
     }
 
     fn send(&self, out: Outbound) -> BoxFuture<'static, Started> {
