@@ -97,6 +97,8 @@ pub fn response_format(extra: &Map<String, Value>) -> Result<Option<Grammar>, Ap
 #[derive(Default)]
 pub(crate) struct Constrainer {
     factory: OnceLock<Result<ParserFactory, String>>,
+    /// [`NUMBER_GUARD`] compiled, in its initial state (each use clones it).
+    guard: OnceLock<Result<llguidance::TokenParser, String>>,
     compiled: Mutex<VecDeque<Compiled>>,
     compilations: AtomicU64,
 }
@@ -131,9 +133,44 @@ impl Constrainer {
 
     /// A sampler that keeps the answer inside `grammar`, or a 400 naming
     /// what in it cannot be enforced.
+    ///
+    /// Where every number the grammar names fits [`NUMBER_GUARD`], the
+    /// guard masks beside it: a grammar bounds no digits, and a small model
+    /// left to it writes numbers of sixty digits, or `1.0E+38475`, which
+    /// parse as infinity.
     pub fn sampler(&self, model: &LlamaModel, grammar: &Grammar) -> Result<LlamaSampler, ApiError> {
         let parser = self.parser(model, grammar)?;
-        Ok(LlamaSampler::from(Matcher::new(Ok(parser))))
+        let sampler = LlamaSampler::from(Matcher::new(Ok(parser)));
+        let text = match grammar {
+            Grammar::Schema(schema) => schema.to_string(),
+            Grammar::Lark(src) => src.clone(),
+        };
+        if !numbers_fit_guard(&text) {
+            return Ok(sampler);
+        }
+        match self.guard(model) {
+            Some(guard) => Ok(LlamaSampler::chain_simple([
+                sampler,
+                LlamaSampler::from(Matcher::new(Ok(guard))),
+            ])),
+            None => Ok(sampler),
+        }
+    }
+
+    /// A fresh parser of [`NUMBER_GUARD`]; `None` (and a warning, once) if
+    /// it does not compile, and answers go unguarded rather than refused.
+    fn guard(&self, model: &LlamaModel) -> Option<llguidance::TokenParser> {
+        let factory = self.factory(model).ok()?;
+        let kept = self.guard.get_or_init(|| {
+            let parsed = factory
+                .create_parser(TopLevelGrammar::from_regex(NUMBER_GUARD))
+                .map_err(|e| e.to_string());
+            if let Err(e) = &parsed {
+                tracing::warn!(error = %e, "the number guard does not compile");
+            }
+            parsed
+        });
+        kept.as_ref().ok().cloned()
     }
 
     /// Whether `grammar` can be enforced: the 400 [`Constrainer::sampler`]
@@ -153,6 +190,17 @@ impl Constrainer {
         grammar: &Grammar,
     ) -> Result<llguidance::TokenParser, ApiError> {
         let factory = self.factory(model)?;
+        let refused = |e: &str| {
+            ApiError::invalid_param(
+                grammar.param(),
+                format!("this schema cannot be enforced on the local model: {e}"),
+            )
+        };
+        if let Some(n) = embedded_schemas(grammar).iter().find_map(inexact_constant) {
+            return Err(refused(&format!(
+                "the constant {n} is an integer beyond 2^53, which the grammar would write as another"
+            )));
+        }
         let top = match grammar {
             Grammar::Schema(schema) => {
                 let mut schema = schema.clone();
@@ -163,12 +211,6 @@ impl Constrainer {
                 TopLevelGrammar::from_json_schema(schema)
             }
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
-        };
-        let refused = |e: &str| {
-            ApiError::invalid_param(
-                grammar.param(),
-                format!("this schema cannot be enforced on the local model: {e}"),
-            )
         };
         // The grammar as the compiler gets it, serialised, is the key: two
         // spellings of one schema may compile twice, never share wrongly.
@@ -275,6 +317,137 @@ pub(crate) const BOUNDED_EMAIL: &str = concat!(
     "){1,3}"
 );
 
+/// The JSON schemas in a grammar: the schema itself, or each one a Lark
+/// grammar embeds after `%json`.
+fn embedded_schemas(grammar: &Grammar) -> Vec<Value> {
+    match grammar {
+        Grammar::Schema(schema) => vec![schema.clone()],
+        Grammar::Lark(src) => src
+            .match_indices("%json")
+            .filter_map(|(at, tag)| {
+                let rest = src.get(at + tag.len()..)?;
+                serde_json::Deserializer::from_str(rest)
+                    .into_iter::<Value>()
+                    .next()?
+                    .ok()
+            })
+            .collect(),
+    }
+}
+
+/// The first `const` or `enum` integer in `schema` beyond 2^53. The
+/// grammar compiler holds a constant as a double and would have the model
+/// write `12345678901234567890` as `12345678901234567000`, another number,
+/// which fails the schema: such a schema is refused instead.
+fn inexact_constant(schema: &Value) -> Option<String> {
+    fn beyond(v: &Value) -> Option<String> {
+        match v {
+            Value::Number(n) => {
+                let big = n
+                    .as_u64()
+                    .map(|u| u > 1 << 53)
+                    .or(n.as_i64().map(|i| i < -(1 << 53)));
+                big.unwrap_or(false).then(|| n.to_string())
+            }
+            Value::Array(items) => items.iter().find_map(beyond),
+            Value::Object(m) => m.values().find_map(beyond),
+            _ => None,
+        }
+    }
+    let mut schema = schema.clone();
+    let mut found = None;
+    each_schema(&mut schema, &mut |m| {
+        if found.is_none() {
+            found = ["const", "enum"]
+                .iter()
+                .find_map(|k| m.get(*k).and_then(beyond));
+        }
+    });
+    found
+}
+
+/// A number as [`NUMBER_GUARD`] lets a model write it: at most 15 digits
+/// before the point and 15 after, and an exponent of at most two digits —
+/// so that each is a finite double whose integral part is exact (llama.cpp
+/// bounds its grammars' numbers to 16 digits a part, for the same reason).
+macro_rules! guarded_number {
+    () => {
+        r"-?[0-9]{1,15}(?:\.[0-9]{1,15})?(?:[eE][+\-]?[0-9]{1,2})?"
+    };
+}
+
+/// The whole of an answer as the number guard reads it: strings, whatever
+/// their content; numbers as [`guarded_number!`] has them, each ended by
+/// what ends a JSON value (`,`, `]`, `}`, whitespace) or by the answer's
+/// end; and any other character that cannot be part of a number (`e` and
+/// `E` alone, as in `true`). Masked beside a JSON grammar, it leaves the
+/// grammar's answers except those with a longer number.
+pub(crate) const NUMBER_GUARD: &str = concat!(
+    r#"(?:"(?:[^"\\]|\\.)*"|[^0-9"eE.\-]|[eE]|"#,
+    guarded_number!(),
+    r"[,\]}\s])*(?:",
+    guarded_number!(),
+    ")?"
+);
+
+/// Whether a grammar may be guarded: the guard could otherwise leave it
+/// nothing to write (a dead end the sampler cannot see).
+///
+/// - Every number written in its text must be a digit shorter, a part,
+///   than the guard allows, and under 1e14 (nothing nonzero under 1e-14):
+///   a `const`, an `enum` value or a bound that is not could need digits
+///   the guard forbids — between two bounds of 14 decimals there is always
+///   a number of 15 within the guard.
+/// - It must not say `multipleOf`: a number of 15 digits that is not yet a
+///   multiple needs more, which the guard forbids.
+///
+/// Numbers and words inside its strings count too, which only ever leaves
+/// a grammar unguarded that could have been guarded.
+pub(crate) fn numbers_fit_guard(text: &str) -> bool {
+    if text.contains("multipleOf") {
+        return false;
+    }
+    let b = text.as_bytes();
+    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    let run = |i: &mut usize| {
+        let from = *i;
+        while digit(*i) {
+            *i += 1;
+        }
+        *i - from
+    };
+    let mut i = 0;
+    while i < b.len() {
+        if !digit(i) {
+            i += 1;
+            continue;
+        }
+        let from = i;
+        let int = run(&mut i);
+        let mut frac = 0;
+        if b.get(i) == Some(&b'.') && digit(i + 1) {
+            i += 1;
+            frac = run(&mut i);
+        }
+        let mut exp = 0;
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+            if digit(i + 1 + sign) {
+                i += 1 + sign;
+                exp = run(&mut i);
+            }
+        }
+        if int > 14 || frac > 14 || exp > 2 {
+            return false;
+        }
+        let size = text.get(from..i).and_then(|t| t.parse::<f64>().ok());
+        if size.is_some_and(|v| v != 0.0 && !(1e-14..1e14).contains(&v)) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Calls `f` on `schema` and on every schema inside it: the values of the
 /// keywords that hold schemas.
 fn each_schema(schema: &mut Value, f: &mut impl FnMut(&mut Map<String, Value>)) {
@@ -380,6 +553,160 @@ mod tests {
         assert_eq!(p["when"]["format"], json!("date"));
         assert_eq!(schema["$defs"]["Set"]["uniqueItems"], json!(true));
         assert_eq!(schema["default"], json!({"uniqueItems": false}));
+    }
+
+    #[test]
+    fn a_constant_beyond_2_53_is_found_in_a_schema_or_a_forced_call() {
+        let schema = json!({"properties": {"a": {"enum": [1, {"x": 9007199254740993u64}]}}});
+        assert_eq!(inexact_constant(&schema), Some("9007199254740993".into()));
+        let exact = json!({"const": 9007199254740992u64, "enum": [-9007199254740992i64, 0.1]});
+        assert_eq!(inexact_constant(&exact), None);
+        // Data that is not a constant, and a property named `const`.
+        let data = json!({"properties": {"const": {"type": "integer"}},
+            "default": 12345678901234567890u64, "maximum": 1e300});
+        assert_eq!(inexact_constant(&data), None);
+
+        let extra = json!({"tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                "properties": {"id": {"const": 12345678901234567890u64}}}}},
+            {"type": "function", "function": {"name": "g", "parameters": {"type": "object",
+                "properties": {"n": {"type": "integer"}}}}}]});
+        let tools = crate::tools::ToolRequest::from_extra(extra.as_object().unwrap()).unwrap();
+        for syntax in [crate::tools::Syntax::Hermes, crate::tools::Syntax::Json] {
+            let lark = Grammar::Lark(tools.as_ref().unwrap().grammar(syntax).unwrap());
+            let found: Vec<_> = embedded_schemas(&lark)
+                .iter()
+                .filter_map(inexact_constant)
+                .collect();
+            assert_eq!(found, ["12345678901234567890"], "{lark:?}");
+        }
+    }
+
+    fn guard() -> regex::Regex {
+        regex::Regex::new(&format!("^(?:{NUMBER_GUARD})$")).unwrap()
+    }
+
+    #[test]
+    fn the_number_guard_passes_json_whose_numbers_fit_and_no_other() {
+        let g = guard();
+        for fits in [
+            r#"{"a": 1, "b": [2.5, -3e7, 0.333333333333333], "t": true, "f": false, "n": null}"#,
+            r#"{"digits in a string": "12345678901234567890 1e999 \" 1234567890123456789"}"#,
+            "123456789012345",
+            "-1.5E+99",
+            "{\n  \"x\" : 4.2e-10\n}",
+            "[]",
+            r#"<tool_call>
+{"name": "f", "arguments": {"n": 42}}
+</tool_call>"#,
+        ] {
+            assert!(g.is_match(fits), "{fits}");
+        }
+        for long in [
+            "1234567890123456",
+            r#"{"a": 0.1234567890123456}"#,
+            r#"{"ratio": 1.0E+38475}"#,
+            "[1e100]",
+            r#"{"a": 1e+000}"#,
+            r#"{"count": 3600000000000000000000000000000000000000001}"#,
+        ] {
+            assert!(!g.is_match(long), "{long}");
+        }
+    }
+
+    #[test]
+    fn a_grammar_naming_a_number_the_guard_forbids_goes_unguarded() {
+        for fits in [
+            r#"{"type": "integer", "minimum": -99999999999999, "maximum": 5}"#,
+            r#"{"enum": [0.5, 1e-14, 0], "description": "from 2024-01-15, v2.0.1"}"#,
+            r#"{"exclusiveMinimum": 0.12345678901234, "exclusiveMaximum": 0.12345678901235}"#,
+        ] {
+            assert!(numbers_fit_guard(fits), "{fits}");
+        }
+        for not in [
+            r#"{"const": 12345678901234567890}"#,
+            r#"{"type": "integer", "minimum": 1e20}"#,
+            r#"{"type": "number", "exclusiveMinimum": 1e-16}"#,
+            r#"{"enum": [0.1234567890123456]}"#,
+            r#"{"const": 1e+100}"#,
+            r#"{"const": 100000000000000}"#,
+            r#"{"exclusiveMinimum": 0.123456789012345, "exclusiveMaximum": 0.123456789012346}"#,
+            r#"{"type": "integer", "multipleOf": 3}"#,
+        ] {
+            assert!(!numbers_fit_guard(not), "{not}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Every number the guard lets a model write is a finite double,
+        /// exact in its integral part.
+        #[test]
+        fn a_guarded_number_is_a_finite_double(
+            n in proptest::string::string_regex(guarded_number!()).unwrap(),
+        ) {
+            let v: f64 = n.parse().unwrap();
+            proptest::prop_assert!(v.is_finite(), "{n}");
+            let int: String = n.split(['.', 'e', 'E']).next().unwrap_or("").into();
+            let exact = int.trim_start_matches('-').parse::<u64>().unwrap();
+            proptest::prop_assert!(exact < 1 << 53, "{n}");
+            proptest::prop_assert!(guard().is_match(&format!("[{n}]")), "{n}");
+        }
+
+        /// Any JSON whose numbers fit, compact or pretty, passes the guard;
+        /// one number of 16 digits put anywhere in it fails it.
+        #[test]
+        fn json_passes_the_guard_unless_a_number_is_too_long(
+            doc in json_doc(),
+            spot in 0usize..64,
+        ) {
+            let g = guard();
+            let compact = doc.to_string();
+            let pretty = serde_json::to_string_pretty(&doc).unwrap();
+            proptest::prop_assert!(g.is_match(&compact), "{compact}");
+            proptest::prop_assert!(g.is_match(&pretty), "{pretty}");
+            let mut long = doc.clone();
+            let sixteen = json!(1234567890123456u64);
+            if !plant(&mut long, &mut spot.clone(), &sixteen) {
+                long = json!([long, sixteen]);
+            }
+            proptest::prop_assert!(!g.is_match(&long.to_string()), "{long}");
+        }
+    }
+
+    fn json_doc() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(|n| json!(n)),
+            (-1e9f64..1e9).prop_map(|x| json!((x * 1e4).round() / 1e4)),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(".*", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Puts `v` in the `spot`-th container of `doc` (depth first); false
+    /// if it has fewer.
+    fn plant(doc: &mut Value, spot: &mut usize, v: &Value) -> bool {
+        let here = *spot == 0;
+        *spot = spot.wrapping_sub(1);
+        match doc {
+            Value::Array(a) if here => a.push(v.clone()),
+            Value::Object(m) if here => drop(m.insert("planted".into(), v.clone())),
+            Value::Array(a) => return a.iter_mut().any(|d| plant(d, spot, v)),
+            Value::Object(m) => return m.values_mut().any(|d| plant(d, spot, v)),
+            _ => {
+                *spot = spot.wrapping_add(1);
+                return false;
+            }
+        }
+        true
     }
 
     proptest::proptest! {

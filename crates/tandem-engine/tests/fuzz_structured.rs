@@ -8,7 +8,9 @@
 //! and defaults), each asked of the
 //! device model (SmolLM2) with `response_format: json_schema`. Every
 //! answer that ends on its own parses and validates against the schema
-//! with the `jsonschema` crate (independent of the grammar); a schema the
+//! with the `jsonschema` crate (independent of the grammar), and its
+//! numbers are finite doubles of at most 15 digits a part unless the schema
+//! names a longer one or a `multipleOf`; a schema the
 //! grammar cannot enforce is a 400 naming `response_format`, never an
 //! unconstrained answer; nothing panics or hangs.
 //!
@@ -44,6 +46,10 @@ const KEYS: &[&str] = &[
     "",
 ];
 
+/// A number of 16 digits, which the number guard would never let a model
+/// write.
+const BIG: &str = "1234567890123456";
+
 fn leaf() -> impl Strategy<Value = Value> {
     prop_oneof![
         Just(json!({"type": "string"})),
@@ -61,6 +67,16 @@ fn leaf() -> impl Strategy<Value = Value> {
         Just(json!({"type": "null"})),
         Just(json!({"const": "fixed"})),
         Just(json!({"enum": [1, "one", true, null]})),
+        // Longer than a guarded number: such a schema goes unguarded.
+        Just(json!({"enum": [BIG.parse::<u64>().unwrap_or(0), 0.5]})),
+        // Within the guard, but only just: 14 digits, and numbers that
+        // need 15 decimals.
+        Just(
+            json!({"type": "integer", "minimum": 10_000_000_000_000u64, "maximum": 99_999_999_999_999u64})
+        ),
+        Just(
+            json!({"type": "number", "exclusiveMinimum": 0.12345678901234, "exclusiveMaximum": 0.12345678901235})
+        ),
         Just(json!({"type": ["string", "null"], "maxLength": 8})),
         Just(json!({"type": "string", "format": "date-time"})),
         Just(json!({"type": "string", "format": "date"})),
@@ -230,5 +246,12 @@ proptest! {
             .map(|e| e.to_string())
             .collect();
         prop_assert!(errors.is_empty(), "{v} against {schema}: {errors:?}");
+        // Numbers are guarded unless the schema names a longer one or a
+        // `multipleOf`.
+        let text = schema.to_string();
+        if !text.contains(BIG) && !text.contains("multipleOf") {
+            let over = tandem_testkit::oversized_numbers(&a.text);
+            prop_assert!(over.is_empty(), "{over:?} in {} for {schema}", a.text);
+        }
     }
 }

@@ -228,6 +228,80 @@ async fn json_schema_answers_parse_and_validate() {
     assert!(v.is_object(), "{v}");
 }
 
+/// A grammar bounds no digits, and SmolLM2 (the default device model),
+/// greedy, writes `"ratio": 2880…0001` (58 digits), a count of 43 digits
+/// and `1.0E+38475` (infinity) for these prompts unguarded. Guarded, every
+/// number it writes is a finite double with at most 15 digits a part.
+#[tokio::test]
+async fn a_small_model_writes_only_numbers_a_double_holds() {
+    let smol = LocalEngine::load(EngineConfig::new(SMOLLM2, model_path(SMOLLM2))).unwrap();
+    let stats = json!({"type": "object",
+        "properties": {"mean": {"type": "number"}, "ratio": {"type": "number"}, "count": {"type": "integer"}},
+        "required": ["mean", "ratio", "count"], "additionalProperties": false});
+    let mut seen = Vec::new();
+    for prompt in [
+        "What is pi to many places? Give it as the price of a pie.",
+        "What is the square root of 2?",
+        "How many stars are in the galaxy?",
+    ] {
+        let mut req = request(
+            vec![Message::new("user", prompt)],
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "stats", "strict": true, "schema": stats}}}),
+        );
+        req.model = SMOLLM2.into();
+        req.max_tokens = Some(200);
+        let a = Answer::collect(smol.submit(req).unwrap()).await.unwrap();
+        assert_eq!(a.finish.reason, FinishReason::Stop, "{a:?}");
+        let v: Value = serde_json::from_str(&a.text).unwrap_or_else(|e| panic!("{e}: {}", a.text));
+        assert!(v["count"].is_i64() || v["count"].is_u64(), "{v}");
+        assert_eq!(
+            tandem_testkit::oversized_numbers(&a.text),
+            Vec::<String>::new(),
+            "{}",
+            a.text
+        );
+        seen.extend(tandem_testkit::json_numbers(&a.text));
+    }
+    assert!(seen.len() >= 9, "{seen:?}");
+    // A schema that names a longer number is not guarded: the constant is
+    // written whole. One beyond 2^53, which the grammar could only write as
+    // another number, is refused.
+    let id = |n: Value| {
+        let mut req = request(
+            vec![Message::new("user", "Give the id.")],
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "id", "strict": true,
+                "schema": {"type": "object", "properties": {"id": {"const": n}},
+                           "required": ["id"], "additionalProperties": false}}}}),
+        );
+        req.model = SMOLLM2.into();
+        req
+    };
+    let a = Answer::collect(smol.submit(id(json!(1234567890123456u64))).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        tandem_testkit::json_numbers(&a.text),
+        ["1234567890123456"],
+        "{a:?}"
+    );
+    let why = smol
+        .refusal(&id(json!(12345678901234567890u64)))
+        .expect("refused");
+    assert!(
+        why.contains("12345678901234567890") && why.contains("2^53"),
+        "{why}"
+    );
+    let err = smol
+        .submit(id(json!(-9007199254740993i64)))
+        .err()
+        .expect("refused");
+    assert_eq!(
+        (err.status, err.param.as_deref()),
+        (400, Some("response_format"))
+    );
+}
+
 /// Pydantic's tagged union (`Union[Cat, Dog] = Field(discriminator=...)`,
 /// its schema exactly as pydantic 2.14 writes it): a `oneOf` over `$ref`s
 /// whose branches a required constant tells apart.

@@ -126,6 +126,38 @@ pub fn shared_engine(name: &str, context: u32, parallel: u32) -> LocalEngine {
         .clone()
 }
 
+/// The numbers of a JSON text, outside its strings, as written.
+pub fn json_numbers(text: &str) -> Vec<String> {
+    let (mut out, mut cur, mut in_str, mut esc) = (Vec::new(), String::new(), false, false);
+    for c in text.chars() {
+        if in_str {
+            (esc, in_str) = (!esc && c == '\\', esc || c != '"');
+        } else if c.is_ascii_digit() || "+-.eE".contains(c) && !cur.is_empty() || c == '-' {
+            cur.push(c);
+            continue;
+        } else {
+            in_str = c == '"';
+        }
+        if !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out.extend((!cur.is_empty()).then_some(cur));
+    out
+}
+
+/// The numbers of a JSON text that a double does not hold exactly enough:
+/// infinite once parsed, or with more than 15 digits in a part.
+pub fn oversized_numbers(text: &str) -> Vec<String> {
+    json_numbers(text)
+        .into_iter()
+        .filter(|n| {
+            let parts = n.trim_start_matches('-').split(['.', 'e', 'E', '+', '-']);
+            !n.parse::<f64>().is_ok_and(f64::is_finite) || parts.clone().any(|p| p.len() > 15)
+        })
+        .collect()
+}
+
 /// The text of a streamed chat completion: its SSE events' deltas, joined.
 pub fn sse_text(raw: &str) -> String {
     raw.lines()
