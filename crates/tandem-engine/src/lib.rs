@@ -797,7 +797,14 @@ impl Inner {
         }
         let grammar = self.grammar(&req, tools.as_ref())?;
         if let Some(g) = &grammar {
-            constraints.push(self.constrainer.sampler(&self.model, g)?);
+            let written = match &req.input {
+                Input::Chat {
+                    continue_from: Some(start),
+                    ..
+                } => start.as_str(),
+                _ => "",
+            };
+            constraints.push(self.constrainer.sampler(&self.model, g, written)?);
         }
 
         let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed);

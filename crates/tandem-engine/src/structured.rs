@@ -134,13 +134,37 @@ impl Constrainer {
     /// A sampler that keeps the answer inside `grammar`, or a 400 naming
     /// what in it cannot be enforced.
     ///
+    /// `written` is the start of the answer already given (a continued
+    /// answer: another side's, handed over mid-stream): the grammar reads it
+    /// first, so the model goes on from where it stands rather than open a
+    /// second value after it. A start the grammar cannot continue is a 400:
+    /// nothing written after it would parse.
+    ///
     /// Where every number the grammar names fits [`NUMBER_GUARD`], the
     /// guard masks beside it: a grammar bounds no digits, and a small model
     /// left to it writes numbers of sixty digits, or `1.0E+38475`, which
-    /// parse as infinity.
-    pub fn sampler(&self, model: &LlamaModel, grammar: &Grammar) -> Result<LlamaSampler, ApiError> {
+    /// parse as infinity. A start the guard would not have written (a
+    /// longer number from another model) leaves the rest unguarded.
+    pub fn sampler(
+        &self,
+        model: &LlamaModel,
+        grammar: &Grammar,
+        written: &str,
+    ) -> Result<LlamaSampler, ApiError> {
         let parser = self.parser(model, grammar)?;
-        let sampler = LlamaSampler::from(Matcher::new(Ok(parser)));
+        let start = self
+            .factory(model)?
+            .tok_env()
+            .tok_trie()
+            .greedy_tokenize(written.as_bytes());
+        let mut matcher = Matcher::new(Ok(parser));
+        if let Err(e) = matcher.consume_tokens(&start) {
+            return Err(ApiError::invalid_param(
+                grammar.param(),
+                format!("the answer to continue does not keep to this grammar: {e}"),
+            ));
+        }
+        let sampler = LlamaSampler::from(matcher);
         let text = match grammar {
             Grammar::Schema(schema) => schema.to_string(),
             Grammar::Lark(src) => src.clone(),
@@ -148,13 +172,17 @@ impl Constrainer {
         if !numbers_fit_guard(&text) {
             return Ok(sampler);
         }
-        match self.guard(model) {
-            Some(guard) => Ok(LlamaSampler::chain_simple([
-                sampler,
-                LlamaSampler::from(Matcher::new(Ok(guard))),
-            ])),
-            None => Ok(sampler),
+        let Some(guard) = self.guard(model) else {
+            return Ok(sampler);
+        };
+        let mut guard = Matcher::new(Ok(guard));
+        if guard.consume_tokens(&start).is_err() {
+            return Ok(sampler);
         }
+        Ok(LlamaSampler::chain_simple([
+            sampler,
+            LlamaSampler::from(guard),
+        ]))
     }
 
     /// A fresh parser of [`NUMBER_GUARD`]; `None` (and a warning, once) if

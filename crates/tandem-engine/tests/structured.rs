@@ -302,6 +302,48 @@ async fn a_small_model_writes_only_numbers_a_double_holds() {
     );
 }
 
+/// A continued answer (another side's, handed over mid-stream) is read by
+/// the grammar first: the model finishes that value instead of writing a
+/// second one after it. A start that does not keep to the schema is a 400.
+#[tokio::test]
+async fn a_continued_answer_is_finished_within_its_schema() {
+    let with_start = |start: &str| {
+        let mut req = request(
+            vec![Message::new(
+                "user",
+                "Marie Curie was a physicist who spoke Polish and French. Describe her as JSON.",
+            )],
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "person", "strict": true, "schema": schema()}}}),
+        );
+        if let Input::Chat { continue_from, .. } = &mut req.input {
+            *continue_from = Some(start.to_owned());
+        }
+        req
+    };
+    for start in [
+        "{\"name\": \"Marie Cu",
+        "{\n  \"name\": \"Marie Curie\",\n  \"age\": 6",
+        "{\"name\": \"Marie Curie\", \"age\": 66, \"languages\": [\"Polish\"",
+    ] {
+        let a = answer(with_start(start)).await;
+        assert_eq!(a.finish.reason, FinishReason::Stop, "{a:?}");
+        let whole = format!("{start}{}", a.text);
+        let v: Value = serde_json::from_str(&whole).unwrap_or_else(|e| panic!("{e}: {whole}"));
+        let valid = jsonschema::validator_for(&schema()).unwrap();
+        assert!(valid.is_valid(&v), "{v}");
+        assert!(v["name"].as_str().unwrap().starts_with("Marie Cu"), "{v}");
+    }
+    let err = qwen().submit(with_start("[1, 2")).err().expect("refused");
+    assert_eq!(
+        (err.status, err.param.as_deref()),
+        (400, Some("response_format")),
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("continue"), "{}", err.message);
+}
+
 /// Pydantic's tagged union (`Union[Cat, Dog] = Field(discriminator=...)`,
 /// its schema exactly as pydantic 2.14 writes it): a `oneOf` over `$ref`s
 /// whose branches a required constant tells apart.

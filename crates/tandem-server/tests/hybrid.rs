@@ -505,6 +505,43 @@ async fn cloud_killed_mid_stream_is_continued_locally() {
     );
 }
 
+/// A JSON answer cut mid-stream is finished by the device as the same
+/// value: the device's grammar reads what the client already has first, so
+/// the whole parses and keeps to the schema (before, the device opened a
+/// second object after the cloud's half one).
+#[tokio::test]
+async fn a_json_answer_cut_mid_stream_is_finished_as_one_value() {
+    let h = Setup::new(Mode::KillAfter(6)).start().await;
+    let schema = json!({"type": "object",
+        "properties": {"name": {"type": "string"}, "born": {"type": "integer"},
+                       "fields": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["name", "born", "fields"], "additionalProperties": false});
+    let extra = json!({"max_tokens": 80, "response_format": {"type": "json_schema",
+        "json_schema": {"name": "scientist", "strict": true, "schema": schema}}});
+    let prompt = "Marie Curie, born 1867, worked in physics and chemistry. Describe her as JSON.";
+    let (text, chunks, done) = h.stream(prompt, &[], extra).await;
+    assert!(done, "one complete stream: {chunks:?}");
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{chunks:?}"
+    );
+    let before = h.capture.captured()[0].forwarded_text();
+    assert!(
+        before.len() >= 3 && text.starts_with(&before[..3]),
+        "{text:?} after {before:?}"
+    );
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(
+        jsonschema::validator_for(&schema).unwrap().is_valid(&v),
+        "{v}"
+    );
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 1"),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn slow_cloud_past_its_ttft_timeout_is_answered_locally() {
     let mut s = Setup::new(Mode::Delay(Duration::from_secs(3)));
