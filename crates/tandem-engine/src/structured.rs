@@ -151,18 +151,34 @@ impl Constrainer {
         grammar: &Grammar,
         written: &str,
     ) -> Result<LlamaSampler, ApiError> {
-        let parser = self.parser(model, grammar)?;
         let start = self
             .factory(model)?
             .tok_env()
             .tok_trie()
             .greedy_tokenize(written.as_bytes());
-        let mut matcher = Matcher::new(Ok(parser));
+        let mut matcher = Matcher::new(Ok(self.parser(model, grammar)?));
         if let Err(e) = matcher.consume_tokens(&start) {
-            return Err(ApiError::invalid_param(
-                grammar.param(),
-                format!("the answer to continue does not keep to this grammar: {e}"),
-            ));
+            // Another model may indent deeper than [`json_options`] lets a
+            // small one: its start is read again with whitespace unbounded.
+            let loose = match grammar {
+                Grammar::Schema(Value::Object(m)) if !m.contains_key("x-guidance") => {
+                    let mut m = m.clone();
+                    m.insert("x-guidance".into(), json!({"whitespace_flexible": true}));
+                    Some(Grammar::Schema(Value::Object(m)))
+                }
+                _ => None,
+            };
+            let mut again = match &loose {
+                Some(g) => Matcher::new(Ok(self.parser(model, g)?)),
+                None => matcher,
+            };
+            if again.consume_tokens(&start).is_err() {
+                return Err(ApiError::invalid_param(
+                    grammar.param(),
+                    format!("the answer to continue does not keep to this grammar: {e}"),
+                ));
+            }
+            matcher = again;
         }
         let sampler = LlamaSampler::from(matcher);
         let text = match grammar {
