@@ -462,6 +462,21 @@ pub enum Event {
     Finish(Finish),
 }
 
+/// Request fields that constrain an answer beside `response_format`, as
+/// vLLM's server (`guided_*`, `structured_outputs`) and llama.cpp's
+/// (`json_schema`, `grammar`) take them. Any backend that answers such a
+/// request must apply them or refuse it: ignored, they would be silently
+/// different answers.
+pub const GUIDED_FIELDS: &[&str] = &[
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "json_schema",
+    "grammar",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

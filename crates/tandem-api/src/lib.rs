@@ -23,7 +23,7 @@ pub use backend::{
 pub use embeddings::{EmbeddingInput, EmbeddingJob, EmbeddingRequest, MAX_EMBEDDING_INPUTS};
 pub use error::{ApiError, ErrorBody, ErrorKind, ErrorObject};
 pub use generate::{
-    Delta, Event, Finish, FinishReason, FunctionCall, FunctionDelta, GenerateRequest, Input,
-    LogprobRequest, MAX_TOOL_CALLS, Message, PromptTokensDetails, Sampling, SamplingPreset,
-    TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage,
+    Delta, Event, Finish, FinishReason, FunctionCall, FunctionDelta, GUIDED_FIELDS,
+    GenerateRequest, Input, LogprobRequest, MAX_TOOL_CALLS, Message, PromptTokensDetails, Sampling,
+    SamplingPreset, TokenLogprob, ToolCall, ToolCallDelta, TopLogprob, Usage,
 };

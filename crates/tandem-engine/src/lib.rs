@@ -723,7 +723,7 @@ impl Inner {
         // that calls nothing.
         match tools.and_then(|t| t.grammar(syntax)) {
             Some(lark) => Ok(Some(structured::Grammar::Lark(lark))),
-            None => structured::response_format(&req.extra),
+            None => structured::requested(&req.extra),
         }
     }
 

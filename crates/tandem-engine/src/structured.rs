@@ -27,13 +27,82 @@ pub enum Grammar {
     Schema(Value),
     /// llguidance's Lark dialect (a forced tool call).
     Lark(String),
+    /// A regular expression the whole answer matches.
+    Regex(String),
+    /// A GBNF or EBNF grammar, which the local model cannot enforce:
+    /// compiling it is a refusal.
+    Bnf(String),
+    /// One of the above asked by an extension field (see
+    /// [`tandem_api::GUIDED_FIELDS`]), which errors name.
+    Field(&'static str, Box<Grammar>),
 }
 
 impl Grammar {
     fn param(&self) -> &'static str {
         match self {
-            Grammar::Schema(_) => "response_format",
             Grammar::Lark(_) => "tool_choice",
+            Grammar::Field(field, _) => field,
+            Grammar::Schema(_) | Grammar::Regex(_) | Grammar::Bnf(_) => "response_format",
+        }
+    }
+
+    /// What it is, for errors.
+    fn noun(&self) -> &'static str {
+        match self {
+            Grammar::Schema(_) | Grammar::Lark(_) => "schema",
+            Grammar::Regex(_) => "regular expression",
+            Grammar::Bnf(_) => "grammar",
+            Grammar::Field(_, inner) => inner.noun(),
+        }
+    }
+
+    /// What the compiler gets, or why nothing can be compiled.
+    fn top_level(&self) -> Result<TopLevelGrammar, String> {
+        Ok(match self {
+            Grammar::Schema(schema) => {
+                let mut schema = schema.clone();
+                prepare(&mut schema);
+                if let Value::Object(m) = &mut schema {
+                    m.entry("x-guidance").or_insert_with(json_options);
+                }
+                TopLevelGrammar::from_json_schema(schema)
+            }
+            Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
+            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Grammar::Bnf(_) => {
+                return Err(
+                    "its grammars are JSON schemas and regular expressions, not GBNF or EBNF"
+                        .into(),
+                );
+            }
+            Grammar::Field(_, inner) => return inner.top_level(),
+        })
+    }
+
+    /// The text whose numbers decide whether the number guard may mask
+    /// beside this grammar; `None` where the answer is not JSON.
+    fn json_text(&self) -> Option<String> {
+        match self {
+            Grammar::Schema(schema) => Some(schema.to_string()),
+            Grammar::Lark(src) => Some(src.clone()),
+            Grammar::Regex(_) | Grammar::Bnf(_) => None,
+            Grammar::Field(_, inner) => inner.json_text(),
+        }
+    }
+
+    /// The same schema with whitespace unbounded, for a start another
+    /// model wrote; `None` where there is nothing to loosen.
+    fn loosened(&self) -> Option<Grammar> {
+        match self {
+            Grammar::Schema(Value::Object(m)) if !m.contains_key("x-guidance") => {
+                let mut m = m.clone();
+                m.insert("x-guidance".into(), json!({"whitespace_flexible": true}));
+                Some(Grammar::Schema(Value::Object(m)))
+            }
+            Grammar::Field(field, inner) => {
+                inner.loosened().map(|g| Grammar::Field(field, Box::new(g)))
+            }
+            _ => None,
         }
     }
 }
@@ -83,6 +152,98 @@ pub fn response_format(extra: &Map<String, Value>) -> Result<Option<Grammar>, Ap
         }
     };
     Ok(Some(Grammar::Schema(schema)))
+}
+
+/// The grammar a request asks for: `response_format`, or one of the
+/// extension fields vLLM's and llama.cpp's servers take
+/// ([`tandem_api::GUIDED_FIELDS`]); `None` for text. Two of them at once
+/// are a 400: which one the answer should keep to is not said.
+pub fn requested(extra: &Map<String, Value>) -> Result<Option<Grammar>, ApiError> {
+    let format = response_format(extra)?;
+    let mut given = tandem_api::GUIDED_FIELDS
+        .iter()
+        .filter_map(|&k| extra.get(k).filter(|v| !v.is_null()).map(|v| (k, v)));
+    let Some((field, v)) = given.next() else {
+        return Ok(format);
+    };
+    if let Some((other, _)) = given.next() {
+        return Err(ApiError::invalid_param(
+            other,
+            format!("`{field}` and `{other}` both constrain the answer: send one"),
+        ));
+    }
+    if format.is_some() {
+        return Err(ApiError::invalid_param(
+            field,
+            format!("`response_format` and `{field}` both constrain the answer: send one"),
+        ));
+    }
+    Ok(Some(Grammar::Field(field, Box::new(guided(field, v)?))))
+}
+
+/// What an extension field asks for, as its server reads it.
+fn guided(field: &str, v: &Value) -> Result<Grammar, ApiError> {
+    let bad = |what: &str| ApiError::invalid_param(field, format!("`{field}` must be {what}"));
+    let text = |v: &Value| v.as_str().map(str::to_owned).ok_or_else(|| bad("a string"));
+    let schema = |v: &Value| match v {
+        Value::Object(_) => Ok(v.clone()),
+        Value::Bool(true) => Ok(json!({})),
+        Value::String(s) => serde_json::from_str::<Value>(s)
+            .ok()
+            .filter(Value::is_object)
+            .ok_or_else(|| bad("a JSON schema (an object, or its text)")),
+        _ => Err(bad("a JSON schema (an object, or its text)")),
+    };
+    let choice = |v: &Value| {
+        let options: Vec<&str> = v
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .and_then(|a| a.iter().map(Value::as_str).collect())
+            .ok_or_else(|| bad("a non-empty list of strings"))?;
+        let escaped: Vec<String> = options.iter().map(|o| escape_regex(o)).collect();
+        Ok::<_, ApiError>(Grammar::Regex(format!("(?:{})", escaped.join("|"))))
+    };
+    match field {
+        "guided_json" | "json_schema" => Ok(Grammar::Schema(schema(v)?)),
+        "guided_regex" => Ok(Grammar::Regex(text(v)?)),
+        "guided_choice" => choice(v),
+        "guided_grammar" | "grammar" => Ok(Grammar::Bnf(text(v)?)),
+        "structured_outputs" => {
+            let m = v
+                .as_object()
+                .ok_or_else(|| bad("an object with one of json, regex, choice or grammar"))?;
+            match (
+                m.get("json"),
+                m.get("regex"),
+                m.get("choice"),
+                m.get("grammar"),
+            ) {
+                (Some(j), None, None, None) => Ok(Grammar::Schema(schema(j)?)),
+                (None, Some(r), None, None) => Ok(Grammar::Regex(text(r)?)),
+                (None, None, Some(c), None) => choice(c),
+                (None, None, None, Some(g)) => Ok(Grammar::Bnf(text(g)?)),
+                (None, None, None, None)
+                    if m.get("json_object").and_then(Value::as_bool) == Some(true) =>
+                {
+                    Ok(Grammar::Schema(json!({"type": "object"})))
+                }
+                _ => Err(bad("an object with one of json, regex, choice or grammar")),
+            }
+        }
+        _ => Err(bad("a known constraint")),
+    }
+}
+
+/// `s` as a regular expression that matches it literally.
+fn escape_regex(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Compiles grammars for one model. The token table it needs is built on
@@ -160,16 +321,8 @@ impl Constrainer {
         if let Err(e) = matcher.consume_tokens(&start) {
             // Another model may indent deeper than [`json_options`] lets a
             // small one: its start is read again with whitespace unbounded.
-            let loose = match grammar {
-                Grammar::Schema(Value::Object(m)) if !m.contains_key("x-guidance") => {
-                    let mut m = m.clone();
-                    m.insert("x-guidance".into(), json!({"whitespace_flexible": true}));
-                    Some(Grammar::Schema(Value::Object(m)))
-                }
-                _ => None,
-            };
-            let mut again = match &loose {
-                Some(g) => Matcher::new(Ok(self.parser(model, g)?)),
+            let mut again = match grammar.loosened() {
+                Some(g) => Matcher::new(Ok(self.parser(model, &g)?)),
                 None => matcher,
             };
             if again.consume_tokens(&start).is_err() {
@@ -181,11 +334,7 @@ impl Constrainer {
             matcher = again;
         }
         let sampler = LlamaSampler::from(matcher);
-        let text = match grammar {
-            Grammar::Schema(schema) => schema.to_string(),
-            Grammar::Lark(src) => src.clone(),
-        };
-        if !numbers_fit_guard(&text) {
+        if !grammar.json_text().is_some_and(|t| numbers_fit_guard(&t)) {
             return Ok(sampler);
         }
         let Some(guard) = self.guard(model) else {
@@ -237,7 +386,10 @@ impl Constrainer {
         let refused = |e: &str| {
             ApiError::invalid_param(
                 grammar.param(),
-                format!("this schema cannot be enforced on the local model: {e}"),
+                format!(
+                    "this {} cannot be enforced on the local model: {e}",
+                    grammar.noun()
+                ),
             )
         };
         if let Some(n) = embedded_schemas(grammar).iter().find_map(inexact_constant) {
@@ -245,17 +397,7 @@ impl Constrainer {
                 "the constant {n} is an integer beyond 2^53, which the grammar would write as another"
             )));
         }
-        let top = match grammar {
-            Grammar::Schema(schema) => {
-                let mut schema = schema.clone();
-                prepare(&mut schema);
-                if let Value::Object(m) = &mut schema {
-                    m.entry("x-guidance").or_insert_with(json_options);
-                }
-                TopLevelGrammar::from_json_schema(schema)
-            }
-            Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
-        };
+        let top = grammar.top_level().map_err(|e| refused(&e))?;
         // The grammar as the compiler gets it, serialised, is the key: two
         // spellings of one schema may compile twice, never share wrongly.
         let key: [u8; 32] = match serde_json::to_vec(&top) {
@@ -366,6 +508,8 @@ pub(crate) const BOUNDED_EMAIL: &str = concat!(
 fn embedded_schemas(grammar: &Grammar) -> Vec<Value> {
     match grammar {
         Grammar::Schema(schema) => vec![schema.clone()],
+        Grammar::Regex(_) | Grammar::Bnf(_) => vec![],
+        Grammar::Field(_, inner) => embedded_schemas(inner),
         Grammar::Lark(src) => src
             .match_indices("%json")
             .filter_map(|(at, tag)| {
@@ -682,6 +826,23 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A `guided_choice` admits each of its options, whatever they
+        /// hold, and nothing else.
+        #[test]
+        fn a_choice_admits_exactly_its_options(
+            options in proptest::collection::vec(".{0,12}", 1..4),
+            other in ".{0,12}",
+        ) {
+            let Ok(Grammar::Regex(rx)) = guided("guided_choice", &json!(options)) else {
+                panic!("not a regex")
+            };
+            let re = regex::Regex::new(&format!("^{rx}$")).unwrap();
+            for o in &options {
+                proptest::prop_assert!(re.is_match(o), "{o:?} by {rx}");
+            }
+            proptest::prop_assert_eq!(re.is_match(&other), options.contains(&other), "{:?} by {}", other, rx);
+        }
+
         /// Every number the guard lets a model write is a finite double,
         /// exact in its integral part.
         #[test]

@@ -302,6 +302,82 @@ async fn a_small_model_writes_only_numbers_a_double_holds() {
     );
 }
 
+/// The constraints vLLM's and llama.cpp's servers take beside
+/// `response_format` are applied too, never silently dropped: a client
+/// that moves from either keeps its answers' shape.
+#[tokio::test]
+async fn vllm_and_llama_cpp_constraint_fields_are_applied() {
+    let ask = |extra: Value| {
+        request(
+            vec![Message::new(
+                "user",
+                "Marie Curie was a physicist who spoke Polish and French. Describe her.",
+            )],
+            extra,
+        )
+    };
+    let valid = jsonschema::validator_for(&schema()).unwrap();
+    for extra in [
+        json!({"guided_json": schema()}),
+        json!({"guided_json": schema().to_string()}),
+        json!({"json_schema": schema()}),
+        json!({"structured_outputs": {"json": schema()}}),
+    ] {
+        let a = answer(ask(extra.clone())).await;
+        let v: Value =
+            serde_json::from_str(&a.text).unwrap_or_else(|e| panic!("{e}: {a:?} for {extra}"));
+        assert!(valid.is_valid(&v), "{v} for {extra}");
+    }
+    let code = regex::Regex::new("^[A-Z]{2}-[0-9]{4}$").unwrap();
+    for extra in [
+        json!({"guided_regex": "[A-Z]{2}-[0-9]{4}"}),
+        json!({"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{4}"}}),
+    ] {
+        let a = answer(ask(extra.clone())).await;
+        assert!(code.is_match(&a.text), "{:?} for {extra}", a.text);
+    }
+    let options = ["physicist", "chemist (and physicist)", "poet"];
+    for extra in [
+        json!({"guided_choice": options}),
+        json!({"structured_outputs": {"choice": options}}),
+    ] {
+        let a = answer(ask(extra.clone())).await;
+        assert!(
+            options.contains(&a.text.as_str()),
+            "{:?} for {extra}",
+            a.text
+        );
+    }
+    // A GBNF grammar cannot be enforced: refused, naming the field, so
+    // that `tandem/auto` sends it where it can be.
+    let gbnf = ask(json!({"grammar": "root ::= \"yes\" | \"no\""}));
+    let why = qwen().refusal(&gbnf).expect("refused");
+    assert!(why.contains("GBNF"), "{why}");
+    let err = qwen().submit(gbnf).err().expect("refused");
+    assert_eq!((err.status, err.param.as_deref()), (400, Some("grammar")));
+    for (extra, field) in [
+        (json!({"guided_regex": "[a-z"}), "guided_regex"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_json": "not json"}), "guided_json"),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
+        (
+            json!({"guided_regex": "a", "response_format": {"type": "json_object"}}),
+            "guided_regex",
+        ),
+    ] {
+        let err = qwen().submit(ask(extra.clone())).err().expect("refused");
+        assert_eq!(
+            (err.status, err.param.as_deref()),
+            (400, Some(field)),
+            "{extra}: {}",
+            err.message
+        );
+    }
+}
+
 /// A continued answer (another side's, handed over mid-stream) is read by
 /// the grammar first: the model finishes that value instead of writing a
 /// second one after it. A start that does not keep to the schema is a 400.

@@ -288,6 +288,18 @@ async fn sampled_speculative_answers_complete() {
         r.header("x-tandem-speculative"),
         "off: logprobs are not supported"
     );
+    // So do vLLM's constraint fields, which the answer still keeps to.
+    let body = chat(
+        "Say hi.",
+        json!({"guided_regex": "(?:hi|hello)", "max_tokens": 4}),
+    );
+    let r = post_json(&p.device.url("/v1/chat/completions"), &body, &[SPECULATIVE]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("x-tandem-speculative"),
+        "off: structured outputs are not supported"
+    );
+    assert!(["hi", "hello"].contains(&r.text().as_str()), "{}", r.body);
 }
 
 #[tokio::test]

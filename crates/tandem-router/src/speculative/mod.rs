@@ -90,6 +90,7 @@ pub fn ineligible(req: &GenerateRequest) -> Option<&'static str> {
         .and_then(|f| f.get("type"))
         .and_then(serde_json::Value::as_str)
         .is_some_and(|t| t != "text")
+        || tandem_api::GUIDED_FIELDS.iter().any(|k| present(k))
     {
         return Some("structured outputs");
     }
