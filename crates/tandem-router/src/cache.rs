@@ -78,6 +78,7 @@ impl CacheKey {
         if req.logprobs.is_some()
             || ["tools", "functions", "response_format", "logit_bias"]
                 .iter()
+                .chain(tandem_api::GUIDED_FIELDS)
                 .any(|f| req.extra.get(*f).is_some_and(|v| !v.is_null()))
         {
             return None;
@@ -823,6 +824,7 @@ mod tests {
                 serde_json::json!({"type": "json_object"}),
             ),
             ("logit_bias", serde_json::json!({"15": -100})),
+            ("guided_regex", serde_json::json!("[a-z]+")),
         ] {
             let mut r = req(&[("user", "hi")]);
             r.extra.insert(field.into(), value);
