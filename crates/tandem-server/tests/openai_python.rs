@@ -55,7 +55,8 @@ async fn run_client(python: &std::path::Path, script: &str, s: &TestServer, mode
 }
 
 /// The `openai` SDK's tool loop, streamed tool-call deltas, forced
-/// choices, `parse` with a Pydantic model and JSON mode, on the device.
+/// choices, `parse` with a Pydantic model, JSON mode and vLLM's
+/// `guided_choice` and `guided_json` (as `extra_body`), on the device.
 #[tokio::test]
 async fn openai_python_client_calls_tools_and_parses_structured_output() {
     let python = python_with(&["openai==3.57.0"]);
@@ -133,6 +134,15 @@ fn check_tools_client(v: &Value) {
     assert!(p["age"].is_i64(), "{v}");
     assert!(p["languages"].is_array(), "{v}");
     assert!(v["json_object"].is_object(), "{v}");
+    assert!(
+        ["yes", "no"].contains(&v["guided_choice"].as_str().unwrap_or("")),
+        "{v}"
+    );
+    let g = v["guided_json"].as_object().expect("an object");
+    assert!(
+        g.len() == 2 && g["city"].is_string() && g["country"].is_string(),
+        "{v}"
+    );
     assert_eq!(v["unsupported"]["status"], 400, "{v}");
     assert_eq!(v["unsupported"]["param"], "response_format", "{v}");
 }

@@ -105,6 +105,18 @@ js = client.chat.completions.create(
     messages=[{"role": "user", "content": "Give three primary colours as JSON."}])
 out["json_object"] = json.loads(js.choices[0].message.content)
 
+# vLLM's constraint fields, as its users send them.
+yes_no = client.chat.completions.create(
+    model=model, temperature=0, max_tokens=8, extra_body={"guided_choice": ["yes", "no"]},
+    messages=[{"role": "user", "content": "Is Berlin in Germany?"}])
+out["guided_choice"] = yes_no.choices[0].message.content
+city = client.chat.completions.create(
+    model=model, temperature=0, max_tokens=60,
+    extra_body={"guided_json": {"type": "object", "properties": {"city": {"type": "string"},
+        "country": {"type": "string"}}, "required": ["city", "country"], "additionalProperties": False}},
+    messages=[{"role": "user", "content": "Where is the Brandenburg Gate?"}])
+out["guided_json"] = json.loads(city.choices[0].message.content)
+
 try:
     client.chat.completions.create(
         model=model, messages=ask, max_tokens=5,
