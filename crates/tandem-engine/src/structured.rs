@@ -826,6 +826,24 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Whatever a client puts in a constraint field, it is read as that
+        /// field's constraint or refused with a 400 naming the field.
+        #[test]
+        fn any_constraint_field_is_read_or_refused_by_name(
+            field in proptest::sample::select(tandem_api::GUIDED_FIELDS),
+            v in json_doc(),
+        ) {
+            let extra = json!({ field: v.clone() });
+            match requested(extra.as_object().unwrap()) {
+                Ok(Some(Grammar::Field(f, _))) => proptest::prop_assert_eq!(f, field),
+                Ok(other) => proptest::prop_assert!(v.is_null(), "{:?} for {}", other, v),
+                Err(e) => {
+                    proptest::prop_assert_eq!(e.status, 400);
+                    proptest::prop_assert_eq!(e.param.as_deref(), Some(field));
+                }
+            }
+        }
+
         /// A `guided_choice` admits each of its options, whatever they
         /// hold, and nothing else.
         #[test]
