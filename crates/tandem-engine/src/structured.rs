@@ -392,11 +392,6 @@ impl Constrainer {
                 ),
             )
         };
-        if let Some(n) = embedded_schemas(grammar).iter().find_map(inexact_constant) {
-            return Err(refused(&format!(
-                "the constant {n} is an integer beyond 2^53, which the grammar would write as another"
-            )));
-        }
         let top = grammar.top_level().map_err(|e| refused(&e))?;
         // The grammar as the compiler gets it, serialised, is the key: two
         // spellings of one schema may compile twice, never share wrongly.
@@ -409,7 +404,14 @@ impl Constrainer {
         }
         // Compiled outside the lock: a large grammar takes milliseconds,
         // and other requests' kept grammars should not wait on it.
-        let parser = factory.create_parser(top).map_err(|e| e.to_string());
+        // Checked only here, so that a kept grammar is not walked again: its
+        // refusal is kept like the compiler's.
+        let parser = match embedded_schemas(grammar).iter().find_map(inexact_constant) {
+            Some(n) => Err(format!(
+                "the constant {n} is an integer beyond 2^53, which the grammar would write as another"
+            )),
+            None => factory.create_parser(top).map_err(|e| e.to_string()),
+        };
         self.compilations.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut kept) = self.compiled.lock() {
             kept.retain(|c| c.key != key);
