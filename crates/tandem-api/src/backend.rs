@@ -155,6 +155,20 @@ pub enum Feature {
     Files,
     /// Content parts of another type than text, image, audio or file.
     OtherContent,
+    /// vLLM's `guided_json`: a JSON schema the answer follows.
+    GuidedJson,
+    /// vLLM's `guided_regex`: a regular expression the answer matches.
+    GuidedRegex,
+    /// vLLM's `guided_choice`: the answer is one of these strings.
+    GuidedChoice,
+    /// vLLM's `guided_grammar`: a context-free grammar.
+    GuidedGrammar,
+    /// vLLM's `structured_outputs` (its newer form of the `guided_*` fields).
+    StructuredOutputs,
+    /// llama.cpp's top-level `json_schema`.
+    JsonSchemaField,
+    /// llama.cpp's `grammar`: a GBNF grammar.
+    Grammar,
 }
 
 impl Feature {
@@ -171,7 +185,29 @@ impl Feature {
             Feature::BestOf => "best_of",
             Feature::Suffix => "suffix",
             Feature::Images | Feature::Audio | Feature::Files | Feature::OtherContent => "messages",
+            Feature::GuidedJson => "guided_json",
+            Feature::GuidedRegex => "guided_regex",
+            Feature::GuidedChoice => "guided_choice",
+            Feature::GuidedGrammar => "guided_grammar",
+            Feature::StructuredOutputs => "structured_outputs",
+            Feature::JsonSchemaField => "json_schema",
+            Feature::Grammar => "grammar",
         }
+    }
+
+    /// The feature a constraint field of [`GUIDED_FIELDS`](crate::GUIDED_FIELDS)
+    /// asks for; `None` for any other name.
+    pub fn constraint(field: &str) -> Option<Feature> {
+        Some(match field {
+            "guided_json" => Feature::GuidedJson,
+            "guided_regex" => Feature::GuidedRegex,
+            "guided_choice" => Feature::GuidedChoice,
+            "guided_grammar" => Feature::GuidedGrammar,
+            "structured_outputs" => Feature::StructuredOutputs,
+            "json_schema" => Feature::JsonSchemaField,
+            "grammar" => Feature::Grammar,
+            _ => return None,
+        })
     }
 
     /// Human words for it, as reasons and errors use them.
@@ -190,6 +226,13 @@ impl Feature {
             Feature::Audio => "audio input",
             Feature::Files => "file input",
             Feature::OtherContent => "content parts other than text",
+            Feature::GuidedJson => "vLLM's guided_json",
+            Feature::GuidedRegex => "vLLM's guided_regex",
+            Feature::GuidedChoice => "vLLM's guided_choice",
+            Feature::GuidedGrammar => "vLLM's guided_grammar",
+            Feature::StructuredOutputs => "vLLM's structured_outputs",
+            Feature::JsonSchemaField => "llama.cpp's json_schema field",
+            Feature::Grammar => "a GBNF grammar (llama.cpp's grammar field)",
         }
     }
 
@@ -252,6 +295,15 @@ impl Feature {
         {
             needs.push(Feature::Suffix);
         }
+        // Not part of OpenAI's API: an upstream applies them only where its
+        // configuration says so (vLLM, llama.cpp's server, Tandem), and one
+        // that ignores them (Ollama) would answer unconstrained.
+        needs.extend(
+            crate::GUIDED_FIELDS
+                .iter()
+                .filter(|k| present(k))
+                .filter_map(|k| Feature::constraint(k)),
+        );
         if let Some(fmt) = req.extra.get("response_format").filter(|v| !v.is_null()) {
             match fmt.get("type").and_then(serde_json::Value::as_str) {
                 Some("text") => {}
@@ -694,5 +746,43 @@ impl Answer {
         Err(ApiError::bad_gateway(
             "the backend ended the answer without finishing it",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GUIDED_FIELDS, Input, Sampling};
+
+    fn asking(extra: serde_json::Value) -> GenerateRequest {
+        GenerateRequest {
+            model: "m".into(),
+            input: Input::Text("hi".into()),
+            sampling: Sampling::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            logprobs: None,
+            stream: false,
+            include_usage: false,
+            choices: 1,
+            extra: extra.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn each_constraint_field_is_a_feature_named_by_it() {
+        let mut seen = Vec::new();
+        for &field in GUIDED_FIELDS {
+            let f = Feature::constraint(field).expect(field);
+            assert_eq!(f.param(), field);
+            assert!(!seen.contains(&f), "{field}");
+            seen.push(f);
+            let req = asking(serde_json::json!({ field: "x" }));
+            assert_eq!(Feature::needed_by(&req), vec![f]);
+            // Null is the field left out, as OpenAI's SDKs send it.
+            let req = asking(serde_json::json!({ field: null }));
+            assert!(Feature::needed_by(&req).is_empty());
+        }
+        assert_eq!(Feature::constraint("response_format"), None);
     }
 }

@@ -38,8 +38,9 @@ impl Backend for CloudBackend {
         self.upstream_model(requested)
     }
 
-    /// An OpenAI-compatible upstream is taken to support the API; only
-    /// continuing a partial answer needs saying (`continuation`).
+    /// An OpenAI-compatible upstream is taken to support the API; continuing
+    /// a partial answer (`continuation`) and the constraint fields beyond it
+    /// (`constraint_fields`) need saying.
     fn capabilities(&self) -> Capabilities {
         let mut f = vec![
             Feature::Chat,
@@ -58,6 +59,13 @@ impl Backend for CloudBackend {
         if self.inner.cfg.continuation == Continuation::Prefill {
             f.push(Feature::Continuation);
         }
+        f.extend(
+            self.inner
+                .cfg
+                .constraint_fields
+                .iter()
+                .filter_map(|c| Feature::constraint(c)),
+        );
         Capabilities::of(f)
     }
 
@@ -175,6 +183,26 @@ mod tests {
         cfg.choices = Choices::Separate;
         let separate = CloudBackend::new(cfg).expect("backend");
         assert_eq!(separate.choices_per_request(&req), 1);
+    }
+
+    #[test]
+    fn constraint_fields_are_declared_by_name() {
+        let mut cfg = UpstreamConfig::new("up", "http://127.0.0.1:9/v1", &["m"]);
+        let plain = CloudBackend::new(cfg.clone()).expect("backend");
+        assert!(!plain.capabilities().supports(Feature::GuidedJson));
+        cfg.constraint_fields = vec!["guided_json".into(), "grammar".into()];
+        let declared = CloudBackend::new(cfg.clone()).expect("backend");
+        let c = declared.capabilities();
+        assert!(c.supports(Feature::GuidedJson) && c.supports(Feature::Grammar));
+        assert!(!c.supports(Feature::GuidedRegex));
+        cfg.constraint_fields = vec!["guided_jsn".into()];
+        let Err(err) = CloudBackend::new(cfg) else {
+            panic!("an unknown field is refused")
+        };
+        assert!(
+            err.contains("guided_jsn") && err.contains("guided_json"),
+            "{err}"
+        );
     }
 
     /// The bytes that reach the upstream are the ones `outbound` fixed and

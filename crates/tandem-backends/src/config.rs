@@ -111,6 +111,14 @@ pub struct UpstreamConfig {
     /// How it answers several choices.
     #[serde(default)]
     pub choices: Choices,
+    /// The constraint fields beside `response_format` that it applies
+    /// (names from [`tandem_api::GUIDED_FIELDS`]: vLLM's `guided_json`,
+    /// `guided_regex`, `guided_choice`, `guided_grammar`,
+    /// `structured_outputs`; llama.cpp's `json_schema`, `grammar`). They are
+    /// not OpenAI's API and some servers ignore them (Ollama), so a request
+    /// carrying one goes only where it is declared.
+    #[serde(default)]
+    pub constraint_fields: Vec<String>,
 }
 
 impl UpstreamConfig {
@@ -135,6 +143,7 @@ impl UpstreamConfig {
             breaker_cooldown_ms: d_breaker_cooldown(),
             continuation: Continuation::None,
             choices: Choices::OneRequest,
+            constraint_fields: Vec::new(),
         }
     }
 

@@ -178,6 +178,17 @@ impl CloudBackend {
         if cfg.models.is_empty() {
             return Err(format!("upstream `{}` lists no models", cfg.name));
         }
+        if let Some(f) = cfg
+            .constraint_fields
+            .iter()
+            .find(|f| tandem_api::Feature::constraint(f).is_none())
+        {
+            return Err(format!(
+                "upstream `{}`: constraint_fields: `{f}` is not one of {}",
+                cfg.name,
+                tandem_api::GUIDED_FIELDS.join(", ")
+            ));
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .tcp_nodelay(true)

@@ -618,7 +618,8 @@ fn gguf_sampling(model: &LlamaModel) -> SamplingPreset {
 
 /// What a local model supports: chat when it has a template, tools when
 /// its template renders them; any model can be held to a grammar (JSON,
-/// JSON schema), biased, and continue a partial answer.
+/// JSON schema, and vLLM's and llama.cpp's constraint fields but GBNF and
+/// EBNF grammars), biased, and continue a partial answer.
 fn capabilities(templater: &Templater) -> Capabilities {
     let chat = !matches!(templater, Templater::None);
     let tools = matches!(templater, Templater::Jinja(t) if t.supports_tools());
@@ -628,6 +629,11 @@ fn capabilities(templater: &Templater) -> Capabilities {
             Feature::JsonObject,
             Feature::JsonSchema,
             Feature::LogitBias,
+            Feature::GuidedJson,
+            Feature::GuidedRegex,
+            Feature::GuidedChoice,
+            Feature::StructuredOutputs,
+            Feature::JsonSchemaField,
         ]
         .into_iter()
         .chain(chat.then_some(Feature::Chat))

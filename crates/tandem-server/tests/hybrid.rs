@@ -736,6 +736,57 @@ async fn dry_run_explains_without_generating() {
     assert!(!h.metrics().await.contains("tandem_requests_total{"));
 }
 
+/// vLLM's and llama.cpp's constraint fields are not OpenAI's API, and some
+/// servers ignore them (Ollama): they go only to an upstream that declares
+/// it applies them, and otherwise stay on the device or are refused by
+/// name, never answered unconstrained.
+#[tokio::test]
+async fn constraint_fields_go_only_where_they_are_applied() {
+    let yes_no = json!({"guided_choice": ["yes", "no"], "max_tokens": 4});
+    let prompt = "Is the sky blue? Answer yes or no.";
+    let h = Setup::new(Mode::Forward).start().await;
+    // Routed: the cloud comes first, but it does not apply the field.
+    let r = h.chat(prompt, &[], yes_no.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tandem-backend"), "local", "{}", r.body);
+    let answer = r.body["choices"][0]["message"]["content"].clone();
+    assert!(answer == "yes" || answer == "no", "{answer}");
+    // Named: a 400 naming the field, not a silently different answer.
+    let mut named = yes_no.clone();
+    named["model"] = json!(QWEN_05B);
+    let r = h.chat(prompt, &[], named.clone()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "guided_choice", "{}", r.body);
+    // A GBNF grammar: the device cannot apply it and the upstream does
+    // not declare it.
+    let gbnf = json!({"grammar": "root ::= \"yes\" | \"no\""});
+    let r = h.chat(prompt, &[], gbnf).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "no_backend_allowed", "{}", r.body);
+    assert!(h.capture.captured().is_empty(), "nothing left the device");
+
+    // Declared (a cloud-role Tandem applies them): sent as they are.
+    let mut s = Setup::new(Mode::Forward);
+    s.upstream = Box::new(|u| {
+        u.constraint_fields = ["guided_json", "guided_regex", "guided_choice"]
+            .map(String::from)
+            .to_vec();
+    });
+    let h = s.start().await;
+    for body in [yes_no, named] {
+        let r = h.chat(prompt, &[], body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("x-tandem-backend"), "cloud:cloud", "{}", r.body);
+        let answer = r.body["choices"][0]["message"]["content"].clone();
+        assert!(answer == "yes" || answer == "no", "{answer}");
+    }
+    let sent = h.capture.captured();
+    assert_eq!(sent.len(), 2);
+    for c in sent {
+        assert_eq!(c.json()["guided_choice"], json!(["yes", "no"]));
+    }
+}
+
 #[tokio::test]
 async fn keys_carry_privacy_budgets_and_rate_limits() {
     let (strict_key, careful_key) = (

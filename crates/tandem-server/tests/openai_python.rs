@@ -84,8 +84,12 @@ async fn through_cloud_role() -> (TestServer, TestServer) {
     let device = Dispatcher::builder()
         .local(shared_engine(SMOLLM2, 1024, 2))
         .cloud(
-            CloudBackend::new(UpstreamConfig::new("cloud", &cloud.url("/v1"), &[QWEN_05B]))
-                .expect("upstream"),
+            CloudBackend::new(UpstreamConfig {
+                // A Tandem applies these beside `response_format`.
+                constraint_fields: ["guided_json", "guided_choice"].map(String::from).to_vec(),
+                ..UpstreamConfig::new("cloud", &cloud.url("/v1"), &[QWEN_05B])
+            })
+            .expect("upstream"),
         )
         .build()
         .expect("dispatcher");
