@@ -57,6 +57,7 @@ models = ["{CLOUD_MODEL}"]
 price_input_per_mtok = 0.10
 price_output_per_mtok = 0.30
 continuation = "prefill"
+constraint_fields = ["guided_json", "guided_regex", "guided_choice", "structured_outputs", "json_schema"]
 ttft_timeout_ms = 60000
 
 [router]
