@@ -38,9 +38,9 @@ impl Backend for CloudBackend {
         self.upstream_model(requested)
     }
 
-    /// An OpenAI-compatible upstream is taken to support the API; continuing
-    /// a partial answer (`continuation`) and the constraint fields beyond it
-    /// (`constraint_fields`) need saying.
+    /// An OpenAI-compatible upstream is taken to support the API but what it
+    /// `lacks`; continuing a partial answer (`continuation`) and the
+    /// constraint fields beyond the API (`constraint_fields`) need saying.
     fn capabilities(&self) -> Capabilities {
         let mut f = vec![
             Feature::Chat,
@@ -66,6 +66,7 @@ impl Backend for CloudBackend {
                 .iter()
                 .filter_map(|c| Feature::constraint(c)),
         );
+        f.retain(|x| !self.inner.cfg.lacks.contains(x));
         Capabilities::of(f)
     }
 
@@ -195,6 +196,12 @@ mod tests {
         let c = declared.capabilities();
         assert!(c.supports(Feature::GuidedJson) && c.supports(Feature::Grammar));
         assert!(!c.supports(Feature::GuidedRegex));
+        cfg.lacks = vec![Feature::GuidedJson, Feature::LogitBias];
+        let lacking = CloudBackend::new(cfg.clone())
+            .expect("backend")
+            .capabilities();
+        assert!(lacking.supports(Feature::Grammar) && lacking.supports(Feature::BestOf));
+        assert!(!lacking.supports(Feature::GuidedJson) && !lacking.supports(Feature::LogitBias));
         cfg.constraint_fields = vec!["guided_jsn".into()];
         let Err(err) = CloudBackend::new(cfg) else {
             panic!("an unknown field is refused")

@@ -119,6 +119,12 @@ pub struct UpstreamConfig {
     /// carrying one goes only where it is declared.
     #[serde(default)]
     pub constraint_fields: Vec<String>,
+    /// Parts of OpenAI's API that it accepts but does not apply (Ollama:
+    /// `logit_bias`, `best_of`), by [`tandem_api::Feature`] name: a request
+    /// asking for one is not sent to it, rather than answered as if it had
+    /// not asked.
+    #[serde(default)]
+    pub lacks: Vec<tandem_api::Feature>,
 }
 
 impl UpstreamConfig {
@@ -144,6 +150,7 @@ impl UpstreamConfig {
             continuation: Continuation::None,
             choices: Choices::OneRequest,
             constraint_fields: Vec::new(),
+            lacks: Vec::new(),
         }
     }
 

@@ -356,6 +356,20 @@ models = ["gpt-4o-mini"]
 price_input_per_mtok = 0.15
 price_output_per_mtok = 0.6
 
+[[upstreams]]
+name = "ollama"
+base_url = "http://127.0.0.1:11434/v1"
+models = ["llama3.2"]
+choices = "separate"
+lacks = ["logit_bias", "best_of"]
+
+[[upstreams]]
+name = "vllm"
+base_url = "http://10.0.0.5:8000/v1"
+models = ["qwen"]
+continuation = "prefill"
+constraint_fields = ["guided_json", "guided_regex", "guided_choice", "structured_outputs"]
+
 [router]
 privacy = "strict"
 daily_budget_usd = 2.5
@@ -381,6 +395,11 @@ privacy = "redact"
         let c = loaded.unwrap();
         assert_eq!(c.server.port, Some(9000));
         assert_eq!(c.upstreams[0].models, vec!["gpt-4o-mini"]);
+        assert_eq!(
+            c.upstreams[1].lacks,
+            vec![tandem_api::Feature::LogitBias, tandem_api::Feature::BestOf]
+        );
+        assert_eq!(c.upstreams[2].constraint_fields.len(), 4);
         assert_eq!(c.router.privacy, tandem_policy::PrivacyMode::Strict);
         assert_eq!(c.router.daily_budget_usd, Some(7.5));
         assert_eq!(c.router.rules.len(), 5);

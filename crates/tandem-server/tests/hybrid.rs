@@ -765,14 +765,26 @@ async fn constraint_fields_go_only_where_they_are_applied() {
     assert_eq!(r.body["error"]["code"], "no_backend_allowed", "{}", r.body);
     assert!(h.capture.captured().is_empty(), "nothing left the device");
 
-    // Declared (a cloud-role Tandem applies them): sent as they are.
+    // Declared (a cloud-role Tandem applies them): sent as they are. This
+    // one also says it does not apply `logit_bias`, as Ollama does not.
     let mut s = Setup::new(Mode::Forward);
     s.upstream = Box::new(|u| {
         u.constraint_fields = ["guided_json", "guided_regex", "guided_choice"]
             .map(String::from)
             .to_vec();
+        u.lacks = vec![tandem_api::Feature::LogitBias];
     });
     let h = s.start().await;
+    let bias = json!({"logit_bias": {"15": -100}, "max_tokens": 4});
+    let r = h.chat(prompt, &[], bias.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tandem-backend"), "local", "{}", r.body);
+    let mut named_bias = bias;
+    named_bias["model"] = json!(QWEN_05B);
+    let r = h.chat(prompt, &[], named_bias).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["param"], "logit_bias", "{}", r.body);
+    assert!(h.capture.captured().is_empty());
     for body in [yes_no, named] {
         let r = h.chat(prompt, &[], body).await;
         assert_eq!(r.status, 200, "{}", r.body);
