@@ -757,6 +757,8 @@ async fn constraint_fields_go_only_where_they_are_applied() {
     let r = h.chat(prompt, &[], named.clone()).await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["error"]["param"], "guided_choice", "{}", r.body);
+    let why = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("`constraint_fields`"), "{why}");
     // A GBNF grammar: the device cannot apply it and the upstream does
     // not declare it.
     let gbnf = json!({"grammar": "root ::= \"yes\" | \"no\""});
@@ -784,6 +786,8 @@ async fn constraint_fields_go_only_where_they_are_applied() {
     let r = h.chat(prompt, &[], named_bias).await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["error"]["param"], "logit_bias", "{}", r.body);
+    let why = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("`lacks`"), "{why}");
     assert!(h.capture.captured().is_empty());
     for body in [yes_no, named] {
         let r = h.chat(prompt, &[], body).await;

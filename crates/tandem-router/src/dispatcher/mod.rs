@@ -624,16 +624,30 @@ impl Dispatcher {
                 Locality::Local => self.local(i),
                 Locality::Cloud => self.cloud(i),
             };
-            if let Some(f) = backend.and_then(|b| {
+            if let Some((b, f)) = backend.and_then(|b| {
                 b.capabilities()
                     .missing(&features.needs)
                     .into_iter()
                     .find(|&f| f != tandem_api::Feature::Chat)
+                    .map(|f| (b, f))
             }) {
+                // An upstream's support is the operator's declaration: say
+                // which setting holds it.
+                let setting = match f {
+                    _ if side == Locality::Local => None,
+                    tandem_api::Feature::Continuation => Some("continuation"),
+                    _ if tandem_api::Feature::constraint(f.param()) == Some(f) => {
+                        Some("constraint_fields")
+                    }
+                    _ => Some("lacks"),
+                };
+                let why = setting.map_or_else(String::new, |k| {
+                    format!(" (upstream `{}`, as configured: `{k}`)", b.name())
+                });
                 return Err(ApiError::invalid_param(
                     f.param(),
                     format!(
-                        "{} is not supported by the model `{}`",
+                        "{} is not supported by the model `{}`{why}",
                         f.describe(),
                         req.model
                     ),
