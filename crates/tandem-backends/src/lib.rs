@@ -16,6 +16,7 @@ mod backend;
 mod breaker;
 mod choices;
 mod config;
+pub mod probe;
 mod verifier_client;
 mod wire;
 

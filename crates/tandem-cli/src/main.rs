@@ -10,6 +10,7 @@ mod router_label;
 mod router_read;
 mod serve;
 mod top;
+mod upstreams;
 
 use clap::{Args, Parser, Subcommand};
 use tandem_engine::Threads;
@@ -62,6 +63,9 @@ enum Command {
     /// Follow a running Tandem's requests live in the terminal (the
     /// dashboard's feed; /ui in a browser).
     Top(top::TopArgs),
+    /// Ask the configured upstreams what they apply (`upstreams check`).
+    #[command(subcommand)]
+    Upstreams(upstreams::UpstreamsCommand),
     /// Start a device and a cloud Tandem on this machine and show requests
     /// being placed on each.
     Demo(demo::DemoArgs),
@@ -168,5 +172,6 @@ fn main() -> anyhow::Result<()> {
         Command::Cache(c) => rt.block_on(ops::cache(c)),
         Command::Demo(a) => rt.block_on(demo::run(a)),
         Command::Top(a) => rt.block_on(top::top(a)),
+        Command::Upstreams(c) => rt.block_on(upstreams::run(c)),
     }
 }

@@ -803,6 +803,69 @@ async fn constraint_fields_go_only_where_they_are_applied() {
     }
 }
 
+/// `tandem upstreams check`'s probes tell an upstream that applies the
+/// constraint fields (a Tandem) from one that ignores them all (an echo,
+/// as a server that knows none of them would answer).
+#[tokio::test]
+async fn the_probe_finds_what_an_upstream_applies() {
+    use tandem_api::Feature;
+    use tandem_backends::probe::{self, Verdict};
+    let cloud =
+        TestServer::start(Dispatcher::builder().local(cloud_engine()).build().unwrap()).await;
+    let tandem = CloudBackend::new(UpstreamConfig::new(
+        "tandem",
+        &cloud.url("/v1"),
+        &[QWEN_05B],
+    ))
+    .unwrap();
+    let found = probe::constraints(&tandem, QWEN_05B).await.unwrap();
+    assert_eq!(
+        probe::suggested(&found),
+        (
+            vec![
+                "guided_json",
+                "guided_regex",
+                "guided_choice",
+                "structured_outputs",
+                "json_schema"
+            ],
+            vec![]
+        ),
+        "{found:?}"
+    );
+    for f in &found {
+        let grammar = matches!(f.feature, Feature::Grammar | Feature::GuidedGrammar);
+        assert_eq!(grammar, matches!(f.verdict, Verdict::Refused(_)), "{f:?}");
+    }
+
+    let echo = CaptureUpstream::start(None, Mode::Echo).await;
+    let ignoring =
+        CloudBackend::new(UpstreamConfig::new("echo", &echo.base_url(), &["m"])).unwrap();
+    let found = probe::constraints(&ignoring, "m").await.unwrap();
+    assert!(
+        found
+            .iter()
+            .all(|f| matches!(f.verdict, Verdict::Ignored(_))),
+        "{found:?}"
+    );
+    assert_eq!(
+        probe::suggested(&found),
+        (vec![], vec![Feature::JsonSchema, Feature::JsonObject])
+    );
+    // What it received: the probes' own texts, nothing else.
+    for c in echo.captured() {
+        assert_eq!(
+            c.json()["messages"][0]["content"],
+            "Name a colour. Answer in one word."
+        );
+    }
+
+    let mut gone = UpstreamConfig::new("gone", "http://127.0.0.1:9/v1", &["m"]);
+    gone.max_retries = 0;
+    let gone = CloudBackend::new(gone).unwrap();
+    assert!(probe::constraints(&gone, "m").await.is_err());
+}
+
 #[tokio::test]
 async fn keys_carry_privacy_budgets_and_rate_limits() {
     let (strict_key, careful_key) = (
