@@ -930,3 +930,54 @@ async fn router_label_shows_the_cost_resumes_and_keeps_private_prompts() {
     assert!(stdout.contains("2 answers and 2 judgements"), "{stdout}");
     server.stop().await;
 }
+
+/// `tandem upstreams check` against an upstream that ignores every
+/// constraint (it echoes the question) and one that is not there: the lines
+/// to declare come out, and an upstream it could not ask fails the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_check_prints_what_to_declare() {
+    use tandem_testkit::capture::{CaptureUpstream, Mode};
+    let echo = CaptureUpstream::start(None, Mode::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstreams]]\nname = \"echo\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\n\
+             [[upstreams]]\nname = \"gone\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"m\"]\nmax_retries = 0\n",
+            echo.base_url()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &'static [&'static str]| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            tandem()
+                .args(["upstreams", "check", "-c"])
+                .arg(&config)
+                .args(extra)
+                .env("TANDEM_HOME", config.parent().unwrap())
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(&["--name", "echo"]).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("constraint_fields = []"), "{text}");
+    assert!(
+        text.contains(r#"lacks = ["json_schema", "json_object"]"#),
+        "{text}"
+    );
+    assert!(text.contains("IGNORED"), "{text}");
+
+    let out = run(&[]).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("could not ask it"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not ask gone"));
+}
