@@ -53,6 +53,8 @@ async fn pair(draft: LocalEngine, mode: Mode) -> Pair {
     let capture = CaptureUpstream::start(Some(cloud.url("/v1")), mode).await;
     let mut up = UpstreamConfig::new("cloud", &capture.base_url(), &[QWEN_15B]);
     up.ttft_timeout_ms = 120_000;
+    // A Tandem applies vLLM's regex field.
+    up.constraint_fields = vec!["guided_regex".into()];
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("ledger.jsonl");
     let device = Dispatcher::builder()
