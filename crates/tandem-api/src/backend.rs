@@ -210,6 +210,13 @@ impl Feature {
         })
     }
 
+    /// Whether it is one of the constraint fields beside OpenAI's API
+    /// ([`GUIDED_FIELDS`](crate::GUIDED_FIELDS)), which an upstream applies
+    /// only where its configuration declares it.
+    pub fn is_constraint(self) -> bool {
+        Feature::constraint(self.param()) == Some(self)
+    }
+
     /// Human words for it, as reasons and errors use them.
     pub fn describe(self) -> &'static str {
         match self {
@@ -775,6 +782,7 @@ mod tests {
         for &field in GUIDED_FIELDS {
             let f = Feature::constraint(field).expect(field);
             assert_eq!(f.param(), field);
+            assert!(f.is_constraint());
             assert!(!seen.contains(&f), "{field}");
             seen.push(f);
             let req = asking(serde_json::json!({ field: "x" }));
@@ -784,5 +792,6 @@ mod tests {
             assert!(Feature::needed_by(&req).is_empty());
         }
         assert_eq!(Feature::constraint("response_format"), None);
+        assert!(!Feature::JsonSchema.is_constraint() && !Feature::LogitBias.is_constraint());
     }
 }

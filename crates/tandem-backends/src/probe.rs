@@ -29,13 +29,12 @@ pub enum Verdict {
     Refused(String),
 }
 
-/// A probe's field and what it found.
+/// A probe's feature (its request field is [`Feature::param`]) and what it
+/// found.
 #[derive(Debug, Clone)]
 pub struct Finding {
     /// The feature probed.
     pub feature: Feature,
-    /// The request field that asks for it.
-    pub field: &'static str,
     /// What the upstream did with it.
     pub verdict: Verdict,
 }
@@ -46,9 +45,9 @@ fn object_schema() -> Value {
            "required": ["zebra"], "additionalProperties": false})
 }
 
-/// A probe: the feature, the field that asks for it, the request fields, and
-/// whether an answer kept to it.
-type Probe = (Feature, &'static str, Value, fn(&str) -> bool);
+/// A probe: the feature, the request fields that ask for it, and whether an
+/// answer kept to it.
+type Probe = (Feature, Value, fn(&str) -> bool);
 
 fn probes() -> Vec<Probe> {
     let exact: fn(&str) -> bool = |t| t.trim() == TOKEN;
@@ -73,51 +72,43 @@ fn probes() -> Vec<Probe> {
     vec![
         (
             Feature::GuidedJson,
-            "guided_json",
             json!({"guided_json": object_schema()}),
             object,
         ),
         (
             Feature::GuidedRegex,
-            "guided_regex",
             json!({"guided_regex": "zebra-[0-9]{2}"}),
             regex,
         ),
         (
             Feature::GuidedChoice,
-            "guided_choice",
             json!({"guided_choice": [TOKEN]}),
             exact,
         ),
         (
             Feature::GuidedGrammar,
-            "guided_grammar",
             json!({"guided_grammar": gbnf}),
             exact,
         ),
         (
             Feature::StructuredOutputs,
-            "structured_outputs",
             json!({"structured_outputs": {"choice": [TOKEN]}}),
             exact,
         ),
         (
             Feature::JsonSchemaField,
-            "json_schema",
             json!({"json_schema": object_schema()}),
             object,
         ),
-        (Feature::Grammar, "grammar", json!({"grammar": gbnf}), exact),
+        (Feature::Grammar, json!({"grammar": gbnf}), exact),
         (
             Feature::JsonSchema,
-            "response_format",
             json!({"response_format": {"type": "json_schema",
                    "json_schema": {"name": "zebra", "strict": true, "schema": object_schema()}}}),
             object,
         ),
         (
             Feature::JsonObject,
-            "response_format",
             json!({"response_format": {"type": "json_object"}}),
             any_object,
         ),
@@ -129,7 +120,7 @@ fn probes() -> Vec<Probe> {
 /// not a finding.
 pub async fn constraints(upstream: &CloudBackend, model: &str) -> Result<Vec<Finding>, String> {
     let mut out = Vec::new();
-    for (feature, field, extra, kept) in probes() {
+    for (feature, extra, kept) in probes() {
         let mut body = json!({
             "model": upstream.model_for(model),
             "messages": [{"role": "user", "content": "Name a colour. Answer in one word."}],
@@ -147,11 +138,7 @@ pub async fn constraints(upstream: &CloudBackend, model: &str) -> Result<Vec<Fin
             }
             Err(e) => return Err(e.message),
         };
-        out.push(Finding {
-            feature,
-            field,
-            verdict,
-        });
+        out.push(Finding { feature, verdict });
     }
     Ok(out)
 }
@@ -170,14 +157,12 @@ async fn ask(upstream: &CloudBackend, body: Value) -> Result<String, ApiError> {
 pub fn suggested(findings: &[Finding]) -> (Vec<&'static str>, Vec<Feature>) {
     let applied = findings
         .iter()
-        .filter(|f| f.verdict == Verdict::Applied)
-        .filter(|f| Feature::constraint(f.field) == Some(f.feature))
-        .map(|f| f.field)
+        .filter(|f| f.verdict == Verdict::Applied && f.feature.is_constraint())
+        .map(|f| f.feature.param())
         .collect();
     let lacks = findings
         .iter()
-        .filter(|f| matches!(f.verdict, Verdict::Ignored(_)))
-        .filter(|f| Feature::constraint(f.field) != Some(f.feature))
+        .filter(|f| matches!(f.verdict, Verdict::Ignored(_)) && !f.feature.is_constraint())
         .map(|f| f.feature)
         .collect();
     (applied, lacks)

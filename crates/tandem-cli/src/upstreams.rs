@@ -69,7 +69,11 @@ pub async fn run(cmd: UpstreamsCommand) -> anyhow::Result<()> {
                 Verdict::Ignored(t) => format!("IGNORED: answered {:?}", clip(t)),
                 Verdict::Refused(e) => format!("refused: {}", clip(e)),
             };
-            println!("  {:<19} {:<44} {what}", f.field, f.feature.describe());
+            println!(
+                "  {:<19} {:<44} {what}",
+                f.feature.param(),
+                f.feature.describe()
+            );
         }
         let (fields, lacks) = probe::suggested(&findings);
         println!("  declare it with:");

@@ -636,9 +636,7 @@ impl Dispatcher {
                 let setting = match f {
                     _ if side == Locality::Local => None,
                     tandem_api::Feature::Continuation => Some("continuation"),
-                    _ if tandem_api::Feature::constraint(f.param()) == Some(f) => {
-                        Some("constraint_fields")
-                    }
+                    _ if f.is_constraint() => Some("constraint_fields"),
                     _ => Some("lacks"),
                 };
                 let why = setting.map_or_else(String::new, |k| {
