@@ -217,6 +217,15 @@ impl Feature {
         Feature::constraint(self.param()) == Some(self)
     }
 
+    /// Whether it holds the answer to a form (a response format or a
+    /// constraint field), which a backend keeps by a grammar.
+    pub fn shapes_answer(self) -> bool {
+        matches!(
+            self,
+            Feature::JsonObject | Feature::JsonSchema | Feature::OtherResponseFormat
+        ) || self.is_constraint()
+    }
+
     /// Human words for it, as reasons and errors use them.
     pub fn describe(self) -> &'static str {
         match self {
@@ -764,7 +773,7 @@ mod tests {
     fn asking(extra: serde_json::Value) -> GenerateRequest {
         GenerateRequest {
             model: "m".into(),
-            input: Input::Text("hi".into()),
+            input: Input::text("hi"),
             sampling: Sampling::default(),
             max_tokens: None,
             stop: Vec::new(),

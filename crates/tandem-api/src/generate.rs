@@ -44,10 +44,25 @@ pub enum Input {
         continue_from: Option<String>,
     },
     /// A bare prompt (`/v1/completions`).
-    Text(String),
+    Text {
+        /// The prompt as the client sent it.
+        prompt: String,
+        /// Text already written after the prompt: generation continues it
+        /// (a mid-stream handoff). Kept apart from the prompt because a
+        /// grammar must read it as answer, not as prompt.
+        continue_from: Option<String>,
+    },
 }
 
 impl Input {
+    /// A bare prompt, nothing written yet.
+    pub fn text(prompt: impl Into<String>) -> Self {
+        Input::Text {
+            prompt: prompt.into(),
+            continue_from: None,
+        }
+    }
+
     /// All user-visible text of the input, for detectors and length estimates.
     pub fn text_parts(&self) -> Vec<&str> {
         match self {
@@ -59,8 +74,31 @@ impl Input {
                 .map(|m| m.content.as_str())
                 .chain(continue_from.as_deref())
                 .collect(),
-            Input::Text(t) => vec![t.as_str()],
+            Input::Text {
+                prompt,
+                continue_from,
+            } => std::iter::once(prompt.as_str())
+                .chain(continue_from.as_deref())
+                .collect(),
         }
+    }
+
+    /// The answer already written, which generation continues.
+    pub fn written(&self) -> Option<&str> {
+        match self {
+            Input::Chat { continue_from, .. } | Input::Text { continue_from, .. } => {
+                continue_from.as_deref()
+            }
+        }
+    }
+
+    /// Makes `more` part of the answer already written, so that another
+    /// backend continues after it.
+    pub fn continue_with(&mut self, more: &str) {
+        let (Input::Chat { continue_from, .. } | Input::Text { continue_from, .. }) = self;
+        let mut written = continue_from.take().unwrap_or_default();
+        written.push_str(more);
+        *continue_from = (!written.is_empty()).then_some(written);
     }
 }
 

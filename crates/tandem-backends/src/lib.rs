@@ -270,7 +270,7 @@ impl CloudBackend {
 
     fn endpoint(req: &GenerateRequest) -> Endpoint {
         match req.input {
-            Input::Text(_) => Endpoint::Completions,
+            Input::Text { .. } => Endpoint::Completions,
             Input::Chat { .. } => Endpoint::Chat,
         }
     }
@@ -282,8 +282,14 @@ impl CloudBackend {
             ApiError::internal(format!("cannot encode the upstream request: {e}"))
         };
         match &req.input {
-            Input::Text(t) => {
-                let mut r = req.to_completion_request(model, t.clone());
+            // A completions upstream has no field for an answer begun: it
+            // reads the written text as more prompt.
+            Input::Text {
+                prompt,
+                continue_from,
+            } => {
+                let text = format!("{prompt}{}", continue_from.as_deref().unwrap_or_default());
+                let mut r = req.to_completion_request(model, text);
                 r.stream = Some(req.stream);
                 serde_json::to_vec(&r).map_err(encode_err)
             }

@@ -195,7 +195,7 @@ fn request(model: &str, prompt: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         choices: 1,
         model: model.to_owned(),
-        input: Input::Text(prompt.to_owned()),
+        input: Input::text(prompt),
         sampling: Sampling {
             ignore_eos: true,
             ..Sampling::greedy()

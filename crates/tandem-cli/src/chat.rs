@@ -122,7 +122,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let engine = load_engine(&args.model, &args.engine).await?;
     let input = if args.raw {
-        Input::Text(prompt)
+        Input::text(prompt)
     } else {
         let mut messages = Vec::new();
         if let Some(s) = args.system {

@@ -666,7 +666,13 @@ impl Inner {
         tools: Option<&[serde_json::Value]>,
     ) -> Result<String, ApiError> {
         match input {
-            Input::Text(t) => Ok(t.clone()),
+            Input::Text {
+                prompt,
+                continue_from,
+            } => Ok(format!(
+                "{prompt}{}",
+                continue_from.as_deref().unwrap_or_default()
+            )),
             Input::Chat {
                 messages,
                 continue_from,
@@ -803,13 +809,7 @@ impl Inner {
         }
         let grammar = self.grammar(&req, tools.as_ref())?;
         if let Some(g) = &grammar {
-            let written = match &req.input {
-                Input::Chat {
-                    continue_from: Some(start),
-                    ..
-                } => start.as_str(),
-                _ => "",
-            };
+            let written = req.input.written().unwrap_or_default();
             constraints.push(self.constrainer.sampler(&self.model, g, written)?);
         }
 

@@ -354,8 +354,8 @@ async fn qwen2_and_gemma3_load_and_generate() {
     assert_eq!(err.status, 400);
     assert!(err.message.contains("/v1/completions"), "{}", err.message);
     let mut req = chat(GEMMA_270M, "unused");
-    req.input = Input::Text(
-        "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of Spain?\nA: Madrid\nQ: What is the capital of France?\nA:".into(),
+    req.input = Input::text(
+        "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of Spain?\nA: Madrid\nQ: What is the capital of France?\nA:",
     );
     req.max_tokens = Some(4);
     let a = answer(&gemma, req).await;
@@ -464,9 +464,9 @@ async fn sliding_window_models_reuse_safely() {
         "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of Spain?\nA: Madrid\n";
     let mut req = chat(GEMMA_270M, "unused");
     req.max_tokens = Some(6);
-    req.input = Input::Text(format!("{base}Q: What is the capital of France?\nA:"));
+    req.input = Input::text(format!("{base}Q: What is the capital of France?\nA:"));
     let _ = answer(&warm, req.clone()).await;
-    req.input = Input::Text(format!("{base}Q: What is the capital of Germany?\nA:"));
+    req.input = Input::text(format!("{base}Q: What is the capital of Germany?\nA:"));
     let second = answer(&warm, req.clone()).await;
     assert!(
         second.finish.usage.cached_tokens() > 10,

@@ -380,39 +380,49 @@ async fn vllm_and_llama_cpp_constraint_fields_are_applied() {
 
 /// A continued answer (another side's, handed over mid-stream) is read by
 /// the grammar first: the model finishes that value instead of writing a
-/// second one after it. A start that does not keep to the schema is a 400.
+/// second one after it, in a chat and after a bare prompt. A start that
+/// does not keep to the schema is a 400.
 #[tokio::test]
 async fn a_continued_answer_is_finished_within_its_schema() {
-    let with_start = |start: &str| {
+    const ASK: &str =
+        "Marie Curie was a physicist who spoke Polish and French. Describe her as JSON.";
+    let with_start = |start: &str, chat: bool| {
         let mut req = request(
-            vec![Message::new(
-                "user",
-                "Marie Curie was a physicist who spoke Polish and French. Describe her as JSON.",
-            )],
+            vec![Message::new("user", ASK)],
             json!({"response_format": {"type": "json_schema",
                    "json_schema": {"name": "person", "strict": true, "schema": schema()}}}),
         );
-        if let Input::Chat { continue_from, .. } = &mut req.input {
-            *continue_from = Some(start.to_owned());
+        if !chat {
+            req.input = Input::text(format!("{ASK}\nJSON: "));
         }
+        req.input.continue_with(start);
         req
     };
-    for start in [
+    let starts = [
         "{\"name\": \"Marie Cu",
         "{\n  \"name\": \"Marie Curie\",\n  \"age\": 6",
         "{\"name\": \"Marie Curie\", \"age\": 66, \"languages\": [\"Polish\"",
         // Deeper than the device lets its own model indent.
         "{\n                        \"name\": \"Marie Curie\",\n                        \"age\": 66",
-    ] {
-        let a = answer(with_start(start)).await;
+    ];
+    let asked = starts
+        .iter()
+        .map(|s| (*s, true))
+        .chain([(starts[0], false), (starts[2], false)]);
+    for (start, chat) in asked {
+        let a = answer(with_start(start, chat)).await;
         assert_eq!(a.finish.reason, FinishReason::Stop, "{a:?}");
         let whole = format!("{start}{}", a.text);
-        let v: Value = serde_json::from_str(&whole).unwrap_or_else(|e| panic!("{e}: {whole}"));
+        let v: Value =
+            serde_json::from_str(&whole).unwrap_or_else(|e| panic!("chat {chat}: {e}: {whole}"));
         let valid = jsonschema::validator_for(&schema()).unwrap();
         assert!(valid.is_valid(&v), "{v}");
         assert!(v["name"].as_str().unwrap().starts_with("Marie Cu"), "{v}");
     }
-    let err = qwen().submit(with_start("[1, 2")).err().expect("refused");
+    let err = qwen()
+        .submit(with_start("[1, 2", false))
+        .err()
+        .expect("refused");
     assert_eq!(
         (err.status, err.param.as_deref()),
         (400, Some("response_format")),

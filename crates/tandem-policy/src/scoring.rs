@@ -65,6 +65,6 @@ pub fn routed_text(input: &tandem_api::Input) -> Option<&str> {
             .find(|m| m.role == "user")
             .or(messages.last())
             .map(|m| m.content.as_str()),
-        tandem_api::Input::Text(t) => Some(t.as_str()),
+        tandem_api::Input::Text { prompt, .. } => Some(prompt.as_str()),
     }
 }

@@ -673,7 +673,7 @@ mod tests {
         GenerateRequest {
             choices: 1,
             model: "tandem/auto".into(),
-            input: tandem_api::Input::Text("hi".into()),
+            input: tandem_api::Input::text("hi"),
             sampling: tandem_api::Sampling::default(),
             max_tokens: Some(8),
             stop: Vec::new(),

@@ -135,9 +135,15 @@ impl CacheKey {
                 message_fields(last, &mut field);
                 last.content.clone()
             }
-            Input::Text(t) => {
+            Input::Text {
+                prompt,
+                continue_from,
+            } => {
+                if continue_from.is_some() {
+                    return None;
+                }
                 field("text");
-                t.clone()
+                prompt.clone()
             }
         };
         // Two prompts that differ only in a number, a "not" or a name

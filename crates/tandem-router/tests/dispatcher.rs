@@ -131,6 +131,67 @@ async fn a_broken_stream_is_handed_over_and_continued() {
     );
 }
 
+fn completion(prompt: &str, extra: serde_json::Value) -> GenerateRequest {
+    let mut req = chat("unused");
+    req.input = Input::text(prompt);
+    req.extra = extra.as_object().cloned().unwrap_or_default();
+    req
+}
+
+/// A bare prompt's answer is handed over with the text already sent kept
+/// apart from the prompt (so the device's grammar reads it as answer); to
+/// the cloud, whose completions endpoint would read it as more prompt and
+/// start a second value, an answer held to a form is not handed over.
+#[tokio::test]
+async fn a_bare_prompts_answer_is_handed_over_unless_its_form_would_restart() {
+    let local = Scripted::local("small", vec![Step::Answer(pieces("ld.", 2))]);
+    let cloud = Scripted::cloud(
+        "cloud",
+        "big",
+        vec![Step::BreakAfter(pieces("Hello wor", 3), err(502))],
+    );
+    let d = dispatcher(&local, &cloud, cloud_first());
+    let (text, e, _) = run(
+        &d,
+        completion("Say hello.", serde_json::json!({})),
+        RequestContext::default(),
+    )
+    .await;
+    assert!(e.is_none(), "{e:?}");
+    assert_eq!(text, "Hello world.");
+    assert_eq!(
+        local.received()[0].input,
+        Input::Text {
+            prompt: "Say hello.".into(),
+            continue_from: Some("Hello wor".into())
+        }
+    );
+
+    let json = serde_json::json!({"response_format": {"type": "json_object"}});
+    for (extra, handed) in [(serde_json::json!({}), true), (json, false)] {
+        let local = Scripted::local(
+            "small",
+            vec![Step::BreakAfter(pieces("{\"a\": ", 2), err(500))],
+        )
+        .with_features(&[tandem_api::Feature::JsonObject]);
+        let cloud = Scripted::cloud("cloud", "big", vec![Step::Answer(pieces("1}", 1))]);
+        let d = dispatcher(&local, &cloud, PolicyConfig::default());
+        let (text, e, route) = run(
+            &d,
+            completion("JSON:", extra.clone()),
+            RequestContext::default(),
+        )
+        .await;
+        assert_eq!(route.backend, "local", "{extra}");
+        assert_eq!(e.is_none(), handed, "{extra}: {e:?}");
+        assert_eq!(cloud.received().len(), usize::from(handed), "{extra}");
+        if handed {
+            assert_eq!(text, "{\"a\": 1}");
+            assert_eq!(cloud.received()[0].input.written(), Some("{\"a\": "));
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_cascade_keeps_a_sure_answer_and_escalates_an_unsure_one() {
     let local = Scripted::local(

@@ -542,6 +542,47 @@ async fn a_json_answer_cut_mid_stream_is_finished_as_one_value() {
     );
 }
 
+/// The same after a bare prompt (`/v1/completions`): the device's grammar
+/// reads the cloud's half as answer, not as more prompt.
+#[tokio::test]
+async fn a_json_completion_cut_mid_stream_is_finished_as_one_value() {
+    let h = Setup::new(Mode::KillAfter(6)).start().await;
+    let schema = json!({"type": "object",
+        "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+        "required": ["name", "born"], "additionalProperties": false});
+    let body = json!({"model": "tandem/auto", "max_tokens": 60, "temperature": 0, "stream": true,
+        "prompt": "Marie Curie was born in 1867. As JSON with her name and year of birth:\n",
+        "response_format": {"type": "json_schema",
+            "json_schema": {"name": "scientist", "strict": true, "schema": schema}}});
+    let raw = reqwest::Client::new()
+        .post(h.device.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
+    assert!(!raw.contains("\"error\""), "{raw}");
+    let text = tandem_testkit::sse_text(&raw);
+    let before = h.capture.captured()[0].forwarded_text();
+    assert!(
+        before.len() >= 3 && text.starts_with(&before[..3]),
+        "{text:?} after {before:?}"
+    );
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(
+        jsonschema::validator_for(&schema).unwrap().is_valid(&v),
+        "{v}"
+    );
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 1"),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn slow_cloud_past_its_ttft_timeout_is_answered_locally() {
     let mut s = Setup::new(Mode::Delay(Duration::from_secs(3)));

@@ -342,7 +342,7 @@ async fn the_verify_endpoint_refuses_bad_rounds_with_clear_errors() {
         .prepare(&tandem_api::GenerateRequest {
             choices: 1,
             model: QWEN_05B.into(),
-            input: tandem_api::Input::Text("def add(a, b):".into()),
+            input: tandem_api::Input::text("def add(a, b):"),
             sampling: tandem_api::Sampling::greedy(),
             max_tokens: Some(8),
             stop: vec![],

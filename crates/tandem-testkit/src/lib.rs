@@ -164,8 +164,10 @@ pub fn sse_text(raw: &str) -> String {
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
+            let choice = &c["choices"][0];
+            choice["delta"]["content"]
                 .as_str()
+                .or(choice["text"].as_str())
                 .map(str::to_owned)
         })
         .collect()

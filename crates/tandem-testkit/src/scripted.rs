@@ -78,6 +78,16 @@ impl Scripted {
         s
     }
 
+    /// The same backend, supporting `features` too; call it before sharing
+    /// the backend.
+    pub fn with_features(mut self: Arc<Self>, features: &[Feature]) -> Arc<Scripted> {
+        Arc::get_mut(&mut self)
+            .expect("a backend not shared yet")
+            .features
+            .extend_from_slice(features);
+        self
+    }
+
     fn new(name: &str, locality: Locality, model: &str, script: Vec<Step>) -> Arc<Scripted> {
         Arc::new(Scripted {
             name: name.to_owned(),
@@ -133,7 +143,7 @@ fn last_user(req: &GenerateRequest) -> String {
             .find(|m| m.role == "user")
             .map(|m| m.content.clone())
             .unwrap_or_default(),
-        Input::Text(t) => t.clone(),
+        Input::Text { prompt, .. } => prompt.clone(),
     }
 }
 

@@ -378,7 +378,7 @@ impl CompletionRequest {
         Ok(GenerateRequest {
             choices,
             model,
-            input: Input::Text(prompt),
+            input: Input::text(prompt),
             sampling: sampling(SamplingFields {
                 temperature: self.temperature,
                 top_p: self.top_p,
@@ -419,9 +419,15 @@ impl GenerateRequest {
                     extra: m.extra.clone(),
                 })
                 .collect(),
-            Input::Text(t) => vec![ChatMessage {
+            Input::Text {
+                prompt,
+                continue_from,
+            } => vec![ChatMessage {
                 role: "user".into(),
-                content: Some(MessageContent::Text(t.clone())),
+                content: Some(MessageContent::Text(format!(
+                    "{prompt}{}",
+                    continue_from.as_deref().unwrap_or_default()
+                ))),
                 name: None,
                 extra: Map::new(),
             }],

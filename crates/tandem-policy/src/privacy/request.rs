@@ -177,7 +177,15 @@ fn strings(
                 f(c)?;
             }
         }
-        Input::Text(t) => f(t)?,
+        Input::Text {
+            prompt,
+            continue_from,
+        } => {
+            f(prompt)?;
+            if let Some(c) = continue_from {
+                f(c)?;
+            }
+        }
     }
     for (k, v) in &req.extra {
         f(k)?;
@@ -275,7 +283,15 @@ pub fn redact_request(
                 *c = r.redact(detector, c)?;
             }
         }
-        Input::Text(t) => *t = r.redact(detector, t)?,
+        Input::Text {
+            prompt,
+            continue_from,
+        } => {
+            *prompt = r.redact(detector, prompt)?;
+            if let Some(c) = continue_from {
+                *c = r.redact(detector, c)?;
+            }
+        }
     }
     let extra = std::mem::take(&mut req.extra);
     for (k, mut v) in extra {

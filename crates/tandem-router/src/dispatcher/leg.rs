@@ -488,7 +488,15 @@ impl Dispatcher {
         match to {
             Locality::Local => self.local(sup.placement.local_i).is_some(),
             Locality::Cloud => self.cloud(sup.placement.cloud_i).is_some_and(|c| {
-                text.is_empty() || c.capabilities().supports(Feature::Continuation)
+                // A completions upstream reads the text already sent as more
+                // prompt, so its grammar would start a second value in the
+                // middle of the first.
+                let shaped_text = matches!(sup.req.input, Input::Text { .. })
+                    && Feature::needed_by(&sup.req)
+                        .into_iter()
+                        .any(Feature::shapes_answer);
+                text.is_empty()
+                    || (c.capabilities().supports(Feature::Continuation) && !shaped_text)
             }),
         }
     }
@@ -620,13 +628,7 @@ impl Dispatcher {
                         // Hand the answer over: the other side continues from
                         // the text the client already has.
                         let mut next_req = sup.req.clone();
-                        if let Input::Chat { continue_from, .. } = &mut next_req.input {
-                            let mut prefix = continue_from.clone().unwrap_or_default();
-                            prefix.push_str(&text);
-                            *continue_from = (!prefix.is_empty()).then_some(prefix);
-                        } else if let Input::Text(t) = &mut next_req.input {
-                            t.push_str(&text);
-                        }
+                        next_req.input.continue_with(&text);
                         let sent = leg.egress.as_ref().map_or(text.len() as u32 / 4, |c| c.deltas);
                         if let Some(m) = next_req.max_tokens.as_mut() {
                             *m = m.saturating_sub(sent.max(text.len() as u32 / 4)).max(1);
