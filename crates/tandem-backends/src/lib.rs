@@ -226,6 +226,14 @@ impl CloudBackend {
         })
     }
 
+    /// The same upstream, with the same key, set to continue a partial
+    /// answer, so that a probe can find out whether it really does.
+    pub(crate) fn prefilling(&self) -> Result<CloudBackend, String> {
+        let mut cfg = self.inner.cfg.clone();
+        cfg.continuation = Continuation::Prefill;
+        Self::build(cfg, self.inner.key.clone())
+    }
+
     /// Its configuration.
     pub fn config(&self) -> &UpstreamConfig {
         &self.inner.cfg

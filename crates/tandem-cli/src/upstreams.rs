@@ -68,22 +68,35 @@ pub async fn run(cmd: UpstreamsCommand) -> anyhow::Result<()> {
                 Verdict::Applied => "applied".to_owned(),
                 Verdict::Ignored(t) => format!("IGNORED: answered {:?}", clip(t)),
                 Verdict::Refused(e) => format!("refused: {}", clip(e)),
+                Verdict::Unsure(t) => format!("UNSURE: cut by max_tokens at {:?}", clip(t)),
             };
-            println!(
-                "  {:<19} {:<44} {what}",
-                f.feature.param(),
-                f.feature.describe()
-            );
+            let field = match f.feature {
+                tandem_api::Feature::Continuation => "continuation",
+                other => other.param(),
+            };
+            println!("  {field:<19} {:<44} {what}", f.feature.describe());
         }
-        let (fields, lacks) = probe::suggested(&findings);
+        let s = probe::suggested(&findings);
         println!("  declare it with:");
-        println!("    constraint_fields = {:?}", fields);
-        let lacks: Vec<String> = lacks
+        println!("    constraint_fields = {:?}", s.constraint_fields);
+        let name = |v: serde_json::Result<serde_json::Value>| {
+            v.ok().and_then(|v| v.as_str().map(str::to_owned))
+        };
+        let lacks: Vec<String> = s
+            .lacks
             .iter()
-            .filter_map(|f| serde_json::to_value(f).ok())
-            .filter_map(|v| v.as_str().map(str::to_owned))
+            .filter_map(|f| name(serde_json::to_value(f)))
             .collect();
         println!("    lacks = {lacks:?}");
+        if let Some(c) = name(serde_json::to_value(s.continuation)) {
+            println!("    continuation = {c:?}");
+        }
+        if findings
+            .iter()
+            .any(|f| matches!(f.verdict, Verdict::Unsure(_)))
+        {
+            println!("  (an UNSURE line is neither: try it by hand with a larger max_tokens)");
+        }
     }
     if !unasked.is_empty() {
         bail!("could not ask {}", unasked.join(", "));

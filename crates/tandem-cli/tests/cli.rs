@@ -974,6 +974,7 @@ async fn upstreams_check_prints_what_to_declare() {
         "{text}"
     );
     assert!(text.contains("IGNORED"), "{text}");
+    assert!(text.contains(r#"continuation = "none""#), "{text}");
 
     let out = run(&[]).await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -859,19 +859,22 @@ async fn the_probe_finds_what_an_upstream_applies() {
         &[QWEN_05B],
     ))
     .unwrap();
+    // Configured as unable to continue, which the probe does not take on
+    // trust: a Tandem finishes an object begun elsewhere.
     let found = probe::constraints(&tandem, QWEN_05B).await.unwrap();
     assert_eq!(
         probe::suggested(&found),
-        (
-            vec![
+        probe::Suggested {
+            constraint_fields: vec![
                 "guided_json",
                 "guided_regex",
                 "guided_choice",
                 "structured_outputs",
                 "json_schema"
             ],
-            vec![]
-        ),
+            lacks: vec![],
+            continuation: Continuation::Prefill,
+        },
         "{found:?}"
     );
     for f in &found {
@@ -891,7 +894,11 @@ async fn the_probe_finds_what_an_upstream_applies() {
     );
     assert_eq!(
         probe::suggested(&found),
-        (vec![], vec![Feature::JsonSchema, Feature::JsonObject])
+        probe::Suggested {
+            constraint_fields: vec![],
+            lacks: vec![Feature::JsonSchema, Feature::JsonObject],
+            continuation: Continuation::None,
+        }
     );
     // What it received: the probes' own texts, nothing else.
     for c in echo.captured() {
