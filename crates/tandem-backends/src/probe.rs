@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn a_continuation_finishes_the_object_without_repeating_it() {
-        // As a Tandem or vLLM answers: the rest of the object.
+        // As a Tandem answers: the rest of the object.
         assert!(continued("1}"));
         assert!(continued("2 }"));
         // As a llama.cpp server answers: the start repeated before the rest.

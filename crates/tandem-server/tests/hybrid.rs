@@ -505,6 +505,26 @@ async fn cloud_killed_mid_stream_is_continued_locally() {
     );
 }
 
+/// `text`, a streamed answer the cloud began and the device finished
+/// after one handoff, is the cloud's start and one value of `schema`.
+async fn finished_as_one_value(h: &Hybrid, text: &str, schema: &Value) {
+    let before = h.capture.captured()[0].forwarded_text();
+    assert!(
+        before.len() >= 3 && text.starts_with(&before[..3]),
+        "{text:?} after {before:?}"
+    );
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(
+        jsonschema::validator_for(schema).unwrap().is_valid(&v),
+        "{v}"
+    );
+    let m = h.metrics().await;
+    assert!(
+        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 1"),
+        "{m}"
+    );
+}
+
 /// A JSON answer cut mid-stream is finished by the device as the same
 /// value: the device's grammar reads what the client already has first, so
 /// the whole parses and keeps to the schema (before, the device opened a
@@ -525,21 +545,7 @@ async fn a_json_answer_cut_mid_stream_is_finished_as_one_value() {
         chunks.iter().all(|c| c.get("error").is_none()),
         "{chunks:?}"
     );
-    let before = h.capture.captured()[0].forwarded_text();
-    assert!(
-        before.len() >= 3 && text.starts_with(&before[..3]),
-        "{text:?} after {before:?}"
-    );
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert!(
-        jsonschema::validator_for(&schema).unwrap().is_valid(&v),
-        "{v}"
-    );
-    let m = h.metrics().await;
-    assert!(
-        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 1"),
-        "{m}"
-    );
+    finished_as_one_value(&h, &text, &schema).await;
 }
 
 /// The same after a bare prompt (`/v1/completions`): the device's grammar
@@ -566,21 +572,7 @@ async fn a_json_completion_cut_mid_stream_is_finished_as_one_value() {
     assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
     assert!(!raw.contains("\"error\""), "{raw}");
     let text = tandem_testkit::sse_text(&raw);
-    let before = h.capture.captured()[0].forwarded_text();
-    assert!(
-        before.len() >= 3 && text.starts_with(&before[..3]),
-        "{text:?} after {before:?}"
-    );
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert!(
-        jsonschema::validator_for(&schema).unwrap().is_valid(&v),
-        "{v}"
-    );
-    let m = h.metrics().await;
-    assert!(
-        m.contains("tandem_handoffs_total{from=\"cloud\",to=\"local\",cause=\"upstream_error\"} 1"),
-        "{m}"
-    );
+    finished_as_one_value(&h, &text, &schema).await;
 }
 
 #[tokio::test]
