@@ -214,26 +214,36 @@ pub struct Suggested {
     /// The constraint fields it applied.
     pub constraint_fields: Vec<&'static str>,
     /// The response formats it ignored (a refusal is not silent, so it
-    /// needs no line; an unsure finding is left to the operator).
+    /// needs no line; an unsure finding is left to the operator), after
+    /// what the configuration declares that no probe asks about
+    /// (`logit_bias`, `best_of`...), which stays as declared.
     pub lacks: Vec<Feature>,
     /// `Prefill` when it finished an answer begun elsewhere.
     pub continuation: Continuation,
 }
 
-/// What [`constraints`]' findings call for.
-pub fn suggested(findings: &[Finding]) -> Suggested {
+/// What [`constraints`]' findings call for, where `declared` is the
+/// upstream's `lacks` as configured.
+pub fn suggested(findings: &[Finding], declared: &[Feature]) -> Suggested {
     let response_format = |f: &&Finding| f.feature.shapes_answer() && !f.feature.is_constraint();
+    let unprobed = declared
+        .iter()
+        .filter(|d| !findings.iter().any(|f| f.feature == **d))
+        .copied();
     Suggested {
         constraint_fields: findings
             .iter()
             .filter(|f| f.verdict == Verdict::Applied && f.feature.is_constraint())
             .map(|f| f.feature.param())
             .collect(),
-        lacks: findings
-            .iter()
-            .filter(response_format)
-            .filter(|f| matches!(f.verdict, Verdict::Ignored(_)))
-            .map(|f| f.feature)
+        lacks: unprobed
+            .chain(
+                findings
+                    .iter()
+                    .filter(response_format)
+                    .filter(|f| matches!(f.verdict, Verdict::Ignored(_)))
+                    .map(|f| f.feature),
+            )
             .collect(),
         continuation: if findings
             .iter()
@@ -315,17 +325,23 @@ mod tests {
             f(Feature::Continuation, Verdict::Ignored("{".into())),
         ];
         assert_eq!(
-            suggested(&found),
+            suggested(&found, &[]),
             Suggested {
                 constraint_fields: vec!["json_schema"],
                 lacks: vec![Feature::JsonObject],
                 continuation: Continuation::None,
             }
         );
+        // What no probe asks about stays as declared; what one asks about
+        // is what it found.
+        assert_eq!(
+            suggested(&found, &[Feature::LogitBias, Feature::JsonSchema]).lacks,
+            vec![Feature::LogitBias, Feature::JsonObject]
+        );
         let mut found = found.to_vec();
         if let Some(last) = found.last_mut() {
             last.verdict = Verdict::Applied;
         }
-        assert_eq!(suggested(&found).continuation, Continuation::Prefill);
+        assert_eq!(suggested(&found, &[]).continuation, Continuation::Prefill);
     }
 }

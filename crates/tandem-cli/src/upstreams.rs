@@ -76,21 +76,56 @@ pub async fn run(cmd: UpstreamsCommand) -> anyhow::Result<()> {
             };
             println!("  {field:<19} {:<44} {what}", f.feature.describe());
         }
-        let s = probe::suggested(&findings);
-        println!("  declare it with:");
-        println!("    constraint_fields = {:?}", s.constraint_fields);
-        let name = |v: serde_json::Result<serde_json::Value>| {
-            v.ok().and_then(|v| v.as_str().map(str::to_owned))
+        let configured = backend.config();
+        let s = probe::suggested(&findings, &configured.lacks);
+        println!("  declare it with (a line marked # differs from the configuration):");
+        // Lists are compared as sets: their order means nothing.
+        let line = |key: &str, found: Vec<String>, now: Vec<String>, list: bool| {
+            let show = |v: &[String]| match (list, v) {
+                (false, [one]) => format!("{one:?}"),
+                _ => format!("{v:?}"),
+            };
+            let sorted = |v: &[String]| {
+                let mut v = v.to_vec();
+                v.sort();
+                v
+            };
+            let mark = if sorted(&found) == sorted(&now) {
+                String::new()
+            } else {
+                format!("   # configured: {}", show(&now))
+            };
+            println!("    {key} = {}{mark}", show(&found));
         };
-        let lacks: Vec<String> = s
-            .lacks
-            .iter()
-            .filter_map(|f| name(serde_json::to_value(f)))
-            .collect();
-        println!("    lacks = {lacks:?}");
-        if let Some(c) = name(serde_json::to_value(s.continuation)) {
-            println!("    continuation = {c:?}");
-        }
+        let names = |v: Vec<serde_json::Result<serde_json::Value>>| -> Vec<String> {
+            v.into_iter()
+                .filter_map(Result::ok)
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        let features =
+            |fs: &[tandem_api::Feature]| names(fs.iter().map(serde_json::to_value).collect());
+        line(
+            "constraint_fields",
+            s.constraint_fields
+                .iter()
+                .map(|f| (*f).to_owned())
+                .collect(),
+            configured.constraint_fields.clone(),
+            true,
+        );
+        line(
+            "lacks",
+            features(&s.lacks),
+            features(&configured.lacks),
+            true,
+        );
+        line(
+            "continuation",
+            names(vec![serde_json::to_value(s.continuation)]),
+            names(vec![serde_json::to_value(configured.continuation)]),
+            false,
+        );
         if findings
             .iter()
             .any(|f| matches!(f.verdict, Verdict::Unsure(_)))

@@ -943,7 +943,8 @@ async fn upstreams_check_prints_what_to_declare() {
     std::fs::write(
         &config,
         format!(
-            "[[upstreams]]\nname = \"echo\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\n\
+            "[[upstreams]]\nname = \"echo\"\nbase_url = \"{}\"\nmodels = [\"m\"]\n\
+             continuation = \"prefill\"\nlacks = [\"logit_bias\", \"json_object\"]\n\n\
              [[upstreams]]\nname = \"gone\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"m\"]\nmax_retries = 0\n",
             echo.base_url()
         ),
@@ -968,13 +969,20 @@ async fn upstreams_check_prints_what_to_declare() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("constraint_fields = []"), "{text}");
+    // What it found, keeping the declared `logit_bias` no probe asks
+    // about, and where that differs from the configuration.
+    assert!(text.contains("constraint_fields = []\n"), "{text}");
     assert!(
-        text.contains(r#"lacks = ["json_schema", "json_object"]"#),
+        text.contains(
+            r#"lacks = ["logit_bias", "json_schema", "json_object"]   # configured: ["logit_bias", "json_object"]"#
+        ),
         "{text}"
     );
     assert!(text.contains("IGNORED"), "{text}");
-    assert!(text.contains(r#"continuation = "none""#), "{text}");
+    assert!(
+        text.contains(r#"continuation = "none"   # configured: "prefill""#),
+        "{text}"
+    );
 
     let out = run(&[]).await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

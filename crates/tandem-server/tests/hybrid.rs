@@ -855,7 +855,7 @@ async fn the_probe_finds_what_an_upstream_applies() {
     // trust: a Tandem finishes an object begun elsewhere.
     let found = probe::constraints(&tandem, QWEN_05B).await.unwrap();
     assert_eq!(
-        probe::suggested(&found),
+        probe::suggested(&found, &[]),
         probe::Suggested {
             constraint_fields: vec![
                 "guided_json",
@@ -885,7 +885,7 @@ async fn the_probe_finds_what_an_upstream_applies() {
         "{found:?}"
     );
     assert_eq!(
-        probe::suggested(&found),
+        probe::suggested(&found, &[]),
         probe::Suggested {
             constraint_fields: vec![],
             lacks: vec![Feature::JsonSchema, Feature::JsonObject],
