@@ -83,6 +83,22 @@ impl Input {
         }
     }
 
+    /// For a bare prompt, the text a model reads: the prompt, then the
+    /// answer already written after it. `None` for a conversation, whose
+    /// text comes from a chat template.
+    pub fn bare_text(&self) -> Option<String> {
+        match self {
+            Input::Text {
+                prompt,
+                continue_from,
+            } => Some(format!(
+                "{prompt}{}",
+                continue_from.as_deref().unwrap_or_default()
+            )),
+            Input::Chat { .. } => None,
+        }
+    }
+
     /// The answer already written, which generation continues.
     pub fn written(&self) -> Option<&str> {
         match self {
@@ -538,5 +554,20 @@ mod tests {
             (Some(3), Some(0.2), Some(0.05))
         );
         assert!(!s.is_greedy());
+    }
+
+    #[test]
+    fn a_bare_prompt_is_read_with_the_answer_written_after_it() {
+        let mut input = Input::text("Q: 2+2? A:");
+        assert_eq!(input.bare_text().as_deref(), Some("Q: 2+2? A:"));
+        input.continue_with(" 4");
+        input.continue_with(", since");
+        assert_eq!(input.written(), Some(" 4, since"));
+        assert_eq!(input.bare_text().as_deref(), Some("Q: 2+2? A: 4, since"));
+        let chat = Input::Chat {
+            messages: vec![Message::new("user", "hi")],
+            continue_from: Some("Hel".into()),
+        };
+        assert_eq!(chat.bare_text(), None);
     }
 }

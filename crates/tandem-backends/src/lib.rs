@@ -292,11 +292,8 @@ impl CloudBackend {
         match &req.input {
             // A completions upstream has no field for an answer begun: it
             // reads the written text as more prompt.
-            Input::Text {
-                prompt,
-                continue_from,
-            } => {
-                let text = format!("{prompt}{}", continue_from.as_deref().unwrap_or_default());
+            Input::Text { .. } => {
+                let text = req.input.bare_text().unwrap_or_default();
                 let mut r = req.to_completion_request(model, text);
                 r.stream = Some(req.stream);
                 serde_json::to_vec(&r).map_err(encode_err)

@@ -666,13 +666,7 @@ impl Inner {
         tools: Option<&[serde_json::Value]>,
     ) -> Result<String, ApiError> {
         match input {
-            Input::Text {
-                prompt,
-                continue_from,
-            } => Ok(format!(
-                "{prompt}{}",
-                continue_from.as_deref().unwrap_or_default()
-            )),
+            Input::Text { .. } => Ok(input.bare_text().unwrap_or_default()),
             Input::Chat {
                 messages,
                 continue_from,

@@ -419,15 +419,11 @@ impl GenerateRequest {
                     extra: m.extra.clone(),
                 })
                 .collect(),
-            Input::Text {
-                prompt,
-                continue_from,
-            } => vec![ChatMessage {
+            Input::Text { .. } => vec![ChatMessage {
                 role: "user".into(),
-                content: Some(MessageContent::Text(format!(
-                    "{prompt}{}",
-                    continue_from.as_deref().unwrap_or_default()
-                ))),
+                content: Some(MessageContent::Text(
+                    self.input.bare_text().unwrap_or_default(),
+                )),
                 name: None,
                 extra: Map::new(),
             }],
