@@ -143,6 +143,19 @@ async fn llama_server(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// JSON as a GBNF grammar, as clients of llama.cpp's server write it:
+/// both servers get the same text in `grammar`.
+const JSON_GBNF: &str = r#"# any JSON value
+root   ::= value
+value  ::= object | array | string | number | ("true" | "false" | "null")
+object ::= "{" ws ( pair ( "," ws pair )* )? "}"
+pair   ::= string ws ":" ws value ws
+array  ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+string ::= "\"" ( [^"\\\x00-\x1F\x7F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]{0,15} ) ( "." [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?
+ws     ::= [ \t\n]{0,20}
+"#;
+
 /// What one streamed chat request measured.
 struct Streamed {
     /// Seconds from sending to the first content.
@@ -161,23 +174,23 @@ impl Streamed {
     }
 }
 
-/// Streams one chat request of at most `max_tokens` (exactly that many
-/// when `exact`, the end-of-turn token ignored).
+/// Streams one chat request of at most `max_tokens`, with the fields of
+/// `extra` added (`ignore_eos` for exactly that many, a `grammar`).
 async fn stream(
     client: &reqwest::Client,
     url: &str,
     model: &str,
     messages: &Value,
     max_tokens: u32,
-    exact: bool,
+    extra: Value,
 ) -> anyhow::Result<Streamed> {
     let mut body = json!({
         "model": model, "messages": messages, "stream": true,
         "temperature": 0, "max_tokens": max_tokens,
         "stream_options": {"include_usage": true},
     });
-    if exact {
-        body["ignore_eos"] = json!(true);
+    if let (Some(b), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        b.extend(extra);
     }
     let t0 = Instant::now();
     let resp = client
@@ -229,7 +242,7 @@ async fn ttft(
     model: &str,
     messages: &Value,
 ) -> anyhow::Result<(f64, String)> {
-    let s = stream(client, url, model, messages, 24, false).await?;
+    let s = stream(client, url, model, messages, 24, Value::Null).await?;
     Ok((s.ttft, s.text))
 }
 
@@ -367,6 +380,7 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
     let mut first_turn = [Vec::new(), Vec::new()];
     let mut prefill = [Vec::new(), Vec::new()];
     let mut decode = [Vec::new(), Vec::new()];
+    let mut gbnf = [Vec::new(), Vec::new()];
     let mut aggregate = [Vec::new(), Vec::new()];
     let gen_tokens = args.gen_tokens.max(8);
     for round in 0..args.rounds {
@@ -384,7 +398,7 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
                 &args.model,
                 &Value::Array(conv.clone()),
                 24,
-                false,
+                Value::Null,
             )
             .await?;
             first_turn[i].push(turn.ttft);
@@ -401,14 +415,32 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
                     "[{marker}-{n}] Write a long story about a lighthouse keeper and a storm."
                 )}])
             };
-            let one = stream(&client, url, &args.model, &story(0), gen_tokens, true).await?;
+            let exact = || json!({"ignore_eos": true});
+            let one = stream(&client, url, &args.model, &story(0), gen_tokens, exact()).await?;
             decode[i].push(one.decode_tps());
+            let books = json!([{"role": "user", "content": format!(
+                "[{marker}] Describe ten classic novels as a JSON array of objects with \
+                 title, author, year and a two-sentence summary."
+            )}]);
+            let held = stream(
+                &client,
+                url,
+                &args.model,
+                &books,
+                gen_tokens,
+                json!({"grammar": JSON_GBNF}),
+            )
+            .await?;
+            if !held.text.trim_start().starts_with(['[', '{']) {
+                bail!("{name} did not keep to the JSON grammar: {:?}", held.text);
+            }
+            gbnf[i].push(held.decode_tps());
             let t0 = Instant::now();
             let runs = futures::future::join_all((1..=4).map(|n| {
                 let m = story(n);
                 let client = &client;
                 let model = &args.model;
-                async move { stream(client, url, model, &m, gen_tokens, true).await }
+                async move { stream(client, url, model, &m, gen_tokens, exact()).await }
             }))
             .await;
             let wall = t0.elapsed().as_secs_f64();
@@ -450,6 +482,10 @@ pub async fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
             &mut prefill,
         ),
         (single.as_str(), &mut decode),
+        (
+            "single-stream decode under a GBNF grammar (JSON)",
+            &mut gbnf,
+        ),
         (streams.as_str(), &mut aggregate),
     ] {
         let t = median(&mut v[0]);

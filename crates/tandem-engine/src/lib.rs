@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod gbnf;
 pub mod load;
 pub mod reading;
 pub mod runtime;
@@ -618,8 +619,8 @@ fn gguf_sampling(model: &LlamaModel) -> SamplingPreset {
 
 /// What a local model supports: chat when it has a template, tools when
 /// its template renders them; any model can be held to a grammar (JSON,
-/// JSON schema, and vLLM's and llama.cpp's constraint fields but GBNF and
-/// EBNF grammars), biased, and continue a partial answer.
+/// JSON schema, and vLLM's and llama.cpp's constraint fields, GBNF
+/// grammars among them), biased, and continue a partial answer.
 fn capabilities(templater: &Templater) -> Capabilities {
     let chat = !matches!(templater, Templater::None);
     let tools = matches!(templater, Templater::Jinja(t) if t.supports_tools());
@@ -634,6 +635,8 @@ fn capabilities(templater: &Templater) -> Capabilities {
             Feature::GuidedChoice,
             Feature::StructuredOutputs,
             Feature::JsonSchemaField,
+            Feature::GuidedGrammar,
+            Feature::Grammar,
         ]
         .into_iter()
         .chain(chat.then_some(Feature::Chat))

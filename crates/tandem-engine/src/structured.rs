@@ -29,8 +29,9 @@ pub enum Grammar {
     Lark(String),
     /// A regular expression the whole answer matches.
     Regex(String),
-    /// A GBNF or EBNF grammar, which the local model cannot enforce:
-    /// compiling it is a refusal.
+    /// A context-free grammar a client wrote: GBNF (llama.cpp's `grammar`,
+    /// vLLM's `guided_grammar` for xgrammar), read by [`crate::gbnf`]; or,
+    /// without a `::=`, Lark (vLLM's `guided_grammar` for llguidance).
     Bnf(String),
     /// One of the above asked by an extension field (see
     /// [`tandem_api::GUIDED_FIELDS`]), which errors name.
@@ -69,12 +70,10 @@ impl Grammar {
             }
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
-            Grammar::Bnf(_) => {
-                return Err(
-                    "its grammars are JSON schemas and regular expressions, not GBNF or EBNF"
-                        .into(),
-                );
-            }
+            Grammar::Bnf(src) if src.contains("::=") => TopLevelGrammar::from_lark(
+                crate::gbnf::to_lark(src).map_err(|e| format!("its GBNF cannot be read: {e}"))?,
+            ),
+            Grammar::Bnf(src) => TopLevelGrammar::from_lark(src.clone()),
             Grammar::Field(_, inner) => return inner.top_level(),
         })
     }

@@ -348,16 +348,57 @@ async fn vllm_and_llama_cpp_constraint_fields_are_applied() {
             a.text
         );
     }
-    // A GBNF grammar cannot be enforced: refused, naming the field, so
-    // that `tandem/auto` sends it where it can be.
-    let gbnf = ask(json!({"grammar": "root ::= \"yes\" | \"no\""}));
-    let why = qwen().refusal(&gbnf).expect("refused");
-    assert!(why.contains("GBNF"), "{why}");
-    let err = qwen().submit(gbnf).err().expect("refused");
+    // GBNF as llama.cpp's server takes it (a rule over several lines, a
+    // comment, classes, a bounded repetition, a rule named with capitals)
+    // and as vLLM's xgrammar takes it; Lark as vLLM's llguidance takes it.
+    let list = "# three short items\nroot ::= Item{3}\nItem ::=\n  \"- \" [A-Za-z]\n  [a-z ]{0,20} \"\\n\"";
+    let items = regex::Regex::new("^(- [A-Za-z][a-z ]{0,20}\n){3}$").unwrap();
+    let a = answer(ask(json!({"grammar": list}))).await;
+    assert!(items.is_match(&a.text), "{:?}", a.text);
+    for (extra, shape) in [
+        (
+            json!({"grammar": "root ::= \"yes\" | \"no\""}),
+            "^(yes|no)$",
+        ),
+        (
+            json!({"guided_grammar": "root ::= (\"ye\" | \"n\") \"s\"?"}),
+            "^(ye|n)s?$",
+        ),
+        (
+            json!({"guided_grammar": "start: \"yes\" | \"no\""}),
+            "^(yes|no)$",
+        ),
+        (
+            json!({"structured_outputs": {"grammar": "root ::= [yn] [eo] \"s\"?"}}),
+            "^[yn][eo]s?$",
+        ),
+    ] {
+        let a = answer(ask(extra.clone())).await;
+        let shape = regex::Regex::new(shape).unwrap();
+        assert!(shape.is_match(&a.text), "{:?} for {extra}", a.text);
+    }
+    // A grammar that cannot be read is a 400 that says where, so that
+    // `tandem/auto` sends it where it can be read (a token reference names
+    // one model's vocabulary: a llama.cpp server of that model may apply it).
+    let bad = ask(json!({"grammar": "root ::= <[1000]> \"x\""}));
+    let why = qwen().refusal(&bad).expect("refused");
+    assert!(
+        why.contains("token references") && why.contains("line 1, column 10"),
+        "{why}"
+    );
+    let err = qwen().submit(bad).err().expect("refused");
     assert_eq!((err.status, err.param.as_deref()), (400, Some("grammar")));
     for (extra, field) in [
         (json!({"guided_regex": "[a-z"}), "guided_regex"),
         (json!({"guided_choice": []}), "guided_choice"),
+        (
+            json!({"guided_grammar": "root ::= missing"}),
+            "guided_grammar",
+        ),
+        (
+            json!({"guided_grammar": "start: missing"}),
+            "guided_grammar",
+        ),
         (json!({"guided_json": "not json"}), "guided_json"),
         (
             json!({"guided_regex": "a", "guided_choice": ["a"]}),

@@ -792,10 +792,18 @@ async fn constraint_fields_go_only_where_they_are_applied() {
     assert_eq!(r.body["error"]["param"], "guided_choice", "{}", r.body);
     let why = r.body["error"]["message"].as_str().unwrap_or_default();
     assert!(why.contains("`constraint_fields`"), "{why}");
-    // A GBNF grammar: the device cannot apply it and the upstream does
-    // not declare it.
-    let gbnf = json!({"grammar": "root ::= \"yes\" | \"no\""});
+    // A GBNF grammar is applied on the device, as llama.cpp's server
+    // applies it.
+    let gbnf = json!({"grammar": "root ::= \"yes\" | \"no\"", "max_tokens": 4});
     let r = h.chat(prompt, &[], gbnf).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tandem-backend"), "local", "{}", r.body);
+    let answer = r.body["choices"][0]["message"]["content"].clone();
+    assert!(answer == "yes" || answer == "no", "{answer}");
+    // One the device cannot read (a token reference names one model's
+    // vocabulary), which the upstream does not declare: refused.
+    let tokens = json!({"grammar": "root ::= <[1000]>"});
+    let r = h.chat(prompt, &[], tokens).await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["error"]["code"], "no_backend_allowed", "{}", r.body);
     assert!(h.capture.captured().is_empty(), "nothing left the device");
@@ -861,18 +869,20 @@ async fn the_probe_finds_what_an_upstream_applies() {
                 "guided_json",
                 "guided_regex",
                 "guided_choice",
+                "guided_grammar",
                 "structured_outputs",
-                "json_schema"
+                "json_schema",
+                "grammar"
             ],
             lacks: vec![],
             continuation: Continuation::Prefill,
         },
         "{found:?}"
     );
-    for f in &found {
-        let grammar = matches!(f.feature, Feature::Grammar | Feature::GuidedGrammar);
-        assert_eq!(grammar, matches!(f.verdict, Verdict::Refused(_)), "{f:?}");
-    }
+    assert!(
+        found.iter().all(|f| matches!(f.verdict, Verdict::Applied)),
+        "{found:?}"
+    );
 
     let echo = CaptureUpstream::start(None, Mode::Echo).await;
     let ignoring =

@@ -55,8 +55,9 @@ async fn run_client(python: &std::path::Path, script: &str, s: &TestServer, mode
 }
 
 /// The `openai` SDK's tool loop, streamed tool-call deltas, forced
-/// choices, `parse` with a Pydantic model, JSON mode and vLLM's
-/// `guided_choice` and `guided_json` (as `extra_body`), on the device.
+/// choices, `parse` with a Pydantic model, JSON mode, vLLM's
+/// `guided_choice` and `guided_json` and llama.cpp's GBNF `grammar` (as
+/// `extra_body`), on the device.
 #[tokio::test]
 async fn openai_python_client_calls_tools_and_parses_structured_output() {
     let python = python_with(&["openai==3.57.0"]);
@@ -86,7 +87,9 @@ async fn through_cloud_role() -> (TestServer, TestServer) {
         .cloud(
             CloudBackend::new(UpstreamConfig {
                 // A Tandem applies these beside `response_format`.
-                constraint_fields: ["guided_json", "guided_choice"].map(String::from).to_vec(),
+                constraint_fields: ["guided_json", "guided_choice", "grammar"]
+                    .map(String::from)
+                    .to_vec(),
                 ..UpstreamConfig::new("cloud", &cloud.url("/v1"), &[QWEN_05B])
             })
             .expect("upstream"),
@@ -145,6 +148,17 @@ fn check_tools_client(v: &Value) {
     let g = v["guided_json"].as_object().expect("an object");
     assert!(
         g.len() == 2 && g["city"].is_string() && g["country"].is_string(),
+        "{v}"
+    );
+    // The grammar's shape: 4, 2 and 2 digits between dashes.
+    let date: Vec<&str> = v["grammar"]
+        .as_str()
+        .unwrap_or_default()
+        .split('-')
+        .collect();
+    assert!(
+        date.iter().map(|p| p.len()).eq([4, 2, 2])
+            && date.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())),
         "{v}"
     );
     assert_eq!(v["unsupported"]["status"], 400, "{v}");

@@ -116,6 +116,12 @@ city = client.chat.completions.create(
         "country": {"type": "string"}}, "required": ["city", "country"], "additionalProperties": False}},
     messages=[{"role": "user", "content": "Where is the Brandenburg Gate?"}])
 out["guided_json"] = json.loads(city.choices[0].message.content)
+# llama.cpp's GBNF grammar, as its server's users send it.
+date = client.chat.completions.create(
+    model=model, temperature=0, max_tokens=16,
+    extra_body={"grammar": 'root ::= year "-" [01] [0-9] "-" [0-3] [0-9]\nyear ::= [12] [0-9]{3}'},
+    messages=[{"role": "user", "content": "When did the Berlin Wall fall?"}])
+out["grammar"] = date.choices[0].message.content
 
 try:
     client.chat.completions.create(
