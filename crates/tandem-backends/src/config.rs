@@ -11,7 +11,7 @@ pub enum Continuation {
     #[default]
     None,
     /// A final assistant message with `continue_final_message: true`
-    /// (vLLM, Tandem).
+    /// (vLLM, a llama.cpp server, Tandem). Asked for streamed, always.
     Prefill,
 }
 

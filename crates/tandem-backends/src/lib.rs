@@ -342,6 +342,13 @@ impl CloudBackend {
     /// after the ledger named them) and the upstream's model.
     pub fn outbound(&self, mut req: GenerateRequest) -> Result<Outbound, ApiError> {
         req.choices = self.choices_asked(&req);
+        // An answer begun elsewhere is always asked for streamed: a
+        // llama.cpp server continues it in both forms, but its whole
+        // answer repeats the start and its stream does not. The events
+        // come back the same either way.
+        if req.input.written().is_some() {
+            req.stream = true;
+        }
         req.model = self.upstream_model(&req.model);
         let body = self.body(&req)?;
         Ok(Outbound::built(req, body))

@@ -910,6 +910,28 @@ async fn the_probe_finds_what_an_upstream_applies() {
         );
     }
 
+    // A server that repeats the start in a whole answer but not in a
+    // stream (as llama.cpp's does): an answer begun elsewhere is asked for
+    // streamed, so it continues as a Tandem does.
+    let repeating = CaptureUpstream::start(Some(cloud.url("/v1")), Mode::RepeatStart).await;
+    let llama_like = CloudBackend::new(UpstreamConfig::new(
+        "llama-like",
+        &repeating.base_url(),
+        &[QWEN_05B],
+    ))
+    .unwrap();
+    let found = probe::constraints(&llama_like, QWEN_05B).await.unwrap();
+    assert_eq!(
+        probe::suggested(&found, &[]).continuation,
+        Continuation::Prefill,
+        "{found:?}"
+    );
+    let asked = repeating.captured();
+    let last = asked.last().map(|c| c.json()).unwrap_or_default();
+    assert_eq!(last["continue_final_message"], true, "{last}");
+    assert_eq!(last["stream"], true, "{last}");
+    assert_eq!(last["stream_options"]["include_usage"], true, "{last}");
+
     let mut gone = UpstreamConfig::new("gone", "http://127.0.0.1:9/v1", &["m"]);
     gone.max_retries = 0;
     let gone = CloudBackend::new(gone).unwrap();

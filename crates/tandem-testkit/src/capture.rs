@@ -45,6 +45,12 @@ pub enum Mode {
     /// characters a chunk) and a null `refusal`, and at the top level
     /// `system_fingerprint` (and, whole, `service_tier`).
     EchoTool,
+    /// Forward, but a whole (not streamed) answer to a request that ends
+    /// in an assistant message to continue (`continue_final_message`)
+    /// comes back with that message's text in front of its own, as a
+    /// llama.cpp server answers; its streamed answers carry only what is
+    /// new, as that server's do.
+    RepeatStart,
     /// Forward the first `requests` requests (counting from the start),
     /// then answer every later one with 503: a cloud that goes away.
     GoneAfter {
@@ -204,6 +210,18 @@ async fn handle(
         Mode::EchoTool => Some(echo_tool(&body)),
         _ => None,
     };
+    // The start a whole answer repeats, for `RepeatStart`.
+    let repeated = matches!(mode, Mode::RepeatStart)
+        .then(|| serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
+        .filter(|req| req["stream"] != true && req["continue_final_message"] == true)
+        .and_then(|req| {
+            req["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .filter(|m| m["role"] == "assistant")
+                .and_then(|m| m["content"].as_str())
+                .map(str::to_owned)
+        });
     let fwd = |kill| forward(&s, method, uri.path().to_owned(), body, kill, forwarded);
     match mode {
         Mode::GoneAfter { requests } if seen > requests => (
@@ -226,7 +244,30 @@ async fn handle(
         }
         Mode::Forward | Mode::GoneAfter { .. } => fwd(None).await,
         Mode::KillAfter(n) => fwd(Some(n)).await,
+        Mode::RepeatStart => {
+            let resp = fwd(None).await;
+            match repeated {
+                Some(start) => repeat_start(resp, &start).await,
+                None => resp,
+            }
+        }
     }
+}
+
+/// `resp`, a whole chat answer, with `start` put in front of each choice's
+/// content.
+async fn repeat_start(resp: Response, start: &str) -> Response {
+    let status = resp.status();
+    let Ok(bytes) = axum::body::to_bytes(resp.into_body(), usize::MAX).await else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    let mut v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    for c in v["choices"].as_array_mut().into_iter().flatten() {
+        if let Some(text) = c["message"]["content"].as_str() {
+            c["message"]["content"] = Value::String(format!("{start}{text}"));
+        }
+    }
+    (status, axum::Json(v)).into_response()
 }
 
 async fn forward(
