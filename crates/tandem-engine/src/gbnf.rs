@@ -15,6 +15,9 @@ use std::fmt::Write as _;
 
 /// How deep groups may nest: recursion in the reader is bounded by it.
 const MAX_DEPTH: usize = 64;
+/// How many repetition marks may follow one another (`"a"*?`): each
+/// nests the expression once more, and the nesting is walked recursively.
+const MAX_POSTFIX: usize = 4;
 /// The largest count a `{m,n}` repetition may name: llguidance expands
 /// bounded repetitions, and a larger count would only fail there, slower.
 pub const MAX_REPEAT: u32 = 1024;
@@ -353,7 +356,7 @@ impl<'a> Reader<'a> {
     }
 
     fn postfix(&mut self, mut e: Expr) -> Result<Expr, String> {
-        loop {
+        for _ in 0..=MAX_POSTFIX {
             let (min, max) = match self.peek() {
                 Some('*') => (0, None),
                 Some('+') => (1, None),
@@ -369,6 +372,9 @@ impl<'a> Reader<'a> {
             self.bump();
             e = Expr::Repeat(Box::new(e), min, max);
         }
+        Err(self.error(&format!(
+            "more than {MAX_POSTFIX} repetitions of one repetition"
+        )))
     }
 
     /// `{m}`, `{m,}`, `{,n}`, `{m,n}`, after the `{`.
@@ -683,5 +689,12 @@ Upper-Name ::= """#)
         }
         let deep = format!("root ::= {}\"a\"{}", "(".repeat(100), ")".repeat(100));
         assert!(to_lark(&deep).unwrap_err().contains("nested deeper"));
+        let stacked = format!("root ::= \"a\"{}", "*".repeat(100_000));
+        assert!(
+            to_lark(&stacked)
+                .unwrap_err()
+                .contains("more than 4 repetitions")
+        );
+        assert!(to_lark("root ::= \"a\"*?{2}+").is_ok());
     }
 }
