@@ -804,11 +804,13 @@ impl Inner {
         if let Some(bias) = sampling::logit_bias(&req.extra, self.model.n_vocab())? {
             constraints.push(bias);
         }
-        let grammar = self.grammar(&req, tools.as_ref())?;
-        if let Some(g) = &grammar {
-            let written = req.input.written().unwrap_or_default();
-            constraints.push(self.constrainer.sampler(&self.model, g, written)?);
-        }
+        let grammar = match self.grammar(&req, tools.as_ref())? {
+            Some(g) => {
+                let written = req.input.written().unwrap_or_default();
+                self.constrainer.matchers(&self.model, &g, written)?
+            }
+            None => Vec::new(),
+        };
 
         let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let active = self.stats.active.load(Ordering::Relaxed);
@@ -826,6 +828,7 @@ impl Inner {
             stop: req.stop,
             top_logprobs: req.logprobs.map(|l| l.top),
             constraints,
+            grammar,
             tx,
         };
         if self.tx.send(Command::Run(job)).is_err() {

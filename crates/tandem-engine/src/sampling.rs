@@ -147,6 +147,26 @@ impl Greedy {
         }
         self.scratch.clear();
         self.scratch.extend_from_slice(logits);
+        self.penalise();
+        argmax(&self.scratch)
+    }
+
+    /// The token to emit among those `allowed` lets through: as llama.cpp
+    /// picks after a grammar set the others' logits to minus infinity.
+    pub fn pick_where(&mut self, logits: &[f32], allowed: impl Fn(usize) -> bool) -> usize {
+        self.scratch.clear();
+        self.scratch.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| if allowed(i) { l } else { f32::NEG_INFINITY }),
+        );
+        self.penalise();
+        argmax(&self.scratch)
+    }
+
+    /// Applies the penalties to `scratch`, where the logits are.
+    fn penalise(&mut self) {
         for p in &self.penalties {
             for (&token, &count) in &p.counts {
                 if let Some(l) = usize::try_from(token)
@@ -157,7 +177,6 @@ impl Greedy {
                 }
             }
         }
-        argmax(&self.scratch)
     }
 
     /// Records the token emitted, for the penalties' windows.
@@ -295,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn greedy_picks_what_llama_cpp_picks() {
+    fn greedy_picks_what_llama_cpp_picks_also_under_a_mask() {
         let n_vocab = 1000;
         let cases = [
             Sampling {
@@ -334,8 +353,25 @@ mod tests {
                 for p in fast.penalties.iter().flat_map(|p| p.window.iter()) {
                     logits[*p as usize] = 4.0 + f32::from(rng.u8(0..3));
                 }
-                let want = llama_pick(&mut chain, &logits);
-                let got = fast.pick(&logits) as i32;
+                // Every third step a grammar allows some tokens only (or,
+                // now and then, none): llama.cpp sees the others at minus
+                // infinity.
+                let allowed: Vec<bool> = match step % 3 {
+                    0 if step % 27 == 0 => vec![false; n_vocab as usize],
+                    0 => (0..n_vocab).map(|_| rng.u8(0..4) == 0).collect(),
+                    _ => vec![true; n_vocab as usize],
+                };
+                let masked: Vec<f32> = logits
+                    .iter()
+                    .zip(&allowed)
+                    .map(|(&l, &a)| if a { l } else { f32::NEG_INFINITY })
+                    .collect();
+                let want = llama_pick(&mut chain, &masked);
+                let got = if step % 3 == 0 {
+                    fast.pick_where(&logits, |i| allowed[i])
+                } else {
+                    fast.pick(&logits)
+                } as i32;
                 assert_eq!(got, want, "{s:?}, step {step}");
                 fast.accept(got);
             }

@@ -32,6 +32,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::load::LoadMonitor;
 use crate::runtime;
+use llguidance::Matcher;
+
 use crate::sampling::{Greedy, logprobs, sampler_chain};
 use crate::{Stats, Threads};
 
@@ -43,8 +45,11 @@ pub(crate) struct Job {
     pub max_new: u32,
     pub stop: Vec<String>,
     pub top_logprobs: Option<u8>,
-    /// Samplers that run before the request's own (logit bias, a grammar).
+    /// Samplers that run before the request's own (a logit bias).
     pub constraints: Vec<LlamaSampler>,
+    /// The grammar's matchers, which every token must pass (after the
+    /// logit bias, before the request's own samplers).
+    pub grammar: Vec<Matcher>,
     pub tx: UnboundedSender<Result<Event, ApiError>>,
 }
 
@@ -282,7 +287,13 @@ pub(crate) fn run(
                 .fetch_add(reuse as u64, Ordering::Relaxed);
             slots[i] = Some(Slot {
                 seq,
-                sampler: picker(job.constraints, &job.sampling, n_vocab, job.max_new),
+                sampler: picker(
+                    job.constraints,
+                    job.grammar,
+                    &job.sampling,
+                    n_vocab,
+                    job.max_new,
+                ),
                 text: TextAssembler::new(job.stop),
                 prompt: job.tokens,
                 cached: reuse,
@@ -431,6 +442,14 @@ impl BusyPeriod {
 enum Picker {
     /// Unconstrained greedy decoding, without llama.cpp's candidate array.
     Greedy(Greedy),
+    /// Greedy decoding held to a grammar: the token greedy decoding picks
+    /// is checked against the grammar first, and the grammar's mask over
+    /// the whole vocabulary is computed only when it is refused. The same
+    /// token as masking first, since masking keeps an allowed maximum the
+    /// maximum; the mask costs a walk over the vocabulary, the check a walk
+    /// over one token's bytes (llama.cpp's server checks first the same
+    /// way).
+    Guided(Greedy, Vec<Matcher>),
     /// llama.cpp's sampler chain.
     Chain(LlamaSampler),
 }
@@ -443,25 +462,62 @@ impl Picker {
                 g.accept(tok.0);
                 tok
             }
+            Picker::Guided(g, grammar) => {
+                let logits = ctx.get_logits_ith(row);
+                let first = g.pick(logits);
+                let passes = |m: &mut Matcher| {
+                    u32::try_from(first)
+                        .ok()
+                        .is_some_and(|t| m.validate_tokens(&[t]).is_ok_and(|n| n == 1))
+                };
+                let tok = if grammar.iter_mut().all(passes) {
+                    first
+                } else {
+                    // A matcher that cannot give a mask masks nothing, as
+                    // llama.cpp's llguidance sampler does.
+                    let masks: Vec<_> = grammar
+                        .iter_mut()
+                        .filter_map(|m| m.compute_mask_or_eos().ok())
+                        .collect();
+                    g.pick_where(logits, |t| {
+                        u32::try_from(t).is_ok_and(|t| masks.iter().all(|m| m.is_allowed(t)))
+                    })
+                };
+                for m in grammar.iter_mut() {
+                    // Consuming into a stopped matcher poisons it.
+                    if !m.is_stopped()
+                        && let Ok(t) = u32::try_from(tok)
+                    {
+                        let _ = m.consume_token(t);
+                    }
+                }
+                g.accept(tok as i32);
+                LlamaToken(tok as i32)
+            }
             Picker::Chain(c) => c.sample(ctx, row),
         }
     }
 }
 
-/// A grammar masks before any other sampler sees the logits, so
-/// penalties and top-k choose among tokens the grammar allows.
+/// A logit bias, then the grammar, mask before any other sampler sees the
+/// logits, so penalties and top-k choose among tokens the grammar allows.
 fn picker(
     mut constraints: Vec<LlamaSampler>,
+    grammar: Vec<Matcher>,
     sampling: &Sampling,
     n_vocab: i32,
     max_new: u32,
 ) -> Picker {
-    if constraints.is_empty() {
-        return match Greedy::for_sampling(sampling, max_new) {
-            Some(g) => Picker::Greedy(g),
-            None => Picker::Chain(sampler_chain(sampling, n_vocab, max_new)),
+    if constraints.is_empty()
+        && let Some(g) = Greedy::for_sampling(sampling, max_new)
+    {
+        return if grammar.is_empty() {
+            Picker::Greedy(g)
+        } else {
+            Picker::Guided(g, grammar)
         };
     }
+    constraints.extend(grammar.into_iter().map(LlamaSampler::from));
     constraints.push(sampler_chain(sampling, n_vocab, max_new));
     Picker::Chain(LlamaSampler::chain_simple(constraints))
 }

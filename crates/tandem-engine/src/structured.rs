@@ -291,8 +291,9 @@ impl Constrainer {
             .map_err(|e| ApiError::internal(format!("constrained decoding is unavailable: {e}")))
     }
 
-    /// A sampler that keeps the answer inside `grammar`, or a 400 naming
-    /// what in it cannot be enforced.
+    /// The matchers that keep the answer inside `grammar` (the grammar's,
+    /// then the number guard's where it applies: a token must pass every
+    /// one), or a 400 naming what in it cannot be enforced.
     ///
     /// `written` is the start of the answer already given (a continued
     /// answer: another side's, handed over mid-stream): the grammar reads it
@@ -305,12 +306,12 @@ impl Constrainer {
     /// left to it writes numbers of sixty digits, or `1.0E+38475`, which
     /// parse as infinity. A start the guard would not have written (a
     /// longer number from another model) leaves the rest unguarded.
-    pub fn sampler(
+    pub fn matchers(
         &self,
         model: &LlamaModel,
         grammar: &Grammar,
         written: &str,
-    ) -> Result<LlamaSampler, ApiError> {
+    ) -> Result<Vec<Matcher>, ApiError> {
         let start = self
             .factory(model)?
             .tok_env()
@@ -332,21 +333,17 @@ impl Constrainer {
             }
             matcher = again;
         }
-        let sampler = LlamaSampler::from(matcher);
         if !grammar.json_text().is_some_and(|t| numbers_fit_guard(&t)) {
-            return Ok(sampler);
+            return Ok(vec![matcher]);
         }
         let Some(guard) = self.guard(model) else {
-            return Ok(sampler);
+            return Ok(vec![matcher]);
         };
         let mut guard = Matcher::new(Ok(guard));
         if guard.consume_tokens(&start).is_err() {
-            return Ok(sampler);
+            return Ok(vec![matcher]);
         }
-        Ok(LlamaSampler::chain_simple([
-            sampler,
-            LlamaSampler::from(guard),
-        ]))
+        Ok(vec![matcher, guard])
     }
 
     /// A fresh parser of [`NUMBER_GUARD`]; `None` (and a warning, once) if
