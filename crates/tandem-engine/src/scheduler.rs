@@ -24,6 +24,8 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use tandem_api::text::TextAssembler;
 use tandem_api::{
     ApiError, Delta, Event, Finish, FinishReason, Sampling, TokenLogprob, TopLogprob, Usage,
@@ -452,6 +454,57 @@ enum Picker {
     Guided(Greedy, Vec<Matcher>),
     /// llama.cpp's sampler chain.
     Chain(LlamaSampler),
+    /// llama.cpp's sampler chain held to a grammar, checked first as
+    /// llama.cpp's server does: a token is drawn from the chain, and only
+    /// when the grammar refuses it is it drawn again from the logits the
+    /// grammar's mask leaves. Every token drawn keeps to the grammar.
+    GuidedChain(LlamaSampler, Vec<Matcher>),
+}
+
+/// Whether every matcher takes `token` next.
+fn passes(grammar: &mut [Matcher], token: i32) -> bool {
+    u32::try_from(token).is_ok_and(|t| {
+        grammar
+            .iter_mut()
+            .all(|m| m.validate_tokens(&[t]).is_ok_and(|n| n == 1))
+    })
+}
+
+/// Whether a token passes every mask of `grammar`'s matchers, computed once;
+/// a matcher that cannot give a mask masks nothing, as llama.cpp's
+/// llguidance sampler does.
+fn masked(grammar: &mut [Matcher]) -> impl Fn(usize) -> bool + use<> {
+    let masks: Vec<_> = grammar
+        .iter_mut()
+        .filter_map(|m| m.compute_mask_or_eos().ok())
+        .collect();
+    move |t| u32::try_from(t).is_ok_and(|t| masks.iter().all(|m| m.is_allowed(t)))
+}
+
+/// The token chosen, into every matcher that has not stopped (consuming
+/// into a stopped one poisons it).
+fn consume(grammar: &mut [Matcher], token: i32) {
+    for m in grammar.iter_mut() {
+        if !m.is_stopped()
+            && let Ok(t) = u32::try_from(token)
+        {
+            let _ = m.consume_token(t);
+        }
+    }
+}
+
+/// The token `chain` selects from `logits`, those `allowed` refuses set
+/// to minus infinity; not accepted into the chain.
+fn draw(chain: &mut LlamaSampler, logits: &[f32], allowed: impl Fn(usize) -> bool) -> LlamaToken {
+    let mut arr = LlamaTokenDataArray::from_iter(
+        logits.iter().enumerate().map(|(i, &l)| {
+            let l = if allowed(i) { l } else { f32::NEG_INFINITY };
+            LlamaTokenData::new(LlamaToken(i32::try_from(i).unwrap_or(i32::MAX)), l, 0.0)
+        }),
+        false,
+    );
+    arr.apply_sampler(chain);
+    arr.selected_token().unwrap_or(LlamaToken(0))
 }
 
 impl Picker {
@@ -465,42 +518,36 @@ impl Picker {
             Picker::Guided(g, grammar) => {
                 let logits = ctx.get_logits_ith(row);
                 let first = g.pick(logits);
-                let passes = |m: &mut Matcher| {
-                    u32::try_from(first)
-                        .ok()
-                        .is_some_and(|t| m.validate_tokens(&[t]).is_ok_and(|n| n == 1))
-                };
-                let tok = if grammar.iter_mut().all(passes) {
+                let tok = if passes(grammar, first as i32) {
                     first
                 } else {
-                    // A matcher that cannot give a mask masks nothing, as
-                    // llama.cpp's llguidance sampler does.
-                    let masks: Vec<_> = grammar
-                        .iter_mut()
-                        .filter_map(|m| m.compute_mask_or_eos().ok())
-                        .collect();
-                    g.pick_where(logits, |t| {
-                        u32::try_from(t).is_ok_and(|t| masks.iter().all(|m| m.is_allowed(t)))
-                    })
-                };
-                for m in grammar.iter_mut() {
-                    // Consuming into a stopped matcher poisons it.
-                    if !m.is_stopped()
-                        && let Ok(t) = u32::try_from(tok)
-                    {
-                        let _ = m.consume_token(t);
-                    }
-                }
-                g.accept(tok as i32);
-                LlamaToken(tok as i32)
+                    g.pick_where(logits, masked(grammar))
+                } as i32;
+                consume(grammar, tok);
+                g.accept(tok);
+                LlamaToken(tok)
             }
             Picker::Chain(c) => c.sample(ctx, row),
+            Picker::GuidedChain(c, grammar) => {
+                let logits = ctx.get_logits_ith(row);
+                let first = draw(c, logits, |_| true);
+                let tok = if passes(grammar, first.0) {
+                    first
+                } else {
+                    draw(c, logits, masked(grammar))
+                };
+                consume(grammar, tok.0);
+                c.accept(tok);
+                tok
+            }
         }
     }
 }
 
-/// A logit bias, then the grammar, mask before any other sampler sees the
-/// logits, so penalties and top-k choose among tokens the grammar allows.
+/// How a request's tokens are chosen: greedy without llama.cpp's candidate
+/// array where it can be, its sampler chain otherwise (a logit bias first);
+/// either checked against the grammar, when there is one, before its mask
+/// is computed.
 fn picker(
     mut constraints: Vec<LlamaSampler>,
     grammar: Vec<Matcher>,
@@ -517,9 +564,13 @@ fn picker(
             Picker::Guided(g, grammar)
         };
     }
-    constraints.extend(grammar.into_iter().map(LlamaSampler::from));
     constraints.push(sampler_chain(sampling, n_vocab, max_new));
-    Picker::Chain(LlamaSampler::chain_simple(constraints))
+    let chain = LlamaSampler::chain_simple(constraints);
+    if grammar.is_empty() {
+        Picker::Chain(chain)
+    } else {
+        Picker::GuidedChain(chain, grammar)
+    }
 }
 
 fn sample_step(
