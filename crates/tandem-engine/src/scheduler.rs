@@ -26,6 +26,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llguidance::Matcher;
 use tandem_api::text::TextAssembler;
 use tandem_api::{
     ApiError, Delta, Event, Finish, FinishReason, Sampling, TokenLogprob, TopLogprob, Usage,
@@ -34,8 +35,6 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::load::LoadMonitor;
 use crate::runtime;
-use llguidance::Matcher;
-
 use crate::sampling::{Greedy, logprobs, sampler_chain};
 use crate::{Stats, Threads};
 

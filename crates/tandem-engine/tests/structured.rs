@@ -717,7 +717,10 @@ async fn sampled_answers_keep_to_their_grammar() {
         } else {
             assert!(a.text.starts_with('{'), "{:?} (seed {seed})", a.text);
         }
-        req.extra = json!({"grammar": list}).as_object().cloned().unwrap_or_default();
+        req.extra = json!({"grammar": list})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let a = answer(req).await;
         assert!(items.is_match(&a.text), "{:?} (seed {seed})", a.text);
     }
