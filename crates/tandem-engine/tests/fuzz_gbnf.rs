@@ -1,5 +1,6 @@
-//! Property tests of the GBNF reader (`tandem_engine::gbnf`), whose input
-//! is a client's text:
+//! Tests of the GBNF reader (`tandem_engine::gbnf`) with the grammar
+//! compiled by llguidance, whose input is a client's text: cases written by
+//! hand, and properties:
 //!
 //! - any text, and any mangling of a valid grammar, is read or refused
 //!   with a message; nothing panics, and what is read compiles or is
@@ -282,6 +283,65 @@ fn accepts(f: &ParserFactory, lark: &str, text: &str) -> bool {
     let mut m = Matcher::new(Ok(parser));
     let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
     m.consume_tokens(&tokens).is_ok() && m.is_accepting().unwrap_or(false)
+}
+
+/// Whether the GBNF grammar, read and compiled, accepts `text` whole.
+fn accepts_gbnf(f: &ParserFactory, gbnf: &str, text: &str) -> bool {
+    let lark = to_lark(gbnf).unwrap_or_else(|e| panic!("{gbnf}: {e}"));
+    accepts(f, &lark, text)
+}
+
+/// Cases written by hand, each a way a reader could go wrong.
+#[test]
+fn llguidance_accepts_what_the_grammar_does() {
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        (
+            "root ::= \"yes\" | \"no\"",
+            &["yes", "no"],
+            &["", "ye", "yesno", "No"],
+        ),
+        (
+            "root ::= (\"a\" | \"ab\") \"bc\"",
+            &["abc", "abbc"],
+            &["ab", "abcc"],
+        ),
+        (
+            "root ::= [a-z]+ \"ing\"",
+            &["running", "xing", "singing"],
+            &["ing", "run", "RUNNING"],
+        ),
+        (
+            "root ::= \"x\" \"\" \"y\" empty\nempty ::= ",
+            &["xy"],
+            &["x"],
+        ),
+        (
+            "root ::= [^\"]* \"\\\"\"",
+            &["a\nb\"", "\""],
+            &["a", "\"\""],
+        ),
+        (
+            "root ::= . . \"!\"",
+            &["ab!", "\n\n!", "éa!"],
+            &["a!", "abc!", "é!"],
+        ),
+        ("root ::= \"a\"{2,3}", &["aa", "aaa"], &["a", "aaaa"]),
+        ("root ::= \"a\"{0} \"b\" [a]{,0}", &["b"], &["ab", "ba"]),
+        (
+            "root ::= \"<\" inner \">\"\ninner ::= (\"<\" inner \">\")*",
+            &["<>", "<<><>>"],
+            &["<<>", "<>>"],
+        ),
+    ];
+    let f = factory();
+    for (gbnf, yes, no) in cases {
+        for t in *yes {
+            assert!(accepts_gbnf(&f, gbnf, t), "{gbnf:?} should accept {t:?}");
+        }
+        for t in *no {
+            assert!(!accepts_gbnf(&f, gbnf, t), "{gbnf:?} should refuse {t:?}");
+        }
+    }
 }
 
 proptest! {
