@@ -420,72 +420,10 @@ impl<'a> Reader<'a> {
     fn atom(&mut self) -> Result<Expr, String> {
         let at = self.pos;
         match self.bump() {
-            Some('"') => {
-                let mut s = String::new();
-                loop {
-                    match self.peek() {
-                        None => {
-                            self.pos = at;
-                            return Err(self.error("a string that is never closed"));
-                        }
-                        Some('"') => {
-                            self.bump();
-                            return Ok(Expr::Literal(s));
-                        }
-                        Some(_) => s.push(self.char()?),
-                    }
-                }
-            }
-            Some('[') => {
-                let negated = self.eat("^");
-                let mut ranges = Vec::new();
-                loop {
-                    match self.peek() {
-                        None => {
-                            self.pos = at;
-                            return Err(self.error("a character class that is never closed"));
-                        }
-                        Some(']') => {
-                            self.bump();
-                            break;
-                        }
-                        Some(_) => {
-                            let a = self.char()?;
-                            let rest = self.rest();
-                            let b = if rest.starts_with('-') && !rest.starts_with("-]") {
-                                self.bump();
-                                self.char()?
-                            } else {
-                                a
-                            };
-                            if b < a {
-                                return Err(self.error("a character range that runs backwards"));
-                            }
-                            ranges.push((a, b));
-                        }
-                    }
-                }
-                if ranges.is_empty() && !negated {
-                    self.pos = at;
-                    return Err(self.error("an empty character class matches nothing"));
-                }
-                Ok(Expr::Class(ranges, negated))
-            }
+            Some('"') => self.string(at),
+            Some('[') => self.class(at),
             Some('.') => Ok(Expr::Any),
-            Some('(') => {
-                self.depth += 1;
-                if self.depth > MAX_DEPTH {
-                    return Err(self.error(&format!("groups nested deeper than {MAX_DEPTH}")));
-                }
-                self.space();
-                let inner = self.alternates()?;
-                self.space();
-                if !self.eat(")") {
-                    return Err(self.error("expected `)`"));
-                }
-                self.depth -= 1;
-                Ok(inner)
-            }
+            Some('(') => self.group(),
             Some('<' | '!') => {
                 self.pos = at;
                 Err(self.error(
@@ -502,6 +440,81 @@ impl<'a> Reader<'a> {
             }
             None => Err(self.error("unexpected end of the grammar")),
         }
+    }
+
+    /// The rest of a string opened at `at`.
+    fn string(&mut self, at: usize) -> Result<Expr, String> {
+        let mut s = String::new();
+        loop {
+            match self.peek() {
+                None => {
+                    self.pos = at;
+                    return Err(self.error("a string that is never closed"));
+                }
+                Some('"') => {
+                    self.bump();
+                    return Ok(Expr::Literal(s));
+                }
+                Some(_) => s.push(self.char()?),
+            }
+        }
+    }
+
+    /// The rest of a character class opened at `at`.
+    fn class(&mut self, at: usize) -> Result<Expr, String> {
+        let negated = self.eat("^");
+        let mut ranges = Vec::new();
+        loop {
+            match self.peek() {
+                None => {
+                    self.pos = at;
+                    return Err(self.error("a character class that is never closed"));
+                }
+                Some(']') => {
+                    self.bump();
+                    break;
+                }
+                Some(_) => ranges.push(self.range()?),
+            }
+        }
+        if ranges.is_empty() && !negated {
+            self.pos = at;
+            return Err(self.error("an empty character class matches nothing"));
+        }
+        Ok(Expr::Class(ranges, negated))
+    }
+
+    /// One character of a class, or a range of them (`-` before `]` is
+    /// itself).
+    fn range(&mut self) -> Result<(char, char), String> {
+        let a = self.char()?;
+        let rest = self.rest();
+        let b = if rest.starts_with('-') && !rest.starts_with("-]") {
+            self.bump();
+            self.char()?
+        } else {
+            a
+        };
+        if b < a {
+            return Err(self.error("a character range that runs backwards"));
+        }
+        Ok((a, b))
+    }
+
+    /// The rest of a group: its alternatives and the closing `)`.
+    fn group(&mut self) -> Result<Expr, String> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.error(&format!("groups nested deeper than {MAX_DEPTH}")));
+        }
+        self.space();
+        let inner = self.alternates()?;
+        self.space();
+        if !self.eat(")") {
+            return Err(self.error("expected `)`"));
+        }
+        self.depth -= 1;
+        Ok(inner)
     }
 
     /// One character of a string or class, escapes read as llama.cpp
