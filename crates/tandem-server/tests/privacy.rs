@@ -624,3 +624,32 @@ fn a_latin_name_in_text_without_spaces_is_found() {
         assert_finds(&d, text, "person", name);
     }
 }
+
+/// A possessive ending is the sentence's, not the name's: a person written
+/// with it and without it is one person, with one placeholder, and the
+/// ending stays for the cloud model to read.
+#[test]
+fn a_name_with_a_possessive_is_the_same_person() {
+    let d = model_detector();
+    for (text, name) in [
+        ("Kevin's phone number changed.", "Kevin"),
+        ("I borrowed Anna Smith's car yesterday.", "Anna Smith"),
+        (
+            "Please forward this to Chris Jones' assistant.",
+            "Chris Jones",
+        ),
+    ] {
+        assert_finds(&d, text, "person", name);
+    }
+    let mut r = tandem_policy::privacy::Redaction::default();
+    let out = r
+        .redact(
+            &d,
+            "Maria Garcia called twice. Maria Garcia's new number is on file.",
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        "[PERSON_1] called twice. [PERSON_1]'s new number is on file."
+    );
+}

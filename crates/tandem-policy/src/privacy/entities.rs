@@ -682,6 +682,24 @@ fn extend_name(text: &str, end: usize, words: usize, particles: bool) -> usize {
     end
 }
 
+/// The end of the name `start..end` without a possessive ending
+/// ("Kevin's", "Jones'"): "Kevin" and "Kevin's" are one person, who gets
+/// one placeholder, and the ending stays in the text for the reader.
+pub fn without_possessive(text: &str, start: usize, end: usize) -> usize {
+    let Some(span) = text.get(start..end) else {
+        return end;
+    };
+    ["'s", "\u{2019}s", "'S", "\u{2019}S", "'", "\u{2019}"]
+        .iter()
+        .find_map(|ending| {
+            span.strip_suffix(ending)
+                // "O'" of "O'Brien" cut short is no name with an ending.
+                .filter(|stem| stem.chars().count() > 1 && stem.ends_with(char::is_alphabetic))
+                .map(|stem| start + stem.len())
+        })
+        .unwrap_or(end)
+}
+
 /// Whether a word is written as a name is: a capital first letter, a
 /// lower-case letter somewhere, and no other capital except at the start of
 /// a part after a hyphen or apostrophe ("Dupont-Martin", "O'Brien",
@@ -1798,6 +1816,31 @@ mod tests {
             .map(|(s, e)| &t[s..e])
             .collect();
         assert_eq!(got, ["Visitación Montes-Gual"]);
+    }
+
+    #[test]
+    fn a_possessive_ending_is_not_the_names() {
+        for (text, name) in [
+            ("Kevin's phone", "Kevin"),
+            ("Anna Smith's car", "Anna Smith"),
+            ("Chris Jones' desk", "Chris Jones"),
+            ("KEVIN'S", "KEVIN"),
+            ("Zoë\u{2019}s cat", "Zoë"),
+            ("O'Brien", "O'Brien"),
+            ("O'", "O'"),
+            ("'s", "'s"),
+            ("Kevin", "Kevin"),
+        ] {
+            let end = text.find(' ').unwrap_or(text.len());
+            let end = if name.contains(' ') {
+                text.rfind(' ').unwrap_or(text.len())
+            } else {
+                end
+            };
+            assert_eq!(&text[..without_possessive(text, 0, end)], name, "{text}");
+        }
+        // Offsets off a character boundary change nothing.
+        assert_eq!(without_possessive("Zoë's", 0, 3), 3);
     }
 
     #[test]

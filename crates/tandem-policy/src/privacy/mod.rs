@@ -374,6 +374,9 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
     for h in &mut hits {
         h.start = context::floor_boundary(text, h.start);
         h.end = context::ceil_boundary(text, h.end);
+        if h.class == "person" {
+            h.end = entities::without_possessive(text, h.start, h.end);
+        }
     }
     hits.retain(|h| h.start < h.end);
     hits.sort_by(|a, b| {
