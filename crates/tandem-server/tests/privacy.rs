@@ -653,3 +653,22 @@ fn a_name_with_a_possessive_is_the_same_person() {
         "[PERSON_1] called twice. [PERSON_1]'s new number is on file."
     );
 }
+
+/// People named in a list are as many people: each gets a placeholder of
+/// their own, and the cloud model can tell them apart.
+#[test]
+fn people_in_a_list_each_get_a_placeholder() {
+    let d = model_detector();
+    let mut r = tandem_policy::privacy::Redaction::default();
+    let out = r
+        .redact(
+            &d,
+            "The attendees were Tom, Lisa and Raj. Invite Jane Doe, John Smith and Ana Ruiz too.",
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        "The attendees were [PERSON_1], [PERSON_2] and [PERSON_3]. \
+         Invite [PERSON_4], [PERSON_5] and [PERSON_6] too."
+    );
+}

@@ -79,6 +79,15 @@ fn joins(text: &str, end: usize, start: usize) -> bool {
         })
 }
 
+/// Whether a comma stands between two parts: it separates people in a
+/// list ("Tom, Lisa and Raj", "Jane Doe, John Smith"). An inverted name
+/// ("Kowalski, Piotr") then makes two findings too: the model labels its
+/// parts as it labels a list's ("Doe" a given name 0.66 in "Doe, Jane"), and
+/// each part is still found, redacted and given back whole.
+fn comma_between(text: &str, end: usize, start: usize) -> bool {
+    text.get(end..start).is_some_and(|gap| gap.contains(','))
+}
+
 /// The findings the model's spans make, as hits for overlap resolution.
 pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
     let mut parts: Vec<Part<'_>> = entities
@@ -135,8 +144,9 @@ pub fn hits(text: &str, entities: &[Entity]) -> Vec<Hit> {
             Some(g)
                 if g.last().is_some_and(|l| {
                     l.class == p.class
-                        && (joins(text, l.end, p.start)
-                            || p.class == Class::Address && joins_address(text, l.end, p.start))
+                        && ((joins(text, l.end, p.start)
+                            && !(p.class == Class::Person && comma_between(text, l.end, p.start)))
+                            || (p.class == Class::Address && joins_address(text, l.end, p.start)))
                 }) =>
             {
                 g.push(p)
@@ -1101,6 +1111,54 @@ mod tests {
         assert_eq!(got, vec![("person".into(), "Damian Gill".into())]);
         // Alone, an unsure span is not taken.
         assert!(spans(t, &[e(t, "SURNAME", "Gill", 0.3)]).is_empty());
+    }
+
+    #[test]
+    fn people_in_a_list_are_apart() {
+        let t = "The attendees were Tom, Lisa and Raj.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Tom", 0.95),
+                e(t, "GIVEN_NAME", "Lisa", 0.95),
+                e(t, "GIVEN_NAME", "Raj", 0.95),
+            ],
+        );
+        let person = |s: &str| ("person".to_owned(), s.to_owned());
+        assert_eq!(got, vec![person("Tom"), person("Lisa"), person("Raj")]);
+        let t = "Invite Jane Doe, John Smith to the call.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Jane", 0.95),
+                e(t, "SURNAME", "Doe", 0.95),
+                e(t, "GIVEN_NAME", "John", 0.95),
+                e(t, "SURNAME", "Smith", 0.95),
+            ],
+        );
+        assert_eq!(got, vec![person("Jane Doe"), person("John Smith")]);
+        // Written surname first, a name is two findings, each kept from
+        // the cloud and each given back.
+        let t = "Patient: Garcia Lopez, Maria, seen today.";
+        let got = spans(
+            t,
+            &[
+                e(t, "SURNAME", "Garcia", 0.95),
+                e(t, "SURNAME", "Lopez", 0.95),
+                e(t, "GIVEN_NAME", "Maria", 0.95),
+            ],
+        );
+        assert_eq!(got, vec![person("Garcia Lopez"), person("Maria")]);
+        // An unsure name next to a sure one across a comma is still taken.
+        let t = "Ask Tom, Lisa about it.";
+        let got = spans(
+            t,
+            &[
+                e(t, "GIVEN_NAME", "Tom", 0.95),
+                e(t, "GIVEN_NAME", "Lisa", 0.3),
+            ],
+        );
+        assert_eq!(got, vec![person("Tom"), person("Lisa")]);
     }
 
     #[test]

@@ -369,7 +369,8 @@ impl Detector {
 
 /// Overlaps resolved (priority, then length), spans snapped to character
 /// boundaries, and neighbouring parts of one name or one address (only
-/// spaces, commas or hyphens between them) joined into one finding.
+/// spaces or hyphens between them, or commas between an address's)
+/// joined into one finding.
 fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
     for h in &mut hits {
         h.start = context::floor_boundary(text, h.start);
@@ -421,7 +422,13 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
             && last.class == h.class
             && matches!(last.class.as_str(), "person" | "address")
             && text.get(last.end..h.start).is_some_and(|gap| {
-                gap.len() <= 3 && gap.chars().all(|c| c == ' ' || c == ',' || c == '-')
+                // A comma separates people in a list ("Tom, Lisa"), and
+                // joins an address's parts ("12 Main St, Springfield").
+                let comma_ok = last.class == "address";
+                gap.len() <= 3
+                    && gap
+                        .chars()
+                        .all(|c| c == ' ' || c == '-' || c == ',' && comma_ok)
             })
         {
             last.end = h.end;
