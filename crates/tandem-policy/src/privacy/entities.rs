@@ -1115,50 +1115,55 @@ mod tests {
 
     #[test]
     fn people_in_a_list_are_apart() {
-        let t = "The attendees were Tom, Lisa and Raj.";
-        let got = spans(
-            t,
-            &[
-                e(t, "GIVEN_NAME", "Tom", 0.95),
-                e(t, "GIVEN_NAME", "Lisa", 0.95),
-                e(t, "GIVEN_NAME", "Raj", 0.95),
-            ],
-        );
-        let person = |s: &str| ("person".to_owned(), s.to_owned());
-        assert_eq!(got, vec![person("Tom"), person("Lisa"), person("Raj")]);
-        let t = "Invite Jane Doe, John Smith to the call.";
-        let got = spans(
-            t,
-            &[
-                e(t, "GIVEN_NAME", "Jane", 0.95),
-                e(t, "SURNAME", "Doe", 0.95),
-                e(t, "GIVEN_NAME", "John", 0.95),
-                e(t, "SURNAME", "Smith", 0.95),
-            ],
-        );
-        assert_eq!(got, vec![person("Jane Doe"), person("John Smith")]);
-        // Written surname first, a name is two findings, each kept from
-        // the cloud and each given back.
-        let t = "Patient: Garcia Lopez, Maria, seen today.";
-        let got = spans(
-            t,
-            &[
-                e(t, "SURNAME", "Garcia", 0.95),
-                e(t, "SURNAME", "Lopez", 0.95),
-                e(t, "GIVEN_NAME", "Maria", 0.95),
-            ],
-        );
-        assert_eq!(got, vec![person("Garcia Lopez"), person("Maria")]);
-        // An unsure name next to a sure one across a comma is still taken.
-        let t = "Ask Tom, Lisa about it.";
-        let got = spans(
-            t,
-            &[
-                e(t, "GIVEN_NAME", "Tom", 0.95),
-                e(t, "GIVEN_NAME", "Lisa", 0.3),
-            ],
-        );
-        assert_eq!(got, vec![person("Tom"), person("Lisa")]);
+        // The model's parts as (label, words, score).
+        type Parts<'a> = &'a [(&'a str, &'a str, f32)];
+        // (text, its parts, the names found)
+        let cases: &[(&str, Parts<'_>, &[&str])] = &[
+            (
+                "The attendees were Tom, Lisa and Raj.",
+                &[
+                    ("GIVEN_NAME", "Tom", 0.95),
+                    ("GIVEN_NAME", "Lisa", 0.95),
+                    ("GIVEN_NAME", "Raj", 0.95),
+                ],
+                &["Tom", "Lisa", "Raj"],
+            ),
+            (
+                "Invite Jane Doe, John Smith to the call.",
+                &[
+                    ("GIVEN_NAME", "Jane", 0.95),
+                    ("SURNAME", "Doe", 0.95),
+                    ("GIVEN_NAME", "John", 0.95),
+                    ("SURNAME", "Smith", 0.95),
+                ],
+                &["Jane Doe", "John Smith"],
+            ),
+            // Written surname first, a name is two findings, each kept
+            // from the cloud and each given back.
+            (
+                "Patient: Garcia Lopez, Maria, seen today.",
+                &[
+                    ("SURNAME", "Garcia", 0.95),
+                    ("SURNAME", "Lopez", 0.95),
+                    ("GIVEN_NAME", "Maria", 0.95),
+                ],
+                &["Garcia Lopez", "Maria"],
+            ),
+            // An unsure name next to a sure one across a comma is still taken.
+            (
+                "Ask Tom, Lisa about it.",
+                &[("GIVEN_NAME", "Tom", 0.95), ("GIVEN_NAME", "Lisa", 0.3)],
+                &["Tom", "Lisa"],
+            ),
+        ];
+        for (t, parts, want) in cases {
+            let ents: Vec<Entity> = parts.iter().map(|(l, w, s)| e(t, l, w, *s)).collect();
+            let want: Vec<(String, String)> = want
+                .iter()
+                .map(|n| ("person".to_owned(), (*n).to_owned()))
+                .collect();
+            assert_eq!(spans(t, &ents), want, "{t}");
+        }
     }
 
     #[test]
