@@ -672,3 +672,45 @@ fn people_in_a_list_each_get_a_placeholder() {
          Invite [PERSON_4], [PERSON_5] and [PERSON_6] too."
     );
 }
+
+/// A lone name after a verb that takes a person ("Tell Bob…", "…and text
+/// Anna when…") the model often reads as nothing; read again as a request
+/// ("Please tell Bob…") and alone, names are found, while tools, teams and
+/// products in the same place (which the request reading may take for
+/// names) are not.
+#[test]
+fn a_lone_name_after_an_opening_verb_is_found() {
+    let d = model_detector();
+    for (text, name) in [
+        ("Tell Bob I will be late.", "Bob"),
+        ("Give Bob a call.", "Bob"),
+        ("Text Anna when you arrive.", "Anna"),
+        ("Email Mia the slides.", "Mia"),
+        ("Call Dan tomorrow.", "Dan"),
+        ("Thanks. Tell Sue I will be late.", "Sue"),
+        ("Give Mia a call and text Anna when you land.", "Anna"),
+    ] {
+        assert_finds(&d, text, "person", name);
+    }
+    for text in [
+        "Tell Git to ignore the build folder.",
+        "Show Chrome the certificate.",
+        "Email Stripe about the payout.",
+        "Add Helm to the project.",
+        "Show Tokio the new config.",
+        "Contact Support if it fails.",
+        "Call Mom when you land.",
+    ] {
+        let found = d.find(text).unwrap();
+        assert!(found.is_empty(), "{text}: {found:?}");
+    }
+    let mut r = tandem_policy::privacy::Redaction::default();
+    assert_eq!(
+        r.redact(
+            &d,
+            "Tell Bob I will be late. Give Mia a call and text Anna when you land."
+        )
+        .unwrap(),
+        "Tell [PERSON_1] I will be late. Give [PERSON_2] a call and text [PERSON_3] when you land."
+    );
+}

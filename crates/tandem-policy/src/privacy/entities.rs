@@ -753,20 +753,7 @@ const NAME_PARTICLES: &[&str] = &[
 /// Grande", "Visual Studio" or "Deutsche Bank" read as nothing of the kind.
 pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
     let words = words(text);
-    // A sure piece inside a word ("ld" of "Eraldo", between two read as a
-    // town) makes no name, and does not keep the run from a second reading.
-    let named = |start: usize, end: usize| {
-        entities.iter().any(|e| {
-            matches!(Class::of(&e.label), Some(Class::Person))
-                && e.score >= STRONG
-                && e.start < end
-                && start < e.end
-                && !text
-                    .get(..e.start)
-                    .and_then(|b| b.chars().next_back())
-                    .is_some_and(char::is_alphanumeric)
-        })
-    };
+    let named = |start: usize, end: usize| named(text, entities, start, end);
     let mut out = Vec::new();
     let mut i = 1;
     while i < words.len() {
@@ -806,6 +793,146 @@ pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
         i = last + 1;
     }
     out
+}
+
+/// English verbs whose object is a person ("Tell Bob I will be late.",
+/// "Give Sam a call.", "…and text Anna when you land."): a lone capitalised
+/// word after one is read again as a name ([`names_after_verbs`]).
+const PERSON_VERBS: &[&str] = &[
+    "add",
+    "ask",
+    "call",
+    "contact",
+    "email",
+    "forward",
+    "give",
+    "inform",
+    "introduce",
+    "invite",
+    "meet",
+    "message",
+    "notify",
+    "pay",
+    "phone",
+    "ping",
+    "remind",
+    "send",
+    "show",
+    "tell",
+    "text",
+    "thank",
+    "warn",
+    "welcome",
+];
+
+/// What the rest of a sentence from such a verb is read as: "Please " and
+/// the verb in lower case, a request in its own right.
+pub const REQUEST_FRAME: &str = "Please ";
+
+/// Longest part of a sentence read again as a request, in bytes after the
+/// name.
+const REQUEST_TAIL: usize = 160;
+
+/// A lone capitalised word a verb of [`PERSON_VERBS`] takes as its object,
+/// not yet taken for a name: where it is, and the request to read again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerbObject {
+    /// The word: byte offsets into the text.
+    pub word: (usize, usize),
+    /// The request ([`REQUEST_FRAME`], the verb in lower case, the rest as
+    /// written up to the sentence's end).
+    pub request: String,
+    /// Where the word starts in `request`.
+    pub at: usize,
+}
+
+/// Lone capitalised words right after a verb that takes a person
+/// ([`PERSON_VERBS`]) — opening a sentence, or in lower case inside one —
+/// which the model did not take for a name. The model reads a name there
+/// as nothing more often than elsewhere: "Tell Bob I will be late." gives
+/// "Bob" 0.39 of a name and "Give Sam a call." "Sam" 0.01, where "Please
+/// tell Bob…" gives 0.58. Runs of two or more capitalised words are
+/// [`rereads`]' instead.
+pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
+    let words = words(text);
+    let mut out = Vec::new();
+    for (i, &(verb_at, verb)) in words.iter().enumerate() {
+        let Some(&(at, word)) = words.get(i + 1) else {
+            break;
+        };
+        let end = at + word.len();
+        let lone = !words
+            .get(i + 2)
+            .is_some_and(|&(next, w)| capitalised(w) && text.get(end..next) == Some(" "));
+        let Some(lower) = PERSON_VERBS.iter().find(|v| v.eq_ignore_ascii_case(verb)) else {
+            continue;
+        };
+        if !((sentence_start(text, verb_at) || verb.starts_with(char::is_lowercase))
+            && text.get(verb_at + verb.len()..at) == Some(" ")
+            && capitalised(word)
+            && lone
+            && !named(text, entities, at, end))
+        {
+            continue;
+        }
+        let Some(after) = text.get(end..) else {
+            continue;
+        };
+        let tail_end = after
+            .char_indices()
+            .find(|&(i, c)| matches!(c, '.' | '!' | '?' | '\n') || i >= REQUEST_TAIL)
+            .map_or(text.len(), |(i, c)| end + i + c.len_utf8());
+        let Some(rest) = text.get(verb_at + verb.len()..tail_end) else {
+            continue;
+        };
+        let request = format!("{REQUEST_FRAME}{lower}{rest}");
+        out.push(VerbObject {
+            word: (at, end),
+            request,
+            at: REQUEST_FRAME.len() + at - verb_at,
+        });
+    }
+    out
+}
+
+/// Whether a request read as [`names_after_verbs`] does takes its word for a
+/// name: the model sure of it there (`in_request`, the labels of the
+/// request, the word at `at..at + len`) and, read alone (`alone`, the
+/// word's pieces), more likely a name than not. Read as a request, tools
+/// and products become names too ("Please tell Git…" 0.61, "Please add
+/// Helm…" 0.91); alone they mostly do not (Git 0.00, Helm 0.26), where
+/// "Bob" is 0.96 and "Mia" 0.97.
+pub fn verb_object_is_name(
+    in_request: &[Entity],
+    at: usize,
+    len: usize,
+    alone: &[NamePiece],
+) -> bool {
+    let sure = in_request.iter().any(|e| {
+        matches!(Class::of(&e.label), Some(Class::Person))
+            && e.score >= STRONG
+            && e.start < at + len
+            && at < e.end
+    });
+    let n = alone.len().max(1) as f32;
+    let mass = alone.iter().map(|p| p.person).sum::<f32>() / n;
+    sure && mass >= STRONG
+}
+
+/// Whether the model took part of `start..end` for a name. A sure piece
+/// inside a word ("ld" of "Eraldo", between two read as a town) makes no
+/// name, and does not keep the run from a second reading.
+fn named(text: &str, entities: &[Entity], start: usize, end: usize) -> bool {
+    entities.iter().any(|e| {
+        matches!(Class::of(&e.label), Some(Class::Person))
+            && e.score >= STRONG
+            && e.start < end
+            && start < e.end
+            && !text
+                .get(..e.start)
+                .and_then(|b| b.chars().next_back())
+                .is_some_and(char::is_alphanumeric)
+    })
 }
 
 /// Whether a word at `at` opens its text or a sentence in it.
@@ -2017,6 +2144,115 @@ mod tests {
             for (s, e) in rereads(t, &[]) {
                 assert!(t.get(s..e).is_some());
             }
+            for o in names_after_verbs(t, &[]) {
+                assert!(t.get(o.word.0..o.word.1).is_some());
+            }
         }
+    }
+
+    #[test]
+    fn a_lone_word_after_an_opening_verb_is_read_as_a_request() {
+        // (text, entities, [(word, request, the word's offset in it)])
+        type Case<'a> = (&'a str, Vec<Entity>, Vec<(&'a str, &'a str)>);
+        let t = "Tell Bob I will be late.";
+        let cases: Vec<Case> = vec![
+            (t, vec![], vec![("Bob", "Please tell Bob I will be late.")]),
+            // The model took it already.
+            (t, vec![e(t, "GIVEN_NAME", "Bob", 0.8)], vec![]),
+            // Unsure is not taken: it is read again.
+            (
+                t,
+                vec![e(t, "GIVEN_NAME", "Bob", 0.39)],
+                vec![("Bob", "Please tell Bob I will be late.")],
+            ),
+            // The request stops at the sentence's end; a later sentence
+            // opening with a verb is one of its own.
+            (
+                "Give Sam a call! SEND Ana the notes.\nok",
+                vec![],
+                vec![
+                    ("Sam", "Please give Sam a call!"),
+                    ("Ana", "Please send Ana the notes."),
+                ],
+            ),
+            // Two capitalised words are a run for `rereads`.
+            ("Tell Bob Smith I will be late.", vec![], vec![]),
+            // In lower case inside a sentence, the verb takes one too.
+            (
+                "Give Mia a call and text Anna when you land.",
+                vec![],
+                vec![
+                    ("Mia", "Please give Mia a call and text Anna when you land."),
+                    ("Anna", "Please text Anna when you land."),
+                ],
+            ),
+            // Capitalised inside a sentence, not a verb that takes a
+            // person, not a name's shape.
+            ("Then Tell Bob I will be late.", vec![], vec![]),
+            ("Fix Bob's bike.", vec![], vec![]),
+            ("Tell me. Call JSON. Call iPhone.", vec![], vec![]),
+            ("Tell  Bob twice.", vec![], vec![]),
+        ];
+        for (text, ents, want) in cases {
+            let got: Vec<(String, String)> = names_after_verbs(text, &ents)
+                .into_iter()
+                .map(|o| {
+                    let word = &text[o.word.0..o.word.1];
+                    assert_eq!(o.request.get(o.at..o.at + word.len()), Some(word), "{text}");
+                    (word.to_owned(), o.request)
+                })
+                .collect();
+            let want: Vec<(String, String)> = want
+                .into_iter()
+                .map(|(w, r)| (w.to_owned(), r.to_owned()))
+                .collect();
+            assert_eq!(got, want, "{text}");
+        }
+        // A long sentence is cut after the name.
+        let long = format!("Call Ann {}", "so ".repeat(200));
+        let o = &names_after_verbs(&long, &[])[0];
+        assert!(
+            o.request.len() < REQUEST_FRAME.len() + 20 + REQUEST_TAIL,
+            "{}",
+            o.request.len()
+        );
+    }
+
+    #[test]
+    fn a_name_read_as_a_request_must_read_as_one_alone_too() {
+        let req = "Please tell Bob I will be late.";
+        let at = req.find("Bob").unwrap_or(0);
+        let piece = |person: f32| NamePiece {
+            start: 0,
+            end: 3,
+            person,
+            given: person,
+            place: 0.0,
+        };
+        let sure = [e(req, "GIVEN_NAME", "Bob", 0.58)];
+        assert!(verb_object_is_name(&sure, at, 3, &[piece(0.96)]));
+        // "Git" alone is no name, whatever the request makes of it.
+        assert!(!verb_object_is_name(&sure, at, 3, &[piece(0.0)]));
+        assert!(!verb_object_is_name(&sure, at, 3, &[piece(0.3)]));
+        assert!(!verb_object_is_name(&sure, at, 3, &[]));
+        // Unsure in the request, or sure of another word, or another label.
+        assert!(!verb_object_is_name(
+            &[e(req, "GIVEN_NAME", "Bob", 0.3)],
+            at,
+            3,
+            &[piece(0.96)]
+        ));
+        assert!(!verb_object_is_name(
+            &[e(req, "GIVEN_NAME", "late", 0.9)],
+            at,
+            3,
+            &[piece(0.96)]
+        ));
+        assert!(!verb_object_is_name(
+            &[e(req, "CITY", "Bob", 0.9)],
+            at,
+            3,
+            &[piece(0.96)]
+        ));
     }
 }

@@ -444,7 +444,8 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
 }
 
 /// What the recognizer finds in `text`: names and addresses as the model
-/// labels them, and runs it reads again on their own.
+/// labels them, runs it reads again on their own, and lone names after a
+/// verb that takes a person, read again as a request.
 fn recognized(r: &dyn EntityRecognizer, text: &str) -> Result<Vec<patterns::Hit>, Unavailable> {
     let entities = r.recognize(text).map_err(Unavailable)?;
     let mut hits = entities::hits(text, &entities);
@@ -508,6 +509,25 @@ fn recognized(r: &dyn EntityRecognizer, text: &str) -> Result<Vec<patterns::Hit>
             };
         if found {
             let (start, end) = entities::reread_name(text, start, end);
+            hits.push(patterns::Hit {
+                class: "person".into(),
+                start,
+                end,
+                priority: 1,
+            });
+        }
+    }
+    for o in entities::names_after_verbs(text, &entities)
+        .into_iter()
+        .take(entities::MAX_REREADS)
+    {
+        let (start, end) = o.word;
+        let Some(word) = text.get(start..end) else {
+            continue;
+        };
+        let in_request = r.recognize(&o.request).map_err(Unavailable)?;
+        let alone = r.name_pieces(word).map_err(Unavailable)?;
+        if entities::verb_object_is_name(&in_request, o.at, end - start, &alone) {
             hits.push(patterns::Hit {
                 class: "person".into(),
                 start,
