@@ -377,6 +377,7 @@ rules = ["privacy", "capability", "network", "budget", "prefer_local"]
 
 [privacy]
 custom_patterns = [{ name = "employee_id", regex = "EMP-\\d{6}" }]
+allow_list = ["Lodash", "Axios"]
 
 [[keys]]
 name = "app"
@@ -405,6 +406,7 @@ privacy = "redact"
         assert_eq!(c.router.rules.len(), 5);
         assert_eq!(c.keys[0].name, "app");
         assert_eq!(c.privacy.custom_patterns[0].name, "employee_id");
+        assert_eq!(c.privacy.allow_list, vec!["Lodash", "Axios"]);
     }
 
     #[test]

@@ -56,6 +56,49 @@ async fn setup(recognizer: Result<(), &str>) -> Setup {
     }
 }
 
+/// The deployment's own words (`[privacy] allow_list`) go out as written,
+/// through a real server: a library the model takes for a person is not
+/// replaced, a person in the same message still is, and the client gets
+/// both back.
+#[tokio::test]
+async fn allowed_words_leave_as_they_are_and_people_do_not() {
+    let capture = CaptureUpstream::start(None, Mode::Echo).await;
+    let privacy = tandem_policy::privacy::PrivacyConfig {
+        allow_list: vec!["lodash".into(), " SIDEKIQ  ".into()],
+        ..Default::default()
+    };
+    let dispatcher = Dispatcher::builder()
+        .local(shared_engine(SMOLLM2, 2048, 4))
+        .cloud(
+            CloudBackend::new(UpstreamConfig::new("cloud", &capture.base_url(), &["big"])).unwrap(),
+        )
+        .policy(cloud_first())
+        .privacy(privacy)
+        .recognizer(Arc::new(ModelRecognizer(classifier())))
+        .build()
+        .unwrap();
+    let device = TestServer::start(dispatcher).await;
+    let user = "Write a Sidekiq job that sends a welcome email, and tell Bob I will be late.";
+    let r = post_json(
+        &device.url("/v1/chat/completions"),
+        &json!({"model": "tandem/auto", "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": user}]}),
+        &[("x-tandem-privacy", "redact")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("x-tandem-redacted"), "person=1");
+    let sent = capture.captured()[0].json();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "Write a Sidekiq job that sends a welcome email, and tell [PERSON_1] I will be late."
+    );
+    assert_eq!(
+        r.body["choices"][0]["message"]["content"],
+        format!("ECHO: {user}")
+    );
+}
+
 /// The values planted below; none may ever reach the upstream.
 const PLANTED: &[&str] = &[
     "Hans",

@@ -29,7 +29,7 @@ mod places;
 mod redaction;
 mod request;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 
@@ -106,6 +106,12 @@ pub struct PrivacyConfig {
     /// closed rather than leave unchecked.
     #[serde(default = "d_true")]
     pub recognizer: bool,
+    /// Words and names that are never personal data in this deployment
+    /// (libraries, products, the app's own name: `["Lodash", "Axios"]`),
+    /// as Presidio's `allow_list`: a finding whose whole text is one of
+    /// them, in any case, is dropped.
+    #[serde(default)]
+    pub allow_list: Vec<String>,
 }
 
 impl Default for PrivacyConfig {
@@ -113,6 +119,7 @@ impl Default for PrivacyConfig {
         Self {
             custom_patterns: Vec::new(),
             recognizer: true,
+            allow_list: Vec::new(),
         }
     }
 }
@@ -237,6 +244,8 @@ pub struct Detector {
     recognizer: Option<Arc<dyn EntityRecognizer>>,
     /// A recognizer was asked for but is not there: why.
     missing: Option<String>,
+    /// Texts never reported, as [`allow_key`] writes them.
+    allowed: HashSet<String>,
     cache: Mutex<HashMap<u64, Vec<Finding>>>,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -247,6 +256,7 @@ impl std::fmt::Debug for Detector {
             .field("patterns", &self.patterns)
             .field("recognizer", &self.recognizer.is_some())
             .field("missing", &self.missing)
+            .field("allowed", &self.allowed.len())
             .finish()
     }
 }
@@ -275,6 +285,7 @@ impl Detector {
             patterns: patterns::Patterns::new(&custom)?,
             recognizer: None,
             missing: None,
+            allowed: HashSet::new(),
             cache: Mutex::new(HashMap::new()),
             hasher: std::collections::hash_map::RandomState::new(),
         })
@@ -284,6 +295,18 @@ impl Detector {
     pub fn with_recognizer(mut self, r: Arc<dyn EntityRecognizer>) -> Detector {
         self.recognizer = Some(r);
         self.missing = None;
+        self
+    }
+
+    /// Never reports a finding whose whole text is one of `allowed` (case
+    /// and runs of white space aside): the deployment's own words that the
+    /// model takes for names ("Lodash", "Axios").
+    pub fn with_allow_list(mut self, allowed: &[String]) -> Detector {
+        self.allowed = allowed
+            .iter()
+            .map(|a| allow_key(a))
+            .filter(|k| !k.is_empty())
+            .collect();
         self
     }
 
@@ -352,7 +375,13 @@ impl Detector {
                     }),
             );
         }
-        let out = resolve(text, hits);
+        let mut out = resolve(text, hits);
+        if !self.allowed.is_empty() {
+            out.retain(|f| {
+                text.get(f.start..f.end)
+                    .is_none_or(|s| !self.allowed.contains(&allow_key(s)))
+            });
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();
@@ -365,6 +394,15 @@ impl Detector {
     pub fn contains_pii(&self, text: &str) -> Result<bool, Unavailable> {
         Ok(!self.find(text)?.is_empty())
     }
+}
+
+/// How an allowed text is compared: lower case, runs of white space one
+/// space.
+fn allow_key(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// Overlaps resolved (priority, then length), spans snapped to character

@@ -507,6 +507,32 @@ fn a_detector_that_cannot_run_says_so_instead_of_finding_nothing() {
 }
 
 #[test]
+fn an_allowed_text_is_never_reported_and_nothing_else_changes() {
+    let d = detector()
+        .with_recognizer(Arc::new(Names))
+        .with_allow_list(&[" anna ".into(), "Support@Example.com".into(), "  ".into()]);
+    // Whole findings only, in any case; a name around it, or another
+    // address, is still found.
+    assert_eq!(classes(&d, "ask Anna"), Vec::<String>::new());
+    assert_eq!(
+        classes(&d, "mail support@example.com"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        found(&d, "mail sales@example.com or Anna Smith, EMP-123456"),
+        vec![
+            ("email".to_owned(), "sales@example.com".to_owned()),
+            ("person".to_owned(), "Anna Smith".to_owned()),
+            ("employee_id".to_owned(), "EMP-123456".to_owned()),
+        ]
+    );
+    assert_eq!(
+        classes(&detector(), "mail support@example.com"),
+        vec!["email"]
+    );
+}
+
+#[test]
 fn overlapping_readings_of_one_address_are_their_union() {
     let t = "Ship to 72204 Kristine Vista Suite 569, West Philliptown, AS 99292 today.";
     let hit = |class: &str, part: &str, priority: u8| {

@@ -188,11 +188,13 @@ impl DispatcherBuilder {
             clouds: self.clouds,
             hub: self.hub.unwrap_or_default(),
             detector_runs_model: matches!(self.recognizer, Some(Ok(_))),
-            detector: match self.recognizer {
-                None => Detector::new(&self.privacy.custom_patterns)?,
-                Some(Ok(r)) => Detector::new(&self.privacy.custom_patterns)?.with_recognizer(r),
-                Some(Err(why)) => {
-                    Detector::new(&self.privacy.custom_patterns)?.without_recognizer(why)
+            detector: {
+                let d = Detector::new(&self.privacy.custom_patterns)?
+                    .with_allow_list(&self.privacy.allow_list);
+                match self.recognizer {
+                    None => d,
+                    Some(Ok(r)) => d.with_recognizer(r),
+                    Some(Err(why)) => d.without_recognizer(why),
                 }
             },
             policy: self.policy,
