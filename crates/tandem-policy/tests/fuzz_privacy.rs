@@ -56,6 +56,12 @@ const FRAGMENTS: &[&str] = &[
     "customerName=",
     "Add ",
     "Dear ",
+    "Tell ",
+    " and text ",
+    "Give Sam",
+    " Bob",
+    ". Send ",
+    "!",
     "Soria-Escudero",
     " B.A.",
     "AWS_SECRET_ACCESS_KEY=",
@@ -124,14 +130,17 @@ impl EntityRecognizer for Wild {
 }
 
 /// Detectors are built once (compiling the patterns is the slow part).
-fn detectors() -> &'static (Detector, Detector) {
-    static D: std::sync::OnceLock<(Detector, Detector)> = std::sync::OnceLock::new();
+fn detectors() -> &'static [Detector; 3] {
+    static D: std::sync::OnceLock<[Detector; 3]> = std::sync::OnceLock::new();
     D.get_or_init(|| {
         let plain = Detector::new(&[]).expect("built-in patterns compile");
-        let modelled = Detector::new(&[])
-            .expect("built-in patterns compile")
-            .with_recognizer(Arc::new(Wild));
-        (plain, modelled)
+        let modelled = || {
+            Detector::new(&[])
+                .expect("built-in patterns compile")
+                .with_recognizer(Arc::new(Wild))
+        };
+        let allowing = modelled().with_allow_list(&["bob".into(), "Thomas  Marin".into()]);
+        [plain, modelled(), allowing]
     })
 }
 
@@ -173,8 +182,7 @@ proptest! {
         cuts in proptest::collection::vec(any::<usize>(), 0..6),
     ) {
         ANSWER.with_borrow_mut(|a| *a = model);
-        let (plain, modelled) = detectors();
-        for detector in [plain, modelled] {
+        for detector in detectors() {
             let found = detector.find(&t).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let mut last = 0;
             for f in &found {
