@@ -864,6 +864,11 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
         let lone = !words
             .get(i + 2)
             .is_some_and(|&(next, w)| capitalised(w) && text.get(end..next) == Some(" "));
+        // Glued to a digit or a mark it is an identifier ("Auth0").
+        let glued = text
+            .get(end..)
+            .and_then(|rest| rest.chars().next())
+            .is_some_and(|c| c.is_alphanumeric() || c == '_');
         let Some(lower) = PERSON_VERBS.iter().find(|v| v.eq_ignore_ascii_case(verb)) else {
             continue;
         };
@@ -871,6 +876,7 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
             && text.get(verb_at + verb.len()..at) == Some(" ")
             && capitalised(word)
             && lone
+            && !glued
             && !named(text, entities, at, end))
         {
             continue;
@@ -2190,7 +2196,11 @@ mod tests {
             // person, not a name's shape.
             ("Then Tell Bob I will be late.", vec![], vec![]),
             ("Fix Bob's bike.", vec![], vec![]),
-            ("Tell me. Call JSON. Call iPhone.", vec![], vec![]),
+            (
+                "Tell me. Call JSON. Call iPhone. Invite Auth0 now.",
+                vec![],
+                vec![],
+            ),
             ("Tell  Bob twice.", vec![], vec![]),
         ];
         for (text, ents, want) in cases {
