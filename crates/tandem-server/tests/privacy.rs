@@ -722,7 +722,7 @@ fn people_in_a_list_each_get_a_placeholder() {
 /// products in the same place (which the request reading may take for
 /// names) are not.
 #[test]
-fn a_lone_name_after_an_opening_verb_is_found() {
+fn a_lone_name_after_a_verb_is_found() {
     let d = model_detector();
     for (text, name) in [
         ("Tell Bob I will be late.", "Bob"),
