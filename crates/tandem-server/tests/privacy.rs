@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Value, json};
 use tandem_backends::{CloudBackend, UpstreamConfig};
 use tandem_embed::TokenClassifier;
+use tandem_policy::privacy::PrivacyConfig;
 use tandem_policy::{PolicyConfig, Rule};
 use tandem_router::{Dispatcher, ModelRecognizer};
 use tandem_testkit::capture::{CaptureUpstream, Mode};
@@ -39,13 +40,19 @@ struct Setup {
 }
 
 async fn setup(recognizer: Result<(), &str>) -> Setup {
+    setup_with(recognizer, Default::default()).await
+}
+
+/// As [`setup`], with a `[privacy]` section of its own.
+async fn setup_with(recognizer: Result<(), &str>, privacy: PrivacyConfig) -> Setup {
     let capture = CaptureUpstream::start(None, Mode::Echo).await;
     let mut b = Dispatcher::builder()
         .local(shared_engine(SMOLLM2, 2048, 4))
         .cloud(
             CloudBackend::new(UpstreamConfig::new("cloud", &capture.base_url(), &["big"])).unwrap(),
         )
-        .policy(cloud_first());
+        .policy(cloud_first())
+        .privacy(privacy);
     b = match recognizer {
         Ok(()) => b.recognizer(Arc::new(ModelRecognizer(classifier()))),
         Err(why) => b.recognizer_unavailable(why),
@@ -62,25 +69,17 @@ async fn setup(recognizer: Result<(), &str>) -> Setup {
 /// both back.
 #[tokio::test]
 async fn allowed_words_leave_as_they_are_and_people_do_not() {
-    let capture = CaptureUpstream::start(None, Mode::Echo).await;
-    let privacy = tandem_policy::privacy::PrivacyConfig {
-        allow_list: vec!["lodash".into(), " SIDEKIQ  ".into()],
-        ..Default::default()
-    };
-    let dispatcher = Dispatcher::builder()
-        .local(shared_engine(SMOLLM2, 2048, 4))
-        .cloud(
-            CloudBackend::new(UpstreamConfig::new("cloud", &capture.base_url(), &["big"])).unwrap(),
-        )
-        .policy(cloud_first())
-        .privacy(privacy)
-        .recognizer(Arc::new(ModelRecognizer(classifier())))
-        .build()
-        .unwrap();
-    let device = TestServer::start(dispatcher).await;
+    let s = setup_with(
+        Ok(()),
+        PrivacyConfig {
+            allow_list: vec!["lodash".into(), " SIDEKIQ  ".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let user = "Write a Sidekiq job that sends a welcome email, and tell Bob I will be late.";
     let r = post_json(
-        &device.url("/v1/chat/completions"),
+        &s.device.url("/v1/chat/completions"),
         &json!({"model": "tandem/auto", "max_tokens": 8, "temperature": 0,
                 "messages": [{"role": "user", "content": user}]}),
         &[("x-tandem-privacy", "redact")],
@@ -88,7 +87,7 @@ async fn allowed_words_leave_as_they_are_and_people_do_not() {
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.header("x-tandem-redacted"), "person=1");
-    let sent = capture.captured()[0].json();
+    let sent = s.capture.captured()[0].json();
     assert_eq!(
         sent["messages"][0]["content"],
         "Write a Sidekiq job that sends a welcome email, and tell [PERSON_1] I will be late."

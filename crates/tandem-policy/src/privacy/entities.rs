@@ -860,6 +860,10 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
         let Some(&(at, word)) = words.get(i + 1) else {
             break;
         };
+        // Most words are no such verb: nothing else is looked at for them.
+        let Some(lower) = PERSON_VERBS.iter().find(|v| v.eq_ignore_ascii_case(verb)) else {
+            continue;
+        };
         let end = at + word.len();
         let lone = !words
             .get(i + 2)
@@ -869,9 +873,6 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
             .get(end..)
             .and_then(|rest| rest.chars().next())
             .is_some_and(|c| c.is_alphanumeric() || c == '_');
-        let Some(lower) = PERSON_VERBS.iter().find(|v| v.eq_ignore_ascii_case(verb)) else {
-            continue;
-        };
         if !((sentence_start(text, verb_at) || verb.starts_with(char::is_lowercase))
             && text.get(verb_at + verb.len()..at) == Some(" ")
             && capitalised(word)
@@ -2157,8 +2158,8 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_word_after_an_opening_verb_is_read_as_a_request() {
-        // (text, entities, [(word, request, the word's offset in it)])
+    fn a_lone_word_after_a_verb_is_read_as_a_request() {
+        // (text, entities, [(word, the request it is read in)])
         type Case<'a> = (&'a str, Vec<Entity>, Vec<(&'a str, &'a str)>);
         let t = "Tell Bob I will be late.";
         let cases: Vec<Case> = vec![
