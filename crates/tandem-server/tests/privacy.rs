@@ -716,7 +716,8 @@ fn people_in_a_list_each_get_a_placeholder() {
 }
 
 /// A lone name after a verb that takes a person ("Tell Bob…", "…and text
-/// Anna when…") the model often reads as nothing; read again as a request
+/// Anna when…", "call bob…" in chat written in lower case) the model often
+/// reads as nothing; read again as a request
 /// ("Please tell Bob…") and alone, names are found, while tools, teams and
 /// products in the same place (which the request reading may take for
 /// names) are not.
@@ -731,6 +732,11 @@ fn a_lone_name_after_a_verb_is_found() {
         ("Call Dan tomorrow.", "Dan"),
         ("Thanks. Tell Sue I will be late.", "Sue"),
         ("Give Mia a call and text Anna when you land.", "Anna"),
+        // Chat written in lower case, and without a full stop.
+        ("call bob tomorrow morning", "bob"),
+        ("give bob a call later", "bob"),
+        ("hey can you email jack the slides", "jack"),
+        ("Call Dan tomorrow morning", "Dan"),
     ] {
         assert_finds(&d, text, "person", name);
     }
@@ -742,6 +748,11 @@ fn a_lone_name_after_a_verb_is_found() {
         "Show Tokio the new config.",
         "Contact Support if it fails.",
         "Call Mom when you land.",
+        "send feedback to the team",
+        "call support if it fails again",
+        "text messages keep failing to send",
+        "pay rent on time every month",
+        "tell me a joke",
     ] {
         let found = d.find(text).unwrap();
         assert!(found.is_empty(), "{text}: {found:?}");
@@ -754,5 +765,10 @@ fn a_lone_name_after_a_verb_is_found() {
         )
         .unwrap(),
         "Tell [PERSON_1] I will be late. Give [PERSON_2] a call and text [PERSON_3] when you land."
+    );
+    let mut r = tandem_policy::privacy::Redaction::default();
+    assert_eq!(
+        r.redact(&d, "call bob tomorrow morning").unwrap(),
+        "call [PERSON_1] tomorrow morning"
     );
 }

@@ -839,16 +839,128 @@ const REQUEST_TAIL: usize = 160;
 pub struct VerbObject {
     /// The word: byte offsets into the text.
     pub word: (usize, usize),
+    /// The word as it is read: as written, or capitalised where the
+    /// sentence is written in lower case ("bob" read as "Bob").
+    pub name: String,
     /// The request ([`REQUEST_FRAME`], the verb in lower case, the rest as
-    /// written up to the sentence's end).
+    /// written up to the sentence's end, the word as `name`).
     pub request: String,
-    /// Where the word starts in `request`.
+    /// Where `name` starts in `request`.
     pub at: usize,
+}
+
+/// Words after a verb of [`PERSON_VERBS`] that never name a person, in a
+/// sentence written in lower case: pronouns, articles, quantifiers and
+/// particles ("tell me", "send the…", "give up").
+const NOT_NAMES: &[&str] = &[
+    "a",
+    "about",
+    "again",
+    "all",
+    "an",
+    "and",
+    "any",
+    "anybody",
+    "anyone",
+    "around",
+    "away",
+    "back",
+    "both",
+    "but",
+    "each",
+    "every",
+    "everybody",
+    "everyone",
+    "for",
+    "from",
+    "her",
+    "here",
+    "him",
+    "his",
+    "how",
+    "i",
+    "if",
+    "in",
+    "into",
+    "it",
+    "its",
+    "me",
+    "mine",
+    "more",
+    "my",
+    "no",
+    "nobody",
+    "not",
+    "now",
+    "of",
+    "off",
+    "on",
+    "one",
+    "or",
+    "our",
+    "out",
+    "over",
+    "people",
+    "please",
+    "some",
+    "somebody",
+    "someone",
+    "that",
+    "the",
+    "their",
+    "them",
+    "then",
+    "there",
+    "these",
+    "they",
+    "this",
+    "those",
+    "to",
+    "up",
+    "us",
+    "what",
+    "when",
+    "where",
+    "which",
+    "who",
+    "whom",
+    "why",
+    "with",
+    "you",
+    "your",
+    "yourself",
+];
+
+/// Whether the sentence holding the word at `at` opens in lower case: its
+/// writer does not capitalise, and a name in it may be written "bob".
+fn lower_case_sentence(text: &str, at: usize) -> bool {
+    let Some(before) = text.get(..at) else {
+        return false;
+    };
+    let opening = before.rfind(['.', '!', '?', '\n']).map_or(0, |i| i + 1);
+    text.get(opening..)
+        .and_then(|s| s.chars().find(|c| c.is_alphabetic()))
+        .is_some_and(char::is_lowercase)
+}
+
+/// A word written in lower case that may be a name written so: letters
+/// only, not one of [`NOT_NAMES`], and capitalised as one.
+fn lower_case_name(word: &str) -> Option<String> {
+    let mut chars = word.chars();
+    let first = chars.next()?;
+    if !word.chars().all(char::is_lowercase)
+        || word.chars().count() < 2
+        || NOT_NAMES.contains(&word)
+    {
+        return None;
+    }
+    Some(first.to_uppercase().chain(chars).collect())
 }
 
 /// Lone capitalised words right after a verb that takes a person
 /// ([`PERSON_VERBS`]) — opening a sentence, or in lower case inside one —
-/// which the model did not take for a name. The model reads a name there
+/// which the model did not take for a name; in a sentence written in lower
+/// case, lower-case words too ("tell bob…"), read capitalised. The model reads a name there
 /// as nothing more often than elsewhere: "Tell Bob I will be late." gives
 /// "Bob" 0.39 of a name and "Give Sam a call." "Sam" 0.01, where "Please
 /// tell Bob…" gives 0.58. Runs of two or more capitalised words are
@@ -873,9 +985,18 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
             .get(end..)
             .and_then(|rest| rest.chars().next())
             .is_some_and(|c| c.is_alphanumeric() || c == '_');
+        let name = if capitalised(word) {
+            Some(word.to_owned())
+        } else if lower_case_sentence(text, verb_at) {
+            lower_case_name(word)
+        } else {
+            None
+        };
+        let Some(name) = name else {
+            continue;
+        };
         if !((sentence_start(text, verb_at) || verb.starts_with(char::is_lowercase))
             && text.get(verb_at + verb.len()..at) == Some(" ")
-            && capitalised(word)
             && lone
             && !glued
             && !named(text, entities, at, end))
@@ -889,14 +1010,24 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
             .char_indices()
             .find(|&(i, c)| matches!(c, '.' | '!' | '?' | '\n') || i >= REQUEST_TAIL)
             .map_or(text.len(), |(i, c)| end + i + c.len_utf8());
-        let Some(rest) = text.get(verb_at + verb.len()..tail_end) else {
+        let (Some(gap), Some(rest)) = (text.get(verb_at + verb.len()..at), text.get(end..tail_end))
+        else {
             continue;
         };
-        let request = format!("{REQUEST_FRAME}{lower}{rest}");
+        // The model reads a request better as a sentence: "Please call
+        // Bob tomorrow" gives "Bob" 0.15, with a full stop 0.53.
+        let rest = rest.trim_end();
+        let stop = if rest.ends_with(['.', '!', '?']) {
+            ""
+        } else {
+            "."
+        };
+        let request = format!("{REQUEST_FRAME}{lower}{gap}{name}{rest}{stop}");
         out.push(VerbObject {
             word: (at, end),
+            at: REQUEST_FRAME.len() + lower.len() + gap.len(),
+            name,
             request,
-            at: REQUEST_FRAME.len() + at - verb_at,
         });
     }
     out
@@ -2203,13 +2334,40 @@ mod tests {
                 vec![],
             ),
             ("Tell  Bob twice.", vec![], vec![]),
+            // A request read as a sentence ends as one.
+            (
+                "Call Dan tomorrow morning",
+                vec![],
+                vec![("Dan", "Please call Dan tomorrow morning.")],
+            ),
+            // Where the writer does not capitalise, a lower-case word is
+            // read capitalised; pronouns, articles and particles are not.
+            (
+                "tell bob i'll be late",
+                vec![],
+                vec![("bob", "Please tell Bob i'll be late.")],
+            ),
+            (
+                "hey, can you text łucja when you land?",
+                vec![],
+                vec![("łucja", "Please text Łucja when you land?")],
+            ),
+            ("tell me. send the notes. give up. call x.", vec![], vec![]),
+            // A sentence that opens capitalised keeps its lower-case words.
+            ("Send feedback to the team.", vec![], vec![]),
+            ("call me. Then send feedback to the team.", vec![], vec![]),
         ];
         for (text, ents, want) in cases {
             let got: Vec<(String, String)> = names_after_verbs(text, &ents)
                 .into_iter()
                 .map(|o| {
                     let word = &text[o.word.0..o.word.1];
-                    assert_eq!(o.request.get(o.at..o.at + word.len()), Some(word), "{text}");
+                    assert_eq!(o.name.to_lowercase(), word.to_lowercase(), "{text}");
+                    assert_eq!(
+                        o.request.get(o.at..o.at + o.name.len()),
+                        Some(o.name.as_str()),
+                        "{text}"
+                    );
                     (word.to_owned(), o.request)
                 })
                 .collect();

@@ -560,12 +560,9 @@ fn recognized(r: &dyn EntityRecognizer, text: &str) -> Result<Vec<patterns::Hit>
         .take(entities::MAX_REREADS)
     {
         let (start, end) = o.word;
-        let Some(word) = text.get(start..end) else {
-            continue;
-        };
         let in_request = r.recognize(&o.request).map_err(Unavailable)?;
-        let alone = r.name_pieces(word).map_err(Unavailable)?;
-        if entities::verb_object_is_name(&in_request, o.at, end - start, &alone) {
+        let alone = r.name_pieces(&o.name).map_err(Unavailable)?;
+        if entities::verb_object_is_name(&in_request, o.at, o.name.len(), &alone) {
             hits.push(patterns::Hit {
                 class: "person".into(),
                 start,
