@@ -715,6 +715,31 @@ fn people_in_a_list_each_get_a_placeholder() {
     );
 }
 
+/// The model reads text without case and takes the verb after a name for
+/// a surname ("Raj collapsed" 1.00): a placeholder over both would hide
+/// what happened from the cloud, and the answer would call him "Raj
+/// collapsed". A capitalised name ends at its last capitalised word.
+#[test]
+fn a_name_does_not_take_the_verb_after_it() {
+    let d = model_detector();
+    for (text, name) in [
+        ("My husband Raj collapsed at work.", "Raj"),
+        ("my son Hannah vomited twice tonight", "Hannah"),
+        ("my friend Pedro cried all night", "Pedro"),
+        ("my daughter Nina coughs a lot at night", "Nina"),
+        ("My neighbour Maria Garcia died last week.", "Maria Garcia"),
+    ] {
+        assert_finds(&d, text, "person", name);
+        let found = d.find(text).unwrap();
+        assert_eq!(found.len(), 1, "{text}: {found:?}");
+    }
+    let mut r = tandem_policy::privacy::Redaction::default();
+    assert_eq!(
+        r.redact(&d, "My husband Raj collapsed at work.").unwrap(),
+        "My husband [PERSON_1] collapsed at work."
+    );
+}
+
 /// A lone name after a verb that takes a person ("Tell Bob…", "…and text
 /// Anna when…", "call bob…" in chat written in lower case) the model often
 /// reads as nothing; read again as a request

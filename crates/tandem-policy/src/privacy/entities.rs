@@ -710,6 +710,31 @@ pub fn without_possessive(text: &str, start: usize, end: usize) -> usize {
         .unwrap_or(end)
 }
 
+/// The end of the name `start..end` without the words written in lower
+/// case at its end, where its first word is capitalised: the model reads
+/// text without case, and takes the verb after a name for a surname ("my
+/// husband Raj collapsed" gives "collapsed" 1.00), which a placeholder
+/// would then hide from the cloud. A writer who capitalises the name
+/// capitalises its surname too; names written all in lower case keep their
+/// span.
+pub fn without_lower_tail(text: &str, start: usize, end: usize) -> usize {
+    let Some(span) = text.get(start..end) else {
+        return end;
+    };
+    if !span.starts_with(char::is_uppercase) {
+        return end;
+    }
+    let mut kept = span.trim_end();
+    while let Some(space) = kept.rfind(char::is_whitespace) {
+        let (head, last) = kept.split_at(space);
+        if !last.trim_start().starts_with(char::is_lowercase) {
+            break;
+        }
+        kept = head.trim_end();
+    }
+    start + kept.len()
+}
+
 /// Whether a word is written as a name is: a capital first letter, a
 /// lower-case letter somewhere, and no other capital except at the start of
 /// a part after a hyphen or apostrophe ("Dupont-Martin", "O'Brien",
@@ -2169,6 +2194,21 @@ mod tests {
         }
         // Offsets off a character boundary change nothing.
         assert_eq!(without_possessive("Zoë's", 0, 3), 3);
+    }
+
+    #[test]
+    fn a_capitalised_name_ends_at_its_last_capitalised_word() {
+        let cut = |t: &'static str| &t[..without_lower_tail(t, 0, t.len())];
+        assert_eq!(cut("Raj collapsed"), "Raj");
+        assert_eq!(cut("Anna Weber fainted  "), "Anna Weber");
+        assert_eq!(cut("Juan de la Cruz"), "Juan de la Cruz");
+        assert_eq!(cut("Ludwig van"), "Ludwig");
+        // Written in lower case, or one word: as it is.
+        assert_eq!(cut("raj kumar"), "raj kumar");
+        assert_eq!(cut("Raj"), "Raj");
+        assert_eq!(cut("Łukasz żółw"), "Łukasz");
+        assert_eq!(cut("李 明"), "李 明");
+        assert_eq!(without_lower_tail("ab", 1, 9), 9);
     }
 
     #[test]
