@@ -985,11 +985,11 @@ fn lower_case_name(word: &str) -> Option<String> {
 /// Lone capitalised words right after a verb that takes a person
 /// ([`PERSON_VERBS`]) — opening a sentence, or in lower case inside one —
 /// which the model did not take for a name; in a sentence written in lower
-/// case, lower-case words too ("tell bob…"), read capitalised. The model reads a name there
-/// as nothing more often than elsewhere: "Tell Bob I will be late." gives
-/// "Bob" 0.39 of a name and "Give Sam a call." "Sam" 0.01, where "Please
-/// tell Bob…" gives 0.58. Runs of two or more capitalised words are
-/// [`rereads`]' instead.
+/// case, lower-case words too ("tell bob…"), read capitalised. The model
+/// reads a name there as nothing more often than elsewhere: "Tell Bob I
+/// will be late." gives "Bob" 0.39 of a name and "Give Sam a call." "Sam"
+/// 0.01, where "Please tell Bob…" gives 0.58. Runs of two or more
+/// capitalised words are [`rereads`]' instead.
 pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
     let words = words(text);
     let mut out = Vec::new();
