@@ -742,10 +742,10 @@ fn a_name_does_not_take_the_verb_after_it() {
 
 /// A lone name after a verb that takes a person ("Tell Bob…", "…and text
 /// Anna when…", "call bob…" in chat written in lower case) the model often
-/// reads as nothing; read again as a request
-/// ("Please tell Bob…") and alone, names are found, while tools, teams and
-/// products in the same place (which the request reading may take for
-/// names) are not.
+/// reads as nothing; read again as a request ("Please tell Bob…", or
+/// "Please tell Kwame." where a second object follows it) and alone, names
+/// are found, while tools, teams and products in the same place (which the
+/// request reading may take for names) are not.
 #[test]
 fn a_lone_name_after_a_verb_is_found() {
     let d = model_detector();
@@ -762,6 +762,10 @@ fn a_lone_name_after_a_verb_is_found() {
         ("give bob a call later", "bob"),
         ("hey can you email jack the slides", "jack"),
         ("Call Dan tomorrow morning", "Dan"),
+        // A second object after the name, or a verb read as a noun.
+        ("Email Kwame the slides before noon.", "Kwame"),
+        ("Forward Ingrid my CV please.", "Ingrid"),
+        ("Text Mei the address of the venue.", "Mei"),
     ] {
         assert_finds(&d, text, "person", name);
     }
@@ -778,6 +782,10 @@ fn a_lone_name_after_a_verb_is_found() {
         "text messages keep failing to send",
         "pay rent on time every month",
         "tell me a joke",
+        // Words that are names too, written in lower case as things.
+        "pay bill online before friday",
+        "call june the best month for travel",
+        "add basil before serving",
     ] {
         let found = d.find(text).unwrap();
         assert!(found.is_empty(), "{text}: {found:?}");
@@ -795,5 +803,10 @@ fn a_lone_name_after_a_verb_is_found() {
     assert_eq!(
         r.redact(&d, "call bob tomorrow morning").unwrap(),
         "call [PERSON_1] tomorrow morning"
+    );
+    let mut r = tandem_policy::privacy::Redaction::default();
+    assert_eq!(
+        r.redact(&d, "Email Kwame the slides before noon.").unwrap(),
+        "Email [PERSON_1] the slides before noon."
     );
 }

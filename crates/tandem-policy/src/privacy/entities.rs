@@ -872,7 +872,22 @@ pub struct VerbObject {
     pub request: String,
     /// Where `name` starts in `request`.
     pub at: usize,
+    /// For a word written capitalised, [`SHORT_FRAME`] and the word with a
+    /// full stop (the word at `SHORT_FRAME.len()`); `None` for a word
+    /// written in lower case, or where that is the request itself.
+    pub short: Option<String>,
 }
+
+/// Where a [`VerbObject`]'s word written capitalised is read a second
+/// time when its request does not make it a name: right after "tell", with
+/// nothing after it. A second object after the word, or a verb the model
+/// reads as a noun, hides a name in the request ("Please email Bob the
+/// slides before noon." and "Please text Mei." give nothing; "Please tell
+/// Bob." 0.99, "Please tell Mei." 0.90). A word written in lower case is
+/// not read so: without the sentence around it, words that are names too
+/// read as names ("pay bill online", "call june the best month", "add basil
+/// before serving"), which the request keeps from it.
+pub const SHORT_FRAME: &str = "Please tell ";
 
 /// Words after a verb of [`PERSON_VERBS`] that never name a person, in a
 /// sentence written in lower case: pronouns, articles, quantifiers and
@@ -1010,7 +1025,8 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
             .get(end..)
             .and_then(|rest| rest.chars().next())
             .is_some_and(|c| c.is_alphanumeric() || c == '_');
-        let name = if capitalised(word) {
+        let written = capitalised(word);
+        let name = if written {
             Some(word.to_owned())
         } else if lower_case_sentence(text, verb_at) {
             lower_case_name(word)
@@ -1051,6 +1067,7 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
         out.push(VerbObject {
             word: (at, end),
             at: REQUEST_FRAME.len() + lower.len() + gap.len(),
+            short: Some(format!("{SHORT_FRAME}{name}.")).filter(|s| written && *s != request),
             name,
             request,
         });
@@ -1058,28 +1075,26 @@ pub fn names_after_verbs(text: &str, entities: &[Entity]) -> Vec<VerbObject> {
     out
 }
 
-/// Whether a request read as [`names_after_verbs`] does takes its word for a
-/// name: the model sure of it there (`in_request`, the labels of the
-/// request, the word at `at..at + len`) and, read alone (`alone`, the
-/// word's pieces), more likely a name than not. Read as a request, tools
-/// and products become names too ("Please tell Git…" 0.61, "Please add
-/// Helm…" 0.91); alone they mostly do not (Git 0.00, Helm 0.26), where
-/// "Bob" is 0.96 and "Mia" 0.97.
-pub fn verb_object_is_name(
-    in_request: &[Entity],
-    at: usize,
-    len: usize,
-    alone: &[NamePiece],
-) -> bool {
-    let sure = in_request.iter().any(|e| {
+/// Whether a word after a verb of [`PERSON_VERBS`], read alone (`alone`,
+/// its pieces), is more likely a name than not: the first of the two bars
+/// a [`VerbObject`] must pass. Read as a request, tools and products become
+/// names too ("Please tell Git…" 0.61, "Please add Helm…" 0.91); alone they
+/// mostly do not (Git 0.00, Helm 0.26), where "Bob" is 0.96 and "Mia" 0.97.
+pub fn name_when_alone(alone: &[NamePiece]) -> bool {
+    let n = alone.len().max(1) as f32;
+    alone.iter().map(|p| p.person).sum::<f32>() / n >= STRONG
+}
+
+/// Whether the model, reading a request of [`names_after_verbs`]
+/// (`in_request`, its labels), is sure the word at `at..at + len` is a
+/// name: the second bar.
+pub fn sure_name_at(in_request: &[Entity], at: usize, len: usize) -> bool {
+    in_request.iter().any(|e| {
         matches!(Class::of(&e.label), Some(Class::Person))
             && e.score >= STRONG
             && e.start < at + len
             && at < e.end
-    });
-    let n = alone.len().max(1) as f32;
-    let mass = alone.iter().map(|p| p.person).sum::<f32>() / n;
-    sure && mass >= STRONG
+    })
 }
 
 /// Whether the model took part of `start..end` for a name. A sure piece
@@ -2417,6 +2432,21 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{text}");
         }
+        // A word written capitalised is read after "tell" too, alone,
+        // where that is not the request already; one in lower case is not.
+        let short = |t: &str| {
+            names_after_verbs(t, &[])
+                .into_iter()
+                .map(|o| o.short)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            short("Email Kwame the slides before noon."),
+            [Some("Please tell Kwame.".to_owned())]
+        );
+        assert_eq!(short("Text Mei."), [Some("Please tell Mei.".to_owned())]);
+        assert_eq!(short("Tell Bob."), [None]);
+        assert_eq!(short("email kwame the slides"), [None]);
         // A long sentence is cut after the name.
         let long = format!("Call Ann {}", "so ".repeat(200));
         let o = &names_after_verbs(&long, &[])[0];
@@ -2429,8 +2459,6 @@ mod tests {
 
     #[test]
     fn a_name_read_as_a_request_must_read_as_one_alone_too() {
-        let req = "Please tell Bob I will be late.";
-        let at = req.find("Bob").unwrap_or(0);
         let piece = |person: f32| NamePiece {
             start: 0,
             end: 3,
@@ -2438,30 +2466,20 @@ mod tests {
             given: person,
             place: 0.0,
         };
-        let sure = [e(req, "GIVEN_NAME", "Bob", 0.58)];
-        assert!(verb_object_is_name(&sure, at, 3, &[piece(0.96)]));
+        assert!(name_when_alone(&[piece(0.96)]));
         // "Git" alone is no name, whatever the request makes of it.
-        assert!(!verb_object_is_name(&sure, at, 3, &[piece(0.0)]));
-        assert!(!verb_object_is_name(&sure, at, 3, &[piece(0.3)]));
-        assert!(!verb_object_is_name(&sure, at, 3, &[]));
+        assert!(!name_when_alone(&[piece(0.0)]));
+        assert!(!name_when_alone(&[piece(0.3)]));
+        // The mean of its pieces: a word read half as a name is not one.
+        assert!(!name_when_alone(&[piece(0.9), piece(0.05)]));
+        assert!(!name_when_alone(&[]));
+        let req = "Please tell Bob I will be late.";
+        let at = req.find("Bob").unwrap_or(0);
+        assert!(sure_name_at(&[e(req, "GIVEN_NAME", "Bob", 0.58)], at, 3));
         // Unsure in the request, or sure of another word, or another label.
-        assert!(!verb_object_is_name(
-            &[e(req, "GIVEN_NAME", "Bob", 0.3)],
-            at,
-            3,
-            &[piece(0.96)]
-        ));
-        assert!(!verb_object_is_name(
-            &[e(req, "GIVEN_NAME", "late", 0.9)],
-            at,
-            3,
-            &[piece(0.96)]
-        ));
-        assert!(!verb_object_is_name(
-            &[e(req, "CITY", "Bob", 0.9)],
-            at,
-            3,
-            &[piece(0.96)]
-        ));
+        assert!(!sure_name_at(&[e(req, "GIVEN_NAME", "Bob", 0.3)], at, 3));
+        assert!(!sure_name_at(&[e(req, "GIVEN_NAME", "late", 0.9)], at, 3));
+        assert!(!sure_name_at(&[e(req, "CITY", "Bob", 0.9)], at, 3));
+        assert!(!sure_name_at(&[], at, 3));
     }
 }

@@ -561,9 +561,17 @@ fn recognized(r: &dyn EntityRecognizer, text: &str) -> Result<Vec<patterns::Hit>
         .take(entities::MAX_REREADS)
     {
         let (start, end) = o.word;
-        let in_request = r.recognize(&o.request).map_err(Unavailable)?;
         let alone = r.name_pieces(&o.name).map_err(Unavailable)?;
-        if entities::verb_object_is_name(&in_request, o.at, o.name.len(), &alone) {
+        if !entities::name_when_alone(&alone) {
+            continue;
+        }
+        let in_request = r.recognize(&o.request).map_err(Unavailable)?;
+        let mut sure = entities::sure_name_at(&in_request, o.at, o.name.len());
+        if let (false, Some(short)) = (sure, &o.short) {
+            let in_short = r.recognize(short).map_err(Unavailable)?;
+            sure = entities::sure_name_at(&in_short, entities::SHORT_FRAME.len(), o.name.len());
+        }
+        if sure {
             hits.push(patterns::Hit {
                 class: "person".into(),
                 start,
