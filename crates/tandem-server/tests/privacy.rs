@@ -718,9 +718,11 @@ fn people_in_a_list_each_get_a_placeholder() {
 /// The model reads text without case and takes the verb after a name for
 /// a surname ("Raj collapsed" 1.00): a placeholder over both would hide
 /// what happened from the cloud, and the answer would call him "Raj
-/// collapsed". A capitalised name ends at its last capitalised word.
+/// collapsed". A capitalised name ends at its last capitalised word. It
+/// takes the verb opening its sentence for a given name too ("Pay Yosef"
+/// 0.82, "Meet" 0.55): a name does not start with one.
 #[test]
-fn a_name_does_not_take_the_verb_after_it() {
+fn a_name_takes_neither_the_verb_after_it_nor_the_one_before() {
     let d = model_detector();
     for (text, name) in [
         ("My husband Raj collapsed at work.", "Raj"),
@@ -728,6 +730,9 @@ fn a_name_does_not_take_the_verb_after_it() {
         ("my friend Pedro cried all night", "Pedro"),
         ("my daughter Nina coughs a lot at night", "Nina"),
         ("My neighbour Maria Garcia died last week.", "Maria Garcia"),
+        ("Pay Yosef for the tutoring session.", "Yosef"),
+        ("pay ahmed for the tutoring session.", "ahmed"),
+        ("Meet Mei at the station at six.", "Mei"),
     ] {
         assert_finds(&d, text, "person", name);
         let found = d.find(text).unwrap();
@@ -737,6 +742,11 @@ fn a_name_does_not_take_the_verb_after_it() {
     assert_eq!(
         r.redact(&d, "My husband Raj collapsed at work.").unwrap(),
         "My husband [PERSON_1] collapsed at work."
+    );
+    let mut r = tandem_policy::privacy::Redaction::default();
+    assert_eq!(
+        r.redact(&d, "Meet Mei at the station at six.").unwrap(),
+        "Meet [PERSON_1] at the station at six."
     );
 }
 

@@ -416,6 +416,7 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
         if h.class == "person" {
             h.end = entities::without_possessive(text, h.start, h.end);
             h.end = entities::without_lower_tail(text, h.start, h.end);
+            h.start = entities::without_opening_verb(text, h.start, h.end);
         }
     }
     hits.retain(|h| h.start < h.end);
