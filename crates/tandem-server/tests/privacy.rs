@@ -550,8 +550,12 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
             "Please forward the contract to Alex Cox before Friday.",
             "Alex Cox",
         ),
-        // A sentence opening with a word a name follows.
+        // A sentence opening with a word a name follows: any verb that
+        // takes a person.
         ("Add Max Misra to the guest list.", "Max Misra"),
+        ("Send Grace Mensah the photos.", "Grace Mensah"),
+        ("Text Grace Mensah when you land.", "Grace Mensah"),
+        ("Please phone Aiko Tanaka tomorrow.", "Aiko Tanaka"),
         // One word piece inside the name read as a given name, the rest as
         // a town.
         (
@@ -595,6 +599,9 @@ fn names_after_a_preposition_are_found_and_places_are_not() {
         // Openings a name may follow, followed by what is not one.
         "Add Google Drive to the toolbar.",
         "Call Customer Support if it fails.",
+        "Send Google Analytics the events.",
+        "Give Visual Studio more memory.",
+        "Text Customer Support about the refund.",
         // A key asking for a name, holding a service's.
         r#"{"name": "Customer Support", "note": "urgent"}"#,
         r#"{"id": 7, "name": "Google Drive"}"#,

@@ -816,8 +816,7 @@ pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
         let spaced = text.get(prev_at + prev.len()..start) == Some(" ");
         let after_lower = prev.chars().next().is_some_and(char::is_lowercase);
         // A sentence opening with a word a name follows ("Add", "Dear").
-        let opening =
-            sentence_start(text, prev_at) && NAME_CONTEXT.contains(&prev.to_lowercase().as_str());
+        let opening = sentence_start(text, prev_at) && names_follow(&prev.to_lowercase());
         let keyed = after_name_key(text, start);
         if !((spaced && (after_lower || opening) || keyed) && capitalised(first)) {
             i += 1;
@@ -1279,19 +1278,24 @@ const PLACE_MASS: f32 = 0.2;
 /// "an Übersetzung Büro" and "für Prüfung Ergebnisse", so German's own
 /// prepositions ("an", "mit", "für") are read in a German frame instead
 /// ([`GERMAN_CONTEXT`]); words of place ("in", "w", "at", "on") are not
-/// among them. Verbs
-/// whose object is a person ("add", "call", "invite") and greetings
-/// ("dear", "hi", "drogi") are: a name follows them at the start of a
-/// sentence ("Add Max Misra to the list.", "Dear Błażej Potyrała,"), where
-/// no lower-case word comes before it.
+/// among them. Greetings ("dear", "hi", "drogi") are, and so are the verbs
+/// whose object is a person ([`PERSON_VERBS`], kept in that one list): a
+/// name follows them at the start of a sentence ("Add Max Misra to the
+/// list.", "Dear Błażej Potyrała,"), where no lower-case word comes before
+/// it.
 const NAME_CONTEXT: &[&str] = &[
     "to", "with", "from", "for", "by", "cc", "and", "or", "à", "avec", "de", "pour", "par", "chez",
     "et", "ou", "a", "con", "para", "por", "y", "o", "da", "di", "per", "e", "do", "z", "ze", "od",
-    "dla", "u", "i", "oraz", "add", "ask", "call", "contact", "email", "invite", "meet", "message",
-    "notify", "ping", "remind", "tell", "thank", "thanks", "welcome", "inform", "dear", "hi",
-    "hello", "hey", "cher", "chère", "bonjour", "caro", "cara", "ciao", "querido", "querida",
-    "hola", "drogi", "droga", "szanowny", "szanowna", "lieber", "liebe", "hallo",
+    "dla", "u", "i", "oraz", "thanks", "dear", "hi", "hello", "hey", "cher", "chère", "bonjour",
+    "caro", "cara", "ciao", "querido", "querida", "hola", "drogi", "droga", "szanowny", "szanowna",
+    "lieber", "liebe", "hallo",
 ];
+
+/// Whether a name may follow `word` (in lower case): one of
+/// [`NAME_CONTEXT`] or of [`PERSON_VERBS`].
+fn names_follow(word: &str) -> bool {
+    NAME_CONTEXT.contains(&word) || PERSON_VERBS.contains(&word)
+}
 
 /// German's words a name follows ("an", "mit", "für"...). German writes
 /// every noun with a capital, and after "Name: " pairs of nouns read as
@@ -1313,7 +1317,7 @@ pub fn name_frame_after(text: &str, start: usize) -> Option<&'static str> {
     let word = before[word_start(before, before.len())..].to_lowercase();
     if word.is_empty() {
         None
-    } else if NAME_CONTEXT.contains(&word.as_str()) {
+    } else if names_follow(&word) {
         Some(NAME_FRAME)
     } else if GERMAN_CONTEXT.contains(&word.as_str()) {
         Some(NAME_FRAME_DE)
