@@ -851,7 +851,10 @@ pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
 
 /// English verbs whose object is a person ("Tell Bob I will be late.",
 /// "Give Sam a call.", "…and text Anna when you land."): a lone capitalised
-/// word after one is read again as a name ([`names_after_verbs`]).
+/// word after one is read again as a name ([`names_after_verbs`]), a run of
+/// capitalised words after one opening a sentence is read again
+/// ([`rereads`], [`name_frame_after`]), and one opening a sentence is no
+/// part of the name after it ([`without_opening_verb`]).
 const PERSON_VERBS: &[&str] = &[
     "add",
     "ask",
