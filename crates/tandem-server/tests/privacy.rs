@@ -455,6 +455,12 @@ fn assert_finds(d: &tandem_policy::privacy::Detector, text: &str, class: &str, w
     );
 }
 
+/// `text` redacted afresh (placeholders numbered from 1) is `want`.
+fn assert_redacts(d: &tandem_policy::privacy::Detector, text: &str, want: &str) {
+    let mut r = tandem_policy::privacy::Redaction::default();
+    assert_eq!(r.redact(d, text).unwrap(), want);
+}
+
 /// Names at the end of a sentence after a preposition, where the model
 /// alone reads a town or nothing: read again on their own (or, where the
 /// model does not know them at all, where a name is asked for), they are
@@ -690,16 +696,10 @@ fn a_name_with_a_possessive_is_the_same_person() {
     ] {
         assert_finds(&d, text, "person", name);
     }
-    let mut r = tandem_policy::privacy::Redaction::default();
-    let out = r
-        .redact(
-            &d,
-            "Maria Garcia called twice. Maria Garcia's new number is on file.",
-        )
-        .unwrap();
-    assert_eq!(
-        out,
-        "[PERSON_1] called twice. [PERSON_1]'s new number is on file."
+    assert_redacts(
+        &d,
+        "Maria Garcia called twice. Maria Garcia's new number is on file.",
+        "[PERSON_1] called twice. [PERSON_1]'s new number is on file.",
     );
 }
 
@@ -708,17 +708,11 @@ fn a_name_with_a_possessive_is_the_same_person() {
 #[test]
 fn people_in_a_list_each_get_a_placeholder() {
     let d = model_detector();
-    let mut r = tandem_policy::privacy::Redaction::default();
-    let out = r
-        .redact(
-            &d,
-            "The attendees were Tom, Lisa and Raj. Invite Jane Doe, John Smith and Ana Ruiz too.",
-        )
-        .unwrap();
-    assert_eq!(
-        out,
+    assert_redacts(
+        &d,
+        "The attendees were Tom, Lisa and Raj. Invite Jane Doe, John Smith and Ana Ruiz too.",
         "The attendees were [PERSON_1], [PERSON_2] and [PERSON_3]. \
-         Invite [PERSON_4], [PERSON_5] and [PERSON_6] too."
+         Invite [PERSON_4], [PERSON_5] and [PERSON_6] too.",
     );
 }
 
@@ -745,15 +739,15 @@ fn a_name_takes_neither_the_verb_after_it_nor_the_one_before() {
         let found = d.find(text).unwrap();
         assert_eq!(found.len(), 1, "{text}: {found:?}");
     }
-    let mut r = tandem_policy::privacy::Redaction::default();
-    assert_eq!(
-        r.redact(&d, "My husband Raj collapsed at work.").unwrap(),
-        "My husband [PERSON_1] collapsed at work."
+    assert_redacts(
+        &d,
+        "My husband Raj collapsed at work.",
+        "My husband [PERSON_1] collapsed at work.",
     );
-    let mut r = tandem_policy::privacy::Redaction::default();
-    assert_eq!(
-        r.redact(&d, "Meet Mei at the station at six.").unwrap(),
-        "Meet [PERSON_1] at the station at six."
+    assert_redacts(
+        &d,
+        "Meet Mei at the station at six.",
+        "Meet [PERSON_1] at the station at six.",
     );
 }
 
@@ -807,23 +801,19 @@ fn a_lone_name_after_a_verb_is_found() {
         let found = d.find(text).unwrap();
         assert!(found.is_empty(), "{text}: {found:?}");
     }
-    let mut r = tandem_policy::privacy::Redaction::default();
-    assert_eq!(
-        r.redact(
-            &d,
-            "Tell Bob I will be late. Give Mia a call and text Anna when you land."
-        )
-        .unwrap(),
-        "Tell [PERSON_1] I will be late. Give [PERSON_2] a call and text [PERSON_3] when you land."
+    assert_redacts(
+        &d,
+        "Tell Bob I will be late. Give Mia a call and text Anna when you land.",
+        "Tell [PERSON_1] I will be late. Give [PERSON_2] a call and text [PERSON_3] when you land.",
     );
-    let mut r = tandem_policy::privacy::Redaction::default();
-    assert_eq!(
-        r.redact(&d, "call bob tomorrow morning").unwrap(),
-        "call [PERSON_1] tomorrow morning"
+    assert_redacts(
+        &d,
+        "call bob tomorrow morning",
+        "call [PERSON_1] tomorrow morning",
     );
-    let mut r = tandem_policy::privacy::Redaction::default();
-    assert_eq!(
-        r.redact(&d, "Email Kwame the slides before noon.").unwrap(),
-        "Email [PERSON_1] the slides before noon."
+    assert_redacts(
+        &d,
+        "Email Kwame the slides before noon.",
+        "Email [PERSON_1] the slides before noon.",
     );
 }

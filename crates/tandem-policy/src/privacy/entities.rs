@@ -1006,10 +1006,9 @@ const NOT_NAMES: &[&str] = &[
 /// Whether the sentence holding the word at `at` opens in lower case: its
 /// writer does not capitalise, and a name in it may be written "bob".
 fn lower_case_sentence(text: &str, at: usize) -> bool {
-    let Some(before) = text.get(..at) else {
+    let Some(opening) = sentence_opening(text, at, &['.', '!', '?', '\n']) else {
         return false;
     };
-    let opening = before.rfind(['.', '!', '?', '\n']).map_or(0, |i| i + 1);
     text.get(opening..)
         .and_then(|s| s.chars().find(|c| c.is_alphabetic()))
         .is_some_and(char::is_lowercase)
@@ -1145,13 +1144,21 @@ fn named(text: &str, entities: &[Entity], start: usize, end: usize) -> bool {
     })
 }
 
-/// Whether a word at `at` opens its text or a sentence in it.
+/// Where the sentence holding byte `at` opens: right after the last of
+/// `marks` (ASCII) before it, or at the text's start.
+fn sentence_opening(text: &str, at: usize, marks: &[char]) -> Option<usize> {
+    Some(text.get(..at)?.rfind(marks).map_or(0, |i| i + 1))
+}
+
+/// Whether a word at `at` opens its text or a sentence in it: only spaces
+/// and opening quotes stand between it and the sentence's opening.
 fn sentence_start(text: &str, at: usize) -> bool {
-    let Some(before) = text.get(..at) else {
-        return false;
-    };
-    let before = before.trim_end_matches([' ', '"', '\'', '(', '«', '„', '“']);
-    before.is_empty() || before.ends_with(['.', '!', '?', ':', '\n'])
+    sentence_opening(text, at, &['.', '!', '?', ':', '\n'])
+        .and_then(|opening| text.get(opening..at))
+        .is_some_and(|gap| {
+            gap.chars()
+                .all(|c| [' ', '"', '\'', '(', '«', '„', '“'].contains(&c))
+        })
 }
 
 /// The words of `text` (letters, apostrophes and inner hyphens) with their
