@@ -751,6 +751,39 @@ fn a_name_takes_neither_the_verb_after_it_nor_the_one_before() {
     );
 }
 
+/// The model may be sure of a surname and read the given name before it as
+/// nothing when a capitalised word comes before that ("Phone Sarah Cohen"
+/// gives "Cohen" only): a placeholder on the surname alone would send the
+/// given name to the cloud. The word before the surname is read where a
+/// name is asked for, and taken where it is near-certainly a given name;
+/// an imperative opening the sentence is not ("Let Porter know…" reads
+/// there as a given name too), nor a word before a given name.
+#[test]
+fn a_given_name_is_not_left_out_before_its_surname() {
+    let d = model_detector();
+    for (text, name) in [
+        ("Phone Sarah Cohen after lunch.", "Sarah Cohen"),
+        ("Warn Sarah Cohen about the outage.", "Sarah Cohen"),
+        ("Send Sam Porter the photos.", "Sam Porter"),
+        ("Yesterday Sam Porter sent the files.", "Sam Porter"),
+    ] {
+        assert_finds(&d, text, "person", name);
+    }
+    for (text, name) in [
+        ("Thanks. Let Ama know it shipped.", "Ama"),
+        ("Happy Sarah Cohen, the report is ready.", "Sarah Cohen"),
+    ] {
+        assert_finds(&d, text, "person", name);
+        let found = d.find(text).unwrap();
+        assert_eq!(found.len(), 1, "{text}: {found:?}");
+    }
+    assert_redacts(
+        &d,
+        "Phone Sarah Cohen after lunch.",
+        "Phone [PERSON_1] after lunch.",
+    );
+}
+
 /// A lone name after a verb that takes a person ("Tell Bob…", "…and text
 /// Anna when…", "call bob…" in chat written in lower case) the model often
 /// reads as nothing; read again as a request ("Please tell Bob…", or

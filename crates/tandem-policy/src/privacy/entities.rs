@@ -1128,6 +1128,70 @@ pub fn sure_name_at(in_request: &[Entity], at: usize, len: usize) -> bool {
     })
 }
 
+/// How many capitalised words before a found name are read as its given
+/// names ([`word_before_name`]), as [`with_given`] takes at most two.
+pub const GIVEN_BEFORE: usize = 2;
+
+/// Where the capitalised word right before a name found at `start` begins,
+/// when that word may be its given name and no rule took it: it follows
+/// another capitalised word, so [`with_given`] (which wants a lower-case
+/// word before it) left it out. The model may be sure of a surname and
+/// read the given name before it as nothing: "Phone Sarah Cohen after
+/// lunch." gives "Cohen" only, "Send Sam Porter the photos." "Porter"
+/// only, and a placeholder on the surname alone sends the given name to
+/// the cloud. Such a word is read again where a name is asked for
+/// ([`given_where_asked`]). Words that never name anyone ([`NOT_NAMES`])
+/// and a verb of [`PERSON_VERBS`] opening its sentence are not, and
+/// neither is a word opening its sentence: where a name is asked for, an
+/// imperative before a surname reads as a given name ("Let Porter know",
+/// "Get Cohen to sign"), as "Sam" does in "Sam Porter will join the call."
+pub fn word_before_name(text: &str, start: usize) -> Option<usize> {
+    let before = text.get(..start)?.strip_suffix(' ')?;
+    let at = run_back(before, before.len(), |c| {
+        c.is_alphabetic() || c == '-' || c == '\''
+    });
+    let word = before.get(at..)?;
+    // The word before it is capitalised too, one space between.
+    let prior = before.get(..at)?.strip_suffix(' ')?;
+    let prior = prior.get(run_back(prior, prior.len(), char::is_alphabetic)..)?;
+    let lower = word.to_lowercase();
+    let opening_verb = sentence_start(text, at) && PERSON_VERBS.contains(&lower.as_str());
+    (capitalised(word)
+        && capitalised(prior)
+        && !opening_verb
+        && !NOT_NAMES.contains(&lower.as_str()))
+    .then_some(at)
+}
+
+/// Whether, reading [`NAME_FRAME`] and `span` (a word, then the name
+/// found after it; `asked` the pieces of that reading, offsets into it),
+/// the model is near-certain the word is part of a name, every piece of it,
+/// and reads the name's first word as a surname (its pieces, on average,
+/// less than [`WEAK`] a given name's). Where a name is asked for, the word
+/// before a given name reads as one whatever it is ("Happy Priya",
+/// "Google Fatima Khan", "Book Wei Zhang" 0.72 to 1.00 there), and a given
+/// name goes before a surname ("Sam Porter": "Porter" 0.03 a given name's).
+pub fn given_where_asked(span: &str, asked: &[NamePiece]) -> bool {
+    let shift = NAME_FRAME.len();
+    let words = words(span);
+    let (Some(&(_, word)), Some(&(next_at, next))) = (words.first(), words.get(1)) else {
+        return false;
+    };
+    let of = |(start, end): (usize, usize), f: fn(&NamePiece) -> f32| -> Vec<f32> {
+        asked
+            .iter()
+            .filter(|p| start + shift <= p.start && p.end <= end + shift && p.start < p.end)
+            .map(f)
+            .collect()
+    };
+    let read = of((0, word.len()), |p| p.person);
+    let given = of((next_at, next_at + next.len()), |p| p.given);
+    !read.is_empty()
+        && read.iter().all(|&m| m >= ASKED)
+        && !given.is_empty()
+        && given.iter().sum::<f32>() / (given.len() as f32) < WEAK
+}
+
 /// Whether the model took part of `start..end` for a name. A sure piece
 /// inside a word ("ld" of "Eraldo", between two read as a town) makes no
 /// name, and does not keep the run from a second reading.
@@ -2298,6 +2362,77 @@ mod tests {
         // Offsets off a character boundary or past the end change nothing.
         assert_eq!(without_opening_verb("Zoë Pay", 3, 7), 3);
         assert_eq!(without_opening_verb("Pay Bo", 0, 9), 0);
+    }
+
+    #[test]
+    fn the_word_before_a_name_is_read_only_after_another_capitalised_word() {
+        // (text, the name found, the word read again before it)
+        for (text, name, want) in [
+            ("Phone Sarah Cohen after lunch.", "Cohen", Some("Sarah")),
+            ("Yesterday Sam Porter called.", "Porter", Some("Sam")),
+            ("OK. Send Łukasz Nowak the key", "Nowak", Some("Łukasz")),
+            // Opening its sentence, or the verb that does.
+            ("Sam Porter called.", "Porter", None),
+            ("Let Ama know.", "Ama", None),
+            ("Thanks. Let Ama know.", "Ama", None),
+            ("Hi. Phone Cohen.", "Cohen", None),
+            ("Phone Sarah Cohen.", "Sarah Cohen", None),
+            // After a lower-case word (the labels' own rule takes it), a
+            // word of NOT_NAMES, a mark, two spaces, shouting.
+            ("ask Sarah Cohen", "Cohen", None),
+            ("Tell The Cohen", "Cohen", None),
+            ("Tell Sarah-Cohen", "Cohen", None),
+            ("Tell Sarah  Cohen", "Cohen", None),
+            ("Tell SARAH Cohen", "Cohen", None),
+            ("Tell, Sarah Cohen", "Cohen", None),
+        ] {
+            let start = text.rfind(name).unwrap_or(0);
+            let got = word_before_name(text, start).and_then(|at| text.get(at..start));
+            assert_eq!(got.map(str::trim_end), want, "{text}");
+        }
+        assert_eq!(word_before_name("Tell Zoë", 7), None);
+        assert_eq!(word_before_name("Tell Zoë", 99), None);
+        assert_eq!(word_before_name("", 0), None);
+    }
+
+    #[test]
+    fn a_given_name_is_taken_before_a_surname_only() {
+        let framed = |span: &str| format!("{NAME_FRAME}{span}");
+        let read = |span: &str, word: (f32, f32), next: (f32, f32)| {
+            let t = framed(span);
+            let (w, n) = span.split_once(' ').unwrap_or((span, ""));
+            let n = n.split(' ').next().unwrap_or("");
+            vec![
+                name_piece(&t, w, word.0, word.1, 0.0),
+                name_piece(&t, n, next.0, next.1, 0.0),
+            ]
+        };
+        // "Sam Porter" 0.94 / given 0.03 where a name is asked for.
+        let sam = "Sam Porter";
+        assert!(given_where_asked(
+            sam,
+            &read(sam, (0.94, 0.94), (1.0, 0.03))
+        ));
+        // Not sure enough of the word; the word before a given name.
+        assert!(!given_where_asked(
+            sam,
+            &read(sam, (0.89, 0.89), (1.0, 0.03))
+        ));
+        let priya = "Happy Priya";
+        assert!(!given_where_asked(
+            priya,
+            &read(priya, (1.0, 1.0), (1.0, 0.84))
+        ));
+        // Nothing read where the word or the name stands; one word only.
+        assert!(!given_where_asked(sam, &[]));
+        assert!(!given_where_asked(
+            sam,
+            &read(sam, (0.94, 0.94), (1.0, 0.03))[..1]
+        ));
+        assert!(!given_where_asked(
+            "Sam",
+            &read("Sam", (1.0, 1.0), (1.0, 0.0))
+        ));
     }
 
     #[test]

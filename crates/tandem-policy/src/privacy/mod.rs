@@ -581,7 +581,45 @@ fn recognized(r: &dyn EntityRecognizer, text: &str) -> Result<Vec<patterns::Hit>
             });
         }
     }
+    with_given_names(r, text, &mut hits)?;
     Ok(hits)
+}
+
+/// Names found without the capitalised word before them that is their
+/// given name ([`entities::word_before_name`]) take it when the model,
+/// reading the word and the name where a name is asked for, is sure it is
+/// one: "Sam Porter" 0.94 there, where "Sam" read in its sentence is 0.11.
+fn with_given_names(
+    r: &dyn EntityRecognizer,
+    text: &str,
+    hits: &mut [patterns::Hit],
+) -> Result<(), Unavailable> {
+    let mut reads = 0;
+    let mut seen = Vec::new();
+    for h in hits.iter_mut().filter(|h| h.class == "person") {
+        for _ in 0..entities::GIVEN_BEFORE {
+            let Some(at) = entities::word_before_name(text, h.start) else {
+                break;
+            };
+            // One name found twice (by the labels and a second reading)
+            // is read once.
+            let Some(span) = text.get(at..h.end).filter(|_| !seen.contains(&(at, h.end))) else {
+                break;
+            };
+            if reads == entities::MAX_REREADS {
+                return Ok(());
+            }
+            reads += 1;
+            seen.push((at, h.end));
+            let framed = format!("{}{span}", entities::NAME_FRAME);
+            let asked = r.name_pieces(&framed).map_err(Unavailable)?;
+            if !entities::given_where_asked(span, &asked) {
+                break;
+            }
+            h.start = at;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
