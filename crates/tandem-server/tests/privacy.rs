@@ -810,6 +810,12 @@ fn a_lone_name_after_a_verb_is_found() {
         ("Email Kwame the slides before noon.", "Kwame"),
         ("Forward Ingrid my CV please.", "Ingrid"),
         ("Text Mei the address of the venue.", "Mei"),
+        // Verbs that take a person among other things.
+        ("Keep Okafor in the loop.", "Okafor"),
+        ("Loop Priya in on this.", "Priya"),
+        ("Make Ama the owner of the repo.", "Ama"),
+        ("Book Khan a table for two.", "Khan"),
+        ("keep porter in the loop", "porter"),
     ] {
         assert_finds(&d, text, "person", name);
     }
@@ -830,6 +836,14 @@ fn a_lone_name_after_a_verb_is_found() {
         "pay bill online before friday",
         "call june the best month for travel",
         "add basil before serving",
+        // The same verbs with a thing after them.
+        "Make Terraform use less memory.",
+        "Keep Grafana warm between requests.",
+        "Take Docker offline tonight.",
+        "Loop React into the review flow.",
+        "make sure the tests pass",
+        "have a look at this error",
+        "take care of the deploy",
     ] {
         let found = d.find(text).unwrap();
         assert!(found.is_empty(), "{text}: {found:?}");

@@ -854,32 +854,55 @@ pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
 /// word after one is read again as a name ([`names_after_verbs`]), a run of
 /// capitalised words after one opening a sentence is read again
 /// ([`rereads`], [`name_frame_after`]), and one opening a sentence is no
-/// part of the name after it ([`without_opening_verb`]).
+/// part of the name after it ([`without_opening_verb`]). Some take things
+/// as often ("Keep Okafor in the loop.", "Keep Redis warm…"; "Book Khan a
+/// table", "Make Ama the owner"): the readings of the word alone and as a
+/// request tell most of them apart. Verbs whose object is far more often
+/// a thing ("get", "update", "follow", "tag", "alert") are not here: on
+/// requests written for it, they took more tools for people than they
+/// found names.
 const PERSON_VERBS: &[&str] = &[
     "add",
     "ask",
+    "assign",
+    "book",
+    "bring",
+    "buy",
     "call",
+    "cc",
+    "congratulate",
     "contact",
     "email",
+    "find",
     "forward",
     "give",
+    "have",
+    "help",
     "inform",
     "introduce",
     "invite",
+    "keep",
+    "let",
+    "loop",
+    "make",
     "meet",
+    "mention",
     "message",
     "notify",
     "pay",
     "phone",
     "ping",
     "remind",
+    "schedule",
     "send",
     "show",
+    "take",
     "tell",
     "text",
     "thank",
     "warn",
     "welcome",
+    "wish",
 ];
 
 /// What the rest of a sentence from such a verb is read as: "Please " and
