@@ -944,9 +944,10 @@ pub struct VerbObject {
 /// before serving"), which the request keeps from it.
 pub const SHORT_FRAME: &str = "Please tell ";
 
-/// Words after a verb of [`PERSON_VERBS`] that never name a person, in a
-/// sentence written in lower case: pronouns, articles, quantifiers and
-/// particles ("tell me", "send the…", "give up").
+/// Words that never name a person, written in lower case: pronouns,
+/// articles, quantifiers and particles after a verb of [`PERSON_VERBS`]
+/// ("tell me", "send the…", "give up"), and words the model reads as given
+/// names where chat ends with them ("when done", [`never_a_name`]).
 const NOT_NAMES: &[&str] = &[
     "a",
     "about",
@@ -962,6 +963,7 @@ const NOT_NAMES: &[&str] = &[
     "back",
     "both",
     "but",
+    "done",
     "each",
     "every",
     "everybody",
@@ -1025,6 +1027,15 @@ const NOT_NAMES: &[&str] = &[
     "your",
     "yourself",
 ];
+
+/// Whether the person finding `start..end` is one word written in lower
+/// case that never names anyone ([`NOT_NAMES`]): the model reads some as
+/// given names where chat ends a request with them ("let me know when
+/// done" gives "done" 0.77, "call me when done" 0.91).
+pub fn never_a_name(text: &str, start: usize, end: usize) -> bool {
+    text.get(start..end)
+        .is_some_and(|w| w.chars().all(char::is_lowercase) && NOT_NAMES.contains(&w))
+}
 
 /// Whether the sentence holding the word at `at` opens in lower case: its
 /// writer does not capitalise, and a name in it may be written "bob".
@@ -2416,6 +2427,18 @@ mod tests {
         assert_eq!(word_before_name("Tell Zoë", 7), None);
         assert_eq!(word_before_name("Tell Zoë", 99), None);
         assert_eq!(word_before_name("", 0), None);
+    }
+
+    #[test]
+    fn a_lower_case_word_that_never_names_anyone_is_no_name() {
+        let t = "let me know when done, Done Cohen";
+        let at = |w: &str| t.find(w).unwrap_or(0);
+        assert!(never_a_name(t, at("done"), at("done") + 4));
+        // Capitalised, a longer finding, part of the word, off the text.
+        assert!(!never_a_name(t, at("Done"), at("Done") + 4));
+        assert!(!never_a_name(t, at("Done"), t.len()));
+        assert!(!never_a_name(t, at("done"), at("done") + 3));
+        assert!(!never_a_name(t, t.len(), t.len() + 4));
     }
 
     #[test]

@@ -417,6 +417,9 @@ fn resolve(text: &str, mut hits: Vec<patterns::Hit>) -> Vec<Finding> {
             h.end = entities::without_possessive(text, h.start, h.end);
             h.end = entities::without_lower_tail(text, h.start, h.end);
             h.start = entities::without_opening_verb(text, h.start, h.end);
+            if entities::never_a_name(text, h.start, h.end) {
+                h.end = h.start;
+            }
         }
     }
     hits.retain(|h| h.start < h.end);
