@@ -757,7 +757,8 @@ fn a_name_takes_neither_the_verb_after_it_nor_the_one_before() {
 /// given name to the cloud. The word before the surname is read where a
 /// name is asked for, and taken where it is near-certainly a given name;
 /// an imperative opening the sentence is not ("Let Porter know…" reads
-/// there as a given name too), nor a word before a given name.
+/// there as a given name too), nor a word before a given name. A name
+/// written surname first ("Chen Wei") is found whole too.
 #[test]
 fn a_given_name_is_not_left_out_before_its_surname() {
     let d = model_detector();
@@ -766,6 +767,8 @@ fn a_given_name_is_not_left_out_before_its_surname() {
         ("Warn Sarah Cohen about the outage.", "Sarah Cohen"),
         ("Send Sam Porter the photos.", "Sam Porter"),
         ("Yesterday Sam Porter sent the files.", "Sam Porter"),
+        // Written surname first: read alone, "Chen" is a surname.
+        ("Phone Chen Wei after lunch.", "Chen Wei"),
     ] {
         assert_finds(&d, text, "person", name);
     }

@@ -1334,7 +1334,9 @@ const NAME_MASS: f32 = 0.5;
 
 /// Whether a span read on its own is a name by the model's belief summed
 /// over the name labels: each capitalised word more likely part of a name
-/// than not, the first more likely a given name than not. Where names the
+/// than not, the first more likely a given name than not — or, for a name
+/// written surname first, every word near-certainly a name's and the last
+/// more likely a given name than not. Where names the
 /// model knows less well split its belief ("Mennea" alone: surname 0.27,
 /// part of a given name 0.26, no label 0.44), the labels alone miss them;
 /// places and products keep nearly all of it on other labels ("Reggio
@@ -1351,12 +1353,20 @@ pub fn name_alone(span: &str, pieces: &[NamePiece]) -> bool {
             .fold((0.0, 0usize), |(s, n), p| (s + of(p), n + 1));
         (n > 0).then(|| sum / n as f32)
     };
+    let given = |&(start, w): &(usize, &str)| {
+        mean(start, start + w.len(), |p| p.given).is_some_and(|m| m >= NAME_MASS)
+    };
+    let sure = |&(start, w): &(usize, &str)| {
+        mean(start, start + w.len(), |p| p.person).is_some_and(|m| m >= ASKED)
+    };
+    // Written surname first ("Chen Wei": "Chen" 0.99 a surname's, "Wei"
+    // 0.98 a name's, most of it a given name's).
+    let surname_first = || words.iter().all(sure) && words.last().is_some_and(given);
     words.len() >= 2
-        && words.iter().enumerate().all(|(i, &(start, w))| {
-            let end = start + w.len();
-            mean(start, end, |p| p.person).is_some_and(|m| m >= NAME_MASS)
-                && (i > 0 || mean(start, end, |p| p.given).is_some_and(|m| m >= NAME_MASS))
+        && words.iter().all(|&(start, w)| {
+            mean(start, start + w.len(), |p| p.person).is_some_and(|m| m >= NAME_MASS)
         })
+        && (words.first().is_some_and(given) || surname_first())
 }
 
 /// Whether a model label marks part of an address.
@@ -2188,11 +2198,21 @@ mod tests {
                 piece(t, "Emilia", 0.76, 0.73)
             ]
         ));
-        // The first word must read as a given name.
+        // The first word must read as a given name, or, where every word
+        // is near-certainly a name's, the last (written surname first).
         let t = "Weber Anna";
         assert!(!name_alone(
             t,
-            &[piece(t, "Weber", 0.9, 0.1), piece(t, "Anna", 0.9, 0.9)]
+            &[piece(t, "Weber", 0.85, 0.1), piece(t, "Anna", 0.9, 0.9)]
+        ));
+        let t = "Chen Wei";
+        assert!(name_alone(
+            t,
+            &[piece(t, "Chen", 0.99, 0.01), piece(t, "Wei", 0.98, 0.8)]
+        ));
+        assert!(!name_alone(
+            t,
+            &[piece(t, "Chen", 0.99, 0.01), piece(t, "Wei", 0.98, 0.3)]
         ));
         // A word the model said nothing of is not a name's.
         let t = "Anna Weber";
