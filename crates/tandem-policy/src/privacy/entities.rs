@@ -855,7 +855,7 @@ pub fn rereads(text: &str, entities: &[Entity]) -> Vec<(usize, usize)> {
 /// capitalised words after one opening a sentence is read again
 /// ([`rereads`], [`name_frame_after`]), and one opening a sentence is no
 /// part of the name after it ([`without_opening_verb`]). Some take things
-/// as often ("Keep Okafor in the loop.", "Keep Redis warm…"; "Book Khan a
+/// as often ("Keep Okafor in the loop.", "Keep Grafana warm…"; "Book Khan a
 /// table", "Make Ama the owner"): the readings of the word alone and as a
 /// request tell most of them apart. Verbs whose object is far more often
 /// a thing ("get", "update", "follow", "tag", "alert") are not here: on
