@@ -1175,8 +1175,8 @@ pub const GIVEN_BEFORE: usize = 2;
 /// only, and a placeholder on the surname alone sends the given name to
 /// the cloud. Such a word is read again where a name is asked for
 /// ([`given_where_asked`]). Words that never name anyone ([`NOT_NAMES`])
-/// and a verb of [`PERSON_VERBS`] opening its sentence are not, and
-/// neither is a word opening its sentence: where a name is asked for, an
+/// are not, and neither is a word opening its sentence (a verb of
+/// [`PERSON_VERBS`] or any other): where a name is asked for, an
 /// imperative before a surname reads as a given name ("Let Porter know",
 /// "Get Cohen to sign"), as "Sam" does in "Sam Porter will join the call."
 pub fn word_before_name(text: &str, start: usize) -> Option<usize> {
@@ -1188,13 +1188,8 @@ pub fn word_before_name(text: &str, start: usize) -> Option<usize> {
     // The word before it is capitalised too, one space between.
     let prior = before.get(..at)?.strip_suffix(' ')?;
     let prior = prior.get(run_back(prior, prior.len(), char::is_alphabetic)..)?;
-    let lower = word.to_lowercase();
-    let opening_verb = sentence_start(text, at) && PERSON_VERBS.contains(&lower.as_str());
-    (capitalised(word)
-        && capitalised(prior)
-        && !opening_verb
-        && !NOT_NAMES.contains(&lower.as_str()))
-    .then_some(at)
+    (capitalised(word) && capitalised(prior) && !NOT_NAMES.contains(&word.to_lowercase().as_str()))
+        .then_some(at)
 }
 
 /// Whether, reading [`NAME_FRAME`] and `span` (a word, then the name
